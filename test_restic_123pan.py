@@ -1,0 +1,731 @@
+"""Tests for restic_123pan.py.
+
+Run everything (unit, HTTP and end-to-end with the real restic):
+
+    python3 test_restic_123pan.py            # or: python3 -m unittest -v test_restic_123pan
+
+Environment switches (used by .ci/run):
+  RESTIC_123PAN_REQUIRE_E2E=1  a missing restic binary is a failure, not a skip
+  RESTIC_123PAN_UNIT_ONLY=1    skip the end-to-end tests (other interpreters in CI)
+"""
+
+import hashlib
+import http.client
+import io
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import restic_123pan as rp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SERVER_SCRIPT = os.path.join(HERE, "restic_123pan.py")
+REQUIRE_E2E = os.environ.get("RESTIC_123PAN_REQUIRE_E2E") == "1"
+UNIT_ONLY = os.environ.get("RESTIC_123PAN_UNIT_ONLY") == "1"
+V2 = rp.MEDIA_V2
+
+
+def sha256_hex(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Unit tests: routing, names, Range, spool, configuration
+# ---------------------------------------------------------------------------
+
+class ParseRouteTest(unittest.TestCase):
+    ID = "ab" * 32
+
+    def status_of(self, target):
+        try:
+            rp.parse_route(target)
+        except rp.RequestError as e:
+            return e.status
+        return 200
+
+    def test_valid_routes(self):
+        R = rp.Route
+        self.assertEqual(rp.parse_route("/"), R((), None, None))
+        self.assertEqual(rp.parse_route("/?create=true"), R((), None, None))
+        self.assertEqual(rp.parse_route("/alice/laptop/"), R(("alice", "laptop"), None, None))
+        self.assertEqual(rp.parse_route("/alice/laptop"), R(("alice", "laptop"), None, None))
+        self.assertEqual(rp.parse_route("/config"), R((), "config", "config"))
+        self.assertEqual(rp.parse_route("/a/config"), R(("a",), "config", "config"))
+        for kind in rp.OBJECT_TYPES:
+            self.assertEqual(rp.parse_route("/%s/" % kind), R((), kind, None))
+            self.assertEqual(rp.parse_route("/u/%s/%s" % (kind, self.ID)), R(("u",), kind, self.ID))
+        # percent-escapes of ordinary characters decode to the same route
+        self.assertEqual(rp.parse_route("/%61lice/config"), R(("alice",), "config", "config"))
+        self.assertEqual(rp.parse_route("/h%C3%A9/keys/"), R(("h\u00e9",), "keys", None))
+
+    def test_impossible_names_are_404(self):
+        for target in ["/data/" + self.ID.upper(), "/data/" + self.ID[:-1], "/data/" + self.ID + "0",
+                       "/data/foobar", "/data", "/keys", "/config/", "/data/%s/" % self.ID,
+                       "/data/%s/x" % self.ID, "/config/x", "/a/b/c/d/e/f/g/h/i/config",
+                       "/.hidden/config", "/a:b/config", "/a*b/", "/a%3Fb/config", "/a%7Cb/"]:
+            self.assertEqual(self.status_of(target), 404, target)
+
+    def test_traversal_and_encoding_tricks_are_400(self):
+        for target in ["/../config", "/a/../config", "/%2e%2e/config", "/%2E%2E/%2e%2e/config",
+                       "/a%2fb/config", "/a%2Fb/config", "/..%2fconfig", "/a%5cb/config",
+                       "/a%00/config", "/a\x00/config", "/%0a/config", "/a%zz/config", "/a%/config",
+                       "/%ff/config", "//config", "/a//config", "/./config", "/a/./keys/",
+                       "config", "http://evil/config"]:
+            self.assertEqual(self.status_of(target), 400, repr(target))
+
+
+class ParseRangeTest(unittest.TestCase):
+    def test_ranges(self):
+        f = rp.parse_range
+        self.assertEqual(f(None, 100), (0, 100, False))
+        self.assertEqual(f("bytes=0-", 100), (0, 100, True))
+        self.assertEqual(f("bytes=10-19", 100), (10, 10, True))
+        self.assertEqual(f("bytes=90-200", 100), (90, 10, True))     # clamped
+        self.assertEqual(f("bytes=-30", 100), (70, 30, True))
+        self.assertEqual(f("bytes=-300", 100), (0, 100, True))
+        self.assertEqual(f("bytes=99-99", 100), (99, 1, True))
+        self.assertEqual(f("bytes=0-", 0), (0, 0, False))            # empty object: plain 200
+
+    def test_unsatisfiable(self):
+        for h in ["bytes=100-", "bytes=100-200", "bytes=-0"]:
+            self.assertRaises(rp.RangeNotSatisfiable, rp.parse_range, h, 100)
+
+    def test_malformed(self):
+        for h in ["bytes=", "bytes=-", "bytes=5-3", "items=0-1", "bytes=0-1,5-6", "bytes=a-b", "0-1"]:
+            self.assertRaises(ValueError, rp.parse_range, h, 100)
+
+
+class HashingSpoolTest(unittest.TestCase):
+    def test_small_body_stays_in_memory(self):
+        data = os.urandom(1000)
+        with rp.HashingSpool.from_stream(io.BytesIO(data), len(data)) as s:
+            self.assertTrue(s.in_memory)
+            self.assertEqual((s.size, s.md5, s.sha256),
+                             (1000, hashlib.md5(data).hexdigest(), sha256_hex(data)))
+            self.assertEqual(s.read_all(), data)
+            self.assertEqual(b"".join(s.iter_range(10, 20)), data[10:30])
+
+    def test_large_body_rolls_to_disk_and_reads_back_in_ranges(self):
+        data = os.urandom(3 * rp.SPOOL_MEMORY_LIMIT + 17)
+        with rp.HashingSpool.from_stream(io.BytesIO(data), len(data)) as s:
+            self.assertFalse(s.in_memory)
+            self.assertEqual(s.sha256, sha256_hex(data))
+            self.assertEqual(b"".join(s.iter_range(rp.SPOOL_MEMORY_LIMIT - 5, 1000, chunk_size=7)),
+                             data[rp.SPOOL_MEMORY_LIMIT - 5:rp.SPOOL_MEMORY_LIMIT + 995])
+            self.assertEqual(b"".join(s.iter_range(len(data) - 3)), data[-3:])
+
+    def test_only_the_announced_length_is_read(self):
+        stream = io.BytesIO(b"abcdefXYZ")
+        with rp.HashingSpool.from_stream(stream, 6) as s:
+            self.assertEqual(s.read_all(), b"abcdef")
+        self.assertEqual(stream.read(), b"XYZ")
+
+    def test_short_body(self):
+        self.assertRaises(rp.ShortBody, rp.HashingSpool.from_stream, io.BytesIO(b"abc"), 4)
+
+
+class ConfigTest(unittest.TestCase):
+    def test_listen_addresses(self):
+        f = rp.parse_listen_address
+        self.assertEqual(f("127.0.0.1:8000"), ("127.0.0.1", 8000))
+        self.assertEqual(f(":9000"), ("", 9000))
+        self.assertEqual(f("[::1]:8000"), ("::1", 8000))
+        self.assertEqual(f("8080"), ("", 8080))
+        for bad in ["localhost", "host:port", "1.2.3.4:99999", "[::1]8000"]:
+            self.assertRaises(rp.UsageError, f, bad)
+
+    def test_listen_environment(self):
+        f = rp.default_listen
+        self.assertEqual(f({}), "127.0.0.1:8000")
+        self.assertEqual(f({"LISTEN_ADDR": "0.0.0.0:9000"}), "0.0.0.0:9000")
+        self.assertEqual(f({"LISTEN_ADDR": "0.0.0.0"}), "0.0.0.0:8000")
+        self.assertEqual(f({"LISTEN_PORT": "9001"}), "127.0.0.1:9001")
+        self.assertEqual(f({"LISTEN_ADDR": "10.0.0.1", "LISTEN_PORT": "81"}), "10.0.0.1:81")
+        self.assertEqual(f({"LISTEN_ADDR": "::1", "LISTEN_PORT": "81"}), "[::1]:81")
+        args = rp.parse_config([], {"LISTEN_PORT": "9002"})
+        self.assertEqual((args.listen_host, args.listen_port, args.backend, args.path),
+                         ("127.0.0.1", 9002, "local", rp.DEFAULT_LOCAL_PATH))
+        args = rp.parse_config(["--listen", ":1234", "--path", "/x"], {"LISTEN_PORT": "9002"})
+        self.assertEqual((args.listen_host, args.listen_port, args.path), ("", 1234, "/x"))
+
+    def run_cli(self, *argv):
+        return subprocess.run([sys.executable, SERVER_SCRIPT] + list(argv), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+
+    def test_command_line_errors_exit_2_with_one_line(self):
+        for argv in (["--bogus"], ["--listen", "nonsense"], ["--backend", "ftp"], ["positional"]):
+            r = self.run_cli(*argv)
+            self.assertEqual(r.returncode, 2, argv)
+            self.assertIn("error:", r.stderr.strip().splitlines()[-1], argv)
+
+    def test_help_and_version(self):
+        r = self.run_cli("--help")
+        self.assertEqual(r.returncode, 0)
+        for flag in ("--listen", "--path", "--backend", "--no-verify-upload", "--debug"):
+            self.assertIn(flag, r.stdout)
+        r = self.run_cli("--version")
+        self.assertEqual((r.returncode, r.stdout.strip()), (0, "restic-123pan " + rp.__version__))
+
+
+# ---------------------------------------------------------------------------
+# Local storage
+# ---------------------------------------------------------------------------
+
+class FailingSpool(object):
+    """Looks like a spool but breaks half-way, like a disk error during a write."""
+    size = 10
+
+    def iter_range(self, start=0, length=None):
+        yield b"12345"
+        raise OSError(5, "simulated I/O error")
+
+
+class LocalStorageTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-local-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.st = rp.LocalStorage(self.tmp)
+
+    def put(self, kind, data, repo=()):
+        ref = rp.ObjectRef(repo, kind, sha256_hex(data)) if kind != "config" else rp.ObjectRef.config(repo)
+        with rp.HashingSpool.from_bytes(data) as s:
+            self.st.put(ref, s)
+        return ref
+
+    def test_layout_matches_restic_local_repository(self):
+        self.st.create_repository(("alice", "laptop"))
+        base = os.path.join(self.tmp, "alice", "laptop")
+        for kind in rp.OBJECT_TYPES:
+            self.assertTrue(os.path.isdir(os.path.join(base, kind)))
+        self.assertEqual(len(os.listdir(os.path.join(base, "data"))), 256)
+        ref = self.put("data", b"pack", ("alice", "laptop"))
+        self.assertTrue(os.path.isfile(os.path.join(base, "data", ref.name[:2], ref.name)))
+        ref = self.put("keys", b"key", ("alice", "laptop"))
+        self.assertTrue(os.path.isfile(os.path.join(base, "keys", ref.name)))
+        self.put("config", b"cfg", ("alice", "laptop"))
+        with open(os.path.join(base, "config"), "rb") as f:
+            self.assertEqual(f.read(), b"cfg")
+
+    def test_stat_list_read_delete(self):
+        a = self.put("data", b"a" * 10)
+        b = self.put("data", b"b" * 20)
+        self.assertEqual(self.st.stat(a), 10)
+        self.assertEqual(sorted(self.st.list((), "data")), sorted([(a.name, 10), (b.name, 20)]))
+        self.assertEqual(self.st.list((), "index"), [])
+        self.assertEqual(self.st.list(("nope",), "data"), [])
+        self.assertEqual(b"".join(self.st.read(b, 5, 3)), b"bbb")
+        self.assertTrue(self.st.delete(a))
+        self.assertFalse(self.st.delete(a))
+        self.assertIsNone(self.st.stat(a))
+        self.assertRaises(rp.NotFound, self.st.read, a, 0, 1)
+
+    def test_listing_skips_temporary_and_foreign_files(self):
+        self.st.create_repository(())
+        ref = self.put("index", b"idx")
+        for junk in ("README", "." + ref.name, ref.name + ".rest-server-temp123", ref.name.upper()):
+            open(os.path.join(self.tmp, "index", junk), "w").close()
+        open(os.path.join(self.tmp, "data", "stray-file"), "w").close()
+        os.mkdir(os.path.join(self.tmp, "index", "a" * 64))     # a folder is not an object
+        self.assertEqual(self.st.list((), "index"), [(ref.name, 3)])
+        self.assertEqual(self.st.list((), "data"), [])
+
+    def test_failed_write_leaves_nothing_behind(self):
+        ref = rp.ObjectRef((), "data", "cd" * 32)
+        self.assertRaises(rp.StorageError, self.st.put, ref, FailingSpool())
+        folder = os.path.join(self.tmp, "data", "cd")
+        self.assertEqual(os.listdir(folder), [])
+        self.assertIsNone(self.st.stat(ref))
+
+    def test_write_goes_through_a_temporary_file_and_rename(self):
+        ref = rp.ObjectRef((), "data", "ef" * 32)
+        final = self.st.path_of(ref)
+        seen = []
+        real_replace = os.replace
+
+        def spying_replace(src, dst):
+            # at the moment of the rename the final name must not exist yet and the
+            # temporary file must already hold every byte
+            seen.append((os.path.exists(dst), os.path.getsize(src), os.path.basename(src)))
+            return real_replace(src, dst)
+
+        os.replace = spying_replace
+        try:
+            with rp.HashingSpool.from_bytes(b"x" * 5000) as s:
+                self.st.put(ref, s)
+        finally:
+            os.replace = real_replace
+        self.assertEqual(len(seen), 1)
+        exists_before, tmp_size, tmp_name = seen[0]
+        self.assertFalse(exists_before)
+        self.assertEqual(tmp_size, 5000)
+        self.assertFalse(rp.is_object_id(tmp_name))
+        self.assertEqual(os.path.getsize(final), 5000)
+
+    def test_disk_full_is_507(self):
+        ref = rp.ObjectRef((), "data", "01" * 32)
+
+        class FullSpool(FailingSpool):
+            def iter_range(self, start=0, length=None):
+                raise OSError(28, "No space left on device")
+                yield b""
+
+        with self.assertRaises(rp.QuotaExceeded) as cm:
+            self.st.put(ref, FullSpool())
+        self.assertEqual(cm.exception.status, 507)
+
+
+# ---------------------------------------------------------------------------
+# The REST protocol over real HTTP
+# ---------------------------------------------------------------------------
+
+class ServerThread(object):
+    """A ResticServer on an ephemeral loopback port, in this process."""
+
+    def __init__(self, storage, **service_args):
+        self.service = rp.RepositoryService(storage, **service_args)
+        self.server = rp.ResticServer(("127.0.0.1", 0), self.service)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
+        self.thread.daemon = True
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+    def request(self, method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, dict((k.lower(), v) for k, v in resp.getheaders()), resp.read()
+        finally:
+            conn.close()
+
+    def raw(self, data):
+        """Send raw bytes (one request, or several on one connection) and read until
+        the server closes; the last request should say Connection: close."""
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        try:
+            s.sendall(data)
+            chunks = []
+            while True:
+                c = s.recv(65536)
+                if not c:
+                    break
+                chunks.append(c)
+        finally:
+            s.close()
+        return b"".join(chunks)
+
+
+class RestProtocolTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-http-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.root = os.path.join(self.tmp, "repos")
+        self.srv = ServerThread(rp.LocalStorage(self.root))
+        self.addCleanup(self.srv.stop)
+        self.req = self.srv.request
+
+    def upload(self, path, data):
+        return self.req("POST", path, data, {"Content-Type": "application/octet-stream"})[0]
+
+    def test_repository_creation_is_idempotent(self):
+        self.assertEqual(self.req("POST", "/r/?create=true")[0], 200)
+        self.assertEqual(self.req("POST", "/r/?create=true")[0], 200)
+        self.assertEqual(len(os.listdir(os.path.join(self.root, "r", "data"))), 256)
+        self.assertEqual(self.req("POST", "/r/")[0], 400)
+        status, headers, _ = self.req("GET", "/r/")
+        self.assertEqual((status, headers["allow"]), (405, "POST"))
+        self.assertEqual(self.req("DELETE", "/r/")[0], 405)
+
+    def test_config_lifecycle(self):
+        self.assertEqual(self.req("HEAD", "/config")[0], 404)
+        self.assertEqual(self.req("GET", "/config")[0], 404)
+        self.assertEqual(self.upload("/config", b"CONFIG"), 200)
+        status, headers, body = self.req("HEAD", "/config")
+        self.assertEqual((status, headers["content-length"], body), (200, "6", b""))
+        self.assertEqual(self.req("GET", "/config")[2], b"CONFIG")
+        self.assertEqual(self.upload("/config", b"CONFIG"), 200)      # same bytes: a retry
+        self.assertEqual(self.upload("/config", b"OTHER!"), 403)      # never replaced silently
+        self.assertEqual(self.req("GET", "/config")[2], b"CONFIG")
+        self.assertEqual(self.req("DELETE", "/config")[0], 200)
+        self.assertEqual(self.req("DELETE", "/config")[0], 200)
+        self.assertEqual(self.upload("/config", b"OTHER!"), 200)      # delete + post = migration
+        self.assertEqual(self.req("GET", "/config")[2], b"OTHER!")
+
+    def test_listing_v1_v2_and_missing_folder(self):
+        for kind in rp.OBJECT_TYPES:
+            status, headers, body = self.req("GET", "/fresh/%s/" % kind, headers={"Accept": V2})
+            self.assertEqual((status, body), (200, b"[]"))
+            self.assertEqual(headers["content-type"], V2)
+        blobs = [os.urandom(n) for n in (1, 100, 5000)]
+        for b in blobs:
+            self.assertEqual(self.upload("/data/" + sha256_hex(b), b), 200)
+        status, headers, body = self.req("GET", "/data/", headers={"Accept": V2})
+        self.assertEqual(headers["content-type"], V2)
+        self.assertEqual(sorted((e["name"], e["size"]) for e in json.loads(body.decode())),
+                         sorted((sha256_hex(b), len(b)) for b in blobs))
+        status, headers, body = self.req("GET", "/data/")
+        self.assertEqual(headers["content-type"], rp.MEDIA_V1)
+        self.assertEqual(sorted(json.loads(body.decode())), sorted(sha256_hex(b) for b in blobs))
+        self.assertEqual(self.req("POST", "/data/")[0], 405)
+
+    def test_object_lifecycle_and_ranges(self):
+        data = os.urandom(10000)
+        path = "/u/h/snapshots/" + sha256_hex(data)
+        self.assertEqual(self.req("HEAD", path)[0], 404)
+        self.assertEqual(self.upload(path, data), 200)
+        status, headers, _ = self.req("HEAD", path)
+        self.assertEqual((status, headers["content-length"]), (200, "10000"))
+        status, headers, body = self.req("GET", path)
+        self.assertEqual((status, body), (200, data))
+        status, headers, body = self.req("GET", path, headers={"Range": "bytes=100-199"})
+        self.assertEqual((status, body, headers["content-range"], headers["content-length"]),
+                         (206, data[100:200], "bytes 100-199/10000", "100"))
+        status, headers, body = self.req("GET", path, headers={"Range": "bytes=9990-"})
+        self.assertEqual((status, body), (206, data[9990:]))
+        status, headers, _ = self.req("GET", path, headers={"Range": "bytes=10000-"})
+        self.assertEqual((status, headers["content-range"]), (416, "bytes */10000"))
+        self.assertEqual(self.req("GET", path, headers={"Range": "bytes=1-2,4-5"})[0], 400)
+        self.assertEqual(self.req("GET", path, headers={"Range": "lines=1-2"})[0], 400)
+        self.assertEqual(self.req("DELETE", path)[0], 200)
+        self.assertEqual(self.req("DELETE", path)[0], 200)          # idempotent
+        self.assertEqual(self.req("GET", path)[0], 404)
+        self.assertEqual(self.req("PUT", path, b"x")[0], 405)
+
+    def test_empty_object(self):
+        path = "/locks/" + sha256_hex(b"")
+        self.assertEqual(self.upload(path, b""), 200)
+        status, headers, body = self.req("GET", path, headers={"Range": "bytes=0-"})
+        self.assertEqual((status, body, headers["content-length"]), (200, b"", "0"))
+
+    def test_upload_verification(self):
+        data = b"some bytes"
+        wrong = "/keys/" + sha256_hex(b"other bytes")
+        self.assertEqual(self.upload(wrong, data), 400)
+        self.assertEqual(self.req("HEAD", wrong)[0], 404)
+        right = "/keys/" + sha256_hex(data)
+        self.assertEqual(self.upload(right, data), 200)
+        self.assertEqual(self.upload(right, data), 200)              # retry after a lost answer
+
+    def test_existing_object_is_never_replaced_silently(self):
+        st = rp.LocalStorage(os.path.join(self.tmp, "noverify"))
+        srv = ServerThread(st, verify_uploads=False)
+        self.addCleanup(srv.stop)
+        path = "/data/" + "ab" * 32
+        self.assertEqual(srv.request("POST", path, b"first")[0], 200)
+        self.assertEqual(srv.request("POST", path, b"first")[0], 200)
+        self.assertEqual(srv.request("POST", path, b"other")[0], 403)
+        self.assertEqual(srv.request("POST", path, b"longer body")[0], 403)
+        self.assertEqual(srv.request("GET", path)[2], b"first")
+
+    def test_content_length_rules(self):
+        path = "/data/" + sha256_hex(b"abc")
+        reply = self.srv.raw(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 411"), reply[:40])
+        reply = self.srv.raw(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 3x\r\n"
+                             b"Connection: close\r\n\r\nabc")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:40])
+        reply = self.srv.raw(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 411"), reply[:40])
+        self.assertEqual(self.req("HEAD", path)[0], 404)
+
+    def test_short_body_stores_nothing(self):
+        data = os.urandom(2000)
+        path = "/data/" + sha256_hex(data)
+        s = socket.create_connection(("127.0.0.1", self.srv.port), timeout=30)
+        s.sendall(("POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path, len(data))).encode()
+                  + data[:1500])
+        s.shutdown(socket.SHUT_WR)      # the client gives up half-way
+        reply = s.recv(1000)
+        s.close()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:60])
+        self.assertEqual(self.req("HEAD", path)[0], 404)
+        folder = os.path.join(self.root, "data", path[6:8])
+        self.assertEqual(os.listdir(folder) if os.path.isdir(folder) else [], [])
+
+    def test_long_body_is_refused(self):
+        data = b"exact"
+        path = "/data/" + sha256_hex(data)
+        # Only the announced bytes are the body; they do not hash to the name, so the
+        # upload is refused and the extra byte is never taken for part of it.
+        reply = self.srv.raw(("POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                              "Connection: close\r\n\r\n" % path).encode() + data)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:40])
+        self.assertEqual(self.req("HEAD", path)[0], 404)
+
+    def test_traversal_attempts_never_leave_the_root(self):
+        # A file next to the served folder that a traversal would reach.
+        secret = os.path.join(self.tmp, "config")
+        with open(secret, "wb") as f:
+            f.write(b"SECRET")
+        os.makedirs(self.root)
+        targets = [b"/../config", b"/%2e%2e/config", b"/..%2fconfig", b"/%2e%2e%2fconfig",
+                   b"/repos/../../config", b"/./../config", b"/a/%2E%2E/%2E%2E/config",
+                   b"/..\\config", b"/%5c..%5cconfig", b"/a%00/../config", b"/%c0%ae%c0%ae/config",
+                   b"/\x00/config", b"/..;/config"]
+        for target in targets:
+            for method in (b"GET", b"HEAD", b"POST", b"DELETE"):
+                body = b"" if method != b"POST" else b"PWNED"
+                reply = self.srv.raw(method + b" " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                status = int(reply.split(b" ", 2)[1])
+                self.assertIn(status, (400, 404), (method, target, reply[:80]))
+                self.assertNotIn(b"SECRET", reply)
+        with open(secret, "rb") as f:
+            self.assertEqual(f.read(), b"SECRET")
+        for dirpath, _, files in os.walk(self.tmp):
+            if dirpath.startswith(self.root):
+                continue
+            for name in files:
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    self.assertNotEqual(f.read(), b"PWNED", os.path.join(dirpath, name))
+
+    def test_keep_alive_serves_many_requests_on_one_connection(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=30)
+        self.addCleanup(conn.close)
+        for i in range(20):
+            data = ("object %d" % i).encode()
+            conn.request("POST", "/data/" + sha256_hex(data), body=data)
+            r = conn.getresponse()
+            r.read()
+            self.assertEqual(r.status, 200)
+            conn.request("GET", "/data/", headers={"Accept": V2})
+            r = conn.getresponse()
+            self.assertEqual(len(json.loads(r.read().decode())), i + 1)
+        conn.request("GET", "/data/" + "00" * 32)
+        r = conn.getresponse()
+        self.assertEqual((r.status, r.getheader("Content-Length")), (404, str(len(r.read()))))
+
+    def test_storage_failure_is_5xx_not_404(self):
+        class BrokenStorage(rp.LocalStorage):
+            def list(self, repo, kind):
+                raise rp.UpstreamError("cloud is down", status=503)
+
+        srv = ServerThread(BrokenStorage(self.root))
+        self.addCleanup(srv.stop)
+        self.assertEqual(srv.request("GET", "/data/")[0], 503)
+
+
+class GracefulShutdownTest(unittest.TestCase):
+    def test_sigterm_lets_a_running_upload_finish_then_exits_0(self):
+        tmp = tempfile.mkdtemp(prefix="r123-stop-")
+        self.addCleanup(shutil.rmtree, tmp)
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--listen", "127.0.0.1:0",
+                                 "--path", tmp], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        url = read_server_url(proc)
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        data = os.urandom(100000)
+        path = "/data/" + sha256_hex(data)
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(("POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path, len(data))).encode()
+                  + data[:50000])
+        # The kernel hands connections to accept() in the order they were made, so
+        # once a second connection has been answered the first one was accepted.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/keys/")
+        conn.getresponse().read()
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        wait_for_line(proc.stderr, "no new connections")
+        s.sendall(data[50000:])
+        reply = s.recv(1000)
+        s.close()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:60])
+        self.assertEqual(proc.wait(timeout=60), 0)
+        with open(os.path.join(tmp, "data", path[6:8], path[6:]), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+
+def wait_for_line(stream, needle):
+    for line in stream:
+        if needle in line:
+            return line
+    raise AssertionError("stream ended before %r" % needle)
+
+
+def read_server_url(proc):
+    line = wait_for_line(proc.stdout, "restic -r rest:")
+    return re.search(r"rest:(\S+)", line).group(1)
+
+
+# ---------------------------------------------------------------------------
+# End to end with the real restic
+# ---------------------------------------------------------------------------
+
+def make_tree(root, seed, total_mib=52):
+    """Deterministic tree: many small files, some medium, a few of several MiB, and
+    empty ones; at least `total_mib` MiB in all."""
+    rnd = random.Random(seed)
+    sizes = [0] * 5 + [rnd.randint(1, 4096) for _ in range(400)] \
+        + [rnd.randint(10000, 900000) for _ in range(30)]
+    while sum(sizes) < total_mib * 1024 * 1024:
+        sizes.append(rnd.randint(3, 9) * 1024 * 1024 + rnd.randint(0, 4095))
+    for i, size in enumerate(sizes):
+        folder = os.path.join(root, "d%02d" % (i % 17), "s%d" % (i % 3))
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "f%04d.bin" % i), "wb") as f:
+            f.write(rnd.getrandbits(8 * size).to_bytes(size, "little") if size else b"")
+
+
+def change_tree(root, seed):
+    """Add, rewrite and remove some files, as a second day of work would."""
+    rnd = random.Random(seed)
+    files = sorted(os.path.join(d, n) for d, _, ns in os.walk(root) for n in ns)
+    for path in rnd.sample(files, 20):
+        os.unlink(path)
+    for path in rnd.sample([p for p in files if os.path.exists(p)], 10):
+        with open(path, "ab") as f:
+            f.write(b"changed %d" % rnd.getrandbits(32))
+    os.makedirs(os.path.join(root, "new"), exist_ok=True)
+    for i in range(30):
+        size = rnd.choice([0, 10, 5000, 300000, 2 * 1024 * 1024])
+        with open(os.path.join(root, "new", "n%02d" % i), "wb") as f:
+            f.write(rnd.getrandbits(8 * size).to_bytes(size, "little") if size else b"")
+
+
+def manifest(root):
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+class ResticEndToEndBase(unittest.TestCase):
+    """Runs the real restic against a server process started from the command line."""
+
+    @classmethod
+    def setUpClass(cls):
+        if UNIT_ONLY:
+            raise unittest.SkipTest("RESTIC_123PAN_UNIT_ONLY=1")
+        cls.restic = shutil.which("restic")
+        if not cls.restic:
+            if REQUIRE_E2E:
+                raise AssertionError("restic is not installed but RESTIC_123PAN_REQUIRE_E2E=1")
+            raise unittest.SkipTest("restic not installed (apt-get install -y restic)")
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-e2e-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.env = dict(os.environ, RESTIC_PASSWORD="correct horse battery staple",
+                        RESTIC_CACHE_DIR=os.path.join(self.tmp, "cache"))
+
+    def start_server(self, *argv):
+        log_path = os.path.join(self.tmp, "server.log")
+        self.server_log = open(log_path, "w+")
+        self.addCleanup(self.server_log.close)
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--listen", "127.0.0.1:0"] + list(argv),
+                                stdout=subprocess.PIPE, stderr=self.server_log, universal_newlines=True)
+        self.addCleanup(self.stop_server, proc)
+        self.server_proc = proc
+        return read_server_url(proc)
+
+    def stop_server(self, proc):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            self.assertEqual(proc.wait(timeout=60), 0)
+        proc.stdout.close()
+
+    def server_log_text(self):
+        self.server_log.flush()
+        with open(self.server_log.name) as f:
+            return f.read()
+
+    def restic_run(self, repo, *args, **kw):
+        cmd = [self.restic, "-r", repo] + list(kw.get("options", [])) + list(args)
+        r = subprocess.run(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=kw.get("timeout", 900))
+        if r.returncode != 0:
+            self.fail("%s failed (%d):\n%s\n%s\n--- server log tail ---\n%s"
+                      % (" ".join(args), r.returncode, r.stdout[-3000:], r.stderr[-3000:],
+                         self.server_log_text()[-4000:]))
+        return r.stdout
+
+    def snapshot_ids(self, repo, options):
+        snaps = json.loads(self.restic_run(repo, "snapshots", "--json", options=options))
+        return [s["id"] for s in sorted(snaps, key=lambda s: s["time"])]
+
+    def run_scenario(self, repo, options=(), direct_path=None):
+        """init, backup, change, backup, check --read-data, restore both snapshots and
+        compare bytes, forget --keep-last 1 --prune, check again."""
+        options = list(options)
+        src = os.path.join(self.tmp, "src")
+        make_tree(src, seed=1)
+        first = manifest(src)
+        total = sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(src) for n in ns)
+        self.assertGreaterEqual(total, 50 * 1024 * 1024)
+        self.restic_run(repo, "init", options=options)
+        self.restic_run(repo, "backup", src, options=options)
+        change_tree(src, seed=2)
+        second = manifest(src)
+        self.assertNotEqual(first, second)
+        self.restic_run(repo, "backup", src, options=options)
+        snaps = self.snapshot_ids(repo, options)
+        self.assertEqual(len(snaps), 2)
+        self.restic_run(repo, "check", "--read-data", options=options)
+        for snap, expected in ((snaps[0], first), (snaps[1], second)):
+            target = os.path.join(self.tmp, "restore-" + snap)
+            self.restic_run(repo, "restore", snap, "--target", target, options=options)
+            restored = manifest(os.path.join(target, os.path.relpath(src, "/")))
+            self.assertEqual(restored, expected, "restored tree of %s differs" % snap)
+        self.restic_run(repo, "forget", "--keep-last", "1", "--prune", options=options)
+        self.assertEqual(self.snapshot_ids(repo, options), [snaps[1]])
+        self.restic_run(repo, "check", "--read-data", options=options)
+        if direct_path:
+            # the server's folder is a plain restic repository
+            self.restic_run(direct_path, "check", options=[])
+            self.assertEqual(self.snapshot_ids(direct_path, []), [snaps[1]])
+        log_text = self.server_log_text()
+        self.assertNotIn("Traceback", log_text)
+        self.assertNotRegex(log_text, r'" 5\d\d ')
+
+
+class LocalEndToEndTest(ResticEndToEndBase):
+    def test_local_backend_default_connections(self):
+        data = os.path.join(self.tmp, "repos")
+        url = self.start_server("--path", data)
+        self.run_scenario("rest:" + url + "alice/laptop/",
+                          direct_path=os.path.join(data, "alice", "laptop"))
+
+    def test_local_backend_eight_connections_root_repository(self):
+        data = os.path.join(self.tmp, "repos")
+        url = self.start_server("--path", data)
+        self.run_scenario("rest:" + url, options=["-o", "rest.connections=8"], direct_path=data)
+
+
+# ---------------------------------------------------------------------------
+# A runner whose last line says "N passed, N failed", for CI logs
+# ---------------------------------------------------------------------------
+
+def run_all():
+    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
+    result = unittest.TextTestRunner(verbosity=2).run(suite)
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    passed = result.testsRun - failed - skipped
+    print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
+    return 0 if result.wasSuccessful() else 1
+
+
+if __name__ == "__main__":
+    sys.modules.setdefault("test_restic_123pan", sys.modules[__name__])
+    sys.exit(run_all())
