@@ -9,24 +9,31 @@ One file, standard library only, CPython 3.8 to 3.13.  Run it with
 
 The file reads top-down by layer:
   1. configuration and command line
-  2. shared helpers (hashing spool, Range parsing)
+  2. shared helpers (hashing spool, Range parsing, metrics registry)
   3. the storage interface (ObjectRef, Storage, errors)
   4. backends: LocalStorage
-  5. the repository service (policy: verification, overwrite rules)
-  6. the REST request handler and server
-  7. main()
+  5. the repository service (verification, overwrite rule, usage and quota)
+  6. access control (htpasswd users, rights, access log file)
+  7. the REST request handler and the servers (TCP, TLS, unix socket, systemd)
+  8. main()
 """
 
 import argparse
+import base64
 import collections
 import errno
 import hashlib
+import hmac
+import ipaddress
 import json
 import logging
 import os
 import re
 import signal
 import socket
+import socketserver
+import ssl
+import stat
 import sys
 import tempfile
 import threading
@@ -99,6 +106,22 @@ def default_listen(environ):
     return "[%s]:%s" % (host, port) if ":" in host else "%s:%s" % (host, port)
 
 
+def _user_list(text):
+    users = [u.strip() for u in text.split(",") if u.strip()]
+    for u in users:
+        if not _USER_NAME_RE.match(u):
+            raise argparse.ArgumentTypeError("%r is not a valid user name" % u)
+    return users
+
+
+def _byte_count(text):
+    """'1000000', '500M', '2G', '1T' (powers of 1024) -> bytes."""
+    m = re.match(r"\A(\d+)([KMGT]?)I?B?\Z", text.strip().upper())
+    if not m:
+        raise argparse.ArgumentTypeError("%r is not a size (bytes, or with K/M/G/T)" % text)
+    return int(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " ")
+
+
 def build_arg_parser():
     p = argparse.ArgumentParser(
         prog="restic_123pan.py",
@@ -107,8 +130,9 @@ def build_arg_parser():
         epilog="Then: restic -r rest:http://HOST:PORT/ init",
     )
     p.add_argument("--listen", metavar="ADDR",
-                   help="address to listen on, host:port (default %s, or "
-                        "LISTEN_ADDR / LISTEN_PORT from the environment)" % DEFAULT_LISTEN)
+                   help="host:port, or unix:/path/to.sock (default %s, or LISTEN_ADDR / "
+                        "LISTEN_PORT from the environment; a socket passed by systemd "
+                        "wins)" % DEFAULT_LISTEN)
     p.add_argument("--backend", choices=("local",),
                    help="storage backend (default: local)")
     p.add_argument("--path", metavar="DIR",
@@ -116,6 +140,35 @@ def build_arg_parser():
                         % DEFAULT_LOCAL_PATH)
     p.add_argument("--no-verify-upload", action="store_true",
                    help="do not check that an upload's SHA-256 equals its name")
+    auth = p.add_argument_group("users and rights")
+    auth.add_argument("--htpasswd-file", metavar="FILE",
+                      help="users (bcrypt, apr1, {SHA}, $5$/$6$ hashes); default .htpasswd "
+                           "in --path (local backend) or in --state-dir")
+    auth.add_argument("--no-auth", action="store_true",
+                      help="no authentication, even on a non-loopback address")
+    auth.add_argument("--private-repos", action="store_true",
+                      help="users may only use repositories under /<user>/")
+    auth.add_argument("--append-only", action="store_true",
+                      help="nobody may delete anything but locks (except --full-access-users)")
+    auth.add_argument("--append-only-users", metavar="U1,U2", type=_user_list, default=[],
+                      help="these users are append-only")
+    auth.add_argument("--full-access-users", metavar="U1,U2", type=_user_list, default=[],
+                      help="these users may delete even with --append-only")
+    auth.add_argument("--max-size", metavar="BYTES", type=_byte_count, default=0,
+                      help="quota per repository, e.g. 500G; 507 when full (default: none)")
+    net = p.add_argument_group("transport and monitoring")
+    net.add_argument("--tls", action="store_true", help="serve HTTPS")
+    net.add_argument("--tls-cert", metavar="FILE",
+                     help="PEM certificate (default public_key in --path / --state-dir)")
+    net.add_argument("--tls-key", metavar="FILE",
+                     help="PEM private key (default private_key in --path / --state-dir)")
+    net.add_argument("--tls-min-ver", choices=("1.2", "1.3"), default="1.2",
+                     help="lowest TLS version accepted (default 1.2)")
+    net.add_argument("--prometheus", action="store_true", help="serve /metrics")
+    net.add_argument("--prometheus-no-auth", action="store_true",
+                     help="serve /metrics without authentication")
+    net.add_argument("--log", metavar="FILE",
+                     help="access log in the combined format ('-' for stdout)")
     p.add_argument("--debug", action="store_true", help="log more detail")
     p.add_argument("--version", action="version",
                    version="restic-123pan %s" % __version__)
@@ -127,15 +180,36 @@ def parse_config(argv, environ):
     parser = build_arg_parser()
     args = parser.parse_args(argv)
     args.listen = args.listen or default_listen(environ)
-    args.listen_host, args.listen_port = parse_listen_address(args.listen)
+    args.unix_socket = None
+    if args.listen.startswith("unix:"):
+        args.unix_socket = os.path.abspath(args.listen[len("unix:"):])
+        args.listen_host, args.listen_port = None, None
+    else:
+        args.listen_host, args.listen_port = parse_listen_address(args.listen)
     args.backend = args.backend or "local"
     if args.backend == "local":
         args.path = args.path or DEFAULT_LOCAL_PATH
+        config_dir = args.path
+    args.spool_dir = None
+    args.default_htpasswd_file = os.path.join(config_dir, ".htpasswd")
+    if (args.tls_cert or args.tls_key) and not args.tls:
+        raise UsageError("--tls-cert/--tls-key given without --tls")
+    args.tls_cert = args.tls_cert or os.path.join(config_dir, "public_key")
+    args.tls_key = args.tls_key or os.path.join(config_dir, "private_key")
+    if args.prometheus_no_auth and not args.prometheus:
+        raise UsageError("--prometheus-no-auth needs --prometheus")
+    if args.no_auth and (args.htpasswd_file or args.private_repos or args.append_only_users
+                         or args.full_access_users):
+        raise UsageError("--no-auth contradicts --htpasswd-file, --private-repos and "
+                         "per-user rights")
+    both = set(args.append_only_users) & set(args.full_access_users)
+    if both:
+        raise UsageError("users both append-only and full-access: %s" % ", ".join(sorted(both)))
     return args
 
 
 # ---------------------------------------------------------------------------
-# 2. Shared helpers: hashing spool, Range parsing
+# 2. Shared helpers: hashing spool, Range parsing, metrics registry
 # ---------------------------------------------------------------------------
 
 class ShortBody(Exception):
@@ -260,6 +334,92 @@ def parse_range(header, size):
     if end < start:
         raise ValueError("Range end before start: %r" % header)
     return start, end - start + 1, True
+
+
+class MetricsRegistry(object):
+    """Counters and gauges rendered in the Prometheus text format, by hand.
+
+    One registry per process (METRICS): the REST layer counts blobs, the cloud
+    clients count API calls, retries, 429s, token refreshes and bytes moved."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._families = collections.OrderedDict()     # name -> (type, help)
+        self._values = {}                               # (name, labels) -> value
+
+    def describe(self, name, kind, text):
+        self._families.setdefault(name, (kind, text))
+        return self
+
+    def _key(self, name, labels):
+        if name not in self._families:
+            raise KeyError("metric %s was never described" % name)
+        return name, tuple(sorted(labels.items()))
+
+    def inc(self, name, amount=1, **labels):
+        key = self._key(name, labels)
+        with self._lock:
+            self._values[key] = self._values.get(key, 0) + amount
+
+    def set(self, name, value, **labels):
+        key = self._key(name, labels)
+        with self._lock:
+            self._values[key] = value
+
+    def value(self, name, **labels):
+        with self._lock:
+            return self._values.get(self._key(name, labels), 0)
+
+    def total(self, name, **match):
+        """Sum of a family over every sample whose labels include `match`."""
+        items = set(match.items())
+        with self._lock:
+            return sum(v for (n, labels), v in self._values.items()
+                       if n == name and items.issubset(labels))
+
+    @staticmethod
+    def _escape(value):
+        return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+    def render(self):
+        with self._lock:
+            values = sorted(self._values.items())
+        lines = []
+        for name, (kind, text) in self._families.items():
+            lines.append("# HELP %s %s" % (name, text))
+            lines.append("# TYPE %s %s" % (name, kind))
+            for (n, labels), value in values:
+                if n != name:
+                    continue
+                label_text = ",".join('%s="%s"' % (k, self._escape(v)) for k, v in labels)
+                lines.append("%s%s %s" % (name, "{%s}" % label_text if label_text else "",
+                                          repr(float(value)) if isinstance(value, float)
+                                          else value))
+        return "\n".join(lines) + "\n"
+
+
+METRICS = MetricsRegistry()
+for _what in ("read", "write", "delete"):
+    METRICS.describe("rest_server_blob_%s_total" % _what, "counter",
+                     "Total number of blobs %s" % {"read": "read", "write": "written",
+                                                   "delete": "deleted"}[_what])
+    METRICS.describe("rest_server_blob_%s_bytes_total" % _what, "counter",
+                     "Total number of bytes %s" % {"read": "read", "write": "written",
+                                                   "delete": "deleted"}[_what])
+(METRICS
+ .describe("restic123pan_repository_bytes", "gauge",
+           "Bytes stored per repository (repositories used since start)")
+ .describe("restic123pan_repository_objects", "gauge", "Objects per repository and type")
+ .describe("restic123pan_repository_last_snapshot_timestamp_seconds", "gauge",
+           "Unix time of the last snapshot upload per repository")
+ .describe("restic123pan_cloud_api_calls_total", "counter", "Cloud API calls by endpoint")
+ .describe("restic123pan_cloud_retries_total", "counter", "Cloud API calls retried, by reason")
+ .describe("restic123pan_cloud_rate_limited_total", "counter",
+           "Cloud answers that said 'too many requests' (429)")
+ .describe("restic123pan_cloud_token_refreshes_total", "counter", "Access tokens obtained")
+ .describe("restic123pan_cloud_bytes_uploaded_total", "counter", "Bytes sent to the cloud")
+ .describe("restic123pan_cloud_bytes_downloaded_total", "counter",
+           "Bytes received from the cloud"))
 
 
 # ---------------------------------------------------------------------------
@@ -530,13 +690,94 @@ class RequestError(Exception):
         self.headers = headers or {}
 
 
-class RepositoryService(object):
-    """Policy between the HTTP layer and the storage: upload verification and the
-    rule that an existing object is never silently replaced."""
+class RepositoryUsage(object):
+    """Bytes and object counts per repository, for --max-size and /metrics.
 
-    def __init__(self, storage, verify_uploads=True):
+    A repository is counted from the storage (one listing per type) the first
+    time it is touched, then kept up to date by this server's own writes and
+    deletes; what others change behind the server's back is seen at the next
+    start.  Uploads reserve their Content-Length before the body is read, so
+    concurrent uploads cannot pass the quota check together."""
+
+    def __init__(self, storage, max_size=0):
+        self.storage = storage
+        self.max_size = max_size
+        self._lock = threading.Lock()
+        self._bytes = {}        # repo -> bytes stored
+        self._objects = {}      # repo -> {kind: count}
+        self._reserved = collections.Counter()
+
+    def _ensure(self, repo):
+        with self._lock:
+            if repo in self._bytes:
+                return
+        counts, total = {}, 0
+        for kind in OBJECT_TYPES:
+            entries = self.storage.list(repo, kind)
+            counts[kind] = len(entries)
+            total += sum(size for _, size in entries)
+        config_size = self.storage.stat(ObjectRef.config(repo))
+        counts["config"] = int(config_size is not None)
+        total += config_size or 0
+        with self._lock:
+            if repo not in self._bytes:     # another thread may have counted meanwhile
+                self._bytes[repo], self._objects[repo] = total, counts
+
+    def reserve(self, repo, nbytes):
+        """Claim room for an upload; QuotaExceeded (507) when it cannot fit."""
+        if not self.max_size:
+            return
+        self._ensure(repo)
+        with self._lock:
+            used = self._bytes[repo] + self._reserved[repo]
+            if used + nbytes > self.max_size:
+                raise QuotaExceeded("repository /%s: %d of %d bytes used, upload of %d refused"
+                                    % ("/".join(repo), used, self.max_size, nbytes))
+            self._reserved[repo] += nbytes
+
+    def release(self, repo, nbytes):
+        if self.max_size:
+            with self._lock:
+                self._reserved[repo] -= nbytes
+
+    def changed(self, ref, size_delta, count_delta):
+        with self._lock:
+            if ref.repo in self._bytes:
+                self._bytes[ref.repo] += size_delta
+                kinds = self._objects[ref.repo]
+                kinds[ref.kind] = kinds.get(ref.kind, 0) + count_delta
+
+    def tracked(self):
+        """{repo: (bytes, {kind: objects})} of the repositories counted so far."""
+        with self._lock:
+            return dict((r, (b, dict(self._objects[r]))) for r, b in self._bytes.items())
+
+    def count(self, repo):
+        self._ensure(repo)
+
+
+class RepositoryService(object):
+    """The repository view between the HTTP layer and the storage: upload
+    verification, the rule that an existing object is never silently replaced,
+    and the per-repository usage that quota and metrics read."""
+
+    def __init__(self, storage, verify_uploads=True, max_size=0, track_usage=False):
         self.storage = storage
         self.verify_uploads = verify_uploads
+        self.usage = RepositoryUsage(storage, max_size)
+        self.track_usage = track_usage or bool(max_size)
+
+    def create_repository(self, repo):
+        self.storage.create_repository(repo)
+        if self.track_usage:
+            self.usage.count(repo)
+
+    def admit_upload(self, repo, nbytes):
+        """Check the quota before a body is read; pair with finish_upload."""
+        self.usage.reserve(repo, nbytes)
+
+    def finish_upload(self, repo, nbytes):
+        self.usage.release(repo, nbytes)
 
     def save(self, ref, spool):
         """Store a spooled upload.  Returns 'stored' or 'identical' (the same bytes
@@ -549,8 +790,19 @@ class RepositoryService(object):
             if self._same_content(ref, existing, spool):
                 return "identical"
             raise RequestError(403, "%s exists with different content" % (ref,))
+        if self.track_usage:
+            self.usage.count(ref.repo)
         self.storage.put(ref, spool)
+        self.usage.changed(ref, spool.size, 1)
         return "stored"
+
+    def delete(self, ref):
+        """Remove an object (idempotent); its size if it existed, else None."""
+        size = self.storage.stat(ref)
+        if not self.storage.delete(ref):
+            return None
+        self.usage.changed(ref, -(size or 0), -1)
+        return size or 0
 
     def _same_content(self, ref, existing_size, spool):
         if existing_size != spool.size:
@@ -566,7 +818,159 @@ class RepositoryService(object):
 
 
 # ---------------------------------------------------------------------------
-# 6. The REST request handler and server
+# 6. Access control: users (htpasswd), rights, the access log file
+# ---------------------------------------------------------------------------
+
+class UnsupportedHash(ValueError):
+    """An htpasswd hash in a format this server cannot check."""
+
+
+def verify_password(password, hashed):
+    # PLACEHOLDER until the hash section lands: {SHA} only.
+    if hashed.startswith("{SHA}"):
+        digest = base64.b64encode(hashlib.sha1(password.encode("utf-8")).digest()).decode()
+        return hmac.compare_digest(digest, hashed[5:])
+    raise UnsupportedHash(hashed[:4])
+
+
+# User names as rest-server accepts them: letters, digits, '@', '.', '_', '-'.
+# Anything else (a '/' above all) could escape --private-repos.
+_USER_NAME_RE = re.compile(r"\A[\w@.\-]+\Z")
+
+
+class HtpasswdFile(object):
+    """Users from an htpasswd file (`user:hash` lines, `#` comments).
+
+    The file is re-read when its size, mtime or inode change (looked at, at most
+    once a second, when someone logs in) and on SIGHUP; a file that cannot be
+    re-read keeps the old users.  A verified login is remembered for a few
+    minutes as a keyed digest of user, password and hash (never the password),
+    so a slow bcrypt is paid once, not on every request restic makes."""
+
+    CHECK_INTERVAL = 1.0
+    REMEMBER_SECONDS = 300
+    MAX_REMEMBERED = 10000
+
+    def __init__(self, path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._users = {}
+        self._signature = None
+        self._checked_at = 0.0
+        self._verified = {}
+        self._key = os.urandom(32)
+        self.reload()           # an unreadable file at start is the caller's error
+
+    def reload(self):
+        """Re-read the file if it changed; True if it did."""
+        st = os.stat(self.path)
+        signature = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if signature == self._signature:
+            return False
+        users = {}
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                user, sep, hashed = line.partition(":")
+                if not sep or not _USER_NAME_RE.match(user):
+                    log.warning("%s:%d: skipped: not a valid 'user:hash' line", self.path, lineno)
+                    continue
+                users[user] = hashed.strip()
+        with self._lock:
+            self._users, self._signature = users, signature
+            self._verified.clear()
+        log.info("htpasswd %s: %d users", self.path, len(users))
+        return True
+
+    def _reload_if_changed(self):
+        now = time.monotonic()
+        if now - self._checked_at < self.CHECK_INTERVAL:
+            return
+        self._checked_at = now
+        try:
+            self.reload()
+        except OSError as e:
+            log.warning("htpasswd %s: cannot re-read it, keeping %d users: %s",
+                        self.path, len(self._users), e)
+
+    def check(self, user, password):
+        """None when the password is right, else the reason (for the log only)."""
+        self._reload_if_changed()
+        with self._lock:
+            hashed = self._users.get(user)
+        if hashed is None:
+            return "unknown user"
+        digest = hmac.new(self._key, ("%s\0%s\0%s" % (user, password, hashed)).encode("utf-8"),
+                          hashlib.sha256).digest()
+        now = time.monotonic()
+        with self._lock:
+            if self._verified.get(digest, 0) > now:
+                return None
+        try:
+            if not verify_password(password, hashed):
+                return "wrong password"
+        except UnsupportedHash:
+            return "unsupported hash (%s)" % hashed[:6]
+        with self._lock:
+            if len(self._verified) >= self.MAX_REMEMBERED:
+                self._verified.clear()
+            self._verified[digest] = now + self.REMEMBER_SECONDS
+        return None
+
+
+class AccessRules(object):
+    """What an authenticated user may do.
+
+    --private-repos: a user may only use repositories under /<user>/.
+    --append-only: nobody may delete anything but locks, except the users named in
+    --full-access-users (say, a maintenance identity that runs forget --prune);
+    --append-only-users marks single users append-only when the rest are not."""
+
+    def __init__(self, private_repos=False, append_only=False, append_only_users=(),
+                 full_access_users=()):
+        self.private_repos = private_repos
+        self.append_only = append_only
+        self.append_only_users = frozenset(append_only_users)
+        self.full_access_users = frozenset(full_access_users)
+
+    def is_append_only(self, user):
+        if user in self.full_access_users:
+            return False
+        return self.append_only or user in self.append_only_users
+
+    def may_use(self, user, repo):
+        return not self.private_repos or (bool(repo) and repo[0] == user)
+
+    def may_delete(self, user, kind):
+        return kind == "locks" or not self.is_append_only(user)
+
+
+class AccessLogFile(object):
+    """--log: one line per request in the Apache combined format."""
+
+    def __init__(self, path):
+        self._own = path != "-"
+        self._file = open(path, "a", buffering=1, encoding="utf-8") if self._own else sys.stdout
+        self._lock = threading.Lock()
+
+    def write(self, host, user, request_line, status, size, referer, agent):
+        stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z")
+        line = '%s - %s [%s] "%s" %s %d "%s" "%s"\n' % (
+            host, user or "-", stamp, request_line.replace('"', "%22"), status, size,
+            (referer or "-").replace('"', "%22"), (agent or "-").replace('"', "%22"))
+        with self._lock:
+            self._file.write(line)
+            self._file.flush()
+
+    def close(self):
+        if self._own:
+            self._file.close()
+
+
+# ---------------------------------------------------------------------------
+# 7. The REST request handler and the servers (TCP, TLS, unix socket, systemd)
 # ---------------------------------------------------------------------------
 
 MEDIA_V1 = "application/vnd.x.restic.rest.v1"
@@ -638,7 +1042,8 @@ def parse_route(raw_target):
 
 
 class ResticHandler(BaseHTTPRequestHandler):
-    """Speaks the restic REST protocol; everything below is the service's business."""
+    """Speaks the restic REST protocol: parses, authenticates, applies the access
+    rules and streams bodies.  Everything below is the service's business."""
 
     protocol_version = "HTTP/1.1"
     server_version = "restic-123pan/" + __version__
@@ -650,12 +1055,7 @@ class ResticHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         self._dispatch()
 
-    do_HEAD = do_POST = do_DELETE = do_GET
-
-    def do_PUT(self):
-        self._dispatch()
-
-    do_PATCH = do_OPTIONS = do_TRACE = do_PUT
+    do_HEAD = do_POST = do_DELETE = do_PUT = do_PATCH = do_OPTIONS = do_TRACE = do_GET
 
     def log_request(self, code="-", size="-"):
         pass    # one access-log line per request is written by _dispatch
@@ -663,15 +1063,29 @@ class ResticHandler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         log.debug("%s %s", self.address_string(), fmt % args)
 
+    def address_string(self):
+        addr = self.client_address
+        return addr[0] if isinstance(addr, tuple) and addr else "unix"
+
     @property
     def service(self):
         return self.server.service
 
     def setup(self):
-        BaseHTTPRequestHandler.setup(self)
         # ResticServer.process_request counted this connection as busy at accept
         # time, so a shutdown that starts now still waits for its first request.
         self._busy = True
+        if isinstance(self.request, ssl.SSLSocket):
+            # The handshake runs here, in the connection's own thread, so a slow
+            # or hostile client cannot hold up the accept loop.
+            try:
+                self.request.settimeout(self.timeout)
+                self.request.do_handshake()
+            except (OSError, ValueError) as e:
+                log.info("%s: TLS handshake failed: %s", self.address_string(), e)
+                self._mark_idle()
+                raise
+        BaseHTTPRequestHandler.setup(self)
 
     def finish(self):
         self._mark_idle()
@@ -689,6 +1103,7 @@ class ResticHandler(BaseHTTPRequestHandler):
             self.server.tracker.enter()
         self._status = 0
         self._sent = 0
+        self._user = None
         self._body_pending = ("Transfer-Encoding" in self.headers
                               or self.headers.get("Content-Length", "0").strip() not in ("", "0"))
         try:
@@ -705,14 +1120,19 @@ class ResticHandler(BaseHTTPRequestHandler):
             except Exception:
                 log.exception("%s %s: internal error", self.command, self.path)
                 self._fail(500, "internal error")
+            if self._body_pending:
+                # The body was not consumed; the connection cannot carry another request.
+                self.close_connection = True
+            log.info('%s "%s %s" %s %d %dms', self.address_string(), self.command, self.path,
+                     self._status or "-", self._sent, (time.monotonic() - started) * 1000)
+            if self.server.access_log:
+                self.server.access_log.write(
+                    self.address_string(), self._user, self.requestline, self._status or "-",
+                    self._sent, self.headers.get("Referer"), self.headers.get("User-Agent"))
         finally:
+            # Busy until the log line is written, so a shutdown never closes the
+            # log under a request that is still finishing.
             self._mark_idle()
-        if self._body_pending:
-            # The body was not consumed; the connection cannot carry another request.
-            self.close_connection = True
-        log.info('%s "%s %s" %s %d %dms', self.client_address[0] if self.client_address else "-",
-                 self.command, self.path, self._status or "-", self._sent,
-                 (time.monotonic() - started) * 1000)
 
     def _fail(self, status, message, headers=None):
         if self._status:
@@ -722,7 +1142,7 @@ class ResticHandler(BaseHTTPRequestHandler):
             log.warning("%s %s: failed after response started: %s",
                         self.command, self.path, message)
             return
-        if status >= 500 or status == 400:
+        if status >= 500 or status in (400, 507):
             log.warning("%s %s: %d %s", self.command, self.path, status, message)
         else:
             log.debug("%s %s: %d %s", self.command, self.path, status, message)
@@ -747,10 +1167,45 @@ class ResticHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
             self._sent += len(body)
 
-    # -- routing -----------------------------------------------------------
+    # -- authentication and routing -----------------------------------------
+
+    def _authenticate(self):
+        """The user name, or None when authentication is off."""
+        users = self.server.htpasswd
+        if users is None:
+            return None
+        scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
+        user, reason = None, "no Basic credentials"
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                reason = "malformed Basic credentials"
+            else:
+                user, sep, password = decoded.partition(":")
+                reason = users.check(user, password) if sep else "malformed Basic credentials"
+        if reason:
+            log.warning("%s: login failed for user %r: %s", self.address_string(), user, reason)
+            raise RequestError(401, "authentication required",
+                               {"WWW-Authenticate": 'Basic realm="restic"'})
+        return user
 
     def _handle(self):
+        options = self.server.options
+        target = self.path.split("?", 1)[0]
+        if options.prometheus and target == "/metrics":
+            if not options.prometheus_no_auth:
+                self._user = self._authenticate()
+                if options.private_repos and self._user not in (None, "metrics"):
+                    raise RequestError(403, "with --private-repos only user 'metrics' "
+                                            "may read /metrics")
+            return self._metrics()
+        self._user = self._authenticate()
         route = parse_route(self.path)
+        rules = self.server.rules
+        if not rules.may_use(self._user, route.repo):
+            raise RequestError(403, "user %r may not use repository /%s"
+                               % (self._user, "/".join(route.repo)))
         method = self.command
         if route.kind is None:
             if method != "POST":
@@ -764,6 +1219,8 @@ class ResticHandler(BaseHTTPRequestHandler):
         if method not in ("HEAD", "GET", "POST", "DELETE"):
             raise RequestError(405, "method not allowed",
                                {"Allow": "HEAD, GET, POST, DELETE"})
+        if method == "DELETE" and not rules.may_delete(self._user, route.kind):
+            raise RequestError(403, "append-only: %s may not be deleted" % route.kind)
         ref = ObjectRef(route.repo, route.kind, route.name)
         return getattr(self, "_object_" + method.lower())(ref)
 
@@ -771,11 +1228,18 @@ class ResticHandler(BaseHTTPRequestHandler):
         query = self.path.partition("?")[2]
         return dict(p.partition("=")[::2] for p in query.split("&") if p)
 
+    def _count(self, what, ref, nbytes):
+        labels = {"user": self._user or "", "repo": "/".join(ref.repo), "type": ref.kind}
+        METRICS.inc("rest_server_blob_%s_total" % what, 1, **labels)
+        METRICS.inc("rest_server_blob_%s_bytes_total" % what, nbytes, **labels)
+
+    # -- endpoints ------------------------------------------------------------
+
     def _create_repository(self, repo):
         if self._query().get("create") != "true":
             raise RequestError(400, "POST on a repository needs ?create=true")
         self._discard_body()
-        self.service.storage.create_repository(repo)
+        self.service.create_repository(repo)
         self._respond(200)
 
     def _list(self, repo, kind):
@@ -819,21 +1283,44 @@ class ResticHandler(BaseHTTPRequestHandler):
         if self._sent != length:
             self.close_connection = True
             raise StorageError("sent %d of %d bytes" % (self._sent, length))
+        self._count("read", ref, length)
 
     def _object_post(self, ref):
-        spool = self._read_body()
+        length = self._content_length()
+        self.service.admit_upload(ref.repo, length)
         try:
-            outcome = self.service.save(ref, spool)
+            spool = self._read_body(length)
+            try:
+                outcome = self.service.save(ref, spool)
+            finally:
+                spool.close()
         finally:
-            spool.close()
+            self.service.finish_upload(ref.repo, length)
         if outcome == "identical":
             log.info("%s: identical re-upload accepted", ref)
+        else:
+            self._count("write", ref, length)
+            if ref.kind == "snapshots":
+                METRICS.set("restic123pan_repository_last_snapshot_timestamp_seconds",
+                            time.time(), repo="/".join(ref.repo))
         self._respond(200)
 
     def _object_delete(self, ref):
         self._discard_body()
-        self.service.storage.delete(ref)
+        size = self.service.delete(ref)
+        if size is not None:
+            self._count("delete", ref, size)
         self._respond(200)
+
+    def _metrics(self):
+        if self.command not in ("GET", "HEAD"):
+            raise RequestError(405, "only GET on /metrics", {"Allow": "GET"})
+        for repo, (nbytes, kinds) in self.service.usage.tracked().items():
+            name = "/".join(repo)
+            METRICS.set("restic123pan_repository_bytes", nbytes, repo=name)
+            for kind, count in kinds.items():
+                METRICS.set("restic123pan_repository_objects", count, repo=name, type=kind)
+        self._respond(200, METRICS.render().encode("utf-8"), "text/plain; version=0.0.4")
 
     # -- bodies --------------------------------------------------------------
 
@@ -847,8 +1334,7 @@ class ResticHandler(BaseHTTPRequestHandler):
             raise RequestError(400, "bad Content-Length %r" % text)
         return int(text)
 
-    def _read_body(self):
-        length = self._content_length()
+    def _read_body(self, length):
         try:
             spool = HashingSpool.from_stream(self.rfile, length,
                                              tmpdir=self.server.spool_dir)
@@ -897,21 +1383,79 @@ class RequestTracker(object):
         return True
 
 
-class ResticServer(ThreadingHTTPServer):
+def make_tls_context(cert_file, key_file, min_version="1.2"):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx
+
+
+class ServerOptions(object):
+    """What the handler needs to know of the command line; defaults = open server."""
+
+    def __init__(self, **kw):
+        self.prometheus = kw.get("prometheus", False)
+        self.prometheus_no_auth = kw.get("prometheus_no_auth", False)
+        self.private_repos = kw.get("private_repos", False)
+
+
+class _ResticServerMixin(object):
+    """What the TCP and unix-socket servers share: the service, users and rules,
+    TLS wrapping, the busy-connection tracker and SIGHUP reloads."""
+
     daemon_threads = True       # idle keep-alive connections must not block exit
     request_queue_size = 64
 
-    def __init__(self, address, service, spool_dir=None):
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        ThreadingHTTPServer.__init__(self, address, ResticHandler)
+    def init_restic(self, service, htpasswd=None, rules=None, options=None, tls=None,
+                    access_log=None, spool_dir=None):
         self.service = service
+        self.htpasswd = htpasswd
+        self.rules = rules or AccessRules()
+        self.options = options or ServerOptions()
+        self.tls = tls              # (cert_file, key_file, min_version) or None
+        self.tls_context = make_tls_context(*tls) if tls else None
+        self.access_log = access_log
         self.spool_dir = spool_dir
         self.tracker = RequestTracker()
 
+    def get_request(self):
+        sock, addr = self.socket.accept()
+        ctx = self.tls_context
+        if ctx is not None:
+            sock = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
+
     def process_request(self, request, client_address):
         self.tracker.enter()    # released by the handler (see ResticHandler.setup)
-        ThreadingHTTPServer.process_request(self, request, client_address)
+        super(_ResticServerMixin, self).process_request(request, client_address)
+
+    def handle_error(self, request, client_address):
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+    def reload(self):
+        """SIGHUP: re-read the htpasswd file and the TLS certificate."""
+        if self.htpasswd is not None:
+            try:
+                self.htpasswd.reload()
+            except OSError as e:
+                log.warning("SIGHUP: htpasswd %s: %s (keeping the old users)",
+                            self.htpasswd.path, e)
+        if self.tls:
+            try:
+                self.tls_context = make_tls_context(*self.tls)
+                log.info("SIGHUP: TLS certificate %s reloaded", self.tls[0])
+            except (OSError, ssl.SSLError) as e:
+                log.warning("SIGHUP: TLS certificate not reloaded: %s", e)
+
+
+class ResticServer(_ResticServerMixin, ThreadingHTTPServer):
+    """The server on a TCP address (plain HTTP or TLS)."""
+
+    def __init__(self, address, service, bind_and_activate=True, **kw):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        ThreadingHTTPServer.__init__(self, address, ResticHandler, bind_and_activate)
+        self.init_restic(service, **kw)
 
     def base_url(self):
         host, port = self.server_address[:2]
@@ -919,17 +1463,106 @@ class ResticServer(ThreadingHTTPServer):
             host = "127.0.0.1"
         if ":" in host:
             host = "[%s]" % host
-        return "http://%s:%d/" % (host, port)
+        return "%s://%s:%d/" % ("https" if self.tls else "http", host, port)
+
+
+class ResticUnixServer(_ResticServerMixin, socketserver.ThreadingMixIn,
+                       socketserver.UnixStreamServer):
+    """The server on a unix socket (restic >= 0.17: rest:http+unix:///path:/)."""
+
+    def __init__(self, path, service, bind_and_activate=True, **kw):
+        self.owns_socket_file = bind_and_activate
+        if bind_and_activate and os.path.exists(path):
+            if not stat.S_ISSOCK(os.stat(path).st_mode):
+                raise OSError(errno.EEXIST, "exists and is not a socket", path)
+            os.unlink(path)     # left behind by a previous run
+        socketserver.UnixStreamServer.__init__(self, path, ResticHandler, bind_and_activate)
+        self.init_restic(service, **kw)
+
+    def server_close(self):
+        socketserver.UnixStreamServer.server_close(self)
+        if self.owns_socket_file:
+            try:
+                os.unlink(self.server_address)
+            except OSError:
+                pass
+
+    def base_url(self):
+        return "http+unix://%s:/" % self.server_address
+
+
+def systemd_socket(environ):
+    """The listening socket systemd passed (LISTEN_FDS), or None."""
+    if environ.get("LISTEN_PID", str(os.getpid())) != str(os.getpid()):
+        return None
+    count = int(environ.get("LISTEN_FDS", "0") or 0)
+    if count == 0:
+        return None
+    if count != 1:
+        raise UsageError("systemd passed %d sockets; exactly one is supported" % count)
+    return socket.socket(fileno=3)     # SD_LISTEN_FDS_START
+
+
+def make_server(args, service, environ, **kw):
+    """The server for --listen (host:port or unix:/path) or the systemd socket."""
+    inherited = systemd_socket(environ)
+    if inherited is not None:
+        if inherited.family == socket.AF_UNIX:
+            server = ResticUnixServer(inherited.getsockname(), service, False, **kw)
+        else:
+            server = ResticServer(inherited.getsockname()[:2], service, False, **kw)
+        server.socket.close()
+        server.socket = inherited
+        server.server_address = inherited.getsockname()
+        return server
+    if args.unix_socket:
+        return ResticUnixServer(args.unix_socket, service, **kw)
+    return ResticServer((args.listen_host, args.listen_port), service, **kw)
+
+
+def is_local_address(address):
+    """True for loopback TCP addresses and unix sockets (not reachable from others)."""
+    if not isinstance(address, tuple):
+        return True
+    host = address[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------------------
-# 7. main()
+# 8. main()
 # ---------------------------------------------------------------------------
 
 def build_storage(args):
     if args.backend == "local":
         return LocalStorage(args.path)
     raise UsageError("unknown backend %r" % args.backend)
+
+
+def load_users(args, listen_address):
+    """The htpasswd users, or None when authentication is off.  Refuses an open
+    server on an address others can reach."""
+    if args.no_auth:
+        return None
+    path = args.htpasswd_file or args.default_htpasswd_file
+    try:
+        return HtpasswdFile(path)
+    except OSError as e:
+        if args.htpasswd_file or not isinstance(e, FileNotFoundError):
+            raise UsageError("cannot read htpasswd file %s: %s" % (path, e.strerror or e))
+    if args.private_repos or args.append_only_users or args.full_access_users:
+        raise UsageError("--private-repos and per-user rights need users: create %s "
+                         "(htpasswd -B) or name one with --htpasswd-file" % path)
+    if not is_local_address(listen_address):
+        raise UsageError("refusing to serve %s without authentication: create %s "
+                         "(htpasswd -B -c %s USER) or pass --no-auth"
+                         % (listen_address[0] or "every interface", path, path))
+    log.info("no htpasswd file at %s: authentication is off (local address only)", path)
+    return None
 
 
 def main(argv=None, environ=None):
@@ -941,19 +1574,30 @@ def main(argv=None, environ=None):
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    storage = server = None
     try:
         storage = build_storage(args)
-    except UsageError as e:
-        sys.stderr.write("restic_123pan.py: error: %s\n" % e)
-        return 2
-    service = RepositoryService(storage, verify_uploads=not args.no_verify_upload)
-    try:
-        server = ResticServer((args.listen_host, args.listen_port), service)
-    except OSError as e:
-        sys.stderr.write("restic_123pan.py: error: cannot listen on %s: %s\n"
-                         % (args.listen, e.strerror or e))
+        service = RepositoryService(storage, verify_uploads=not args.no_verify_upload,
+                                    max_size=args.max_size, track_usage=args.prometheus)
+        tls = (args.tls_cert, args.tls_key, args.tls_min_ver) if args.tls else None
+        server = make_server(
+            args, service, environ, tls=tls, spool_dir=args.spool_dir,
+            access_log=AccessLogFile(args.log) if args.log else None,
+            rules=AccessRules(args.private_repos, args.append_only,
+                              args.append_only_users, args.full_access_users),
+            options=ServerOptions(prometheus=args.prometheus,
+                                  prometheus_no_auth=args.prometheus_no_auth,
+                                  private_repos=args.private_repos))
+        server.htpasswd = load_users(args, server.server_address)
+    except (UsageError, OSError, ssl.SSLError) as e:
+        if server is not None:
+            server.server_close()
+        if isinstance(e, UsageError):
+            sys.stderr.write("restic_123pan.py: error: %s\n" % e)
+            return 2
+        sys.stderr.write("restic_123pan.py: error: cannot serve on %s: %s\n"
+                         % (args.listen, getattr(e, "strerror", None) or e))
         return 1
-
     stopping = threading.Event()
 
     def request_stop(signum, frame):
@@ -966,9 +1610,12 @@ def main(argv=None, environ=None):
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: server.reload())
 
     url = server.base_url()
-    log.info("restic-123pan %s serving %s on %s", __version__, storage.describe(), url)
+    log.info("restic-123pan %s serving %s on %s (authentication %s)", __version__,
+             storage.describe(), url, "on" if server.htpasswd else "off")
     sys.stdout.write("Serving %s\nUse: restic -r rest:%s init\n" % (storage.describe(), url))
     sys.stdout.flush()
     try:
@@ -979,6 +1626,8 @@ def main(argv=None, environ=None):
             log.warning("%d requests still running after %ds; exiting anyway",
                         server.tracker.active, SHUTDOWN_GRACE_SECONDS)
         storage.close()
+        if server.access_log:
+            server.access_log.close()
     log.info("stopped")
     return 0
 

@@ -13,6 +13,7 @@ import hashlib
 import http.client
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -25,8 +26,13 @@ import tempfile
 import threading
 import time
 import unittest
+import warnings
 
 import restic_123pan as rp
+
+if os.environ.get("RESTIC_123PAN_TEST_DEBUG") != "1":
+    # The server logs every refused request; the tests provoke hundreds on purpose.
+    logging.getLogger("restic_123pan").setLevel(logging.CRITICAL)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER_SCRIPT = os.path.join(HERE, "restic_123pan.py")
@@ -291,9 +297,9 @@ class LocalStorageTest(unittest.TestCase):
 class ServerThread(object):
     """A ResticServer on an ephemeral loopback port, in this process."""
 
-    def __init__(self, storage, **service_args):
+    def __init__(self, storage, server_args=None, **service_args):
         self.service = rp.RepositoryService(storage, **service_args)
-        self.server = rp.ResticServer(("127.0.0.1", 0), self.service)
+        self.server = rp.ResticServer(("127.0.0.1", 0), self.service, **(server_args or {}))
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
         self.thread.daemon = True
@@ -305,13 +311,16 @@ class ServerThread(object):
         self.thread.join()
 
     def request(self, method, path, body=None, headers=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn = self.connection()
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
             return resp.status, dict((k.lower(), v) for k, v in resp.getheaders()), resp.read()
         finally:
             conn.close()
+
+    def connection(self):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
 
     def raw(self, data):
         """Send raw bytes (one request, or several on one connection) and read until
@@ -519,6 +528,379 @@ class RestProtocolTest(unittest.TestCase):
         srv = ServerThread(BrokenStorage(self.root))
         self.addCleanup(srv.stop)
         self.assertEqual(srv.request("GET", "/data/")[0], 503)
+
+
+# ---------------------------------------------------------------------------
+# Access control, quota, metrics, TLS, unix sockets, systemd (over real HTTP)
+# ---------------------------------------------------------------------------
+
+def sha1_htpasswd(password):
+    import base64
+    return "{SHA}" + base64.b64encode(hashlib.sha1(password.encode()).digest()).decode()
+
+
+def basic(user, password):
+    import base64
+    return {"Authorization": "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()}
+
+
+class AccessControlTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-auth-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.htpasswd_path = os.path.join(self.tmp, "htpasswd")
+        self.write_users({"alice": "wonderland", "bob": "builder", "maint": "tenance",
+                          "metrics": "scrape"})
+        self.users = rp.HtpasswdFile(self.htpasswd_path)
+        self.users.CHECK_INTERVAL = 0       # look at the file on every login
+
+    def write_users(self, users, extra=""):
+        with open(self.htpasswd_path, "w") as f:
+            f.write("# users\n" + extra)
+            for user, password in users.items():
+                f.write("%s:%s\n" % (user, sha1_htpasswd(password)))
+
+    def serve(self, rules=None, options=None, **service_args):
+        srv = ServerThread(rp.LocalStorage(os.path.join(self.tmp, "repos")),
+                           dict(htpasswd=self.users, rules=rules, options=options), **service_args)
+        self.addCleanup(srv.stop)
+        return srv
+
+    def test_login_required_and_reasons_logged(self):
+        srv = self.serve()
+        status, headers, _ = srv.request("GET", "/keys/")
+        self.assertEqual(status, 401)
+        self.assertEqual(headers["www-authenticate"], 'Basic realm="restic"')
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            self.assertEqual(srv.request("GET", "/keys/", headers=basic("alice", "wrong"))[0], 401)
+            self.assertEqual(srv.request("GET", "/keys/", headers=basic("nobody", "x"))[0], 401)
+            self.assertEqual(srv.request("GET", "/keys/", headers={"Authorization": "Basic !!"})[0], 401)
+        text = "\n".join(logs.output)
+        self.assertIn("'alice': wrong password", text)
+        self.assertIn("'nobody': unknown user", text)
+        self.assertIn("malformed Basic credentials", text)
+        self.assertNotIn("wrong\n", text)
+        self.assertEqual(srv.request("GET", "/keys/", headers=basic("alice", "wonderland"))[0], 200)
+
+    def test_unsupported_hash_is_logged_as_such(self):
+        self.write_users({}, extra="plain:secret\n")
+        srv = self.serve()
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            self.assertEqual(srv.request("GET", "/keys/", headers=basic("plain", "secret"))[0], 401)
+        self.assertIn("unsupported hash", "\n".join(logs.output))
+
+    def test_file_changes_are_picked_up_and_bad_lines_skipped(self):
+        srv = self.serve()
+        self.assertEqual(srv.request("GET", "/keys/", headers=basic("carol", "c"))[0], 401)
+        self.write_users({"carol": "c"}, extra="bad/name:{SHA}x\nno-colon-line\n")
+        os.utime(self.htpasswd_path, (time.time() + 5, time.time() + 5))
+        self.assertEqual(srv.request("GET", "/keys/", headers=basic("carol", "c"))[0], 200)
+        self.assertEqual(srv.request("GET", "/keys/", headers=basic("alice", "wonderland"))[0], 401)
+        # a file that disappears keeps the users that were loaded
+        os.unlink(self.htpasswd_path)
+        self.assertEqual(srv.request("GET", "/keys/", headers=basic("carol", "c"))[0], 200)
+        # SIGHUP reload (what the signal handler calls)
+        self.write_users({"dave": "d"})
+        srv.server.reload()
+        self.assertEqual(srv.request("GET", "/keys/", headers=basic("dave", "d"))[0], 200)
+
+    def test_verified_logins_are_remembered_without_the_password(self):
+        calls = []
+        real = rp.verify_password
+
+        def counting(password, hashed):
+            calls.append(1)
+            return real(password, hashed)
+
+        rp.verify_password = counting
+        try:
+            srv = self.serve()
+            for _ in range(5):
+                self.assertEqual(srv.request("GET", "/keys/", headers=basic("bob", "builder"))[0], 200)
+        finally:
+            rp.verify_password = real
+        self.assertEqual(len(calls), 1)
+        self.assertNotIn(b"builder", repr(self.users._verified).encode())
+
+    def test_private_repos(self):
+        srv = self.serve(rules=rp.AccessRules(private_repos=True))
+        alice = basic("alice", "wonderland")
+        self.assertEqual(srv.request("POST", "/alice/laptop/?create=true", headers=alice)[0], 200)
+        self.assertEqual(srv.request("GET", "/alice/laptop/keys/", headers=alice)[0], 200)
+        for path in ("/bob/keys/", "/keys/", "/alicex/keys/", "/bob/alice/keys/"):
+            self.assertEqual(srv.request("GET", path, headers=alice)[0], 403, path)
+        self.assertEqual(srv.request("POST", "/bob/?create=true", headers=alice)[0], 403)
+        # the check is made on the decoded path, the same one storage uses
+        self.assertEqual(srv.request("GET", "/%62ob/keys/", headers=alice)[0], 403)
+        self.assertEqual(srv.request("GET", "/alice/../bob/keys/", headers=alice)[0], 400)
+
+    def test_append_only_and_per_user_rights(self):
+        rules = rp.AccessRules(append_only=True, full_access_users=["maint"])
+        srv = self.serve(rules=rules)
+        alice, maint = basic("alice", "wonderland"), basic("maint", "tenance")
+        data = os.urandom(3000)
+        path = "/data/" + sha256_hex(data)
+        lock = b"a lock"
+        lock_path = "/locks/" + sha256_hex(lock)
+        self.assertEqual(srv.request("POST", "/config", b"cfg", alice)[0], 200)
+        self.assertEqual(srv.request("POST", path, data, alice)[0], 200)
+        self.assertEqual(srv.request("POST", path, data, alice)[0], 200)     # same-bytes retry
+        self.assertEqual(srv.request("POST", "/config", b"cfg", alice)[0], 200)
+        self.assertEqual(srv.request("POST", "/config", b"new", alice)[0], 403)
+        self.assertEqual(srv.request("POST", lock_path, lock, alice)[0], 200)
+        for p in (path, "/config", "/keys/" + "0" * 64, "/index/" + "0" * 64, "/snapshots/" + "0" * 64):
+            self.assertEqual(srv.request("DELETE", p, headers=alice)[0], 403, p)
+        self.assertEqual(srv.request("DELETE", lock_path, headers=alice)[0], 200)
+        self.assertEqual(srv.request("GET", path, headers=alice)[2], data)
+        self.assertEqual(srv.request("DELETE", path, headers=maint)[0], 200)
+        self.assertEqual(srv.request("HEAD", path, headers=maint)[0], 404)
+        # the other way round: only bob is append-only
+        rules = rp.AccessRules(append_only_users=["bob"])
+        self.assertTrue(rules.is_append_only("bob"))
+        self.assertFalse(rules.is_append_only("alice"))
+        self.assertTrue(rules.may_delete("bob", "locks"))
+        self.assertFalse(rules.may_delete("bob", "snapshots"))
+
+    def test_quota_per_repository(self):
+        srv = self.serve(max_size=10000)
+        alice = basic("alice", "wonderland")
+        blobs = [os.urandom(4000) for _ in range(3)]
+        self.assertEqual(srv.request("POST", "/r1/data/" + sha256_hex(blobs[0]), blobs[0], alice)[0], 200)
+        self.assertEqual(srv.request("POST", "/r1/data/" + sha256_hex(blobs[1]), blobs[1], alice)[0], 200)
+        status, _, body = srv.request("POST", "/r1/data/" + sha256_hex(blobs[2]), blobs[2], alice)
+        self.assertEqual(status, 507, body)
+        self.assertEqual(srv.request("HEAD", "/r1/data/" + sha256_hex(blobs[2]), headers=alice)[0], 404)
+        # another repository has its own quota
+        self.assertEqual(srv.request("POST", "/r2/data/" + sha256_hex(blobs[2]), blobs[2], alice)[0], 200)
+        # deleting gives the room back
+        self.assertEqual(srv.request("DELETE", "/r1/data/" + sha256_hex(blobs[0]), headers=alice)[0], 200)
+        self.assertEqual(srv.request("POST", "/r1/data/" + sha256_hex(blobs[2]), blobs[2], alice)[0], 200)
+
+    def test_quota_counts_what_is_already_stored(self):
+        st = rp.LocalStorage(os.path.join(self.tmp, "repos"))
+        big = os.urandom(9000)
+        with rp.HashingSpool.from_bytes(big) as s:
+            st.put(rp.ObjectRef(("r",), "data", sha256_hex(big)), s)
+        srv = self.serve(max_size=10000)
+        small = os.urandom(2000)
+        status = srv.request("POST", "/r/data/" + sha256_hex(small), small, basic("bob", "builder"))[0]
+        self.assertEqual(status, 507)
+
+    def test_metrics(self):
+        opts = rp.ServerOptions(prometheus=True)
+        srv = self.serve(options=opts, track_usage=True)
+        alice = basic("alice", "wonderland")
+        self.assertEqual(srv.request("GET", "/metrics")[0], 401)
+        before = rp.METRICS.value("rest_server_blob_write_total", user="alice", repo="m", type="snapshots")
+        snap = b"snapshot bytes"
+        self.assertEqual(srv.request("POST", "/m/?create=true", headers=alice)[0], 200)
+        self.assertEqual(srv.request("POST", "/m/snapshots/" + sha256_hex(snap), snap, alice)[0], 200)
+        self.assertEqual(srv.request("GET", "/m/snapshots/" + sha256_hex(snap), headers=alice)[0], 200)
+        status, headers, body = srv.request("GET", "/metrics", headers=alice)
+        self.assertEqual(status, 200)
+        samples = parse_prometheus(body.decode())
+        key = ('rest_server_blob_write_total', (("repo", "m"), ("type", "snapshots"), ("user", "alice")))
+        self.assertEqual(samples[key], before + 1)
+        self.assertEqual(samples[("restic123pan_repository_bytes", (("repo", "m"),))], len(snap))
+        self.assertEqual(samples[("restic123pan_repository_objects", (("repo", "m"), ("type", "snapshots")))], 1)
+        self.assertIn(("restic123pan_repository_last_snapshot_timestamp_seconds", (("repo", "m"),)), samples)
+        # with --private-repos only the user "metrics" may read it
+        srv2 = self.serve(rules=rp.AccessRules(private_repos=True),
+                          options=rp.ServerOptions(prometheus=True, private_repos=True))
+        self.assertEqual(srv2.request("GET", "/metrics", headers=alice)[0], 403)
+        self.assertEqual(srv2.request("GET", "/metrics", headers=basic("metrics", "scrape"))[0], 200)
+        srv3 = self.serve(options=rp.ServerOptions(prometheus=True, prometheus_no_auth=True))
+        self.assertEqual(srv3.request("GET", "/metrics")[0], 200)
+        # without --prometheus, /metrics is just a repository called "metrics"
+        srv4 = self.serve()
+        self.assertEqual(srv4.request("GET", "/metrics", headers=alice)[0], 405)
+
+
+def parse_prometheus(text):
+    """{(name, sorted label pairs): value}; fails on any malformed line."""
+    samples = {}
+    line_re = re.compile(r'\A([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)\Z')
+    label_re = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|\Z)')
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            if line.startswith("# TYPE"):
+                assert line.split()[3] in ("counter", "gauge"), line
+            continue
+        m = line_re.match(line)
+        assert m, "bad metrics line %r" % line
+        labels = tuple(sorted(label_re.findall(m.group(2) or "")))
+        samples[(m.group(1), labels)] = float(m.group(3))
+    return samples
+
+
+def make_certificate(folder):
+    """A self-signed certificate for 127.0.0.1 made with the openssl command."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        if REQUIRE_E2E:
+            raise AssertionError("openssl is needed for the TLS tests")
+        raise unittest.SkipTest("openssl not installed")
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-keyout", key, "-out", cert], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=120)
+    return cert, key
+
+
+class TransportTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-net-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def test_tls_minimum_version_and_certificate_reload(self):
+        import ssl
+        cert, key = make_certificate(self.tmp)
+        srv = ServerThread(rp.LocalStorage(os.path.join(self.tmp, "repos")),
+                           dict(tls=(cert, key, "1.2")))
+        self.addCleanup(srv.stop)
+        ctx = ssl.create_default_context(cafile=cert)
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx, timeout=30)
+        conn.request("GET", "/keys/")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+        self.assertEqual(srv.server.base_url()[:8], "https://")
+        # plain HTTP on the TLS port gets nowhere
+        reply = srv.raw(b"GET /keys/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertNotIn(b"200 OK", reply)
+        old = ssl.create_default_context(cafile=cert)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old.maximum_version = ssl.TLSVersion.TLSv1_1
+            old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=old, timeout=30)
+        self.assertRaises((ssl.SSLError, OSError), conn.request, "GET", "/keys/")
+        conn.close()
+        # SIGHUP loads a new certificate for new connections
+        new_dir = os.path.join(self.tmp, "new")
+        os.mkdir(new_dir)
+        cert2, key2 = make_certificate(new_dir)
+        shutil.copy(cert2, cert)
+        shutil.copy(key2, key)
+        srv.server.reload()
+        ctx2 = ssl.create_default_context(cafile=cert2)
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx2, timeout=30)
+        conn.request("GET", "/keys/")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+
+    def test_unix_socket(self):
+        path = os.path.join(self.tmp, "restic.sock")
+        service = rp.RepositoryService(rp.LocalStorage(os.path.join(self.tmp, "repos")))
+        server = rp.ResticUnixServer(path, service)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        try:
+            data = b"over a unix socket"
+            conn = UnixHTTPConnection(path)
+            conn.request("POST", "/u/keys/" + sha256_hex(data), body=data)
+            self.assertEqual(conn.getresponse().status, 200)
+            conn.close()
+            conn = UnixHTTPConnection(path)
+            conn.request("GET", "/u/keys/" + sha256_hex(data))
+            self.assertEqual(conn.getresponse().read(), data)
+            conn.close()
+            self.assertEqual(server.base_url(), "http+unix://%s:/" % path)
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join()
+        self.assertFalse(os.path.exists(path))
+
+    def test_systemd_socket_activation(self):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        fd = listener.fileno()
+        env = dict(os.environ, LISTEN_FDS="1")
+        env.pop("LISTEN_PID", None)
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--path", os.path.join(self.tmp, "r"),
+                                 "--listen", "127.0.0.1:1"],   # ignored: the passed socket wins
+                                env=env, pass_fds=(fd,), preexec_fn=lambda: os.dup2(fd, 3),
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        listener.close()
+        self.assertIn(":%d/" % port, read_server_url(proc))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/keys/")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=60), 0)
+        proc.stdout.close()
+
+    def test_refuses_open_server_on_public_address(self):
+        r = subprocess.run([sys.executable, SERVER_SCRIPT, "--listen", "0.0.0.0:0", "--path", self.tmp],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                           timeout=60)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("refusing to serve", r.stderr)
+        self.assertIn("--no-auth", r.stderr)
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--listen", "0.0.0.0:0", "--path", self.tmp,
+                                 "--no-auth"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                universal_newlines=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        read_server_url(proc)
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=60), 0)
+        proc.stdout.close()
+
+    def test_contradictory_options(self):
+        for argv in (["--no-auth", "--private-repos"], ["--tls-cert", "x"],
+                     ["--prometheus-no-auth"], ["--append-only-users", "a", "--full-access-users", "a"],
+                     ["--max-size", "lots"], ["--append-only-users", "a/b"],
+                     ["--htpasswd-file", os.path.join(self.tmp, "missing")],
+                     ["--private-repos", "--path", self.tmp]):
+            r = subprocess.run([sys.executable, SERVER_SCRIPT, "--listen", "127.0.0.1:0"] + argv,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                               timeout=60)
+            self.assertEqual(r.returncode, 2, (argv, r.stderr))
+            self.assertEqual(len(r.stderr.strip().splitlines()) if "usage:" not in r.stderr else 1, 1,
+                             (argv, r.stderr))
+
+    def test_access_log_file_in_combined_format(self):
+        log_path = os.path.join(self.tmp, "access.log")
+        access_log = rp.AccessLogFile(log_path)
+        srv = ServerThread(rp.LocalStorage(os.path.join(self.tmp, "repos")), dict(access_log=access_log))
+        self.addCleanup(srv.stop)
+        srv.request("GET", "/keys/", headers={"User-Agent": "restic/0.14.0", "Referer": "x"})
+        srv.request("HEAD", "/config")
+        # the client may read the answer before the server wrote its log line
+        self.assertTrue(srv.server.tracker.wait_idle(30))
+        access_log.close()
+        with open(log_path) as f:
+            lines = f.read().splitlines()
+        combined = re.compile(r'\A127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] '
+                              r'"(\S+) (\S+) HTTP/1\.1" (\d{3}) (\d+) "([^"]*)" "([^"]*)"\Z')
+        m = [combined.match(l) for l in lines]
+        self.assertTrue(all(m), lines)
+        self.assertEqual([x.groups() for x in m],
+                         [("GET", "/keys/", "200", "2", "x", "restic/0.14.0"),
+                          ("HEAD", "/config", "404", "0", "-", "-")])
+
+    def test_byte_counts(self):
+        self.assertEqual(rp._byte_count("1000"), 1000)
+        self.assertEqual(rp._byte_count("2K"), 2048)
+        self.assertEqual(rp._byte_count("500M"), 500 * 1024 ** 2)
+        self.assertEqual(rp._byte_count("1GiB"), 1024 ** 3)
+        self.assertEqual(rp._byte_count("3t"), 3 * 1024 ** 4)
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path):
+        http.client.HTTPConnection.__init__(self, "localhost", timeout=30)
+        self.unix_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(self.unix_path)
 
 
 class GracefulShutdownTest(unittest.TestCase):
