@@ -1036,6 +1036,9 @@ class ResticEndToEndBase(unittest.TestCase):
         cmd = [self.restic, "-r", repo] + list(kw.get("options", [])) + list(args)
         r = subprocess.run(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            universal_newlines=True, timeout=kw.get("timeout", 900))
+        if kw.get("expect_failure"):
+            self.assertNotEqual(r.returncode, 0, "%s should have failed" % " ".join(args))
+            return r.stderr
         if r.returncode != 0:
             self.fail("%s failed (%d):\n%s\n%s\n--- server log tail ---\n%s"
                       % (" ".join(args), r.returncode, r.stdout[-3000:], r.stderr[-3000:],
@@ -1092,6 +1095,43 @@ class LocalEndToEndTest(ResticEndToEndBase):
         data = os.path.join(self.tmp, "repos")
         url = self.start_server("--path", data)
         self.run_scenario("rest:" + url, options=["-o", "rest.connections=8"], direct_path=data)
+
+
+class AccessEndToEndTest(ResticEndToEndBase):
+    def test_tls_users_and_append_only_with_real_restic(self):
+        cert, key = make_certificate(self.tmp)
+        data = os.path.join(self.tmp, "repos")
+        os.makedirs(data)
+        with open(os.path.join(data, ".htpasswd"), "w") as f:      # the default location
+            f.write("alice:%s\nmaint:%s\n" % (sha1_htpasswd("wonderland"), sha1_htpasswd("tenance")))
+        url = self.start_server("--path", data, "--tls", "--tls-cert", cert, "--tls-key", key,
+                                "--append-only", "--full-access-users", "maint")
+        self.assertTrue(url.startswith("https://127.0.0.1:"), url)
+        hostport = url[len("https://"):].rstrip("/")
+        alice = "rest:https://alice:wonderland@%s/home/" % hostport
+        maint = "rest:https://maint:tenance@%s/home/" % hostport
+        opts = ["--cacert", cert]
+        src = os.path.join(self.tmp, "src")
+        make_tree(src, seed=3, total_mib=3)
+        self.restic_run(alice, "init", options=opts)
+        self.restic_run(alice, "backup", src, options=opts)
+        change_tree(src, seed=4)
+        self.restic_run(alice, "backup", src, options=opts)
+        self.assertEqual(len(self.snapshot_ids(alice, opts)), 2)
+        # a wrong password and an unknown CA are refused
+        self.restic_run("rest:https://alice:nope@%s/home/" % hostport, "snapshots", options=opts,
+                        expect_failure=True)
+        self.restic_run(alice, "snapshots", expect_failure=True)
+        # append-only: the backup client cannot forget ...
+        self.restic_run(alice, "forget", "--keep-last", "1", options=opts, expect_failure=True)
+        self.assertEqual(len(self.snapshot_ids(alice, opts)), 2)
+        # ... the maintenance identity can, and prunes
+        self.restic_run(maint, "forget", "--keep-last", "1", "--prune", options=opts)
+        self.assertEqual(len(self.snapshot_ids(alice, opts)), 1)
+        self.restic_run(alice, "check", "--read-data", options=opts)
+        restored = os.path.join(self.tmp, "restored")
+        self.restic_run(alice, "restore", "latest", "--target", restored, options=opts)
+        self.assertEqual(manifest(os.path.join(restored, os.path.relpath(src, "/"))), manifest(src))
 
 
 # ---------------------------------------------------------------------------
