@@ -9,25 +9,32 @@ One file, standard library only, CPython 3.8 to 3.13.  Run it with
 
 The file reads top-down by layer:
   1. configuration and command line
-  2. shared helpers (hashing spool, Range parsing, metrics registry)
+  2. shared helpers (hashing spool, Range parsing, rate limiter, backoff,
+     multipart body, HTTP client, metrics registry)
   3. the storage interface (ObjectRef, Storage, errors)
-  4. backends: LocalStorage
-  5. the repository service (verification, overwrite rule, usage and quota)
-  6. access control (htpasswd users, rights, access log file)
-  7. the REST request handler and the servers (TCP, TLS, unix socket, systemd)
-  8. main()
+  4. backend: local folder (LocalStorage)
+  5. backend: 123pan (Pan123Client, Pan123Index, Pan123Storage)
+  6. the repository service (verification, overwrite rule, usage and quota)
+  7. access control (htpasswd users, rights, access log file)
+  8. the REST request handler and the servers (TCP, TLS, unix socket, systemd)
+  9. main()
 """
 
 import argparse
 import base64
+import calendar
 import collections
+import contextlib
 import errno
 import hashlib
+import heapq
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
 import os
+import random
 import re
 import signal
 import socket
@@ -40,7 +47,7 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlencode, urljoin, urlsplit
 
 __version__ = "0.1.0"
 
@@ -123,6 +130,39 @@ def _byte_count(text):
     return int(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " ")
 
 
+def default_state_dir(environ):
+    home = environ.get("HOME") or os.path.expanduser("~")
+    base = environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+    return os.path.join(base, "restic-123pan")
+
+
+def add_pan123_arguments(parser):
+    group = parser.add_argument_group("123pan backend")
+    group.add_argument("--client-id", metavar="ID",
+                       help="123pan Open Platform client id (or PAN123_CLIENT_ID)")
+    group.add_argument("--client-secret", metavar="SECRET",
+                       help="its client secret (or PAN123_CLIENT_SECRET, preferable: "
+                            "other local users can read command lines)")
+    group.add_argument("--repo-path", metavar="PATH",
+                       help="123pan folder holding the repositories (or PAN123_REPO_PATH; "
+                            "default %s)" % PAN123_DEFAULT_REPO_PATH)
+    group.add_argument("--api-base", metavar="URL",
+                       help="Open Platform API base URL (or PAN123_API_BASE; default %s)"
+                            % PAN123_DEFAULT_API_BASE)
+    group.add_argument("--pan123-tier", choices=("free", "vip"), default="free",
+                       help="request-rate table to stay within (default free)")
+    group.add_argument("--pan123-single-max", metavar="BYTES", type=_byte_count,
+                       default=PAN123_DEFAULT_SINGLE_MAX,
+                       help="objects larger than this use the chunked slice upload, "
+                            "e.g. 64M (default 64M; single-step uploads stop at 1G)")
+
+
+def pan123_credentials_given(args, environ):
+    """True when a client id comes from the command line or the environment: main()
+    then picks the 123pan backend by default."""
+    return bool(args.client_id or environ.get("PAN123_CLIENT_ID"))
+
+
 def build_arg_parser():
     p = argparse.ArgumentParser(
         prog="restic_123pan.py",
@@ -134,11 +174,16 @@ def build_arg_parser():
                    help="host:port, or unix:/path/to.sock (default %s, or LISTEN_ADDR / "
                         "LISTEN_PORT from the environment; a socket passed by systemd "
                         "wins)" % DEFAULT_LISTEN)
-    p.add_argument("--backend", choices=("local",),
-                   help="storage backend (default: local)")
+    p.add_argument("--backend", choices=("local", "123pan"),
+                   help="storage backend (default: 123pan when PAN123_CLIENT_ID or "
+                        "--client-id is given, else local)")
     p.add_argument("--path", metavar="DIR",
                    help="local backend: folder holding the repositories (default %s)"
                         % DEFAULT_LOCAL_PATH)
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="cloud backends: token and cache files, and the default place of "
+                        ".htpasswd and the TLS files (default $XDG_STATE_HOME/restic-123pan "
+                        "or ~/.local/state/restic-123pan)")
     p.add_argument("--no-verify-upload", action="store_true",
                    help="do not check that an upload's SHA-256 equals its name")
     auth = p.add_argument_group("users and rights")
@@ -170,6 +215,7 @@ def build_arg_parser():
                      help="serve /metrics without authentication")
     net.add_argument("--log", metavar="FILE",
                      help="access log in the combined format ('-' for stdout)")
+    add_pan123_arguments(p)
     p.add_argument("--debug", action="store_true", help="log more detail")
     p.add_argument("--version", action="version",
                    version="restic-123pan %s" % __version__)
@@ -187,10 +233,27 @@ def parse_config(argv, environ):
         args.listen_host, args.listen_port = None, None
     else:
         args.listen_host, args.listen_port = parse_listen_address(args.listen)
-    args.backend = args.backend or "local"
+    pan123_flags = [f for f, v in (("--client-id", args.client_id),
+                                   ("--client-secret", args.client_secret),
+                                   ("--repo-path", args.repo_path), ("--api-base", args.api_base))
+                    if v]
+    args.backend = args.backend or (
+        "123pan" if pan123_credentials_given(args, environ) else "local")
     if args.backend == "local":
+        if pan123_flags:
+            raise UsageError("%s belong to --backend 123pan, not to the local backend"
+                             % ", ".join(pan123_flags))
+        if args.state_dir:
+            raise UsageError("--state-dir is for the cloud backends; the local backend "
+                             "keeps everything in --path")
         args.path = args.path or DEFAULT_LOCAL_PATH
         config_dir = args.path
+    else:
+        if args.path:
+            raise UsageError("--path is for the local backend; %s uses --repo-path "
+                             "(a cloud folder) and --state-dir" % args.backend)
+        args.state_dir = args.state_dir or default_state_dir(environ)
+        config_dir = args.state_dir
     args.spool_dir = None
     args.default_htpasswd_file = os.path.join(config_dir, ".htpasswd")
     if (args.tls_cert or args.tls_key) and not args.tls:
@@ -210,7 +273,8 @@ def parse_config(argv, environ):
 
 
 # ---------------------------------------------------------------------------
-# 2. Shared helpers: hashing spool, Range parsing, metrics registry
+# 2. Shared helpers: hashing spool, Range parsing, rate limiter, backoff,
+#    multipart body, HTTP client, metrics registry
 # ---------------------------------------------------------------------------
 
 class ShortBody(Exception):
@@ -335,6 +399,347 @@ def parse_range(header, size):
     if end < start:
         raise ValueError("Range end before start: %r" % header)
     return start, end - start + 1, True
+
+
+class RateLimitTimeout(Exception):
+    """No request slot of an endpoint came free before the caller's deadline."""
+
+
+class _SlotWindow(object):
+    """The budget of one endpoint: `slots` requests per `window` seconds.
+
+    Each slot is held while its request is in flight and becomes usable again only
+    `window` seconds after the response arrived.  Two requests on the same slot
+    therefore *reach the server* at least `window` apart whatever the network
+    latency (the later one is sent after the earlier one's answer came back), so no
+    sliding 1 s window measured at the server ever sees more than `slots` requests.
+    Stamping slots at send time instead would let latency jitter squeeze two
+    requests into one server-side window and earn a 429."""
+
+    def __init__(self, qps, margin):
+        if qps >= 1:
+            self.slots, self.window = int(qps), 1.0 + margin
+        else:                               # 0.2 QPS: one request per 5 s
+            self.slots, self.window = 1, 1.0 / qps + margin
+        self._usable_at = [0.0] * self.slots   # heap: when each idle slot is usable
+        self._cond = threading.Condition()
+
+    def acquire(self, deadline):
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                if self._usable_at and self._usable_at[0] <= now:
+                    heapq.heappop(self._usable_at)
+                    return
+                if deadline is not None and now >= deadline:
+                    raise RateLimitTimeout()
+                # Sleep until the soonest idle slot is usable; with every slot in
+                # flight, until a release.
+                wait = self._usable_at[0] - now if self._usable_at else None
+                if deadline is not None:
+                    wait = deadline - now if wait is None else min(wait, deadline - now)
+                self._cond.wait(wait)
+
+    def release(self):
+        with self._cond:
+            heapq.heappush(self._usable_at, time.monotonic() + self.window)
+            # Every waiter re-checks: one may have given up on its deadline, and
+            # waiters without an idle slot to time their sleep sleep untimed.
+            self._cond.notify_all()
+
+
+class RateLimiter(object):
+    """Per-endpoint request budgets shared by every thread of the process.
+
+        with limiter.slot("/api/v2/file/list", deadline):
+            ...one request...
+
+    blocks the caller until that endpoint has a free slot (RateLimitTimeout when
+    `deadline`, a time.monotonic() value, passes first).  `qps_by_endpoint` maps an
+    endpoint to requests per second; others get `default_qps`."""
+
+    def __init__(self, qps_by_endpoint, default_qps, margin=0.05):
+        self._qps = dict(qps_by_endpoint)
+        self._default_qps = default_qps
+        self._margin = margin
+        self._windows = {}
+        self._lock = threading.Lock()
+
+    def qps(self, endpoint):
+        return self._qps.get(endpoint, self._default_qps)
+
+    def _window(self, endpoint):
+        with self._lock:
+            window = self._windows.get(endpoint)
+            if window is None:
+                window = self._windows[endpoint] = _SlotWindow(self.qps(endpoint),
+                                                               self._margin)
+            return window
+
+    @contextlib.contextmanager
+    def slot(self, endpoint, deadline=None):
+        window = self._window(endpoint)
+        window.acquire(deadline)
+        try:
+            yield
+        finally:
+            window.release()
+
+
+class Backoff(object):
+    """Jittered exponential pauses between attempts, under a total deadline.
+
+        backoff = Backoff(time.monotonic() + 60)
+        while True:
+            ...attempt; return on success...
+            if not backoff.pause():
+                raise ...gave up...
+
+    Pause n lasts between half and all of min(cap, base * 2**n) ("equal jitter":
+    threads that failed together do not retry together, yet nobody retries at
+    once).  pause() returns False, without sleeping, when that pause would end past
+    the deadline, so the deadline bounds the whole sequence."""
+
+    def __init__(self, deadline, base=0.5, cap=8.0):
+        self.deadline = deadline
+        self.base, self.cap = base, cap
+        self.attempts = 0
+
+    def pause(self):
+        ceiling = min(self.cap, self.base * (2 ** self.attempts))
+        delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+        self.attempts += 1
+        if time.monotonic() + delay >= self.deadline:
+            return False
+        time.sleep(delay)
+        return True
+
+
+class MultipartBody(object):
+    """A multipart/form-data body built by hand: text fields, then one file part
+    whose bytes are streamed from a HashingSpool range, so a 100 MiB pack never
+    sits in memory.  Content-Length is exact and known before sending; iterating
+    again (a retry) streams the same bytes again."""
+
+    def __init__(self, fields, file_field, filename, spool, start=0, length=None):
+        self._spool = spool
+        self._start = start
+        self._length = spool.size - start if length is None else length
+        boundary = "restic123pan" + os.urandom(16).hex()
+        head = []
+        for name, value in fields:
+            head.append('--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+                        % (boundary, name, value))
+        head.append('--%s\r\nContent-Disposition: form-data; name="%s"; filename="%s"\r\n'
+                    "Content-Type: application/octet-stream\r\n\r\n"
+                    % (boundary, file_field, _quote_form_filename(filename)))
+        self._head = "".join(head).encode("utf-8")
+        self._tail = ("\r\n--%s--\r\n" % boundary).encode("ascii")
+        self.content_type = "multipart/form-data; boundary=" + boundary
+        self.content_length = len(self._head) + self._length + len(self._tail)
+
+    def __iter__(self):
+        yield self._head
+        for chunk in self._spool.iter_range(self._start, self._length):
+            yield chunk
+        yield self._tail
+
+
+def _quote_form_filename(name):
+    # Quotes and line breaks would end the header; the servers ignore this name anyway.
+    return name.replace("\\", "_").replace('"', "%22").replace("\r", "").replace("\n", "")
+
+
+# Errors after which a request may be retried: refused, reset or timed-out
+# connections (OSError, socket.timeout and ssl errors included), truncated or
+# garbled HTTP (http.client.HTTPException, IncompleteRead included).
+NETWORK_ERRORS = (OSError, http.client.HTTPException)
+# ...except a certificate that does not verify: retrying will not fix it.
+PERMANENT_NETWORK_ERRORS = (ssl.SSLCertVerificationError,)
+
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 5
+# Never forwarded across a redirect: a CDN (or anything it sends us to) gets no credentials.
+CREDENTIAL_HEADERS = ("authorization", "platform", "cookie")
+
+
+class HttpResponse(object):
+    """One response; its connection returns to the idle pool once the body has
+    been read to the end, and is closed if the body is abandoned."""
+
+    def __init__(self, pool, key, conn, raw):
+        self._pool, self._key, self._conn, self._raw = pool, key, conn, raw
+        self.status = raw.status
+        self.reason = raw.reason
+
+    def header(self, name, default=None):
+        return self._raw.getheader(name, default)
+
+    @property
+    def content_length(self):
+        value = self._raw.getheader("Content-Length")
+        return int(value) if value is not None and value.strip().isdigit() else None
+
+    def read(self, amount):
+        """Up to `amount` bytes; b"" at the end, or when the connection dropped
+        before Content-Length was reached (callers count what they received)."""
+        chunk = self._raw.read(amount)
+        if self._raw.isclosed():
+            self._release()
+        return chunk
+
+    def read_all(self, limit):
+        """The whole body (at most `limit` bytes); IncompleteRead if it is short."""
+        if (self.content_length or 0) > limit:
+            self.close()
+            raise http.client.HTTPException("response body over %d bytes" % limit)
+        parts, total = [], 0
+        while True:
+            chunk = self.read(IO_CHUNK)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                self.close()
+                raise http.client.HTTPException("response body over %d bytes" % limit)
+            parts.append(chunk)
+        if self._raw.length:        # bytes still owed by Content-Length
+            self.close()
+            raise http.client.IncompleteRead(b"".join(parts), self._raw.length)
+        return b"".join(parts)
+
+    def discard(self):
+        """Drop the body; a short one is drained so the connection can be reused."""
+        try:
+            if (self.content_length or 0) <= 65536:
+                self.read_all(65536)
+        except NETWORK_ERRORS:
+            pass
+        self.close()
+
+    def _release(self):
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if self._raw.will_close:
+                conn.close()
+            else:
+                self._pool._checkin(self._key, conn)
+
+    def close(self):
+        """Abandon the response; harmless after the body was read to the end."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        self._raw.close()
+
+
+class HttpClient(object):
+    """A small HTTP/1.1 client on http.client: TLS through the system trust
+    store, a socket timeout per blocking operation, streamed request and response
+    bodies, and keep-alive connections reused per host.
+
+    Thread safety: a connection belongs to exactly one request at a time; it is
+    taken out of the idle pool for the request and put back only after its
+    response has been read to the end."""
+
+    def __init__(self, timeout=60.0, ssl_context=None, max_idle_per_host=8,
+                 idle_seconds=30.0):
+        self.timeout = timeout
+        self._ssl_context = ssl_context or ssl.create_default_context()
+        self._max_idle = max_idle_per_host
+        self._idle_seconds = idle_seconds
+        self._idle = {}         # (scheme, host, port) -> [(connection, idle since)]
+        self._lock = threading.Lock()
+        self._user_agent = "restic-123pan/%s" % __version__
+
+    def request(self, method, url, headers=None, body=None, follow_redirects=False):
+        """Send one request and return its HttpResponse once the status line and
+        headers are in.  `body` is bytes or a re-iterable of bytes chunks (give a
+        Content-Length header with the latter).  With follow_redirects, 3xx answers
+        are followed with GET, keeping headers such as Range but never
+        credentials."""
+        headers = dict(headers or {})
+        headers.setdefault("User-Agent", self._user_agent)
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._request_once(method, url, headers, body)
+            if not (follow_redirects and response.status in REDIRECT_STATUSES):
+                return response
+            location = response.header("Location")
+            response.discard()
+            if not location:
+                raise http.client.HTTPException("HTTP %d redirect without Location"
+                                                 % response.status)
+            url = urljoin(url, location)
+            method, body = "GET", None
+            headers = dict((k, v) for k, v in headers.items()
+                           if k.lower() not in CREDENTIAL_HEADERS)
+        raise http.client.HTTPException("more than %d redirects" % MAX_REDIRECTS)
+
+    def _request_once(self, method, url, headers, body):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) URL: %r" % url)
+        key = (parts.scheme, parts.hostname,
+               parts.port or (443 if parts.scheme == "https" else 80))
+        target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        conn, reused = self._checkout(key)
+        while True:
+            try:
+                conn.request(method, target, body=body, headers=headers)
+                raw = conn.getresponse()
+            except ConnectionError:
+                conn.close()
+                if not reused:
+                    raise
+                # The server closed the idle keep-alive connection before our request
+                # arrived: resend once on a fresh one.  (If it did process it, the
+                # resend is still safe: every call this server makes is idempotent.)
+                conn, reused = self._connect(key), False
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            return HttpResponse(self, key, conn, raw)
+
+    def _connect(self, key):
+        scheme, host, port = key
+        if scheme == "https":
+            return http.client.HTTPSConnection(host, port, timeout=self.timeout,
+                                               context=self._ssl_context)
+        return http.client.HTTPConnection(host, port, timeout=self.timeout)
+
+    def _checkout(self, key):
+        now = time.monotonic()
+        stale = []
+        conn = None
+        with self._lock:
+            idle = self._idle.get(key, [])
+            while idle:
+                candidate, since = idle.pop()
+                if now - since < self._idle_seconds:
+                    conn = candidate
+                    break
+                stale.append(candidate)
+        for old in stale:
+            old.close()
+        if conn is not None:
+            return conn, True
+        return self._connect(key), False
+
+    def _checkin(self, key, conn):
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self._max_idle:
+                idle.append((conn, time.monotonic()))
+                return
+        conn.close()
+
+    def close(self):
+        with self._lock:
+            pools, self._idle = self._idle, {}
+        for idle in pools.values():
+            for conn, _ in idle:
+                conn.close()
 
 
 class MetricsRegistry(object):
@@ -679,7 +1084,1162 @@ class LocalStorage(Storage):
 
 
 # ---------------------------------------------------------------------------
-# 5. The repository service: what restic may do, independent of HTTP and storage
+# 5. Backend: 123pan (123云盘) Open Platform, its API client beside it
+# ---------------------------------------------------------------------------
+
+PAN123_DEFAULT_API_BASE = "https://open-api.123pan.com"
+
+PAN123_CODE_OK = 0
+PAN123_CODE_GENERIC = 1             # also "folder exists" and "parent missing"
+PAN123_CODE_UNAUTHORIZED = 401
+PAN123_CODE_TOO_MANY_REQUESTS = 429
+PAN123_CODE_FILE_NOT_FOUND = 5066
+PAN123_CODE_TRAFFIC_QUOTA = 5113
+PAN123_CODE_STILL_VERIFYING = 20103  # upload_complete: "not yet, ask again in 1 s"
+# mkdir's code-1 message for an existing folder (该目录下已经有同名文件夹,无法进行创建).
+PAN123_FOLDER_EXISTS_MARK = "同名文件夹"
+
+# Requests per second per endpoint: (free, VIP).  The developer (client_id) table
+# where it has the endpoint, else the per-uid table of third-party apps; the free
+# column is the conservative default.
+PAN123_QPS = {
+    "/api/v1/access_token": (8, 10),
+    "/api/v1/user/info": (10, 10),
+    "/api/v1/file/move": (3, 10),
+    "/api/v1/file/delete": (1, 10),
+    "/api/v1/file/list": (0.2, 10),
+    "/api/v2/file/list": (5, 10),
+    "/upload/v1/file/mkdir": (5, 20),
+    "/api/v1/file/trash": (5, 5),
+    "/api/v1/file/infos": (10, 10),
+    "/api/v1/file/download_info": (5, 5),
+    "/upload/v2/file/upload_complete": (20, 20),   # the uid table's V1 figure
+}
+# The V2 upload calls (create, slice, single-step, domain) and detail have no
+# published limit: 5 is the lowest figure published for any upload call.
+PAN123_DEFAULT_QPS = 5
+
+PAN123_LIST_PAGE = 100              # list v2 maximum page size
+PAN123_MAX_BATCH = 100              # ids per trash / delete call
+PAN123_MAX_RESPONSE = 16 * 1024 * 1024
+# Renew a token this long before its expiredAt (as RP and OpenList do), or after
+# nine tenths of its life if it lives shorter than that.
+PAN123_TOKEN_RENEW_MARGIN = 300.0
+
+
+class Pan123Error(UpstreamError):
+    """123pan answered with a non-zero code (or could not be reached: see
+    Pan123Unavailable).  An UpstreamError, so anything not handled more
+    specifically reaches restic as a 502 with this one-line reason."""
+
+    def __init__(self, message, code=None, endpoint=None, trace_id="", status=502):
+        UpstreamError.__init__(self, message, status)
+        self.code, self.endpoint, self.trace_id = code, endpoint, trace_id
+
+    @classmethod
+    def from_envelope(cls, endpoint, envelope, status=502):
+        code = envelope.get("code")
+        message = envelope.get("message") or ""
+        trace_id = envelope.get("x-traceID") or ""
+        text = "123pan %s: code %s: %s" % (endpoint, code, message)
+        if trace_id:
+            text += " (x-traceID %s)" % trace_id
+        return cls(text, code, endpoint, trace_id, status)
+
+
+class Pan123FileNotFound(Pan123Error):
+    """Code 5066: the file id does not exist (any more)."""
+
+
+class Pan123QuotaExhausted(Pan123Error):
+    """Code 5113: today's download traffic is used up."""
+
+
+class Pan123AuthError(Pan123Error):
+    """Credentials refused, a fresh token refused, or too many live tokens."""
+
+
+class Pan123FolderExists(Pan123Error):
+    """mkdir: a folder of that name is already there."""
+
+
+class Pan123StillVerifying(Pan123Error):
+    """Code 20103 from upload_complete: not done yet, ask again in about 1 s."""
+
+
+class Pan123Unavailable(Pan123Error):
+    """Rate limited, unreachable or failing transiently past the retry deadline."""
+
+
+_ERROR_TYPE_BY_CODE = {
+    PAN123_CODE_UNAUTHORIZED: (Pan123AuthError, 502),
+    PAN123_CODE_FILE_NOT_FOUND: (Pan123FileNotFound, 502),
+    PAN123_CODE_TRAFFIC_QUOTA: (Pan123QuotaExhausted, 503),
+    PAN123_CODE_STILL_VERIFYING: (Pan123StillVerifying, 502),
+}
+
+
+class _Transient(Exception):
+    """One failed attempt worth retrying: `status` is what it becomes once retries
+    are exhausted, `kind` the reason label of the retries metric."""
+
+    def __init__(self, reason, status=502, kind="server_error"):
+        Exception.__init__(self, reason)
+        self.status, self.kind = status, kind
+
+    @classmethod
+    def network(cls, error):
+        timed_out = isinstance(error, (socket.timeout, TimeoutError))
+        return cls("%s: %s" % (type(error).__name__, error), 504 if timed_out else 502,
+                   "timeout" if timed_out else "network")
+
+    @classmethod
+    def rate_limited(cls, reason):
+        METRICS.inc("restic123pan_cloud_rate_limited_total")
+        return cls(reason, 503, "rate_limited")
+
+
+def _count_retry(reason):
+    METRICS.inc("restic123pan_cloud_retries_total", reason=reason)
+
+
+Pan123Entry = collections.namedtuple("Pan123Entry", "file_id name is_folder size etag")
+Pan123Token = collections.namedtuple("Pan123Token", "value expired_at obtained_at renew_at")
+
+
+_RFC3339_RE = re.compile(r"\A(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.\d+)?"
+                         r"\s*(Z|[+-]\d\d:?\d\d)?\Z", re.IGNORECASE)
+
+
+def parse_pan123_time(text):
+    """RFC 3339 ('2025-03-23T15:48:37+08:00', 'Z', fractions) or 123pan's zoneless
+    'YYYY-MM-DD HH:MM:SS' (UTC+8) -> POSIX seconds.  By hand, because 3.8's
+    datetime.fromisoformat refuses 'Z' and odd fraction lengths."""
+    m = _RFC3339_RE.match(text.strip())
+    if not m:
+        raise ValueError("not a timestamp: %r" % text)
+    fields = [int(g) for g in m.groups()[:6]]
+    zone = (m.group(7) or "+08:00").upper()
+    offset = 0
+    if zone != "Z":
+        digits = zone[1:].replace(":", "")
+        offset = (int(digits[:2]) * 60 + int(digits[2:])) * 60
+        if zone[0] == "-":
+            offset = -offset
+    return calendar.timegm(tuple(fields) + (0, 0, 0)) - offset
+
+
+class Pan123TokenFile(object):
+    """The access token kept across restarts: 123pan allows 3 live tokens per
+    client id and pushes the oldest offline, so fetching one per start would log
+    out the user's other devices.  One JSON file per (API base, client id), mode
+    0600, replaced atomically.  The client secret is never written."""
+
+    def __init__(self, state_dir, api_base, client_id):
+        key = hashlib.sha256(("%s\0%s" % (api_base, client_id)).encode("utf-8"))
+        self.path = os.path.join(state_dir, "pan123-token-%s.json" % key.hexdigest()[:16])
+
+    def load(self):
+        try:
+            with open(self.path, "r", encoding="utf-8") as f:
+                saved = json.load(f)
+            return _make_token(saved["accessToken"], saved["expiredAt"], saved["obtainedAt"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("123pan: ignoring unreadable token file %s: %s", self.path, e)
+            return None
+
+    def save(self, token):
+        folder = os.path.dirname(self.path)
+        text = json.dumps({"accessToken": token.value, "expiredAt": token.expired_at,
+                           "obtainedAt": token.obtained_at})
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".pan123-token-", dir=folder)  # mode 0600
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as e:
+            # Serving goes on with the token in memory; only a restart would need a
+            # new one.
+            log.warning("123pan: cannot save the access token to %s: %s", self.path, e)
+
+
+def _make_token(value, expired_at, obtained_at):
+    if not isinstance(value, str) or not value:
+        raise ValueError("empty access token")
+    expires = parse_pan123_time(expired_at)
+    margin = min(PAN123_TOKEN_RENEW_MARGIN, max(0.0, expires - obtained_at) / 10)
+    return Pan123Token(value, expired_at, obtained_at, expires - margin)
+
+
+class Pan123Client(object):
+    """The 123pan Open Platform API.  Every request to the API and upload hosts
+    goes through call(), which owns the headers, the token, the per-endpoint rate
+    limit, the {code, message, data, x-traceID} envelope and the retries.
+    Downloads from the CDN use the same HttpClient without credentials.
+    Thread-safe: one client serves every request thread."""
+
+    def __init__(self, client_id, client_secret, api_base=PAN123_DEFAULT_API_BASE,
+                 state_dir=None, tier="free", http_client=None, timeout=60.0,
+                 call_deadline=60.0, retry_base=0.5, retry_cap=8.0,
+                 poll_interval=1.0, complete_deadline=240.0,
+                 download_url_lifetime=300.0, download_resumes=5,
+                 rate_margin=0.05):
+        if not client_id or not client_secret:
+            raise ValueError("123pan needs a client id and a client secret")
+        self.client_id = client_id
+        self._client_secret = client_secret
+        self.api_base = api_base.rstrip("/")
+        self.http = http_client or HttpClient(timeout=timeout)
+        column = 1 if tier == "vip" else 0
+        self.limiter = RateLimiter(dict((path, qps[column]) for path, qps in PAN123_QPS.items()),
+                                   PAN123_DEFAULT_QPS, rate_margin)
+        self.call_deadline = call_deadline
+        self.retry_base, self.retry_cap = retry_base, retry_cap
+        self.poll_interval = poll_interval
+        # The whole "upload_complete says not yet" wait; with the slices before it,
+        # it stays inside restic's 5-minute window for one request.
+        self.complete_deadline = complete_deadline
+        self.download_url_lifetime = download_url_lifetime
+        self.download_resumes = download_resumes
+
+        self._token_file = Pan123TokenFile(state_dir, self.api_base, client_id) \
+            if state_dir else None
+        self._token = self._token_file.load() if self._token_file else None
+        self._token_lock = threading.Lock()
+        self._upload_domain = None
+        self._upload_domain_lock = threading.Lock()
+        self._download_urls = collections.OrderedDict()     # file id -> (url, usable until)
+        self._download_urls_lock = threading.Lock()
+
+    def __repr__(self):     # never the secret
+        return "Pan123Client(%r, %r)" % (self.client_id, self.api_base)
+
+    def close(self):
+        self.http.close()
+
+    def _backoff(self, deadline):
+        return Backoff(deadline, self.retry_base, self.retry_cap)
+
+    # -- the one place every API request goes through --------------------------
+
+    def call(self, method, path, query=None, body=None, form=None, host=None,
+             auth=True, expected=(), deadline=None):
+        """One API call; returns the envelope's `data`.
+
+        body: JSON-serialisable (a JSON POST/PUT); form: a MultipartBody; host: the
+        base URL (default the API host) or a function returning it, asked again
+        before every attempt.  Code 401 gets one fresh token and an immediate retry;
+        429, 5xx, unparseable answers and network failures are retried with
+        jittered backoff until `deadline` (default call_deadline from now), then
+        Pan123Unavailable.  Any other non-zero code raises its Pan123Error type at
+        once, logged with code, message and x-traceID unless the caller lists that
+        type in `expected` (an answer it handles, such as "folder exists")."""
+        if deadline is None:
+            deadline = time.monotonic() + self.call_deadline
+        backoff = self._backoff(deadline)
+        token_refreshed = False
+        failure = None
+        while True:
+            base = (host() if callable(host) else host) or self.api_base
+            headers = {"Platform": "open_platform"}
+            token = None
+            if auth:
+                token = self._current_token()
+                headers["Authorization"] = "Bearer " + token.value
+            try:
+                envelope = self._attempt(method, base, path, query, body, form, headers,
+                                         deadline)
+            except _Transient as e:
+                failure = e
+            except RateLimitTimeout:
+                raise self._gave_up(path, failure or _Transient(
+                    "no request slot free before the deadline", 503))
+            else:
+                code = envelope["code"]
+                if code == PAN123_CODE_OK:
+                    return envelope.get("data")
+                if code == PAN123_CODE_UNAUTHORIZED and auth and not token_refreshed:
+                    token_refreshed = True
+                    self._renew_token(stale=token)
+                    _count_retry("token")
+                    continue
+                if code != PAN123_CODE_TOO_MANY_REQUESTS:
+                    raise self._permanent_error(path, envelope, expected)
+                failure = _Transient.rate_limited("rate limited (code 429)")
+            if not backoff.pause():
+                raise self._gave_up(path, failure)
+            _count_retry(failure.kind)
+            log.debug("123pan %s: retrying: %s", path, failure)
+
+    @staticmethod
+    def _gave_up(path, failure):
+        return Pan123Unavailable("123pan %s: giving up: %s" % (path, failure),
+                                 endpoint=path, status=failure.status)
+
+    def _attempt(self, method, base, path, query, body, form, headers, deadline):
+        """Send once and return the envelope; _Transient for what may be retried,
+        RateLimitTimeout when no slot came free before the deadline."""
+        url = base + path + ("?" + urlencode(query) if query else "")
+        payload = None
+        if form is not None:
+            payload = form
+            headers["Content-Type"] = form.content_type
+            headers["Content-Length"] = str(form.content_length)
+        elif body is not None:
+            payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        try:
+            with self.limiter.slot(path, deadline):
+                METRICS.inc("restic123pan_cloud_api_calls_total", endpoint=path)
+                response = self.http.request(method, url, headers, payload)
+                if form is not None:    # an answer came: the body was sent
+                    METRICS.inc("restic123pan_cloud_bytes_uploaded_total", form.content_length)
+                raw = response.read_all(PAN123_MAX_RESPONSE)
+        except PERMANENT_NETWORK_ERRORS as e:
+            raise Pan123Error("123pan %s: %s" % (path, e), endpoint=path)
+        except NETWORK_ERRORS as e:
+            self._forget_upload_domain(base)
+            raise _Transient.network(e)
+        # 123pan reports errors in the envelope; accept one whatever the HTTP
+        # status (401 and 429 may come either way).
+        try:
+            envelope = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            envelope = None
+        if isinstance(envelope, dict) and isinstance(envelope.get("code"), int):
+            return envelope
+        reason = "HTTP %d without a JSON envelope" % response.status
+        if response.status == 429:
+            raise _Transient.rate_limited(reason)
+        if response.status >= 500 or response.status in (200, 408):
+            # Gateway errors, and 200s mangled on the way: worth another try.
+            raise _Transient(reason, 504 if response.status == 504 else 502)
+        raise Pan123Error("123pan %s: %s" % (path, reason), endpoint=path)
+
+    @staticmethod
+    def _permanent_error(path, envelope, expected):
+        code = envelope["code"]
+        message = str(envelope.get("message"))
+        if code == PAN123_CODE_GENERIC and PAN123_FOLDER_EXISTS_MARK in message:
+            error_type, status = Pan123FolderExists, 502
+        else:
+            error_type, status = _ERROR_TYPE_BY_CODE.get(code, (Pan123Error, 502))
+        error = error_type.from_envelope(path, envelope, status)
+        if not isinstance(error, expected):
+            log.warning("%s", error)
+        return error
+
+    # -- access token --------------------------------------------------------
+
+    def _current_token(self):
+        token = self._token
+        if token is not None and time.time() < token.renew_at:
+            return token
+        return self._renew_token(stale=token)
+
+    def _renew_token(self, stale):
+        """A fresh token, unless another thread already replaced `stale`: one
+        renewal at a time across threads, so a burst of 401s costs one token."""
+        with self._token_lock:
+            current = self._token
+            if current is not None and current is not stale and time.time() < current.renew_at:
+                return current
+            obtained_at = time.time()
+            data = self.call("POST", "/api/v1/access_token", auth=False,
+                             body={"clientID": self.client_id,
+                                   "clientSecret": self._client_secret})
+            try:
+                token = _make_token(data["accessToken"], data["expiredAt"], obtained_at)
+            except (TypeError, KeyError, ValueError) as e:
+                raise Pan123Error("123pan access_token: unusable answer (%s)" % e,
+                                  endpoint="/api/v1/access_token")
+            METRICS.inc("restic123pan_cloud_token_refreshes_total")
+            log.info("123pan: obtained a new access token, valid until %s", token.expired_at)
+            if self._token_file is not None:
+                self._token_file.save(token)
+            self._token = token
+            return token
+
+    # -- folders and listings -------------------------------------------------
+
+    def mkdir(self, parent_id, name):
+        """Create a folder; its id.  Pan123FolderExists if the name is taken."""
+        data = self.call("POST", "/upload/v1/file/mkdir",
+                         body={"name": name, "parentID": parent_id},
+                         expected=(Pan123FolderExists,))
+        return _positive_id(data, "dirID", "mkdir")
+
+    def list_folder(self, parent_id):
+        """Yield the live Pan123Entry items of a folder, every page (list v2).
+
+        Trashed entries (list v2 returns them) and entries rejected by content
+        review (status > 100) are left out.  The cursor is passed back opaque;
+        -1, an empty page or a cursor that does not move ends the listing."""
+        cursor = None
+        while True:
+            query = {"parentFileId": parent_id, "limit": PAN123_LIST_PAGE}
+            if cursor is not None:
+                query["lastFileId"] = cursor
+            data = self.call("GET", "/api/v2/file/list", query=query) or {}
+            page = data.get("fileList") or []
+            for item in page:
+                if item.get("trashed") == 1 or (item.get("status") or 0) > 100:
+                    continue
+                yield Pan123Entry(item["fileId"], item["filename"], item.get("type") == 1,
+                                  item.get("size") or 0, (item.get("etag") or "").lower())
+            next_cursor = data.get("lastFileId", -1)
+            if next_cursor == -1 or not page:
+                return
+            if next_cursor == cursor:
+                raise Pan123Error("123pan list of folder %d: cursor %r does not advance"
+                                  % (parent_id, cursor), endpoint="/api/v2/file/list")
+            cursor = next_cursor
+
+    # -- uploads ------------------------------------------------------------------
+
+    def upload_domain(self):
+        """The single-step upload host, asked once and kept until a connection
+        to it fails."""
+        with self._upload_domain_lock:
+            if self._upload_domain is None:
+                hosts = self.call("GET", "/upload/v2/file/domain")
+                if not isinstance(hosts, list) or not hosts or not isinstance(hosts[0], str):
+                    raise Pan123Error("123pan upload domain: unusable answer %r" % (hosts,),
+                                      endpoint="/upload/v2/file/domain")
+                self._upload_domain = hosts[0].rstrip("/")
+            return self._upload_domain
+
+    def _forget_upload_domain(self, base):
+        with self._upload_domain_lock:
+            if self._upload_domain == base:
+                self._upload_domain = None
+
+    def upload_single(self, parent_id, name, spool):
+        """Single-step upload of the whole spool (up to 1 GB); the new file id."""
+        form = MultipartBody([("parentFileID", parent_id), ("filename", name),
+                              ("etag", spool.md5), ("size", spool.size),
+                              ("duplicate", 2)],   # replace: objects are content-addressed
+                             "file", name, spool)
+        data = self.call("POST", "/upload/v2/file/single/create", form=form,
+                         host=self.upload_domain,
+                         deadline=time.monotonic() + self._transfer_deadline(spool.size))
+        if not isinstance(data, dict) or data.get("completed") is not True:
+            raise Pan123Error("123pan single-step upload of %s: not completed (%r)"
+                              % (name, data), endpoint="/upload/v2/file/single/create")
+        return _positive_id(data, "fileID", "single-step upload of %s" % name)
+
+    def upload_chunked(self, parent_id, name, spool):
+        """The V2 chunked flow: create (an instant upload may end it there), the
+        slices in order, then upload_complete polled until the file exists."""
+        created = self.call("POST", "/upload/v2/file/create",
+                            body={"parentFileID": parent_id, "filename": name,
+                                  "etag": spool.md5, "size": spool.size, "duplicate": 2})
+        if not isinstance(created, dict):
+            raise Pan123Error("123pan create %s: unusable answer" % name,
+                              endpoint="/upload/v2/file/create")
+        if created.get("reuse") and created.get("fileID"):
+            log.debug("123pan: %s stored by instant upload (same MD5 and size known)", name)
+            return created["fileID"]
+        preupload_id = created.get("preuploadID")
+        slice_size = created.get("sliceSize")
+        if not preupload_id or not isinstance(slice_size, int) or slice_size <= 0:
+            raise Pan123Error("123pan create %s: no preuploadID/sliceSize in %r"
+                              % (name, created), endpoint="/upload/v2/file/create")
+        servers = created.get("servers") or []
+        host = servers[0].rstrip("/") if servers else self.upload_domain
+        for number, start in enumerate(range(0, spool.size, slice_size), 1):
+            self._upload_slice(host, preupload_id, name, number, spool, start,
+                               min(slice_size, spool.size - start))
+        return self._await_complete(preupload_id, name)
+
+    def _upload_slice(self, host, preupload_id, name, number, spool, start, length):
+        # sliceMD5 is a form field that precedes the bytes, so it is computed in a
+        # first pass over the (local) spool range; nothing is held in memory.
+        md5 = hashlib.md5()
+        for chunk in spool.iter_range(start, length):
+            md5.update(chunk)
+        form = MultipartBody([("preuploadID", preupload_id), ("sliceNo", number),
+                              ("sliceMD5", md5.hexdigest())],
+                             "slice", "%s.part%d" % (name, number), spool, start, length)
+        # call() retries this one slice on its own; the others stay uploaded.
+        self.call("POST", "/upload/v2/file/slice", form=form, host=host,
+                  deadline=time.monotonic() + self._transfer_deadline(length))
+
+    def _await_complete(self, preupload_id, name):
+        deadline = time.monotonic() + self.complete_deadline
+        while True:
+            try:
+                data = self.call("POST", "/upload/v2/file/upload_complete",
+                                 body={"preuploadID": preupload_id},
+                                 expected=(Pan123StillVerifying,), deadline=deadline)
+            except Pan123StillVerifying:
+                data = None         # the same as completed:false
+            if isinstance(data, dict) and data.get("completed") and data.get("fileID"):
+                return data["fileID"]
+            if time.monotonic() + self.poll_interval >= deadline:
+                raise Pan123Unavailable("123pan upload of %s: not complete after %ds"
+                                        % (name, self.complete_deadline),
+                                        endpoint="/upload/v2/file/upload_complete",
+                                        status=504)
+            time.sleep(self.poll_interval)
+
+    def _transfer_deadline(self, size):
+        # Retries of an upload may take longer than those of a small call: allow
+        # for the transfer itself at a slow 1 MB/s on top of call_deadline.
+        return self.call_deadline + size / 1e6
+
+    # -- trash and delete -----------------------------------------------------------
+
+    def file_detail(self, file_id):
+        """detail of one file or folder (dict with fileID, filename, size, etag,
+        trashed...); Pan123FileNotFound if the id does not exist."""
+        return self.call("GET", "/api/v1/file/detail", query={"fileID": file_id},
+                         expected=(Pan123FileNotFound,))
+
+    def trash(self, file_ids):
+        """Move files to the recycle bin (invisible to list v2 from then on)."""
+        self._batched("/api/v1/file/trash", file_ids)
+
+    def delete_trashed(self, file_ids):
+        """Delete permanently; 123pan accepts only ids already in the trash."""
+        self._batched("/api/v1/file/delete", file_ids)
+
+    def _batched(self, path, file_ids):
+        file_ids = list(file_ids)
+        for i in range(0, len(file_ids), PAN123_MAX_BATCH):
+            self.call("POST", path, body={"fileIDs": file_ids[i:i + PAN123_MAX_BATCH]})
+
+    # -- downloads --------------------------------------------------------------------
+
+    def download_url(self, file_id):
+        """A CDN URL for the file, reused for download_url_lifetime seconds: far
+        below the (unverified) 2 h lifetime claimed for these URLs, and a rejected
+        URL is replaced anyway."""
+        now = time.monotonic()
+        with self._download_urls_lock:
+            cached = self._download_urls.get(file_id)
+            if cached is not None and cached[1] > now:
+                return cached[0]
+        # A missing file is the storage's to report (it knows which object it was).
+        data = self.call("GET", "/api/v1/file/download_info", query={"fileId": file_id},
+                         expected=(Pan123FileNotFound,))
+        url = data.get("downloadUrl") if isinstance(data, dict) else None
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise Pan123Error("123pan download_info of file %d: no usable URL" % file_id,
+                              endpoint="/api/v1/file/download_info")
+        with self._download_urls_lock:
+            self._download_urls[file_id] = (url, now + self.download_url_lifetime)
+            self._download_urls.move_to_end(file_id)
+            while len(self._download_urls) > 10000:
+                self._download_urls.popitem(last=False)
+        return url
+
+    def forget_download_url(self, file_id):
+        with self._download_urls_lock:
+            self._download_urls.pop(file_id, None)
+
+    def read_range(self, file_id, start, length):
+        """An iterator over bytes [start, start+length) of a file (length > 0).
+
+        The first request happens now, so a missing file (Pan123FileNotFound) or
+        an unreachable CDN raises here rather than during iteration.  A connection
+        that drops mid-body is resumed from the byte reached, up to
+        download_resumes times."""
+        response = self._open_range(file_id, start, length)
+        return self._stream_range(file_id, start, length, response)
+
+    def _open_range(self, file_id, start, length):
+        backoff = self._backoff(time.monotonic() + self.call_deadline)
+        url_refreshed = False
+        headers = {"Range": "bytes=%d-%d" % (start, start + length - 1)}
+        while True:
+            url = self.download_url(file_id)
+            try:
+                response = self.http.request("GET", url, headers, follow_redirects=True)
+            except PERMANENT_NETWORK_ERRORS as e:
+                raise Pan123Error("123pan download of file %d: %s" % (file_id, e))
+            except NETWORK_ERRORS as e:
+                failure = _Transient.network(e)
+            else:
+                problem = _range_response_problem(response, start, length)
+                if problem is None:
+                    return response
+                response.discard()
+                if response.status in (403, 404, 410) and not url_refreshed:
+                    # Expired or revoked URL: one new one, straight away.
+                    url_refreshed = True
+                    self.forget_download_url(file_id)
+                    _count_retry("download_url")
+                    continue
+                if response.status == 429:
+                    failure = _Transient.rate_limited(problem)
+                elif 400 <= response.status < 500 and response.status != 408:
+                    raise Pan123Error("123pan download of file %d bytes %d+%d: %s"
+                                      % (file_id, start, length, problem))
+                else:
+                    failure = _Transient(problem)
+            if not backoff.pause():
+                raise Pan123Unavailable("123pan download of file %d: giving up: %s"
+                                        % (file_id, failure), status=failure.status)
+            _count_retry(failure.kind)
+
+    def _stream_range(self, file_id, start, length, response):
+        position, end = start, start + length
+        resumes = 0
+        try:
+            while position < end:
+                try:
+                    chunk = response.read(min(IO_CHUNK, end - position))
+                    if not chunk:
+                        raise http.client.IncompleteRead(b"", end - position)
+                except NETWORK_ERRORS as e:
+                    response.close()
+                    resumes += 1
+                    if resumes > self.download_resumes:
+                        raise Pan123Unavailable(
+                            "123pan download of file %d broke off at byte %d of %d-%d: %s"
+                            % (file_id, position, start, end, e))
+                    log.info("123pan: download of file %d broke off at byte %d (%s); "
+                             "resuming", file_id, position, type(e).__name__)
+                    _count_retry("download_resume")
+                    response = self._open_range(file_id, position, end - position)
+                    continue
+                position += len(chunk)
+                METRICS.inc("restic123pan_cloud_bytes_downloaded_total", len(chunk))
+                yield chunk
+        finally:
+            response.close()
+
+
+_CONTENT_RANGE_RE = re.compile(r"\Abytes (\d+)-(\d+)/(\d+|\*)\Z")
+
+
+def _range_response_problem(response, start, length):
+    """None if `response` carries exactly the bytes asked for, else why not."""
+    if response.status == 206:
+        m = _CONTENT_RANGE_RE.match((response.header("Content-Range") or "").strip())
+        if not m or int(m.group(1)) != start or int(m.group(2)) != start + length - 1:
+            return "206 with Content-Range %r for bytes %d-%d" % (
+                response.header("Content-Range"), start, start + length - 1)
+    elif not (response.status == 200 and start == 0):
+        # 200 is fine only for a Range covering the whole object (the server may
+        # then send it all); the length check below tells.
+        return "HTTP %d %s" % (response.status, response.reason)
+    if response.content_length != length:
+        return "HTTP %d with Content-Length %s, not %d" % (
+            response.status, response.content_length, length)
+    return None
+
+
+def _positive_id(data, key, what):
+    value = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(value, int) or value <= 0:
+        raise Pan123Error("123pan %s: no %s in the answer (%r)" % (what, key, data))
+    return value
+
+
+Pan123File = collections.namedtuple("Pan123File", "file_id size etag")
+
+
+class _FolderState(object):
+    __slots__ = ("files", "folders", "deleted", "loaded")
+
+    def __init__(self):
+        self.files = {}         # name -> Pan123File
+        self.folders = {}       # name -> folder id
+        self.deleted = set()    # names we deleted before the folder was listed
+        self.loaded = False     # listed, or created by us: complete from now on
+
+
+class Pan123Index(object):
+    """What this server knows exists on 123pan: per folder id its files
+    (name -> Pan123File) and sub-folders (name -> id).  Kept in memory; the
+    persistent sqlite cache will implement the same methods.
+
+    A folder is listed once, when first needed, and then kept current from this
+    server's own uploads and deletes.  Our own writes always win over a listing:
+    listings lag behind writes (spec 4.2), and a listing that ran while we wrote
+    must neither drop a file we just uploaded nor revive one we just trashed."""
+
+    ROOT_ID = 0
+
+    def __init__(self):
+        self._folders = {}
+        self._lock = threading.Lock()
+
+    def _state(self, folder_id):
+        state = self._folders.get(folder_id)
+        if state is None:
+            state = self._folders[folder_id] = _FolderState()
+        return state
+
+    def is_loaded(self, folder_id):
+        with self._lock:
+            return self._state(folder_id).loaded
+
+    def child_folder(self, parent_id, name):
+        with self._lock:
+            return self._state(parent_id).folders.get(name)
+
+    def folders(self, folder_id):
+        with self._lock:
+            return dict(self._state(folder_id).folders)
+
+    def file(self, folder_id, name):
+        with self._lock:
+            return self._state(folder_id).files.get(name)
+
+    def files(self, folder_id):
+        with self._lock:
+            return list(self._state(folder_id).files.items())
+
+    def record_folder(self, parent_id, name, folder_id, created=False):
+        """A folder exists; created=True when we just made it, so it is empty."""
+        with self._lock:
+            self._state(parent_id).folders[name] = folder_id
+            if created:
+                self._state(folder_id).loaded = True
+
+    def record_file(self, folder_id, name, entry):
+        with self._lock:
+            state = self._state(folder_id)
+            state.files[name] = entry
+            state.deleted.discard(name)
+
+    def drop_file(self, folder_id, name, file_id):
+        """Forget a file, if `name` still is that file id (not a newer upload)."""
+        with self._lock:
+            state = self._state(folder_id)
+            current = state.files.get(name)
+            if current is not None and current.file_id != file_id:
+                return
+            state.files.pop(name, None)
+            if not state.loaded:
+                state.deleted.add(name)
+
+    def merge_listing(self, folder_id, files, folders):
+        """Add what a complete listing shows and we do not know yet."""
+        with self._lock:
+            state = self._state(folder_id)
+            for name, entry in files.items():
+                if name not in state.deleted:
+                    state.files.setdefault(name, entry)
+            for name, child_id in folders.items():
+                state.folders.setdefault(name, child_id)
+            state.deleted.clear()
+            state.loaded = True
+
+
+def split_pan123_path(path):
+    """'/restic-backup/x' -> ('restic-backup', 'x'); ValueError for names 123pan
+    refuses."""
+    parts = tuple(p for p in path.split("/") if p)
+    for part in parts:
+        if set(part) & set('"\\:*?|><') or not part.strip() or len(part) > 254:
+            raise ValueError("123pan cannot hold a folder named %r" % part)
+    return parts
+
+
+class _QueuedItem(object):
+    __slots__ = ("item", "waited_for", "done", "error")
+
+    def __init__(self, item, waited_for):
+        self.item, self.waited_for = item, waited_for
+        self.done, self.error = False, None
+
+
+class _BatchQueue(object):
+    """Runs `run_batch(items)` on up to `max_batch` items at a time, one call at a
+    time.  While a call is under way (waiting for its rate-limit slot included),
+    new items queue up and go together in the next call.
+
+    submit(item) waits for its item's outcome: the caller whose item finds no
+    call under way makes the call itself (group commit: no extra thread).
+    post(item) returns at once; a background thread drains posted items and
+    close() drains what is left.  run_batch returns {item: exception} for items
+    that failed; an exception it raises fails the whole batch."""
+
+    def __init__(self, name, run_batch, max_batch):
+        self.name = name
+        self._run_batch = run_batch
+        self._max_batch = max_batch
+        self._cond = threading.Condition()
+        self._queue = collections.deque()           # of _QueuedItem
+        self._busy = False              # a batch call is under way
+        self._closing = False
+        self._drainer = None
+
+    def submit(self, item):
+        queued = _QueuedItem(item, waited_for=True)
+        with self._cond:
+            self._queue.append(queued)
+            while not queued.done:
+                if self._busy:
+                    self._cond.wait()
+                else:
+                    self._run_one_batch()
+        if queued.error is not None:
+            raise queued.error
+
+    def post(self, item):
+        with self._cond:
+            self._queue.append(_QueuedItem(item, waited_for=False))
+            if self._drainer is None:
+                self._drainer = threading.Thread(target=self._drain, daemon=True,
+                                                 name="123pan-" + self.name)
+                self._drainer.start()
+            self._cond.notify_all()
+
+    def _run_one_batch(self):
+        """With self._cond held: take a batch, run it unlocked, record outcomes."""
+        batch = [self._queue.popleft()
+                 for _ in range(min(self._max_batch, len(self._queue)))]
+        self._busy = True
+        self._cond.release()
+        try:
+            try:
+                errors = self._run_batch([queued.item for queued in batch]) or {}
+            except Exception as e:
+                errors = dict((queued.item, e) for queued in batch)
+        finally:
+            self._cond.acquire()
+            self._busy = False
+        for queued in batch:
+            queued.done, queued.error = True, errors.get(queued.item)
+        unreported = [q.error for q in batch if q.error is not None and not q.waited_for]
+        if unreported:      # nobody waits for these: the log is all that is left
+            log.warning("123pan %s: %d of %d queued items failed (%s)",
+                        self.name, len(unreported), len(batch), unreported[-1])
+        self._cond.notify_all()
+
+    def _drain(self):
+        with self._cond:
+            while True:
+                if self._queue and not self._busy:
+                    self._run_one_batch()
+                elif self._closing and not self._queue:
+                    return
+                else:
+                    self._cond.wait()
+
+    def close(self, timeout=None):
+        """Finish the queued items (posted ones included)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            drainer = self._drainer
+        if drainer is not None:
+            drainer.join(timeout)
+
+
+def _run_batch_isolating(call, file_ids, refusal):
+    """call(file_ids) for trash or delete; {file id: error} for the ids that failed
+    (Pan123FileNotFound for ids that no longer exist).
+
+    One id the call refuses (already trashed by a retry whose first answer was
+    lost, removed by someone else) fails the whole batch, so on a refusal each id
+    is tried alone.  For an id refused alone with an unspecific code,
+    refusal(id, error) returns the error to report or None when the id turns out
+    done: the codes for these cases are undocumented, so the caller checks the
+    state rather than reading messages."""
+    if len(file_ids) > 1:
+        try:
+            call(file_ids)
+            return {}
+        except Pan123Unavailable:
+            raise
+        except Pan123Error:
+            pass
+    errors = {}
+    for file_id in file_ids:
+        try:
+            call([file_id])
+        except Pan123Unavailable:
+            raise
+        except Pan123FileNotFound as e:
+            errors[file_id] = e
+        except Pan123Error as e:
+            error = refusal(file_id, e)
+            if error is not None:
+                errors[file_id] = error
+    return errors
+
+
+# Objects above this size use the chunked slice flow.  restic's packs are 16 MiB
+# by default (up to 128 MiB with --pack-size), and one single-step request is the
+# cheapest way to store them: one call and no complete-polling, which costs about
+# a second per object.  Above 64 MiB a dropped connection would cost a whole
+# large pack, while the slice flow retries one 16 MiB slice; the slice flow is
+# also the only one past single-step's 1 GB limit.
+PAN123_DEFAULT_SINGLE_MAX = 64 * 1024 * 1024
+PAN123_SINGLE_STEP_LIMIT = 1024 * 1024 * 1024
+PAN123_DEFAULT_REPO_PATH = "/restic-backup"
+_DATA_FOLDER_RE = re.compile(r"\A[0-9a-f]{2}\Z")
+
+
+class Pan123Storage(Storage):
+    """Repositories in a 123pan folder, laid out as restic's local backend (and
+    the Rust restic-123pan) does:
+
+        <repo-path>/<repo...>/config, keys/, locks/, snapshots/, index/,
+        data/<first 2 hex of the id>/<id>
+
+    data/<xx> folders are created on the first upload into them, so that
+    creating a repository costs 5 mkdir calls, not 261.  HEAD, stat and list are
+    answered from a Pan123Index: each folder is listed once, then kept current
+    from our own writes.
+
+    Deletes: an object is moved to the 123pan trash before DELETE returns
+    (trashed files vanish from listings, so that is the commit point); the
+    permanent delete, only allowed from the trash and limited to 1 call/s on
+    free accounts, is queued and done in background batches of up to 100."""
+
+    name = "123pan"
+
+    def __init__(self, client, repo_path=PAN123_DEFAULT_REPO_PATH,
+                 single_upload_max=PAN123_DEFAULT_SINGLE_MAX, index=None):
+        self.client = client
+        self._base = split_pan123_path(repo_path)
+        self.single_upload_max = min(single_upload_max, PAN123_SINGLE_STEP_LIMIT)
+        self.index = index or Pan123Index()
+        self._folder_locks = {}
+        self._folder_locks_guard = threading.Lock()
+        self._trash = _BatchQueue("trash", self._trash_batch, PAN123_MAX_BATCH)
+        self._purge = _BatchQueue("delete", self._purge_batch, PAN123_MAX_BATCH)
+
+    def describe(self):
+        return "123pan folder /%s (client id %s, %s)" % (
+            "/".join(self._base), self.client.client_id, self.client.api_base)
+
+    # -- folders ---------------------------------------------------------------
+
+    def _folder_path(self, repo, kind, name=None):
+        path = self._base + tuple(repo)
+        if kind == "config":
+            return path
+        if kind == "data" and name is not None:
+            return path + ("data", name[:2])
+        return path + (kind,)
+
+    def _folder_lock(self, folder_id):
+        with self._folder_locks_guard:
+            lock = self._folder_locks.get(folder_id)
+            if lock is None:
+                lock = self._folder_locks[folder_id] = threading.RLock()
+            return lock
+
+    def _ensure_listed(self, folder_id, again=False):
+        """List a folder into the index unless that was done (one listing at a
+        time per folder: concurrent callers wait for it).  again=True lists it
+        anew, to find a folder that mkdir says exists."""
+        if not again and self.index.is_loaded(folder_id):
+            return
+        with self._folder_lock(folder_id):
+            if not again and self.index.is_loaded(folder_id):
+                return
+            newest = {}
+            for entry in self.client.list_folder(folder_id):
+                # A name twice (someone else used duplicate=1): the newest wins.
+                known = newest.get((entry.is_folder, entry.name))
+                if known is None or known.file_id < entry.file_id:
+                    newest[(entry.is_folder, entry.name)] = entry
+            files = dict((e.name, Pan123File(e.file_id, e.size, e.etag))
+                         for e in newest.values() if not e.is_folder)
+            folders = dict((e.name, e.file_id) for e in newest.values() if e.is_folder)
+            self.index.merge_listing(folder_id, files, folders)
+
+    def _resolve(self, path, create=False, mkdir_first=False):
+        """The folder id of a path from the 123pan root; None if it does not exist
+        (and create is False).  See _child_folder for mkdir_first."""
+        folder_id = Pan123Index.ROOT_ID
+        for name in path:
+            folder_id = self._child_folder(folder_id, name, create, mkdir_first)
+            if folder_id is None:
+                return None
+        return folder_id
+
+    def _child_folder(self, parent_id, name, create=False, mkdir_first=False):
+        """The id of folder `name` in parent_id, created if `create`.
+
+        A parent not listed yet is listed to find out, unless mkdir_first: then
+        mkdir is tried before any listing, which is right where the folder is
+        probably new (create_repository: restic init on a fresh tree then costs
+        mkdir calls only) and wasteful where it probably exists (uploads)."""
+        child = self.index.child_folder(parent_id, name)
+        if child is not None:
+            return child
+        # Under the parent's lock: one listing or mkdir per folder at a time.
+        with self._folder_lock(parent_id):
+            if not (create and mkdir_first):
+                self._ensure_listed(parent_id)
+            child = self.index.child_folder(parent_id, name)
+            if child is not None or not create:
+                return child
+            try:
+                child = self.client.mkdir(parent_id, name)
+            except Pan123FolderExists:
+                return self._find_existing_folder(parent_id, name)
+            self.index.record_folder(parent_id, name, child, created=True)
+            return child
+
+    def _find_existing_folder(self, parent_id, name):
+        # mkdir says it exists; a listing right after may not show it yet (index
+        # lag, spec 4.2), so look a few times before giving up.
+        backoff = Backoff(time.monotonic() + 15, self.client.retry_base, self.client.retry_cap)
+        while True:
+            self._ensure_listed(parent_id, again=True)
+            child = self.index.child_folder(parent_id, name)
+            if child is not None:
+                return child
+            if not backoff.pause():
+                raise UpstreamError("123pan: folder %r exists under folder %d according to "
+                                    "mkdir but is not listed" % (name, parent_id))
+
+    def _lookup(self, ref):
+        """(folder id, Pan123File) of an object; (None, None) if its folder is
+        missing, (folder id, None) if the object is."""
+        folder_id = self._resolve(self._folder_path(ref.repo, ref.kind, ref.name))
+        if folder_id is None:
+            return None, None
+        self._ensure_listed(folder_id)
+        return folder_id, self.index.file(folder_id, ref.name)
+
+    # -- the Storage interface -------------------------------------------------
+
+    def create_repository(self, repo):
+        repo_id = self._resolve(self._base + tuple(repo), create=True, mkdir_first=True)
+        for kind in OBJECT_TYPES:
+            self._child_folder(repo_id, kind, create=True, mkdir_first=True)
+
+    def stat(self, ref):
+        entry = self._lookup(ref)[1]
+        return None if entry is None else entry.size
+
+    def list(self, repo, kind):
+        folder_id = self._resolve(self._folder_path(repo, kind))
+        if folder_id is None:
+            return []
+        self._ensure_listed(folder_id)
+        if kind == "data":
+            # Packs live in data/<xx>; only the existing sub-folders are listed.
+            folder_ids = [child for name, child in sorted(self.index.folders(folder_id).items())
+                          if _DATA_FOLDER_RE.match(name)]
+        else:
+            folder_ids = [folder_id]
+        out = []
+        for fid in folder_ids:
+            self._ensure_listed(fid)
+            out.extend((name, entry.size) for name, entry in self.index.files(fid)
+                       if is_object_id(name))
+        return out
+
+    def read(self, ref, start, length):
+        folder_id, entry = self._lookup(ref)
+        if entry is None:
+            raise NotFound(str(ref))
+        if length == 0:
+            return iter(())
+        try:
+            chunks = self.client.read_range(entry.file_id, start, length)
+        except Pan123FileNotFound:
+            log.warning("123pan: %s (file %d) was removed behind our back", ref, entry.file_id)
+            self.index.drop_file(folder_id, ref.name, entry.file_id)
+            raise NotFound(str(ref))
+        if ref.content_addressed and start == 0 and length == entry.size:
+            return self._verified(ref, entry, chunks)
+        return chunks
+
+    @staticmethod
+    def _verified(ref, entry, chunks):
+        """Pass a whole content-addressed object through, checking its SHA-256.
+
+        123pan identifies content by MD5 and size alone and has been seen to serve
+        another file's bytes for an MD5 collision (spec 4.1).  On a full read we
+        can tell: the last chunk is held back until the hash matches the name, and
+        on a mismatch the error makes the REST layer cut the connection, so restic
+        sees a failed read rather than wrong bytes under a valid name.  Partial
+        reads (restic's blob reads) cannot be checked here; restic checks each
+        blob's own hash."""
+        digest = hashlib.sha256()
+        held = None
+        try:
+            for chunk in chunks:
+                if held is not None:
+                    yield held
+                digest.update(chunk)
+                held = chunk
+        finally:
+            chunks.close()
+        if digest.hexdigest() != ref.name:
+            log.error("123pan: %s (file %d, md5 %s) came back with SHA-256 %s: the cloud "
+                      "served different bytes (MD5 collision?); refusing to pass them on",
+                      ref, entry.file_id, entry.etag, digest.hexdigest())
+            raise UpstreamError("%s: downloaded bytes do not match the object's name" % (ref,))
+        if held is not None:
+            yield held
+
+    def put(self, ref, spool):
+        # A zero-byte object always goes single-step (single_upload_max >= 0): how
+        # the slice flow numbers zero slices is not documented.
+        folder_id = self._resolve(self._folder_path(ref.repo, ref.kind, ref.name), create=True)
+        if spool.size <= self.single_upload_max:
+            file_id = self.client.upload_single(folder_id, ref.name, spool)
+        else:
+            file_id = self.client.upload_chunked(folder_id, ref.name, spool)
+        self.index.record_file(folder_id, ref.name, Pan123File(file_id, spool.size, spool.md5))
+
+    def delete(self, ref):
+        folder_id, entry = self._lookup(ref)
+        if entry is None:
+            return False
+        try:
+            self._trash.submit(entry.file_id)
+        except Pan123FileNotFound:
+            log.info("123pan: %s (file %d) was already removed behind our back",
+                     ref, entry.file_id)
+            self.index.drop_file(folder_id, ref.name, entry.file_id)
+            return False        # gone all the same, and nothing to purge
+        self.index.drop_file(folder_id, ref.name, entry.file_id)
+        self._purge.post(entry.file_id)
+        return True
+
+    def _trash_batch(self, file_ids):
+        return _run_batch_isolating(self.client.trash, file_ids, self._trash_refusal)
+
+    def _trash_refusal(self, file_id, error):
+        """A lone trash call refused: trashed anyway (a retry of a call whose
+        answer was lost) -> None; vanished -> Pan123FileNotFound; else `error`."""
+        try:
+            if self.client.file_detail(file_id).get("trashed") == 1:
+                return None
+        except Pan123FileNotFound as gone:
+            return gone
+        return error
+
+    def _purge_batch(self, file_ids):
+        errors = _run_batch_isolating(self.client.delete_trashed, file_ids,
+                                      lambda file_id, error: error)
+        # Already gone (the user emptied the recycle bin) is what we wanted.
+        return dict((file_id, e) for file_id, e in errors.items()
+                    if not isinstance(e, Pan123FileNotFound))
+
+    def close(self):
+        self._trash.close()
+        self._purge.close(timeout=120)
+        self.client.close()
+
+
+# ---------------------------------------------------------------------------
+# 6. The repository service: what restic may do, independent of HTTP and storage
 # ---------------------------------------------------------------------------
 
 class RequestError(Exception):
@@ -819,7 +2379,7 @@ class RepositoryService(object):
 
 
 # ---------------------------------------------------------------------------
-# 6. Access control: users (htpasswd), rights, the access log file
+# 7. Access control: users (htpasswd), rights, the access log file
 # ---------------------------------------------------------------------------
 
 # Password hashes of htpasswd files: bcrypt, Apache MD5 (apr1) and MD5-crypt,
@@ -1257,7 +2817,7 @@ class AccessLogFile(object):
 
 
 # ---------------------------------------------------------------------------
-# 7. The REST request handler and the servers (TCP, TLS, unix socket, systemd)
+# 8. The REST request handler and the servers (TCP, TLS, unix socket, systemd)
 # ---------------------------------------------------------------------------
 
 MEDIA_V1 = "application/vnd.x.restic.rest.v1"
@@ -1823,12 +3383,37 @@ def is_local_address(address):
 
 
 # ---------------------------------------------------------------------------
-# 8. main()
+# 9. main()
 # ---------------------------------------------------------------------------
 
-def build_storage(args):
+def build_pan123_storage(args, environ=None):
+    """A Pan123Storage from parsed arguments (flags over environment); UsageError
+    for missing credentials or unusable values.  No network access here."""
+    environ = os.environ if environ is None else environ
+    client_id = args.client_id or environ.get("PAN123_CLIENT_ID", "")
+    client_secret = args.client_secret or environ.get("PAN123_CLIENT_SECRET", "")
+    if not client_id or not client_secret:
+        raise UsageError("the 123pan backend needs --client-id and --client-secret "
+                         "(or PAN123_CLIENT_ID and PAN123_CLIENT_SECRET)")
+    api_base = args.api_base or environ.get("PAN123_API_BASE") or PAN123_DEFAULT_API_BASE
+    if not api_base.startswith(("https://", "http://")):
+        raise UsageError("--api-base %r: expected an http(s) URL" % api_base)
+    repo_path = args.repo_path or environ.get("PAN123_REPO_PATH") or PAN123_DEFAULT_REPO_PATH
+    try:
+        split_pan123_path(repo_path)
+    except ValueError as e:
+        raise UsageError("--repo-path: %s" % e)
+    client = Pan123Client(client_id, client_secret, api_base=api_base,
+                          state_dir=args.state_dir,
+                          tier=args.pan123_tier)
+    return Pan123Storage(client, repo_path, single_upload_max=args.pan123_single_max)
+
+
+def build_storage(args, environ):
     if args.backend == "local":
         return LocalStorage(args.path)
+    if args.backend == "123pan":
+        return build_pan123_storage(args, environ)
     raise UsageError("unknown backend %r" % args.backend)
 
 
@@ -1865,7 +3450,7 @@ def main(argv=None, environ=None):
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     storage = server = None
     try:
-        storage = build_storage(args)
+        storage = build_storage(args, environ)
         service = RepositoryService(storage, verify_uploads=not args.no_verify_upload,
                                     max_size=args.max_size, track_usage=args.prometheus)
         tls = (args.tls_cert, args.tls_key, args.tls_min_ver) if args.tls else None

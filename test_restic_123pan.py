@@ -9,8 +9,16 @@ Environment switches (used by .ci/run):
   RESTIC_123PAN_UNIT_ONLY=1    skip the end-to-end tests (other interpreters in CI)
 """
 
+import argparse
+import base64
+import binascii
+import bisect
+import collections
+import contextlib
 import hashlib
+import hmac
 import http.client
+import http.server
 import io
 import json
 import logging
@@ -20,15 +28,29 @@ import re
 import shutil
 import signal
 import socket
+import socketserver
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
 import unittest
+import urllib.request
+import uuid
 import warnings
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import restic_123pan as rp
+from restic_123pan import (
+    METRICS, PAN123_DEFAULT_SINGLE_MAX, Backoff, HashingSpool, HttpClient, MultipartBody,
+    NotFound, ObjectRef, Pan123AuthError, Pan123Client, Pan123Error, Pan123File, Pan123Index,
+    Pan123QuotaExhausted, Pan123Storage, Pan123Unavailable, RateLimiter, RateLimitTimeout,
+    UpstreamError, UsageError, add_pan123_arguments, build_pan123_storage, default_state_dir,
+    pan123_credentials_given, parse_pan123_time)
 
 if os.environ.get("RESTIC_123PAN_TEST_DEBUG") != "1":
     # The server logs every refused request; the tests provoke hundreds on purpose.
@@ -1204,6 +1226,2896 @@ def read_server_url(proc):
 
 
 # ---------------------------------------------------------------------------
+# The 123pan Open Platform emulator: a strict fake of the open API host, the
+# upload host and the download CDN, written from ../shared/spec/123pan-open-api.md
+# ---------------------------------------------------------------------------
+
+_CN_TZ = timezone(timedelta(hours=8))
+_UID = 1800000001
+_MD5_RE = re.compile(r"[0-9a-f]{32}")
+_INT_RE = re.compile(r"-?[0-9]{1,19}")
+_PARAM_RE = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+_FORBIDDEN = set('"\\/:*?|><')
+
+MSG_NAME_RULE = '文件名要小于256个字符且不能包含以下任何字符："\\/:*?|><'
+MSG_NAME_SPACES = "文件名不能全部是空格"
+MSG_MKDIR_DUP = "该目录下已经有同名文件夹,无法进行创建"       # observed (RP, JR)
+MSG_NO_PARENT = "parentFileID不存在"                         # observed (JR)
+MSG_VERIFYING = "文件正在校验中,请间隔1秒后再试"               # observed (OL) code 20103
+MSG_TOKEN_LIMIT = "tokens number has exceeded the limit"     # DOC-faq
+MSG_BAD_TOKEN = "access_token无效或已过期"
+MSG_QPS = "操作频繁,请稍后再试"
+MSG_NOT_FOUND = "文件不存在"
+MSG_NAME_CLASH = "当前目录有重名文件"                          # observed (JR, rename)
+
+_FAULT_KINDS = ("429", "500", "502", "drop", "slow", "401")
+_GATEWAY_HTML = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+                 b"<center><h1>502 Bad Gateway</h1></center>\r\n</body>\r\n</html>\r\n")
+
+# Developer (client_id) table, DOC-dev: path -> (free QPS, VIP QPS).
+_QPS_DEV = {
+    "/api/v1/user/info": (10, 10),
+    "/api/v1/file/move": (3, 10),
+    "/api/v1/file/delete": (1, 10),
+    "/api/v1/file/list": (0.2, 10),
+    "/api/v2/file/list": (5, 10),
+    "/upload/v1/file/mkdir": (5, 20),
+    "/api/v1/access_token": (8, 10),
+}
+# Per-uid table, DOC-oauth: used for endpoints the developer table lacks.
+_QPS_UID = {
+    "/upload/v1/file/create": 5, "/upload/v1/file/get_upload_url": 20,
+    "/upload/v1/file/list_upload_parts": 20, "/upload/v1/file/upload_complete": 20,
+    "/upload/v1/file/upload_async_result": 5, "/api/v1/file/trash": 5,
+    "/api/v1/file/infos": 10, "/api/v1/file/download_info": 5,
+}
+
+# path -> (host role, method, handler, needs Authorization)
+_ROUTES = {
+    "/api/v1/access_token": ("api", "POST", "_h_access_token", False),
+    "/api/v1/user/info": ("api", "GET", "_h_user_info", True),
+    "/upload/v1/file/mkdir": ("api", "POST", "_h_mkdir", True),
+    "/api/v2/file/list": ("api", "GET", "_h_list", True),
+    "/api/v1/file/detail": ("api", "GET", "_h_detail", True),
+    "/api/v1/file/infos": ("api", "POST", "_h_infos", True),
+    "/api/v1/file/download_info": ("api", "GET", "_h_download_info", True),
+    "/api/v1/file/trash": ("api", "POST", "_h_trash", True),
+    "/api/v1/file/delete": ("api", "POST", "_h_delete", True),
+    "/api/v1/file/recover": ("api", "POST", "_h_recover", True),
+    "/api/v1/file/move": ("api", "POST", "_h_move", True),
+    "/api/v1/file/name": ("api", "PUT", "_h_rename", True),
+    "/upload/v2/file/domain": ("api", "GET", "_h_domain", True),
+    "/upload/v2/file/create": ("api", "POST", "_h_create", True),
+    "/upload/v2/file/upload_complete": ("api", "POST", "_h_complete", True),
+    "/upload/v2/file/slice": ("upload", "POST", "_h_slice", True),
+    "/upload/v2/file/single/create": ("upload", "POST", "_h_single", True),
+}
+
+
+class _ApiError(Exception):
+    """A failure answered with the JSON envelope (code != 0, data null)."""
+
+    def __init__(self, code, message):
+        Exception.__init__(self, "%s %s" % (code, message))
+        self.code = code
+        self.message = message
+
+
+class _HttpError(Exception):
+    """A failure answered without an envelope (gateway, CDN, transport)."""
+
+    def __init__(self, status, body=b"", ctype="text/plain; charset=utf-8", close=False,
+                 headers=()):
+        Exception.__init__(self, status)
+        self.status, self.body, self.ctype, self.close = status, body, ctype, close
+        self.headers = headers
+
+
+class _Ctx(object):
+    """One request as seen by the emulator."""
+
+    def __init__(self, h, role, ep, path, query):
+        self.h, self.role, self.ep, self.path, self.query = h, role, ep, path, query
+        self.method = h.command
+        self.headers = h.headers
+        self.body = b""
+        self.token = None
+
+
+def _fmt_time(t):
+    return datetime.fromtimestamp(t, _CN_TZ).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _rfc3339(t):
+    return datetime.fromtimestamp(t, _CN_TZ).strftime("%Y-%m-%dT%H:%M:%S+08:00")
+
+
+def _b64url(raw):
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _split_header(value):
+    """'type; a=1; b="x;y"' -> ('type', {'a': '1', 'b': 'x;y'})."""
+    main = value.split(";", 1)[0]
+    params = {}
+    for m in _PARAM_RE.finditer(value[len(main):]):
+        v = m.group(2).strip()
+        if v.startswith('"') and v.endswith('"') and len(v) >= 2:
+            v = re.sub(r"\\(.)", r"\1", v[1:-1])
+        params[m.group(1).lower()] = v
+    return main.strip().lower(), params
+
+
+def _check_name(name):
+    # Section 3: forbidden characters, all-space names, 256+ characters.
+    if name.strip() == "":
+        raise _ApiError(1, MSG_NAME_SPACES)
+    if len(name) >= 256 or any(c in _FORBIDDEN for c in name):
+        raise _ApiError(1, MSG_NAME_RULE)
+
+
+def _coerce_text(name, typ, text):
+    """Typed value of a query or multipart text field; strict formats only."""
+    if typ == "int":
+        if not _INT_RE.fullmatch(text):
+            raise _ApiError(1, "参数%s必须是整数" % name)
+        return int(text)
+    if typ == "bool":
+        if text not in ("true", "false"):
+            raise _ApiError(1, "参数%s必须是true或false" % name)
+        return text == "true"
+    return text
+
+
+def _json_type_ok(typ, v):
+    if typ == "int":     # int64, and JSON true/false are not numbers
+        return isinstance(v, int) and not isinstance(v, bool) and -2 ** 63 <= v < 2 ** 63
+    if typ == "str":
+        return isinstance(v, str)
+    if typ == "bool":
+        return isinstance(v, bool)
+    if typ == "ids":
+        return isinstance(v, list) and all(_json_type_ok("int", i) for i in v)
+    raise AssertionError(typ)
+
+
+def _no_dup_keys(pairs):
+    # Python's json keeps the last duplicate key silently; a strict server would not.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key")
+    return obj
+
+
+def _no_constants(name):
+    raise ValueError("%s is not JSON" % name)   # NaN / Infinity
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, emu, role):
+        self.emu, self.role = emu, role
+        ThreadingHTTPServer.__init__(self, ("127.0.0.1", 0), _Handler)
+
+    def server_bind(self):
+        # Skip HTTPServer.server_bind: its getfqdn() can stall on reverse DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"       # keep-alive, so Content-Length is always exact
+    server_version = "Pan123Emulator/1.0"
+    sys_version = ""
+    timeout = 60                        # idle keep-alive connections are closed, like a real front end
+
+    def setup(self):
+        BaseHTTPRequestHandler.setup(self)
+        self.server.emu._track(self.connection, True)
+
+    def finish(self):
+        try:
+            BaseHTTPRequestHandler.finish(self)
+        finally:
+            self.server.emu._track(self.connection, False)
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def _any(self):
+        self.server.emu._handle(self)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _any
+
+
+class Pan123Emulator(object):
+    """Fake 123pan open API. Attributes set after construction tune extra behaviour:
+
+    slow_seconds, max_live_tokens, token_limit_mode ("evict" | "refuse"),
+    pending_style ("mixed" | "false" | "20103"), list_lag / search_lag (seconds before new
+    entries show in list v2 / search), traffic_exhausted (download_info -> 5113),
+    preupload_lifetime, max_file_size, single_upload_limit, qps_overrides {path: qps}.
+
+    Extras beyond the agreed API: advance_clock(seconds) (expiry and QPS windows without
+    sleeping), add_folder(path), log (deque of {host, method, path, status, code, token}),
+    errors (tracebacks of emulator bugs; assert it stays empty), now().
+    """
+
+    def __init__(self, client_id="emu-client", client_secret="emu-secret", *, vip=False,
+                 enforce_qps=True, default_qps=20.0, slice_size=16 * 1024 * 1024,
+                 token_lifetime=30 * 86400, download_url_lifetime=7200.0,
+                 complete_pending_polls=2, trash_on_overwrite=True, infos_key="fileList",
+                 full_last_page_cursor=False, http_status_errors=False, redirect_downloads=True):
+        if infos_key not in ("fileList", "list"):
+            raise ValueError("infos_key must be 'fileList' or 'list'")
+        self.client_id, self.client_secret = client_id, client_secret
+        self.vip, self.enforce_qps, self.default_qps = vip, enforce_qps, default_qps
+        self.slice_size, self.token_lifetime = slice_size, token_lifetime
+        self.download_url_lifetime = download_url_lifetime
+        self.complete_pending_polls = complete_pending_polls
+        self.trash_on_overwrite, self.infos_key = trash_on_overwrite, infos_key
+        self.full_last_page_cursor = full_last_page_cursor
+        self.http_status_errors, self.redirect_downloads = http_status_errors, redirect_downloads
+        self.slow_seconds = 2.0
+        self.max_live_tokens = 3
+        self.token_limit_mode = "evict"
+        self.pending_style = "mixed"
+        self.list_lag = 0.0
+        self.search_lag = 0.0
+        self.traffic_exhausted = False
+        self.preupload_lifetime = 86400.0
+        self.max_file_size = 10 * 1024 ** 3
+        self.single_upload_limit = 1024 ** 3
+        self.qps_overrides = {}             # type: Dict[str, float]
+
+        self.lock = threading.RLock()
+        self.calls = collections.Counter()
+        self.rejected = collections.Counter()
+        self.log = collections.deque(maxlen=100000)   # one dict per answered request
+        self.errors = []                    # tracebacks of emulator bugs (should stay empty)
+        self.tokens_issued = 0
+        self.api_base = self.upload_base = self.download_base = ""
+
+        self._clock_offset = 0.0
+        self._secret = os.urandom(16)
+        self._tokens = collections.OrderedDict()   # token -> {"exp", "revoked"}
+        self._qps_hits = collections.defaultdict(collections.deque)
+        self._next_faults = []              # [kind, remaining, endpoint]
+        self._random_faults = []            # (kind, probability, endpoint, Random)
+        self._next_id = 14000001
+        self._nodes = {}                    # fileId -> public node dict
+        self._kids = collections.defaultdict(list)   # parentId -> sorted child ids
+        self._content_of = {}               # fileId -> (md5, size)
+        self._blobs = {}                    # (md5, size) -> bytes; never purged (global dedupe)
+        self._born = {}                     # fileId -> creation time (for listing lag)
+        self._trash_root = {}               # fileId -> id whose trash call took it along
+        self._sessions = {}                 # preuploadID -> upload session dict
+        self._dl = {}                       # (hop, token) -> download URL record
+        self._servers = []
+        self._conns = set()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self):
+        for role in ("api", "upload", "cdn"):
+            srv = _Server(self, role)
+            # short poll interval: stop() returns quickly, which keeps test suites fast
+            t = threading.Thread(target=srv.serve_forever, args=(0.05,), name="pan123-" + role)
+            t.daemon = True
+            t.start()
+            self._servers.append(srv)
+        base = ["http://127.0.0.1:%d" % s.server_address[1] for s in self._servers]
+        self.api_base, self.upload_base, self.download_base = base
+        return self
+
+    def stop(self):
+        stoppers = [threading.Thread(target=srv.shutdown) for srv in self._servers]
+        for t in stoppers:       # in parallel: each shutdown waits for one poll interval
+            t.start()
+        for t in stoppers:
+            t.join()
+        for srv in self._servers:
+            srv.server_close()
+        self._servers = []
+        with self.lock:
+            conns = list(self._conns)
+        for c in conns:          # kill idle keep-alive connections too
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _track(self, conn, add):
+        with self.lock:
+            if add:
+                self._conns.add(conn)
+            else:
+                self._conns.discard(conn)
+
+    # ------------------------------------------------------------------ clock, accounting, faults
+    def now(self):
+        return time.time() + self._clock_offset
+
+    def _mono(self):
+        return time.monotonic() + self._clock_offset
+
+    def advance_clock(self, seconds):
+        """Move the emulator's clock forward (token/URL expiry, QPS windows) without sleeping."""
+        with self.lock:
+            self._clock_offset += seconds
+
+    def reset_calls(self):
+        with self.lock:
+            self.calls.clear()
+            self.rejected.clear()
+            self.log.clear()
+
+    def fail_next(self, kind, count=1, endpoint=None):
+        if kind not in _FAULT_KINDS:
+            raise ValueError("unknown fault kind %r" % (kind,))
+        with self.lock:
+            self._next_faults.append([kind, count, endpoint])
+
+    def fail_randomly(self, kind, probability, endpoint=None, seed=0):
+        if kind not in _FAULT_KINDS:
+            raise ValueError("unknown fault kind %r" % (kind,))
+        with self.lock:
+            self._random_faults.append((kind, probability, endpoint, random.Random(seed)))
+
+    def clear_faults(self):
+        with self.lock:
+            del self._next_faults[:]
+            del self._random_faults[:]
+
+    def _take_fault(self, ep):
+        with self.lock:
+            for f in self._next_faults:
+                if f[2] is None or f[2] == ep:
+                    f[1] -= 1
+                    if f[1] <= 0:
+                        self._next_faults.remove(f)
+                    return f[0]
+            for kind, prob, endpoint, rng in self._random_faults:
+                if (endpoint is None or endpoint == ep) and rng.random() < prob:
+                    return kind
+        return None
+
+    def revoke_all_tokens(self):
+        with self.lock:
+            for rec in self._tokens.values():
+                rec["revoked"] = True
+
+    def expire_download_urls(self):
+        with self.lock:
+            for rec in self._dl.values():
+                rec["revoked"] = True
+
+    # ------------------------------------------------------------------ state access for tests
+    def resolve(self, path):
+        # type: (str) -> Optional[dict]
+        with self.lock:
+            fid = self._walk(path)
+            return None if fid is None else self._public(fid)
+
+    def children(self, path_or_id, include_trashed=False):
+        # type: (object, bool) -> List[dict]
+        with self.lock:
+            fid = path_or_id if isinstance(path_or_id, int) else self._walk(path_or_id)
+            if fid is None:
+                return []
+            return [dict(self._nodes[c]) for c in self._kids.get(fid, ())
+                    if include_trashed or not self._nodes[c]["trashed"]]
+
+    def file_bytes(self, file_id):
+        with self.lock:
+            return self._blobs[self._content_of[file_id]]
+
+    def add_folder(self, path):
+        """Create the folder chain (like mkdir -p) and return the innermost id."""
+        with self.lock:
+            parts = [p for p in path.split("/") if p]
+            try:
+                return self._ensure_dirs(0, parts)
+            except _ApiError as e:
+                raise ValueError(e.message)
+
+    def add_file(self, path, data):
+        """Store a file (parents created, an existing live file replaced) and return its id."""
+        parts = [p for p in path.split("/") if p]
+        if not parts:
+            raise ValueError("empty path")
+        data = bytes(data)
+        key = (hashlib.md5(data).hexdigest(), len(data))
+        spec = {"parent": 0, "dirs": parts[:-1], "name": parts[-1], "duplicate": 2, "key": key}
+        with self.lock:
+            try:
+                return self._commit(spec, data)
+            except _ApiError as e:
+                raise ValueError(e.message)
+
+    def remove_behind_back(self, path):
+        """Delete a live item (and its contents) outright, as another client would."""
+        with self.lock:
+            fid = self._walk(path)
+            if not fid:
+                return False
+            self._remove_subtree(fid)
+            return True
+
+    def total_live_files(self):
+        with self.lock:
+            return sum(1 for n in self._nodes.values() if n["type"] == 0 and not n["trashed"])
+
+    # ------------------------------------------------------------------ tree helpers (lock held)
+    def _public(self, fid):
+        if fid == 0:
+            return {"fileId": 0, "filename": "", "parentFileId": 0, "type": 1, "size": 0,
+                    "etag": "", "status": 0, "category": 0, "trashed": 0}
+        return dict(self._nodes[fid])
+
+    def _walk(self, path):
+        fid = 0
+        for part in [p for p in path.split("/") if p]:
+            child = self._live_child(fid, part)
+            if child is None:
+                return None
+            fid = child["fileId"]
+        return fid
+
+    def _live_child(self, pid, name):
+        # Names are case-sensitive (inferred, section 3) and unique among live entries.
+        for c in self._kids.get(pid, ()):
+            n = self._nodes[c]
+            if n["filename"] == name and not n["trashed"]:
+                return n
+        return None
+
+    def _live_folder(self, fid):
+        if fid == 0:
+            return True
+        n = self._nodes.get(fid)
+        return n is not None and n["type"] == 1 and not n["trashed"]
+
+    def _new_node(self, pid, name, typ, key=None):
+        fid = self._next_id
+        self._next_id += 1
+        ts = _fmt_time(self.now())
+        self._nodes[fid] = {
+            "fileId": fid, "filename": name, "parentFileId": pid, "type": typ,
+            "size": key[1] if key else 0, "etag": key[0] if key else "",
+            "status": 0, "category": 0, "punishFlag": 0, "s3KeyFlag": "x-0",
+            "storageNode": "m0", "trashed": 0, "createAt": ts, "updateAt": ts}
+        bisect.insort(self._kids[pid], fid)
+        self._born[fid] = self.now()
+        if key:
+            self._content_of[fid] = key
+        return fid
+
+    def _subtree(self, fid):
+        stack, out = [fid], []
+        while stack:
+            cur = stack.pop()
+            out.append(cur)
+            stack.extend(self._kids.get(cur, ()))
+        return out
+
+    def _trash(self, fid):
+        ts = _fmt_time(self.now())
+        for d in self._subtree(fid):
+            n = self._nodes[d]
+            if not n["trashed"]:     # items trashed earlier keep their own trash root
+                n["trashed"], n["updateAt"] = 1, ts
+                self._trash_root[d] = fid
+
+    def _remove_subtree(self, fid):
+        for d in self._subtree(fid):
+            n = self._nodes.pop(d)
+            sib = self._kids.get(n["parentFileId"])
+            if sib is not None and d in sib:
+                sib.remove(d)
+            self._kids.pop(d, None)
+            for m in (self._content_of, self._born, self._trash_root):
+                m.pop(d, None)
+
+    def _ensure_dirs(self, pid, dirs):
+        for name in dirs:
+            _check_name(name)
+            n = self._live_child(pid, name)
+            if n is None:
+                pid = self._new_node(pid, name, 1)
+            elif n["type"] != 1:
+                raise _ApiError(1, MSG_NAME_CLASH)
+            else:
+                pid = n["fileId"]
+        return pid
+
+    def _free_name(self, pid, name):
+        # duplicate=1 suffix format is Unknown (section 3); "name(1).ext" is the web app's style.
+        stem, dot, ext = name.rpartition(".")
+        if not dot or not stem:
+            stem, ext = name, ""
+        i = 1
+        while True:
+            cand = "%s(%d)%s" % (stem, i, "." + ext if ext else "")
+            if self._live_child(pid, cand) is None:
+                return cand
+            i += 1
+
+    def _check_target(self, spec):
+        """Validate parent, path and name clash before accepting an upload."""
+        if not self._live_folder(spec["parent"]):
+            raise _ApiError(1, MSG_NO_PARENT)
+        pid = spec["parent"]
+        for name in spec["dirs"]:
+            n = self._live_child(pid, name)
+            if n is None:
+                return             # the rest of the path will be created, so no clash
+            if n["type"] != 1:
+                raise _ApiError(1, MSG_NAME_CLASH)
+            pid = n["fileId"]
+        clash = self._live_child(pid, spec["name"])
+        if clash is not None and spec["duplicate"] != 1:
+            if clash["type"] == 1:
+                # inferred: duplicate=2 never replaces a folder with a file
+                raise _ApiError(1, "当前目录有重名文件夹")
+            if spec["duplicate"] is None:
+                # inferred (section 3): omitted duplicate + clash is an error, not a rename
+                raise _ApiError(1, MSG_NAME_CLASH)
+
+    def _commit(self, spec, data):
+        """Make an uploaded file visible, applying the duplicate policy. Returns its id."""
+        self._check_target(spec)
+        pid = self._ensure_dirs(spec["parent"], spec["dirs"])
+        name, old = spec["name"], self._live_child(pid, spec["name"])
+        if old is not None and spec["duplicate"] == 1:
+            name, old = self._free_name(pid, name), None
+        # Content is keyed by (md5, size): an earlier copy wins, reproducing the
+        # MD5-collision aliasing of section 4.1.
+        self._blobs.setdefault(spec["key"], data)
+        fid = self._new_node(pid, name, 0, spec["key"])
+        if old is not None:   # duplicate=2: the replacement gets a NEW id (observed, RP)
+            if self.trash_on_overwrite:
+                self._trash(old["fileId"])
+            else:
+                self._remove_subtree(old["fileId"])
+        return fid
+
+    # ------------------------------------------------------------------ request plumbing
+    def _handle(self, h):
+        role = h.server.role
+        sp = urlsplit(h.path)
+        path = sp.path
+        ep = "/" + path.split("/")[1] if role == "cdn" and path.startswith("/") else path
+        ctx = _Ctx(h, role, ep, path, sp.query)
+        with self.lock:
+            self.calls[ep] += 1
+        try:
+            ctx.body = self._read_body(ctx)
+            if role == "cdn":
+                self._cdn(ctx)
+                return
+            route = _ROUTES.get(path)
+            if route is None or route[0] != role:
+                # Kong's own answer: JSON, but not the envelope a client may expect
+                raise _HttpError(404, b'{"message":"no Route matched with those values"}',
+                                 "application/json; charset=utf-8")
+            if ctx.method != route[1]:
+                raise _HttpError(405, b"Method Not Allowed")
+            fault = self._take_fault(ep)
+            if fault is not None and self._api_fault(ctx, fault):
+                return
+            # Platform is required on both API and upload hosts, access_token included (1.2).
+            if ctx.headers.get("Platform") != "open_platform":
+                raise _ApiError(1, "Platform header must be open_platform")  # inferred code
+            if route[3]:
+                self._auth(ctx)
+            if self.enforce_qps and not self._qps_admit(ep):
+                raise _ApiError(429, MSG_QPS)
+            data = getattr(self, route[2])(ctx)
+            self._send_env(ctx, 0, "ok", data)
+        except _ApiError as e:
+            self._send_env(ctx, e.code, e.message, None)
+        except _HttpError as e:
+            self._send_raw(ctx, e.status, e.body, e.ctype, headers=e.headers, close=e.close)
+        except (ConnectionError, socket.timeout):
+            h.close_connection = True
+        except Exception:
+            self.errors.append(traceback.format_exc())
+            sys.stderr.write("pan123 emulator bug:\n" + self.errors[-1])
+            try:
+                self._send_raw(ctx, 500, b"emulator bug", close=True)
+            except OSError:
+                h.close_connection = True
+
+    def _read_body(self, ctx):
+        hd = ctx.headers
+        if hd.get("Transfer-Encoding"):
+            # The real front end may accept chunked bodies; we require Content-Length (brief).
+            raise _HttpError(411, b"Length Required", close=True)
+        cl = hd.get("Content-Length")
+        if cl is None:
+            if ctx.method in ("POST", "PUT"):
+                raise _HttpError(411, b"Length Required", close=True)
+            return b""
+        if not re.fullmatch(r"[0-9]{1,15}", cl.strip()):
+            raise _HttpError(400, b"Bad Content-Length", close=True)
+        n = int(cl)
+        data = ctx.h.rfile.read(n) if n else b""
+        if len(data) != n:
+            raise ConnectionError("client sent a short body")
+        return data
+
+    def _record(self, ctx, status, code):
+        with self.lock:
+            if code not in (0, None):
+                self.rejected[(ctx.ep, code)] += 1
+            self.log.append({"host": ctx.role, "method": ctx.method, "path": ctx.ep,
+                             "status": status, "code": code, "token": ctx.token})
+
+    def _send_raw(self, ctx, status, body, ctype="text/plain; charset=utf-8", headers=(),
+                  close=False, code=None, partial=None):
+        if code is None and status >= 400:
+            code = "http%d" % status
+        self._record(ctx, status, "drop" if partial is not None else code)
+        h = ctx.h
+        h.send_response(status)
+        h.send_header("Content-Type", ctype)
+        h.send_header("Content-Length", str(len(body)))
+        for k, v in headers:
+            h.send_header(k, v)
+        if close:
+            h.send_header("Connection", "close")
+            h.close_connection = True
+        h.end_headers()
+        if ctx.method != "HEAD":
+            h.wfile.write(body if partial is None else body[:partial])
+        if partial is not None:     # CDN "drop": promise everything, send part, hang up
+            h.wfile.flush()
+            h.close_connection = True
+
+    def _send_env(self, ctx, code, message, data):
+        status = code if (self.http_status_errors and code in (401, 429)) else 200
+        env = {"code": code, "message": message, "data": data,
+               "x-traceID": "%s_kong-db-emulator" % uuid.uuid4()}
+        body = json.dumps(env, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        self._send_raw(ctx, status, body, "application/json; charset=utf-8", code=code)
+
+    def _api_fault(self, ctx, kind):
+        """Apply a fault on the API/upload host; True if the request is finished."""
+        if kind == "slow":
+            time.sleep(self.slow_seconds)
+            return False
+        if kind == "drop":       # close without answering (body was already read)
+            self._record(ctx, None, "drop")
+            ctx.h.close_connection = True
+            return True
+        if kind == "500":
+            raise _HttpError(500, b"Internal Server Error")
+        if kind == "502":
+            raise _HttpError(502, _GATEWAY_HTML, "text/html")
+        raise _ApiError(int(kind), MSG_QPS if kind == "429" else MSG_BAD_TOKEN)
+
+    def _auth(self, ctx):
+        auth = ctx.headers.get("Authorization") or ""
+        # Exactly "Bearer <token>" with one space (1.2); anything else is a bad token.
+        tok = auth[7:] if auth.startswith("Bearer ") else ""
+        with self.lock:
+            rec = self._tokens.get(tok)
+            if rec is None or rec["revoked"] or rec["exp"] <= self.now():
+                raise _ApiError(401, MSG_BAD_TOKEN)
+        ctx.token = tok
+
+    def _qps_admit(self, ep):
+        """Sliding-window limiter; only admitted requests occupy the window."""
+        with self.lock:
+            if ep in self.qps_overrides:
+                q = self.qps_overrides[ep]
+            elif ep in _QPS_DEV:
+                q = _QPS_DEV[ep][1 if self.vip else 0]
+            else:
+                q = _QPS_UID.get(ep, self.default_qps)
+            if not q or q <= 0:
+                return True
+            window, n = (1.0, int(q)) if q >= 1 else (1.0 / q, 1)   # 0.2 QPS = 1 per 5 s
+            now, hits = self._mono(), self._qps_hits[ep]
+            while hits and hits[0] <= now - window:
+                hits.popleft()
+            if len(hits) >= n:
+                return False
+            hits.append(now)
+            return True
+
+    # ------------------------------------------------------------------ strict body parsing
+    def _json(self, ctx, schema):
+        """Parse a JSON body holding exactly the documented fields and JSON types."""
+        main, _ = _split_header(ctx.headers.get("Content-Type", ""))
+        if main != "application/json":
+            raise _ApiError(1, "Content-Type必须为application/json")
+        try:
+            obj = json.loads(ctx.body.decode("utf-8"), object_pairs_hook=_no_dup_keys,
+                             parse_constant=_no_constants)
+        except ValueError:          # includes UnicodeDecodeError and the hooks' errors
+            raise _ApiError(1, "请求体不是合法的JSON")
+        if not isinstance(obj, dict):
+            raise _ApiError(1, "请求体必须是JSON对象")
+        for k in obj:
+            if k not in schema:     # strict (1.3): misspelled ID capitalisation is caught here
+                raise _ApiError(1, "未知参数: %s" % k)
+        for name, (typ, required) in schema.items():
+            if name not in obj:
+                if required:
+                    raise _ApiError(1, "缺少参数: %s" % name)
+            elif not _json_type_ok(typ, obj[name]):
+                raise _ApiError(1, "参数类型错误: %s" % name)
+        return obj
+
+    def _query(self, ctx, schema):
+        try:
+            qs = parse_qs(ctx.query, keep_blank_values=True, strict_parsing=bool(ctx.query))
+        except ValueError:
+            raise _ApiError(1, "查询参数格式错误")
+        out = {}
+        for k, vals in qs.items():
+            if k not in schema:
+                raise _ApiError(1, "未知参数: %s" % k)
+            if len(vals) != 1:
+                raise _ApiError(1, "参数重复: %s" % k)
+            out[k] = _coerce_text(k, schema[k][0], vals[0])
+        for name, (_, required) in schema.items():
+            if required and name not in out:
+                raise _ApiError(1, "缺少参数: %s" % name)
+        return out
+
+    def _multipart(self, ctx, schema):
+        """Hand-written multipart/form-data parser (the cgi module is gone in 3.13)."""
+        main, params = _split_header(ctx.headers.get("Content-Type", ""))
+        if main != "multipart/form-data" or not params.get("boundary"):
+            raise _ApiError(1, "Content-Type必须为multipart/form-data")
+        delim = b"--" + params["boundary"].encode("latin-1")
+        body = ctx.body
+        end = body.rfind(b"\r\n" + delim + b"--")
+        if not body.startswith(delim + b"\r\n") or end < len(delim) \
+                or body[end + len(delim) + 4:] not in (b"", b"\r\n"):
+            raise _ApiError(1, "multipart请求体格式错误")
+        fields = {}
+        for raw in body[len(delim) + 2:end].split(b"\r\n" + delim + b"\r\n"):
+            head, sep, value = raw.partition(b"\r\n\r\n")
+            disp = None
+            for line in head.split(b"\r\n") if sep else ():
+                hname, colon, hval = line.decode("utf-8", "replace").partition(":")
+                if colon and hname.strip().lower() == "content-disposition":
+                    disp = hval.strip()
+            kind, p = _split_header(disp or "")
+            if kind != "form-data" or not p.get("name"):
+                raise _ApiError(1, "multipart分段缺少Content-Disposition")
+            if p["name"] in fields:
+                raise _ApiError(1, "参数重复: %s" % p["name"])
+            fields[p["name"]] = (value, "filename" in p)
+        out = {}
+        for k in fields:
+            if k not in schema:
+                raise _ApiError(1, "未知参数: %s" % k)
+        for name, (typ, required) in schema.items():
+            if name not in fields:
+                if required:
+                    raise _ApiError(1, "缺少参数: %s" % name)
+                continue
+            value, is_file = fields[name]
+            # inferred: like Go/Java form parsers, a file needs a filename attribute and a
+            # text field must not have one
+            if (typ == "file") != is_file:
+                raise _ApiError(1, "参数%s的分段类型错误" % name)
+            if typ == "file":
+                out[name] = value
+                continue
+            try:
+                text = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _ApiError(1, "参数%s不是UTF-8" % name)
+            out[name] = _coerce_text(name, typ, text)
+        return out
+
+    def _upload_spec(self, f, limit):
+        """Common validation of create / single-step fields -> upload spec."""
+        dup = f.get("duplicate")
+        if dup is not None and dup not in (1, 2):
+            raise _ApiError(1, "duplicate只能是1或2")
+        if not _MD5_RE.fullmatch(f["etag"]):
+            raise _ApiError(1, "etag必须是小写十六进制MD5")   # strict: upper case rejected
+        if f["size"] < 0:
+            raise _ApiError(1, "size参数错误")
+        if f["size"] > limit:
+            raise _ApiError(1, "文件大小超过限制")
+        if f["parentFileID"] < 0:
+            raise _ApiError(1, MSG_NO_PARENT)
+        name = f["filename"]
+        if f.get("containDir"):
+            # inferred: "/a/b/n" creates a and b under parentFileID at completion time
+            parts = name[1:].split("/") if name.startswith("/") else name.split("/")
+        else:
+            parts = [name]
+        for p in parts:
+            _check_name(p)
+        return {"parent": f["parentFileID"], "dirs": parts[:-1], "name": parts[-1],
+                "duplicate": dup, "key": (f["etag"], f["size"])}
+
+    def _ids(self, ctx, extra=None):
+        schema = {"fileIDs": ("ids", True)}
+        schema.update(extra or {})
+        b = self._json(ctx, schema)
+        if not 1 <= len(b["fileIDs"]) <= 100:
+            raise _ApiError(1, "fileIDs数量必须在1到100之间")
+        return b
+
+    # ------------------------------------------------------------------ endpoint handlers
+    def _h_access_token(self, ctx):
+        b = self._json(ctx, {"clientID": ("str", True), "clientSecret": ("str", True)})
+        with self.lock:
+            if b["clientID"] != self.client_id or b["clientSecret"] != self.client_secret:
+                raise _ApiError(401, "clientID或clientSecret错误")   # inferred code
+            now = self.now()
+            live = [t for t, r in self._tokens.items() if not r["revoked"] and r["exp"] > now]
+            if len(live) >= self.max_live_tokens:
+                if self.token_limit_mode == "refuse":
+                    raise _ApiError(401, MSG_TOKEN_LIMIT)
+                for t in live[:len(live) - self.max_live_tokens + 1]:
+                    self._tokens[t]["revoked"] = True      # oldest goes offline (DOC-dev)
+            exp = now + self.token_lifetime
+            head = _b64url(b'{"alg":"HS256","typ":"JWT"}')
+            payload = _b64url(json.dumps({"exp": int(exp), "iat": int(now), "id": _UID,
+                                          "jti": uuid.uuid4().hex}).encode("ascii"))
+            sig = _b64url(hmac.new(self._secret, (head + "." + payload).encode("ascii"),
+                                   hashlib.sha256).digest())
+            tok = "%s.%s.%s" % (head, payload, sig)
+            self._tokens[tok] = {"exp": exp, "revoked": False}
+            self.tokens_issued += 1
+        return {"accessToken": tok, "expiredAt": _rfc3339(exp)}
+
+    def _h_user_info(self, ctx):
+        self._query(ctx, {})
+        with self.lock:
+            used = sum(n["size"] for n in self._nodes.values())
+        t0 = _fmt_time(self.now() - 86400)
+        t1 = _fmt_time(self.now() + 365 * 86400)
+        return {"uid": _UID, "nickname": "emulator", "headImage": "", "passport": "13800000000",
+                "mail": "", "spaceUsed": used, "spacePermanent": 2 * 1024 ** 4, "spaceTemp": 0,
+                "spaceTempExpr": 0, "vip": self.vip, "directTraffic": 0, "isHideUID": False,
+                "httpsCount": 0,
+                "vipInfo": [{"vipLevel": 1, "vipLabel": "VIP", "startTime": t0, "endTime": t1}]
+                if self.vip else None,
+                "developerInfo": {"startTime": t0, "endTime": t1}}
+
+    def _h_mkdir(self, ctx):
+        b = self._json(ctx, {"name": ("str", True), "parentID": ("int", True)})
+        _check_name(b["name"])
+        with self.lock:
+            if not self._live_folder(b["parentID"]):
+                raise _ApiError(1, "parentID不存在")          # inferred message
+            clash = self._live_child(b["parentID"], b["name"])
+            if clash is not None:
+                # inferred: a file blocks a folder of the same name (different message)
+                raise _ApiError(1, MSG_MKDIR_DUP if clash["type"] == 1
+                                else "该目录下已经有同名文件,无法进行创建")
+            return {"dirID": self._new_node(b["parentID"], b["name"], 1)}
+
+    def _h_list(self, ctx):
+        q = self._query(ctx, {"parentFileId": ("int", True), "limit": ("int", True),
+                              "lastFileId": ("int", False), "searchData": ("str", False),
+                              "searchMode": ("int", False), "trashed": ("bool", False)})
+        limit, last = q["limit"], q.get("lastFileId", 0)
+        if not 1 <= limit <= 100:
+            raise _ApiError(1, "limit参数错误,最大100")
+        if last < 0:     # strict: a client must stop at -1, never send it back
+            raise _ApiError(1, "lastFileId参数错误")
+        mode, search = q.get("searchMode", 0), q.get("searchData", "")
+        if mode not in (0, 1):
+            raise _ApiError(1, "searchMode参数错误")
+        with self.lock:
+            if search:     # global search: parentFileId is ignored (4.2)
+                s = search.lower()
+                ids = sorted(f for f, n in self._nodes.items()
+                             if (n["filename"] == search if mode == 1
+                                 else s in n["filename"].lower()))
+                lag = self.search_lag
+            else:          # missing parent lists as empty (inferred)
+                ids, lag = self._kids.get(q["parentFileId"], []), self.list_lag
+            now = self.now()
+            visible = [f for f in ids[bisect.bisect_right(ids, last):]
+                       if not lag or self._born[f] + lag <= now]
+            page = [dict(self._nodes[f]) for f in visible[:limit]]   # trashed entries count
+        full = len(page) == limit
+        more = len(visible) > limit
+        cursor = page[-1]["fileId"] if full and (more or self.full_last_page_cursor) else -1
+        return {"lastFileId": cursor, "fileList": page}
+
+    def _h_detail(self, ctx):
+        fid = self._query(ctx, {"fileID": ("int", True)})["fileID"]
+        with self.lock:
+            n = self._nodes.get(fid)
+            if n is None:
+                raise _ApiError(5066, MSG_NOT_FOUND)          # inferred code
+            return {"fileID": fid, "filename": n["filename"], "type": n["type"],
+                    "size": n["size"], "etag": n["etag"], "status": n["status"],
+                    "parentFileID": n["parentFileId"], "createAt": n["createAt"],
+                    "trashed": n["trashed"]}
+
+    def _h_infos(self, ctx):
+        ids = self._json(ctx, {"fileIds": ("ids", True)})["fileIds"]
+        if not 1 <= len(ids) <= 100:     # inferred maximum (X123 batches 100)
+            raise _ApiError(1, "fileIds数量必须在1到100之间")
+        with self.lock:     # unknown ids are left out (inferred)
+            return {self.infos_key: [dict(self._nodes[f]) for f in ids if f in self._nodes]}
+
+    def _h_download_info(self, ctx):
+        fid = self._query(ctx, {"fileId": ("int", True)})["fileId"]
+        with self.lock:
+            n = self._nodes.get(fid)
+            # inferred: folders and trashed files are "not found" too
+            if n is None or n["trashed"] or n["type"] != 0:
+                raise _ApiError(5066, MSG_NOT_FOUND)
+            if self.traffic_exhausted:
+                raise _ApiError(5113, "今日自用下载流量已超出1GB限制")
+            exp = self.now() + self.download_url_lifetime
+            return {"downloadUrl": self._mint_url("dl", self._content_of[fid], exp)}
+
+    def _h_trash(self, ctx):
+        ids = self._ids(ctx)["fileIDs"]
+        with self.lock:
+            for f in ids:      # validate the whole batch first: all or nothing (inferred)
+                n = self._nodes.get(f)
+                if n is None:
+                    raise _ApiError(5066, MSG_NOT_FOUND)
+                if n["trashed"]:     # strict: already trashed is an error (inferred)
+                    raise _ApiError(1, "文件已在回收站")
+            for f in ids:
+                if not self._nodes[f]["trashed"]:   # may be taken along by a folder in the batch
+                    self._trash(f)
+        return None
+
+    def _h_delete(self, ctx):
+        ids = self._ids(ctx)["fileIDs"]
+        with self.lock:
+            for f in ids:
+                n = self._nodes.get(f)
+                if n is None:
+                    raise _ApiError(5066, MSG_NOT_FOUND)
+                if not n["trashed"]:   # DOC-files: only trashed items; code inferred
+                    raise _ApiError(1, "只能彻底删除回收站中的文件")
+            for f in ids:
+                if f in self._nodes:
+                    self._remove_subtree(f)
+        return None
+
+    def _h_recover(self, ctx):
+        ids = self._ids(ctx)["fileIDs"]
+        abnormal = []
+        with self.lock:
+            for f in ids:
+                n = self._nodes.get(f)
+                if n is None or not n["trashed"]:
+                    raise _ApiError(1, "文件不在回收站")        # inferred
+            for f in ids:
+                n = self._nodes[f]
+                if not self._live_folder(n["parentFileId"]) or \
+                        self._live_child(n["parentFileId"], n["filename"]) is not None:
+                    abnormal.append(f)      # parent gone (DOC) or name taken (inferred)
+                    continue
+                ts, root = _fmt_time(self.now()), self._trash_root.get(f)
+                for d in self._subtree(f):   # bring back what this item's trash call took
+                    if self._trash_root.get(d) == root:
+                        self._nodes[d]["trashed"], self._nodes[d]["updateAt"] = 0, ts
+                        self._trash_root.pop(d, None)
+        return {"abnormalFileIDs": abnormal}
+
+    def _h_move(self, ctx):
+        b = self._ids(ctx, {"toParentFileID": ("int", True)})
+        dest, ids = b["toParentFileID"], b["fileIDs"]
+        with self.lock:
+            if not self._live_folder(dest):
+                raise _ApiError(1, "目标文件夹不存在")
+            names = set()
+            for f in ids:
+                n = self._nodes.get(f)
+                if n is None or n["trashed"]:
+                    raise _ApiError(5066, MSG_NOT_FOUND)
+                if n["parentFileId"] == dest:
+                    raise _ApiError(1, "文件已在当前文件夹")       # observed (JR)
+                if dest in self._subtree(f):
+                    raise _ApiError(1, "不能移动到自身或子目录")
+                if self._live_child(dest, n["filename"]) or n["filename"] in names:
+                    raise _ApiError(1, MSG_NAME_CLASH)
+                names.add(n["filename"])
+            ts = _fmt_time(self.now())
+            for f in ids:
+                n = self._nodes[f]
+                self._kids[n["parentFileId"]].remove(f)
+                bisect.insort(self._kids[dest], f)
+                n["parentFileId"], n["updateAt"] = dest, ts
+        return None
+
+    def _h_rename(self, ctx):
+        b = self._json(ctx, {"fileId": ("int", True), "fileName": ("str", True)})
+        _check_name(b["fileName"])
+        with self.lock:
+            n = self._nodes.get(b["fileId"])
+            if n is None or n["trashed"]:
+                raise _ApiError(5066, MSG_NOT_FOUND)
+            other = self._live_child(n["parentFileId"], b["fileName"])
+            if other is not None and other is not n:
+                raise _ApiError(1, MSG_NAME_CLASH)
+            n["filename"], n["updateAt"] = b["fileName"], _fmt_time(self.now())
+        return None
+
+    def _h_domain(self, ctx):
+        self._query(ctx, {})
+        return [self.upload_base]
+
+    def _h_create(self, ctx):
+        b = self._json(ctx, {"parentFileID": ("int", True), "filename": ("str", True),
+                             "etag": ("str", True), "size": ("int", True),
+                             "duplicate": ("int", False), "containDir": ("bool", False)})
+        spec = self._upload_spec(b, self.max_file_size)
+        with self.lock:
+            self._check_target(spec)
+            if spec["key"] in self._blobs:      # instant upload ("秒传")
+                return {"fileID": self._commit(spec, None), "reuse": True}
+            pre = _b64url(os.urandom(48))
+            size = spec["key"][1]
+            self._sessions[pre] = {
+                "spec": spec, "slices": {}, "polls": 0, "state": "open", "fileID": 0,
+                "error": "", "expires": self.now() + self.preupload_lifetime,
+                "sliceSize": self.slice_size,
+                "n": max(1, -(-size // self.slice_size))}
+        return {"fileID": 0, "reuse": False, "preuploadID": pre,
+                "sliceSize": self.slice_size, "servers": [self.upload_base]}
+
+    def _session(self, pre):
+        s = self._sessions.get(pre)
+        if s is None or s["expires"] <= self.now():
+            raise _ApiError(1, "preuploadID不存在或已过期")     # inferred
+        return s
+
+    def _h_slice(self, ctx):
+        f = self._multipart(ctx, {"preuploadID": ("str", True), "sliceNo": ("int", True),
+                                  "sliceMD5": ("str", True), "slice": ("file", True)})
+        data = f["slice"]
+        md5 = hashlib.md5(data).hexdigest()
+        with self.lock:
+            s = self._session(f["preuploadID"])
+            if s["state"] != "open":
+                raise _ApiError(1, "该上传已结束")
+            no, n, ss = f["sliceNo"], s["n"], s["sliceSize"]
+            if not 1 <= no <= n:       # 1-based (2.16)
+                raise _ApiError(1, "sliceNo超出范围")
+            if f["sliceMD5"] != md5:   # strict: exact lowercase hex match
+                raise _ApiError(1, "分片MD5校验失败")
+            want = ss if no < n else s["spec"]["key"][1] - (n - 1) * ss
+            if len(data) != want:
+                raise _ApiError(1, "分片大小错误,应为%d字节" % want)
+            s["slices"][no] = data     # re-sending a slice is allowed: last write wins
+        return None
+
+    def _h_complete(self, ctx):
+        pre = self._json(ctx, {"preuploadID": ("str", True)})["preuploadID"]
+        with self.lock:
+            s = self._session(pre)
+            if s["state"] == "done":   # inferred: idempotent once completed
+                return {"completed": True, "fileID": s["fileID"]}
+            if s["state"] == "failed":
+                raise _ApiError(1, s["error"])
+            missing = [i for i in range(1, s["n"] + 1) if i not in s["slices"]]
+            if missing:   # checked at once; the session stays open for the missing slices
+                raise _ApiError(1, "分片不完整,缺少分片%s" % missing[:10])
+            if s["polls"] < self.complete_pending_polls:
+                s["polls"] += 1
+                style = self.pending_style
+                if style == "20103" or (style == "mixed" and s["polls"] % 2 == 0):
+                    raise _ApiError(20103, MSG_VERIFYING)
+                return {"completed": False, "fileID": 0}
+            spec = s["spec"]
+            data = b"".join(s["slices"][i] for i in range(1, s["n"] + 1))
+            try:
+                if (hashlib.md5(data).hexdigest(), len(data)) != spec["key"]:
+                    raise _ApiError(1, "文件MD5校验失败")       # inferred code
+                fid = self._commit(spec, data)
+            except _ApiError as e:
+                s["state"], s["error"], s["slices"] = "failed", e.message, {}
+                raise
+            s["state"], s["fileID"], s["slices"] = "done", fid, {}
+            return {"completed": True, "fileID": fid}
+
+    def _h_single(self, ctx):
+        f = self._multipart(ctx, {"parentFileID": ("int", True), "filename": ("str", True),
+                                  "etag": ("str", True), "size": ("int", True),
+                                  "file": ("file", True), "duplicate": ("int", False),
+                                  "containDir": ("bool", False)})
+        spec = self._upload_spec(f, self.single_upload_limit)
+        data = f["file"]
+        md5 = hashlib.md5(data).hexdigest()
+        with self.lock:
+            self._check_target(spec)
+            if spec["key"] not in self._blobs:
+                # Not an instant upload: verify the body (inferred, 2.18).  An instant
+                # upload ignores the body entirely (4.1).
+                if len(data) != spec["key"][1]:
+                    raise _ApiError(1, "文件大小与size不一致")
+                if md5 != spec["key"][0]:
+                    raise _ApiError(1, "文件MD5校验失败")
+            return {"fileID": self._commit(spec, data), "completed": True}
+
+    # ------------------------------------------------------------------ download CDN
+    def _mint_url(self, hop, key, exp):
+        tok = _b64url(os.urandom(24))
+        query = "e=%d&s=%s" % (int(exp), hmac.new(self._secret, tok.encode("ascii"),
+                                                   hashlib.md5).hexdigest())
+        self._dl[(hop, tok)] = {"key": key, "exp": exp, "query": query, "revoked": False}
+        return "%s/%s/%s?%s" % (self.download_base, hop, tok, query)
+
+    def _cdn(self, ctx):
+        if ctx.method not in ("GET", "HEAD"):
+            raise _HttpError(405, b"Method Not Allowed")
+        parts = ctx.path.split("/")
+        if len(parts) != 3 or parts[1] not in ("dl", "obj"):
+            raise _HttpError(404, b"Not Found")
+        fault = self._take_fault(ctx.ep)
+        if fault == "slow":
+            time.sleep(self.slow_seconds)
+        elif fault in ("500", "502", "429", "401"):
+            st = {"500": 500, "502": 502, "429": 429, "401": 403}[fault]
+            raise _HttpError(st, _GATEWAY_HTML if st == 502 else b"error",
+                             "text/html" if st == 502 else "text/plain")
+        # A client leaking API credentials to the CDN is a bug worth catching (1.2).
+        if ctx.headers.get("Authorization") is not None or ctx.headers.get("Platform") is not None:
+            raise _HttpError(400, b"Authorization/Platform headers are not accepted here")
+        with self.lock:
+            rec = self._dl.get((parts[1], parts[2]))
+            if rec is None or rec["query"] != ctx.query:
+                raise _HttpError(403, b"signature mismatch")
+            if rec["revoked"] or rec["exp"] <= self.now():
+                raise _HttpError(403, b"url expired")     # inferred status (6.2)
+            if parts[1] == "dl" and self.redirect_downloads:
+                loc = self._mint_url("obj", rec["key"], rec["exp"])
+                redirect = True
+            else:
+                data, redirect = self._blobs[rec["key"]], False
+        if redirect:
+            if fault == "drop":
+                self._record(ctx, None, "drop")
+                ctx.h.close_connection = True
+                return
+            self._send_raw(ctx, 302, b"", headers=[("Location", loc)])
+            return
+        self._serve_bytes(ctx, data, fault == "drop")
+
+    def _serve_bytes(self, ctx, data, drop):
+        size = len(data)
+        rng = ctx.headers.get("Range")
+        status, start, end = 200, 0, size - 1
+        headers = [("Accept-Ranges", "bytes")]
+        if rng is not None:
+            # Single range only (bytes=a-b, a-, -n); anything else is 416 (inferred, strict).
+            m = re.fullmatch(r"bytes=([0-9]*)-([0-9]*)", rng.strip())
+            if not m or (m.group(1) == "" and m.group(2) == ""):
+                bad = True
+            elif m.group(1) == "":
+                n = int(m.group(2))
+                start, bad = max(0, size - n), n == 0 or size == 0
+            else:
+                start = int(m.group(1))
+                end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+                bad = start >= size or (m.group(2) != "" and int(m.group(2)) < start)
+            if bad:
+                raise _HttpError(416, b"", headers=[("Content-Range", "bytes */%d" % size)])
+            status = 206
+            headers.append(("Content-Range", "bytes %d-%d/%d" % (start, end, size)))
+        body = data[start:end + 1]
+        self._send_raw(ctx, status, body, "application/octet-stream", headers=headers,
+                       partial=len(body) // 2 if drop else None)
+
+
+# ---------------------------------------------------------------------------
+# Tests of the 123pan emulator itself: a fake that is not strict proves nothing
+# ---------------------------------------------------------------------------
+
+ENV_KEYS = {"code", "message", "data", "x-traceID"}
+LIST_KEYS = {"fileId", "filename", "parentFileId", "type", "size", "etag", "status", "category",
+             "punishFlag", "s3KeyFlag", "storageNode", "trashed", "createAt", "updateAt"}
+
+# The classic 128-byte MD5 collision pair (spec 4.1): same MD5, byte 19 differs (0x87 / 0x07).
+COLL_A = binascii.unhexlify(
+    "d131dd02c5e6eec4693d9a0698aff95c2fcab58712467eab4004583eb8fb7f89"
+    "55ad340609f4b30283e488832571415a085125e8f7cdc99fd91dbdf280373c5b"
+    "d8823e3156348f5bae6dacd436c919c6dd53e2b487da03fd02396306d248cda0"
+    "e99f33420f577ee8ce54b67080a80d1ec69821bcb6a8839396f9652b6ff72a70")
+COLL_B = binascii.unhexlify(
+    "d131dd02c5e6eec4693d9a0698aff95c2fcab50712467eab4004583eb8fb7f89"
+    "55ad340609f4b30283e4888325f1415a085125e8f7cdc99fd91dbd7280373c5b"
+    "d8823e3156348f5bae6dacd436c919c6dd53e23487da03fd02396306d248cda0"
+    "e99f33420f577ee8ce54b67080280d1ec69821bcb6a8839396f965ab6ff72a70")
+
+
+def md5(b):
+    return hashlib.md5(b).hexdigest()
+
+
+class Resp(object):
+    def __init__(self, r, body):
+        self.status, self.headers, self.body = r.status, r.headers, body
+
+    def json(self):
+        return json.loads(self.body.decode("utf-8"))
+
+
+def request(base, method, path, body=None, headers=None, conn=None):
+    u = urlsplit(base)
+    c = conn or http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    try:
+        c.request(method, path, body=body, headers=headers or {})
+        r = c.getresponse()
+        return Resp(r, r.read())
+    finally:
+        if conn is None:
+            c.close()
+
+
+def multipart(fields, files, file_names=None):
+    """fields: {name: str}; files: {name: bytes}. Returns (body, content-type)."""
+    b = uuid.uuid4().hex
+    out = []
+    for k, v in fields.items():
+        out.append(("--%s\r\nContent-Disposition: form-data; name=\"%s\"\r\n\r\n" % (b, k))
+                   .encode("utf-8") + str(v).encode("utf-8") + b"\r\n")
+    for k, v in files.items():
+        fn = (file_names or {}).get(k, "blob.bin")
+        disp = 'form-data; name="%s"' % k + ('; filename="%s"' % fn if fn else "")
+        out.append(("--%s\r\nContent-Disposition: %s\r\nContent-Type: application/octet-stream"
+                    "\r\n\r\n" % (b, disp)).encode("utf-8") + v + b"\r\n")
+    out.append(("--%s--\r\n" % b).encode("ascii"))
+    return b"".join(out), "multipart/form-data; boundary=" + b
+
+
+class Pan123EmulatorCase(unittest.TestCase):
+    kwargs = {"enforce_qps": False, "slice_size": 1024}
+
+    def setUp(self):
+        self.emu = Pan123Emulator(**self.kwargs).start()
+        self.addCleanup(self.emu.stop)
+        self.token = self.new_token()
+
+    def tearDown(self):
+        self.assertEqual(self.emu.errors, [])
+
+    # -- helpers ----------------------------------------------------------------
+    def hdrs(self, token=True, extra=None):
+        h = {"Platform": "open_platform"}
+        if token:
+            h["Authorization"] = "Bearer " + (self.token if token is True else token)
+        h.update(extra or {})
+        return h
+
+    def new_token(self, cid="emu-client", secret="emu-secret"):
+        env = self.call("POST", "/api/v1/access_token",
+                        {"clientID": cid, "clientSecret": secret}, token=False)
+        self.assertEqual(env["code"], 0, env)
+        return env["data"]["accessToken"]
+
+    def call(self, method, path, body=None, token=True, query=None, base=None, headers=None,
+             status=200):
+        """JSON call on the API host; checks the envelope and returns it."""
+        h = self.hdrs(token, headers)
+        raw = None
+        if body is not None:
+            raw = json.dumps(body).encode("utf-8")
+            h.setdefault("Content-Type", "application/json")
+        if query is not None:
+            path += "?" + urlencode(query)
+        r = request(base or self.emu.api_base, method, path, raw, h)
+        self.assertEqual(r.status, status, r.body)
+        self.assertTrue(r.headers["Content-Type"].startswith("application/json"))
+        env = r.json()
+        self.assertEqual(set(env), ENV_KEYS)
+        self.assertIsInstance(env["x-traceID"], str)
+        if env["code"] != 0:
+            self.assertIsNone(env["data"])
+        return env
+
+    def ok(self, *a, **kw):
+        env = self.call(*a, **kw)
+        self.assertEqual(env["code"], 0, env)
+        return env["data"]
+
+    def upload_post(self, path, fields, files, token=True, base=None, file_names=None):
+        body, ctype = multipart(fields, files, file_names)
+        r = request(base or self.emu.upload_base, "POST", path, body,
+                    self.hdrs(token, {"Content-Type": ctype}))
+        return r if r.status != 200 else r.json()
+
+    def single(self, parent, name, data, etag=None, size=None, duplicate=2, **extra):
+        fields = {"parentFileID": parent, "filename": name, "etag": etag or md5(data),
+                  "size": len(data) if size is None else size}
+        if duplicate is not None:
+            fields["duplicate"] = duplicate
+        fields.update(extra)
+        return self.upload_post("/upload/v2/file/single/create", fields, {"file": data})
+
+    def slice(self, pre, no, data, slice_md5=None):
+        return self.upload_post("/upload/v2/file/slice",
+                                {"preuploadID": pre, "sliceNo": no,
+                                 "sliceMD5": slice_md5 or md5(data)}, {"slice": data})
+
+    def create(self, parent, name, data, **extra):
+        body = {"parentFileID": parent, "filename": name, "etag": md5(data), "size": len(data)}
+        body.update(extra)
+        return self.call("POST", "/upload/v2/file/create", body)
+
+    def complete(self, pre):
+        return self.call("POST", "/upload/v2/file/upload_complete", {"preuploadID": pre})
+
+    def mkdir(self, name, parent=0):
+        return self.ok("POST", "/upload/v1/file/mkdir", {"name": name, "parentID": parent})["dirID"]
+
+    def list_all(self, parent, limit=100):
+        out, last, pages = [], None, 0
+        while True:
+            q = {"parentFileId": parent, "limit": limit}
+            if last is not None:
+                q["lastFileId"] = last
+            d = self.ok("GET", LIST, query=q)
+            pages += 1
+            out.extend(d["fileList"])
+            if d["lastFileId"] == -1:
+                return out, pages
+            last = d["lastFileId"]
+
+
+class Pan123EmulatorProtocolTest(Pan123EmulatorCase):
+    def test_envelope_and_user_info(self):
+        d = self.ok("GET", "/api/v1/user/info")
+        self.assertEqual(d["uid"], 1800000001)
+        self.assertIs(d["vip"], False)
+        self.assertIsNone(d["vipInfo"])
+        self.assertEqual(self.ok("GET", "/upload/v2/file/domain"), [self.emu.upload_base])
+        env = self.call("GET", "/api/v1/file/detail", query={"fileID": 424242})
+        self.assertEqual(env["code"], 5066)
+
+    def test_headers_required(self):
+        env = self.call("GET", "/api/v1/user/info", headers={"Platform": "web"})
+        self.assertNotEqual(env["code"], 0)
+        r = request(self.emu.api_base, "GET", "/api/v1/user/info",
+                    headers={"Authorization": "Bearer " + self.token})
+        self.assertNotEqual(r.json()["code"], 0)
+        # access_token needs Platform too
+        r = request(self.emu.api_base, "POST", "/api/v1/access_token",
+                    json.dumps({"clientID": "emu-client", "clientSecret": "emu-secret"}).encode(),
+                    {"Content-Type": "application/json"})
+        self.assertNotEqual(r.json()["code"], 0)
+        self.assertEqual(self.call("GET", "/api/v1/user/info", token=False)["code"], 401)
+        self.assertEqual(self.call("GET", "/api/v1/user/info", token="nonsense")["code"], 401)
+        env = self.call("GET", "/api/v1/user/info", token=False,
+                        headers={"Authorization": "bearer " + self.token})
+        self.assertEqual(env["code"], 401)
+        # header names are case-insensitive
+        r = request(self.emu.api_base, "GET", "/api/v1/user/info",
+                    headers={"platform": "open_platform", "authorization": "Bearer " + self.token})
+        self.assertEqual(r.json()["code"], 0)
+        # upload host checks the token as well
+        r = self.upload_post("/upload/v2/file/single/create", {}, {}, token="bogus")
+        self.assertEqual(r["code"], 401)
+
+    def test_wrong_host_and_unknown_path_404(self):
+        body, ctype = multipart({"preuploadID": "x", "sliceNo": 1, "sliceMD5": md5(b"")},
+                                {"slice": b""})
+        h = self.hdrs(extra={"Content-Type": ctype})
+        self.assertEqual(request(self.emu.api_base, "POST", "/upload/v2/file/slice",
+                                 body, h).status, 404)
+        self.assertEqual(request(self.emu.api_base, "POST", "/upload/v2/file/single/create",
+                                 body, h).status, 404)
+        self.assertEqual(request(self.emu.upload_base, "GET", LIST + "?parentFileId=0&limit=1",
+                                 headers=self.hdrs()).status, 404)
+        self.assertEqual(request(self.emu.upload_base, "POST", "/upload/v2/file/create", b"{}",
+                                 self.hdrs(extra={"Content-Type": "application/json"})).status,
+                         404)
+        r = request(self.emu.api_base, "GET", "/api/v9/nope", headers=self.hdrs())
+        self.assertEqual(r.status, 404)
+        self.assertNotIn("code", r.json())                  # not an envelope
+        self.assertEqual(request(self.emu.download_base, "GET", LIST).status, 404)
+        self.assertEqual(request(self.emu.api_base, "GET", "/dl/abc").status, 404)
+        self.assertEqual(self.emu.rejected[("/upload/v2/file/slice", "http404")], 1)
+
+    def test_strict_json_fields_and_types(self):
+        bad = [
+            {"name": "a", "parentID": "0"},                 # number as string
+            {"name": "a", "parentId": 0},                   # wrong capitalisation
+            {"name": "a", "parentID": 0, "extra": 1},       # unknown field
+            {"name": "a"},                                  # missing field
+            {"name": "a", "parentID": True},                # bool is not a number
+        ]
+        for body in bad:
+            env = self.call("POST", "/upload/v1/file/mkdir", body)
+            self.assertEqual(env["code"], 1, body)
+        env = self.call("POST", "/upload/v1/file/mkdir", {"name": "a", "parentID": 0},
+                        headers={"Content-Type": "text/plain"})
+        self.assertEqual(env["code"], 1)
+        for raw in (b"{not json", b'{"name":"a","parentID":0,"parentID":0}',
+                    b'{"name":"a","parentID":NaN}', b'{"name":"a","parentID":1.0}'):
+            r = request(self.emu.api_base, "POST", "/upload/v1/file/mkdir", raw,
+                        self.hdrs(extra={"Content-Type": "application/json"}))
+            self.assertEqual(r.json()["code"], 1, raw)
+        self.assertEqual(self.emu.children(0), [])
+        # create uses parentFileID, list uses parentFileId, detail uses fileID
+        env = self.call("POST", "/upload/v2/file/create",
+                        {"parentFileId": 0, "filename": "f", "etag": md5(b"x"), "size": 1})
+        self.assertEqual(env["code"], 1)
+        self.assertEqual(self.call("GET", LIST, query={"parentFileID": 0, "limit": 10})["code"], 1)
+        self.assertEqual(self.call("GET", "/api/v1/file/detail",
+                                   query={"fileId": 1})["code"], 1)
+        self.assertEqual(self.call("GET", LIST, query={"parentFileId": "x", "limit": 1})["code"], 1)
+        self.assertEqual(self.call("POST", "/api/v1/file/trash", {"fileIDs": ["1"]})["code"], 1)
+        self.assertEqual(self.call("POST", "/api/v1/file/trash", {"fileIds": [1]})["code"], 1)
+
+    def test_chunked_body_refused_and_keepalive(self):
+        u = urlsplit(self.emu.api_base)
+        c = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        self.addCleanup(c.close)
+        for _ in range(3):      # several requests on one connection
+            r = request(self.emu.api_base, "GET", "/api/v1/user/info", headers=self.hdrs(),
+                        conn=c)
+            self.assertEqual(r.json()["code"], 0)
+            self.assertEqual(int(r.headers["Content-Length"]), len(r.body))
+        c2 = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        self.addCleanup(c2.close)
+        c2.request("POST", "/upload/v1/file/mkdir", body=iter([b'{"name":"a","parentID":0}']),
+                   headers=self.hdrs(extra={"Content-Type": "application/json"}))
+        self.assertEqual(c2.getresponse().status, 411)
+
+    def test_accounting(self):
+        self.emu.reset_calls()
+        for _ in range(3):
+            self.ok("GET", LIST, query={"parentFileId": 0, "limit": 10})
+        self.call("GET", LIST, query={"parentFileId": 0, "limit": 1000})
+        self.assertEqual(self.emu.calls[LIST], 4)
+        self.assertEqual(self.emu.rejected[(LIST, 1)], 1)
+        self.assertEqual({e["token"] for e in self.emu.log}, {self.token})
+        self.assertEqual({e["host"] for e in self.emu.log}, {"api"})
+
+
+class Pan123EmulatorTokensTest(Pan123EmulatorCase):
+    def test_token_shape_and_three_token_limit(self):
+        env = self.call("POST", "/api/v1/access_token",
+                        {"clientID": "emu-client", "clientSecret": "emu-secret"}, token=False)
+        d = env["data"]
+        self.assertRegex(d["expiredAt"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+08:00$")
+        head, payload, _sig = d["accessToken"].split(".")
+        pad = lambda s: s + "=" * (-len(s) % 4)
+        self.assertEqual(json.loads(base64.urlsafe_b64decode(pad(head))),
+                         {"alg": "HS256", "typ": "JWT"})
+        claims = json.loads(base64.urlsafe_b64decode(pad(payload)))
+        self.assertIn("id", claims)
+        self.assertAlmostEqual(claims["exp"], time.time() + 30 * 86400, delta=60)
+        t2, t3 = d["accessToken"], self.new_token()
+        self.ok("GET", "/api/v1/user/info")        # 3 live tokens: the first still works
+        t4 = self.new_token()                       # a 4th pushes the oldest offline
+        self.assertEqual(self.call("GET", "/api/v1/user/info")["code"], 401)
+        for t in (t2, t3, t4):
+            self.ok("GET", "/api/v1/user/info", token=t)
+        self.assertEqual(self.emu.tokens_issued, 4)
+
+    def test_refuse_mode_and_bad_credentials(self):
+        self.emu.token_limit_mode = "refuse"
+        self.new_token()
+        self.new_token()
+        env = self.call("POST", "/api/v1/access_token",
+                        {"clientID": "emu-client", "clientSecret": "emu-secret"}, token=False)
+        self.assertEqual((env["code"], env["message"]),
+                         (401, "tokens number has exceeded the limit"))
+        env = self.call("POST", "/api/v1/access_token",
+                        {"clientID": "emu-client", "clientSecret": "wrong"}, token=False)
+        self.assertEqual(env["code"], 401)
+
+    def test_expiry_and_revocation(self):
+        self.emu.advance_clock(30 * 86400 + 1)
+        self.assertEqual(self.call("GET", "/api/v1/user/info")["code"], 401)
+        r = self.upload_post("/upload/v2/file/slice", {"preuploadID": "x", "sliceNo": 1,
+                                                       "sliceMD5": md5(b"")}, {"slice": b""})
+        self.assertEqual(r["code"], 401)
+        self.token = self.new_token()
+        self.ok("GET", "/api/v1/user/info")
+        self.emu.revoke_all_tokens()
+        self.assertEqual(self.call("GET", "/api/v1/user/info")["code"], 401)
+        self.token = self.new_token()
+        self.ok("GET", "/api/v1/user/info")
+
+
+class Pan123EmulatorQpsTest(Pan123EmulatorCase):
+    kwargs = {"slice_size": 1024}
+
+    def test_list_hammered_gets_429(self):
+        codes = [self.call("GET", LIST, query={"parentFileId": 0, "limit": 10})["code"]
+                 for _ in range(12)]
+        self.assertIn(429, codes)
+        self.assertLessEqual(codes.count(0), 10)
+        self.assertEqual(codes[:5], [0] * 5)
+        self.assertEqual(self.emu.rejected[(LIST, 429)], codes.count(429))
+        self.emu.advance_clock(1.01)
+        self.assertEqual(self.call("GET", LIST, query={"parentFileId": 0, "limit": 10})["code"], 0)
+
+    def test_delete_is_one_qps_and_uid_table_for_trash(self):
+        ids = [self.emu.add_file("/f%d" % i, b"x%d" % i) for i in range(12)]
+        trash = [self.call("POST", "/api/v1/file/trash", {"fileIDs": [i]})["code"] for i in ids]
+        self.assertEqual(trash[:5], [0] * 5)        # trash: 5 QPS from the uid table
+        self.assertIn(429, trash)
+        codes = [self.call("POST", "/api/v1/file/delete", {"fileIDs": [ids[0]]})["code"]
+                 for _ in range(2)]
+        self.assertEqual(codes, [0, 429])
+
+    def test_vip_column(self):
+        self.emu.vip = True
+        codes = [self.call("GET", LIST, query={"parentFileId": 0, "limit": 10})["code"]
+                 for _ in range(10)]
+        self.assertEqual(codes, [0] * 10)
+
+
+class Pan123EmulatorTreeTest(Pan123EmulatorCase):
+    def test_mkdir_and_names(self):
+        a = self.mkdir("a")
+        env = self.call("POST", "/upload/v1/file/mkdir", {"name": "a", "parentID": 0})
+        self.assertEqual((env["code"], env["message"]), (1, "该目录下已经有同名文件夹,无法进行创建"))
+        self.assertNotEqual(self.mkdir("A"), a)             # case-sensitive
+        for name in ["x/y", "a:b", 'q"', "back\\slash", "   ", "", "n" * 256]:
+            env = self.call("POST", "/upload/v1/file/mkdir", {"name": name, "parentID": 0})
+            self.assertEqual(env["code"], 1, name)
+        self.mkdir("n" * 255)
+        self.assertEqual(self.call("POST", "/upload/v1/file/mkdir",
+                                   {"name": "b", "parentID": 999})["code"], 1)
+        self.assertEqual(self.emu.resolve("/a")["fileId"], a)
+
+    def test_list_paging_with_trashed_entries(self):
+        d = self.mkdir("data")
+        ids = [self.emu.add_file("/data/f%d" % i, b"c%d" % i) for i in range(7)]
+        self.ok("POST", "/api/v1/file/trash", {"fileIDs": [ids[1], ids[4]]})
+        entries, pages = self.list_all(d, limit=3)
+        self.assertEqual(pages, 3)
+        self.assertEqual([e["fileId"] for e in entries], ids)       # ascending, no gaps
+        self.assertEqual([e["trashed"] for e in entries], [0, 1, 0, 0, 1, 0, 0])
+        for e in entries:
+            self.assertEqual(set(e), LIST_KEYS)
+        first = self.ok("GET", LIST, query={"parentFileId": d, "limit": 3})
+        self.assertEqual(first, self.ok("GET", LIST, query={"parentFileId": d, "limit": 3,
+                                                            "lastFileId": 0}))
+        self.assertEqual(first["lastFileId"], ids[2])
+        self.assertEqual(len(first["fileList"]), 3)    # trashed entries count toward limit
+        # exactly full last page: -1 on it by default
+        self.ok("POST", "/api/v1/file/delete", {"fileIDs": [ids[4]]})
+        last = self.ok("GET", LIST, query={"parentFileId": d, "limit": 3, "lastFileId": ids[2]})
+        self.assertEqual((len(last["fileList"]), last["lastFileId"]), (3, -1))
+        for q in ({"limit": 101}, {"limit": 0}, {"limit": 3, "lastFileId": -1}):
+            q["parentFileId"] = d
+            self.assertEqual(self.call("GET", LIST, query=q)["code"], 1)
+        self.assertEqual(self.ok("GET", LIST, query={"parentFileId": d, "limit": 3,
+                                                     "trashed": "false"}), first)
+        # changes while paging: new files appear at the end, no duplicates
+        page1 = self.ok("GET", LIST, query={"parentFileId": d, "limit": 2})
+        new = self.emu.add_file("/data/late", b"late")
+        rest, _ = [], None
+        last = page1["lastFileId"]
+        while last != -1:
+            p = self.ok("GET", LIST, query={"parentFileId": d, "limit": 2, "lastFileId": last})
+            rest += p["fileList"]
+            last = p["lastFileId"]
+        seen = [e["fileId"] for e in page1["fileList"] + rest]
+        self.assertEqual(len(seen), len(set(seen)))
+        self.assertEqual(seen[-1], new)
+
+    def test_search_is_global(self):
+        self.mkdir("p")
+        fid = self.emu.add_file("/p/q/needle-file", b"n")
+        d = self.ok("GET", LIST, query={"parentFileId": 0, "limit": 100, "searchData": "needle"})
+        self.assertEqual([e["fileId"] for e in d["fileList"]], [fid])
+        d = self.ok("GET", LIST, query={"parentFileId": 0, "limit": 100,
+                                        "searchData": "needle", "searchMode": 1})
+        self.assertEqual(d["fileList"], [])
+
+    def test_detail_infos_and_helpers(self):
+        fid = self.emu.add_file("/r/x.bin", b"hello")
+        d = self.ok("GET", "/api/v1/file/detail", query={"fileID": fid})
+        self.assertEqual((d["fileID"], d["size"], d["etag"], d["trashed"], d["type"]),
+                         (fid, 5, md5(b"hello"), 0, 0))
+        self.assertEqual(d["parentFileID"], self.emu.resolve("/r")["fileId"])
+        got = self.ok("POST", "/api/v1/file/infos", {"fileIds": [fid, 999]})
+        self.assertEqual([e["fileId"] for e in got["fileList"]], [fid])
+        self.assertEqual(self.call("POST", "/api/v1/file/infos", {"fileIds": []})["code"], 1)
+        self.assertEqual(self.emu.total_live_files(), 1)
+        self.assertEqual([c["filename"] for c in self.emu.children("/r")], ["x.bin"])
+        self.assertEqual(self.emu.file_bytes(fid), b"hello")
+        self.assertTrue(self.emu.remove_behind_back("/r/x.bin"))
+        self.assertIsNone(self.emu.resolve("/r/x.bin"))
+        self.assertEqual(self.call("GET", "/api/v1/file/detail", query={"fileID": fid})["code"],
+                         5066)
+
+    def test_trash_delete_recover(self):
+        d = self.mkdir("dir")
+        f = self.emu.add_file("/dir/a", b"a")
+        env = self.call("POST", "/api/v1/file/delete", {"fileIDs": [f]})
+        self.assertNotEqual(env["code"], 0)                 # not in the trash yet
+        self.assertIsNotNone(self.emu.resolve("/dir/a"))
+        self.ok("POST", "/api/v1/file/trash", {"fileIDs": [d]})       # folder takes contents
+        self.assertEqual([c["trashed"] for c in self.emu.children(d, include_trashed=True)], [1])
+        self.assertIsNone(self.emu.resolve("/dir"))
+        self.assertNotEqual(self.call("POST", "/api/v1/file/trash", {"fileIDs": [d]})["code"], 0)
+        rec = self.ok("POST", "/api/v1/file/recover", {"fileIDs": [d]})
+        self.assertEqual(rec, {"abnormalFileIDs": []})
+        self.assertEqual(self.emu.resolve("/dir/a")["fileId"], f)
+        self.ok("POST", "/api/v1/file/trash", {"fileIDs": [d]})
+        self.ok("POST", "/api/v1/file/delete", {"fileIDs": [d]})
+        self.assertEqual(self.emu.children(0, include_trashed=True), [])
+        self.assertNotEqual(self.call("POST", "/api/v1/file/delete", {"fileIDs": [d]})["code"], 0)
+        self.assertEqual(self.call("POST", "/api/v1/file/trash",
+                                   {"fileIDs": list(range(1, 102))})["code"], 1)
+
+    def test_move_and_rename(self):
+        a, b = self.mkdir("a"), self.mkdir("b")
+        f = self.emu.add_file("/a/f", b"f")
+        self.assertEqual(self.call("POST", "/api/v1/file/move",
+                                   {"fileIDs": [f], "toParentFileID": a})["code"], 1)
+        self.ok("POST", "/api/v1/file/move", {"fileIDs": [f], "toParentFileID": b})
+        self.ok("PUT", "/api/v1/file/name", {"fileId": f, "fileName": "g"})
+        self.assertEqual(self.emu.resolve("/b/g")["fileId"], f)
+
+
+class Pan123EmulatorUploadsTest(Pan123EmulatorCase):
+    kwargs = {"enforce_qps": False, "slice_size": 1024, "complete_pending_polls": 2}
+
+    def test_v2_create_slice_complete(self):
+        d = self.mkdir("up")
+        data = os.urandom(2500)
+        c = self.create(d, "big.bin", data, duplicate=2)["data"]
+        self.assertEqual((c["reuse"], c["fileID"], c["sliceSize"], c["servers"]),
+                         (False, 0, 1024, [self.emu.upload_base]))
+        pre = c["preuploadID"]
+        parts = [data[0:1024], data[1024:2048], data[2048:]]
+        # error cases first
+        self.assertEqual(self.slice(pre, 1, parts[0], md5(b"other"))["code"], 1)
+        self.assertEqual(self.slice(pre, 1, parts[0][:1000])["code"], 1)     # short slice
+        self.assertEqual(self.slice(pre, 3, parts[2] + b"x")["code"], 1)     # long last slice
+        self.assertEqual(self.slice(pre, 0, parts[0])["code"], 1)            # 1-based
+        self.assertEqual(self.slice(pre, 4, parts[2])["code"], 1)
+        self.assertEqual(self.slice("nope", 1, parts[0])["code"], 1)
+        for no in (3, 1):
+            self.assertEqual(self.slice(pre, no, parts[no - 1])["code"], 0)
+        self.assertEqual(self.complete(pre)["code"], 1)                      # slice 2 missing
+        self.assertEqual(self.slice(pre, 2, parts[1])["code"], 0)
+        self.assertEqual(self.slice(pre, 1, parts[0])["code"], 0)            # re-send allowed
+        self.assertIsNone(self.emu.resolve("/up/big.bin"))                   # invisible so far
+        self.assertEqual(self.complete(pre)["data"], {"completed": False, "fileID": 0})
+        env = self.complete(pre)
+        self.assertEqual((env["code"], env["message"]), (20103, "文件正在校验中,请间隔1秒后再试"))
+        done = self.complete(pre)["data"]
+        self.assertTrue(done["completed"])
+        self.assertEqual(self.complete(pre)["data"], done)                   # idempotent
+        self.assertEqual(self.emu.file_bytes(done["fileID"]), data)
+        self.assertEqual(self.emu.resolve("/up/big.bin")["fileId"], done["fileID"])
+        self.assertEqual(self.slice(pre, 1, parts[0])["code"], 1)            # session closed
+        self.assertNotEqual(self.complete("unknown-id")["code"], 0)
+
+    def test_v2_md5_mismatch_rejected(self):
+        good, bad = os.urandom(1500), os.urandom(1500)
+        pre = self.create(0, "f", good, duplicate=2)["data"]["preuploadID"]
+        self.slice(pre, 1, bad[:1024])
+        self.slice(pre, 2, bad[1024:])
+        codes = [self.complete(pre)["code"] for _ in range(4)]
+        self.assertEqual(codes[:2], [0, 20103])
+        self.assertNotIn(0, codes[2:])
+        self.assertNotIn(20103, codes[2:])
+        self.assertIsNone(self.emu.resolve("/f"))
+
+    def test_v2_create_errors(self):
+        self.assertIn("parentFileID不存在", self.create(777, "f", b"x")["message"])
+        body = {"parentFileID": 0, "filename": "f", "etag": md5(b"x"), "size": 10 * 1024 ** 3 + 1}
+        self.assertEqual(self.call("POST", "/upload/v2/file/create", body)["code"], 1)
+        self.assertEqual(self.create(0, "f", b"x", etag=md5(b"x").upper())["code"], 1)
+        self.assertEqual(self.create(0, "a|b", b"x")["code"], 1)
+        self.assertEqual(self.create(0, "f", b"x", duplicate=3)["code"], 1)
+
+    def test_concurrent_slices(self):
+        data = os.urandom(1024 * 9 + 7)
+        pre = self.create(0, "c", data, duplicate=2)["data"]["preuploadID"]
+        results = []
+
+        def send(no):
+            results.append(self.slice(pre, no, data[(no - 1) * 1024:no * 1024])["code"])
+        threads = [threading.Thread(target=send, args=(n,)) for n in range(10, 0, -1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(results, [0] * 10)
+        while True:
+            env = self.complete(pre)
+            if env["code"] == 0 and env["data"]["completed"]:
+                break
+        self.assertEqual(self.emu.file_bytes(env["data"]["fileID"]), data)
+
+    def test_single_step(self):
+        d = self.mkdir("s")
+        r = self.single(d, "one", b"payload")
+        self.assertEqual(r["code"], 0)
+        self.assertTrue(r["data"]["completed"])
+        self.assertEqual(self.emu.file_bytes(r["data"]["fileID"]), b"payload")
+        self.assertEqual(self.single(d, "two", b"payload2", etag=md5(b"other"))["code"], 1)
+        self.assertEqual(self.single(d, "two", b"payload2", size=9)["code"], 1)
+        self.assertEqual(self.single(d, "two", b"x", size=1024 ** 3 + 1)["code"], 1)
+        self.assertEqual(self.single(d, "two", b"x", containDir="yes")["code"], 1)
+        self.assertIn("parentFileID不存在", self.single(4242, "two", b"x")["message"])
+        fields = {"parentFileID": d, "filename": "two", "etag": md5(b"x"), "size": 1}
+        r = self.upload_post("/upload/v2/file/single/create", fields, {})
+        self.assertEqual(r["code"], 1)                                     # no file part
+        r = self.upload_post("/upload/v2/file/single/create", fields, {"file": b"x"},
+                             file_names={"file": None})
+        self.assertEqual(r["code"], 1)                                     # no filename attr
+        bad = dict(fields, parentFileId=d)
+        del bad["parentFileID"]
+        self.assertEqual(self.upload_post("/upload/v2/file/single/create", bad,
+                                          {"file": b"x"})["code"], 1)
+        body, _ = multipart(fields, {"file": b"x"})
+        r = request(self.emu.upload_base, "POST", "/upload/v2/file/single/create", body,
+                    self.hdrs(extra={"Content-Type": "application/json"}))
+        self.assertEqual(r.json()["code"], 1)
+        self.assertEqual(self.emu.children(d), self.emu.children("/s"))
+        self.assertEqual(len(self.emu.children(d)), 1)
+        r = self.single(d, "/x/y/z.bin", b"deep", containDir="true")
+        self.assertEqual(r["code"], 0)
+        self.assertEqual(self.emu.resolve("/s/x/y/z.bin")["fileId"], r["data"]["fileID"])
+
+    def test_instant_upload_aliases_md5_collisions(self):
+        self.assertEqual(md5(COLL_A), md5(COLL_B))
+        self.assertNotEqual(COLL_A, COLL_B)
+        a = self.single(0, "a", COLL_A)["data"]["fileID"]
+        b = self.single(0, "b", COLL_B)["data"]["fileID"]      # instant: body ignored
+        self.assertNotEqual(a, b)
+        self.assertEqual(self.emu.file_bytes(b), COLL_A)
+        self.assertEqual(self.emu.file_bytes(b)[19], 0x87)
+        c = self.create(0, "c", COLL_B)["data"]
+        self.assertEqual(c["reuse"], True)
+        self.assertNotEqual(c["fileID"], 0)
+        self.assertNotIn("preuploadID", c)
+        self.assertEqual(self.emu.file_bytes(c["fileID"]), COLL_A)
+        # instant upload ignores even a body that does not match
+        r = self.single(0, "d", b"\0" * 128, etag=md5(COLL_A))
+        self.assertEqual(self.emu.file_bytes(r["data"]["fileID"]), COLL_A)
+
+    def test_duplicate_policies(self):
+        first = self.single(0, "f", b"one")["data"]["fileID"]
+        second = self.single(0, "f", b"two")["data"]["fileID"]
+        self.assertNotEqual(first, second)                      # overwrite: NEW id
+        kids = self.emu.children(0, include_trashed=True)
+        self.assertEqual([(k["fileId"], k["trashed"]) for k in kids], [(first, 1), (second, 0)])
+        listed = self.ok("GET", LIST, query={"parentFileId": 0, "limit": 10})["fileList"]
+        self.assertEqual([e["trashed"] for e in listed], [1, 0])
+        env = self.single(0, "f", b"three", duplicate=None)
+        self.assertEqual(env["code"], 1)
+        self.assertNotEqual(self.create(0, "f", b"four")["code"], 0)
+        keep = self.single(0, "f", b"five", duplicate=1)["data"]["fileID"]
+        self.assertEqual(self.ok("GET", "/api/v1/file/detail",
+                                 query={"fileID": keep})["filename"], "f(1)")
+        self.emu.trash_on_overwrite = False
+        third = self.single(0, "f", b"six")["data"]["fileID"]
+        self.assertEqual(self.call("GET", "/api/v1/file/detail",
+                                   query={"fileID": second})["code"], 5066)
+        self.assertEqual(self.emu.resolve("/f")["fileId"], third)
+        # a duplicate=2 upload never replaces a folder
+        self.mkdir("dir")
+        self.assertEqual(self.single(0, "dir", b"x")["code"], 1)
+
+
+class Pan123EmulatorDownloadsTest(Pan123EmulatorCase):
+    def setUp(self):
+        Pan123EmulatorCase.setUp(self)
+        self.data = os.urandom(1000)
+        self.fid = self.single(0, "blob", self.data)["data"]["fileID"]
+
+    def url(self):
+        u = self.ok("GET", "/api/v1/file/download_info", query={"fileId": self.fid})["downloadUrl"]
+        self.assertTrue(u.startswith(self.emu.download_base + "/dl/"))
+        return u
+
+    def get(self, url, headers=None):
+        u = urlsplit(url)
+        return request("http://" + u.netloc, "GET", u.path + "?" + u.query, headers=headers)
+
+    def test_redirect_and_ranges(self):
+        r = self.get(self.url())
+        self.assertEqual(r.status, 302)
+        loc = r.headers["Location"]
+        self.assertTrue(loc.startswith(self.emu.download_base + "/obj/"))
+        r = self.get(loc)
+        self.assertEqual((r.status, r.body), (200, self.data))
+        r = self.get(loc, {"Range": "bytes=10-19"})
+        self.assertEqual((r.status, r.headers["Content-Range"], r.headers["Content-Length"]),
+                         (206, "bytes 10-19/1000", "10"))
+        self.assertEqual(r.body, self.data[10:20])
+        r = self.get(loc, {"Range": "bytes=990-"})
+        self.assertEqual((r.status, r.body), (206, self.data[990:]))
+        r = self.get(loc, {"Range": "bytes=995-5000"})
+        self.assertEqual((r.status, r.headers["Content-Range"]), (206, "bytes 995-999/1000"))
+        r = self.get(loc, {"Range": "bytes=1000-"})
+        self.assertEqual((r.status, r.headers["Content-Range"]), (416, "bytes */1000"))
+        # urllib follows the 302 and keeps Range
+        req = urllib.request.Request(self.url(), headers={"Range": "bytes=0-3"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            self.assertEqual((resp.status, resp.read()), (206, self.data[:4]))
+        self.assertEqual(self.emu.calls["/dl"], 2)
+
+    def test_cdn_rejects_api_headers_and_expiry(self):
+        url = self.url()
+        self.assertEqual(self.get(url, {"Authorization": "Bearer " + self.token}).status, 400)
+        self.assertEqual(self.get(url, {"Platform": "open_platform"}).status, 400)
+        self.assertEqual(self.get(url + "x").status, 403)               # tampered signature
+        loc = self.get(url).headers["Location"]
+        self.emu.expire_download_urls()
+        self.assertEqual(self.get(url).status, 403)
+        self.assertEqual(self.get(loc).status, 403)
+        fresh = self.url()
+        self.assertEqual(self.get(fresh).status, 302)
+        self.emu.advance_clock(7201)
+        self.assertEqual(self.get(fresh).status, 403)
+
+    def test_download_info_errors(self):
+        self.assertEqual(self.call("GET", "/api/v1/file/download_info",
+                                   query={"fileId": 5})["code"], 5066)
+        d = self.mkdir("folder")
+        self.assertEqual(self.call("GET", "/api/v1/file/download_info",
+                                   query={"fileId": d})["code"], 5066)
+        self.emu.traffic_exhausted = True
+        self.assertEqual(self.call("GET", "/api/v1/file/download_info",
+                                   query={"fileId": self.fid})["code"], 5113)
+        self.emu.traffic_exhausted = False
+        self.ok("POST", "/api/v1/file/trash", {"fileIDs": [self.fid]})
+        self.assertEqual(self.call("GET", "/api/v1/file/download_info",
+                                   query={"fileId": self.fid})["code"], 5066)
+
+    def test_no_redirect_mode(self):
+        self.emu.redirect_downloads = False
+        r = self.get(self.url(), {"Range": "bytes=-5"})
+        self.assertEqual((r.status, r.body), (206, self.data[-5:]))
+
+
+class Pan123EmulatorFaultsTest(Pan123EmulatorCase):
+    def list0(self):
+        return self.call("GET", LIST, query={"parentFileId": 0, "limit": 10})
+
+    def raw_list(self):
+        return request(self.emu.api_base, "GET", LIST + "?parentFileId=0&limit=10",
+                       headers=self.hdrs())
+
+    def test_envelope_faults(self):
+        self.emu.fail_next("429", count=2, endpoint=LIST)
+        self.assertEqual(self.ok("GET", "/api/v1/user/info")["uid"], 1800000001)
+        self.assertEqual([self.list0()["code"] for _ in range(3)], [429, 429, 0])
+        self.emu.fail_next("401")
+        self.assertEqual(self.list0()["code"], 401)
+        self.assertEqual(self.list0()["code"], 0)           # the token itself is still fine
+
+    def test_http_faults(self):
+        self.emu.fail_next("500")
+        r = self.raw_list()
+        self.assertEqual(r.status, 500)
+        self.assertRaises(ValueError, r.json)
+        self.emu.fail_next("502")
+        r = self.raw_list()
+        self.assertEqual(r.status, 502)
+        self.assertIn(b"Bad Gateway", r.body)
+        self.emu.fail_next("drop")
+        with self.assertRaises((http.client.HTTPException, ConnectionError)):
+            self.raw_list()
+        self.assertEqual(self.emu.rejected[(LIST, "drop")], 1)
+        self.emu.slow_seconds = 0.3
+        self.emu.fail_next("slow")
+        t0 = time.monotonic()
+        self.assertEqual(self.list0()["code"], 0)
+        self.assertGreaterEqual(time.monotonic() - t0, 0.29)
+
+    def test_upload_host_drop(self):
+        self.emu.fail_next("drop", endpoint="/upload/v2/file/single/create")
+        with self.assertRaises((http.client.HTTPException, ConnectionError)):
+            self.single(0, "x", b"x")
+        self.assertEqual(self.single(0, "x", b"x")["code"], 0)
+
+    def test_random_faults_and_clear(self):
+        self.emu.fail_randomly("500", 1.0, endpoint=LIST)
+        self.assertEqual(self.raw_list().status, 500)
+        self.emu.clear_faults()
+        self.assertEqual(self.raw_list().status, 200)
+        self.emu.fail_randomly("429", 0.5, seed=7)
+        codes = [self.list0()["code"] for _ in range(40)]
+        self.assertTrue(0 < codes.count(429) < 40)
+
+    def test_cdn_faults(self):
+        data = os.urandom(4000)
+        fid = self.single(0, "blob", data)["data"]["fileID"]
+        self.emu.redirect_downloads = False
+        url = self.ok("GET", "/api/v1/file/download_info", query={"fileId": fid})["downloadUrl"]
+        u = urlsplit(url)
+        self.emu.fail_next("drop", endpoint="/dl")
+        c = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        self.addCleanup(c.close)
+        c.request("GET", u.path + "?" + u.query)
+        r = c.getresponse()
+        self.assertEqual(r.status, 200)
+        with self.assertRaises(http.client.IncompleteRead):
+            r.read()
+        self.emu.fail_next("502", endpoint="/dl")
+        self.assertEqual(request("http://" + u.netloc, "GET", u.path + "?" + u.query).status, 502)
+        r = request("http://" + u.netloc, "GET", u.path + "?" + u.query)
+        self.assertEqual((r.status, r.body), (200, data))
+
+
+class Pan123EmulatorHttpStatusErrorsTest(Pan123EmulatorCase):
+    kwargs = {"enforce_qps": False, "http_status_errors": True}
+
+    def test_matching_status(self):
+        env = self.call("GET", "/api/v1/user/info", token="bad", status=401)
+        self.assertEqual(env["code"], 401)
+        self.emu.fail_next("429")
+        self.assertEqual(self.call("GET", "/api/v1/user/info", status=429)["code"], 429)
+        self.assertEqual(self.call("GET", "/api/v1/file/detail", query={"fileID": 1})["code"],
+                         5066)
+
+
+class Pan123EmulatorOptionsTest(Pan123EmulatorCase):
+    kwargs = {"enforce_qps": False, "infos_key": "list", "full_last_page_cursor": True}
+
+    def test_infos_key_and_full_last_page(self):
+        ids = [self.emu.add_file("/f%d" % i, b"%d" % i) for i in range(4)]
+        self.assertIn("list", self.ok("POST", "/api/v1/file/infos", {"fileIds": ids}))
+        p1 = self.ok("GET", LIST, query={"parentFileId": 0, "limit": 2})
+        p2 = self.ok("GET", LIST, query={"parentFileId": 0, "limit": 2,
+                                         "lastFileId": p1["lastFileId"]})
+        self.assertEqual(p2["lastFileId"], ids[3])
+        p3 = self.ok("GET", LIST, query={"parentFileId": 0, "limit": 2,
+                                         "lastFileId": p2["lastFileId"]})
+        self.assertEqual(p3, {"lastFileId": -1, "fileList": []})
+
+    def test_list_lag(self):
+        self.emu.list_lag = 5
+        fid = self.emu.add_file("/fresh", b"z")
+        self.assertEqual(self.ok("GET", LIST, query={"parentFileId": 0, "limit": 5})["fileList"],
+                         [])
+        self.assertEqual(self.ok("GET", "/api/v1/file/detail", query={"fileID": fid})["fileID"],
+                         fid)
+        self.emu.advance_clock(5)
+        self.assertEqual(len(self.ok("GET", LIST, query={"parentFileId": 0, "limit": 5})
+                             ["fileList"]), 1)
+
+
+# ---------------------------------------------------------------------------
+# The 123pan client and storage against the emulator
+# ---------------------------------------------------------------------------
+
+CLIENT_ID = "emu-client"
+SECRET = "emu-secret-never-log-me"
+LIST = "/api/v2/file/list"
+MKDIR = "/upload/v1/file/mkdir"
+SINGLE = "/upload/v2/file/single/create"
+SLICE = "/upload/v2/file/slice"
+COMPLETE = "/upload/v2/file/upload_complete"
+TRASH = "/api/v1/file/trash"
+DELETE = "/api/v1/file/delete"
+DOWNLOAD_INFO = "/api/v1/file/download_info"
+TOKEN = "/api/v1/access_token"
+
+REPO = ("r",)
+
+
+def data_ref(data, repo=REPO):
+    return ObjectRef(repo, "data", hashlib.sha256(data).hexdigest())
+
+
+def run_threads(target, args_list):
+    """Run target(*args) in one thread each, started together; results in order."""
+    results = [None] * len(args_list)
+    errors = []
+    barrier = threading.Barrier(len(args_list))
+
+    def run(i, args):
+        barrier.wait()
+        try:
+            results[i] = target(*args)
+        except Exception as e:          # reported by the caller's assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, a)) for i, a in enumerate(args_list)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+class Pan123BackendCase(unittest.TestCase):
+
+    def setUp(self):
+        self.state_dir = tempfile.mkdtemp(prefix="pan123-state-")
+        self.addCleanup(shutil.rmtree, self.state_dir, True)
+        self.emu = None
+
+    def tearDown(self):
+        if self.emu is not None:
+            self.assertEqual(self.emu.errors, [], "the emulator reported bugs")
+
+    def emulator(self, **options):
+        self.emu = Pan123Emulator(CLIENT_ID, SECRET, **options).start()
+        self.addCleanup(self.emu.stop)
+        return self.emu
+
+    def client(self, **options):
+        """A client of self.emu with millisecond retries (and the real limiter:
+        the emulator enforces the free tier in every test)."""
+        settings = dict(api_base=self.emu.api_base, state_dir=self.state_dir,
+                        call_deadline=10.0, retry_base=0.01, retry_cap=0.05,
+                        poll_interval=0.01, timeout=5.0)
+        settings.update(options)
+        client = Pan123Client(CLIENT_ID, SECRET, **settings)
+        self.addCleanup(client.close)
+        return client
+
+    def storage(self, client=None, **options):
+        storage = Pan123Storage(client or self.client(), "/restic-backup", **options)
+        self.addCleanup(storage.close)
+        return storage
+
+    def existing_repo(self, repo=REPO):
+        """A repository made earlier (by another process): set up in the emulator."""
+        for kind in ("data", "index", "keys", "locks", "snapshots"):
+            self.emu.add_folder("/restic-backup/%s/%s" % ("/".join(repo), kind))
+
+    def stored_elsewhere(self, data, ref=None):
+        """An object uploaded earlier (by another process)."""
+        ref = ref or data_ref(data)
+        self.emu.add_file(self.live_path(ref), data)
+        return ref
+
+    def spool(self, data):
+        spool = HashingSpool.from_bytes(data)
+        self.addCleanup(spool.close)
+        return spool
+
+    def put(self, storage, data, ref=None):
+        ref = ref or data_ref(data)
+        storage.put(ref, self.spool(data))
+        return ref
+
+    def read(self, storage, ref, start=0, length=None):
+        if length is None:
+            length = storage.stat(ref)
+        return b"".join(storage.read(ref, start, length))
+
+    def live_path(self, ref):
+        name = ref.name
+        sub = "data/%s/%s" % (name[:2], name) if ref.kind == "data" else ref.relpath
+        return "/restic-backup/%s/%s" % ("/".join(ref.repo), sub)
+
+
+# ---------------------------------------------------------------------------
+# Shared helpers without a server
+# ---------------------------------------------------------------------------
+
+class CloudHelpersTest(unittest.TestCase):
+
+    def test_rate_limiter_blocks_past_the_budget(self):
+        limiter = RateLimiter({"/x": 2}, 1000)
+        for _ in range(2):
+            with limiter.slot("/x"):
+                pass
+        # Both slots are in their 1 s window: a third request must wait.
+        with self.assertRaises(RateLimitTimeout):
+            with limiter.slot("/x", deadline=time.monotonic() + 0.05):
+                pass
+        with limiter.slot("/other", deadline=time.monotonic() + 0.05):
+            pass    # endpoints have separate budgets
+
+    def test_rate_limiter_holds_slot_while_in_flight(self):
+        limiter = RateLimiter({"/x": 1}, 1000)
+        with limiter.slot("/x"):
+            with self.assertRaises(RateLimitTimeout):
+                with limiter.slot("/x", deadline=time.monotonic() + 0.05):
+                    pass
+
+    def test_rate_limiter_fractional_qps(self):
+        limiter = RateLimiter({"/slow": 0.2}, 1000)
+        with limiter.slot("/slow"):
+            pass
+        with self.assertRaises(RateLimitTimeout):     # next one only after 5 s
+            with limiter.slot("/slow", deadline=time.monotonic() + 0.2):
+                pass
+
+    def test_parse_pan123_time(self):
+        epoch = 1742716117             # 2025-03-23T07:48:37Z
+        for text in ("2025-03-23T15:48:37+08:00", "2025-03-23T07:48:37Z",
+                     "2025-03-23T07:48:37.5z", "2025-03-23T15:48:37.123456789+0800",
+                     "2025-03-23 15:48:37", "2025-03-23T02:48:37-05:00"):
+            self.assertEqual(parse_pan123_time(text), epoch, text)
+        with self.assertRaises(ValueError):
+            parse_pan123_time("tomorrow")
+
+    def test_backoff_respects_deadline(self):
+        self.assertFalse(Backoff(time.monotonic(), base=0.01).pause())
+        backoff = Backoff(time.monotonic() + 5, base=0.001, cap=0.002)
+        self.assertTrue(backoff.pause())
+        self.assertEqual(backoff.attempts, 1)
+
+    def test_multipart_body_exact_length_and_reiterable(self):
+        spool = HashingSpool.from_bytes(bytes(range(256)) * 10)
+        self.addCleanup(spool.close)
+        body = MultipartBody([("a", 1), ("name", "x")], "file", 'we"ird\r\n', spool, 100, 1000)
+        first = b"".join(body)
+        self.assertEqual(len(first), body.content_length)
+        self.assertEqual(first, b"".join(body))
+        boundary = body.content_type.split("boundary=")[1].encode()
+        self.assertTrue(first.startswith(b"--" + boundary + b"\r\n"))
+        self.assertTrue(first.endswith(b"\r\n--" + boundary + b"--\r\n"))
+        self.assertIn(spool.read_all()[100:1100], first)
+        self.assertIn(b'filename="we%22ird"', first)
+
+    def test_index_own_writes_win_over_a_lagging_listing(self):
+        index = Pan123Index()
+        index.record_file(7, "new", Pan123File(70, 1, "m"))      # uploaded while listing
+        index.record_file(7, "gone", Pan123File(71, 1, "m"))
+        index.drop_file(7, "gone", 71)                           # deleted while listing
+        index.merge_listing(7, {"old": Pan123File(60, 2, "m"),
+                                "gone": Pan123File(71, 1, "m")}, {"sub": 8})
+        self.assertTrue(index.is_loaded(7))
+        self.assertEqual(sorted(n for n, _ in index.files(7)), ["new", "old"])
+        self.assertEqual(index.child_folder(7, "sub"), 8)
+
+    def test_index_drop_keeps_a_newer_upload(self):
+        index = Pan123Index()
+        index.record_file(1, "config", Pan123File(10, 1, "m"))
+        index.record_file(1, "config", Pan123File(11, 2, "n"))
+        index.drop_file(1, "config", 10)        # a stale file id: not the current one
+        self.assertEqual(index.file(1, "config").file_id, 11)
+
+
+class _Redirector(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with a 302 to `target`, recording the request headers."""
+    target = None
+    seen = []
+
+    def do_GET(self):
+        type(self).seen.append(dict(self.headers))
+        self.send_response(302)
+        self.send_header("Location", self.target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+class HttpClientTest(Pan123BackendCase):
+
+    def test_redirect_drops_credentials_and_keeps_range(self):
+        emu = self.emulator()
+        file_id = emu.add_file("/f.bin", bytes(range(200)))
+        url = self.client().download_url(file_id)
+        server = http.server.HTTPServer(("127.0.0.1", 0), _Redirector)
+        self.addCleanup(server.server_close)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.shutdown)
+        _Redirector.target, _Redirector.seen = url, []
+        http_client = HttpClient(timeout=5)
+        self.addCleanup(http_client.close)
+        response = http_client.request(
+            "GET", "http://127.0.0.1:%d/x" % server.server_address[1],
+            {"Authorization": "Bearer secret", "Platform": "open_platform",
+             "Range": "bytes=10-19"}, follow_redirects=True)
+        # The emulator's CDN answers 400 to any Authorization/Platform header.
+        self.assertEqual(response.status, 206)
+        self.assertEqual(response.read_all(1000), bytes(range(10, 20)))
+        self.assertIn("Authorization", _Redirector.seen[0])
+        self.assertEqual(emu.calls["/dl"], 1)
+        self.assertEqual(emu.calls["/obj"], 1)
+
+    def test_keep_alive_connection_reused(self):
+        self.emulator()
+        client = self.client()
+        for _ in range(5):
+            list(client.list_folder(0))
+        # One connection (token + 5 listings) is all the emulator has open.
+        # (_conns is the emulator's private set of live connections.)
+        self.assertEqual(len(self.emu._conns), 1)
+
+
+# ---------------------------------------------------------------------------
+# The client: token, envelope, retries
+# ---------------------------------------------------------------------------
+
+class Pan123TokenTest(Pan123BackendCase):
+
+    def test_token_saved_0600_and_reused_after_restart(self):
+        emu = self.emulator()
+        list(self.client().list_folder(0))
+        self.assertEqual(emu.tokens_issued, 1)
+        files = os.listdir(self.state_dir)
+        self.assertEqual(len(files), 1)
+        path = os.path.join(self.state_dir, files[0])
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path) as f:
+            text = f.read()
+        saved = json.loads(text)
+        self.assertIn("accessToken", saved)
+        self.assertIn("expiredAt", saved)
+        self.assertNotIn(SECRET, text)
+        # A restart (a new client on the same state dir) uses the saved token.
+        list(self.client().list_folder(0))
+        list(self.client().list_folder(0))
+        self.assertEqual(emu.tokens_issued, 1)
+        self.assertEqual(emu.calls[TOKEN], 1)
+
+    def test_token_renewed_before_expiry(self):
+        emu = self.emulator()
+        list(self.client().list_folder(0))
+        path = os.path.join(self.state_dir, os.listdir(self.state_dir)[0])
+        with open(path) as f:
+            saved = json.load(f)
+        # Still valid for 2 minutes of a 30-day life: inside the 5-minute margin.
+        soon = time.time() + 120
+        saved["expiredAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(soon))
+        saved["obtainedAt"] = soon - 30 * 86400
+        with open(path, "w") as f:
+            json.dump(saved, f)
+        list(self.client().list_folder(0))
+        self.assertEqual(emu.tokens_issued, 2)
+        self.assertEqual(emu.rejected[(LIST, 401)], 0)   # renewed before, not after, a 401
+
+    def test_401_refreshes_once_and_retries(self):
+        emu = self.emulator()
+        client = self.client()
+        list(client.list_folder(0))
+        emu.revoke_all_tokens()
+        list(client.list_folder(0))
+        self.assertEqual(emu.tokens_issued, 2)
+        self.assertEqual(emu.rejected[(LIST, 401)], 1)
+
+    def test_401_with_http_status_401(self):
+        emu = self.emulator(http_status_errors=True)
+        client = self.client()
+        list(client.list_folder(0))
+        emu.advance_clock(31 * 86400)       # every token expired
+        list(client.list_folder(0))
+        self.assertEqual(emu.tokens_issued, 2)
+
+    def test_second_401_is_an_error(self):
+        emu = self.emulator()
+        client = self.client()
+        list(client.list_folder(0))
+        emu.fail_next("401", count=2, endpoint=LIST)
+        with self.assertRaises(Pan123AuthError):
+            list(client.list_folder(0))
+        self.assertEqual(emu.tokens_issued, 2)      # one refresh per call, no more
+
+    def test_concurrent_401s_renew_once(self):
+        emu = self.emulator()
+        client = self.client()
+        list(client.list_folder(0))
+        emu.revoke_all_tokens()
+        run_threads(lambda: list(client.list_folder(0)), [()] * 8)
+        self.assertEqual(emu.tokens_issued, 2)
+
+    def test_token_limit_refusal_is_a_clear_error(self):
+        emu = self.emulator()
+        emu.token_limit_mode, emu.max_live_tokens = "refuse", 0
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            with self.assertRaises(Pan123AuthError) as caught:
+                list(self.client().list_folder(0))
+        self.assertIn("tokens number has exceeded the limit", str(caught.exception))
+        self.assertIn("x-traceID", "\n".join(logs.output))
+
+    def test_secret_never_logged_or_raised(self):
+        emu = self.emulator()
+        with self.assertLogs("restic_123pan", "DEBUG") as logs:
+            logging.getLogger("restic_123pan").debug("capture starts")
+            storage = self.storage()
+            storage.create_repository(REPO)
+            ref = self.put(storage, b"x" * 100)
+            self.read(storage, ref)
+            wrong = Pan123Client(CLIENT_ID, "wrong-" + SECRET, api_base=emu.api_base,
+                                 retry_base=0.01)
+            self.addCleanup(wrong.close)
+            with self.assertRaises(Pan123AuthError) as caught:
+                list(wrong.list_folder(0))
+        self.assertNotIn(SECRET, str(caught.exception))
+        self.assertNotIn(SECRET, repr(wrong))
+        for line in logs.output:
+            self.assertNotIn(SECRET, line)
+
+
+class Pan123CallRetriesTest(Pan123BackendCase):
+
+    def test_429_is_retried(self):
+        emu = self.emulator()
+        client = self.client()
+        emu.fail_next("429", count=3, endpoint=LIST)
+        self.assertEqual(list(client.list_folder(0)), [])
+        self.assertEqual(emu.rejected[(LIST, 429)], 3)
+
+    def test_429_with_http_status_429(self):
+        emu = self.emulator(http_status_errors=True)
+        client = self.client()
+        emu.fail_next("429", count=2, endpoint=LIST)
+        self.assertEqual(list(client.list_folder(0)), [])
+        self.assertEqual(emu.rejected[(LIST, 429)], 2)
+
+    def test_5xx_without_envelope_are_retried(self):
+        emu = self.emulator()
+        client = self.client()
+        emu.fail_next("500", endpoint=MKDIR)
+        emu.fail_next("502", endpoint=MKDIR)
+        self.assertGreater(client.mkdir(0, "a"), 0)
+        self.assertEqual(emu.rejected[(MKDIR, "http500")], 1)
+        self.assertEqual(emu.rejected[(MKDIR, "http502")], 1)
+        self.assertIsNotNone(emu.resolve("/a"))
+
+    def test_dropped_connection_is_retried(self):
+        emu = self.emulator()
+        client = self.client()
+        list(client.list_folder(0))
+        emu.fail_next("drop", count=2, endpoint=LIST)
+        self.assertEqual(list(client.list_folder(0)), [])
+        self.assertEqual(emu.rejected[(LIST, "drop")], 2)
+
+    def test_slow_answer_times_out_and_is_retried(self):
+        emu = self.emulator()
+        emu.slow_seconds = 1.0
+        client = self.client(timeout=0.3)
+        emu.fail_next("slow", endpoint=LIST)
+        self.assertEqual(list(client.list_folder(0)), [])
+        self.assertEqual(emu.calls[LIST], 2)
+
+    def test_gives_up_at_the_deadline(self):
+        emu = self.emulator()
+        client = self.client(call_deadline=0.3)
+        list(client.list_folder(0))
+        emu.fail_next("502", count=10000, endpoint=LIST)
+        with self.assertRaises(Pan123Unavailable) as caught:
+            list(client.list_folder(0))
+        self.assertEqual(caught.exception.status, 502)
+        self.assertIn("HTTP 502", str(caught.exception))
+        self.assertIsInstance(caught.exception, UpstreamError)
+
+    def test_permanent_error_logged_with_code_and_trace(self):
+        self.emulator()
+        client = self.client()
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            with self.assertRaises(Pan123Error) as caught:
+                client.mkdir(0, "bad*name")
+        self.assertEqual(caught.exception.code, 1)
+        self.assertTrue(caught.exception.trace_id)
+        self.assertIn("code 1", logs.output[0])
+        self.assertIn(caught.exception.trace_id, logs.output[0])
+
+    def test_metrics(self):
+        emu = self.emulator()
+        client = self.client()
+
+        def snapshot():
+            return dict((name, METRICS.total("restic123pan_cloud_" + name)) for name in (
+                "api_calls_total", "retries_total", "rate_limited_total",
+                "token_refreshes_total"))
+
+        before = snapshot()
+        calls_before = METRICS.value("restic123pan_cloud_api_calls_total", endpoint=LIST)
+        emu.fail_next("429", endpoint=LIST)
+        emu.fail_next("500", endpoint=LIST)
+        list(client.list_folder(0))
+        after = snapshot()
+        self.assertEqual(after["token_refreshes_total"] - before["token_refreshes_total"], 1)
+        self.assertEqual(after["rate_limited_total"] - before["rate_limited_total"], 1)
+        self.assertEqual(after["retries_total"] - before["retries_total"], 2)
+        self.assertEqual(METRICS.value("restic123pan_cloud_api_calls_total", endpoint=LIST)
+                         - calls_before, 3)
+        self.assertEqual(after["api_calls_total"] - before["api_calls_total"], 4)
+
+    def test_rate_limiter_keeps_the_server_from_answering_429(self):
+        # The emulator enforces the free tier; the client's own limiter must keep
+        # every burst inside it.
+        emu = self.emulator()
+        client = self.client()
+        run_threads(lambda: list(client.list_folder(0)), [()] * 12)
+        run_threads(lambda i: client.mkdir(0, "d%d" % i), [(i,) for i in range(8)])
+        self.assertEqual(sum(n for (ep, code), n in emu.rejected.items() if code == 429), 0)
+        self.assertEqual(emu.calls[LIST], 12)
+
+
+class Pan123ListingTest(Pan123BackendCase):
+
+    def test_pages_and_trashed_entries(self):
+        emu = self.emulator()
+        folder = emu.add_folder("/big")
+        ids = [emu.add_file("/big/f%03d" % i, b"%d" % i) for i in range(250)]
+        emu.add_folder("/big/sub")
+        client = self.client()
+        client.trash(ids[:10])
+        entries = list(client.list_folder(folder))
+        self.assertEqual(len(entries), 241)
+        self.assertEqual(sum(1 for e in entries if e.is_folder), 1)
+        self.assertNotIn("f000", [e.name for e in entries])
+        self.assertEqual(emu.calls[LIST], 3)
+
+    def test_full_last_page_followed_by_empty_page(self):
+        emu = self.emulator(full_last_page_cursor=True)
+        folder = emu.add_folder("/big")
+        for i in range(200):
+            emu.add_file("/big/f%03d" % i, b"%d" % i)
+        self.assertEqual(len(list(self.client().list_folder(folder))), 200)
+        self.assertEqual(emu.calls[LIST], 3)
+
+
+# ---------------------------------------------------------------------------
+# Uploads
+# ---------------------------------------------------------------------------
+
+class Pan123UploadsTest(Pan123BackendCase):
+
+    def test_single_step_upload_and_domain_cached(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        uploaded = METRICS.total("restic123pan_cloud_bytes_uploaded_total")
+        refs = [self.put(storage, os.urandom(n)) for n in (1, 1000, 70000)]
+        self.assertGreater(METRICS.total("restic123pan_cloud_bytes_uploaded_total") - uploaded,
+                           71001)
+        self.assertEqual(emu.calls[SINGLE], 3)
+        self.assertEqual(emu.calls["/upload/v2/file/domain"], 1)
+        for ref in refs:
+            node = emu.resolve(self.live_path(ref))
+            self.assertEqual(hashlib.sha256(emu.file_bytes(node["fileId"])).hexdigest(),
+                             ref.name)
+
+    def test_zero_byte_object(self):
+        emu = self.emulator(slice_size=1000)
+        self.existing_repo()
+        for single_max in (PAN123_DEFAULT_SINGLE_MAX, 0):
+            storage = self.storage(single_upload_max=single_max)
+            ref = self.put(storage, b"")
+            self.assertEqual(storage.stat(ref), 0)
+            self.assertEqual(list(storage.read(ref, 0, 0)), [])
+        self.assertEqual(emu.resolve(self.live_path(ref))["size"], 0)
+
+    def test_upload_domain_fetched_again_after_connection_failure(self):
+        emu = self.emulator()
+        client = self.client()
+        storage = self.storage(client)
+        storage.create_repository(REPO)
+        self.put(storage, b"first")
+        # The cached upload host stops answering (a closed port).
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = "http://127.0.0.1:%d" % s.getsockname()[1]
+        client._upload_domain = dead
+        self.put(storage, b"second")
+        self.assertEqual(emu.calls["/upload/v2/file/domain"], 2)
+        self.assertEqual(client.upload_domain(), emu.upload_base)
+
+    def test_chunked_upload_with_slices_and_pending_completion(self):
+        emu = self.emulator(slice_size=1000, complete_pending_polls=3)
+        storage = self.storage(single_upload_max=0)
+        storage.create_repository(REPO)
+        data = os.urandom(4500)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.calls[SLICE], 5)
+        # "mixed": completed:false and code 20103 both mean "not yet".
+        self.assertEqual(emu.calls[COMPLETE], 4)
+        self.assertEqual(emu.rejected[(COMPLETE, 20103)], 1)
+        self.assertEqual(emu.calls[SINGLE], 0)
+        node = emu.resolve(self.live_path(ref))
+        self.assertEqual(emu.file_bytes(node["fileId"]), data)
+        self.assertEqual(storage.stat(ref), 4500)
+        self.assertEqual(self.read(storage, ref), data)
+
+    def test_chunked_exact_multiple_of_slice_size(self):
+        emu = self.emulator(slice_size=1000)
+        storage = self.storage(single_upload_max=0)
+        storage.create_repository(REPO)
+        data = os.urandom(3000)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.calls[SLICE], 3)
+        self.assertEqual(self.read(storage, ref), data)
+
+    def test_failed_slice_retried_alone(self):
+        emu = self.emulator(slice_size=1000)
+        storage = self.storage(single_upload_max=0)
+        storage.create_repository(REPO)
+        emu.fail_next("500", endpoint=SLICE)
+        emu.fail_next("drop", endpoint=SLICE)
+        data = os.urandom(3500)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.calls[SLICE], 6)
+        self.assertEqual(self.read(storage, ref), data)
+
+    def test_instant_upload(self):
+        emu = self.emulator(slice_size=1000)
+        data = os.urandom(5000)
+        emu.add_file("/elsewhere/copy", data)
+        storage = self.storage(single_upload_max=0)
+        storage.create_repository(REPO)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.calls["/upload/v2/file/create"], 1)
+        self.assertEqual(emu.calls[SLICE], 0)
+        self.assertEqual(emu.calls[COMPLETE], 0)
+        self.assertEqual(storage.stat(ref), 5000)
+        self.assertEqual(self.read(storage, ref), data)
+
+    def test_config_replaced(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        config = ObjectRef.config(REPO)
+        self.put(storage, b"one", config)
+        self.put(storage, b"second", config)
+        self.assertEqual(storage.stat(config), 6)
+        self.assertEqual(self.read(storage, config), b"second")
+        fresh = self.storage(self.client())
+        self.assertEqual(self.read(fresh, config), b"second")
+        self.assertEqual(len(emu.children("/restic-backup/r")), 6)   # config + 5 folders
+
+
+# ---------------------------------------------------------------------------
+# The storage: folders and what is known
+# ---------------------------------------------------------------------------
+
+class Pan123StorageFoldersTest(Pan123BackendCase):
+
+    def test_create_repository_costs_mkdirs_only(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        self.assertEqual(emu.calls[MKDIR], 7)          # restic-backup, r, 5 types
+        self.assertEqual(emu.calls[LIST], 0)
+        self.assertEqual(sorted(c["filename"] for c in emu.children("/restic-backup/r")),
+                         ["data", "index", "keys", "locks", "snapshots"])
+        # No data/xx folders until something is uploaded there.
+        self.assertEqual(emu.children("/restic-backup/r/data"), [])
+        storage.create_repository(REPO)                # idempotent, known: no calls
+        self.assertEqual(emu.calls[MKDIR], 7)
+
+    def test_create_existing_repository(self):
+        emu = self.emulator()
+        self.storage().create_repository(REPO)
+        again = self.storage(self.client())
+        again.create_repository(REPO)
+        again.create_repository(("r", "sub"))
+        self.assertEqual(len(emu.children("/restic-backup")), 1)
+        self.assertEqual(len(emu.children("/restic-backup/r/sub")), 5)
+
+    def test_missing_repository(self):
+        self.emulator()
+        storage = self.storage()
+        self.assertIsNone(storage.stat(ObjectRef.config(("nope",))))
+        self.assertEqual(storage.list(("nope",), "keys"), [])
+        self.assertEqual(storage.list(("nope",), "data"), [])
+        with self.assertRaises(NotFound):
+            storage.read(ObjectRef.config(("nope",)), 0, 1)
+        self.assertFalse(storage.delete(data_ref(b"x", ("nope",))))
+
+    def test_stat_and_list_answered_from_memory(self):
+        emu = self.emulator()
+        self.existing_repo()
+        refs = [self.stored_elsewhere(os.urandom(100)) for _ in range(6)]
+        key = self.stored_elsewhere(b"key", ObjectRef(REPO, "keys", "ab" * 32))
+        storage = self.storage()
+        # stat of data/<id> lists root, restic-backup, r, data and data/<xx> only.
+        self.assertEqual(storage.stat(refs[0]), 100)
+        self.assertEqual(emu.calls[LIST], 5)
+        for ref in refs[:1] * 10:
+            self.assertEqual(storage.stat(ref), 100)
+        self.assertIsNone(storage.stat(data_ref(b"absent")))
+        self.assertEqual(storage.list(REPO, "keys"), [(key.name, 3)])
+        expected = sorted((r.name, 100) for r in refs)
+        self.assertEqual(sorted(storage.list(REPO, "data")), expected)
+        listed = emu.calls[LIST]
+        for _ in range(5):
+            self.assertEqual(sorted(storage.list(REPO, "data")), expected)
+            for ref in refs:
+                self.assertEqual(storage.stat(ref), 100)
+        self.assertEqual(emu.calls[LIST], listed)
+        # Folders seen in listings: one listing each, data/xx included.
+        data_folders = len(emu.children("/restic-backup/r/data"))
+        self.assertEqual(listed, 5 + 1 + data_folders - 1)
+
+    def test_folder_made_behind_our_back_is_found(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = b"packed"
+        ref = data_ref(data)
+        emu.add_folder("/restic-backup/r/data/" + ref.name[:2])
+        self.put(storage, data)           # mkdir says "exists": found by listing data/
+        self.assertEqual(emu.rejected[(MKDIR, 1)], 1)
+        self.assertEqual(emu.calls[LIST], 1)
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertIsNotNone(emu.resolve(self.live_path(ref)))
+
+    def test_uploads_into_existing_repository_list_instead_of_mkdir(self):
+        emu = self.emulator()
+        self.existing_repo()
+        storage = self.storage()
+        self.put(storage, b"pack")
+        self.put(storage, b"key", ObjectRef(REPO, "keys", "cd" * 32))
+        # Listings of root, restic-backup, r, data; keys/ is found in r's listing;
+        # only data/<xx>, absent from the listed data/, needs a mkdir.
+        self.assertEqual(emu.calls[LIST], 4)
+        self.assertEqual(emu.calls[MKDIR], 1)
+        self.assertEqual(emu.rejected[(MKDIR, 1)], 0)
+
+    def test_concurrent_uploads_create_a_data_folder_once(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        names = ["ab%062x" % i for i in range(8)]
+        run_threads(lambda n: self.put(storage, n.encode(), ObjectRef(REPO, "data", n)),
+                    [(n,) for n in names])
+        self.assertEqual(emu.calls[MKDIR], 8)      # 7 at init + data/ab once
+        self.assertEqual(emu.rejected[(MKDIR, 1)], 0)
+        self.assertEqual(sorted(n for n, _ in storage.list(REPO, "data")), names)
+
+    def test_uploads_survive_listing_lag_and_concurrent_listing(self):
+        emu = self.emulator()
+        self.existing_repo()
+        emu.list_lag = 60.0            # list v2 shows nothing younger than a minute...
+        emu.advance_clock(120)         # ...and the repository is older than that
+        storage = self.storage()
+        refs = []
+
+        def upload(i):
+            refs.append(self.put(storage, b"key %d" % i, ObjectRef(REPO, "keys", "%064x" % i)))
+
+        def listing(_):
+            storage.list(REPO, "keys")
+
+        run_threads(lambda f, i: f(i), [(upload, i) for i in range(6)] +
+                    [(listing, i) for i in range(3)])
+        self.assertEqual(sorted(n for n, _ in storage.list(REPO, "keys")),
+                         sorted(r.name for r in refs))
+        for ref in refs:
+            self.assertEqual(storage.stat(ref), len(b"key 0"))
+
+
+# ---------------------------------------------------------------------------
+# Downloads
+# ---------------------------------------------------------------------------
+
+class Pan123DownloadsTest(Pan123BackendCase):
+
+    def stored(self, size=300000, **client_options):
+        emu = self.emulator()
+        storage = self.storage(self.client(**client_options))
+        storage.create_repository(REPO)
+        data = os.urandom(size)
+        ref = self.put(storage, data)
+        emu.reset_calls()
+        return emu, storage, ref, data
+
+    def test_ranges_and_url_reuse(self):
+        emu, storage, ref, data = self.stored()
+        downloaded = METRICS.total("restic123pan_cloud_bytes_downloaded_total")
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(METRICS.total("restic123pan_cloud_bytes_downloaded_total")
+                         - downloaded, len(data))
+        self.assertEqual(self.read(storage, ref, 1000, 5000), data[1000:6000])
+        self.assertEqual(self.read(storage, ref, len(data) - 1, 1), data[-1:])
+        self.assertEqual(emu.calls[DOWNLOAD_INFO], 1)
+        self.assertEqual(emu.calls["/obj"], 3)
+
+    def test_url_lifetime(self):
+        emu, storage, ref, data = self.stored(download_url_lifetime=0)
+        self.read(storage, ref, 0, 10)
+        self.read(storage, ref, 0, 10)
+        self.assertEqual(emu.calls[DOWNLOAD_INFO], 2)
+
+    def test_expired_url_replaced_once(self):
+        emu, storage, ref, data = self.stored()
+        self.read(storage, ref, 0, 10)
+        emu.expire_download_urls()
+        self.assertEqual(self.read(storage, ref, 5, 10), data[5:15])
+        self.assertEqual(emu.calls[DOWNLOAD_INFO], 2)
+        self.assertEqual(emu.rejected[("/dl", "http403")], 1)
+
+    def test_dropped_download_resumed(self):
+        emu, storage, ref, data = self.stored()
+        emu.fail_next("drop", endpoint="/obj")
+        self.assertEqual(self.read(storage, ref), data)
+        emu.fail_next("drop", endpoint="/obj")
+        self.assertEqual(self.read(storage, ref, 100, 200000), data[100:200100])
+        self.assertEqual(emu.rejected[("/obj", "drop")], 2)
+        self.assertEqual(emu.calls["/obj"], 4)
+
+    def test_cdn_errors_retried(self):
+        emu, storage, ref, data = self.stored()
+        emu.fail_next("502", endpoint="/obj")
+        emu.fail_next("500", endpoint="/dl")
+        self.assertEqual(self.read(storage, ref), data)
+
+    def test_file_removed_behind_our_back_is_not_found(self):
+        emu, storage, ref, data = self.stored()
+        emu.remove_behind_back(self.live_path(ref))
+        with self.assertRaises(NotFound):
+            storage.read(ref, 0, 10)
+        self.assertIsNone(storage.stat(ref))
+        self.assertFalse(storage.delete(ref))
+
+    def test_traffic_quota_is_503(self):
+        emu, storage, ref, data = self.stored()
+        emu.traffic_exhausted = True
+        with self.assertRaises(Pan123QuotaExhausted) as caught:
+            storage.read(ref, 0, 10)
+        self.assertEqual(caught.exception.status, 503)
+        self.assertIsInstance(caught.exception, UpstreamError)
+
+    def test_md5_collision_detected_on_full_read(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        first = self.put(storage, COLL_A)
+        aliased = self.put(storage, COLL_B)   # 123pan keeps A's bytes (instant upload)
+        self.assertEqual(self.read(storage, first), COLL_A)
+        received = []
+        with self.assertLogs("restic_123pan", "ERROR") as logs:
+            with self.assertRaises(UpstreamError):
+                for chunk in storage.read(aliased, 0, 128):
+                    received.append(chunk)
+        self.assertEqual(received, [])             # the last chunk was held back
+        self.assertIn(aliased.name, logs.output[0])
+        # A partial read cannot be checked here (restic checks each blob itself).
+        self.assertEqual(self.read(storage, aliased, 0, 64), COLL_A[:64])
+
+
+# ---------------------------------------------------------------------------
+# Deletes
+# ---------------------------------------------------------------------------
+
+class Pan123DeletesTest(Pan123BackendCase):
+
+    def test_concurrent_deletes_are_batched_then_purged(self):
+        emu = self.emulator()
+        self.existing_repo()
+        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(24)]
+        storage = Pan123Storage(self.client(), "/restic-backup")
+        self.assertEqual(len(storage.list(REPO, "data")), 24)
+        emu.reset_calls()
+        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 24)
+        self.assertLess(emu.calls[TRASH], 12)
+        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertIsNone(storage.stat(refs[0]))
+        self.assertFalse(storage.delete(refs[0]))
+        storage.close()            # flushes the permanent deletes
+        # Permanent deletes are batched too (items queue while a call waits for
+        # its 1/s slot), though not necessarily as the trash calls were.
+        self.assertLess(emu.calls[DELETE], 12)
+        self.assertEqual(emu.total_live_files(), 0)
+        for folder in emu.children("/restic-backup/r/data"):
+            self.assertEqual(emu.children(folder["fileId"], include_trashed=True), [])
+
+    def test_already_trashed_counts_as_deleted(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        ref = self.put(storage, b"doomed")
+        keep = self.put(storage, b"kept")
+        # As if our trash call had succeeded but its answer was lost.
+        self.client().trash([emu.resolve(self.live_path(ref))["fileId"]])
+        self.assertTrue(storage.delete(ref))
+        self.assertIsNone(storage.stat(ref))
+        self.assertEqual(storage.stat(keep), 4)
+
+    def test_trash_batch_with_one_bad_id(self):
+        emu = self.emulator()
+        self.existing_repo()
+        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(6)]
+        storage = self.storage()
+        storage.list(REPO, "data")
+        emu.remove_behind_back(self.live_path(refs[0]))     # trash of its id: 5066
+        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]),
+                         [False] + [True] * 5)
+        self.assertEqual(storage.list(REPO, "data"), [])
+        storage.close()
+        self.assertEqual(emu.total_live_files(), 0)
+        self.assertEqual(emu.rejected[(DELETE, 5066)], 0)   # the gone id was not purged
+
+
+# ---------------------------------------------------------------------------
+# The whole path under the emulator's free-tier limits, with faults
+# ---------------------------------------------------------------------------
+
+class Pan123UnderLimitsAndFaultsTest(Pan123BackendCase):
+
+    def test_workload_without_429_or_lost_objects(self):
+        emu = self.emulator(slice_size=2000)
+        storage = self.storage(single_upload_max=3000)
+        storage.create_repository(REPO)
+        emu.fail_randomly("500", 0.05, seed=1)
+        emu.fail_randomly("drop", 0.05, seed=2)
+        blobs = [os.urandom(n) for n in (10, 2500, 5000, 100, 7000, 1)]
+        refs = run_threads(lambda d: self.put(storage, d), [(d,) for d in blobs])
+        for ref, data in zip(refs, blobs):
+            self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(sorted(storage.list(REPO, "data")),
+                         sorted((r.name, len(d)) for r, d in zip(refs, blobs)))
+        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs[:3]]), [True] * 3)
+        emu.clear_faults()
+        fresh = self.storage(self.client())
+        self.assertEqual(sorted(n for n, _ in fresh.list(REPO, "data")),
+                         sorted(r.name for r in refs[3:]))
+        self.assertEqual(sum(n for (ep, code), n in emu.rejected.items() if code == 429), 0)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+class Pan123CommandLineTest(unittest.TestCase):
+
+    def parse(self, argv, environ=None):
+        """The real command line, as main() parses it, for the 123pan backend."""
+        return rp.parse_config(["--backend", "123pan"] + argv, environ or {})
+
+    def test_environment_and_defaults(self):
+        environ = {"PAN123_CLIENT_ID": "id", "PAN123_CLIENT_SECRET": "sec",
+                   "XDG_STATE_HOME": "/tmp/xdg"}
+        storage = build_pan123_storage(self.parse([], environ), environ)
+        self.assertEqual(storage.client.client_id, "id")
+        self.assertEqual(storage.client.api_base, "https://open-api.123pan.com")
+        self.assertIn("/restic-backup ", storage.describe())
+        self.assertNotIn("sec", storage.describe())
+        self.assertEqual(storage.single_upload_max, PAN123_DEFAULT_SINGLE_MAX)
+        self.assertTrue(storage.client._token_file.path.startswith("/tmp/xdg/restic-123pan/"))
+        self.assertEqual(default_state_dir({"HOME": "/h"}).split(os.sep)[-3:],
+                         [".local", "state", "restic-123pan"])
+
+    def test_credentials_given(self):
+        self.assertFalse(pan123_credentials_given(self.parse([]), {}))
+        self.assertTrue(pan123_credentials_given(self.parse([]), {"PAN123_CLIENT_ID": "id"}))
+        self.assertEqual(rp.parse_config([], {"PAN123_CLIENT_ID": "id"}).backend, "123pan")
+        self.assertEqual(rp.parse_config([], {}).backend, "local")
+        for argv in (["--client-id", "x", "--backend", "local"], ["--state-dir", "/s"],
+                     ["--backend", "123pan", "--path", "/p"]):
+            self.assertRaises(UsageError, rp.parse_config, argv, {})
+        self.assertTrue(pan123_credentials_given(self.parse(["--client-id", "id"]), {}))
+
+    def test_flags_override_environment(self):
+        environ = {"PAN123_CLIENT_ID": "id", "PAN123_CLIENT_SECRET": "sec",
+                   "PAN123_REPO_PATH": "/env", "PAN123_API_BASE": "http://env"}
+        args = self.parse(["--client-id", "flag", "--repo-path", "/a/b",
+                           "--api-base", "http://127.0.0.1:1/", "--state-dir", "/tmp/s",
+                           "--pan123-tier", "vip", "--pan123-single-max", "1K"])
+        storage = build_pan123_storage(args, environ)
+        self.assertEqual(storage.client.client_id, "flag")
+        self.assertEqual(storage.client.api_base, "http://127.0.0.1:1")
+        self.assertIn("/a/b ", storage.describe())
+        self.assertEqual(storage.single_upload_max, 1024)
+        self.assertEqual(storage.client.limiter.qps("/api/v1/file/delete"), 10)
+
+    def test_usage_errors(self):
+        with self.assertRaises(UsageError) as caught:
+            build_pan123_storage(self.parse([]), {"PAN123_CLIENT_SECRET": "sec"})
+        self.assertNotIn("sec", str(caught.exception).replace("secret", ""))
+        base = {"PAN123_CLIENT_ID": "id", "PAN123_CLIENT_SECRET": "sec"}
+        for argv in (["--repo-path", "/a:b"], ["--api-base", "ftp://x"]):
+            with self.assertRaises(UsageError):
+                build_pan123_storage(self.parse(argv), base)
+        with self.assertRaises(SystemExit):          # argparse: not a size
+            with contextlib.redirect_stderr(io.StringIO()):
+                self.parse(["--pan123-single-max", "-1"])
+
+
+# ---------------------------------------------------------------------------
 # End to end with the real restic
 # ---------------------------------------------------------------------------
 
@@ -1267,12 +4179,14 @@ class ResticEndToEndBase(unittest.TestCase):
         self.env = dict(os.environ, RESTIC_PASSWORD="correct horse battery staple",
                         RESTIC_CACHE_DIR=os.path.join(self.tmp, "cache"))
 
-    def start_server(self, *argv):
+    def start_server(self, *argv, **kw):
         log_path = os.path.join(self.tmp, "server.log")
         self.server_log = open(log_path, "w+")
         self.addCleanup(self.server_log.close)
+        env = dict(os.environ, **kw.get("env", {}))
         proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--listen", "127.0.0.1:0"] + list(argv),
-                                stdout=subprocess.PIPE, stderr=self.server_log, universal_newlines=True)
+                                stdout=subprocess.PIPE, stderr=self.server_log, universal_newlines=True,
+                                env=env)
         self.addCleanup(self.stop_server, proc)
         self.server_proc = proc
         return read_server_url(proc)
@@ -1305,15 +4219,15 @@ class ResticEndToEndBase(unittest.TestCase):
         snaps = json.loads(self.restic_run(repo, "snapshots", "--json", options=options))
         return [s["id"] for s in sorted(snaps, key=lambda s: s["time"])]
 
-    def run_scenario(self, repo, options=(), direct_path=None):
+    def run_scenario(self, repo, options=(), direct_path=None, total_mib=52):
         """init, backup, change, backup, check --read-data, restore both snapshots and
         compare bytes, forget --keep-last 1 --prune, check again."""
         options = list(options)
         src = os.path.join(self.tmp, "src")
-        make_tree(src, seed=1)
+        make_tree(src, seed=1, total_mib=total_mib)
         first = manifest(src)
         total = sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(src) for n in ns)
-        self.assertGreaterEqual(total, 50 * 1024 * 1024)
+        self.assertGreaterEqual(total, total_mib * 1024 * 1024)
         self.restic_run(repo, "init", options=options)
         self.restic_run(repo, "backup", src, options=options)
         change_tree(src, seed=2)
@@ -1351,6 +4265,86 @@ class LocalEndToEndTest(ResticEndToEndBase):
         data = os.path.join(self.tmp, "repos")
         url = self.start_server("--path", data)
         self.run_scenario("rest:" + url, options=["-o", "rest.connections=8"], direct_path=data)
+
+
+class Pan123EndToEndTest(ResticEndToEndBase):
+    """restic -> our server (--backend 123pan) -> the 123pan emulator, which enforces
+    the free-tier request rates."""
+
+    def start_emulator(self, **kw):
+        emu = Pan123Emulator(**kw).start()
+        self.addCleanup(emu.stop)
+        return emu
+
+    def start_pan123_server(self, emu, *extra):
+        # the secret travels in the environment, as the README recommends
+        return self.start_server(
+            "--backend", "123pan", "--api-base", emu.api_base, "--client-id", "emu-client",
+            "--state-dir", os.path.join(self.tmp, "state"), *extra,
+            env={"PAN123_CLIENT_SECRET": "emu-secret"})
+
+    def report_calls(self, emu, title):
+        calls = dict(sorted(emu.calls.items()))
+        rejected = dict(sorted(emu.rejected.items(), key=str))
+        sys.stderr.write("\n%s: 123pan API calls by endpoint %s\n  refused or faulted: %s\n"
+                         % (title, json.dumps(calls), rejected))
+        return calls
+
+    def finish(self, emu, title, extra_tokens=0):
+        """Stop the server (it flushes queued permanent deletes), then check that the
+        cloud folder holds no trash and the emulator saw no bug of its own."""
+        self.stop_server(self.server_proc)
+        calls = self.report_calls(emu, title)
+        self.assertEqual(emu.errors, [])
+        trashed = []
+        folders = ["/restic-backup"]
+        while folders:
+            folder = folders.pop()
+            for node in emu.children(folder, include_trashed=True):
+                if node["trashed"]:
+                    trashed.append(node["filename"])
+                elif node["type"] == 1:
+                    folders.append(folder + "/" + node["filename"])
+        self.assertEqual(trashed, [], "prune left trashed files behind")
+        # a new token only when one was refused (123pan allows 3 live tokens per client)
+        refused = sum(n for (ep, code), n in emu.rejected.items() if code == 401)
+        self.assertGreaterEqual(emu.tokens_issued, 1)
+        self.assertLessEqual(emu.tokens_issued, 1 + refused + extra_tokens)
+        return calls
+
+    def test_clean_run_under_free_tier_limits(self):
+        emu = self.start_emulator()
+        url = self.start_pan123_server(emu)
+        self.run_scenario("rest:" + url + "home/laptop/")
+        calls = self.finish(emu, "123pan clean")
+        self.assertEqual(emu.tokens_issued, 1)
+        self.assertEqual(sum(n for (ep, code), n in emu.rejected.items() if code == 429), 0,
+                         "the server itself caused a 429")
+        self.assertGreater(calls.get("/upload/v2/file/single/create", 0), 0)
+        self.assertGreater(calls.get("/api/v1/file/delete", 0), 0)
+
+    def test_faults_lose_nothing(self):
+        emu = self.start_emulator()
+        for kind, p in (("429", 0.05), ("500", 0.03), ("502", 0.03), ("drop", 0.03), ("401", 0.02)):
+            emu.fail_randomly(kind, p, seed=len(kind) * 7 + int(p * 100))
+        url = self.start_pan123_server(emu)
+        repo = "rest:" + url
+        options = ["-o", "rest.connections=8"]
+        self.run_scenario(repo, options=options, total_mib=24)
+        # a revoked token and expired download URLs in the middle of a restore
+        emu.revoke_all_tokens()
+        emu.expire_download_urls()
+        self.restic_run(repo, "check", "--read-data", options=options)
+        self.finish(emu, "123pan with faults", extra_tokens=1)
+        self.assertGreater(sum(emu.rejected.values()), 20, "the faults did not happen")
+
+    def test_chunked_upload_path(self):
+        emu = self.start_emulator(slice_size=1024 * 1024)
+        url = self.start_pan123_server(emu, "--pan123-single-max", "1M")
+        self.run_scenario("rest:" + url, total_mib=24)
+        calls = self.finish(emu, "123pan chunked")
+        self.assertGreater(calls.get("/upload/v2/file/slice", 0), 20)
+        self.assertGreater(calls.get("/upload/v2/file/upload_complete", 0), 0)
 
 
 class AccessEndToEndTest(ResticEndToEndBase):
