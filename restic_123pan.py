@@ -2569,6 +2569,21 @@ _SHA512_CRYPT_BYTE_ORDER = (0, 21, 42, 22, 43, 1, 44, 2, 23, 3, 24, 45, 25, 46, 
 _MD5_CRYPT_RE = re.compile(r"\$(1|apr1)\$([^$]{0,8})\$([./0-9A-Za-z]{22})")
 
 
+def _alternating_rounds(new_hash, password, salt, digest, rounds):
+    """The stretching loop MD5-crypt introduced and SHA-crypt kept: each round
+    hashes password and previous digest in an order set by i modulo 2, adding
+    the salt unless i is a multiple of 3 and the password unless of 7."""
+    for i in range(rounds):
+        context = new_hash(password if i & 1 else digest)
+        if i % 3:
+            context.update(salt)
+        if i % 7:
+            context.update(password)
+        context.update(digest if i & 1 else password)
+        digest = context.digest()
+    return digest
+
+
 def apr1_verify(password, hashed):
     """Check bytes against Apache's $apr1$ or its origin, FreeBSD's MD5-crypt $1$: the same
     algorithm, with the magic string mixed into the first digest."""
@@ -2584,14 +2599,7 @@ def apr1_verify(password, hashed):
         context.update(b"\0" if length & 1 else password[:1])
         length >>= 1
     digest = context.digest()
-    for i in range(1000):  # fixed stretching; the mix depends on i modulo 2, 3 and 7
-        context = hashlib.md5(password if i & 1 else digest)
-        if i % 3:
-            context.update(salt)
-        if i % 7:
-            context.update(password)
-        context.update(digest if i & 1 else password)
-        digest = context.digest()
+    digest = _alternating_rounds(hashlib.md5, password, salt, digest, 1000)
     computed = _crypt_base64(digest, _MD5_CRYPT_BYTE_ORDER).encode("ascii")
     return hmac.compare_digest(computed, match.group(3).encode("ascii"))
 
@@ -2622,14 +2630,7 @@ def sha_crypt_verify(password, hashed):
     digest = context.digest()
     password_bytes = repeated(hash_function(password * len(password)).digest(), len(password))
     salt_bytes = repeated(hash_function(salt * (16 + digest[0])).digest(), len(salt))
-    for i in range(rounds):
-        context = hash_function(password_bytes if i & 1 else digest)
-        if i % 3:
-            context.update(salt_bytes)
-        if i % 7:
-            context.update(password_bytes)
-        context.update(digest if i & 1 else password_bytes)
-        digest = context.digest()
+    digest = _alternating_rounds(hash_function, password_bytes, salt_bytes, digest, rounds)
     byte_order = _SHA256_CRYPT_BYTE_ORDER if is_sha256 else _SHA512_CRYPT_BYTE_ORDER
     computed = _crypt_base64(digest, byte_order).encode("ascii")
     return hmac.compare_digest(computed, match.group(4).encode("ascii"))
