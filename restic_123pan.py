@@ -163,8 +163,15 @@ def pan123_credentials_given(args, environ):
     return bool(args.client_id or environ.get("PAN123_CLIENT_ID"))
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """A bad option is one line on stderr and exit code 2, not a page of usage."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
 def build_arg_parser():
-    p = argparse.ArgumentParser(
+    p = _OneLineErrorParser(
         prog="restic_123pan.py",
         description="A restic REST server (protocol v1/v2) storing repositories in a "
         "local folder or on 123pan.",
