@@ -4261,6 +4261,55 @@ class LocalEndToEndTest(ResticEndToEndBase):
         self.run_scenario("rest:" + url + "alice/laptop/",
                           direct_path=os.path.join(data, "alice", "laptop"))
 
+    def test_every_other_command(self):
+        """The commands that need no FUSE mount, beyond the main scenario."""
+        data = os.path.join(self.tmp, "repos")
+        url = self.start_server("--path", data)
+        repo, copy = "rest:" + url + "v1repo/", "rest:" + url + "copy/"
+        src = os.path.join(self.tmp, "src")
+        make_tree(src, seed=5, total_mib=3)
+        # a version-1 repository, upgraded: DELETE config then POST config
+        self.restic_run(repo, "init", "--repository-version", "1")
+        self.restic_run(repo, "backup", src)
+        self.restic_run(repo, "migrate", "upgrade_repo_v2")
+        self.assertIn('"version":2', self.restic_run(repo, "cat", "config").replace(" ", ""))
+        with open(os.path.join(src, "d00", "s0", "f0000.bin"), "ab") as f:
+            f.write(b"second")
+        self.restic_run(repo, "backup", src, "--tag", "two")
+        first, second = self.snapshot_ids(repo, [])
+        self.assertIn("f0000.bin", self.restic_run(repo, "diff", first, second))
+        listing = self.restic_run(repo, "ls", "latest")
+        self.assertIn("f0001.bin", listing)
+        inner = os.path.join(src, "d01", "s1", "f0001.bin")
+        dumped = subprocess.run([self.restic, "-r", repo, "dump", "latest", inner], env=self.env,
+                                stdout=subprocess.PIPE, check=True, timeout=300).stdout
+        with open(inner, "rb") as f:
+            self.assertEqual(dumped, f.read())
+        self.assertIn("f0001.bin", self.restic_run(repo, "find", "f0001.bin"))
+        self.restic_run(repo, "stats", "--mode", "raw-data")
+        self.restic_run(repo, "tag", "--add", "kept", first)
+        # keys: add a second password, use it, remove it
+        pw2 = os.path.join(self.tmp, "pw2")
+        with open(pw2, "w") as f:
+            f.write("second password")
+        self.restic_run(repo, "key", "add", "--new-password-file", pw2)
+        keys = json.loads(self.restic_run(repo, "key", "list", "--json"))
+        self.assertEqual(len(keys), 2)
+        other = [k["id"] for k in keys if not k["current"]][0]
+        self.restic_run(repo, "snapshots", "--password-file", pw2)
+        self.restic_run(repo, "key", "remove", other)
+        self.assertEqual(len(json.loads(self.restic_run(repo, "key", "list", "--json"))), 1)
+        self.restic_run(repo, "rebuild-index")
+        self.restic_run(repo, "unlock", "--remove-all")
+        # copy every snapshot into a second repository on the same server
+        self.env["RESTIC_FROM_PASSWORD"] = self.env["RESTIC_PASSWORD"]
+        self.restic_run(copy, "init", "--from-repo", repo, "--copy-chunker-params")
+        self.restic_run(copy, "copy", "--from-repo", repo)
+        self.assertEqual(len(self.snapshot_ids(copy, [])), 2)
+        self.restic_run(copy, "check", "--read-data")
+        self.restic_run(repo, "check", "--read-data")
+        self.assertNotRegex(self.server_log_text(), r'" 5\d\d ')
+
     def test_local_backend_eight_connections_root_repository(self):
         data = os.path.join(self.tmp, "repos")
         url = self.start_server("--path", data)
