@@ -1130,6 +1130,37 @@ class TransportTest(unittest.TestCase):
         self.assertEqual(proc.wait(timeout=60), 0)
         proc.stdout.close()
 
+    def test_sighup_reloads_the_users(self):
+        data = os.path.join(self.tmp, "repos")
+        os.makedirs(data)
+        users = os.path.join(data, ".htpasswd")
+        with open(users, "w") as f:
+            f.write("alice:%s\n" % sha1_htpasswd("a"))
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--listen", "127.0.0.1:0", "--path", data],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        wait_for_line(proc.stderr, "htpasswd %s: 1 users" % users, proc)
+        port = int(read_server_url(proc).rsplit(":", 1)[1].strip("/"))
+
+        def status(user, password):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/keys/", headers=basic(user, password))
+            result = conn.getresponse().status
+            conn.close()
+            return result
+
+        self.assertEqual(status("bob", "b"), 401)
+        with open(users, "w") as f:
+            f.write("alice:%s\nbob:%s\n" % (sha1_htpasswd("a"), sha1_htpasswd("b")))
+        proc.send_signal(signal.SIGHUP)
+        # the reload is logged before any login could have triggered one
+        wait_for_line(proc.stderr, "htpasswd %s: 2 users" % users, proc)
+        self.assertEqual(status("bob", "b"), 200)
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=60), 0)
+        proc.stdout.close()
+        proc.stderr.close()
+
     def test_contradictory_options(self):
         for argv in (["--no-auth", "--private-repos"], ["--tls-cert", "x"],
                      ["--prometheus-no-auth"], ["--append-only-users", "a", "--full-access-users", "a"],
@@ -1203,7 +1234,7 @@ class GracefulShutdownTest(unittest.TestCase):
         conn.getresponse().read()
         conn.close()
         proc.send_signal(signal.SIGTERM)
-        wait_for_line(proc.stderr, "no new connections")
+        wait_for_line(proc.stderr, "no new connections", proc)
         s.sendall(data[50000:])
         reply = s.recv(1000)
         s.close()
@@ -1213,15 +1244,26 @@ class GracefulShutdownTest(unittest.TestCase):
             self.assertEqual(f.read(), data)
 
 
-def wait_for_line(stream, needle):
-    for line in stream:
-        if needle in line:
-            return line
+def wait_for_line(stream, needle, proc=None, timeout=120):
+    """Read until a line holds `needle`.  With `proc`, a watchdog kills the process
+    after `timeout` seconds, so a line that never comes fails the test instead of
+    hanging it."""
+    watchdog = threading.Timer(timeout, proc.kill) if proc is not None else None
+    if watchdog:
+        watchdog.daemon = True
+        watchdog.start()
+    try:
+        for line in stream:
+            if needle in line:
+                return line
+    finally:
+        if watchdog:
+            watchdog.cancel()
     raise AssertionError("stream ended before %r" % needle)
 
 
 def read_server_url(proc):
-    line = wait_for_line(proc.stdout, "restic -r rest:")
+    line = wait_for_line(proc.stdout, "restic -r rest:", proc)
     return re.search(r"rest:(\S+)", line).group(1)
 
 
