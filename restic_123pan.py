@@ -2056,13 +2056,16 @@ class _BatchQueue(object):
                     self._cond.wait()
 
     def close(self, timeout=None):
-        """Finish the queued items (posted ones included)."""
+        """Finish the queued items (posted ones included); False if that took
+        longer than `timeout`."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
             drainer = self._drainer
         if drainer is not None:
             drainer.join(timeout)
+            return not drainer.is_alive()
+        return True
 
 
 def _run_batch_isolating(call, file_ids, refusal):
@@ -2463,7 +2466,10 @@ class Pan123Storage(Storage):
     # -- remote deletes, in the background -----------------------------------------
 
     def _trash_batch(self, file_ids):
-        errors = _run_batch_isolating(self.client.trash, file_ids, self._trash_refusal)
+        try:
+            errors = _run_batch_isolating(self.client.trash, file_ids, self._trash_refusal)
+        except Exception as e:      # unreachable past the retries: all of them later
+            errors = dict((file_id, e) for file_id in file_ids)
         gone = [i for i, e in errors.items() if isinstance(e, Pan123FileNotFound)]
         if gone:
             log.info("123pan: %d deleted objects were already removed behind our back",
@@ -2486,8 +2492,11 @@ class Pan123Storage(Storage):
         return error
 
     def _purge_batch(self, file_ids):
-        errors = _run_batch_isolating(self.client.delete_trashed, file_ids,
-                                      lambda file_id, error: error)
+        try:
+            errors = _run_batch_isolating(self.client.delete_trashed, file_ids,
+                                          lambda file_id, error: error)
+        except Exception as e:
+            errors = dict((file_id, e) for file_id in file_ids)
         # Already gone (the user emptied the recycle bin) is what we wanted.
         errors = dict((file_id, e) for file_id, e in errors.items()
                       if not isinstance(e, Pan123FileNotFound))
@@ -2587,10 +2596,13 @@ class Pan123Storage(Storage):
             self._warm_up_thread.join(30)
         for timer in list(self._retry_timers):
             timer.cancel()
-        self._trash.close()
-        self._purge.close(timeout=120)
+        # What is not done in time stays queued in the cache for the next start.
+        drained = self._trash.close(timeout=60) and self._purge.close(timeout=120)
+        if not drained:
+            log.warning("123pan: remote deletes still queued at exit; the next start "
+                        "continues them")
         self.client.close()
-        if self._warm_up_thread is None or not self._warm_up_thread.is_alive():
+        if drained and (self._warm_up_thread is None or not self._warm_up_thread.is_alive()):
             self.index.cache.close()
 
 
@@ -3031,7 +3043,8 @@ class CacheWarmUp(object):
                 pass
             except Exception as e:      # the folder is listed when a request needs it
                 if not self._stop.is_set():
-                    self.failures += 1
+                    with self._cond:
+                        self.failures += 1
                     log.warning("%s cache warm-up: listing /%s failed: %s", self.label,
                                 "/".join(path), e)
             with self._cond:

@@ -4343,6 +4343,24 @@ class Pan123CacheTest(Pan123CacheCase):
         self.assertEqual(again.index.pending_deletes(), [])
         self.assertEqual((emu.calls[TRASH], emu.calls[DELETE]), (1, 1))
 
+    def test_failed_remote_deletes_are_tried_again(self):
+        emu, storage = self.started_with_repository(delete_retry=0.01)
+        ref = self.put(storage, b"doomed")
+        file_id = emu.resolve(self.live_path(ref))["fileId"]
+        storage.client.call_deadline = 0.2
+        emu.fail_next("500", count=10 ** 6, endpoint=TRASH)     # 123pan down for a while
+        self.assertTrue(storage.delete(ref))
+        storage.flush_deletes()
+        self.assertEqual(storage.index.pending_deletes(), [(file_id, "trash")])
+        self.assertIsNone(storage.stat(ref))
+        emu.clear_faults()
+        deadline = time.monotonic() + 30
+        while storage.index.pending_deletes() and time.monotonic() < deadline:
+            storage.flush_deletes()             # the retry comes from a timer thread
+            time.sleep(0.01)
+        self.assertEqual(storage.index.pending_deletes(), [])
+        self.assertEqual(emu.total_live_files(), 0)
+
     def test_rebuild_finds_what_changed_behind_our_back_and_keeps_recent_writes(self):
         emu, storage = self.started_with_repository()
         old = self.put(storage, b"old")
