@@ -208,8 +208,8 @@ def build_arg_parser():
     p.add_argument("--cache-refresh", metavar="SECONDS", type=_seconds, default=0,
                    help="cloud backends: list a repository's small folders (config, keys, "
                         "locks, snapshots, index) again when their listing is older than "
-                        "this, and a data folder on a read of an object it lacks; finds what "
-                        "another writer added (default 0: never, the server is the only "
+                        "this, and data/ folders when asked for an object they lack; finds "
+                        "what another writer added (default 0: never, the server is the only "
                         "writer)")
     p.add_argument("--no-verify-upload", action="store_true",
                    help="do not check that an upload's SHA-256 equals its name")
