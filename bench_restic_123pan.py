@@ -28,7 +28,6 @@ does not hold.
 """
 
 import argparse
-import collections
 import hashlib
 import json
 import math
@@ -45,8 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import restic_123pan as rp                                           # noqa: E402
-from test_restic_123pan import (Pan123Emulator, make_tree, manifest,   # noqa: E402
-                                read_server_url)
+from test_restic_123pan import (Pan123Emulator, emulator_list_pages,   # noqa: E402
+                                make_tree, manifest, read_server_url)
 
 LIST = "/api/v2/file/list"
 UPLOADS = ("/upload/v2/file/single/create", "/upload/v2/file/create",
@@ -151,14 +150,7 @@ class Bench(object):
                 self.failures.append("%s: %s" % (step, text))
 
     def tree_pages(self):
-        """list v2 pages of the drive root and everything below /restic-backup."""
-        pages, folders = 1, ["/restic-backup"]
-        while folders:
-            folder = folders.pop()
-            kids = self.emu.children(folder, include_trashed=True)
-            pages += max(1, int(math.ceil(len(kids) / 100.0)))
-            folders.extend(folder + "/" + k["filename"] for k in kids if k["type"] == 1)
-        return pages
+        return emulator_list_pages(self.emu)
 
     # -- the steps -------------------------------------------------------------------
 
