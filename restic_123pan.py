@@ -4333,13 +4333,13 @@ def main(argv=None, environ=None):
         sys.stderr.write("restic_123pan.py: error: cannot serve on %s: %s\n"
                          % (args.listen, getattr(e, "strerror", None) or e))
         return 1
-    if isinstance(storage, Pan123Storage):
-        try:    # the metadata cache opens here; the warm-up runs in the background
+    if hasattr(storage, "start"):
+        try:    # a cloud backend: its metadata cache opens, the warm-up starts
             storage.start(rebuild=args.rebuild_cache)
         except (OSError, StorageError, sqlite3.Error) as e:
             server.server_close()
-            sys.stderr.write("restic_123pan.py: error: metadata cache %s: %s\n"
-                             % (storage.index.cache.path, getattr(e, "strerror", None) or e))
+            sys.stderr.write("restic_123pan.py: error: cannot start the %s backend: %s\n"
+                             % (storage.name, e))
             return 1
     stopping = threading.Event()
 

@@ -4425,6 +4425,20 @@ class Pan123CacheTest(Pan123CacheCase):
         self.assertIsNotNone(emu.resolve(self.live_path(second)))
         self.assertIsNone(storage.stat(first))
 
+    def test_unusable_state_directory_is_one_error_line(self):
+        blocker = os.path.join(self.state_dir, "a-file")
+        with open(blocker, "w"):
+            pass
+        r = subprocess.run([sys.executable, SERVER_SCRIPT, "--backend", "123pan", "--client-id",
+                            "id", "--state-dir", os.path.join(blocker, "state"), "--no-auth",
+                            "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                           env=dict(os.environ, PAN123_CLIENT_SECRET="sec"))
+        self.assertEqual(r.returncode, 1)
+        self.assertEqual(r.stderr.splitlines()[-1],
+                         "restic_123pan.py: error: cannot start the 123pan backend: [Errno 20] "
+                         "Not a directory: %r" % os.path.join(blocker, "state"))
+
     def test_rebuild_and_refresh_flags(self):
         args = rp.parse_config(["--backend", "123pan", "--rebuild-cache", "--cache-refresh",
                                 "60", "--state-dir", self.state_dir], {})
