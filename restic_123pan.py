@@ -2761,7 +2761,8 @@ class MetadataCache(object):
                 try:
                     yield db
                 except BaseException:
-                    db.execute("ROLLBACK")
+                    if db.in_transaction:   # SQLite may have rolled back by itself
+                        db.execute("ROLLBACK")
                     raise
                 db.execute("COMMIT")
             except sqlite3.Error as e:
@@ -2966,11 +2967,13 @@ class CacheWarmUp(object):
     visit(key, path, on_page) lists one folder unless the cache knows it
     complete, calling on_page(objects) after every page, and returns (objects
     in the folder, objects listed now or None when it was not listed,
-    [(priority, child key, child path)]).  It
-    raises WarmUpStopped when `stop` is set; what was listed stays in the cache
-    (the backend keeps the cursor of a folder listed half-way) and the next run
-    continues from there.  Progress goes to the log: objects so far, the rate,
-    and an estimate from the folders still queued."""
+    [(priority, child key, child path)]).  It raises WarmUpStopped when `stop`
+    is set; what was listed stays in the cache (the backend keeps the cursor of
+    a folder listed half-way) and the next run continues from there.  A folder
+    whose listing fails is left to the requests that need it.  Progress goes to
+    the log: objects so far, the rate, and an estimate from the folders still
+    queued (their number times the average of the folders of the same priority
+    listed so far)."""
 
     def __init__(self, label, visit, workers=2, interval=WARM_UP_PROGRESS_INTERVAL,
                  stop=None):
