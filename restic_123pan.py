@@ -14,10 +14,12 @@ The file reads top-down by layer:
   3. the storage interface (ObjectRef, Storage, errors)
   4. backend: local folder (LocalStorage)
   5. backend: 123pan (Pan123Client, Pan123Index, Pan123Storage)
-  6. the repository service (verification, overwrite rule, usage and quota)
-  7. access control (htpasswd users, rights, access log file)
-  8. the REST request handler and the servers (TCP, TLS, unix socket, systemd)
-  9. main()
+  6. the metadata cache of the cloud backends (MetadataCache: sqlite3 in the
+     state directory) and the warm-up that fills it (CacheWarmUp)
+  7. the repository service (verification, overwrite rule, usage and quota)
+  8. access control (htpasswd users, rights, access log file)
+  9. the REST request handler and the servers (TCP, TLS, unix socket, systemd)
+ 10. main()
 """
 
 import argparse
@@ -48,6 +50,11 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote_to_bytes, urlencode, urljoin, urlsplit
+
+try:
+    import sqlite3
+except ImportError:     # a Python built without it: only the cloud backends need it
+    sqlite3 = None
 
 __version__ = "0.1.0"
 
@@ -130,6 +137,16 @@ def _byte_count(text):
     return int(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " ")
 
 
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 1e9:
+        raise argparse.ArgumentTypeError("%r is not a number of seconds" % text)
+    return value
+
+
 def default_state_dir(environ):
     home = environ.get("HOME") or os.path.expanduser("~")
     base = environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
@@ -191,6 +208,16 @@ def build_arg_parser():
                    help="cloud backends: token and cache files, and the default place of "
                         ".htpasswd and the TLS files (default $XDG_STATE_HOME/restic-123pan "
                         "or ~/.local/state/restic-123pan)")
+    p.add_argument("--rebuild-cache", action="store_true",
+                   help="cloud backends: list every folder again at start, replacing what "
+                        "the metadata cache in --state-dir knew (after changes made behind "
+                        "the server's back)")
+    p.add_argument("--cache-refresh", metavar="SECONDS", type=_seconds, default=0,
+                   help="cloud backends: list a repository's small folders (config, keys, "
+                        "locks, snapshots, index) again when their listing is older than "
+                        "this, and data/ folders when asked for an object they lack; finds "
+                        "what another writer added (default 0: never, the server is the only "
+                        "writer)")
     p.add_argument("--no-verify-upload", action="store_true",
                    help="do not check that an upload's SHA-256 equals its name")
     auth = p.add_argument_group("users and rights")
@@ -250,9 +277,12 @@ def parse_config(argv, environ):
         if pan123_flags:
             raise UsageError("%s belong to --backend 123pan, not to the local backend"
                              % ", ".join(pan123_flags))
-        if args.state_dir:
-            raise UsageError("--state-dir is for the cloud backends; the local backend "
-                             "keeps everything in --path")
+        cloud_flags = [f for f, v in (("--state-dir", args.state_dir),
+                                      ("--rebuild-cache", args.rebuild_cache),
+                                      ("--cache-refresh", args.cache_refresh)) if v]
+        if cloud_flags:
+            raise UsageError("%s: for the cloud backends; the local backend keeps "
+                             "everything in --path" % ", ".join(cloud_flags))
         args.path = args.path or DEFAULT_LOCAL_PATH
         config_dir = args.path
     else:
@@ -1486,30 +1516,38 @@ class Pan123Client(object):
         return _positive_id(data, "dirID", "mkdir")
 
     def list_folder(self, parent_id):
-        """Yield the live Pan123Entry items of a folder, every page (list v2).
+        """Yield the live Pan123Entry items of a folder, every page (list v2)."""
+        cursor = None
+        while True:
+            entries, cursor = self.list_page(parent_id, cursor)
+            for entry in entries:
+                yield entry
+            if cursor is None:
+                return
+
+    def list_page(self, parent_id, cursor=None):
+        """One page of a folder (list v2): (live entries, the cursor of the next
+        page or None after the last).  cursor None starts at the beginning.
 
         Trashed entries (list v2 returns them) and entries rejected by content
         review (status > 100) are left out.  The cursor is passed back opaque;
         -1, an empty page or a cursor that does not move ends the listing."""
-        cursor = None
-        while True:
-            query = {"parentFileId": parent_id, "limit": PAN123_LIST_PAGE}
-            if cursor is not None:
-                query["lastFileId"] = cursor
-            data = self.call("GET", "/api/v2/file/list", query=query) or {}
-            page = data.get("fileList") or []
-            for item in page:
-                if item.get("trashed") == 1 or (item.get("status") or 0) > 100:
-                    continue
-                yield Pan123Entry(item["fileId"], item["filename"], item.get("type") == 1,
-                                  item.get("size") or 0, (item.get("etag") or "").lower())
-            next_cursor = data.get("lastFileId", -1)
-            if next_cursor == -1 or not page:
-                return
-            if next_cursor == cursor:
-                raise Pan123Error("123pan list of folder %d: cursor %r does not advance"
-                                  % (parent_id, cursor), endpoint="/api/v2/file/list")
-            cursor = next_cursor
+        query = {"parentFileId": parent_id, "limit": PAN123_LIST_PAGE}
+        if cursor is not None:
+            query["lastFileId"] = cursor
+        data = self.call("GET", "/api/v2/file/list", query=query) or {}
+        page = data.get("fileList") or []
+        entries = [Pan123Entry(item["fileId"], item["filename"], item.get("type") == 1,
+                               item.get("size") or 0, (item.get("etag") or "").lower())
+                   for item in page
+                   if item.get("trashed") != 1 and (item.get("status") or 0) <= 100]
+        next_cursor = data.get("lastFileId", -1)
+        if next_cursor == -1 or not page:
+            return entries, None
+        if next_cursor == cursor:
+            raise Pan123Error("123pan list of folder %d: cursor %r does not advance"
+                              % (parent_id, cursor), endpoint="/api/v2/file/list")
+        return entries, next_cursor
 
     # -- uploads ------------------------------------------------------------------
 
@@ -1757,93 +1795,155 @@ def _positive_id(data, key, what):
 Pan123File = collections.namedtuple("Pan123File", "file_id size etag")
 
 
-class _FolderState(object):
-    __slots__ = ("files", "folders", "deleted", "loaded")
+class _Listing(object):
+    """One listing of a folder under way: where it started (cursor None: from
+    the first page), which names it showed (a set only when it started at the
+    first page), and what it has merged."""
+    __slots__ = ("folder_id", "cursor", "seen", "settled_before", "pages", "objects")
 
-    def __init__(self):
-        self.files = {}         # name -> Pan123File
-        self.folders = {}       # name -> folder id
-        self.deleted = set()    # names we deleted before the folder was listed
-        self.loaded = False     # listed, or created by us: complete from now on
+    def __init__(self, folder_id, cursor, settled_before):
+        self.folder_id, self.cursor, self.settled_before = folder_id, cursor, settled_before
+        self.seen = set() if cursor is None else None
+        self.pages = self.objects = 0
 
 
 class Pan123Index(object):
     """What this server knows exists on 123pan: per folder id its files
-    (name -> Pan123File) and sub-folders (name -> id).  Kept in memory; the
-    persistent sqlite cache will implement the same methods.
+    (name -> Pan123File) and sub-folders (name -> id), and whether the folder
+    was listed completely.  Kept in a MetadataCache under the namespace of the
+    account: a persistent one from the state directory survives restarts; the
+    default is an in-memory one.
 
-    A folder is listed once, when first needed, and then kept current from this
-    server's own uploads and deletes.  Our own writes always win over a listing:
-    listings lag behind writes (spec 4.2), and a listing that ran while we wrote
-    must neither drop a file we just uploaded nor revive one we just trashed."""
+    A folder is listed once, when first needed (or by the warm-up), and then kept
+    current from this server's own uploads and deletes.  Our own writes always
+    win over a listing: listings lag behind writes (spec 4.2), and a listing that
+    ran while we wrote must neither drop a file we just uploaded nor revive one
+    we just deleted.  So an entry we wrote stays as it is for LISTING_LAG_GRACE
+    seconds whatever a listing says, and a name we drop while a listing of its
+    folder may be under way is remembered (in memory) and left out of that
+    listing.  Deleted objects waiting for their remote delete are left out of
+    every listing by their file id."""
 
     ROOT_ID = 0
 
-    def __init__(self):
-        self._folders = {}
+    def __init__(self, cache=None, namespace="123pan"):
+        self.cache = cache if cache is not None else MetadataCache()
+        self.ns = namespace
         self._lock = threading.Lock()
+        self._dropped = collections.defaultdict(set)    # folder -> names (see above)
+        self._listings = collections.Counter()          # folder -> listings under way
 
-    def _state(self, folder_id):
-        state = self._folders.get(folder_id)
-        if state is None:
-            state = self._folders[folder_id] = _FolderState()
-        return state
+    def folder_state(self, folder_id):
+        return self.cache.folder(self.ns, folder_id)
 
     def is_loaded(self, folder_id):
-        with self._lock:
-            return self._state(folder_id).loaded
+        return self.folder_state(folder_id).complete
 
     def child_folder(self, parent_id, name):
-        with self._lock:
-            return self._state(parent_id).folders.get(name)
+        known = self.cache.entry(self.ns, parent_id, name, is_dir=True)
+        return None if known is None else known[0]
 
     def folders(self, folder_id):
-        with self._lock:
-            return dict(self._state(folder_id).folders)
+        return dict((name, child) for name, child, _, _ in
+                    self.cache.entries(self.ns, folder_id, is_dir=True))
 
     def file(self, folder_id, name):
-        with self._lock:
-            return self._state(folder_id).files.get(name)
+        known = self.cache.entry(self.ns, folder_id, name)
+        return None if known is None else Pan123File(*known)
 
     def files(self, folder_id):
-        with self._lock:
-            return list(self._state(folder_id).files.items())
+        return [(name, Pan123File(file_id, size, etag))
+                for name, file_id, size, etag in self.cache.entries(self.ns, folder_id)]
 
     def record_folder(self, parent_id, name, folder_id, created=False):
         """A folder exists; created=True when we just made it, so it is empty."""
-        with self._lock:
-            self._state(parent_id).folders[name] = folder_id
-            if created:
-                self._state(folder_id).loaded = True
+        self.cache.record(self.ns, parent_id, name, folder_id, is_dir=True, created=created)
 
     def record_file(self, folder_id, name, entry):
         with self._lock:
-            state = self._state(folder_id)
-            state.files[name] = entry
-            state.deleted.discard(name)
+            self.cache.record(self.ns, folder_id, name, entry.file_id, entry.size, entry.etag)
+            self._dropped.get(folder_id, set()).discard(name)
 
-    def drop_file(self, folder_id, name, file_id):
-        """Forget a file, if `name` still is that file id (not a newer upload)."""
+    def drop_file(self, folder_id, name, file_id, delete_remotely=False):
+        """Forget a file, if `name` still is that file id (not a newer upload);
+        True if it was known.  delete_remotely: and queue its trash and
+        permanent delete, committed together with forgetting it."""
         with self._lock:
-            state = self._state(folder_id)
-            current = state.files.get(name)
+            current = self.file(folder_id, name)
             if current is not None and current.file_id != file_id:
-                return
-            state.files.pop(name, None)
-            if not state.loaded:
-                state.deleted.add(name)
+                return False
+            dropped = self.cache.drop(self.ns, folder_id, name, file_id,
+                                      pending_stage="trash" if delete_remotely else None)
+            if self._listings[folder_id] or not self.is_loaded(folder_id):
+                self._dropped[folder_id].add(name)
+            return dropped
+
+    def forget_folder(self, parent_id, name, folder_id):
+        """A folder vanished behind our back: forget it and all below it."""
+        self.cache.drop(self.ns, parent_id, name, folder_id, is_dir=True)
+
+    def invalidate(self):
+        self.cache.invalidate(self.ns)
+
+    # -- listings ------------------------------------------------------------------
+
+    def begin_listing(self, folder_id):
+        """Start (or, for a folder whose listing was interrupted, continue) a
+        listing: pages go to merge_page, and end_listing follows in any case."""
+        state = self.folder_state(folder_id)
+        cursor = None if state.complete else state.cursor
+        with self._lock:
+            self._listings[folder_id] += 1
+        return _Listing(folder_id, cursor, time.time() - LISTING_LAG_GRACE)
+
+    def merge_page(self, listing, entries, next_cursor):
+        """Merge one page of Pan123Entry items; next_cursor None after the last."""
+        newest = collections.OrderedDict()
+        for e in entries:   # a name twice (someone used duplicate=1): the newest wins
+            known = newest.get((e.is_folder, e.name))
+            if known is None or known.file_id < e.file_id:
+                newest[(e.is_folder, e.name)] = e
+        rows = [CacheEntry(e.name, e.is_folder, e.file_id, e.size, e.etag)
+                for e in newest.values()]
+        with self._lock:
+            skip = set((False, name) for name in self._dropped.get(listing.folder_id, ()))
+            self.cache.merge_page(self.ns, listing.folder_id, rows, listing.settled_before,
+                                  next_cursor, skip, listing.seen)
+        listing.pages += 1
+        listing.objects += sum(1 for row in rows if not row.is_dir)
+
+    def end_listing(self, listing):
+        with self._lock:
+            self._listings[listing.folder_id] -= 1
+            if not self._listings[listing.folder_id]:
+                del self._listings[listing.folder_id]
+                if self.is_loaded(listing.folder_id):
+                    self._dropped.pop(listing.folder_id, None)
 
     def merge_listing(self, folder_id, files, folders):
-        """Add what a complete listing shows and we do not know yet."""
-        with self._lock:
-            state = self._state(folder_id)
-            for name, entry in files.items():
-                if name not in state.deleted:
-                    state.files.setdefault(name, entry)
-            for name, child_id in folders.items():
-                state.folders.setdefault(name, child_id)
-            state.deleted.clear()
-            state.loaded = True
+        """A whole listing at once: {name: Pan123File}, {name: folder id}."""
+        listing = self.begin_listing(folder_id)
+        try:
+            self.merge_page(listing, [Pan123Entry(f.file_id, name, False, f.size, f.etag)
+                                      for name, f in files.items()] +
+                            [Pan123Entry(child, name, True, 0, "")
+                             for name, child in folders.items()], None)
+        finally:
+            self.end_listing(listing)
+
+    # -- deletes queued for the cloud ------------------------------------------------
+
+    def pending_deletes(self):
+        return self.cache.pending_deletes(self.ns)
+
+    def pending_deletes_of(self, folder_id, name):
+        return self.cache.pending_deletes_of(self.ns, folder_id, name)
+
+    def set_pending_stage(self, file_ids, stage):
+        self.cache.set_pending_stage(self.ns, file_ids, stage)
+
+    def clear_pending(self, file_ids):
+        self.cache.clear_pending(self.ns, file_ids)
 
 
 def split_pan123_path(path):
@@ -1857,11 +1957,12 @@ def split_pan123_path(path):
 
 
 class _QueuedItem(object):
-    __slots__ = ("item", "waited_for", "done", "error")
+    __slots__ = ("item", "waited_for", "done", "error", "queued_at")
 
     def __init__(self, item, waited_for):
         self.item, self.waited_for = item, waited_for
         self.done, self.error = False, None
+        self.queued_at = time.monotonic()
 
 
 class _BatchQueue(object):
@@ -1871,18 +1972,22 @@ class _BatchQueue(object):
 
     submit(item) waits for its item's outcome: the caller whose item finds no
     call under way makes the call itself (group commit: no extra thread).
-    post(item) returns at once; a background thread drains posted items and
-    close() drains what is left.  run_batch returns {item: exception} for items
-    that failed; an exception it raises fails the whole batch."""
+    post(item) returns at once; a background thread drains posted items, after
+    letting them gather for up to `linger` seconds (or until a batch is full),
+    flush() waits until everything queued is done, and close() drains what is
+    left.  run_batch returns {item: exception} for items that failed; an
+    exception it raises fails the whole batch."""
 
-    def __init__(self, name, run_batch, max_batch):
+    def __init__(self, name, run_batch, max_batch, linger=0.0):
         self.name = name
         self._run_batch = run_batch
         self._max_batch = max_batch
+        self._linger = linger
         self._cond = threading.Condition()
         self._queue = collections.deque()           # of _QueuedItem
         self._busy = False              # a batch call is under way
         self._closing = False
+        self._flushing = 0
         self._drainer = None
 
     def submit(self, item):
@@ -1905,6 +2010,20 @@ class _BatchQueue(object):
                                                  name="123pan-" + self.name)
                 self._drainer.start()
             self._cond.notify_all()
+
+    def flush(self):
+        """Wait until every item queued so far is done."""
+        with self._cond:
+            self._flushing += 1
+            self._cond.notify_all()
+            try:
+                while self._queue or self._busy:
+                    if self._busy or self._drainer is not None:
+                        self._cond.wait()
+                    else:
+                        self._run_one_batch()
+            finally:
+                self._flushing -= 1
 
     def _run_one_batch(self):
         """With self._cond held: take a batch, run it unlocked, record outcomes."""
@@ -1932,20 +2051,28 @@ class _BatchQueue(object):
         with self._cond:
             while True:
                 if self._queue and not self._busy:
-                    self._run_one_batch()
+                    gathering = self._queue[0].queued_at + self._linger - time.monotonic()
+                    if gathering > 0 and len(self._queue) < self._max_batch \
+                            and not self._closing and not self._flushing:
+                        self._cond.wait(gathering)
+                    else:
+                        self._run_one_batch()
                 elif self._closing and not self._queue:
                     return
                 else:
                     self._cond.wait()
 
     def close(self, timeout=None):
-        """Finish the queued items (posted ones included)."""
+        """Finish the queued items (posted ones included); False if that took
+        longer than `timeout`."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
             drainer = self._drainer
         if drainer is not None:
             drainer.join(timeout)
+            return not drainer.is_alive()
+        return True
 
 
 def _run_batch_isolating(call, file_ids, refusal):
@@ -1991,6 +2118,18 @@ PAN123_DEFAULT_SINGLE_MAX = 64 * 1024 * 1024
 PAN123_SINGLE_STEP_LIMIT = 1024 * 1024 * 1024
 PAN123_DEFAULT_REPO_PATH = "/restic-backup"
 _DATA_FOLDER_RE = re.compile(r"\A[0-9a-f]{2}\Z")
+# Warm-up threads: one is enough against a fast API; with 100-300 ms per call a
+# second one keeps the list budget (5/s) in use.
+PAN123_WARM_UP_WORKERS = 2
+# Deleted objects gather this long before their trash call, so that a prune's
+# deletes go 100 to a call; failed remote deletes are tried again this much later.
+PAN123_DELETE_LINGER = 1.0
+PAN123_DELETE_RETRY = 60.0
+
+
+def pan123_cache_namespace(api_base, client_id):
+    """The metadata cache rows of one 123pan account (a client id belongs to one)."""
+    return "123pan|%s|%s" % (api_base.rstrip("/"), client_id)
 
 
 class Pan123Storage(Storage):
@@ -2002,26 +2141,50 @@ class Pan123Storage(Storage):
 
     data/<xx> folders are created on the first upload into them, so that
     creating a repository costs 5 mkdir calls, not 261.  HEAD, stat and list are
-    answered from a Pan123Index: each folder is listed once, then kept current
-    from our own writes.
+    answered from a Pan123Index (backed by the metadata cache): each folder is
+    listed once, then kept current from our own writes.  start() resumes the
+    deletes queued before a restart and runs the warm-up, which lists what the
+    cache does not know yet, small folders first.
 
-    Deletes: an object is moved to the 123pan trash before DELETE returns
-    (trashed files vanish from listings, so that is the commit point); the
-    permanent delete, only allowed from the trash and limited to 1 call/s on
-    free accounts, is queued and done in background batches of up to 100."""
+    refresh_seconds (--cache-refresh): when above 0, a small folder (the
+    repository folder, keys, locks, snapshots, index) whose last listing is older
+    than that is listed again when next used, and so are data/ and data/<xx> when
+    asked for an object they do not hold: how objects that another writer added
+    are found.  0 trusts the cache until --rebuild-cache.
+
+    Deletes: DELETE forgets the object in the cache and queues its remote delete
+    in the same transaction, then returns; it is invisible from then on.  In the
+    background, objects go to the 123pan trash in calls of up to 100 (trashed
+    files vanish from listings), then are deleted permanently, again 100 to a
+    call (only allowed from the trash, and 1 call/s on free accounts).  The
+    queue is in the cache, so a restart continues it."""
 
     name = "123pan"
 
     def __init__(self, client, repo_path=PAN123_DEFAULT_REPO_PATH,
-                 single_upload_max=PAN123_DEFAULT_SINGLE_MAX, index=None):
+                 single_upload_max=PAN123_DEFAULT_SINGLE_MAX, index=None, refresh_seconds=0,
+                 warm_up_workers=PAN123_WARM_UP_WORKERS,
+                 progress_interval=None, delete_linger=PAN123_DELETE_LINGER,
+                 delete_retry=PAN123_DELETE_RETRY):
         self.client = client
         self._base = split_pan123_path(repo_path)
         self.single_upload_max = min(single_upload_max, PAN123_SINGLE_STEP_LIMIT)
         self.index = index or Pan123Index()
+        self.refresh_seconds = refresh_seconds
+        self.warm_up_workers = warm_up_workers
+        self.progress_interval = WARM_UP_PROGRESS_INTERVAL if progress_interval is None \
+            else progress_interval
         self._folder_locks = {}
         self._folder_locks_guard = threading.Lock()
-        self._trash = _BatchQueue("trash", self._trash_batch, PAN123_MAX_BATCH)
-        self._purge = _BatchQueue("delete", self._purge_batch, PAN123_MAX_BATCH)
+        self._trash = _BatchQueue("trash", self._trash_batch, PAN123_MAX_BATCH, delete_linger)
+        self._purge = _BatchQueue("delete", self._purge_batch, PAN123_MAX_BATCH, delete_linger)
+        self._delete_retry = delete_retry
+        self._retry_timers = set()
+        self._stopping = threading.Event()
+        self._request_listings = 0      # listings for requests under way
+        self._request_listings_cond = threading.Condition()
+        self._warm_up_thread = None
+        self.warm_up = None
 
     def describe(self):
         return "123pan folder /%s (client id %s, %s)" % (
@@ -2044,25 +2207,66 @@ class Pan123Storage(Storage):
                 lock = self._folder_locks[folder_id] = threading.RLock()
             return lock
 
-    def _ensure_listed(self, folder_id, again=False):
-        """List a folder into the index unless that was done (one listing at a
-        time per folder: concurrent callers wait for it).  again=True lists it
-        anew, to find a folder that mkdir says exists."""
-        if not again and self.index.is_loaded(folder_id):
-            return
+    def _max_age(self, kind):
+        """How old a listing of a `kind` folder may be (None: any age)."""
+        if self.refresh_seconds > 0 and kind != "data":
+            return self.refresh_seconds
+        return None
+
+    def _known(self, folder_id, max_age):
+        state = self.index.folder_state(folder_id)
+        return state.complete and (max_age is None or
+                                   (state.listed_at or 0) >= time.time() - max_age)
+
+    def _ensure_listed(self, folder_id, again=False, max_age=None, on_page=None):
+        """List a folder into the index unless it is known (complete, and listed
+        within max_age seconds when that is given); one listing at a time per
+        folder: concurrent callers wait for it.  again=True lists it anew, to find
+        a folder that mkdir says exists.  on_page: the warm-up's progress
+        callback; the warm-up also pauses while requests list.  Returns the
+        _Listing, or None when nothing was listed."""
+        if not again and self._known(folder_id, max_age):
+            return None
         with self._folder_lock(folder_id):
-            if not again and self.index.is_loaded(folder_id):
-                return
-            newest = {}
-            for entry in self.client.list_folder(folder_id):
-                # A name twice (someone else used duplicate=1): the newest wins.
-                known = newest.get((entry.is_folder, entry.name))
-                if known is None or known.file_id < entry.file_id:
-                    newest[(entry.is_folder, entry.name)] = entry
-            files = dict((e.name, Pan123File(e.file_id, e.size, e.etag))
-                         for e in newest.values() if not e.is_folder)
-            folders = dict((e.name, e.file_id) for e in newest.values() if e.is_folder)
-            self.index.merge_listing(folder_id, files, folders)
+            if not again and self._known(folder_id, max_age):
+                return None
+            if on_page is not None:
+                return self._list_into_index(folder_id, on_page)
+            with self._request_listings_cond:
+                self._request_listings += 1
+            try:
+                return self._list_into_index(folder_id, None)
+            finally:
+                with self._request_listings_cond:
+                    self._request_listings -= 1
+                    self._request_listings_cond.notify_all()
+
+    def _list_into_index(self, folder_id, on_page):
+        """Page by page, each page committed to the cache with the cursor of the
+        next, so that an interrupted listing continues where it stopped."""
+        listing = self.index.begin_listing(folder_id)
+        try:
+            cursor = listing.cursor
+            while True:
+                if on_page is not None:
+                    self._yield_to_requests()
+                entries, cursor = self.client.list_page(folder_id, cursor)
+                self.index.merge_page(listing, entries, cursor)
+                if on_page is not None:
+                    on_page(sum(1 for e in entries if not e.is_folder))
+                if cursor is None:
+                    return listing
+        finally:
+            self.index.end_listing(listing)
+
+    def _yield_to_requests(self):
+        """Warm-up: wait while requests are listing (they share the rate limit and
+        a request is waiting for each of them); WarmUpStopped when stopping."""
+        with self._request_listings_cond:
+            while self._request_listings and not self._stopping.is_set():
+                self._request_listings_cond.wait(1.0)
+        if self._stopping.is_set():
+            raise WarmUpStopped()
 
     def _resolve(self, path, create=False, mkdir_first=False):
         """The folder id of a path from the 123pan root; None if it does not exist
@@ -2111,13 +2315,50 @@ class Pan123Storage(Storage):
                 raise UpstreamError("123pan: folder %r exists under folder %d according to "
                                     "mkdir but is not listed" % (name, parent_id))
 
+    def _forget_vanished_folders(self, path):
+        """After an upload into `path` failed: forget the folders of the path that
+        are gone (trashed or deleted behind our back), from the innermost up.
+        True if one was, so that the upload may be tried again."""
+        forgot = False
+        while path:
+            parent_id = self._resolve(path[:-1])
+            folder_id = None if parent_id is None else self.index.child_folder(parent_id,
+                                                                                path[-1])
+            if folder_id is None:
+                return forgot
+            try:
+                if self.client.file_detail(folder_id).get("trashed") != 1:
+                    return forgot
+            except Pan123FileNotFound:
+                pass
+            log.warning("123pan: folder /%s (%d) was removed behind our back; forgetting it",
+                        "/".join(path), folder_id)
+            self.index.forget_folder(parent_id, path[-1], folder_id)
+            forgot = True
+            path = path[:-1]
+        return forgot
+
     def _lookup(self, ref):
         """(folder id, Pan123File) of an object; (None, None) if its folder is
-        missing, (folder id, None) if the object is."""
+        missing, (folder id, None) if the object is.
+
+        With refresh_seconds, a small folder listed longer ago than that is
+        listed again, and so are data/ and data/<xx> when they lack the object
+        (written by another server?), at most once per interval.  Without it,
+        nothing here costs a call once the folders are known."""
+        folder_id, entry = self._find(ref, self._max_age(ref.kind))
+        if entry is None and ref.kind == "data" and self.refresh_seconds > 0:
+            data_id = self._resolve(self._folder_path(ref.repo, "data"))
+            if data_id is not None:
+                self._ensure_listed(data_id, max_age=self.refresh_seconds)
+                folder_id, entry = self._find(ref, self.refresh_seconds)
+        return folder_id, entry
+
+    def _find(self, ref, max_age):
         folder_id = self._resolve(self._folder_path(ref.repo, ref.kind, ref.name))
         if folder_id is None:
             return None, None
-        self._ensure_listed(folder_id)
+        self._ensure_listed(folder_id, max_age=max_age)
         return folder_id, self.index.file(folder_id, ref.name)
 
     # -- the Storage interface -------------------------------------------------
@@ -2135,7 +2376,7 @@ class Pan123Storage(Storage):
         folder_id = self._resolve(self._folder_path(repo, kind))
         if folder_id is None:
             return []
-        self._ensure_listed(folder_id)
+        self._ensure_listed(folder_id, max_age=self._max_age(kind))
         if kind == "data":
             # Packs live in data/<xx>; only the existing sub-folders are listed.
             folder_ids = [child for name, child in sorted(self.index.folders(folder_id).items())
@@ -2158,7 +2399,8 @@ class Pan123Storage(Storage):
         try:
             chunks = self.client.read_range(entry.file_id, start, length)
         except Pan123FileNotFound:
-            log.warning("123pan: %s (file %d) was removed behind our back", ref, entry.file_id)
+            log.warning("123pan: %s (file %d) was removed behind our back; forgetting it",
+                        ref, entry.file_id)
             self.index.drop_file(folder_id, ref.name, entry.file_id)
             raise NotFound(str(ref))
         if ref.content_addressed and start == 0 and length == entry.size:
@@ -2195,32 +2437,56 @@ class Pan123Storage(Storage):
             yield held
 
     def put(self, ref, spool):
+        path = self._folder_path(ref.repo, ref.kind, ref.name)
+        folder_id = self._resolve(path, create=True)
+        if self.index.pending_deletes_of(folder_id, ref.name):
+            # Deleted a moment ago and stored again (restic migrate's config):
+            # the old file goes to the trash first, or it might take the new one.
+            self._trash.flush()
+        try:
+            file_id = self._upload(folder_id, ref.name, spool)
+        except Pan123Unavailable:
+            raise
+        except Pan123Error:
+            if not self._forget_vanished_folders(path):
+                raise
+            folder_id = self._resolve(path, create=True)
+            file_id = self._upload(folder_id, ref.name, spool)
+        self.index.record_file(folder_id, ref.name, Pan123File(file_id, spool.size, spool.md5))
+
+    def _upload(self, folder_id, name, spool):
         # A zero-byte object always goes single-step (single_upload_max >= 0): how
         # the slice flow numbers zero slices is not documented.
-        folder_id = self._resolve(self._folder_path(ref.repo, ref.kind, ref.name), create=True)
         if spool.size <= self.single_upload_max:
-            file_id = self.client.upload_single(folder_id, ref.name, spool)
-        else:
-            file_id = self.client.upload_chunked(folder_id, ref.name, spool)
-        self.index.record_file(folder_id, ref.name, Pan123File(file_id, spool.size, spool.md5))
+            return self.client.upload_single(folder_id, name, spool)
+        return self.client.upload_chunked(folder_id, name, spool)
 
     def delete(self, ref):
         folder_id, entry = self._lookup(ref)
         if entry is None:
             return False
-        try:
-            self._trash.submit(entry.file_id)
-        except Pan123FileNotFound:
-            log.info("123pan: %s (file %d) was already removed behind our back",
-                     ref, entry.file_id)
-            self.index.drop_file(folder_id, ref.name, entry.file_id)
-            return False        # gone all the same, and nothing to purge
-        self.index.drop_file(folder_id, ref.name, entry.file_id)
-        self._purge.post(entry.file_id)
+        if not self.index.drop_file(folder_id, ref.name, entry.file_id, delete_remotely=True):
+            return False        # a concurrent DELETE of the same object was first
+        self._trash.post(entry.file_id)
         return True
 
+    # -- remote deletes, in the background -----------------------------------------
+
     def _trash_batch(self, file_ids):
-        return _run_batch_isolating(self.client.trash, file_ids, self._trash_refusal)
+        try:
+            errors = _run_batch_isolating(self.client.trash, file_ids, self._trash_refusal)
+        except Exception as e:      # unreachable past the retries: all of them later
+            errors = dict((file_id, e) for file_id in file_ids)
+        gone = [i for i, e in errors.items() if isinstance(e, Pan123FileNotFound)]
+        if gone:
+            log.info("123pan: %d deleted objects were already removed behind our back",
+                     len(gone))
+            self.index.clear_pending(gone)
+        trashed = [i for i in file_ids if i not in errors]
+        self.index.set_pending_stage(trashed, "purge")
+        for file_id in trashed:
+            self._purge.post(file_id)
+        return self._retry_failed(self._trash, errors)
 
     def _trash_refusal(self, file_id, error):
         """A lone trash call refused: trashed anyway (a retry of a call whose
@@ -2233,20 +2499,612 @@ class Pan123Storage(Storage):
         return error
 
     def _purge_batch(self, file_ids):
-        errors = _run_batch_isolating(self.client.delete_trashed, file_ids,
-                                      lambda file_id, error: error)
+        try:
+            errors = _run_batch_isolating(self.client.delete_trashed, file_ids,
+                                          lambda file_id, error: error)
+        except Exception as e:
+            errors = dict((file_id, e) for file_id in file_ids)
         # Already gone (the user emptied the recycle bin) is what we wanted.
-        return dict((file_id, e) for file_id, e in errors.items()
-                    if not isinstance(e, Pan123FileNotFound))
+        errors = dict((file_id, e) for file_id, e in errors.items()
+                      if not isinstance(e, Pan123FileNotFound))
+        self.index.clear_pending([i for i in file_ids if i not in errors])
+        return self._retry_failed(self._purge, errors)
+
+    def _retry_failed(self, queue, errors):
+        """Queue the failed ids again after a while (they stay in the cache's
+        queue meanwhile, and a restart would also pick them up)."""
+        errors = dict((i, e) for i, e in errors.items() if not isinstance(e, Pan123FileNotFound))
+        if errors and not self._stopping.is_set():
+            log.warning("123pan %s: %d objects failed, trying again in %ds",
+                        queue.name, len(errors), self._delete_retry)
+
+            def again():
+                self._retry_timers.discard(timer)
+                for file_id in errors:
+                    queue.post(file_id)
+
+            timer = threading.Timer(self._delete_retry, again)
+            timer.daemon = True
+            self._retry_timers.add(timer)
+            timer.start()
+        return errors
+
+    def flush_deletes(self):
+        """Wait until the remote deletes queued so far are done (or failed)."""
+        self._trash.flush()
+        self._purge.flush()
+
+    # -- start and stop -----------------------------------------------------------
+
+    def start(self, rebuild=False, wait=False):
+        """Server start: resume the remote deletes queued before a restart, then
+        warm the cache up in a background thread (wait=True: in this one).
+        rebuild: forget what every folder held first (--rebuild-cache)."""
+        self.index.cache.open()
+        if rebuild:
+            log.info("123pan: --rebuild-cache: every folder is listed again")
+            self.index.invalidate()
+        pending = self.index.pending_deletes()
+        if pending:
+            log.info("123pan: %d deletes from before the restart are still to be done",
+                     len(pending))
+        for file_id, stage in pending:
+            (self._purge if stage == "purge" else self._trash).post(file_id)
+        self.warm_up = CacheWarmUp("123pan", self._warm_up_visit, self.warm_up_workers,
+                                   self.progress_interval, self._stopping)
+        if wait:
+            self._warm_up_run()
+        else:
+            self._warm_up_thread = threading.Thread(target=self._warm_up_run, daemon=True,
+                                                    name="123pan-warm-up")
+            self._warm_up_thread.start()
+        return self.warm_up
+
+    def _warm_up_run(self):
+        try:
+            base_id = Pan123Index.ROOT_ID
+            for name in self._base:     # like _resolve, its listings counted as pages
+                self._ensure_listed(base_id, on_page=self.warm_up.page_listed)
+                base_id = self.index.child_folder(base_id, name)
+                if base_id is None:
+                    break
+        except WarmUpStopped:
+            self.warm_up.finished.set()
+            return
+        except Exception as e:
+            log.warning("123pan cache warm-up: cannot reach /%s: %s; folders are listed "
+                        "when first needed", "/".join(self._base), e)
+            self.warm_up.finished.set()
+            return
+        except BaseException:
+            self.warm_up.finished.set()
+            raise
+        self.warm_up.run([] if base_id is None else [(0, base_id, ())])
+
+    def _warm_up_visit(self, folder_id, path, on_page):
+        listing = self._ensure_listed(folder_id, on_page=on_page)
+        children = []
+        for name, child_id in self.index.folders(folder_id).items():
+            if name == "data":
+                priority = 1            # its <= 256 sub-folders: a few pages
+            elif path and path[-1] == "data" and _DATA_FOLDER_RE.match(name):
+                priority = 2            # the packs
+            else:
+                priority = 0            # repository folders, keys, locks, snapshots, index
+            children.append((priority, child_id, path + (name,)))
+        objects = len(self.index.files(folder_id))
+        return objects, (None if listing is None else listing.objects), children
 
     def close(self):
-        self._trash.close()
-        self._purge.close(timeout=120)
+        self._stopping.set()
+        with self._request_listings_cond:
+            self._request_listings_cond.notify_all()
+        if self._warm_up_thread is not None:
+            self._warm_up_thread.join(30)
+        for timer in list(self._retry_timers):
+            timer.cancel()
+        # What is not done in time stays queued in the cache for the next start.
+        drained = self._trash.close(timeout=60) and self._purge.close(timeout=120)
+        if not drained:
+            log.warning("123pan: remote deletes still queued at exit; the next start "
+                        "continues them")
         self.client.close()
+        if drained and (self._warm_up_thread is None or not self._warm_up_thread.is_alive()):
+            self.index.cache.close()
 
 
 # ---------------------------------------------------------------------------
-# 6. The repository service: what restic may do, independent of HTTP and storage
+# 6. The metadata cache (sqlite3 in the state directory), shared by the cloud
+#    backends, and the warm-up that fills it
+# ---------------------------------------------------------------------------
+
+METADATA_CACHE_FILE = "metadata-cache.sqlite3"
+METADATA_CACHE_SCHEMA = 1
+
+# A listing may lag behind our own writes (123pan spec 4.2): for this long after
+# we wrote an entry, a listing that does not show it, or shows an older one,
+# leaves it alone.  After that, a listing from the start of a folder is the
+# truth for it.
+LISTING_LAG_GRACE = 600.0
+
+_CACHE_SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
+CREATE TABLE IF NOT EXISTS folders (
+    ns TEXT NOT NULL, folder NOT NULL,
+    complete INTEGER NOT NULL DEFAULT 0,
+    cursor, listed_at REAL,
+    PRIMARY KEY (ns, folder));
+CREATE TABLE IF NOT EXISTS entries (
+    ns TEXT NOT NULL, folder NOT NULL, is_dir INTEGER NOT NULL, name TEXT NOT NULL,
+    remote_id NOT NULL, size INTEGER NOT NULL DEFAULT 0, md5 TEXT NOT NULL DEFAULT '',
+    written_at REAL,
+    PRIMARY KEY (ns, folder, is_dir, name));
+CREATE TABLE IF NOT EXISTS pending_deletes (
+    ns TEXT NOT NULL, remote_id NOT NULL, folder NOT NULL, name TEXT NOT NULL,
+    stage TEXT NOT NULL, queued_at REAL NOT NULL,
+    PRIMARY KEY (ns, remote_id));
+"""
+
+CacheFolder = collections.namedtuple("CacheFolder", "complete cursor listed_at")
+CacheEntry = collections.namedtuple("CacheEntry", "name is_dir remote_id size md5")
+
+
+class CacheError(StorageError):
+    """The metadata cache failed (disk full, I/O error): a 500 with the reason."""
+    status = 500
+
+
+class MetadataCache(object):
+    """What the cloud backends know exists, in one sqlite3 file of the state
+    directory, so that a restart knows a repository at once instead of after
+    minutes of rate-limited listing.
+
+    Every row carries a namespace `ns`: backend and account, such as
+    "123pan|https://open-api.123pan.com|<client id>".  Folder keys and remote ids
+    are stored as given (their columns have no type affinity): 123pan uses its
+    integer ids, a Cloudreve backend would use URI strings.  Tables:
+
+      folders          per folder: `complete` (listed to the end, or created by
+                       us: the entries below are all there is), `cursor` (where
+                       an interrupted listing continues), `listed_at`
+      entries          per folder its files (is_dir 0: name -> remote id, size,
+                       MD5) and sub-folders (is_dir 1: name -> folder key);
+                       `written_at` is set for our own writes, NULL for what a
+                       listing showed
+      pending_deletes  objects deleted by restic but not yet removed remotely
+                       ('trash', then 'purge' on 123pan); they survive restarts
+
+    The access token is not kept here: this file is a cache, disposable at any
+    time (--rebuild-cache, or deleting it), while a token thrown away costs one
+    of the 3 live tokens 123pan allows.  It stays in its own file.
+
+    Threads: one connection guarded by one lock.  The server runs one thread per
+    HTTP connection, short-lived and many, so a connection per thread would be
+    opened per client connection with no hook to close it; a statement here takes
+    microseconds next to cloud calls of hundreds of milliseconds, so serialising
+    them costs nothing measurable, and one connection never meets SQLITE_BUSY
+    from itself.  WAL mode lets other processes (sqlite3 on the command line, a
+    second server on the same state directory) read while we write, and with
+    synchronous=FULL a commit is on disk before restic hears "stored": a power
+    cut cannot make the cache forget an upload it confirmed.
+
+    path None: an in-memory database (tests, and backends built without a
+    state directory)."""
+
+    def __init__(self, path=None):
+        if sqlite3 is None:
+            raise OSError(errno.ENOSYS, "this Python has no sqlite3 module, which the "
+                                        "metadata cache of the cloud backends needs")
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = None
+
+    def open(self):
+        """Open (creating) the database now; later calls do nothing.  OSError or
+        sqlite3.Error when the file cannot be used at all.  A file that is not a
+        database of ours is moved aside and a new one started: the cache can
+        always be rebuilt from the cloud."""
+        with self._lock:
+            if self._db is not None:
+                return self
+            if self.path is None:
+                self._db = self._connect(":memory:")
+                return self
+            folder = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            try:
+                self._db = self._connect(self.path)
+            except sqlite3.DatabaseError as e:
+                if isinstance(e, sqlite3.OperationalError) and "unable to open" in str(e):
+                    raise OSError(errno.EACCES, "cannot open %s: %s" % (self.path, e))
+                aside = "%s.broken-%d" % (self.path, time.time())
+                log.warning("metadata cache %s is unusable (%s): moved to %s, starting an "
+                            "empty one", self.path, e, aside)
+                for suffix in ("", "-wal", "-shm"):
+                    if os.path.exists(self.path + suffix):
+                        os.replace(self.path + suffix, aside + suffix)
+                self._db = self._connect(self.path)
+            return self
+
+    def _connect(self, target):
+        if target != ":memory:" and not os.path.exists(target):
+            # sqlite gives its -wal and -shm files the database file's mode.
+            os.close(os.open(target, os.O_CREAT | os.O_RDWR, 0o600))
+        db = sqlite3.connect(target, timeout=30, isolation_level=None,
+                             check_same_thread=False)
+        try:
+            if target != ":memory:":
+                mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    log.warning("metadata cache %s: WAL mode refused (%s mode); it still "
+                                "works, other readers wait for writers", target, mode)
+                db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_CACHE_SCHEMA_SQL)
+            row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (METADATA_CACHE_SCHEMA,))
+            elif row[0] != METADATA_CACHE_SCHEMA:
+                raise sqlite3.DatabaseError("schema %r, expected %r"
+                                            % (row[0], METADATA_CACHE_SCHEMA))
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def close(self):
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """The connection inside one write transaction (BEGIN IMMEDIATE ... COMMIT),
+        under the lock."""
+        with self._lock:
+            db = self.open()._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    if db.in_transaction:   # SQLite may have rolled back by itself
+                        db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise CacheError("metadata cache %s: %s" % (self.path or ":memory:", e))
+
+    def _query(self, sql, args=()):
+        with self._lock:
+            try:
+                return self.open()._db.execute(sql, args).fetchall()
+            except sqlite3.Error as e:
+                raise CacheError("metadata cache %s: %s" % (self.path or ":memory:", e))
+
+    # -- reading ---------------------------------------------------------------
+
+    def folder(self, ns, folder):
+        rows = self._query("SELECT complete, cursor, listed_at FROM folders "
+                           "WHERE ns=? AND folder=?", (ns, folder))
+        if not rows:
+            return CacheFolder(False, None, None)
+        return CacheFolder(bool(rows[0][0]), rows[0][1], rows[0][2])
+
+    def entry(self, ns, folder, name, is_dir=False):
+        """(remote id, size, md5) of one entry, or None."""
+        rows = self._query("SELECT remote_id, size, md5 FROM entries "
+                           "WHERE ns=? AND folder=? AND is_dir=? AND name=?",
+                           (ns, folder, int(is_dir), name))
+        return tuple(rows[0]) if rows else None
+
+    def entries(self, ns, folder, is_dir=False):
+        """[(name, remote id, size, md5)] of a folder's files (or sub-folders),
+        by name."""
+        return [tuple(r) for r in self._query(
+            "SELECT name, remote_id, size, md5 FROM entries WHERE ns=? AND folder=? "
+            "AND is_dir=? ORDER BY name", (ns, folder, int(is_dir)))]
+
+    def file_count(self, ns):
+        return self._query("SELECT COUNT(*) FROM entries WHERE ns=? AND is_dir=0", (ns,))[0][0]
+
+    def dump(self, ns):
+        """{folder: (complete, {(is_dir, name): (remote id, size, md5)})} of a
+        namespace: for tests, benchmarks and curious operators."""
+        out = dict((f, (bool(c), {})) for f, c in self._query(
+            "SELECT folder, complete FROM folders WHERE ns=?", (ns,)))
+        for folder, is_dir, name, remote_id, size, md5 in self._query(
+                "SELECT folder, is_dir, name, remote_id, size, md5 FROM entries WHERE ns=?",
+                (ns,)):
+            out.setdefault(folder, (False, {}))[1][(bool(is_dir), name)] = (remote_id, size, md5)
+        return out
+
+    # -- our own writes --------------------------------------------------------
+
+    def record(self, ns, folder, name, remote_id, size=0, md5="", is_dir=False,
+               created=False):
+        """We stored a file or made a folder (created=True: a new, empty folder,
+        complete from now on)."""
+        now = time.time()
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (ns, folder, int(is_dir), name, remote_id, size, md5, now))
+            if is_dir and created:
+                db.execute("INSERT OR REPLACE INTO folders VALUES (?, ?, 1, NULL, ?)",
+                           (ns, remote_id, now))
+
+    def drop(self, ns, folder, name, remote_id=None, is_dir=False, pending_stage=None):
+        """Forget an entry, if it still is `remote_id` (not a newer upload under
+        the same name); True if it was there.  A folder takes what the cache knows
+        below it along.  pending_stage: also queue the remote delete of the
+        entry (in the same transaction: the delete is committed here)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT remote_id FROM entries WHERE ns=? AND folder=? "
+                             "AND is_dir=? AND name=?",
+                             (ns, folder, int(is_dir), name)).fetchone()
+            if row is not None and remote_id is not None and row[0] != remote_id:
+                return False
+            if row is not None:
+                db.execute("DELETE FROM entries WHERE ns=? AND folder=? AND is_dir=? "
+                           "AND name=?", (ns, folder, int(is_dir), name))
+                if is_dir:
+                    self._forget_below(db, ns, row[0])
+            if row is not None and pending_stage is not None:
+                db.execute("INSERT OR REPLACE INTO pending_deletes VALUES (?, ?, ?, ?, ?, ?)",
+                           (ns, row[0], folder, name, pending_stage, time.time()))
+            return row is not None
+
+    @staticmethod
+    def _forget_below(db, ns, folder):
+        stack = [folder]
+        while stack:
+            current = stack.pop()
+            stack.extend(r[0] for r in db.execute(
+                "SELECT remote_id FROM entries WHERE ns=? AND folder=? AND is_dir=1",
+                (ns, current)))
+            db.execute("DELETE FROM entries WHERE ns=? AND folder=?", (ns, current))
+            db.execute("DELETE FROM folders WHERE ns=? AND folder=?", (ns, current))
+
+    # -- listings --------------------------------------------------------------
+
+    def merge_page(self, ns, folder, rows, settled_before, next_cursor, skip=(), seen=None):
+        """Merge one page of a folder's listing (CacheEntry rows, in listing order).
+
+        A listed entry is added, or replaces what an earlier listing said, but
+        never an entry we wrote after `settled_before` (own writes win over a
+        lagging listing); entries named in `skip` ((is_dir, name): deleted while
+        this listing ran) and remote ids with a pending delete are left out.
+        next_cursor None: the last page; the folder becomes complete, and if
+        `seen` is a set (the listing ran from the first page in this process,
+        and collected every listed (is_dir, name) in it), what the cache holds
+        and the listing did not show is dropped unless we wrote it after
+        `settled_before`.  Otherwise the cursor is kept for a restart to
+        continue from (for a folder not complete yet)."""
+        now = time.time()
+        with self._transaction() as db:
+            pending = set(r[0] for r in db.execute(
+                "SELECT remote_id FROM pending_deletes WHERE ns=? AND folder=?", (ns, folder)))
+            for row in rows:
+                key = (bool(row.is_dir), row.name)
+                if key in skip or row.remote_id in pending:
+                    continue
+                if seen is not None:
+                    seen.add(key)
+                known = db.execute("SELECT written_at FROM entries WHERE ns=? AND folder=? "
+                                   "AND is_dir=? AND name=?",
+                                   (ns, folder, int(row.is_dir), row.name)).fetchone()
+                if known is not None and known[0] is not None and known[0] >= settled_before:
+                    continue
+                db.execute("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                           (ns, folder, int(row.is_dir), row.name, row.remote_id, row.size,
+                            row.md5))
+            db.execute("INSERT OR IGNORE INTO folders (ns, folder) VALUES (?, ?)", (ns, folder))
+            if next_cursor is not None:
+                db.execute("UPDATE folders SET cursor=? WHERE ns=? AND folder=? AND complete=0",
+                           (next_cursor, ns, folder))
+                return
+            if seen is not None:
+                for is_dir, name, remote_id, written_at in db.execute(
+                        "SELECT is_dir, name, remote_id, written_at FROM entries "
+                        "WHERE ns=? AND folder=?", (ns, folder)).fetchall():
+                    if (bool(is_dir), name) in seen or (
+                            written_at is not None and written_at >= settled_before):
+                        continue
+                    db.execute("DELETE FROM entries WHERE ns=? AND folder=? AND is_dir=? "
+                               "AND name=?", (ns, folder, is_dir, name))
+                    if is_dir:
+                        self._forget_below(db, ns, remote_id)
+            db.execute("UPDATE folders SET complete=1, cursor=NULL, listed_at=? "
+                       "WHERE ns=? AND folder=?", (now, ns, folder))
+
+    def invalidate(self, ns):
+        """--rebuild-cache: every folder is to be listed again from its start.
+        The entries stay until those listings replace them."""
+        with self._transaction() as db:
+            db.execute("UPDATE folders SET complete=0, cursor=NULL WHERE ns=?", (ns,))
+
+    # -- deletes queued for the cloud --------------------------------------------
+
+    def pending_deletes(self, ns):
+        """[(remote id, stage)], oldest first."""
+        return [tuple(r) for r in self._query(
+            "SELECT remote_id, stage FROM pending_deletes WHERE ns=? ORDER BY queued_at",
+            (ns,))]
+
+    def pending_deletes_of(self, ns, folder, name):
+        return [r[0] for r in self._query(
+            "SELECT remote_id FROM pending_deletes WHERE ns=? AND folder=? AND name=?",
+            (ns, folder, name))]
+
+    def set_pending_stage(self, ns, remote_ids, stage):
+        with self._transaction() as db:
+            db.executemany("UPDATE pending_deletes SET stage=? WHERE ns=? AND remote_id=?",
+                           [(stage, ns, i) for i in remote_ids])
+
+    def clear_pending(self, ns, remote_ids):
+        with self._transaction() as db:
+            db.executemany("DELETE FROM pending_deletes WHERE ns=? AND remote_id=?",
+                           [(ns, i) for i in remote_ids])
+
+
+# Warm-up progress goes to the log at most this often.
+WARM_UP_PROGRESS_INTERVAL = 10.0
+
+
+class WarmUpStopped(Exception):
+    """The server is stopping: a warm-up ends between two pages."""
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return "%ds" % seconds
+    if seconds < 3600:
+        return "%dm%02ds" % divmod(seconds, 60)
+    return "%dh%02dm" % (seconds // 3600, seconds % 3600 // 60)
+
+
+class CacheWarmUp(object):
+    """Fills a cold metadata cache by walking a cloud folder tree, lowest
+    priority number first: restic's small folders (the repository folder with
+    config, keys, locks, snapshots, index) before data/ and its sub-folders, so
+    that restic's first requests find their folders listed early.  A few
+    worker threads share the backend's rate limit.
+
+    visit(key, path, on_page) lists one folder unless the cache knows it
+    complete, calling on_page(objects) after every page, and returns (objects
+    in the folder, objects listed now or None when it was not listed,
+    [(priority, child key, child path)]).  It raises WarmUpStopped when `stop`
+    is set; what was listed stays in the cache (the backend keeps the cursor of
+    a folder listed half-way) and the next run continues from there.  A folder
+    whose listing fails is left to the requests that need it.  Progress goes to
+    the log: objects so far, the rate, and an estimate from the folders still
+    queued (their number times the average of the folders of the same priority
+    listed so far)."""
+
+    def __init__(self, label, visit, workers=2, interval=WARM_UP_PROGRESS_INTERVAL,
+                 stop=None):
+        self.label = label
+        self._visit = visit
+        self._workers = max(1, workers)
+        self._interval = interval
+        self._stop = stop or threading.Event()
+        self._cond = threading.Condition()
+        self._queue = []            # heap of (priority, sequence, key, path)
+        self._sequence = 0
+        self._active = 0
+        self._open_objects = 0      # listed in folders not finished yet
+        self._by_priority = collections.defaultdict(lambda: [0, 0])  # listed folders, objects
+        self.objects = 0            # in the folders finished
+        self.listed_objects = 0
+        self.folders = 0
+        self.listed_folders = 0
+        self.pages = 0
+        self.failures = 0
+        self.finished = threading.Event()
+        self._started = self._last_log = time.monotonic()
+
+    def run(self, roots):
+        """Walk from roots [(priority, key, path)] until done or stopped."""
+        with self._cond:
+            for root in roots:
+                self._push(*root)
+        helpers = [threading.Thread(target=self._work, daemon=True,
+                                    name="%s-warm-up-%d" % (self.label, i))
+                   for i in range(1, self._workers)]
+        for thread in helpers:
+            thread.start()
+        try:
+            self._work()
+        finally:
+            for thread in helpers:
+                thread.join()
+            self.finished.set()
+        elapsed = time.monotonic() - self._started
+        if self._stop.is_set():
+            log.info("%s cache warm-up stopped after %s: %d objects known; the next start "
+                     "continues where it stopped", self.label, _duration(elapsed),
+                     self.objects + self._open_objects)
+        else:
+            log.info("%s cache warm-up done in %.1fs: %d objects in %d folders, %d folders "
+                     "listed with %d list calls%s", self.label, elapsed, self.objects,
+                     self.folders, self.listed_folders, self.pages,
+                     ", %d failed (listed when first needed)" % self.failures
+                     if self.failures else "")
+
+    def _push(self, priority, key, path):
+        heapq.heappush(self._queue, (priority, self._sequence, key, path))
+        self._sequence += 1
+
+    def _work(self):
+        while True:
+            with self._cond:
+                while not self._queue and self._active and not self._stop.is_set():
+                    self._cond.wait()
+                if self._stop.is_set() or not self._queue:
+                    self._cond.notify_all()
+                    return
+                priority, _, key, path = heapq.heappop(self._queue)
+                self._active += 1
+            objects, listed, children = 0, None, []
+            try:
+                objects, listed, children = self._visit(key, path, self.page_listed)
+            except WarmUpStopped:
+                pass
+            except Exception as e:      # the folder is listed when a request needs it
+                if not self._stop.is_set():
+                    with self._cond:
+                        self.failures += 1
+                    log.warning("%s cache warm-up: listing /%s failed: %s", self.label,
+                                "/".join(path), e)
+            with self._cond:
+                self._active -= 1
+                if not self._stop.is_set():
+                    self.objects += objects
+                    self.folders += 1
+                    if listed is not None:
+                        self._open_objects -= listed
+                        self.listed_folders += 1
+                        stats = self._by_priority[priority]
+                        stats[0] += 1
+                        stats[1] += objects
+                    for child in children:
+                        self._push(*child)
+                self._cond.notify_all()
+
+    def page_listed(self, objects):
+        """A page of `objects` files was listed (from visit, or from the backend
+        while it finds the roots)."""
+        with self._cond:
+            self.pages += 1
+            self.listed_objects += objects
+            self._open_objects += objects
+            now = time.monotonic()
+            if now - self._last_log < self._interval:
+                return
+            self._last_log = now
+            message = self.progress(now)
+        log.info("%s", message)
+
+    def progress(self, now=None):
+        """One line: objects so far, rate, folders, estimate (lock held)."""
+        elapsed = max(1e-6, (now or time.monotonic()) - self._started)
+        rate = self.listed_objects / elapsed
+        waiting = collections.Counter(item[0] for item in self._queue)
+        remaining = 0.0
+        for priority, count in waiting.items():
+            done, objects = self._by_priority.get(priority, (0, 0))
+            remaining += count * (objects / float(done) if done else 0.0)
+        text = ("%s cache warm-up: %d objects so far (%.0f/s), %d folders done, %d queued"
+                % (self.label, self.objects + self._open_objects, rate, self.folders,
+                   len(self._queue) + self._active))
+        if remaining and rate:
+            text += ", about %d objects and %s to go" % (remaining, _duration(remaining / rate))
+        return text
+
+
+# ---------------------------------------------------------------------------
+# 7. The repository service: what restic may do, independent of HTTP and storage
 # ---------------------------------------------------------------------------
 
 class RequestError(Exception):
@@ -2386,7 +3244,7 @@ class RepositoryService(object):
 
 
 # ---------------------------------------------------------------------------
-# 7. Access control: users (htpasswd), rights, the access log file
+# 8. Access control: users (htpasswd), rights, the access log file
 # ---------------------------------------------------------------------------
 
 # Password hashes of htpasswd files: bcrypt, Apache MD5 (apr1) and MD5-crypt,
@@ -2825,7 +3683,7 @@ class AccessLogFile(object):
 
 
 # ---------------------------------------------------------------------------
-# 8. The REST request handler and the servers (TCP, TLS, unix socket, systemd)
+# 9. The REST request handler and the servers (TCP, TLS, unix socket, systemd)
 # ---------------------------------------------------------------------------
 
 MEDIA_V1 = "application/vnd.x.restic.rest.v1"
@@ -3391,7 +4249,7 @@ def is_local_address(address):
 
 
 # ---------------------------------------------------------------------------
-# 9. main()
+# 10. main()
 # ---------------------------------------------------------------------------
 
 def build_pan123_storage(args, environ=None):
@@ -3411,10 +4269,16 @@ def build_pan123_storage(args, environ=None):
         split_pan123_path(repo_path)
     except ValueError as e:
         raise UsageError("--repo-path: %s" % e)
+    try:
+        cache = MetadataCache(os.path.join(args.state_dir, METADATA_CACHE_FILE))
+    except OSError as e:
+        raise UsageError(str(e.strerror or e))
     client = Pan123Client(client_id, client_secret, api_base=api_base,
                           state_dir=args.state_dir,
                           tier=args.pan123_tier)
-    return Pan123Storage(client, repo_path, single_upload_max=args.pan123_single_max)
+    index = Pan123Index(cache, pan123_cache_namespace(client.api_base, client_id))
+    return Pan123Storage(client, repo_path, single_upload_max=args.pan123_single_max,
+                         index=index, refresh_seconds=args.cache_refresh)
 
 
 def build_storage(args, environ):
@@ -3480,6 +4344,14 @@ def main(argv=None, environ=None):
         sys.stderr.write("restic_123pan.py: error: cannot serve on %s: %s\n"
                          % (args.listen, getattr(e, "strerror", None) or e))
         return 1
+    if hasattr(storage, "start"):
+        try:    # a cloud backend: its metadata cache opens, the warm-up starts
+            storage.start(rebuild=args.rebuild_cache)
+        except (OSError, StorageError, sqlite3.Error) as e:
+            server.server_close()
+            sys.stderr.write("restic_123pan.py: error: cannot start the %s backend: %s\n"
+                             % (storage.name, e))
+            return 1
     stopping = threading.Event()
 
     def request_stop(signum, frame):

@@ -20,6 +20,7 @@ import hmac
 import http.client
 import http.server
 import io
+import itertools
 import json
 import logging
 import os
@@ -46,10 +47,11 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import restic_123pan as rp
 from restic_123pan import (
-    METRICS, PAN123_DEFAULT_SINGLE_MAX, Backoff, HashingSpool, HttpClient, MultipartBody,
-    NotFound, ObjectRef, Pan123AuthError, Pan123Client, Pan123Error, Pan123File, Pan123Index,
-    Pan123QuotaExhausted, Pan123Storage, Pan123Unavailable, RateLimiter, RateLimitTimeout,
-    UpstreamError, UsageError, add_pan123_arguments, build_pan123_storage, default_state_dir,
+    METRICS, PAN123_DEFAULT_SINGLE_MAX, Backoff, CacheEntry, HashingSpool, HttpClient,
+    MetadataCache, MultipartBody, NotFound, ObjectRef, Pan123AuthError, Pan123Client,
+    Pan123Error, Pan123File, Pan123Index, Pan123QuotaExhausted, Pan123Storage,
+    Pan123Unavailable, RateLimiter, RateLimitTimeout, UpstreamError, UsageError,
+    add_pan123_arguments, build_pan123_storage, default_state_dir, pan123_cache_namespace,
     pan123_credentials_given, parse_pan123_time)
 
 if os.environ.get("RESTIC_123PAN_TEST_DEBUG") != "1":
@@ -4033,14 +4035,15 @@ class Pan123DeletesTest(Pan123BackendCase):
         self.assertEqual(len(storage.list(REPO, "data")), 24)
         emu.reset_calls()
         self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 24)
-        self.assertLess(emu.calls[TRASH], 12)
+        # Gone for restic at once; the remote deletes follow in the background.
         self.assertEqual(storage.list(REPO, "data"), [])
         self.assertIsNone(storage.stat(refs[0]))
         self.assertFalse(storage.delete(refs[0]))
-        storage.close()            # flushes the permanent deletes
-        # Permanent deletes are batched too (items queue while a call waits for
-        # its 1/s slot), though not necessarily as the trash calls were.
-        self.assertLess(emu.calls[DELETE], 12)
+        storage.close()            # flushes the queued deletes
+        # The deletes gather for a moment, then go up to 100 to a trash call and
+        # to a permanent delete call.
+        self.assertLessEqual(emu.calls[TRASH], 2)
+        self.assertLessEqual(emu.calls[DELETE], 2)
         self.assertEqual(emu.total_live_files(), 0)
         for folder in emu.children("/restic-backup/r/data"):
             self.assertEqual(emu.children(folder["fileId"], include_trashed=True), [])
@@ -4064,12 +4067,438 @@ class Pan123DeletesTest(Pan123BackendCase):
         storage = self.storage()
         storage.list(REPO, "data")
         emu.remove_behind_back(self.live_path(refs[0]))     # trash of its id: 5066
-        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]),
-                         [False] + [True] * 5)
+        # DELETE returns before the trash call, so it cannot tell the gone one.
+        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 6)
         self.assertEqual(storage.list(REPO, "data"), [])
-        storage.close()
+        storage.flush_deletes()
+        self.assertEqual(storage.index.pending_deletes(), [])
         self.assertEqual(emu.total_live_files(), 0)
         self.assertEqual(emu.rejected[(DELETE, 5066)], 0)   # the gone id was not purged
+
+
+# ---------------------------------------------------------------------------
+# The metadata cache (sqlite3) and the warm-up
+# ---------------------------------------------------------------------------
+
+NS = "123pan|test"
+
+
+class MetadataCacheTest(unittest.TestCase):
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp(prefix="cache-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.path = os.path.join(self.folder, "state", "cache.sqlite3")
+
+    def open(self):
+        cache = MetadataCache(self.path).open()
+        self.addCleanup(cache.close)
+        return cache
+
+    def test_file_wal_mode_and_permissions(self):
+        cache = self.open()
+        self.assertEqual(cache._query("PRAGMA journal_mode")[0][0], "wal")
+        self.assertEqual(cache._query("PRAGMA synchronous")[0][0], 2)      # FULL
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(self.path)).st_mode), 0o700)
+
+    def test_survives_reopening_and_keeps_namespaces_apart(self):
+        cache = self.open()
+        cache.record(NS, 7, "config", 70, 155, "aa")
+        cache.record(NS, 7, "keys", 8, is_dir=True, created=True)
+        cache.record("cloudreve|https://drive|alice", "cloudreve://my/restic",
+                     "config", "file-uri-id", 155, "")       # string keys and ids
+        cache.close()
+        again = self.open()
+        self.assertEqual(again.entry(NS, 7, "config"), (70, 155, "aa"))
+        self.assertEqual(again.entry(NS, 7, "keys", is_dir=True), (8, 0, ""))
+        self.assertTrue(again.folder(NS, 8).complete)
+        self.assertFalse(again.folder(NS, 7).complete)
+        self.assertIsNone(again.entry("123pan|other", 7, "config"))
+        self.assertEqual(again.entries("cloudreve|https://drive|alice", "cloudreve://my/restic"),
+                         [("config", "file-uri-id", 155, "")])
+
+    def test_a_broken_file_is_moved_aside(self):
+        os.makedirs(os.path.dirname(self.path))
+        with open(self.path, "wb") as f:
+            f.write(b"not a database" * 100)
+        cache = self.open()
+        cache.record(NS, 1, "x", 2)
+        self.assertEqual(cache.entry(NS, 1, "x"), (2, 0, ""))
+        self.assertTrue([n for n in os.listdir(os.path.dirname(self.path)) if ".broken-" in n])
+
+    def test_listing_rules(self):
+        cache = self.open()
+        cache.record(NS, 1, "mine", 10, 1, "m")                  # our write, just now
+        cache.merge_page(NS, 1, [CacheEntry("old", False, 5, 2, "o"),
+                                 CacheEntry("mine", False, 4, 9, "x")],
+                         time.time() - 600, next_cursor=5, seen=set())
+        self.assertEqual(cache.folder(NS, 1), (False, 5, None))   # resumable from 5
+        self.assertEqual(cache.entry(NS, 1, "mine"), (10, 1, "m"))   # own write won
+        # Later, the same folder listed from the start again after the grace period:
+        # the listing is the truth for everything written before it.
+        seen = set()
+        cache.merge_page(NS, 1, [CacheEntry("mine", False, 11, 1, "m")], time.time() + 1,
+                         next_cursor=None, seen=seen)
+        self.assertEqual(cache.entries(NS, 1), [("mine", 11, 1, "m")])
+        self.assertTrue(cache.folder(NS, 1).complete)
+        # A pending delete keeps its id out of listings.
+        cache.drop(NS, 1, "mine", 11, pending_stage="trash")
+        cache.merge_page(NS, 1, [CacheEntry("mine", False, 11, 1, "m")], 0, None)
+        self.assertIsNone(cache.entry(NS, 1, "mine"))
+        self.assertEqual(cache.pending_deletes(NS), [(11, "trash")])
+        cache.set_pending_stage(NS, [11], "purge")
+        self.assertEqual(cache.pending_deletes(NS), [(11, "purge")])
+        cache.clear_pending(NS, [11])
+        self.assertEqual(cache.pending_deletes(NS), [])
+
+    def test_dropping_a_folder_forgets_what_is_below(self):
+        cache = self.open()
+        cache.record(NS, 1, "a", 2, is_dir=True, created=True)
+        cache.record(NS, 2, "b", 3, is_dir=True, created=True)
+        cache.record(NS, 3, "f", 4)
+        self.assertTrue(cache.drop(NS, 1, "a", 2, is_dir=True))
+        self.assertEqual(cache.dump(NS), {})
+
+    def test_many_threads_one_cache(self):
+        cache = self.open()
+
+        def work(i):
+            for j in range(20):
+                cache.record(NS, i, "f%d" % j, i * 100 + j, j)
+                if j % 2:
+                    cache.drop(NS, i, "f%d" % j, i * 100 + j, pending_stage="trash")
+            return len(cache.entries(NS, i))
+
+        self.assertEqual(run_threads(work, [(i,) for i in range(8)]), [10] * 8)
+        self.assertEqual(len(cache.pending_deletes(NS)), 80)
+
+    def test_index_keeps_own_writes_across_restarts(self):
+        index = Pan123Index(self.open(), NS)
+        index.record_file(7, "new", Pan123File(70, 1, "m"))
+        index.cache.close()
+        index = Pan123Index(self.open(), NS)
+        index.merge_listing(7, {"old": Pan123File(60, 2, "m")}, {})
+        self.assertEqual(sorted(n for n, _ in index.files(7)), ["new", "old"])
+
+
+class ServerKilled(BaseException):
+    """Raised in the middle of the server's work: nothing of it catches this."""
+
+
+def emulator_list_pages(emu, top="/restic-backup"):
+    """The list v2 pages that listing the drive root and every folder from `top`
+    down costs (trashed entries take room in pages too)."""
+    pages = 1                                   # the drive root
+    folders = [top]
+    while folders:
+        folder = folders.pop()
+        kids = emu.children(folder, include_trashed=True)
+        pages += max(1, -(-len(kids) // 100))
+        folders.extend(folder + "/" + k["filename"] for k in kids if k["type"] == 1)
+    return pages
+
+
+class Pan123CacheCase(Pan123BackendCase):
+    """A Pan123Storage with a persistent metadata cache, as main() builds it;
+    cached() again is the same server after a restart."""
+
+    def cached(self, **options):
+        cache = MetadataCache(os.path.join(self.state_dir, rp.METADATA_CACHE_FILE))
+        index = Pan123Index(cache, pan123_cache_namespace(self.emu.api_base, CLIENT_ID))
+        options.setdefault("progress_interval", 0)
+        client = self.client()
+        # A restart here comes within the same second: the new process must not
+        # spend the request budget the old one used (in real life time passes).
+        if getattr(self, "limiter", None) is None:
+            self.limiter = client.limiter
+        client.limiter = self.limiter
+        storage = Pan123Storage(client, "/restic-backup", index=index, **options)
+        self.addCleanup(storage.close)
+        return storage
+
+    def started_with_repository(self, **options):
+        """The emulator, and a started server's storage that made REPO."""
+        emu = self.emulator()
+        storage = self.cached(**options)
+        storage.start(wait=True)
+        storage.create_repository(REPO)
+        return emu, storage
+
+    def repository_with_packs(self, packs, folders=None):
+        """An existing repository: config, a key, and `packs` data objects spread
+        over `folders` data/<xx> folders (all 256 by default)."""
+        self.existing_repo()
+        self.stored_elsewhere(b"config", ObjectRef.config(REPO))
+        self.stored_elsewhere(b"key", ObjectRef(REPO, "keys", "ab" * 32))
+        refs = []
+        for i in range(packs):
+            data = b"pack %d" % i
+            name = hashlib.sha256(data).hexdigest()
+            if folders is not None:
+                name = "%02x%s" % (i % folders, name[2:])
+            refs.append(self.stored_elsewhere(data, ObjectRef(REPO, "data", name)))
+        return refs
+
+    def cloud_pages(self):
+        return emulator_list_pages(self.emu)
+
+
+class Pan123CacheTest(Pan123CacheCase):
+
+    def test_restart_serves_from_the_cache_without_listing(self):
+        emu, storage = self.started_with_repository()
+        refs = [self.put(storage, b"pack %d" % i) for i in range(5)]
+        config = self.put(storage, b"config", ObjectRef.config(REPO))
+        self.assertTrue(storage.delete(refs[0]))
+        storage.close()                          # the server stops ...
+        emu.reset_calls()
+        again = self.cached()                    # ... and starts again
+        warm_up = again.start(wait=True)
+        self.assertEqual(warm_up.pages, 0)
+        self.assertEqual(sorted(again.list(REPO, "data")),
+                         sorted((r.name, len(b"pack 1")) for r in refs[1:]))
+        self.assertEqual(again.stat(config), 6)
+        self.assertIsNone(again.stat(refs[0]))
+        self.assertEqual(again.list(REPO, "keys"), [])
+        self.assertEqual(self.read(again, refs[1]), b"pack 1")
+        self.assertEqual(emu.calls[LIST], 0)
+        self.assertEqual(emu.calls[TOKEN], 0)
+        self.assertEqual(emu.total_live_files(), 5)
+
+    def test_cold_warm_up_lists_each_page_once_small_folders_first(self):
+        emu = self.emulator()
+        self.repository_with_packs(300, folders=20)
+        emu.reset_calls()
+        storage = self.cached()
+        with self.assertLogs("restic_123pan", "INFO") as logs:
+            warm_up = storage.start(wait=True)
+        self.assertEqual(emu.calls[LIST], self.cloud_pages())
+        self.assertEqual(warm_up.pages, emu.calls[LIST])
+        self.assertEqual(dict(emu.calls), {LIST: emu.calls[LIST], TOKEN: 1})
+        self.assertEqual(warm_up.objects, 302)
+        text = "\n".join(logs.output)
+        self.assertRegex(text, r"warm-up: \d+ objects so far \(\d+/s\), \d+ folders done")
+        self.assertRegex(text, r"about \d+ objects and \d+s to go")
+        self.assertIn("warm-up done", text)
+        emu.reset_calls()
+        self.assertEqual(len(storage.list(REPO, "data")), 300)
+        self.assertEqual(storage.stat(ObjectRef.config(REPO)), 6)
+        self.assertEqual(emu.calls[LIST], 0)
+
+    def test_small_folders_are_answered_before_the_data_folder_is_done(self):
+        emu = self.emulator()
+        refs = self.repository_with_packs(2000, folders=1)      # data/00: 20 pages
+        storage = self.cached()
+        warm_up = storage.start()
+        self.assertEqual(storage.stat(ObjectRef.config(REPO)), 6)
+        self.assertEqual([n for n, _ in storage.list(REPO, "keys")], ["ab" * 32])
+        self.assertEqual(storage.list(REPO, "snapshots"), [])
+        self.assertFalse(warm_up.finished.is_set())
+        data_xx = emu.resolve("/restic-backup/r/data/00")["fileId"]
+        self.assertFalse(storage.index.is_loaded(data_xx))
+        self.assertEqual(storage.stat(refs[-1]), len(b"pack 1999"))     # waits for it
+        warm_up.finished.wait(60)
+        self.assertEqual(emu.calls[LIST], self.cloud_pages())
+
+    def test_interrupted_warm_up_resumes_where_it_stopped(self):
+        emu = self.emulator()
+        self.repository_with_packs(450, folders=1)              # data/00: 5 pages
+        full = self.cloud_pages()
+        storage = self.cached(warm_up_workers=1)
+        pages = []
+        real_list_page = storage.client.list_page
+
+        def crash_after_two_data_pages(folder_id, cursor=None):
+            if len(pages) == full - 3:        # 2 of data/00's 5 pages done
+                raise ServerKilled()
+            pages.append(folder_id)
+            return real_list_page(folder_id, cursor)
+
+        storage.client.list_page = crash_after_two_data_pages
+        with self.assertRaises(ServerKilled):
+            storage.start(wait=True)
+        data_xx = emu.resolve("/restic-backup/r/data/00")["fileId"]
+        self.assertEqual(pages[-2:], [data_xx, data_xx])
+        emu.reset_calls()
+        again = self.cached()
+        with self.assertLogs("restic_123pan", "INFO") as logs:
+            warm_up = again.start(wait=True)
+        self.assertIn("warm-up done", "\n".join(logs.output))
+        self.assertEqual(emu.calls[LIST], 3)                      # the other 3 pages
+        self.assertEqual(warm_up.pages, 3)
+        self.assertEqual(len(again.list(REPO, "data")), 450)
+        self.assertEqual(emu.calls[LIST], 3)
+
+    def test_warm_up_stops_with_the_server_and_continues_at_the_next_start(self):
+        emu = self.emulator()
+        self.repository_with_packs(800, folders=1)
+        storage = self.cached()
+        warm_up = storage.start()
+        storage.stat(ObjectRef.config(REPO))     # after a few small folders ...
+        storage.close()                          # ... the server stops
+        self.assertTrue(warm_up.finished.is_set())
+        before = emu.calls[LIST]
+        self.assertLess(before, self.cloud_pages())
+        again = self.cached()
+        again.start(wait=True)
+        self.assertEqual(emu.calls[LIST], self.cloud_pages())
+        self.assertEqual(len(again.list(REPO, "data")), 800)
+
+    def test_object_removed_behind_our_back_is_404_not_500(self):
+        emu = self.emulator()
+        storage = self.cached()
+        storage.start(wait=True)
+        server = ServerThread(storage)
+        self.addCleanup(server.stop)
+        self.assertEqual(server.request("POST", "/r/?create=true")[0], 200)
+        data = b"soon gone"
+        ref = data_ref(data)
+        path = "/r/data/" + ref.name
+        self.assertEqual(server.request("POST", path, data)[0], 200)
+        kept = b"kept in the cache after a restart"
+        kept_ref = data_ref(kept)
+        self.assertEqual(server.request("POST", "/r/data/" + kept_ref.name, kept)[0], 200)
+        emu.remove_behind_back(self.live_path(ref))
+        emu.remove_behind_back(self.live_path(kept_ref))
+        self.assertEqual(server.request("HEAD", path)[0], 200)       # the cache believes it
+        self.assertEqual(server.request("GET", path)[0], 404)        # 123pan says 5066
+        self.assertEqual(server.request("HEAD", path)[0], 404)       # forgotten
+        self.assertNotIn(ref.name, [n for n, _ in storage.list(REPO, "data")])
+        self.assertEqual(server.request("DELETE", path)[0], 200)
+        server.stop()
+        storage.close()
+        again = self.cached()                                        # a restart
+        again.start(wait=True)
+        server = ServerThread(again)
+        self.addCleanup(server.stop)
+        kept_path = "/r/data/" + kept_ref.name
+        self.assertEqual(server.request("HEAD", kept_path)[0], 200)
+        self.assertEqual(server.request("GET", kept_path)[0], 404)
+        self.assertEqual(server.request("HEAD", kept_path)[0], 404)
+        self.assertEqual(emu.rejected[(DOWNLOAD_INFO, 5066)], 2)
+
+    def test_deletes_are_committed_in_the_cache_and_survive_a_crash(self):
+        # delete_linger: the crash comes before any trash call.
+        emu, storage = self.started_with_repository(delete_linger=3600)
+        refs = [self.put(storage, b"pack %d" % i) for i in range(3)]
+        for ref in refs[:2]:
+            self.assertTrue(storage.delete(ref))
+        self.assertEqual(emu.calls[TRASH], 0)
+        self.assertEqual(emu.total_live_files(), 3)
+        again = self.cached()                         # started after the crash
+        again.start(wait=True)
+        self.assertEqual(again.list(REPO, "data"), [(refs[2].name, 6)])
+        again.flush_deletes()
+        self.assertEqual(emu.total_live_files(), 1)
+        self.assertEqual(again.index.pending_deletes(), [])
+        self.assertEqual((emu.calls[TRASH], emu.calls[DELETE]), (1, 1))
+
+    def test_failed_remote_deletes_are_tried_again(self):
+        emu, storage = self.started_with_repository(delete_retry=0.01)
+        ref = self.put(storage, b"doomed")
+        file_id = emu.resolve(self.live_path(ref))["fileId"]
+        storage.client.call_deadline = 0.2
+        emu.fail_next("500", count=10 ** 6, endpoint=TRASH)     # 123pan down for a while
+        self.assertTrue(storage.delete(ref))
+        storage.flush_deletes()
+        self.assertEqual(storage.index.pending_deletes(), [(file_id, "trash")])
+        self.assertIsNone(storage.stat(ref))
+        emu.clear_faults()
+        deadline = time.monotonic() + 30
+        while storage.index.pending_deletes() and time.monotonic() < deadline:
+            storage.flush_deletes()             # the retry comes from a timer thread
+            time.sleep(0.01)
+        self.assertEqual(storage.index.pending_deletes(), [])
+        self.assertEqual(emu.total_live_files(), 0)
+
+    def test_rebuild_finds_what_changed_behind_our_back_and_keeps_recent_writes(self):
+        emu, storage = self.started_with_repository()
+        old = self.put(storage, b"old")
+        added = self.stored_elsewhere(b"added elsewhere")     # behind our back
+        emu.advance_clock(120)
+        emu.list_lag = 60.0         # what follows is not in listings yet (spec 4.2)
+        mark = time.time()
+        recent = self.put(storage, b"recent")
+        storage.close()
+        emu.remove_behind_back(self.live_path(old))           # behind our back
+        # All that the cache learned before `recent` is older than the grace period:
+        cache = MetadataCache(os.path.join(self.state_dir, rp.METADATA_CACHE_FILE))
+        with cache._transaction() as db:
+            db.execute("UPDATE entries SET written_at = written_at - 3600 "
+                       "WHERE written_at < ?", (mark,))
+        cache.close()
+        again = self.cached()
+        self.assertIsNotNone(again.stat(old))        # not rebuilt: the cache is trusted
+        self.assertIsNone(again.stat(added))
+        again.close()
+        emu.reset_calls()
+        rebuilt = self.cached()
+        rebuilt.start(rebuild=True, wait=True)
+        self.assertGreater(emu.calls[LIST], 0)
+        names = sorted(n for n, _ in rebuilt.list(REPO, "data"))
+        self.assertEqual(names, sorted([added.name, recent.name]))
+
+    def test_cache_refresh_finds_small_objects_added_elsewhere(self):
+        emu, storage = self.started_with_repository(refresh_seconds=300)
+        lock = self.stored_elsewhere(b"another server's lock", ObjectRef(REPO, "locks", "cd" * 32))
+        pack = self.stored_elsewhere(b"another server's pack")
+        self.assertEqual(storage.list(REPO, "locks"), [])     # listed (created) just now
+        self.assertIsNone(storage.stat(pack))                 # HEAD never lists data
+        emu.reset_calls()
+        with storage.index.cache._transaction() as db:        # five minutes later
+            db.execute("UPDATE folders SET listed_at = listed_at - 301")
+        self.assertEqual([n for n, _ in storage.list(REPO, "locks")], [lock.name])
+        self.assertEqual(emu.calls[LIST], 1)
+        self.assertEqual(storage.stat(pack), 21)              # a miss: data/<xx> listed
+        self.assertEqual(emu.calls[LIST], 3)                  # data/ and data/<xx>
+        self.assertEqual(self.read(storage, pack), b"another server's pack")
+        self.assertEqual(storage.list(REPO, "locks"), [(lock.name, 21)])
+        self.assertEqual(emu.calls[LIST], 3)
+
+    def test_upload_into_a_folder_removed_behind_our_back(self):
+        emu, storage = self.started_with_repository()
+        first = self.put(storage, b"first")
+        emu.remove_behind_back("/restic-backup/r/data/" + first.name[:2])
+        second = next(b"second %d" % i for i in itertools.count()
+                      if data_ref(b"second %d" % i).name[:2] == first.name[:2])
+        second = self.put(storage, second)
+        self.assertEqual(self.read(storage, second)[:7], b"second ")
+        self.assertIsNotNone(emu.resolve(self.live_path(second)))
+        self.assertIsNone(storage.stat(first))
+
+    def test_unusable_state_directory_is_one_error_line(self):
+        blocker = os.path.join(self.state_dir, "a-file")
+        with open(blocker, "w"):
+            pass
+        r = subprocess.run([sys.executable, SERVER_SCRIPT, "--backend", "123pan", "--client-id",
+                            "id", "--state-dir", os.path.join(blocker, "state"), "--no-auth",
+                            "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                           env=dict(os.environ, PAN123_CLIENT_SECRET="sec"))
+        self.assertEqual(r.returncode, 1)
+        self.assertEqual(r.stderr.splitlines()[-1],
+                         "restic_123pan.py: error: cannot start the 123pan backend: [Errno 20] "
+                         "Not a directory: %r" % os.path.join(blocker, "state"))
+
+    def test_rebuild_and_refresh_flags(self):
+        args = rp.parse_config(["--backend", "123pan", "--rebuild-cache", "--cache-refresh",
+                                "60", "--state-dir", self.state_dir], {})
+        self.assertTrue(args.rebuild_cache)
+        self.assertEqual(args.cache_refresh, 60)
+        storage = build_pan123_storage(args, {"PAN123_CLIENT_ID": "id",
+                                              "PAN123_CLIENT_SECRET": "sec"})
+        self.addCleanup(storage.close)
+        self.assertEqual(storage.refresh_seconds, 60)
+        self.assertEqual(storage.index.cache.path,
+                         os.path.join(self.state_dir, rp.METADATA_CACHE_FILE))
+        self.assertEqual(storage.index.ns, "123pan|https://open-api.123pan.com|id")
+        self.assertFalse(os.path.exists(storage.index.cache.path))    # opened by start()
+        for argv in (["--rebuild-cache"], ["--cache-refresh", "5"]):
+            self.assertRaises(UsageError, rp.parse_config, argv, {})
+        with self.assertRaises(SystemExit):
+            with contextlib.redirect_stderr(io.StringIO()):
+                rp.parse_config(["--backend", "123pan", "--cache-refresh", "-1"], {})
 
 
 # ---------------------------------------------------------------------------
@@ -4091,6 +4520,7 @@ class Pan123UnderLimitsAndFaultsTest(Pan123BackendCase):
         self.assertEqual(sorted(storage.list(REPO, "data")),
                          sorted((r.name, len(d)) for r, d in zip(refs, blobs)))
         self.assertEqual(run_threads(storage.delete, [(r,) for r in refs[:3]]), [True] * 3)
+        storage.flush_deletes()     # DELETE returned before the trash call
         emu.clear_faults()
         fresh = self.storage(self.client())
         self.assertEqual(sorted(n for n, _ in fresh.list(REPO, "data")),
@@ -4401,7 +4831,34 @@ class Pan123EndToEndTest(ResticEndToEndBase):
         refused = sum(n for (ep, code), n in emu.rejected.items() if code == 401)
         self.assertGreaterEqual(emu.tokens_issued, 1)
         self.assertLessEqual(emu.tokens_issued, 1 + refused + extra_tokens)
+        self.assert_cache_matches_cloud(emu)
         return calls
+
+    def assert_cache_matches_cloud(self, emu):
+        """After a stop: every folder below /restic-backup is in the metadata cache,
+        listed completely, with exactly the files and sub-folders (names, ids,
+        sizes, MD5s) that 123pan holds, and no delete is left queued."""
+        cache = MetadataCache(os.path.join(self.tmp, "state", rp.METADATA_CACHE_FILE))
+        try:
+            ns = pan123_cache_namespace(emu.api_base, "emu-client")
+            cached = cache.dump(ns)
+            self.assertEqual(cache.pending_deletes(ns), [])
+        finally:
+            cache.close()
+        folders = [(emu.resolve("/restic-backup")["fileId"], "/restic-backup")]
+        files = 0
+        while folders:
+            folder_id, path = folders.pop()
+            live = emu.children(folder_id)
+            cloud = dict(((c["type"] == 1, c["filename"]), (c["fileId"], c["size"], c["etag"]))
+                         for c in live)
+            complete, known = cached.get(folder_id, (False, {}))
+            self.assertTrue(complete, "%s is not listed completely in the cache" % path)
+            self.assertEqual(known, cloud, "the cache and 123pan disagree on %s" % path)
+            files += sum(1 for c in live if c["type"] == 0)
+            folders.extend((c["fileId"], path + "/" + c["filename"]) for c in live
+                           if c["type"] == 1)
+        self.assertGreater(files, 0)
 
     def test_clean_run_under_free_tier_limits(self):
         emu = self.start_emulator()
@@ -4428,6 +4885,38 @@ class Pan123EndToEndTest(ResticEndToEndBase):
         self.restic_run(repo, "check", "--read-data", options=options)
         self.finish(emu, "123pan with faults", extra_tokens=1)
         self.assertGreater(sum(emu.rejected.values()), 20, "the faults did not happen")
+
+    def test_cache_survives_a_killed_server(self):
+        emu = self.start_emulator()
+        url = self.start_pan123_server(emu)
+        src = os.path.join(self.tmp, "src")
+        make_tree(src, seed=5, total_mib=4)
+        self.restic_run("rest:" + url, "init")
+        self.restic_run("rest:" + url, "backup", src)
+        self.server_proc.kill()                 # no chance to flush anything
+        self.server_proc.wait()
+        emu.reset_calls()
+        repo = "rest:" + self.start_pan123_server(emu)      # the same state directory
+        self.assertEqual(len(self.snapshot_ids(repo, [])), 1)
+        self.restic_run(repo, "check")
+        change_tree(src, seed=6)
+        self.restic_run(repo, "backup", src, options=["-o", "rest.connections=8"])
+        self.assertEqual(len(self.snapshot_ids(repo, [])), 2)
+        self.assertEqual(emu.calls["/api/v2/file/list"], 0)
+        log_text = self.server_log_text()
+        self.assertRegex(log_text, r"warm-up done in [0-9.]+s: \d+ objects in \d+ folders, "
+                                   r"0 folders listed with 0 list calls")
+        self.assertNotIn("Traceback", log_text)
+        self.assertNotRegex(log_text, r'" 5\d\d ')
+        self.finish(emu, "123pan after a killed server")
+        self.assertEqual(emu.tokens_issued, 1)
+
+    def test_eight_connections_leave_cache_and_cloud_in_agreement(self):
+        emu = self.start_emulator()
+        url = self.start_pan123_server(emu)
+        self.run_scenario("rest:" + url + "eight/", options=["-o", "rest.connections=8"],
+                          total_mib=12)
+        self.finish(emu, "123pan with 8 connections")      # compares cache and cloud
 
     def test_chunked_upload_path(self):
         emu = self.start_emulator(slice_size=1024 * 1024)

@@ -1,0 +1,326 @@
+#!/usr/bin/env python3
+"""The 123pan request budget of restic-123pan, measured (a benchmark, not a test).
+
+    python3 bench_restic_123pan.py                # 5000 extra objects, about 5 minutes
+    python3 bench_restic_123pan.py --objects 20000
+
+Runs the real server (restic_123pan.py, as a process) against the 123pan emulator
+of test_restic_123pan.py with the free-tier request rates enforced, and the real
+restic against the server.  The repository is made by restic (init and a first
+backup), then `--objects` more packs are put straight into the emulator's data/xx
+folders: unreferenced packs, as an interrupted backup leaves them, which the
+final prune deletes.  Per step it prints the wall time and the API calls by
+endpoint, and checks them against the budget:
+
+  cold start      an empty metadata cache (the token file kept): list calls =
+                  the pages of the tree, nothing else; `restic snapshots`, started
+                  at once, is answered while the data folders are still listed
+  warm restart    0 list calls before serving, and none for `restic snapshots`
+  backup          new data: at most one upload call per new object plus a constant
+                  (token, upload domain), 0 list calls, no call for a HEAD request
+  restore, check  `restic restore` and `check --read-data`: at most one
+                  download_info per object read (download URLs live 5 minutes)
+  forget --prune  (the first snapshot, and with it the unreferenced packs) D objects
+                  deleted: about 2 * ceil(D / 100) trash and delete calls
+
+Standard library only; needs `restic` on the PATH.  Exit status 1 if a figure
+does not hold.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import restic_123pan as rp                                           # noqa: E402
+from test_restic_123pan import (Pan123Emulator, emulator_list_pages,   # noqa: E402
+                                make_tree, manifest, read_server_url)
+
+LIST = "/api/v2/file/list"
+UPLOADS = ("/upload/v2/file/single/create", "/upload/v2/file/create",
+           "/upload/v2/file/slice", "/upload/v2/file/upload_complete")
+ACCESS_RE = re.compile(r'"(\w+) (\S+) HTTP/[\d.]+" (\d{3}) ')
+REPO = "bench/"
+
+
+class Bench(object):
+
+    def __init__(self, objects, workdir):
+        self.objects = objects
+        self.tmp = workdir
+        self.state = os.path.join(self.tmp, "state")
+        self.access_log = os.path.join(self.tmp, "access.log")
+        self.server_log = os.path.join(self.tmp, "server.log")
+        self.env = dict(os.environ, RESTIC_PASSWORD="bench",
+                        RESTIC_CACHE_DIR=os.path.join(self.tmp, "restic-cache"))
+        self.emu = Pan123Emulator().start()       # the free tier's request rates
+        self.proc = None
+        self.url = None
+        self.failures = []
+        self.rows = []
+
+    # -- the server and restic ---------------------------------------------------
+
+    def start_server(self):
+        self.log_offset = os.path.getsize(self.server_log) if os.path.exists(
+            self.server_log) else 0
+        self.started = time.monotonic()
+        with open(self.server_log, "a") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "restic_123pan.py"), "--listen",
+                 "127.0.0.1:0", "--backend", "123pan", "--api-base", self.emu.api_base,
+                 "--client-id", "emu-client", "--state-dir", self.state,
+                 "--log", self.access_log],
+                stdout=subprocess.PIPE, stderr=log_file, universal_newlines=True,
+                env=dict(os.environ, PAN123_CLIENT_SECRET="emu-secret"))
+        self.url = read_server_url(self.proc)
+
+    def stop_server(self):
+        self.proc.send_signal(signal.SIGTERM)
+        if self.proc.wait(timeout=300) != 0:
+            raise SystemExit("the server exited with %d" % self.proc.returncode)
+        self.proc.stdout.close()
+
+    def server_log_since_start(self):
+        with open(self.server_log) as f:
+            f.seek(self.log_offset)
+            return f.read()
+
+    def wait_for_warm_up(self):
+        """Seconds from the start of the server to the warm-up's last line."""
+        while True:
+            text = self.server_log_since_start()
+            m = re.search(r"warm-up done in ([0-9.]+)s", text)
+            if m:
+                return time.monotonic() - self.started, text
+            if self.proc.poll() is not None:
+                raise SystemExit("the server stopped:\n" + text[-3000:])
+            time.sleep(0.2)
+
+    def restic(self, *args):
+        cmd = ["restic", "-r", "rest:" + self.url + REPO] + list(args)
+        r = subprocess.run(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True)
+        if r.returncode != 0:
+            raise SystemExit("%s failed:\n%s\n%s" % (" ".join(args), r.stdout[-2000:],
+                                                      r.stderr[-2000:]))
+        return r.stdout
+
+    def access_log_lines(self):
+        offset = getattr(self, "access_offset", 0)
+        with open(self.access_log) as f:
+            f.seek(offset)
+            text = f.read()
+            self.access_offset = f.tell()
+        return [m.groups() for m in ACCESS_RE.finditer(text)]
+
+    # -- figures -------------------------------------------------------------------
+
+    def begin(self):
+        self.emu.reset_calls()
+        self.access_log_lines()         # skip what came before
+        self.t0 = time.monotonic()
+
+    def calls(self):
+        return dict(sorted((ep, n) for ep, n in self.emu.calls.items()))
+
+    def report(self, step, wall, notes, checks):
+        calls = self.calls()
+        self.rows.append((step, wall, calls))
+        print("\n== %s: %.1f s" % (step, wall))
+        print("   123pan calls by endpoint: %s" % json.dumps(calls))
+        if self.emu.rejected:
+            print("   refused by 123pan: %s" % dict(self.emu.rejected))
+        for note in notes:
+            print("   " + note)
+        for ok, text in checks:
+            print("   %s %s" % ("ok  " if ok else "FAIL", text))
+            if not ok:
+                self.failures.append("%s: %s" % (step, text))
+
+    def tree_pages(self):
+        return emulator_list_pages(self.emu)
+
+    # -- the steps -------------------------------------------------------------------
+
+    def setup(self):
+        src = os.path.join(self.tmp, "src")
+        make_tree(src, seed=11, total_mib=8)
+        self.start_server()
+        self.restic("init")
+        self.restic("backup", src)
+        self.stop_server()
+        for i in range(self.objects):
+            data = b"unreferenced pack %d " % i + os.urandom(200)
+            name = hashlib.sha256(data).hexdigest()
+            self.emu.add_file("/restic-backup/%sdata/%s/%s" % (REPO, name[:2], name), data)
+        self.total = self.emu.total_live_files()
+        os.unlink(os.path.join(self.state, rp.METADATA_CACHE_FILE))     # the token stays
+        print("repository: %d objects on 123pan (%d added directly), in %d list pages"
+              % (self.total, self.objects, self.tree_pages()))
+
+    def cold_start(self):
+        pages = self.tree_pages()
+        self.begin()
+        self.start_server()
+        t = time.monotonic()
+        snapshots = json.loads(self.restic("snapshots", "--json", "--no-lock"))
+        first_answer = time.monotonic() - t
+        text = self.server_log_since_start()
+        early = "warm-up done" not in text
+        wall, text = self.wait_for_warm_up()
+        progress = [line.split(" INFO ", 1)[-1] for line in text.splitlines()
+                    if "cache warm-up" in line]
+        calls = self.calls()
+        others = dict((ep, n) for ep, n in calls.items()
+                      if ep not in (LIST, "/api/v1/file/download_info", "/dl", "/obj"))
+        self.report("cold start (empty cache, %d objects)" % self.total, wall,
+                    ["warm-up log: " + line for line in progress[:2] + ["..."] + progress[-2:]]
+                    + ["restic snapshots answered in %.1f s (%d snapshot), %s"
+                       % (first_answer, len(snapshots),
+                          "while the warm-up was still listing" if early
+                          else "after the warm-up")],
+                    [(calls.get(LIST, 0) == pages,
+                      "list calls %d = pages %d" % (calls.get(LIST, 0), pages)),
+                     (not others, "no other calls besides the snapshot's downloads %s"
+                      % (others or "")),
+                     (early, "restic's first command answered before the warm-up ended")])
+
+    def warm_restart(self):
+        self.stop_server()
+        self.begin()
+        self.start_server()
+        wall, text = self.wait_for_warm_up()
+        before = self.calls()
+        self.restic("snapshots", "--no-lock")
+        self.report("warm restart", wall,
+                    [line.split(" INFO ", 1)[-1] for line in text.splitlines()
+                     if "warm-up done" in line],
+                    [(before == {}, "no call at all before serving: %s" % before),
+                     (self.calls().get(LIST, 0) == 0, "0 list calls for restic snapshots")])
+
+    def backup(self):
+        src = os.path.join(self.tmp, "new")
+        make_tree(src, seed=12, total_mib=40)
+        self.begin()
+        self.restic("backup", src)
+        wall = time.monotonic() - self.t0
+        requests = self.access_log_lines()
+        stored = sum(1 for m, path, status in requests if m == "POST" and status == "200")
+        heads = sum(1 for m, path, status in requests if m == "HEAD")
+        calls = self.calls()
+        uploads = sum(calls.get(ep, 0) for ep in UPLOADS)
+        constant = sum(calls.get(ep, 0) for ep in ("/api/v1/access_token",
+                                                    "/upload/v2/file/domain"))
+        lookups = sum(calls.get(ep, 0) for ep in (LIST, "/api/v1/file/detail",
+                                                   "/api/v1/file/infos"))
+        self.report("restic backup of new data (40 MiB)", wall,
+                    ["%d objects stored, %d HEAD requests, %d upload calls"
+                     % (stored, heads, uploads)],
+                    [(uploads <= stored, "upload calls %d <= new objects %d" % (uploads, stored)),
+                     (constant <= 2, "token and domain calls: %d" % constant),
+                     (calls.get(LIST, 0) == 0, "0 list calls"),
+                     (lookups == 0, "0 list/detail calls, so none for %d HEAD requests"
+                      % heads)])
+
+    def restore_and_check(self):
+        target = os.path.join(self.tmp, "restore")
+        self.begin()
+        self.restic("restore", "latest", "--target", target)
+        self.restic("check", "--read-data")
+        wall = time.monotonic() - self.t0
+        requests = self.access_log_lines()
+        objects = len(set(path for m, path, status in requests if m == "GET"
+                          and not path.endswith("/")))
+        restored = manifest(os.path.join(target, os.path.relpath(
+            os.path.join(self.tmp, "new"), "/")))
+        infos = self.calls().get("/api/v1/file/download_info", 0)
+        self.report("restic restore + check --read-data", wall,
+                    ["%d objects read (%d GET requests), %d download_info calls"
+                     % (objects, sum(1 for m, _, _ in requests if m == "GET"), infos)],
+                    [(infos <= objects, "download_info %d <= objects read %d"
+                      % (infos, objects)),
+                     (restored == manifest(os.path.join(self.tmp, "new")),
+                      "restored bytes equal the source")])
+
+    def prune(self):
+        self.begin()
+        self.restic("forget", "--keep-last", "1", "--group-by", "host", "--prune")
+        answered = time.monotonic() - self.t0
+        self.stop_server()              # flushes the queued remote deletes
+        wall = time.monotonic() - self.t0
+        requests = self.access_log_lines()
+        deleted = sum(1 for m, path, status in requests if m == "DELETE" and status == "200")
+        calls = self.calls()
+        trash, purge = calls.get("/api/v1/file/trash", 0), calls.get("/api/v1/file/delete", 0)
+        budget = 2 * int(math.ceil(deleted / 100.0))
+        live = self.emu.total_live_files()
+        self.report("restic forget --prune", wall,
+                    ["restic done after %.1f s; %d DELETE requests; %d trash + %d delete "
+                     "calls (budget about %d); %d objects left on 123pan"
+                     % (answered, deleted, trash, purge, budget, live)],
+                    [(trash + purge <= budget + 2, "trash + delete calls %d ~ 2*ceil(%d/100)"
+                      " = %d" % (trash + purge, deleted, budget)),
+                     (deleted >= self.objects, "the %d unreferenced packs were deleted"
+                      % self.objects)])
+
+    def run(self):
+        print("restic-123pan benchmark: %s, emulator with the free-tier rates, %s"
+              % (sys.version.split()[0], subprocess.run(
+                  ["restic", "version"], stdout=subprocess.PIPE,
+                  universal_newlines=True).stdout.strip()))
+        self.setup()
+        self.cold_start()
+        self.warm_restart()
+        self.backup()
+        self.restore_and_check()
+        self.prune()
+        print("\nsummary (wall s / list calls / all 123pan calls):")
+        for step, wall, calls in self.rows:
+            print("  %-44s %7.1f %6d %6d" % (step, wall, calls.get(LIST, 0),
+                                             sum(calls.values())))
+        if self.failures:
+            print("\nFIGURES NOT HELD:\n  " + "\n  ".join(self.failures))
+            return 1
+        print("\nevery figure held")
+        return 0
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        self.emu.stop()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--objects", type=int, default=5000,
+                        help="packs added straight into the emulator (default 5000)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = parser.parse_args()
+    if not shutil.which("restic"):
+        raise SystemExit("restic is not installed")
+    workdir = tempfile.mkdtemp(prefix="bench-123pan-")
+    bench = Bench(args.objects, workdir)
+    try:
+        return bench.run()
+    finally:
+        bench.close()
+        if args.keep:
+            print("work folder: %s" % workdir)
+        else:
+            shutil.rmtree(workdir, True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
