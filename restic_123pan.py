@@ -362,6 +362,45 @@ class HashingSpool:
         self.close()
 
 
+def write_private_file(path, text, tmp_prefix):
+    """Replace `path` with `text` atomically: a temporary file named tmp_prefix...
+    in the same folder (mode 0600, as mkstemp makes it), fsynced, then renamed.
+    The folder is created with mode 0700 if missing.  OSError on failure."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def sha256_checked(chunks, expected, mismatch):
+    """Pass a stream of byte chunks through while computing its SHA-256.  The last
+    chunk is held back until the hash is known: if it is not `expected`,
+    mismatch(actual hex digest) returns the exception raised instead, so a reader
+    sees a failed stream rather than wrong bytes.  `chunks` is closed at the end."""
+    digest = hashlib.sha256()
+    held = None
+    try:
+        for chunk in chunks:
+            if held is not None:
+                yield held
+            digest.update(chunk)
+            held = chunk
+    finally:
+        chunks.close()
+    if digest.hexdigest() != expected:
+        raise mismatch(digest.hexdigest())
+    if held is not None:
+        yield held
+
+
 class RangeNotSatisfiable(Exception):
     pass
 
@@ -742,6 +781,38 @@ class HttpClient(object):
                 conn.close()
 
 
+def resumed_download(response, start, length, reopen, resumes, label, give_up):
+    """Yield bytes [start, start+length) of a ranged download, `response` first.
+    When its connection drops (or the body ends early), reopen(position, rest)
+    must return a response for the rest from the byte reached; after `resumes`
+    of those, give_up(position, end, error) returns the exception raised.
+    `label` starts the log line of each resume ("123pan: download of file 7").
+    Bytes and resumes are counted in METRICS."""
+    position, end = start, start + length
+    resumed = 0
+    try:
+        while position < end:
+            try:
+                chunk = response.read(min(IO_CHUNK, end - position))
+                if not chunk:
+                    raise http.client.IncompleteRead(b"", end - position)
+            except NETWORK_ERRORS as e:
+                response.close()
+                resumed += 1
+                if resumed > resumes:
+                    raise give_up(position, end, e)
+                log.info("%s broke off at byte %d (%s); resuming", label, position,
+                         type(e).__name__)
+                METRICS.inc("restic123pan_cloud_retries_total", reason="download_resume")
+                response = reopen(position, end - position)
+                continue
+            position += len(chunk)
+            METRICS.inc("restic123pan_cloud_bytes_downloaded_total", len(chunk))
+            yield chunk
+    finally:
+        response.close()
+
+
 class MetricsRegistry(object):
     """Counters and gauges rendered in the Prometheus text format, by hand.
 
@@ -882,6 +953,18 @@ class ObjectRef(collections.namedtuple("ObjectRef", "repo kind name")):
 
     def __str__(self):
         return "/".join(self.repo + (self.relpath,))
+
+
+def object_folder(base, repo, kind, name=None):
+    """The folder (a tuple of names) of a type, or of one object, in a cloud folder
+    laid out as restic's local backend: <base>/<repo...>/config, keys/, locks/,
+    snapshots/, index/, data/<first 2 hex of the id>/<id>."""
+    path = tuple(base) + tuple(repo)
+    if kind == "config":
+        return path
+    if kind == "data" and name is not None:
+        return path + ("data", name[:2])
+    return path + (kind,)
 
 
 class Storage(object):
@@ -1251,21 +1334,10 @@ class Pan123TokenFile(object):
             return None
 
     def save(self, token):
-        folder = os.path.dirname(self.path)
         text = json.dumps({"accessToken": token.value, "expiredAt": token.expired_at,
                            "obtainedAt": token.obtained_at})
         try:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".pan123-token-", dir=folder)  # mode 0600
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            write_private_file(self.path, text, ".pan123-token-")
         except OSError as e:
             # Serving goes on with the token in memory; only a restart would need a
             # new one.
@@ -1693,31 +1765,13 @@ class Pan123Client(object):
             _count_retry(failure.kind)
 
     def _stream_range(self, file_id, start, length, response):
-        position, end = start, start + length
-        resumes = 0
-        try:
-            while position < end:
-                try:
-                    chunk = response.read(min(IO_CHUNK, end - position))
-                    if not chunk:
-                        raise http.client.IncompleteRead(b"", end - position)
-                except NETWORK_ERRORS as e:
-                    response.close()
-                    resumes += 1
-                    if resumes > self.download_resumes:
-                        raise Pan123Unavailable(
-                            "123pan download of file %d broke off at byte %d of %d-%d: %s"
-                            % (file_id, position, start, end, e))
-                    log.info("123pan: download of file %d broke off at byte %d (%s); "
-                             "resuming", file_id, position, type(e).__name__)
-                    _count_retry("download_resume")
-                    response = self._open_range(file_id, position, end - position)
-                    continue
-                position += len(chunk)
-                METRICS.inc("restic123pan_cloud_bytes_downloaded_total", len(chunk))
-                yield chunk
-        finally:
-            response.close()
+        return resumed_download(
+            response, start, length,
+            lambda position, rest: self._open_range(file_id, position, rest),
+            self.download_resumes, "123pan: download of file %d" % file_id,
+            lambda position, end, e: Pan123Unavailable(
+                "123pan download of file %d broke off at byte %d of %d-%d: %s"
+                % (file_id, position, start, end, e)))
 
 
 _CONTENT_RANGE_RE = re.compile(r"\Abytes (\d+)-(\d+)/(\d+|\*)\Z")
@@ -2023,12 +2077,7 @@ class Pan123Storage(Storage):
     # -- folders ---------------------------------------------------------------
 
     def _folder_path(self, repo, kind, name=None):
-        path = self._base + tuple(repo)
-        if kind == "config":
-            return path
-        if kind == "data" and name is not None:
-            return path + ("data", name[:2])
-        return path + (kind,)
+        return object_folder(self._base, repo, kind, name)
 
     def _folder_lock(self, folder_id):
         with self._folder_locks_guard:
@@ -2169,23 +2218,12 @@ class Pan123Storage(Storage):
         sees a failed read rather than wrong bytes under a valid name.  Partial
         reads (restic's blob reads) cannot be checked here; restic checks each
         blob's own hash."""
-        digest = hashlib.sha256()
-        held = None
-        try:
-            for chunk in chunks:
-                if held is not None:
-                    yield held
-                digest.update(chunk)
-                held = chunk
-        finally:
-            chunks.close()
-        if digest.hexdigest() != ref.name:
+        def mismatch(actual):
             log.error("123pan: %s (file %d, md5 %s) came back with SHA-256 %s: the cloud "
                       "served different bytes (MD5 collision?); refusing to pass them on",
-                      ref, entry.file_id, entry.etag, digest.hexdigest())
-            raise UpstreamError("%s: downloaded bytes do not match the object's name" % (ref,))
-        if held is not None:
-            yield held
+                      ref, entry.file_id, entry.etag, actual)
+            return UpstreamError("%s: downloaded bytes do not match the object's name" % (ref,))
+        return sha256_checked(chunks, ref.name, mismatch)
 
     def put(self, ref, spool):
         # A zero-byte object always goes single-step (single_upload_max >= 0): how
