@@ -15,6 +15,7 @@ import binascii
 import bisect
 import collections
 import contextlib
+import functools
 import gzip
 import hashlib
 import hmac
@@ -43,17 +44,20 @@ import unittest
 import urllib.request
 import uuid
 import warnings
+from unittest import mock
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, unquote_to_bytes, urlencode, urlsplit
 
 import restic_123pan as rp
 from restic_123pan import (
-    METRICS, PAN123_DEFAULT_SINGLE_MAX, Backoff, HashingSpool, HttpClient, MultipartBody,
-    NotFound, ObjectRef, Pan123AuthError, Pan123Client, Pan123Error, Pan123File, Pan123Index,
-    Pan123QuotaExhausted, Pan123Storage, Pan123Unavailable, RateLimiter, RateLimitTimeout,
-    UpstreamError, UsageError, add_pan123_arguments, build_pan123_storage, default_state_dir,
-    pan123_credentials_given, parse_pan123_time)
+    METRICS, PAN123_DEFAULT_SINGLE_MAX, Backoff, CloudreveAuthError, CloudreveClient,
+    CloudreveError, CloudreveNotFound, CloudreveStorage, CloudreveUnavailable, HashingSpool,
+    HttpClient, MultipartBody, NotFound, ObjectRef, Pan123AuthError, Pan123Client, Pan123Error,
+    Pan123File, Pan123Index, Pan123QuotaExhausted, Pan123Storage, Pan123Unavailable,
+    RateLimiter, RateLimitTimeout, UpstreamError, UsageError, add_pan123_arguments,
+    build_cloudreve_storage, build_pan123_storage, cloudreve_error, cloudreve_uri,
+    default_state_dir, pan123_credentials_given, parse_pan123_time, split_cloudreve_path)
 
 if os.environ.get("RESTIC_123PAN_TEST_DEBUG") != "1":
     # The server logs every refused request; the tests provoke hundreds on purpose.
@@ -6270,6 +6274,1075 @@ class CloudreveEmulatorStateHelpersTest(CloudreveEmulatorCase):
 
 
 # ---------------------------------------------------------------------------
+# The Cloudreve client and storage against the emulator
+# ---------------------------------------------------------------------------
+
+CR_EMAIL = "backup@example.com"
+CR_PASSWORD = "cr-password-never-log-me"
+CR_LOGIN = "POST /api/v4/session/token"
+CR_REFRESH = "POST /api/v4/session/token/refresh"
+CR_LIST = "GET /api/v4/file"
+CR_INFO = "GET /api/v4/file/info"
+CR_CREATE = "POST /api/v4/file/create"
+CR_SESSION = "PUT /api/v4/file/upload"
+CR_CHUNK = "POST /api/v4/file/upload/{session_id}/{index}"
+CR_CANCEL = "DELETE /api/v4/file/upload"
+CR_URL = "POST /api/v4/file/url"
+CR_CONTENT = "GET /api/v4/file/content/{entity}/{speed}/{name}"
+CR_DELETE = "DELETE /api/v4/file"
+CR_BASE = "/restic-backup"
+
+
+class CloudreveBackendCase(unittest.TestCase):
+
+    def setUp(self):
+        self.state_dir = tempfile.mkdtemp(prefix="cloudreve-state-")
+        self.addCleanup(shutil.rmtree, self.state_dir, True)
+        self.emu = None
+
+    def tearDown(self):
+        if self.emu is not None:
+            self.assertEqual(self.emu.errors, [], "the emulator reported bugs")
+
+    def emulator(self, **options):
+        options.setdefault("chunk_size", 1000)
+        self.emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD, **options).start()
+        self.addCleanup(self.emu.stop)
+        return self.emu
+
+    def client(self, **options):
+        """A client of self.emu with millisecond retries."""
+        settings = dict(state_dir=self.state_dir, call_deadline=10.0, retry_base=0.01,
+                        retry_cap=0.05, timeout=5.0)
+        settings.update(options)
+        client = CloudreveClient(self.emu.base_url, settings.pop("email", CR_EMAIL),
+                                 settings.pop("password", CR_PASSWORD), **settings)
+        self.addCleanup(client.close)
+        return client
+
+    def storage(self, client=None, repo_path=CR_BASE):
+        storage = CloudreveStorage(client or self.client(), repo_path)
+        self.addCleanup(storage.close)
+        return storage
+
+    def spool(self, data):
+        spool = HashingSpool.from_bytes(data)
+        self.addCleanup(spool.close)
+        return spool
+
+    def put(self, storage, data, ref=None):
+        ref = ref or data_ref(data)
+        storage.put(ref, self.spool(data))
+        return ref
+
+    def read(self, storage, ref, start=0, length=None):
+        if length is None:
+            length = storage.stat(ref)
+        return b"".join(storage.read(ref, start, length))
+
+    def live_path(self, ref, base=CR_BASE):
+        name = ref.name
+        sub = "data/%s/%s" % (name[:2], name) if ref.kind == "data" else ref.relpath
+        return "%s/%s/%s" % (base, "/".join(ref.repo), sub)
+
+    def stored_elsewhere(self, data, ref=None):
+        """An object uploaded earlier (by another process)."""
+        ref = ref or data_ref(data)
+        self.emu.add_file(self.live_path(ref), data)
+        return ref
+
+    def existing_repo(self, repo=REPO):
+        for kind in ("data", "index", "keys", "locks", "snapshots"):
+            self.emu.add_file("%s/%s/%s/.keep" % (CR_BASE, "/".join(repo), kind), b"")
+            self.emu.remove_behind_back("%s/%s/%s/.keep" % (CR_BASE, "/".join(repo), kind))
+
+    def session_raw(self, client, path, size):
+        """An upload session opened by hand (a crashed earlier run): its id."""
+        return client.call("PUT", "/file/upload",
+                           body={"uri": cloudreve_uri(tuple(p for p in path.split("/") if p)),
+                                 "size": size, "policy_id": self.emu.policy_id})["session_id"]
+
+    def rejected_total(self, code):
+        return sum(n for (ep, c), n in self.emu.rejected.items() if c == code)
+
+
+class CloudreveUnitTest(unittest.TestCase):
+
+    def test_uri_encoding_follows_the_spec(self):
+        self.assertEqual(cloudreve_uri(()), "cloudreve://my")
+        self.assertEqual(cloudreve_uri(("restic-backup", "data", "ab")),
+                         "cloudreve://my/restic-backup/data/ab")
+        # encodeURIComponent: space %20, '+' %2B, '%' %25, '#' %23, '@' %40, non-ASCII as
+        # UTF-8; !*'()~ kept
+        self.assertEqual(cloudreve_uri(("a b+c", "100%", "#1@x", "\u5907\u4efd", "(x)!*'~")),
+                         "cloudreve://my/a%20b%2Bc/100%25/%231%40x/%E5%A4%87%E4%BB%BD/(x)!*'~")
+
+    def test_split_path(self):
+        self.assertEqual(split_cloudreve_path("/a//b/"), ("a", "b"))
+        self.assertEqual(split_cloudreve_path("/"), ())
+        for bad in ("/a:b", "/a?", "/..", "/x/./y", "/" + "x" * 256, '/a"b', "/a|b"):
+            with self.assertRaises(ValueError):
+                split_cloudreve_path(bad)
+
+    def test_error_of_a_batch_answer_takes_the_items_code(self):
+        error = cloudreve_error("DELETE /api/v4/file", {
+            "code": 40081, "msg": "Path not exist", "correlation_id": "c-1",
+            "aggregated_error": {"cloudreve://my/a": {"code": 40016, "msg": "Path not exist"}}})
+        self.assertIsInstance(error, CloudreveNotFound)
+        self.assertEqual((error.code, error.items), (40016, {"cloudreve://my/a": 40016}))
+        self.assertIn("c-1", str(error))
+        mixed = cloudreve_error("x", {"code": 40081, "msg": "m", "aggregated_error": {
+            "u1": {"code": 40016}, "u2": {"code": 403}}})
+        self.assertEqual(type(mixed), CloudreveError)
+        self.assertEqual(mixed.code, 40081)
+        self.assertEqual(cloudreve_error("x", {"code": 40051, "msg": "full"}).status, 507)
+
+
+# ---------------------------------------------------------------------------
+# The Cloudreve client: login, tokens, envelope, retries
+# ---------------------------------------------------------------------------
+
+class CloudreveTokenTest(CloudreveBackendCase):
+
+    def test_login_once_and_tokens_saved_0600_reused_after_restart(self):
+        emu = self.emulator()
+        self.client().list_folder("cloudreve://my")
+        self.assertEqual(emu.calls[CR_LOGIN], 1)
+        files = os.listdir(self.state_dir)
+        self.assertEqual(len(files), 1)
+        path = os.path.join(self.state_dir, files[0])
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path) as f:
+            text = f.read()
+        self.assertIn("refresh_token", json.loads(text))
+        self.assertNotIn(CR_PASSWORD, text)
+        # a restart (a new client on the same state dir) uses the saved tokens
+        self.client().list_folder("cloudreve://my")
+        self.client().list_folder("cloudreve://my")
+        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (1, 0))
+
+    def test_refreshed_before_expiry(self):
+        emu = self.emulator()
+        self.client().list_folder("cloudreve://my")
+        path = os.path.join(self.state_dir, os.listdir(self.state_dir)[0])
+        with open(path) as f:
+            saved = json.load(f)
+        # valid for one more minute of an hour's life: inside the 10-minute margin
+        saved["access_expires"] = time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                time.gmtime(time.time() + 60))
+        saved["obtained_at"] = time.time() - 3540
+        with open(path, "w") as f:
+            json.dump(saved, f)
+        self.client().list_folder("cloudreve://my")
+        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (1, 1))
+        self.assertEqual(emu.rejected[(CR_LIST, 401)], 0)   # before, not after, a 401
+
+    def test_expired_token_401_refreshes_and_replays(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.expire_access_tokens()
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.rejected[(CR_LIST, 401)], 1)
+        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (1, 1))
+        emu.advance_clock(3601)             # the access token's hour is over
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.rejected[(CR_LIST, 401)], 2)
+        self.assertEqual(emu.calls[CR_REFRESH], 2)
+
+    def test_later_servers_40088(self):
+        emu = self.emulator()
+        emu.anonymous_code = 40088
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.expire_access_tokens()
+        client.list_folder("cloudreve://my")
+        self.assertEqual((emu.rejected[(CR_LIST, 40088)], emu.calls[CR_REFRESH]), (1, 1))
+
+    def test_expired_token_inside_a_batch_answer(self):
+        emu = self.emulator()
+        emu.add_file("/f", b"abc")
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.expire_access_tokens()
+        self.assertTrue(client.download_url("cloudreve://my/f"))
+        self.assertEqual(emu.rejected[(CR_URL, 40081)], 1)      # its item said 401
+        emu.expire_access_tokens()
+        client.delete(["cloudreve://my/f"])
+        self.assertEqual(emu.rejected[(CR_DELETE, 40081)], 1)
+        self.assertIsNone(emu.resolve("/f"))
+        self.assertEqual(emu.calls[CR_REFRESH], 2)
+
+    def test_expired_token_on_a_chunk_is_40011(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("401", endpoint=CR_CHUNK)       # this chunk's token has expired
+        data = os.urandom(2500)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.rejected[(CR_CHUNK, 40011)], 1)
+        self.assertEqual(emu.calls[CR_REFRESH], 1)
+        self.assertEqual(emu.calls[CR_SESSION], 1)     # the same session went on
+        self.assertEqual(emu.calls[CR_CHUNK], 4)
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+
+    def test_refresh_refused_falls_back_to_password_login(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.revoke_refresh_tokens()
+        emu.expire_access_tokens()
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.rejected[(CR_REFRESH, 40020)], 1)
+        self.assertEqual(emu.calls[CR_LOGIN], 2)
+
+    def test_refresh_token_expired_logs_in_without_trying_it(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        token = client._token
+        client._token = token._replace(renew_at=0, refresh_until=0)   # both spent
+        client.list_folder("cloudreve://my")
+        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (2, 0))
+
+    def test_concurrent_401s_refresh_once(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.expire_access_tokens()
+        run_threads(lambda: client.list_folder("cloudreve://my"), [()] * 8)
+        self.assertEqual(emu.calls[CR_REFRESH], 1)
+
+    def test_repeated_401_keeps_refreshing_with_backoff(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.fail_next("401", count=3, endpoint=CR_LIST)
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.rejected[(CR_LIST, 401)], 3)
+        self.assertEqual(emu.calls[CR_REFRESH], 3)
+
+    def login_refused(self, **options):
+        emu = self.emulator(**options)
+        client = self.client()
+        with self.assertLogs("restic_123pan", "ERROR") as logs:
+            with self.assertRaises(CloudreveAuthError) as caught:
+                client.list_folder("cloudreve://my")
+        self.assertEqual(len(logs.output), 1)
+        # not tried again at once: a site may ban an address that keeps failing
+        with self.assertRaises(CloudreveAuthError):
+            client.list_folder("cloudreve://my")
+        self.assertEqual(emu.calls[CR_LOGIN], 1)
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        self.assertIn(CR_EMAIL, message)
+        return emu, message
+
+    def test_captcha_site_is_one_clear_line(self):
+        emu, message = self.login_refused(captcha=True)
+        self.assertIn("captcha", message)
+        self.assertEqual(emu.rejected[(CR_LOGIN, 40026)], 1)
+
+    def test_two_factor_account_is_one_clear_line(self):
+        emu, message = self.login_refused(two_factor=True)
+        self.assertIn("two-factor authentication", message)
+
+    def test_wrong_password_blocked_and_inactive_accounts(self):
+        for status, words in (("banned", "blocked"), ("inactive", "not activated")):
+            emu = self.emulator()
+            emu.account_status = status
+            with self.assertLogs("restic_123pan", "ERROR"):
+                with self.assertRaises(CloudreveAuthError) as caught:
+                    self.client().list_folder("cloudreve://my")
+            self.assertIn(words, str(caught.exception))
+        emu = self.emulator()
+        with self.assertLogs("restic_123pan", "ERROR"):
+            with self.assertRaises(CloudreveAuthError) as caught:
+                self.client(password="wrong-one").list_folder("cloudreve://my")
+        self.assertIn("wrong email or password", str(caught.exception))
+
+    def test_password_never_logged_or_raised(self):
+        emu = self.emulator()
+        with self.assertLogs("restic_123pan", "DEBUG") as logs:
+            logging.getLogger("restic_123pan").debug("capture starts")
+            storage = self.storage()
+            storage.create_repository(REPO)
+            ref = self.put(storage, b"x" * 2100)
+            self.read(storage, ref)
+            emu.expire_access_tokens()
+            emu.revoke_refresh_tokens()
+            storage.client.list_folder("cloudreve://my")       # refresh refused: login
+            self.assertEqual(emu.calls[CR_LOGIN], 2)
+            wrong = self.client(password="wrong-" + CR_PASSWORD, state_dir=None)
+            with self.assertRaises(CloudreveAuthError) as caught:
+                wrong.list_folder("cloudreve://my")
+        self.assertNotIn(CR_PASSWORD, str(caught.exception))
+        self.assertNotIn(CR_PASSWORD, repr(wrong))
+        self.assertNotIn(CR_PASSWORD, storage.describe())
+        for line in logs.output:
+            self.assertNotIn(CR_PASSWORD, line)
+        for name in os.listdir(self.state_dir):
+            with open(os.path.join(self.state_dir, name)) as f:
+                self.assertNotIn(CR_PASSWORD, f.read())
+
+
+class CloudreveCallTest(CloudreveBackendCase):
+
+    def test_proxy_and_server_errors_are_retried(self):
+        emu = self.emulator()
+        client = self.client()
+        for kind in ("500", "502", "504", "429", "drop"):
+            emu.fail_next(kind, endpoint=CR_LIST)
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.calls[CR_LIST], 6)
+        for status in (500, 502, 504, 429):
+            self.assertEqual(emu.rejected[(CR_LIST, "http%d" % status)], 1)
+        self.assertEqual(emu.rejected[(CR_LIST, "drop")], 1)
+
+    def test_busy_codes_are_retried(self):
+        emu = self.emulator()
+        client = self.client()
+        for kind in ("409", "40073", "50001", "50004"):
+            emu.fail_next(kind, endpoint=CR_CREATE)
+        self.assertTrue(client.create_folder("cloudreve://my/a/b"))
+        for code in (409, 40073, 50001, 50004):
+            self.assertEqual(emu.rejected[(CR_CREATE, code)], 1)
+        self.assertEqual(emu.resolve("/a/b")["type"], 1)
+
+    def test_answer_lost_after_the_work_was_done(self):
+        emu = self.emulator()
+        client = self.client()
+        emu.fail_next("drop_after", endpoint=CR_CREATE)
+        # the retry finds the folder made: "existed already", not an error
+        self.assertFalse(client.create_folder("cloudreve://my/a"))
+        self.assertEqual(emu.resolve("/a")["type"], 1)
+
+    def test_slow_answer_times_out_and_is_retried(self):
+        emu = self.emulator()
+        emu.slow_seconds = 1.0
+        client = self.client(timeout=0.3)
+        client.list_folder("cloudreve://my")
+        emu.fail_next("slow", endpoint=CR_LIST)
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.calls[CR_LIST], 3)
+
+    def test_gives_up_at_the_deadline(self):
+        emu = self.emulator()
+        client = self.client(call_deadline=0.3)
+        client.list_folder("cloudreve://my")
+        emu.fail_next("502", count=10000, endpoint=CR_LIST)
+        with self.assertRaises(CloudreveUnavailable) as caught:
+            client.list_folder("cloudreve://my")
+        self.assertEqual(caught.exception.status, 502)
+        self.assertIn("HTTP 502", str(caught.exception))
+        self.assertIsInstance(caught.exception, UpstreamError)
+
+    def test_permanent_error_logged_with_code_and_correlation_id(self):
+        self.emulator()
+        client = self.client()
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            with self.assertRaises(CloudreveError) as caught:
+                client.create_folder("cloudreve://my/bad%7Cname")      # '|'
+        self.assertEqual(caught.exception.code, 40052)
+        self.assertIn("code 40052", logs.output[0])
+        self.assertIn("correlation_id", logs.output[0])
+
+    def test_not_a_cloudreve_site(self):
+        emu = self.emulator(separate_download_host=True)
+        # the download host answers 404 without an envelope to every API route
+        client = CloudreveClient(emu.download_base, CR_EMAIL, CR_PASSWORD, retry_base=0.01)
+        self.addCleanup(client.close)
+        with self.assertRaises(CloudreveError) as caught:
+            client.list_folder("cloudreve://my")
+        self.assertIn("HTTP 404", str(caught.exception))
+        self.assertIn("Cloudreve 4 site", str(caught.exception))
+
+    def test_gzip_answers_are_read(self):
+        emu = self.emulator()
+        client = self.client()
+        client.http.request = functools.partial(_with_gzip, client.http.request)
+        self.assertEqual(client.list_folder("cloudreve://my"), ([], emu.policy_id))
+
+    def test_metrics(self):
+        emu = self.emulator()
+        client = self.client()
+
+        def snapshot():
+            return dict((name, METRICS.total("restic123pan_cloud_" + name)) for name in (
+                "api_calls_total", "retries_total", "token_refreshes_total"))
+
+        before = snapshot()
+        calls_before = METRICS.value("restic123pan_cloud_api_calls_total", endpoint=CR_LIST)
+        emu.fail_next("50001", endpoint=CR_LIST)
+        emu.fail_next("500", endpoint=CR_LIST)
+        client.list_folder("cloudreve://my")
+        after = snapshot()
+        self.assertEqual(after["token_refreshes_total"] - before["token_refreshes_total"], 1)
+        self.assertEqual(after["retries_total"] - before["retries_total"], 2)
+        self.assertEqual(METRICS.value("restic123pan_cloud_api_calls_total", endpoint=CR_LIST)
+                         - calls_before, 3)
+        self.assertEqual(after["api_calls_total"] - before["api_calls_total"], 4)
+
+
+def _with_gzip(request, method, url, headers=None, body=None, **kw):
+    headers = dict(headers or {}, **{"Accept-Encoding": "gzip"})
+    return request(method, url, headers, body, **kw)
+
+
+class CloudreveListingTest(CloudreveBackendCase):
+
+    def test_cursor_pages_with_tokens_that_need_encoding(self):
+        emu = self.emulator(page_size=4)        # the site clamps page_size to 4
+        for i in range(3):
+            emu.add_file("/p/dir%d/keep" % i, b"")
+        for i in range(10):
+            emu.add_file("/p/f%02d" % i, b"x" * i)
+        entries, policy_id = self.client().list_folder("cloudreve://my/p")
+        self.assertEqual([e.name for e in entries],
+                         ["dir0", "dir1", "dir2"] + ["f%02d" % i for i in range(10)])
+        self.assertEqual([e.is_folder for e in entries], [True] * 3 + [False] * 10)
+        self.assertEqual(entries[-1].size, 9)
+        self.assertEqual(policy_id, emu.policy_id)
+        self.assertEqual(emu.calls[CR_LIST], 4)
+        self.assertEqual(emu.rejected[(CR_LIST, 40001)], 0)     # every token arrived intact
+
+    def test_short_pages_and_offset_mode(self):
+        emu = self.emulator(page_size=4)
+        for i in range(9):
+            emu.add_file("/p/f%d" % i, b"")
+        emu.short_pages = True
+        self.assertEqual(len(self.client().list_folder("cloudreve://my/p")[0]), 9)
+        emu.short_pages, emu.cursor_pagination = False, False
+        emu.reset_calls()
+        self.assertEqual([e.name for e in self.client().list_folder("cloudreve://my/p")[0]],
+                         ["f%d" % i for i in range(9)])
+        self.assertEqual(emu.calls[CR_LIST], 3)
+
+    def test_missing_folder_and_file_are_not_found(self):
+        emu = self.emulator()
+        emu.add_file("/f", b"1")
+        client = self.client()
+        for uri in ("cloudreve://my/none", "cloudreve://my/f"):
+            with self.assertRaises(CloudreveNotFound):
+                client.list_folder(uri)
+
+    def test_names_that_need_encoding_round_trip(self):
+        emu = self.emulator()
+        base = "/\u5907\u4efd 100% a+b #1 (x)@home=&"
+        storage = self.storage(repo_path=base)
+        storage.create_repository(REPO)
+        data = os.urandom(1500)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.file_bytes(self.live_path(ref, base)), data)
+        fresh = self.storage(self.client(), repo_path=base)
+        self.assertEqual(fresh.list(REPO, "data"), [(ref.name, 1500)])
+        self.assertEqual(self.read(fresh, ref), data)
+        self.assertTrue(fresh.delete(ref))
+        self.assertEqual(emu.children(base + "/r/data/" + ref.name[:2]), [])
+        self.assertEqual(self.rejected_total(40001) + self.rejected_total(40016), 0)
+
+
+# ---------------------------------------------------------------------------
+# Cloudreve uploads
+# ---------------------------------------------------------------------------
+
+class CloudreveUploadsTest(CloudreveBackendCase):
+
+    def test_chunks_of_the_sessions_size_in_order_with_exact_lengths(self):
+        emu = self.emulator(chunk_size=1000)
+        storage = self.storage()
+        storage.create_repository(REPO)
+        uploaded = METRICS.total("restic123pan_cloud_bytes_uploaded_total")
+        sizes = (1, 999, 1000, 1001, 4500)
+        refs = [self.put(storage, os.urandom(n)) for n in sizes]
+        self.assertEqual(METRICS.total("restic123pan_cloud_bytes_uploaded_total") - uploaded,
+                         sum(sizes))
+        self.assertEqual(emu.calls[CR_SESSION], 5)
+        self.assertEqual(emu.calls[CR_CHUNK], 1 + 1 + 1 + 2 + 5)
+        self.assertEqual(dict(emu.rejected), {})    # no 40013 length or 50004 order refusal
+        for ref, size in zip(refs, sizes):
+            self.assertEqual(storage.stat(ref), size)
+            self.assertEqual(hashlib.sha256(emu.file_bytes(self.live_path(ref))).hexdigest(),
+                             ref.name)
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+
+    def test_spool_on_disk_is_streamed(self):
+        emu = self.emulator(chunk_size=300000)
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = os.urandom(1000000)
+        spool = HashingSpool.from_stream(io.BytesIO(data), len(data), memory_limit=1000)
+        self.addCleanup(spool.close)
+        self.assertFalse(spool.in_memory)
+        storage.put(data_ref(data), spool)
+        self.assertEqual(emu.calls[CR_CHUNK], 4)
+        self.assertEqual(emu.file_bytes(self.live_path(data_ref(data))), data)
+
+    def test_whole_body_when_chunk_size_is_0_and_empty_objects(self):
+        emu = self.emulator(chunk_size=0)
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = os.urandom(5000)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.calls[CR_CHUNK], 1)
+        self.assertEqual(self.read(storage, ref), data)
+        empty = self.put(storage, b"")
+        self.assertEqual(storage.stat(empty), 0)
+        self.assertEqual(list(storage.read(empty, 0, 0)), [])
+        self.assertEqual(emu.resolve(self.live_path(empty))["size"], 0)
+
+    def test_failed_upload_leaves_no_placeholder(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("413", count=100, endpoint=CR_CHUNK)
+        data = os.urandom(2500)
+        with self.assertRaises(CloudreveError) as caught:
+            self.put(storage, data)
+        self.assertIn("client_max_body_size", str(caught.exception))
+        self.assertEqual(emu.calls[CR_SESSION], 3)        # upload_attempts
+        self.assertEqual(emu.calls[CR_CANCEL], 3)
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+        self.assertIsNone(storage.stat(data_ref(data)))
+        self.assertEqual(emu.used_bytes(), 0)
+        emu.clear_faults()
+        self.put(storage, data)
+        self.assertEqual(self.read(storage, data_ref(data)), data)
+
+    def test_unreachable_site_mid_upload_cancels_the_session(self):
+        emu = self.emulator()
+        storage = self.storage(self.client(call_deadline=0.3))
+        storage.create_repository(REPO)
+        emu.fail_next("502", count=10000, endpoint=CR_CHUNK)
+        with self.assertRaises(CloudreveUnavailable):
+            self.put(storage, os.urandom(2500))
+        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (1, 1))
+        self.assertEqual(emu.placeholders(), [])
+
+    def test_lock_expired_on_a_chunk_starts_a_new_session(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("40073", endpoint=CR_CHUNK)
+        data = os.urandom(2500)
+        ref = self.put(storage, data)
+        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (2, 1))
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+        self.assertEqual(emu.placeholders(), [])
+
+    def test_expired_session_starts_a_new_one(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        client = storage.client
+        original = client._send_chunks
+
+        def expire_the_first_session(session, spool):
+            if emu.calls[CR_SESSION] == 1:
+                emu.expire_upload_sessions()
+            return original(session, spool)
+
+        client._send_chunks = expire_the_first_session
+        data = os.urandom(2500)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.rejected[(CR_CHUNK, 40011)], 2)      # before and after a refresh
+        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (2, 1))
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+
+    def test_answer_of_the_last_chunk_lost(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("drop_after", endpoint=CR_CHUNK)
+        ref = self.put(storage, b"one chunk")
+        # the retry finds the session completed (40011 even after a refresh); the
+        # file is there with its size: stored, nothing cancelled
+        self.assertEqual(emu.rejected[(CR_CHUNK, 40011)], 2)
+        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (1, 0))
+        self.assertEqual(storage.stat(ref), 9)
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), b"one chunk")
+
+    def test_answer_of_a_middle_chunk_lost(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("drop_after", endpoint=CR_CHUNK)
+        emu.fail_next("drop", endpoint=CR_CHUNK)
+        data = os.urandom(3500)
+        ref = self.put(storage, data)
+        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CHUNK]), (1, 6))
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+
+    def test_placeholder_of_a_crashed_run_is_replaced(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = os.urandom(1500)
+        ref = data_ref(data)
+        # a previous run died after opening a session: a locked 0-byte placeholder
+        self.session_raw(storage.client, self.live_path(ref), len(data))
+        self.assertIsNone(storage.stat(ref))            # a placeholder is not an object
+        self.put(storage, data, ref)
+        self.assertEqual(emu.rejected[(CR_SESSION, 40004)], 1)
+        self.assertEqual(emu.calls[CR_CANCEL], 1)
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+        # the same after the stale session has expired (placeholder unlocked)
+        other = os.urandom(1200)
+        self.session_raw(storage.client, self.live_path(data_ref(other)), len(other))
+        emu.expire_upload_sessions()
+        self.put(storage, other)
+        self.assertEqual(emu.file_bytes(self.live_path(data_ref(other))), other)
+        self.assertEqual(emu.placeholders(), [])
+
+    def test_file_unknown_to_the_index_is_replaced_atomically(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        config = ObjectRef.config(REPO)
+        self.assertIsNone(storage.stat(config))
+        emu.add_file(self.live_path(config), b"written by someone else")
+        self.put(storage, b"ours", config)
+        self.assertEqual(emu.rejected[(CR_SESSION, 40004)], 1)
+        self.assertEqual(emu.file_bytes(self.live_path(config)), b"ours")
+
+    def test_config_replaced_as_a_new_version(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        config = ObjectRef.config(REPO)
+        self.put(storage, b"one", config)
+        first = self.read(storage, config)
+        self.put(storage, b"second", config)
+        self.assertEqual((first, self.read(storage, config)), (b"one", b"second"))
+        self.assertEqual(storage.stat(config), 6)
+        self.assertEqual(emu.rejected[(CR_SESSION, 40004)], 0)
+        fresh = self.storage(self.client())
+        self.assertEqual(self.read(fresh, config), b"second")
+        self.assertEqual(len(emu.children(CR_BASE + "/r")), 6)   # config + 5 folders
+
+    def test_wrong_size_after_completion_is_not_stored(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        add_version = emu._add_version
+        emu._add_version = lambda n, data, mtime: add_version(n, data[:-1], mtime)
+        data = os.urandom(1500)
+        with self.assertLogs("restic_123pan", "WARNING"):
+            with self.assertRaises(CloudreveError) as caught:
+                self.put(storage, data)
+        self.assertIn("reports 1499 bytes", str(caught.exception))
+        self.assertIsNone(emu.resolve(self.live_path(data_ref(data))))
+        self.assertIsNone(storage.stat(data_ref(data)))
+
+    def test_quota_exceeded_is_507_and_file_too_large(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.quota = 100
+        with self.assertLogs("restic_123pan", "WARNING"):
+            with self.assertRaises(CloudreveError) as caught:
+                self.put(storage, os.urandom(101))
+        self.assertEqual((caught.exception.code, caught.exception.status), (40051, 507))
+        emu.quota, emu.max_size = 10 ** 9, 50
+        with self.assertLogs("restic_123pan", "WARNING"):
+            with self.assertRaises(CloudreveError) as caught:
+                self.put(storage, os.urandom(51))
+        self.assertEqual(caught.exception.code, 40049)
+        self.assertEqual(emu.placeholders(), [])
+
+    def test_storage_policy_without_relay_is_refused(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu._policy = lambda: {"id": emu.policy_id, "name": "S3", "type": "s3", "max_size": 0}
+        with self.assertRaises(CloudreveError) as caught:
+            self.put(storage, b"packed")
+        self.assertIn("'s3'", str(caught.exception))
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+
+    def test_concurrent_uploads_of_one_name(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = os.urandom(3000)
+        run_threads(lambda: self.put(storage, data), [()] * 4)
+        # one upload; the others find it stored when their turn comes
+        self.assertEqual(emu.calls[CR_SESSION], 1)
+        self.assertEqual(self.rejected_total(40004) + self.rejected_total(40073), 0)
+        self.assertEqual(storage.list(REPO, "data"), [(data_ref(data).name, 3000)])
+
+
+# ---------------------------------------------------------------------------
+# The Cloudreve storage: folders and what is known
+# ---------------------------------------------------------------------------
+
+class CloudreveStorageFoldersTest(CloudreveBackendCase):
+
+    def test_new_repository_costs_five_creates(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        self.assertEqual((emu.calls[CR_CREATE], emu.calls[CR_LIST]), (5, 0))
+        self.assertEqual(sorted(c["name"] for c in emu.children(CR_BASE + "/r")),
+                         ["data", "index", "keys", "locks", "snapshots"])
+        storage.create_repository(REPO)                 # idempotent
+        self.assertEqual(emu.rejected[(CR_CREATE, 40004)], 5)
+
+    def test_uploads_into_a_new_repository_list_nothing(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        refs = [self.put(storage, os.urandom(100)) for _ in range(10)]
+        key = self.put(storage, b"key", ObjectRef(REPO, "keys", "cd" * 32))
+        for ref in refs:
+            self.assertEqual(storage.stat(ref), 100)
+        self.assertEqual(sorted(storage.list(REPO, "data")),
+                         sorted((r.name, 100) for r in refs))
+        self.assertEqual(storage.list(REPO, "keys"), [(key.name, 3)])
+        # one listing only: for the policy id the upload sessions need
+        self.assertEqual(emu.calls[CR_LIST], 1)
+        self.assertEqual(storage._policy_id, emu.policy_id)
+        self.assertEqual(len(emu.children(CR_BASE + "/r/data")), len({r.name[:2] for r in refs}))
+
+    def test_existing_repository_listed_once_per_folder(self):
+        emu = self.emulator(page_size=7)
+        self.existing_repo()
+        refs = [self.stored_elsewhere(os.urandom(100)) for _ in range(30)]
+        storage = self.storage()
+        self.assertEqual(storage.stat(refs[0]), 100)
+        self.assertEqual(emu.calls[CR_LIST], 1)        # data/<xx> only
+        self.assertIsNone(storage.stat(data_ref(b"absent")))
+        expected = sorted((r.name, 100) for r in refs)
+        self.assertEqual(sorted(storage.list(REPO, "data")), expected)
+        listed = emu.calls[CR_LIST]
+        for _ in range(3):
+            self.assertEqual(sorted(storage.list(REPO, "data")), expected)
+            for ref in refs:
+                self.assertEqual(storage.stat(ref), 100)
+        self.assertEqual(emu.calls[CR_LIST], listed)
+        self.assertEqual(storage._policy_id, emu.policy_id)   # from a listing
+        # uploads there need no more listing, nor a policy lookup
+        self.put(storage, os.urandom(10))
+        self.assertEqual(emu.calls[CR_LIST], listed)
+
+    def test_placeholders_and_foreign_names_are_not_listed(self):
+        emu = self.emulator()
+        self.existing_repo()
+        keep = self.stored_elsewhere(b"kept", ObjectRef(REPO, "keys", "ab" * 32))
+        emu.add_file(CR_BASE + "/r/keys/not-an-id", b"x")
+        client = self.client()
+        self.session_raw(client, CR_BASE + "/r/keys/" + "cd" * 32, 10)
+        storage = self.storage(client)
+        self.assertEqual(storage.list(REPO, "keys"), [(keep.name, 4)])
+        self.assertIsNone(storage.stat(ObjectRef(REPO, "keys", "cd" * 32)))
+
+    def test_missing_repository_lists_empty(self):
+        self.emulator()
+        storage = self.storage()
+        self.assertEqual(storage.list(REPO, "snapshots"), [])
+        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertIsNone(storage.stat(ObjectRef.config(REPO)))
+        with self.assertRaises(NotFound):
+            storage.read(ObjectRef.config(REPO), 0, 1)
+
+    def test_repositories_directly_under_my(self):
+        emu = self.emulator()
+        storage = self.storage(repo_path="/")
+        storage.create_repository(())
+        config = ObjectRef.config(())
+        self.put(storage, b"cfg", config)
+        self.assertEqual(emu.file_bytes("/config"), b"cfg")
+        self.assertEqual(self.read(self.storage(self.client(), "/"), config), b"cfg")
+
+
+# ---------------------------------------------------------------------------
+# Cloudreve downloads
+# ---------------------------------------------------------------------------
+
+class CloudreveDownloadsTest(CloudreveBackendCase):
+
+    def stored(self, size=300000, emulator=None, **client_options):
+        emu = self.emulator(**dict({"chunk_size": 65536}, **(emulator or {})))
+        storage = self.storage(self.client(**client_options))
+        storage.create_repository(REPO)
+        data = os.urandom(size)
+        ref = self.put(storage, data)
+        emu.reset_calls()
+        return emu, storage, ref, data
+
+    def test_ranges_and_link_reuse(self):
+        emu, storage, ref, data = self.stored()
+        downloaded = METRICS.total("restic123pan_cloud_bytes_downloaded_total")
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(METRICS.total("restic123pan_cloud_bytes_downloaded_total")
+                         - downloaded, len(data))
+        self.assertEqual(self.read(storage, ref, 1000, 5000), data[1000:6000])
+        self.assertEqual(self.read(storage, ref, len(data) - 1, 1), data[-1:])
+        self.assertEqual((emu.calls[CR_URL], emu.calls[CR_CONTENT]), (1, 3))
+
+    def test_link_not_reused_close_to_its_expiry(self):
+        emu, storage, ref, data = self.stored(emulator={"download_url_ttl": 30.0})
+        self.read(storage, ref, 0, 10)
+        self.read(storage, ref, 0, 10)
+        self.assertEqual(emu.calls[CR_URL], 2)
+
+    def test_expired_link_answers_json_which_never_reaches_the_reader(self):
+        emu, storage, ref, data = self.stored()
+        self.read(storage, ref, 0, 10)
+        emu.expire_download_urls()
+        self.assertEqual(self.read(storage, ref, 5, 10), data[5:15])
+        self.assertEqual(emu.rejected[(CR_CONTENT, 40005)], 1)
+        self.assertEqual(emu.calls[CR_URL], 2)
+        emu.advance_clock(7200)             # links (and the access token) expired by time
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(emu.rejected[(CR_CONTENT, 40005)], 2)
+
+    def test_link_refused_again_and_again_gives_up(self):
+        emu, storage, ref, data = self.stored(call_deadline=0.3)
+        emu.fail_next("401", count=10000, endpoint=CR_CONTENT)    # content: 40005
+        with self.assertRaises(CloudreveUnavailable) as caught:
+            storage.read(ref, 0, 10)
+        self.assertIn("code 40005", str(caught.exception))
+
+    def test_dropped_download_resumed(self):
+        emu, storage, ref, data = self.stored()
+        emu.fail_next("drop", endpoint=CR_CONTENT)
+        self.assertEqual(self.read(storage, ref), data)
+        emu.fail_next("drop", endpoint=CR_CONTENT)
+        self.assertEqual(self.read(storage, ref, 100, 200000), data[100:200100])
+        self.assertEqual(emu.rejected[(CR_CONTENT, "drop")], 2)
+        self.assertEqual(emu.calls[CR_CONTENT], 4)
+
+    def test_errors_of_the_content_route_retried(self):
+        emu, storage, ref, data = self.stored()
+        for kind in ("502", "500", "50001"):
+            emu.fail_next(kind, endpoint=CR_CONTENT)
+        emu.fail_next("500", endpoint=CR_URL)
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(emu.calls[CR_CONTENT], 4)
+
+    def test_removed_behind_our_back_is_not_found(self):
+        emu, storage, ref, data = self.stored()
+        self.read(storage, ref, 0, 10)
+        emu.remove_behind_back(self.live_path(ref))
+        with self.assertLogs("restic_123pan", "WARNING"):
+            with self.assertRaises(NotFound):
+                storage.read(ref, 0, 10)
+        self.assertEqual(emu.rejected[(CR_CONTENT, 40077)], 1)   # the link's blob is gone
+        self.assertIsNone(storage.stat(ref))
+        self.assertFalse(storage.delete(ref))
+
+    def test_link_to_another_host_is_fetched_from_the_site(self):
+        emu, storage, ref, data = self.stored(emulator={"separate_download_host": True})
+        uri = cloudreve_uri(tuple(p for p in self.live_path(ref).split("/") if p))
+        self.assertTrue(storage.client.download_url(uri).startswith(emu.base_url + "/api/v4/"))
+        self.assertEqual(self.read(storage, ref), data)
+
+    def test_wrong_bytes_detected_on_full_read(self):
+        emu, storage, ref, data = self.stored(size=5000)
+        node = emu.resolve(self.live_path(ref))
+        entity = emu._unhid("entity", node["primary_entity"])
+        emu._entities[entity]["data"] = bytes(5000)      # same length, other bytes
+        received = []
+        with self.assertLogs("restic_123pan", "ERROR") as logs:
+            with self.assertRaises(UpstreamError):
+                for chunk in storage.read(ref, 0, 5000):
+                    received.append(chunk)
+        self.assertEqual(received, [])             # the last chunk was held back
+        self.assertIn(ref.name, logs.output[0])
+        # a partial read cannot be checked here (restic checks each blob itself)
+        self.assertEqual(self.read(storage, ref, 0, 64), bytes(64))
+
+
+# ---------------------------------------------------------------------------
+# Cloudreve deletes
+# ---------------------------------------------------------------------------
+
+class CloudreveDeletesTest(CloudreveBackendCase):
+
+    def test_delete_skips_the_trash(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        ref = self.put(storage, os.urandom(5000))
+        self.assertEqual(emu.used_bytes(), 5000)
+        self.assertTrue(storage.delete(ref))
+        self.assertEqual(emu.used_bytes(), 0)       # no copy kept in the trash
+        self.assertIsNone(storage.stat(ref))
+        self.assertFalse(storage.delete(ref))
+        self.assertEqual(emu.calls[CR_DELETE], 1)
+
+    def test_concurrent_deletes_are_batched(self):
+        emu = self.emulator()
+        self.existing_repo()
+        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(24)]
+        storage = self.storage()
+        self.assertEqual(len(storage.list(REPO, "data")), 24)
+        emu.reset_calls()
+        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 24)
+        self.assertLess(emu.calls[CR_DELETE], 12)
+        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(emu.used_bytes(), 0)
+
+    def test_batch_with_objects_already_gone(self):
+        emu = self.emulator()
+        self.existing_repo()
+        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(6)]
+        storage = self.storage()
+        storage.list(REPO, "data")
+        emu.remove_behind_back(self.live_path(refs[0]))
+        emu.remove_behind_back(self.live_path(refs[1]))
+        # as far as this server knew they existed, and they are gone now
+        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 6)
+        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(emu.used_bytes(), 0)
+
+    def test_answer_lost_and_object_locked(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        ref = self.put(storage, b"doomed")
+        emu.fail_next("drop_after", endpoint=CR_DELETE)
+        emu.fail_next("40073", endpoint=CR_DELETE)
+        self.assertTrue(storage.delete(ref))
+        self.assertIsNone(emu.resolve(self.live_path(ref)))
+
+    def test_items_that_failed_otherwise_are_reported(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        folder = cloudreve_uri(("restic-backup", "r", "data"))
+        errors = storage._delete_batch([folder, "cloudreve://my", "cloudreve://my/none"])
+        self.assertEqual(dict((uri, (type(e), e.code)) for uri, e in errors.items()),
+                         {"cloudreve://my": (CloudreveError, 403),
+                          "cloudreve://my/none": (CloudreveNotFound, 40016)})
+        self.assertIsNone(emu.resolve(CR_BASE + "/r/data"))     # the others were done
+        with self.assertRaises(CloudreveError) as caught:      # refused as a whole
+            storage._delete_batch(["cloudreve://my/%zz"])
+        self.assertEqual(caught.exception.code, 40001)
+
+
+class CloudreveUnderFaultsTest(CloudreveBackendCase):
+
+    def test_workload_without_lost_objects(self):
+        emu = self.emulator(chunk_size=2000)
+        storage = self.storage()
+        storage.create_repository(REPO)
+        for kind, p, seed in (("500", 0.05, 1), ("drop", 0.05, 2), ("drop_after", 0.05, 3),
+                              ("401", 0.05, 4), ("50001", 0.05, 5), ("409", 0.05, 6)):
+            emu.fail_randomly(kind, p, seed=seed)
+        blobs = [os.urandom(n) for n in (10, 2500, 5000, 100, 7000, 1, 4000, 2000)]
+        refs = run_threads(lambda d: self.put(storage, d), [(d,) for d in blobs])
+        for ref, data in zip(refs, blobs):
+            self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(sorted(storage.list(REPO, "data")),
+                         sorted((r.name, len(d)) for r, d in zip(refs, blobs)))
+        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs[:3]]), [True] * 3)
+        emu.clear_faults()
+        fresh = self.storage(self.client())
+        self.assertEqual(sorted(n for n, _ in fresh.list(REPO, "data")),
+                         sorted(r.name for r in refs[3:]))
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+        self.assertGreater(sum(emu.rejected.values()), 5, "the faults did not happen")
+
+
+# ---------------------------------------------------------------------------
+# Cloudreve command line
+# ---------------------------------------------------------------------------
+
+class CloudreveCommandLineTest(unittest.TestCase):
+
+    def parse(self, argv, environ=None):
+        """The real command line, as main() parses it, for the Cloudreve backend."""
+        return rp.parse_config(["--backend", "cloudreve"] + argv, environ or {})
+
+    def build(self, argv, environ):
+        return build_cloudreve_storage(self.parse(argv, environ), environ)
+
+    def test_environment_and_defaults(self):
+        environ = {"CLOUDREVE_URL": "https://drive.example.com/", "CLOUDREVE_USER": "me@x.org",
+                   "CLOUDREVE_PASSWORD": "pw-secret", "XDG_STATE_HOME": "/tmp/xdg"}
+        storage = self.build([], environ)
+        self.assertEqual(storage.client.site_url, "https://drive.example.com")
+        self.assertEqual(storage.client.email, "me@x.org")
+        self.assertEqual(storage.describe(), "Cloudreve folder cloudreve://my/restic-backup "
+                                             "(me@x.org at https://drive.example.com)")
+        self.assertTrue(storage.client._token_file.path.startswith("/tmp/xdg/restic-123pan/"))
+        self.assertNotIn("pw-secret", repr(storage.client))
+        self.assertEqual(rp.parse_config([], environ).backend, "cloudreve")
+
+    def test_flags_override_environment_and_password_file(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder, True)
+        password_file = os.path.join(folder, "pw")
+        with open(password_file, "w") as f:
+            f.write("from-file\nsecond line ignored\n")
+        environ = {"CLOUDREVE_URL": "https://env.example", "CLOUDREVE_USER": "env@x.org",
+                   "CLOUDREVE_PASSWORD": "env-pw", "CLOUDREVE_REPO_PATH": "/env"}
+        storage = self.build(["--cloudreve-url", "http://127.0.0.1:1/api/v4",
+                              "--cloudreve-user", "flag@x.org", "--repo-path", "/a b/c",
+                              "--cloudreve-password-file", password_file,
+                              "--state-dir", folder], environ)
+        self.assertEqual(storage.client.site_url, "http://127.0.0.1:1")
+        self.assertEqual(storage.client.email, "flag@x.org")
+        self.assertEqual(storage.client._password, "from-file")
+        self.assertIn("cloudreve://my/a%20b/c ", storage.describe())
+        self.assertEqual(os.path.dirname(storage.client._token_file.path), folder)
+        self.assertEqual(self.build([], environ).client._password, "env-pw")
+        self.assertIn("cloudreve://my/env ", self.build([], environ).describe())
+        environ = dict(environ, CLOUDREVE_PASSWORD="", CLOUDREVE_PASSWORD_FILE=password_file)
+        self.assertEqual(self.build([], environ).client._password, "from-file")
+
+    def test_usage_errors_never_show_the_password(self):
+        full = {"CLOUDREVE_URL": "https://d.example", "CLOUDREVE_USER": "me@x.org",
+                "CLOUDREVE_PASSWORD": "pw-secret"}
+        for drop in ("CLOUDREVE_URL", "CLOUDREVE_USER", "CLOUDREVE_PASSWORD"):
+            environ = dict(full)
+            del environ[drop]
+            with self.assertRaises(UsageError) as caught:
+                self.build([], environ)
+            self.assertIn(drop, str(caught.exception))
+            self.assertNotIn("pw-secret", str(caught.exception))
+        for argv in (["--repo-path", "/a:b"], ["--cloudreve-url", "ftp://x"],
+                     ["--cloudreve-password", "p", "--cloudreve-password-file", "/f"],
+                     ["--cloudreve-password-file", "/nonexistent/pw"]):
+            with self.assertRaises(UsageError) as caught:
+                self.build(argv, full)
+            self.assertNotIn("pw-secret", str(caught.exception))
+        empty = tempfile.NamedTemporaryFile(delete=False)
+        empty.close()
+        self.addCleanup(os.unlink, empty.name)
+        with self.assertRaises(UsageError):
+            self.build(["--cloudreve-password-file", empty.name], full)
+
+    def test_backend_choice_and_foreign_flags(self):
+        both = {"CLOUDREVE_URL": "https://d.example", "PAN123_CLIENT_ID": "id"}
+        self.assertRaises(UsageError, rp.parse_config, [], both)
+        self.assertEqual(rp.parse_config(["--backend", "123pan"], both).backend, "123pan")
+        self.assertEqual(rp.parse_config(["--cloudreve-url", "https://d"], {}).backend,
+                         "cloudreve")
+        for argv in (["--backend", "cloudreve", "--client-id", "x"],
+                     ["--backend", "cloudreve", "--api-base", "http://x"],
+                     ["--backend", "123pan", "--cloudreve-user", "me@x.org"],
+                     ["--backend", "local", "--cloudreve-url", "https://d"],
+                     ["--backend", "local", "--repo-path", "/x"],
+                     ["--backend", "cloudreve", "--path", "/p"]):
+            self.assertRaises(UsageError, rp.parse_config, argv, {})
+
+    def test_main_reports_one_line_without_the_password(self):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), mock.patch.object(logging, "basicConfig"):
+            status = rp.main(["--backend", "cloudreve", "--cloudreve-url", "https://d",
+                              "--cloudreve-password", "pw-secret"], {})
+        self.assertEqual(status, 2)
+        self.assertEqual(len(err.getvalue().splitlines()), 1)
+        self.assertIn("CLOUDREVE_USER", err.getvalue())
+        self.assertNotIn("pw-secret", err.getvalue())
+
+
+# ---------------------------------------------------------------------------
 # End to end with the real restic
 # ---------------------------------------------------------------------------
 
@@ -6499,6 +7572,86 @@ class Pan123EndToEndTest(ResticEndToEndBase):
         calls = self.finish(emu, "123pan chunked")
         self.assertGreater(calls.get("/upload/v2/file/slice", 0), 20)
         self.assertGreater(calls.get("/upload/v2/file/upload_complete", 0), 0)
+
+
+class CloudreveEndToEndTest(ResticEndToEndBase):
+    """restic -> our server (--backend cloudreve) -> the Cloudreve 4 emulator."""
+
+    def start_emulator(self, **kw):
+        emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD, **kw).start()
+        self.addCleanup(emu.stop)
+        return emu
+
+    def start_cloudreve_server(self, emu, *extra, **kw):
+        # the password in the environment, as the README recommends (or in a file)
+        return self.start_server(
+            "--backend", "cloudreve", "--cloudreve-url", emu.base_url,
+            "--cloudreve-user", CR_EMAIL, "--state-dir", os.path.join(self.tmp, "state"),
+            *extra, env=kw.get("env", {"CLOUDREVE_PASSWORD": CR_PASSWORD}))
+
+    def finish(self, emu, title):
+        """Stop the server, print the calls per endpoint, then check what is left on
+        the site: no placeholder or open upload session, nothing in the trash or in
+        old versions (every byte the site counts belongs to a live file), and no
+        bug of the emulator's own."""
+        self.stop_server(self.server_proc)
+        calls = dict(sorted(emu.calls.items()))
+        rejected = dict(sorted(emu.rejected.items(), key=str))
+        sys.stderr.write("\n%s: Cloudreve API calls by endpoint %s\n  refused or faulted: %s\n"
+                         % (title, json.dumps(calls), rejected))
+        self.assertEqual(emu.errors, [])
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+        live, folders = 0, ["/"]
+        while folders:
+            folder = folders.pop()
+            for node in emu.children(folder):
+                if node["type"] == 1:
+                    folders.append(folder.rstrip("/") + "/" + node["name"])
+                else:
+                    live += node["size"]
+        self.assertEqual(emu.used_bytes(), live, "trash or stale versions left behind")
+        log_text = self.server_log_text()
+        self.assertNotIn(CR_PASSWORD, log_text)
+        return calls
+
+    def test_clean_run(self):
+        emu = self.start_emulator()
+        url = self.start_cloudreve_server(emu)
+        self.run_scenario("rest:" + url + "home/laptop/")
+        calls = self.finish(emu, "Cloudreve clean")
+        self.assertEqual(calls[CR_LOGIN], 1)
+        # nothing refused but the listing of the repository before `init` made it
+        self.assertEqual(dict(emu.rejected), {(CR_LIST, 40016): 1})
+        self.assertGreater(calls[CR_DELETE], 0)
+
+    def test_faults_lose_nothing(self):
+        emu = self.start_emulator(chunk_size=1024 * 1024)
+        for i, (kind, p) in enumerate((("500", 0.02), ("502", 0.02), ("504", 0.01),
+                                       ("429", 0.01), ("drop", 0.02), ("drop_after", 0.02),
+                                       ("401", 0.02), ("409", 0.01), ("40073", 0.01),
+                                       ("50001", 0.01), ("50004", 0.01))):
+            emu.fail_randomly(kind, p, seed=100 + i)
+        password_file = os.path.join(self.tmp, "cloudreve-password")
+        with open(password_file, "w") as f:
+            f.write(CR_PASSWORD + "\n")
+        url = self.start_cloudreve_server(emu, "--cloudreve-password-file", password_file,
+                                          env={})
+        repo = "rest:" + url
+        options = ["-o", "rest.connections=8"]
+        self.run_scenario(repo, options=options, total_mib=24)
+        # expired tokens and download links before a last full read
+        emu.expire_access_tokens()
+        emu.expire_download_urls()
+        self.restic_run(repo, "check", "--read-data", options=options)
+        self.finish(emu, "Cloudreve with faults")
+        self.assertGreater(sum(emu.rejected.values()), 25, "the faults did not happen")
+
+    def test_objects_larger_than_one_chunk(self):
+        emu = self.start_emulator(chunk_size=256 * 1024, page_size=100)
+        url = self.start_cloudreve_server(emu)
+        self.run_scenario("rest:" + url, total_mib=24)
+        calls = self.finish(emu, "Cloudreve 256 KiB chunks")
+        self.assertGreater(calls[CR_CHUNK], 4 * calls[CR_SESSION])
 
 
 class AccessEndToEndTest(ResticEndToEndBase):
