@@ -1437,7 +1437,94 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _any
 
 
-class Pan123Emulator(object):
+class _EmulatorControls(object):
+    """What both emulators share: stopping (also their idle keep-alive
+    connections), a clock the tests move, call accounting and fault switches.
+    A subclass sets FAULT_KINDS and has lock, calls, rejected, _clock, _faults,
+    _random_faults, _servers and _conns."""
+
+    FAULT_KINDS = ()
+
+    def stop(self):
+        stoppers = [threading.Thread(target=srv.shutdown) for srv in self._servers]
+        for t in stoppers:       # in parallel: each shutdown waits for one poll interval
+            t.start()
+        for t in stoppers:
+            t.join()
+        for srv in self._servers:
+            srv.server_close()
+        self._servers = []
+        with self.lock:
+            conns = list(self._conns)
+        for c in conns:          # kill idle keep-alive connections too
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _track(self, conn, add):
+        with self.lock:
+            if add:
+                self._conns.add(conn)
+            else:
+                self._conns.discard(conn)
+
+    def now(self):
+        return time.time() + self._clock
+
+    def advance_clock(self, seconds):
+        """Move the emulator's clock forward (expiry, QPS windows) without sleeping."""
+        with self.lock:
+            self._clock += seconds
+
+    def reset_calls(self):
+        with self.lock:
+            self.calls.clear()
+            self.rejected.clear()
+
+    def fail_next(self, kind, count=1, endpoint=None):
+        if kind not in self.FAULT_KINDS:
+            raise ValueError("unknown fault kind %r" % (kind,))
+        with self.lock:
+            self._faults.append([kind, count, endpoint])
+
+    def fail_randomly(self, kind, probability, endpoint=None, seed=0):
+        if kind not in self.FAULT_KINDS:
+            raise ValueError("unknown fault kind %r" % (kind,))
+        with self.lock:
+            self._random_faults.append((kind, probability, endpoint, random.Random(seed)))
+
+    def clear_faults(self):
+        with self.lock:
+            del self._faults[:]
+            del self._random_faults[:]
+
+    @staticmethod
+    def _fault_matches(endpoint, key):
+        return endpoint is None or endpoint == key
+
+    def _take_fault(self, key):
+        """The fault kind this request meets, or None."""
+        with self.lock:
+            for f in self._faults:
+                if self._fault_matches(f[2], key):
+                    f[1] -= 1
+                    if f[1] <= 0:
+                        self._faults.remove(f)
+                    return f[0]
+            for kind, prob, endpoint, rng in self._random_faults:
+                if self._fault_matches(endpoint, key) and rng.random() < prob:
+                    return kind
+        return None
+
+
+class Pan123Emulator(_EmulatorControls):
     """Fake 123pan open API. Attributes set after construction tune extra behaviour:
 
     slow_seconds, max_live_tokens, token_limit_mode ("evict" | "refuse"),
@@ -1449,6 +1536,8 @@ class Pan123Emulator(object):
     sleeping), add_folder(path), log (deque of {host, method, path, status, code, token}),
     errors (tracebacks of emulator bugs; assert it stays empty), now().
     """
+
+    FAULT_KINDS = _FAULT_KINDS
 
     def __init__(self, client_id="emu-client", client_secret="emu-secret", *, vip=False,
                  enforce_qps=True, default_qps=20.0, slice_size=16 * 1024 * 1024,
@@ -1485,11 +1574,11 @@ class Pan123Emulator(object):
         self.tokens_issued = 0
         self.api_base = self.upload_base = self.download_base = ""
 
-        self._clock_offset = 0.0
+        self._clock = 0.0
         self._secret = os.urandom(16)
         self._tokens = collections.OrderedDict()   # token -> {"exp", "revoked"}
         self._qps_hits = collections.defaultdict(collections.deque)
-        self._next_faults = []              # [kind, remaining, endpoint]
+        self._faults = []                   # [kind, remaining, endpoint]
         self._random_faults = []            # (kind, probability, endpoint, Random)
         self._next_id = 14000001
         self._nodes = {}                    # fileId -> public node dict
@@ -1516,83 +1605,15 @@ class Pan123Emulator(object):
         self.api_base, self.upload_base, self.download_base = base
         return self
 
-    def stop(self):
-        stoppers = [threading.Thread(target=srv.shutdown) for srv in self._servers]
-        for t in stoppers:       # in parallel: each shutdown waits for one poll interval
-            t.start()
-        for t in stoppers:
-            t.join()
-        for srv in self._servers:
-            srv.server_close()
-        self._servers = []
-        with self.lock:
-            conns = list(self._conns)
-        for c in conns:          # kill idle keep-alive connections too
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def _track(self, conn, add):
-        with self.lock:
-            if add:
-                self._conns.add(conn)
-            else:
-                self._conns.discard(conn)
-
     # ------------------------------------------------------------------ clock, accounting, faults
-    def now(self):
-        return time.time() + self._clock_offset
-
+    # (the rest in _EmulatorControls)
     def _mono(self):
-        return time.monotonic() + self._clock_offset
-
-    def advance_clock(self, seconds):
-        """Move the emulator's clock forward (token/URL expiry, QPS windows) without sleeping."""
-        with self.lock:
-            self._clock_offset += seconds
+        return time.monotonic() + self._clock
 
     def reset_calls(self):
         with self.lock:
-            self.calls.clear()
-            self.rejected.clear()
+            _EmulatorControls.reset_calls(self)
             self.log.clear()
-
-    def fail_next(self, kind, count=1, endpoint=None):
-        if kind not in _FAULT_KINDS:
-            raise ValueError("unknown fault kind %r" % (kind,))
-        with self.lock:
-            self._next_faults.append([kind, count, endpoint])
-
-    def fail_randomly(self, kind, probability, endpoint=None, seed=0):
-        if kind not in _FAULT_KINDS:
-            raise ValueError("unknown fault kind %r" % (kind,))
-        with self.lock:
-            self._random_faults.append((kind, probability, endpoint, random.Random(seed)))
-
-    def clear_faults(self):
-        with self.lock:
-            del self._next_faults[:]
-            del self._random_faults[:]
-
-    def _take_fault(self, ep):
-        with self.lock:
-            for f in self._next_faults:
-                if f[2] is None or f[2] == ep:
-                    f[1] -= 1
-                    if f[1] <= 0:
-                        self._next_faults.remove(f)
-                    return f[0]
-            for kind, prob, endpoint, rng in self._random_faults:
-                if (endpoint is None or endpoint == ep) and rng.random() < prob:
-                    return kind
-        return None
 
     def revoke_all_tokens(self):
         with self.lock:
@@ -3252,16 +3273,73 @@ def run_threads(target, args_list):
     return results
 
 
-class Pan123BackendCase(unittest.TestCase):
+class CloudStorageHelpers(object):
+    """Helpers of the cloud backends' test cases, which have emulator(**options)
+    (setting self.emu), client(**options), storage(client) and live_path(ref), the
+    object's path in the emulator."""
+
+    emulator_defaults = {}
+    state_prefix = "state-"
 
     def setUp(self):
-        self.state_dir = tempfile.mkdtemp(prefix="pan123-state-")
+        self.state_dir = tempfile.mkdtemp(prefix=self.state_prefix)
         self.addCleanup(shutil.rmtree, self.state_dir, True)
         self.emu = None
 
     def tearDown(self):
         if self.emu is not None:
             self.assertEqual(self.emu.errors, [], "the emulator reported bugs")
+
+    def stored(self, size=300000, emulator=None, **client_options):
+        """A repository holding one random object, and the emulator's counts reset."""
+        emu = self.emulator(**dict(self.emulator_defaults, **(emulator or {})))
+        storage = self.storage(self.client(**client_options))
+        storage.create_repository(REPO)
+        data = os.urandom(size)
+        ref = self.put(storage, data)
+        emu.reset_calls()
+        return emu, storage, ref, data
+
+    def stored_elsewhere(self, data, ref=None):
+        """An object uploaded earlier (by another process)."""
+        ref = ref or data_ref(data)
+        self.emu.add_file(self.live_path(ref), data)
+        return ref
+
+    def check_workload(self, storage, sizes):
+        """Objects of these sizes uploaded from concurrent threads (faults on, as the
+        caller set them), read back whole, listed, three deleted; then, faults off,
+        a fresh storage lists exactly the others."""
+        blobs = [os.urandom(n) for n in sizes]
+        refs = run_threads(lambda d: self.put(storage, d), [(d,) for d in blobs])
+        for ref, data in zip(refs, blobs):
+            self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(sorted(storage.list(REPO, "data")),
+                         sorted((r.name, len(d)) for r, d in zip(refs, blobs)))
+        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs[:3]]), [True] * 3)
+        self.emu.clear_faults()
+        fresh = self.storage(self.client())
+        self.assertEqual(sorted(n for n, _ in fresh.list(REPO, "data")),
+                         sorted(r.name for r in refs[3:]))
+
+    def spool(self, data):
+        spool = HashingSpool.from_bytes(data)
+        self.addCleanup(spool.close)
+        return spool
+
+    def put(self, storage, data, ref=None):
+        ref = ref or data_ref(data)
+        storage.put(ref, self.spool(data))
+        return ref
+
+    def read(self, storage, ref, start=0, length=None):
+        if length is None:
+            length = storage.stat(ref)
+        return b"".join(storage.read(ref, start, length))
+
+
+class Pan123BackendCase(CloudStorageHelpers, unittest.TestCase):
+    state_prefix = "pan123-state-"
 
     def emulator(self, **options):
         self.emu = Pan123Emulator(CLIENT_ID, SECRET, **options).start()
@@ -3289,26 +3367,6 @@ class Pan123BackendCase(unittest.TestCase):
         for kind in ("data", "index", "keys", "locks", "snapshots"):
             self.emu.add_folder("/restic-backup/%s/%s" % ("/".join(repo), kind))
 
-    def stored_elsewhere(self, data, ref=None):
-        """An object uploaded earlier (by another process)."""
-        ref = ref or data_ref(data)
-        self.emu.add_file(self.live_path(ref), data)
-        return ref
-
-    def spool(self, data):
-        spool = HashingSpool.from_bytes(data)
-        self.addCleanup(spool.close)
-        return spool
-
-    def put(self, storage, data, ref=None):
-        ref = ref or data_ref(data)
-        storage.put(ref, self.spool(data))
-        return ref
-
-    def read(self, storage, ref, start=0, length=None):
-        if length is None:
-            length = storage.stat(ref)
-        return b"".join(storage.read(ref, start, length))
 
     def live_path(self, ref):
         name = ref.name
@@ -3907,15 +3965,6 @@ class Pan123StorageFoldersTest(Pan123BackendCase):
 
 class Pan123DownloadsTest(Pan123BackendCase):
 
-    def stored(self, size=300000, **client_options):
-        emu = self.emulator()
-        storage = self.storage(self.client(**client_options))
-        storage.create_repository(REPO)
-        data = os.urandom(size)
-        ref = self.put(storage, data)
-        emu.reset_calls()
-        return emu, storage, ref, data
-
     def test_ranges_and_url_reuse(self):
         emu, storage, ref, data = self.stored()
         downloaded = METRICS.total("restic123pan_cloud_bytes_downloaded_total")
@@ -4055,17 +4104,7 @@ class Pan123UnderLimitsAndFaultsTest(Pan123BackendCase):
         storage.create_repository(REPO)
         emu.fail_randomly("500", 0.05, seed=1)
         emu.fail_randomly("drop", 0.05, seed=2)
-        blobs = [os.urandom(n) for n in (10, 2500, 5000, 100, 7000, 1)]
-        refs = run_threads(lambda d: self.put(storage, d), [(d,) for d in blobs])
-        for ref, data in zip(refs, blobs):
-            self.assertEqual(self.read(storage, ref), data)
-        self.assertEqual(sorted(storage.list(REPO, "data")),
-                         sorted((r.name, len(d)) for r, d in zip(refs, blobs)))
-        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs[:3]]), [True] * 3)
-        emu.clear_faults()
-        fresh = self.storage(self.client())
-        self.assertEqual(sorted(n for n, _ in fresh.list(REPO, "data")),
-                         sorted(r.name for r in refs[3:]))
+        self.check_workload(storage, (10, 2500, 5000, 100, 7000, 1))
         self.assertEqual(sum(n for (ep, code), n in emu.rejected.items() if code == 429), 0)
 
 
@@ -4323,7 +4362,7 @@ class _CrServer(_Server):
         ThreadingHTTPServer.__init__(self, ("127.0.0.1", 0), _CrHandler)
 
 
-class CloudreveEmulator(object):
+class CloudreveEmulator(_EmulatorControls):
     """Fake Cloudreve 4 site with one user.  Tunables (plain attributes, set any time):
     slow_seconds, upload_session_ttl, max_size (policy limit, 0 = none), quota,
     max_edit_size, url_cache_margin, cursor_pagination, short_pages,
@@ -4392,59 +4431,16 @@ class CloudreveEmulator(object):
         self.base_url, self.download_base = urls[0], urls[-1]
         return self
 
-    def stop(self):
-        for srv in self._servers:
-            srv.shutdown()
-            srv.server_close()
-        self._servers = []
-        with self.lock:
-            conns = list(self._conns)
-        for c in conns:                 # idle keep-alive connections too: the site is gone
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _track(self, conn, add):
-        with self.lock:
-            (self._conns.add if add else self._conns.discard)(conn)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
     # ------------------------------------------------------------------ test controls
-    def now(self):
-        return time.time() + self._clock
+    # (stop, now, advance_clock, reset_calls, fail_next, fail_randomly, clear_faults:
+    # in _EmulatorControls; time moved by advance_clock moves tokens, sessions,
+    # links and 2FA)
+    FAULT_KINDS = _CR_FAULT_KINDS
 
-    def advance_clock(self, seconds):
-        """Move the emulator's clock (tokens, sessions, URLs, 2FA) without sleeping."""
-        with self.lock:
-            self._clock += seconds
-
-    def reset_calls(self):
-        with self.lock:
-            self.calls.clear()
-            self.rejected.clear()
-
-    def fail_next(self, kind, count=1, endpoint=None):
-        """endpoint: a calls key ("PUT /api/v4/file/upload") or a bare template (any method)."""
-        if kind not in _CR_FAULT_KINDS:
-            raise ValueError("unknown fault kind %r" % (kind,))
-        with self.lock:
-            self._faults.append([kind, count, endpoint])
-
-    def fail_randomly(self, kind, probability, endpoint=None, seed=0):
-        if kind not in _CR_FAULT_KINDS:
-            raise ValueError("unknown fault kind %r" % (kind,))
-        with self.lock:
-            self._random_faults.append((kind, probability, endpoint, random.Random(seed)))
-
-    def clear_faults(self):
-        with self.lock:
-            del self._faults[:], self._random_faults[:]
+    @staticmethod
+    def _fault_matches(endpoint, key):
+        # endpoint: a calls key ("PUT /api/v4/file/upload") or a bare template (any method)
+        return endpoint is None or endpoint == key or endpoint == key.split(" ", 1)[1]
 
     def expire_access_tokens(self):
         with self.lock:
@@ -4803,20 +4799,6 @@ class CloudreveEmulator(object):
                     break
             else:
                 return "%s %s%s" % (m, _CR_API, tmpl), handler, params
-        return None
-
-    def _take_fault(self, key):
-        with self.lock:
-            match = lambda ep: ep is None or ep == key or ep == key.split(" ", 1)[1]
-            for f in self._faults:
-                if match(f[2]):
-                    f[1] -= 1
-                    if f[1] <= 0:
-                        self._faults.remove(f)
-                    return f[0]
-            for kind, prob, ep, rng in self._random_faults:
-                if match(ep) and rng.random() < prob:
-                    return kind
         return None
 
     def _read_body(self, h):
@@ -6299,16 +6281,8 @@ CR_DELETE = "DELETE /api/v4/file"
 CR_BASE = "/restic-backup"
 
 
-class CloudreveBackendCase(unittest.TestCase):
-
-    def setUp(self):
-        self.state_dir = tempfile.mkdtemp(prefix="cloudreve-state-")
-        self.addCleanup(shutil.rmtree, self.state_dir, True)
-        self.emu = None
-
-    def tearDown(self):
-        if self.emu is not None:
-            self.assertEqual(self.emu.errors, [], "the emulator reported bugs")
+class CloudreveBackendCase(CloudStorageHelpers, unittest.TestCase):
+    state_prefix = "cloudreve-state-"
 
     def emulator(self, **options):
         options.setdefault("chunk_size", 1000)
@@ -6331,31 +6305,10 @@ class CloudreveBackendCase(unittest.TestCase):
         self.addCleanup(storage.close)
         return storage
 
-    def spool(self, data):
-        spool = HashingSpool.from_bytes(data)
-        self.addCleanup(spool.close)
-        return spool
-
-    def put(self, storage, data, ref=None):
-        ref = ref or data_ref(data)
-        storage.put(ref, self.spool(data))
-        return ref
-
-    def read(self, storage, ref, start=0, length=None):
-        if length is None:
-            length = storage.stat(ref)
-        return b"".join(storage.read(ref, start, length))
-
     def live_path(self, ref, base=CR_BASE):
         name = ref.name
         sub = "data/%s/%s" % (name[:2], name) if ref.kind == "data" else ref.relpath
         return "%s/%s/%s" % (base, "/".join(ref.repo), sub)
-
-    def stored_elsewhere(self, data, ref=None):
-        """An object uploaded earlier (by another process)."""
-        ref = ref or data_ref(data)
-        self.emu.add_file(self.live_path(ref), data)
-        return ref
 
     def existing_repo(self, repo=REPO):
         for kind in ("data", "index", "keys", "locks", "snapshots"):
@@ -7069,14 +7022,7 @@ class CloudreveStorageFoldersTest(CloudreveBackendCase):
 
 class CloudreveDownloadsTest(CloudreveBackendCase):
 
-    def stored(self, size=300000, emulator=None, **client_options):
-        emu = self.emulator(**dict({"chunk_size": 65536}, **(emulator or {})))
-        storage = self.storage(self.client(**client_options))
-        storage.create_repository(REPO)
-        data = os.urandom(size)
-        ref = self.put(storage, data)
-        emu.reset_calls()
-        return emu, storage, ref, data
+    emulator_defaults = {"chunk_size": 65536}
 
     def test_ranges_and_link_reuse(self):
         emu, storage, ref, data = self.stored()
@@ -7239,17 +7185,7 @@ class CloudreveUnderFaultsTest(CloudreveBackendCase):
         for kind, p, seed in (("500", 0.05, 1), ("drop", 0.05, 2), ("drop_after", 0.05, 3),
                               ("401", 0.05, 4), ("50001", 0.05, 5), ("409", 0.05, 6)):
             emu.fail_randomly(kind, p, seed=seed)
-        blobs = [os.urandom(n) for n in (10, 2500, 5000, 100, 7000, 1, 4000, 2000)]
-        refs = run_threads(lambda d: self.put(storage, d), [(d,) for d in blobs])
-        for ref, data in zip(refs, blobs):
-            self.assertEqual(self.read(storage, ref), data)
-        self.assertEqual(sorted(storage.list(REPO, "data")),
-                         sorted((r.name, len(d)) for r, d in zip(refs, blobs)))
-        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs[:3]]), [True] * 3)
-        emu.clear_faults()
-        fresh = self.storage(self.client())
-        self.assertEqual(sorted(n for n, _ in fresh.list(REPO, "data")),
-                         sorted(r.name for r in refs[3:]))
+        self.check_workload(storage, (10, 2500, 5000, 100, 7000, 1, 4000, 2000))
         self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
         self.assertGreater(sum(emu.rejected.values()), 5, "the faults did not happen")
 
