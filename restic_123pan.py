@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """restic-123pan: a restic REST server (protocol v1 and v2) whose storage is a local
-folder, 123pan (123云盘) through its Open Platform API, or (later) Cloudreve 4.
+folder, 123pan (123云盘) through its Open Platform API, or a Cloudreve 4 site.
 
 One file, standard library only, CPython 3.8 to 3.13.  Run it with
 
@@ -14,12 +14,13 @@ The file reads top-down by layer:
   3. the storage interface (ObjectRef, Storage, errors)
   4. backend: local folder (LocalStorage)
   5. backend: 123pan (Pan123Client, Pan123Index, Pan123Storage)
-  6. the metadata cache of the cloud backends (MetadataCache: sqlite3 in the
+  6. backend: Cloudreve 4 (CloudreveClient, CloudreveIndex, CloudreveStorage)
+  7. the metadata cache of the cloud backends (MetadataCache: sqlite3 in the
      state directory) and the warm-up that fills it (CacheWarmUp)
-  7. the repository service (verification, overwrite rule, usage and quota)
-  8. access control (htpasswd users, rights, access log file)
-  9. the REST request handler and the servers (TCP, TLS, unix socket, systemd)
- 10. main()
+  8. the repository service (verification, overwrite rule, usage and quota)
+  9. access control (htpasswd users, rights, access log file)
+ 10. the REST request handler and the servers (TCP, TLS, unix socket, systemd)
+ 11. main()
 """
 
 import argparse
@@ -28,6 +29,7 @@ import calendar
 import collections
 import contextlib
 import errno
+import gzip
 import hashlib
 import heapq
 import hmac
@@ -49,7 +51,7 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote_to_bytes, urlencode, urljoin, urlsplit
+from urllib.parse import quote, unquote, unquote_to_bytes, urlencode, urljoin, urlsplit
 
 try:
     import sqlite3
@@ -160,9 +162,6 @@ def add_pan123_arguments(parser):
     group.add_argument("--client-secret", metavar="SECRET",
                        help="its client secret (or PAN123_CLIENT_SECRET, preferable: "
                             "other local users can read command lines)")
-    group.add_argument("--repo-path", metavar="PATH",
-                       help="123pan folder holding the repositories (or PAN123_REPO_PATH; "
-                            "default %s)" % PAN123_DEFAULT_REPO_PATH)
     group.add_argument("--api-base", metavar="URL",
                        help="Open Platform API base URL (or PAN123_API_BASE; default %s)"
                             % PAN123_DEFAULT_API_BASE)
@@ -172,6 +171,27 @@ def add_pan123_arguments(parser):
                        default=PAN123_DEFAULT_SINGLE_MAX,
                        help="objects larger than this use the chunked slice upload, "
                             "e.g. 64M (default 64M; single-step uploads stop at 1G)")
+
+
+def add_cloudreve_arguments(parser):
+    group = parser.add_argument_group("Cloudreve backend")
+    group.add_argument("--cloudreve-url", metavar="URL",
+                       help="the site's address, e.g. https://drive.example.com "
+                            "(or CLOUDREVE_URL)")
+    group.add_argument("--cloudreve-user", metavar="EMAIL",
+                       help="the account's email address (or CLOUDREVE_USER)")
+    group.add_argument("--cloudreve-password", metavar="PASSWORD",
+                       help="its password (or CLOUDREVE_PASSWORD, preferable: other local "
+                            "users can read command lines)")
+    group.add_argument("--cloudreve-password-file", metavar="FILE",
+                       help="read the password from the first line of FILE "
+                            "(or CLOUDREVE_PASSWORD_FILE)")
+
+
+def cloudreve_site_given(args, environ):
+    """True when a Cloudreve site comes from the command line or the environment:
+    main() then picks the Cloudreve backend by default."""
+    return bool(args.cloudreve_url or environ.get("CLOUDREVE_URL"))
 
 
 def pan123_credentials_given(args, environ):
@@ -191,16 +211,17 @@ def build_arg_parser():
     p = _OneLineErrorParser(
         prog="restic_123pan.py",
         description="A restic REST server (protocol v1/v2) storing repositories in a "
-        "local folder or on 123pan.",
+        "local folder, on 123pan or on a Cloudreve 4 site.",
         epilog="Then: restic -r rest:http://HOST:PORT/ init",
     )
     p.add_argument("--listen", metavar="ADDR",
                    help="host:port, or unix:/path/to.sock (default %s, or LISTEN_ADDR / "
                         "LISTEN_PORT from the environment; a socket passed by systemd "
                         "wins)" % DEFAULT_LISTEN)
-    p.add_argument("--backend", choices=("local", "123pan"),
+    p.add_argument("--backend", choices=("local", "123pan", "cloudreve"),
                    help="storage backend (default: 123pan when PAN123_CLIENT_ID or "
-                        "--client-id is given, else local)")
+                        "--client-id is given, cloudreve when CLOUDREVE_URL or "
+                        "--cloudreve-url is, else local)")
     p.add_argument("--path", metavar="DIR",
                    help="local backend: folder holding the repositories (default %s)"
                         % DEFAULT_LOCAL_PATH)
@@ -249,7 +270,13 @@ def build_arg_parser():
                      help="serve /metrics without authentication")
     net.add_argument("--log", metavar="FILE",
                      help="access log in the combined format ('-' for stdout)")
+    cloud = p.add_argument_group("cloud backends")
+    cloud.add_argument("--repo-path", metavar="PATH",
+                       help="the cloud folder holding the repositories: from the 123pan root "
+                            "(or PAN123_REPO_PATH), or under cloudreve://my/ (or "
+                            "CLOUDREVE_REPO_PATH); default %s" % PAN123_DEFAULT_REPO_PATH)
     add_pan123_arguments(p)
+    add_cloudreve_arguments(p)
     p.add_argument("--debug", action="store_true", help="log more detail")
     p.add_argument("--version", action="version",
                    version="restic-123pan %s" % __version__)
@@ -269,14 +296,24 @@ def parse_config(argv, environ):
         args.listen_host, args.listen_port = parse_listen_address(args.listen)
     pan123_flags = [f for f, v in (("--client-id", args.client_id),
                                    ("--client-secret", args.client_secret),
-                                   ("--repo-path", args.repo_path), ("--api-base", args.api_base))
-                    if v]
-    args.backend = args.backend or (
-        "123pan" if pan123_credentials_given(args, environ) else "local")
+                                   ("--api-base", args.api_base)) if v]
+    cloudreve_flags = [f for f, v in (("--cloudreve-url", args.cloudreve_url),
+                                      ("--cloudreve-user", args.cloudreve_user),
+                                      ("--cloudreve-password", args.cloudreve_password),
+                                      ("--cloudreve-password-file",
+                                       args.cloudreve_password_file)) if v]
+    if not args.backend:
+        pan123 = pan123_credentials_given(args, environ)
+        cloudreve = cloudreve_site_given(args, environ)
+        if pan123 and cloudreve:
+            raise UsageError("both 123pan and Cloudreve settings are given: choose one with "
+                             "--backend")
+        args.backend = "123pan" if pan123 else "cloudreve" if cloudreve else "local"
+    foreign = {"local": pan123_flags + cloudreve_flags + ["--repo-path"] * bool(args.repo_path),
+               "123pan": cloudreve_flags, "cloudreve": pan123_flags}[args.backend]
+    if foreign:
+        raise UsageError("%s: not for the %s backend" % (", ".join(foreign), args.backend))
     if args.backend == "local":
-        if pan123_flags:
-            raise UsageError("%s belong to --backend 123pan, not to the local backend"
-                             % ", ".join(pan123_flags))
         cloud_flags = [f for f, v in (("--state-dir", args.state_dir),
                                       ("--rebuild-cache", args.rebuild_cache),
                                       ("--cache-refresh", args.cache_refresh)) if v]
@@ -397,6 +434,45 @@ class HashingSpool:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def write_private_file(path, text, tmp_prefix):
+    """Replace `path` with `text` atomically: a temporary file named tmp_prefix...
+    in the same folder (mode 0600, as mkstemp makes it), fsynced, then renamed.
+    The folder is created with mode 0700 if missing.  OSError on failure."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def sha256_checked(chunks, expected, mismatch):
+    """Pass a stream of byte chunks through while computing its SHA-256.  The last
+    chunk is held back until the hash is known: if it is not `expected`,
+    mismatch(actual hex digest) returns the exception raised instead, so a reader
+    sees a failed stream rather than wrong bytes.  `chunks` is closed at the end."""
+    digest = hashlib.sha256()
+    held = None
+    try:
+        for chunk in chunks:
+            if held is not None:
+                yield held
+            digest.update(chunk)
+            held = chunk
+    finally:
+        chunks.close()
+    if digest.hexdigest() != expected:
+        raise mismatch(digest.hexdigest())
+    if held is not None:
+        yield held
 
 
 class RangeNotSatisfiable(Exception):
@@ -779,6 +855,38 @@ class HttpClient(object):
                 conn.close()
 
 
+def resumed_download(response, start, length, reopen, resumes, label, give_up):
+    """Yield bytes [start, start+length) of a ranged download, `response` first.
+    When its connection drops (or the body ends early), reopen(position, rest)
+    must return a response for the rest from the byte reached; after `resumes`
+    of those, give_up(position, end, error) returns the exception raised.
+    `label` starts the log line of each resume ("123pan: download of file 7").
+    Bytes and resumes are counted in METRICS."""
+    position, end = start, start + length
+    resumed = 0
+    try:
+        while position < end:
+            try:
+                chunk = response.read(min(IO_CHUNK, end - position))
+                if not chunk:
+                    raise http.client.IncompleteRead(b"", end - position)
+            except NETWORK_ERRORS as e:
+                response.close()
+                resumed += 1
+                if resumed > resumes:
+                    raise give_up(position, end, e)
+                log.info("%s broke off at byte %d (%s); resuming", label, position,
+                         type(e).__name__)
+                METRICS.inc("restic123pan_cloud_retries_total", reason="download_resume")
+                response = reopen(position, end - position)
+                continue
+            position += len(chunk)
+            METRICS.inc("restic123pan_cloud_bytes_downloaded_total", len(chunk))
+            yield chunk
+    finally:
+        response.close()
+
+
 class MetricsRegistry(object):
     """Counters and gauges rendered in the Prometheus text format, by hand.
 
@@ -919,6 +1027,18 @@ class ObjectRef(collections.namedtuple("ObjectRef", "repo kind name")):
 
     def __str__(self):
         return "/".join(self.repo + (self.relpath,))
+
+
+def object_folder(base, repo, kind, name=None):
+    """The folder (a tuple of names) of a type, or of one object, in a cloud folder
+    laid out as restic's local backend: <base>/<repo...>/config, keys/, locks/,
+    snapshots/, index/, data/<first 2 hex of the id>/<id>."""
+    path = tuple(base) + tuple(repo)
+    if kind == "config":
+        return path
+    if kind == "data" and name is not None:
+        return path + ("data", name[:2])
+    return path + (kind,)
 
 
 class Storage(object):
@@ -1288,21 +1408,10 @@ class Pan123TokenFile(object):
             return None
 
     def save(self, token):
-        folder = os.path.dirname(self.path)
         text = json.dumps({"accessToken": token.value, "expiredAt": token.expired_at,
                            "obtainedAt": token.obtained_at})
         try:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".pan123-token-", dir=folder)  # mode 0600
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            write_private_file(self.path, text, ".pan123-token-")
         except OSError as e:
             # Serving goes on with the token in memory; only a restart would need a
             # new one.
@@ -1738,31 +1847,13 @@ class Pan123Client(object):
             _count_retry(failure.kind)
 
     def _stream_range(self, file_id, start, length, response):
-        position, end = start, start + length
-        resumes = 0
-        try:
-            while position < end:
-                try:
-                    chunk = response.read(min(IO_CHUNK, end - position))
-                    if not chunk:
-                        raise http.client.IncompleteRead(b"", end - position)
-                except NETWORK_ERRORS as e:
-                    response.close()
-                    resumes += 1
-                    if resumes > self.download_resumes:
-                        raise Pan123Unavailable(
-                            "123pan download of file %d broke off at byte %d of %d-%d: %s"
-                            % (file_id, position, start, end, e))
-                    log.info("123pan: download of file %d broke off at byte %d (%s); "
-                             "resuming", file_id, position, type(e).__name__)
-                    _count_retry("download_resume")
-                    response = self._open_range(file_id, position, end - position)
-                    continue
-                position += len(chunk)
-                METRICS.inc("restic123pan_cloud_bytes_downloaded_total", len(chunk))
-                yield chunk
-        finally:
-            response.close()
+        return resumed_download(
+            response, start, length,
+            lambda position, rest: self._open_range(file_id, position, rest),
+            self.download_resumes, "123pan: download of file %d" % file_id,
+            lambda position, end, e: Pan123Unavailable(
+                "123pan download of file %d broke off at byte %d of %d-%d: %s"
+                % (file_id, position, start, end, e)))
 
 
 _CONTENT_RANGE_RE = re.compile(r"\Abytes (\d+)-(\d+)/(\d+|\*)\Z")
@@ -2193,12 +2284,7 @@ class Pan123Storage(Storage):
     # -- folders ---------------------------------------------------------------
 
     def _folder_path(self, repo, kind, name=None):
-        path = self._base + tuple(repo)
-        if kind == "config":
-            return path
-        if kind == "data" and name is not None:
-            return path + ("data", name[:2])
-        return path + (kind,)
+        return object_folder(self._base, repo, kind, name)
 
     def _folder_lock(self, folder_id):
         with self._folder_locks_guard:
@@ -2418,23 +2504,12 @@ class Pan123Storage(Storage):
         sees a failed read rather than wrong bytes under a valid name.  Partial
         reads (restic's blob reads) cannot be checked here; restic checks each
         blob's own hash."""
-        digest = hashlib.sha256()
-        held = None
-        try:
-            for chunk in chunks:
-                if held is not None:
-                    yield held
-                digest.update(chunk)
-                held = chunk
-        finally:
-            chunks.close()
-        if digest.hexdigest() != ref.name:
+        def mismatch(actual):
             log.error("123pan: %s (file %d, md5 %s) came back with SHA-256 %s: the cloud "
                       "served different bytes (MD5 collision?); refusing to pass them on",
-                      ref, entry.file_id, entry.etag, digest.hexdigest())
-            raise UpstreamError("%s: downloaded bytes do not match the object's name" % (ref,))
-        if held is not None:
-            yield held
+                      ref, entry.file_id, entry.etag, actual)
+            return UpstreamError("%s: downloaded bytes do not match the object's name" % (ref,))
+        return sha256_checked(chunks, ref.name, mismatch)
 
     def put(self, ref, spool):
         path = self._folder_path(ref.repo, ref.kind, ref.name)
@@ -2614,7 +2689,1057 @@ class Pan123Storage(Storage):
 
 
 # ---------------------------------------------------------------------------
-# 6. The metadata cache (sqlite3 in the state directory), shared by the cloud
+# 6. Backend: Cloudreve 4 (a self-hosted or hosted site), its API client beside it
+# ---------------------------------------------------------------------------
+
+CLOUDREVE_API = "/api/v4"
+CLOUDREVE_ROOT_URI = "cloudreve://my"
+CLOUDREVE_DEFAULT_REPO_PATH = "/restic-backup"
+# Metadata key of a file whose upload is still running (or was abandoned): a
+# placeholder, never a complete object (spec 2.4, 3.3).
+CLOUDREVE_UPLOAD_META = "sys:upload_session_id"
+
+CLOUDREVE_CODE_OK = 0
+CLOUDREVE_CODE_TWO_FACTOR = 203
+CLOUDREVE_CODE_EXISTS = 40004
+CLOUDREVE_CODE_SESSION_GONE = 40011
+CLOUDREVE_CODE_NOT_FOUND = 40016
+CLOUDREVE_CODE_CREDENTIALS = 40020
+CLOUDREVE_CODE_CAPACITY = 40051
+CLOUDREVE_CODE_LOCKED = 40073
+CLOUDREVE_CODE_BATCH = 40081
+# "This token is not (or no longer) good": 401 where an expired token made the
+# caller anonymous, 40088 on later servers, 40020 for a token of the wrong type
+# (spec 1.7).  Refresh and replay.
+_CLOUDREVE_AUTH_CODES = frozenset((401, 40088, CLOUDREVE_CODE_CREDENTIALS))
+# Busy for a moment: object conflict, lock held by a running operation, database,
+# I/O, slave callback (spec 5).  Retried with backoff.
+_CLOUDREVE_BUSY_CODES = frozenset((409, CLOUDREVE_CODE_LOCKED, 50001, 50004, 50007))
+# What a download link answers instead of bytes when it is no longer good: HTTP
+# 200 with an envelope (expired or bad signature, blob gone; spec 2.14).
+_CLOUDREVE_STALE_LINK_CODES = frozenset((40005, 40071, 40077))
+# Headless login cannot get past these; each gets one clear line (spec 1.7).
+_CLOUDREVE_LOGIN_REFUSALS = {
+    CLOUDREVE_CODE_TWO_FACTOR: "the account uses two-factor authentication, which a "
+                               "headless server cannot complete: use an account without 2FA",
+    40026: "the site asks for a captcha at login, which a headless server cannot solve: "
+           "ask the site's admin to turn the login captcha off",
+    40080: "wrong email or password",
+    40017: "the account is blocked",
+    40018: "the account is not activated",
+    40001: "the site refused the login request (the user must be an email address, the "
+           "password 4 to 128 characters)",
+}
+
+CLOUDREVE_LIST_PAGE = 1000          # above restic's 256 data/ sub-folders (spec 2.4)
+CLOUDREVE_MAX_BATCH = 1000          # URIs per delete call (the site's limit is 3000)
+CLOUDREVE_MAX_RESPONSE = 16 * 1024 * 1024
+# Renew the access token this long before it expires (as the web UI does), or
+# after nine tenths of its life if it lives shorter than that.
+CLOUDREVE_TOKEN_RENEW_MARGIN = 600.0
+# A download link is reused until this long before its expiry.
+CLOUDREVE_LINK_MARGIN = 60.0
+# Uploads restarted from a new session when a chunk cannot be delivered.
+CLOUDREVE_UPLOAD_ATTEMPTS = 3
+
+
+class CloudreveError(UpstreamError):
+    """Cloudreve answered with a non-zero code (or could not be reached: see
+    CloudreveUnavailable).  An UpstreamError, so what is not handled more
+    specifically reaches restic as a 502 with this one-line reason.  For batch
+    answers (40081) `items` maps each failed URI to its own code, and `code` is
+    that code when every item failed the same way."""
+
+    def __init__(self, message, code=None, endpoint=None, status=502, items=None):
+        UpstreamError.__init__(self, message, status)
+        self.code, self.endpoint, self.items = code, endpoint, items or {}
+
+
+class CloudreveNotFound(CloudreveError):
+    """40016: no such path."""
+
+
+class CloudreveExists(CloudreveError):
+    """40004: the name is taken."""
+
+
+class CloudreveAuthError(CloudreveError):
+    """Login or refresh refused: wrong credentials, 2FA, captcha, blocked account."""
+
+
+class CloudreveSessionGone(CloudreveError):
+    """40011 even with a fresh token: the upload session expired or was completed."""
+
+
+class CloudreveUnavailable(CloudreveError):
+    """Unreachable, or busy and failing transiently past the retry deadline."""
+
+
+_CLOUDREVE_ERROR_TYPES = {
+    CLOUDREVE_CODE_NOT_FOUND: (CloudreveNotFound, 502),
+    CLOUDREVE_CODE_EXISTS: (CloudreveExists, 502),
+    CLOUDREVE_CODE_SESSION_GONE: (CloudreveSessionGone, 502),
+    CLOUDREVE_CODE_CREDENTIALS: (CloudreveAuthError, 502),
+    CLOUDREVE_CODE_CAPACITY: (CloudreveError, 507),
+}
+
+
+def cloudreve_error(endpoint, envelope):
+    """The typed error of a non-zero envelope.  A batch failure (40081) takes the
+    type of its items' code when they all share one (spec 1.5)."""
+    code = envelope.get("code")
+    text = "Cloudreve %s: code %s: %s" % (endpoint, code, envelope.get("msg") or "")
+    items = {}
+    aggregated = envelope.get("aggregated_error")
+    if code == CLOUDREVE_CODE_BATCH and isinstance(aggregated, dict):
+        items = dict((uri, item.get("code")) for uri, item in aggregated.items()
+                     if isinstance(item, dict))
+        text += " (%s)" % ", ".join("%s: %s" % pair for pair in sorted(items.items())[:3])
+        if len(set(items.values())) == 1:
+            code = next(iter(items.values()))
+    if envelope.get("correlation_id"):
+        text += " (correlation_id %s)" % envelope["correlation_id"]
+    error_type, status = _CLOUDREVE_ERROR_TYPES.get(code, (CloudreveError, 502))
+    return error_type(text, code, endpoint, status, items)
+
+
+def _cloudreve_envelope(response, raw):
+    """The {code, msg, data} dict of an answer, or None if it is not one."""
+    if (response.header("Content-Encoding") or "").lower() == "gzip":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError):
+            return None
+    try:
+        envelope = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return None
+    if isinstance(envelope, dict) and isinstance(envelope.get("code"), int):
+        return envelope
+    return None
+
+
+def cloudreve_uri(parts):
+    """('restic-backup', 'a b') -> 'cloudreve://my/restic-backup/a%20b'.
+
+    Each name percent-encoded as JavaScript's encodeURIComponent does, the form
+    the server itself emits: '+', '%', '?', '#' and spaces can never be misread
+    (spec 1.8).  Query strings encode the whole URI once more (urlencode)."""
+    if not parts:
+        return CLOUDREVE_ROOT_URI
+    return CLOUDREVE_ROOT_URI + "/" + "/".join(quote(p, safe="-_.!~*'()") for p in parts)
+
+
+def split_cloudreve_path(path):
+    """'/restic-backup/x' -> ('restic-backup', 'x'); ValueError for names
+    Cloudreve refuses (spec 1.8)."""
+    parts = tuple(p for p in path.split("/") if p)
+    for part in parts:
+        if set(part) & set('\\:*?"<>|') or part in (".", "..") \
+                or len(part.encode("utf-8")) > 255:
+            raise ValueError("Cloudreve cannot hold a folder named %r" % part)
+    return parts
+
+
+CloudreveToken = collections.namedtuple(
+    "CloudreveToken", "access refresh access_expires refresh_expires renew_at refresh_until")
+
+
+def _make_cloudreve_token(data, obtained_at):
+    """A CloudreveToken from a Token object ({access_token, refresh_token,
+    access_expires, refresh_expires}); ValueError/KeyError/TypeError if unusable."""
+    access, refresh = data["access_token"], data["refresh_token"]
+    if not (isinstance(access, str) and access and isinstance(refresh, str) and refresh):
+        raise ValueError("empty token")
+    # Go's RFC 3339 with up to 9 fraction digits and the server's offset;
+    # parse_pan123_time reads any RFC 3339 timestamp.
+    access_expires = parse_pan123_time(data["access_expires"])
+    refresh_expires = parse_pan123_time(data["refresh_expires"])
+    margin = min(CLOUDREVE_TOKEN_RENEW_MARGIN, max(0.0, access_expires - obtained_at) / 10)
+    return CloudreveToken(access, refresh, data["access_expires"], data["refresh_expires"],
+                          access_expires - margin, refresh_expires - 60)
+
+
+class CloudreveTokenFile(object):
+    """The newest token pair, kept across restarts so that a restart refreshes
+    rather than logs in again.  One JSON file per (site, user), mode 0600,
+    replaced atomically.  The password is never written."""
+
+    def __init__(self, state_dir, site, email):
+        key = hashlib.sha256(("%s\0%s" % (site, email)).encode("utf-8"))
+        self.path = os.path.join(state_dir, "cloudreve-token-%s.json" % key.hexdigest()[:16])
+
+    def load(self):
+        try:
+            with open(self.path, "r", encoding="utf-8") as f:
+                saved = json.load(f)
+            return _make_cloudreve_token(saved, saved["obtained_at"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("Cloudreve: ignoring unreadable token file %s: %s", self.path, e)
+            return None
+
+    def save(self, token, obtained_at):
+        text = json.dumps({"access_token": token.access, "refresh_token": token.refresh,
+                           "access_expires": token.access_expires,
+                           "refresh_expires": token.refresh_expires,
+                           "obtained_at": obtained_at})
+        try:
+            write_private_file(self.path, text, ".cloudreve-token-")
+        except OSError as e:
+            log.warning("Cloudreve: cannot save the token to %s: %s", self.path, e)
+
+
+class _SpoolSlice(object):
+    """A request body: bytes [start, start+length) of a spool, streamed, and
+    streamed again for a retry."""
+
+    def __init__(self, spool, start, length):
+        self.spool, self.start, self.length = spool, start, length
+
+    def __iter__(self):
+        return self.spool.iter_range(self.start, self.length)
+
+
+CloudreveEntry = collections.namedtuple("CloudreveEntry",
+                                        "file_id name is_folder size entity placeholder")
+CloudreveFile = collections.namedtuple("CloudreveFile", "file_id size entity")
+
+
+def _cloudreve_entry(item):
+    metadata = item.get("metadata") or {}
+    return CloudreveEntry(item.get("id"), item["name"], item.get("type") == 1,
+                          item.get("size") or 0, item.get("primary_entity"),
+                          isinstance(metadata, dict) and CLOUDREVE_UPLOAD_META in metadata)
+
+
+class CloudreveClient(object):
+    """The Cloudreve 4 API (/api/v4) of one site and account.  Every API request
+    goes through call(), which owns the Authorization header, the token (refreshed
+    before it expires and whenever an answer says it has), the {code, msg, data}
+    envelope and the retries.  Download links are fetched without credentials
+    through the same HttpClient.  Thread-safe: one client serves every request
+    thread."""
+
+    def __init__(self, site_url, email, password, state_dir=None, http_client=None,
+                 timeout=60.0, call_deadline=60.0, retry_base=0.5, retry_cap=8.0,
+                 download_resumes=5, login_retry_after=300.0,
+                 upload_attempts=CLOUDREVE_UPLOAD_ATTEMPTS):
+        if not site_url or not email or not password:
+            raise ValueError("Cloudreve needs a site URL, a user and a password")
+        self.site_url = site_url.rstrip("/")
+        self.email = email
+        self._password = password
+        self.http = http_client or HttpClient(timeout=timeout)
+        self.call_deadline = call_deadline
+        self.retry_base, self.retry_cap = retry_base, retry_cap
+        self.download_resumes = download_resumes
+        # A refused login is not tried again for this long: a site may ban an
+        # address that keeps failing (spec 1.7).
+        self.login_retry_after = login_retry_after
+        self.upload_attempts = upload_attempts
+        self._token_file = CloudreveTokenFile(state_dir, self.site_url, email) \
+            if state_dir else None
+        self._token = self._token_file.load() if self._token_file else None
+        self._token_lock = threading.Lock()
+        self._login_refusal = None          # (error, monotonic time it holds until)
+        self._links = collections.OrderedDict()     # uri -> (url, usable until)
+        self._links_lock = threading.Lock()
+
+    def __repr__(self):     # never the password or a token
+        return "CloudreveClient(%r, %r)" % (self.site_url, self.email)
+
+    def close(self):
+        self.http.close()
+
+    def _backoff(self, deadline):
+        return Backoff(deadline, self.retry_base, self.retry_cap)
+
+    # -- the one place every API request goes through --------------------------
+
+    def call(self, method, template, path_args=None, query=None, body=None, payload=None,
+             auth=True, expected=(), deadline=None, renew_on=(), final=()):
+        """One API call; returns the envelope's `data`.
+
+        template: the route under /api/v4 ('/file/upload/{session_id}/{index}'),
+        filled from path_args; the metrics label is 'METHOD /api/v4<template>'.
+        body: JSON; payload: a _SpoolSlice sent as raw bytes with its exact
+        Content-Length.  An answer meaning "token expired" (401, 40088, 40020, a
+        40081 whose items all say so, and the codes in renew_on) gets a fresh
+        token and an immediate replay; if it comes again, further fresh tokens
+        with backoff.  Busy codes (409, 40073, 50001, 50004, 50007) except those in
+        `final`, 429, 5xx, answers without an envelope and network failures are
+        retried with jittered backoff until `deadline` (default call_deadline from
+        now), then CloudreveUnavailable.  Any other code raises its CloudreveError
+        type at once, logged unless the caller lists that type in `expected`."""
+        endpoint = "%s %s%s" % (method, CLOUDREVE_API, template)
+        path = CLOUDREVE_API + (template.format(**path_args) if path_args else template)
+        if deadline is None:
+            deadline = time.monotonic() + self.call_deadline
+        backoff = self._backoff(deadline)
+        renewals = 0
+        while True:
+            headers = {}
+            token = None
+            if auth:
+                token = self._current_token()
+                headers["Authorization"] = "Bearer " + token.access
+            try:
+                envelope = self._attempt(method, path, query, body, payload, headers, endpoint)
+            except _Transient as e:
+                failure = e
+            else:
+                if envelope["code"] == CLOUDREVE_CODE_OK:
+                    return envelope.get("data")
+                error = cloudreve_error(endpoint, envelope)
+                renew = error.code in _CLOUDREVE_AUTH_CODES or (
+                    error.code in renew_on and renewals == 0)
+                if auth and renew:
+                    renewals += 1
+                    self._renew_token(stale=token)
+                    _count_retry("token")
+                    if renewals == 1:
+                        continue
+                    failure = _Transient(str(error), kind="token")
+                elif error.code in _CLOUDREVE_BUSY_CODES and error.code not in final:
+                    failure = _Transient(str(error), kind="server_busy")
+                else:
+                    if not isinstance(error, expected):
+                        log.warning("%s", error)
+                    raise error
+            if not backoff.pause():
+                raise CloudreveUnavailable("Cloudreve %s: giving up: %s" % (endpoint, failure),
+                                           endpoint=endpoint, status=failure.status)
+            _count_retry(failure.kind)
+            log.debug("Cloudreve %s: retrying: %s", endpoint, failure)
+
+    def _attempt(self, method, path, query, body, payload, headers, endpoint):
+        """Send once and return the envelope; _Transient for what may be retried."""
+        url = self.site_url + path + ("?" + urlencode(query) if query else "")
+        data = None
+        if payload is not None:
+            data = payload
+            headers["Content-Type"] = "application/octet-stream"
+            headers["Content-Length"] = str(payload.length)
+        elif body is not None:
+            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        try:
+            METRICS.inc("restic123pan_cloud_api_calls_total", endpoint=endpoint)
+            response = self.http.request(method, url, headers, data)
+            if payload is not None:     # an answer came: the body was sent
+                METRICS.inc("restic123pan_cloud_bytes_uploaded_total", payload.length)
+            raw = response.read_all(CLOUDREVE_MAX_RESPONSE)
+        except PERMANENT_NETWORK_ERRORS as e:
+            raise CloudreveError("Cloudreve %s: %s" % (endpoint, e), endpoint=endpoint)
+        except NETWORK_ERRORS as e:
+            raise _Transient.network(e)
+        # Cloudreve answers HTTP 200 for errors too (spec 1.3): the code decides.
+        envelope = _cloudreve_envelope(response, raw)
+        if envelope is not None:
+            return envelope
+        reason = "HTTP %d %s without a JSON envelope" % (
+            response.status, response.header("Content-Type") or "")
+        if response.status == 429:
+            raise _Transient.rate_limited(reason)
+        if response.status >= 500 or response.status == 408:
+            raise _Transient(reason, 504 if response.status == 504 else 502)
+        if response.status == 413:
+            reason += (": a proxy in front of Cloudreve refuses bodies this large; its limit "
+                       "(nginx client_max_body_size) must exceed the storage policy's chunk size")
+        elif response.status in (200, 404):
+            reason += ": is %s the address of a Cloudreve 4 site?" % self.site_url
+        raise CloudreveError("Cloudreve %s: %s" % (endpoint, reason), endpoint=endpoint)
+
+    # -- tokens -------------------------------------------------------------------
+
+    def _current_token(self):
+        token = self._token
+        if token is not None and time.time() < token.renew_at:
+            return token
+        return self._renew_token(stale=token)
+
+    def _renew_token(self, stale):
+        """A fresh token pair, unless another thread already replaced `stale`: one
+        renewal at a time.  The refresh token first; a password login when it is
+        refused or expired."""
+        with self._token_lock:
+            current = self._token
+            if current is not None and current is not stale and time.time() < current.renew_at:
+                return current
+            obtained_at = time.time()
+            data = None
+            if current is not None and obtained_at < current.refresh_until:
+                data = self._refresh(current)
+            if data is None:
+                data = self._login()
+            try:
+                token = _make_cloudreve_token(data, obtained_at)
+            except (TypeError, KeyError, ValueError) as e:
+                raise CloudreveError("Cloudreve login of %s: unusable token in the answer (%s)"
+                                     % (self.email, e))
+            METRICS.inc("restic123pan_cloud_token_refreshes_total")
+            log.info("Cloudreve: new access token for %s, valid until %s", self.email,
+                     token.access_expires)
+            if self._token_file is not None:
+                self._token_file.save(token, obtained_at)
+            self._token = token
+            return token
+
+    def _refresh(self, token):
+        """The new Token object, or None when the refresh token is refused."""
+        try:
+            return self.call("POST", "/session/token/refresh", auth=False,
+                             body={"refresh_token": token.refresh},
+                             expected=(CloudreveAuthError,))
+        except CloudreveUnavailable:
+            raise
+        except CloudreveError as e:
+            if e.code not in _CLOUDREVE_AUTH_CODES:
+                raise
+            log.info("Cloudreve: the refresh token was refused (code %s); logging in again",
+                     e.code)
+            return None
+
+    def _login(self):
+        refusal = self._login_refusal
+        if refusal is not None and time.monotonic() < refusal[1]:
+            raise refusal[0]
+        try:
+            data = self.call("POST", "/session/token", auth=False,
+                             body={"email": self.email, "password": self._password},
+                             expected=(CloudreveError,))
+        except CloudreveUnavailable:
+            raise
+        except CloudreveError as e:
+            if e.code is None:      # no envelope: not a refusal (a wrong address?)
+                raise
+            reason = _CLOUDREVE_LOGIN_REFUSALS.get(e.code, "code %s" % e.code)
+            error = CloudreveAuthError("Cloudreve login of %s at %s refused: %s"
+                                       % (self.email, self.site_url, reason),
+                                       e.code, e.endpoint)
+            log.error("%s", error)
+            self._login_refusal = (error, time.monotonic() + self.login_retry_after)
+            raise error
+        return (data or {}).get("token") if isinstance(data, dict) else None
+
+    # -- folders and listings -------------------------------------------------
+
+    def list_folder(self, uri):
+        """(entries, storage policy id) of a folder, every page.  CloudreveNotFound
+        if the folder does not exist (or is a file).  Cursor pages until no
+        next_token; offset pages (sites that turned cursors off) until total_items."""
+        entries, policy_id = [], None
+        query = {"uri": uri, "page_size": CLOUDREVE_LIST_PAGE}
+        while True:
+            data = self.call("GET", "/file", query=query, expected=(CloudreveNotFound,)) or {}
+            entries.extend(_cloudreve_entry(item) for item in data.get("files") or [])
+            policy_id = policy_id or (data.get("storage_policy") or {}).get("id")
+            pagination = data.get("pagination") or {}
+            cursor = pagination.get("next_token")
+            if cursor:
+                if cursor == query.get("next_page_token"):
+                    raise CloudreveError("Cloudreve list of %s: cursor does not advance" % uri)
+                query["next_page_token"] = cursor
+            elif not pagination.get("is_cursor") and "total_items" in pagination:
+                page = pagination.get("page", 0) + 1
+                if page * (pagination.get("page_size") or CLOUDREVE_LIST_PAGE) \
+                        >= pagination["total_items"] or not data.get("files"):
+                    return entries, policy_id
+                query["page"] = page
+            else:
+                return entries, policy_id
+
+    def storage_policy(self, parts):
+        """The storage policy id in the listing of folder `parts` (a path tuple), or
+        of its nearest existing ancestor: what an upload session wants as
+        policy_id (spec 2.7)."""
+        while True:
+            try:
+                data = self.call("GET", "/file", expected=(CloudreveNotFound,),
+                                 query={"uri": cloudreve_uri(parts), "page_size": 1})
+            except CloudreveNotFound:
+                if not parts:
+                    raise
+                parts = parts[:-1]
+                continue
+            policy_id = ((data or {}).get("storage_policy") or {}).get("id")
+            if not policy_id:
+                raise CloudreveError("Cloudreve list of %s: no storage_policy in the answer"
+                                     % cloudreve_uri(parts))
+            return policy_id
+
+    def create_folder(self, uri):
+        """mkdir -p; True if made now, False if it was there already."""
+        try:
+            self.call("POST", "/file/create", expected=(CloudreveExists,),
+                      body={"uri": uri, "type": "folder", "err_on_conflict": True})
+            return True
+        except CloudreveExists:
+            return False
+
+    def info(self, uri):
+        """The FileResponse of a path; CloudreveNotFound if it does not exist."""
+        data = self.call("GET", "/file/info", query={"uri": uri},
+                         expected=(CloudreveNotFound,))
+        if not isinstance(data, dict):
+            raise CloudreveError("Cloudreve info of %s: unusable answer" % uri)
+        return data
+
+    # -- uploads ----------------------------------------------------------------
+
+    def upload(self, uri, spool, policy_id, replace=False):
+        """Store the spool at `uri` through an upload session; its CloudreveFile.
+
+        replace=True stages a new version of an existing file (the switch is atomic
+        on completion).  A chunk that cannot be delivered cancels the session (so
+        no locked placeholder stays behind) and the upload starts again from a new
+        one, up to upload_attempts times.  The object counts as stored only when
+        its last chunk was accepted and the site reports the full size with no
+        upload in progress."""
+        attempt = 0
+        while True:
+            attempt += 1
+            session = self._create_session(uri, spool.size, policy_id, replace)
+            try:
+                self._send_chunks(session, spool)
+            except CloudreveUnavailable:
+                self.cancel_upload(session["session_id"], uri)
+                raise
+            except CloudreveError as e:
+                # The last chunk may have completed the upload with its answer
+                # lost on the way back: its retry then finds the session gone.
+                stored = self._stored_anyway(uri, spool.size)
+                if stored is not None:
+                    return stored
+                self.cancel_upload(session["session_id"], uri)
+                if attempt >= self.upload_attempts:
+                    raise
+                log.info("Cloudreve: upload of %s failed (%s); starting it again", uri, e)
+                _count_retry("upload_restart")
+                continue
+            except BaseException:
+                self.cancel_upload(session["session_id"], uri)
+                raise
+            try:
+                return self._verify_upload(uri, spool.size)
+            except CloudreveUnavailable:
+                raise
+            except CloudreveError as e:
+                # Completed with another size (or not at all): nothing that could be
+                # listed as stored may stay behind.
+                log.warning("Cloudreve: upload of %s not confirmed (%s); removing it", uri, e)
+                self.cancel_upload(session["session_id"], uri)
+                if not replace:
+                    self._delete_quietly(uri)
+                raise
+
+    def _create_session(self, uri, size, policy_id, replace):
+        body = {"uri": uri, "size": size, "policy_id": policy_id,
+                "mime_type": "application/octet-stream"}
+        if replace:
+            body["entity_type"] = "version"
+        try:
+            session = self.call("PUT", "/file/upload", body=body, expected=(CloudreveExists,))
+        except CloudreveExists:
+            if replace:
+                raise
+            # A placeholder left by an upload that never finished (a crash, or our
+            # own attempt whose answer was lost), or a complete file we did not know.
+            try:
+                existing = self.info(uri)
+            except CloudreveNotFound:
+                existing = {"type": 0}      # gone meanwhile: just try again
+            stale = (existing.get("metadata") or {}).get(CLOUDREVE_UPLOAD_META)
+            if existing.get("type") != 0:
+                raise CloudreveExists("Cloudreve upload of %s: a folder has that name" % uri)
+            if stale:
+                log.info("Cloudreve: removing the placeholder of an unfinished upload of %s",
+                         uri)
+                self.cancel_upload(stale, uri)
+            elif "id" in existing:
+                body["entity_type"] = "version"
+            session = self.call("PUT", "/file/upload", body=body)
+        policy = (session or {}).get("storage_policy") or {}
+        if not isinstance(session, dict) or not session.get("session_id") \
+                or not isinstance(session.get("chunk_size"), int) or session["chunk_size"] < 0:
+            raise CloudreveError("Cloudreve upload of %s: unusable session %r" % (uri, session))
+        if policy.get("type") != "local" and not policy.get("relay"):
+            self.cancel_upload(session["session_id"], uri)
+            raise CloudreveError("Cloudreve upload of %s: the storage policy is of type %r "
+                                 "without upload relay; only local policies (or any with "
+                                 "relay on) are supported" % (uri, policy.get("type")))
+        return session
+
+    def _send_chunks(self, session, spool):
+        """Chunks of the session's chunk_size (the whole body if 0), strictly in
+        order, one at a time (spec 2.8); the last one completes the upload."""
+        chunk_size = session["chunk_size"] or max(1, spool.size)
+        count = max(1, -(-spool.size // chunk_size))
+        for index in range(count):
+            start = index * chunk_size
+            length = min(chunk_size, spool.size - start)
+            # 40011 is what an expired token looks like here (spec 1.7): one fresh
+            # token; if it persists, the session is gone.  "Lock expired" (40073)
+            # on the last chunk is final for this session.  upload() decides what
+            # a refusal means (and logs it).
+            self.call("POST", "/file/upload/{session_id}/{index}",
+                      {"session_id": session["session_id"], "index": index},
+                      payload=_SpoolSlice(spool, start, length), expected=(CloudreveError,),
+                      renew_on=(CLOUDREVE_CODE_SESSION_GONE,), final=(CLOUDREVE_CODE_LOCKED,),
+                      deadline=time.monotonic() + self.call_deadline + length / 1e6)
+
+    def _stored_anyway(self, uri, size):
+        """After a failed chunk: the CloudreveFile if the upload did complete
+        after all, else None."""
+        try:
+            return self._verify_upload(uri, size)
+        except CloudreveError:
+            return None
+
+    def _verify_upload(self, uri, size):
+        info = self.info(uri)
+        uploading = CLOUDREVE_UPLOAD_META in (info.get("metadata") or {})
+        if info.get("size") != size or uploading:
+            raise CloudreveError("Cloudreve upload of %s: the site reports %s bytes%s, not %d"
+                                 % (uri, info.get("size"), " (still uploading)" * uploading,
+                                    size))
+        return CloudreveFile(info.get("id"), size, info.get("primary_entity"))
+
+    def cancel_upload(self, session_id, uri):
+        """Delete an upload session and its placeholder; failures only logged."""
+        try:
+            self.call("DELETE", "/file/upload", body={"id": session_id, "uri": uri},
+                      expected=(CloudreveNotFound,),
+                      deadline=time.monotonic() + min(15.0, self.call_deadline))
+        except CloudreveNotFound:
+            pass            # the placeholder is gone already
+        except CloudreveError as e:
+            log.warning("Cloudreve: could not cancel the upload session of %s: %s", uri, e)
+
+    # -- deletes ---------------------------------------------------------------------
+
+    def _delete_quietly(self, uri):
+        try:
+            self.delete([uri])
+        except CloudreveNotFound:
+            pass
+        except CloudreveError as e:
+            log.warning("Cloudreve: could not delete %s: %s", uri, e)
+
+    def delete(self, uris):
+        """Delete for good (no trash), up to CLOUDREVE_MAX_BATCH at a time.  A
+        CloudreveError whose `items` name the URIs that failed (40016: gone
+        already) when only some did."""
+        self.call("DELETE", "/file", body={"uris": list(uris), "skip_soft_delete": True,
+                                           "unlink": False},
+                  expected=(CloudreveError,))
+
+    # -- downloads -----------------------------------------------------------------
+
+    def download_url(self, uri, fresh=False):
+        """A download link for the file, reused until CLOUDREVE_LINK_MARGIN before
+        its expiry; fresh=True asks the site for a new one."""
+        now = time.monotonic()
+        if not fresh:
+            with self._links_lock:
+                cached = self._links.get(uri)
+                if cached is not None and cached[1] > now:
+                    return cached[0]
+        data = self.call("POST", "/file/url", body={"uris": [uri], "no_cache": fresh},
+                         expected=(CloudreveNotFound,))
+        try:
+            url = data["urls"][0]["url"]
+            lifetime = parse_pan123_time(data["expires"]) - time.time()
+        except (TypeError, KeyError, IndexError, ValueError, AttributeError):
+            url, lifetime = None, 0
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise CloudreveError("Cloudreve download link of %s: unusable answer" % uri)
+        url = self._on_site(url)
+        with self._links_lock:
+            self._links[uri] = (url, now + lifetime - CLOUDREVE_LINK_MARGIN)
+            self._links.move_to_end(uri)
+            while len(self._links) > 10000:
+                self._links.popitem(last=False)
+        return url
+
+    def _on_site(self, url):
+        """A link to the site's own content route is fetched from the configured
+        site address: only its path is signed (spec 2.14), and a site whose
+        public URL setting is wrong hands out links to a host we cannot reach."""
+        parts = urlsplit(url)
+        if parts.path.startswith(CLOUDREVE_API + "/file/content/"):
+            return self.site_url + parts.path + ("?" + parts.query if parts.query else "")
+        return url
+
+    def forget_download_url(self, uri):
+        with self._links_lock:
+            self._links.pop(uri, None)
+
+    def read_range(self, uri, start, length):
+        """An iterator over bytes [start, start+length) of a file (length > 0).
+
+        The first request happens now, so a missing file (CloudreveNotFound) or an
+        unreachable site raises here rather than during iteration.  A connection
+        that drops mid-body is resumed from the byte reached, up to
+        download_resumes times."""
+        response = self._open_range(uri, start, length)
+        return self._stream_range(uri, start, length, response)
+
+    def _open_range(self, uri, start, length):
+        backoff = self._backoff(time.monotonic() + self.call_deadline)
+        headers = {"Range": "bytes=%d-%d" % (start, start + length - 1)}
+        fresh = False
+        while True:
+            url = self.download_url(uri, fresh)
+            try:
+                response = self.http.request("GET", url, headers, follow_redirects=True)
+            except PERMANENT_NETWORK_ERRORS as e:
+                raise CloudreveError("Cloudreve download of %s: %s" % (uri, e))
+            except NETWORK_ERRORS as e:
+                failure = _Transient.network(e)
+            else:
+                failure = self._refused_download(uri, start, length, response)
+                if failure is None:
+                    return response
+                if failure.kind == "download_url":
+                    # Expired or refused link: a new one, at once the first time.
+                    self.forget_download_url(uri)
+                    if not fresh:
+                        fresh = True
+                        _count_retry(failure.kind)
+                        continue
+            if not backoff.pause():
+                raise CloudreveUnavailable("Cloudreve download of %s: giving up: %s"
+                                           % (uri, failure), status=failure.status)
+            _count_retry(failure.kind)
+
+    def _refused_download(self, uri, start, length, response):
+        """None if the response carries exactly the bytes asked for; else a
+        _Transient to retry, or raises what cannot be retried.  An expired link
+        answers HTTP 200 with a JSON envelope instead of the bytes (spec 2.14):
+        that must never reach restic as data."""
+        if (response.header("Content-Type") or "").startswith("application/json"):
+            try:
+                envelope = _cloudreve_envelope(response, response.read_all(65536))
+            except NETWORK_ERRORS as e:
+                return _Transient.network(e)
+            if envelope is None:
+                return _Transient("HTTP %d with JSON that is not an envelope" % response.status)
+            code = envelope["code"]
+            reason = "the link answered code %s instead of the bytes" % code
+            if code in _CLOUDREVE_STALE_LINK_CODES or code in _CLOUDREVE_AUTH_CODES:
+                return _Transient(reason, kind="download_url")
+            if code in _CLOUDREVE_BUSY_CODES:
+                return _Transient(reason, kind="server_busy")
+            raise CloudreveError("Cloudreve download of %s: %s" % (uri, reason), code)
+        problem = _range_response_problem(response, start, length)
+        if problem is None and (response.header("Content-Encoding") or "identity") != "identity":
+            problem = "Content-Encoding %s" % response.header("Content-Encoding")
+        if problem is None:
+            return None
+        response.discard()
+        if response.status in (401, 403, 404, 410):
+            return _Transient(problem, kind="download_url")
+        if response.status == 429:
+            return _Transient.rate_limited(problem)
+        if 400 <= response.status < 500 and response.status != 408:
+            raise CloudreveError("Cloudreve download of %s bytes %d+%d: %s"
+                                 % (uri, start, length, problem))
+        return _Transient(problem)
+
+    def _stream_range(self, uri, start, length, response):
+        return resumed_download(
+            response, start, length, lambda position, rest: self._open_range(uri, position, rest),
+            self.download_resumes, "Cloudreve: download of %s" % uri,
+            lambda position, end, e: CloudreveUnavailable(
+                "Cloudreve download of %s broke off at byte %d of %d-%d: %s"
+                % (uri, position, start, end, e)))
+
+
+class _MemoryFolder(object):
+    __slots__ = ("files", "folders", "deleted", "loaded")
+
+    def __init__(self):
+        self.files = {}         # name -> CloudreveFile
+        self.folders = {}       # name -> folder id
+        self.deleted = set()    # names we deleted before the folder was listed
+        self.loaded = False     # listed, or created by us: complete from now on
+
+
+class CloudreveIndex(object):
+    """What this server knows exists on the Cloudreve site: per folder (a path
+    tuple from the root of cloudreve://my) its files (name -> CloudreveFile) and
+    sub-folders.  Kept in memory, so every start lists folders again; the
+    123pan backend's sqlite MetadataCache does not back it yet.
+
+    A folder is listed once, when first needed, and then kept current from this
+    server's own uploads and deletes.  Our own writes always win over a listing:
+    a listing that ran while we wrote must neither drop a file we just uploaded
+    nor revive one we just deleted."""
+
+    ROOT_ID = ()
+
+    def __init__(self):
+        self._folders = {}
+        self._lock = threading.Lock()
+
+    def _state(self, folder_id):
+        state = self._folders.get(folder_id)
+        if state is None:
+            state = self._folders[folder_id] = _MemoryFolder()
+        return state
+
+    def is_loaded(self, folder_id):
+        with self._lock:
+            return self._state(folder_id).loaded
+
+    def child_folder(self, parent_id, name):
+        with self._lock:
+            return self._state(parent_id).folders.get(name)
+
+    def folders(self, folder_id):
+        with self._lock:
+            return dict(self._state(folder_id).folders)
+
+    def file(self, folder_id, name):
+        with self._lock:
+            return self._state(folder_id).files.get(name)
+
+    def files(self, folder_id):
+        with self._lock:
+            return list(self._state(folder_id).files.items())
+
+    def record_folder(self, parent_id, name, folder_id, created=False):
+        """A folder exists; created=True when we just made it, so it is empty."""
+        with self._lock:
+            self._state(parent_id).folders[name] = folder_id
+            if created:
+                self._state(folder_id).loaded = True
+
+    def record_file(self, folder_id, name, entry):
+        with self._lock:
+            state = self._state(folder_id)
+            state.files[name] = entry
+            state.deleted.discard(name)
+
+    def drop_file(self, folder_id, name, file_id):
+        """Forget a file, if `name` still is that file id (not a newer upload)."""
+        with self._lock:
+            state = self._state(folder_id)
+            current = state.files.get(name)
+            if current is not None and current.file_id != file_id:
+                return
+            state.files.pop(name, None)
+            if not state.loaded:
+                state.deleted.add(name)
+
+    def merge_listing(self, folder_id, files, folders):
+        """Add what a complete listing shows and we do not know yet."""
+        with self._lock:
+            state = self._state(folder_id)
+            for name, entry in files.items():
+                if name not in state.deleted:
+                    state.files.setdefault(name, entry)
+            for name, child_id in folders.items():
+                state.folders.setdefault(name, child_id)
+            state.deleted.clear()
+            state.loaded = True
+
+
+class CloudreveStorage(Storage):
+    """Repositories in a folder of a Cloudreve 4 site, laid out as restic's
+    local backend does:
+
+        cloudreve://my/<repo-path>/<repo...>/config, keys/, locks/, snapshots/,
+        index/, data/<first 2 hex of the id>/<id>
+
+    Objects are addressed by URI, so no folder ids are needed: a folder is
+    listed (with cursor paging) when first needed, then kept current from our
+    own writes.  data/<xx> folders are created by the upload sessions themselves
+    (they make missing parents).  Deletes skip the trash and are batched."""
+
+    name = "cloudreve"
+
+    def __init__(self, client, repo_path=CLOUDREVE_DEFAULT_REPO_PATH, index=None):
+        self.client = client
+        self._base = split_cloudreve_path(repo_path)
+        self.index = index or CloudreveIndex()
+        # One listing of a folder at a time, and one upload of a name at a time
+        # (restic may retry an upload while the first is still running; the site
+        # would refuse the second with 40004): locks striped by hash.
+        self._folder_locks = [threading.Lock() for _ in range(64)]
+        self._name_locks = [threading.Lock() for _ in range(64)]
+        self._policy_id = None
+        self._policy_lock = threading.Lock()
+        self._deletes = _BatchQueue("delete", self._delete_batch, CLOUDREVE_MAX_BATCH)
+
+    def describe(self):
+        return "Cloudreve folder %s (%s at %s)" % (
+            cloudreve_uri(self._base), self.client.email, self.client.site_url)
+
+    # -- folders ---------------------------------------------------------------
+
+    def _folder_path(self, repo, kind, name=None):
+        return object_folder(self._base, repo, kind, name)
+
+    def _folder_lock(self, folder):
+        return self._folder_locks[hash(folder) % len(self._folder_locks)]
+
+    def _known_missing(self, folder):
+        parent = folder[:-1]
+        return bool(folder) and self.index.is_loaded(parent) \
+            and self.index.child_folder(parent, folder[-1]) is None
+
+    def _ensure_listed(self, folder):
+        """List a folder into the index unless that was done (one listing at a
+        time per folder).  A folder its listed parent does not have is known to
+        be empty without asking."""
+        if self.index.is_loaded(folder):
+            return
+        with self._folder_lock(folder):
+            if self.index.is_loaded(folder):
+                return
+            files, folders = {}, {}
+            if not self._known_missing(folder):
+                try:
+                    entries, policy_id = self.client.list_folder(cloudreve_uri(folder))
+                except CloudreveNotFound:
+                    entries, policy_id = [], None
+                self._policy_id = self._policy_id or policy_id
+                for e in entries:
+                    if e.is_folder:
+                        folders[e.name] = folder + (e.name,)
+                    elif not e.placeholder:     # an upload not (yet) complete
+                        files[e.name] = CloudreveFile(e.file_id, e.size, e.entity)
+            self.index.merge_listing(folder, files, folders)
+
+    def _lookup(self, ref):
+        """(folder, CloudreveFile or None) of an object."""
+        folder = self._folder_path(ref.repo, ref.kind, ref.name)
+        self._ensure_listed(folder)
+        return folder, self.index.file(folder, ref.name)
+
+    def _policy(self):
+        if self._policy_id is None:
+            with self._policy_lock:
+                if self._policy_id is None:
+                    self._policy_id = self.client.storage_policy(self._base)
+        return self._policy_id
+
+    # -- the Storage interface -------------------------------------------------
+
+    def create_repository(self, repo):
+        for kind in OBJECT_TYPES:
+            folder = self._base + tuple(repo) + (kind,)
+            created = self.client.create_folder(cloudreve_uri(folder))
+            self.index.record_folder(folder[:-1], kind, folder, created=created)
+
+    def stat(self, ref):
+        entry = self._lookup(ref)[1]
+        return None if entry is None else entry.size
+
+    def list(self, repo, kind):
+        folder = self._folder_path(repo, kind)
+        self._ensure_listed(folder)
+        if kind == "data":
+            folders = [child for name, child in sorted(self.index.folders(folder).items())
+                       if _DATA_FOLDER_RE.match(name)]
+        else:
+            folders = [folder]
+        out = []
+        for sub in folders:
+            self._ensure_listed(sub)
+            out.extend((name, entry.size) for name, entry in self.index.files(sub)
+                       if is_object_id(name))
+        return out
+
+    def read(self, ref, start, length):
+        folder, entry = self._lookup(ref)
+        if entry is None:
+            raise NotFound(str(ref))
+        if length == 0:
+            return iter(())
+        uri = cloudreve_uri(folder + (ref.name,))
+        try:
+            chunks = self.client.read_range(uri, start, length)
+        except CloudreveNotFound:
+            log.warning("Cloudreve: %s was removed behind our back", ref)
+            self.index.drop_file(folder, ref.name, entry.file_id)
+            raise NotFound(str(ref))
+        if ref.content_addressed and start == 0 and length == entry.size:
+            # Guards against whatever else might arrive with the right length.
+            return sha256_checked(chunks, ref.name, lambda actual: self._mismatch(ref, actual))
+        return chunks
+
+    @staticmethod
+    def _mismatch(ref, actual):
+        log.error("Cloudreve: %s came back with SHA-256 %s; refusing to pass the bytes on",
+                  ref, actual)
+        return UpstreamError("%s: downloaded bytes do not match the object's name" % (ref,))
+
+    def put(self, ref, spool):
+        folder = self._folder_path(ref.repo, ref.kind, ref.name)
+        uri = cloudreve_uri(folder + (ref.name,))
+        with self._name_locks[hash(uri) % len(self._name_locks)]:
+            self._ensure_listed(folder)
+            existing = self.index.file(folder, ref.name)
+            if existing is not None and ref.content_addressed and existing.size == spool.size:
+                # Stored meanwhile by a concurrent upload of the same name: the name
+                # is the content's hash, so these are the same bytes.
+                return
+            # The upload session makes the folder if it is missing: it is new (and
+            # holds only this object) if its listed parent did not have it.
+            created = self._known_missing(folder)
+            entry = self.client.upload(uri, spool, self._policy(), replace=existing is not None)
+            self.client.forget_download_url(uri)
+            if folder:
+                self.index.record_folder(folder[:-1], folder[-1], folder, created=created)
+            self.index.record_file(folder, ref.name, entry)
+
+    def delete(self, ref):
+        """True when the object was known to exist: gone already at the site (a
+        retried call whose first answer was lost, or someone else) counts as
+        deleted too."""
+        folder, entry = self._lookup(ref)
+        if entry is None:
+            return False
+        uri = cloudreve_uri(folder + (ref.name,))
+        try:
+            self._deletes.submit(uri)
+        except CloudreveNotFound:
+            log.info("Cloudreve: %s was already gone", ref)
+        self.index.drop_file(folder, ref.name, entry.file_id)
+        self.client.forget_download_url(uri)
+        return True
+
+    def _delete_batch(self, uris):
+        """One delete call for queued URIs; {uri: error} of those that failed
+        (CloudreveNotFound for the ones already gone)."""
+        try:
+            self.client.delete(uris)
+            return {}
+        except CloudreveError as e:
+            failed = dict((unquote(uri), code) for uri, code in e.items.items())
+            ours = dict((unquote(uri), uri) for uri in uris)
+            if not failed or not set(failed) <= set(ours):
+                raise           # the whole call failed (or an answer we cannot map)
+            errors = {}
+            for plain, code in failed.items():
+                error_type = CloudreveNotFound if code == CLOUDREVE_CODE_NOT_FOUND \
+                    else CloudreveError
+                errors[ours[plain]] = error_type("Cloudreve delete of %s: code %s"
+                                                 % (ours[plain], code), code)
+            return errors
+
+    def close(self):
+        self._deletes.close()
+        self.client.close()
+
+
+# ---------------------------------------------------------------------------
+# 7. The metadata cache (sqlite3 in the state directory), shared by the cloud
 #    backends, and the warm-up that fills it
 # ---------------------------------------------------------------------------
 
@@ -3104,7 +4229,7 @@ class CacheWarmUp(object):
 
 
 # ---------------------------------------------------------------------------
-# 7. The repository service: what restic may do, independent of HTTP and storage
+# 8. The repository service: what restic may do, independent of HTTP and storage
 # ---------------------------------------------------------------------------
 
 class RequestError(Exception):
@@ -3244,7 +4369,7 @@ class RepositoryService(object):
 
 
 # ---------------------------------------------------------------------------
-# 8. Access control: users (htpasswd), rights, the access log file
+# 9. Access control: users (htpasswd), rights, the access log file
 # ---------------------------------------------------------------------------
 
 # Password hashes of htpasswd files: bcrypt, Apache MD5 (apr1) and MD5-crypt,
@@ -3683,7 +4808,7 @@ class AccessLogFile(object):
 
 
 # ---------------------------------------------------------------------------
-# 9. The REST request handler and the servers (TCP, TLS, unix socket, systemd)
+# 10. The REST request handler and the servers (TCP, TLS, unix socket, systemd)
 # ---------------------------------------------------------------------------
 
 MEDIA_V1 = "application/vnd.x.restic.rest.v1"
@@ -4249,7 +5374,7 @@ def is_local_address(address):
 
 
 # ---------------------------------------------------------------------------
-# 10. main()
+# 11. main()
 # ---------------------------------------------------------------------------
 
 def build_pan123_storage(args, environ=None):
@@ -4281,11 +5406,70 @@ def build_pan123_storage(args, environ=None):
                          index=index, refresh_seconds=args.cache_refresh)
 
 
+def _read_password_file(path):
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            password = f.readline().rstrip("\r\n")
+    except (OSError, ValueError) as e:
+        raise UsageError("cannot read the password file %s: %s"
+                         % (path, getattr(e, "strerror", None) or type(e).__name__))
+    if not password:
+        raise UsageError("the password file %s is empty" % path)
+    return password
+
+
+def cloudreve_password(args, environ):
+    """The password: --cloudreve-password, --cloudreve-password-file,
+    CLOUDREVE_PASSWORD, CLOUDREVE_PASSWORD_FILE, the first one given; '' if none."""
+    if args.cloudreve_password and args.cloudreve_password_file:
+        raise UsageError("give --cloudreve-password or --cloudreve-password-file, not both")
+    if args.cloudreve_password:
+        return args.cloudreve_password
+    if args.cloudreve_password_file:
+        return _read_password_file(args.cloudreve_password_file)
+    if environ.get("CLOUDREVE_PASSWORD"):
+        return environ["CLOUDREVE_PASSWORD"]
+    if environ.get("CLOUDREVE_PASSWORD_FILE"):
+        return _read_password_file(environ["CLOUDREVE_PASSWORD_FILE"])
+    return ""
+
+
+def build_cloudreve_storage(args, environ=None):
+    """A CloudreveStorage from parsed arguments (flags over environment);
+    UsageError for missing settings or unusable values, never showing the
+    password.  No network access here: the first request logs in."""
+    environ = os.environ if environ is None else environ
+    url = (args.cloudreve_url or environ.get("CLOUDREVE_URL", "")).strip().rstrip("/")
+    if url.endswith(CLOUDREVE_API):     # the API address pasted instead of the site's
+        url = url[:-len(CLOUDREVE_API)]
+    user = args.cloudreve_user or environ.get("CLOUDREVE_USER", "")
+    password = cloudreve_password(args, environ)
+    missing = [what for what, value in (("--cloudreve-url (CLOUDREVE_URL)", url),
+                                        ("--cloudreve-user (CLOUDREVE_USER)", user),
+                                        ("a password (--cloudreve-password, "
+                                         "--cloudreve-password-file, CLOUDREVE_PASSWORD or "
+                                         "CLOUDREVE_PASSWORD_FILE)", password)) if not value]
+    if missing:
+        raise UsageError("the Cloudreve backend needs %s" % ", ".join(missing))
+    if not url.startswith(("https://", "http://")) or not urlsplit(url).hostname:
+        raise UsageError("--cloudreve-url %r: expected the site's http(s) address" % url)
+    repo_path = args.repo_path or environ.get("CLOUDREVE_REPO_PATH") \
+        or CLOUDREVE_DEFAULT_REPO_PATH
+    try:
+        split_cloudreve_path(repo_path)
+    except ValueError as e:
+        raise UsageError("--repo-path: %s" % e)
+    client = CloudreveClient(url, user, password, state_dir=args.state_dir)
+    return CloudreveStorage(client, repo_path)
+
+
 def build_storage(args, environ):
     if args.backend == "local":
         return LocalStorage(args.path)
     if args.backend == "123pan":
         return build_pan123_storage(args, environ)
+    if args.backend == "cloudreve":
+        return build_cloudreve_storage(args, environ)
     raise UsageError("unknown backend %r" % args.backend)
 
 

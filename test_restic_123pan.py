@@ -9,12 +9,13 @@ Environment switches (used by .ci/run):
   RESTIC_123PAN_UNIT_ONLY=1    skip the end-to-end tests (other interpreters in CI)
 """
 
-import argparse
 import base64
 import binascii
 import bisect
 import collections
 import contextlib
+import functools
+import gzip
 import hashlib
 import hmac
 import http.client
@@ -23,6 +24,7 @@ import io
 import itertools
 import json
 import logging
+import mimetypes
 import os
 import random
 import re
@@ -31,6 +33,7 @@ import signal
 import socket
 import socketserver
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -41,18 +44,21 @@ import unittest
 import urllib.request
 import uuid
 import warnings
+from unittest import mock
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, unquote, unquote_to_bytes, urlencode, urlsplit
 
 import restic_123pan as rp
 from restic_123pan import (
-    METRICS, PAN123_DEFAULT_SINGLE_MAX, Backoff, CacheEntry, HashingSpool, HttpClient,
-    MetadataCache, MultipartBody, NotFound, ObjectRef, Pan123AuthError, Pan123Client,
-    Pan123Error, Pan123File, Pan123Index, Pan123QuotaExhausted, Pan123Storage,
-    Pan123Unavailable, RateLimiter, RateLimitTimeout, UpstreamError, UsageError,
-    add_pan123_arguments, build_pan123_storage, default_state_dir, pan123_cache_namespace,
-    pan123_credentials_given, parse_pan123_time)
+    METRICS, PAN123_DEFAULT_SINGLE_MAX, Backoff, CacheEntry, CloudreveAuthError, CloudreveClient,
+    CloudreveError, CloudreveNotFound, CloudreveStorage, CloudreveUnavailable, HashingSpool,
+    HttpClient, MetadataCache, MultipartBody, NotFound, ObjectRef, Pan123AuthError, Pan123Client,
+    Pan123Error, Pan123File, Pan123Index, Pan123QuotaExhausted, Pan123Storage, Pan123Unavailable,
+    RateLimiter, RateLimitTimeout, UpstreamError, UsageError,
+    build_cloudreve_storage, build_pan123_storage, cloudreve_error, cloudreve_uri,
+    default_state_dir, pan123_cache_namespace, pan123_credentials_given, parse_pan123_time,
+    split_cloudreve_path)
 
 if os.environ.get("RESTIC_123PAN_TEST_DEBUG") != "1":
     # The server logs every refused request; the tests provoke hundreds on purpose.
@@ -1191,7 +1197,8 @@ class TransportTest(unittest.TestCase):
                               r'"(\S+) (\S+) HTTP/1\.1" (\d{3}) (\d+) "([^"]*)" "([^"]*)"\Z')
         m = [combined.match(l) for l in lines]
         self.assertTrue(all(m), lines)
-        self.assertEqual([x.groups() for x in m],
+        # each line is written after its answer went out: either may come first
+        self.assertEqual(sorted(x.groups() for x in m),
                          [("GET", "/keys/", "200", "2", "x", "restic/0.14.0"),
                           ("HEAD", "/config", "404", "0", "-", "-")])
 
@@ -1473,7 +1480,94 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _any
 
 
-class Pan123Emulator(object):
+class _EmulatorControls(object):
+    """What both emulators share: stopping (also their idle keep-alive
+    connections), a clock the tests move, call accounting and fault switches.
+    A subclass sets FAULT_KINDS and has lock, calls, rejected, _clock, _faults,
+    _random_faults, _servers and _conns."""
+
+    FAULT_KINDS = ()
+
+    def stop(self):
+        stoppers = [threading.Thread(target=srv.shutdown) for srv in self._servers]
+        for t in stoppers:       # in parallel: each shutdown waits for one poll interval
+            t.start()
+        for t in stoppers:
+            t.join()
+        for srv in self._servers:
+            srv.server_close()
+        self._servers = []
+        with self.lock:
+            conns = list(self._conns)
+        for c in conns:          # kill idle keep-alive connections too
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _track(self, conn, add):
+        with self.lock:
+            if add:
+                self._conns.add(conn)
+            else:
+                self._conns.discard(conn)
+
+    def now(self):
+        return time.time() + self._clock
+
+    def advance_clock(self, seconds):
+        """Move the emulator's clock forward (expiry, QPS windows) without sleeping."""
+        with self.lock:
+            self._clock += seconds
+
+    def reset_calls(self):
+        with self.lock:
+            self.calls.clear()
+            self.rejected.clear()
+
+    def fail_next(self, kind, count=1, endpoint=None):
+        if kind not in self.FAULT_KINDS:
+            raise ValueError("unknown fault kind %r" % (kind,))
+        with self.lock:
+            self._faults.append([kind, count, endpoint])
+
+    def fail_randomly(self, kind, probability, endpoint=None, seed=0):
+        if kind not in self.FAULT_KINDS:
+            raise ValueError("unknown fault kind %r" % (kind,))
+        with self.lock:
+            self._random_faults.append((kind, probability, endpoint, random.Random(seed)))
+
+    def clear_faults(self):
+        with self.lock:
+            del self._faults[:]
+            del self._random_faults[:]
+
+    @staticmethod
+    def _fault_matches(endpoint, key):
+        return endpoint is None or endpoint == key
+
+    def _take_fault(self, key):
+        """The fault kind this request meets, or None."""
+        with self.lock:
+            for f in self._faults:
+                if self._fault_matches(f[2], key):
+                    f[1] -= 1
+                    if f[1] <= 0:
+                        self._faults.remove(f)
+                    return f[0]
+            for kind, prob, endpoint, rng in self._random_faults:
+                if self._fault_matches(endpoint, key) and rng.random() < prob:
+                    return kind
+        return None
+
+
+class Pan123Emulator(_EmulatorControls):
     """Fake 123pan open API. Attributes set after construction tune extra behaviour:
 
     slow_seconds, max_live_tokens, token_limit_mode ("evict" | "refuse"),
@@ -1485,6 +1579,8 @@ class Pan123Emulator(object):
     sleeping), add_folder(path), log (deque of {host, method, path, status, code, token}),
     errors (tracebacks of emulator bugs; assert it stays empty), now().
     """
+
+    FAULT_KINDS = _FAULT_KINDS
 
     def __init__(self, client_id="emu-client", client_secret="emu-secret", *, vip=False,
                  enforce_qps=True, default_qps=20.0, slice_size=16 * 1024 * 1024,
@@ -1521,11 +1617,11 @@ class Pan123Emulator(object):
         self.tokens_issued = 0
         self.api_base = self.upload_base = self.download_base = ""
 
-        self._clock_offset = 0.0
+        self._clock = 0.0
         self._secret = os.urandom(16)
         self._tokens = collections.OrderedDict()   # token -> {"exp", "revoked"}
         self._qps_hits = collections.defaultdict(collections.deque)
-        self._next_faults = []              # [kind, remaining, endpoint]
+        self._faults = []                   # [kind, remaining, endpoint]
         self._random_faults = []            # (kind, probability, endpoint, Random)
         self._next_id = 14000001
         self._nodes = {}                    # fileId -> public node dict
@@ -1552,83 +1648,15 @@ class Pan123Emulator(object):
         self.api_base, self.upload_base, self.download_base = base
         return self
 
-    def stop(self):
-        stoppers = [threading.Thread(target=srv.shutdown) for srv in self._servers]
-        for t in stoppers:       # in parallel: each shutdown waits for one poll interval
-            t.start()
-        for t in stoppers:
-            t.join()
-        for srv in self._servers:
-            srv.server_close()
-        self._servers = []
-        with self.lock:
-            conns = list(self._conns)
-        for c in conns:          # kill idle keep-alive connections too
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def _track(self, conn, add):
-        with self.lock:
-            if add:
-                self._conns.add(conn)
-            else:
-                self._conns.discard(conn)
-
     # ------------------------------------------------------------------ clock, accounting, faults
-    def now(self):
-        return time.time() + self._clock_offset
-
+    # (the rest in _EmulatorControls)
     def _mono(self):
-        return time.monotonic() + self._clock_offset
-
-    def advance_clock(self, seconds):
-        """Move the emulator's clock forward (token/URL expiry, QPS windows) without sleeping."""
-        with self.lock:
-            self._clock_offset += seconds
+        return time.monotonic() + self._clock
 
     def reset_calls(self):
         with self.lock:
-            self.calls.clear()
-            self.rejected.clear()
+            _EmulatorControls.reset_calls(self)
             self.log.clear()
-
-    def fail_next(self, kind, count=1, endpoint=None):
-        if kind not in _FAULT_KINDS:
-            raise ValueError("unknown fault kind %r" % (kind,))
-        with self.lock:
-            self._next_faults.append([kind, count, endpoint])
-
-    def fail_randomly(self, kind, probability, endpoint=None, seed=0):
-        if kind not in _FAULT_KINDS:
-            raise ValueError("unknown fault kind %r" % (kind,))
-        with self.lock:
-            self._random_faults.append((kind, probability, endpoint, random.Random(seed)))
-
-    def clear_faults(self):
-        with self.lock:
-            del self._next_faults[:]
-            del self._random_faults[:]
-
-    def _take_fault(self, ep):
-        with self.lock:
-            for f in self._next_faults:
-                if f[2] is None or f[2] == ep:
-                    f[1] -= 1
-                    if f[1] <= 0:
-                        self._next_faults.remove(f)
-                    return f[0]
-            for kind, prob, endpoint, rng in self._random_faults:
-                if (endpoint is None or endpoint == ep) and rng.random() < prob:
-                    return kind
-        return None
 
     def revoke_all_tokens(self):
         with self.lock:
@@ -2712,11 +2740,16 @@ class Pan123EmulatorProtocolTest(Pan123EmulatorCase):
                         conn=c)
             self.assertEqual(r.json()["code"], 0)
             self.assertEqual(int(r.headers["Content-Length"]), len(r.body))
-        c2 = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        # Only the head of a chunked request: the emulator answers 411 and closes at
+        # once, and a body still on its way would meet a reset (a broken pipe here).
+        c2 = socket.create_connection((u.hostname, u.port), timeout=10)
         self.addCleanup(c2.close)
-        c2.request("POST", "/upload/v1/file/mkdir", body=iter([b'{"name":"a","parentID":0}']),
-                   headers=self.hdrs(extra={"Content-Type": "application/json"}))
-        self.assertEqual(c2.getresponse().status, 411)
+        head = "".join("%s: %s\r\n" % kv for kv in self.hdrs(
+            extra={"Content-Type": "application/json", "Host": u.netloc,
+                   "Transfer-Encoding": "chunked"}).items())
+        c2.sendall(("POST /upload/v1/file/mkdir HTTP/1.1\r\n%s\r\n" % head).encode())
+        with c2.makefile("rb") as answer:
+            self.assertEqual(answer.readline().split()[1], b"411")
 
     def test_accounting(self):
         self.emu.reset_calls()
@@ -3283,16 +3316,76 @@ def run_threads(target, args_list):
     return results
 
 
-class Pan123BackendCase(unittest.TestCase):
+class CloudStorageHelpers(object):
+    """Helpers of the cloud backends' test cases, which have emulator(**options)
+    (setting self.emu), client(**options), storage(client) and live_path(ref), the
+    object's path in the emulator."""
+
+    emulator_defaults = {}
+    state_prefix = "state-"
 
     def setUp(self):
-        self.state_dir = tempfile.mkdtemp(prefix="pan123-state-")
+        self.state_dir = tempfile.mkdtemp(prefix=self.state_prefix)
         self.addCleanup(shutil.rmtree, self.state_dir, True)
         self.emu = None
 
     def tearDown(self):
         if self.emu is not None:
             self.assertEqual(self.emu.errors, [], "the emulator reported bugs")
+
+    def stored(self, size=300000, emulator=None, **client_options):
+        """A repository holding one random object, and the emulator's counts reset."""
+        emu = self.emulator(**dict(self.emulator_defaults, **(emulator or {})))
+        storage = self.storage(self.client(**client_options))
+        storage.create_repository(REPO)
+        data = os.urandom(size)
+        ref = self.put(storage, data)
+        emu.reset_calls()
+        return emu, storage, ref, data
+
+    def stored_elsewhere(self, data, ref=None):
+        """An object uploaded earlier (by another process)."""
+        ref = ref or data_ref(data)
+        self.emu.add_file(self.live_path(ref), data)
+        return ref
+
+    def check_workload(self, storage, sizes):
+        """Objects of these sizes uploaded from concurrent threads (faults on, as the
+        caller set them), read back whole, listed, three deleted; then, faults off,
+        a fresh storage lists exactly the others."""
+        blobs = [os.urandom(n) for n in sizes]
+        refs = run_threads(lambda d: self.put(storage, d), [(d,) for d in blobs])
+        for ref, data in zip(refs, blobs):
+            self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(sorted(storage.list(REPO, "data")),
+                         sorted((r.name, len(d)) for r, d in zip(refs, blobs)))
+        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs[:3]]), [True] * 3)
+        flush_deletes = getattr(storage, "flush_deletes", None)
+        if flush_deletes:
+            flush_deletes()     # 123pan: DELETE answers before the trash call
+        self.emu.clear_faults()
+        fresh = self.storage(self.client())
+        self.assertEqual(sorted(n for n, _ in fresh.list(REPO, "data")),
+                         sorted(r.name for r in refs[3:]))
+
+    def spool(self, data):
+        spool = HashingSpool.from_bytes(data)
+        self.addCleanup(spool.close)
+        return spool
+
+    def put(self, storage, data, ref=None):
+        ref = ref or data_ref(data)
+        storage.put(ref, self.spool(data))
+        return ref
+
+    def read(self, storage, ref, start=0, length=None):
+        if length is None:
+            length = storage.stat(ref)
+        return b"".join(storage.read(ref, start, length))
+
+
+class Pan123BackendCase(CloudStorageHelpers, unittest.TestCase):
+    state_prefix = "pan123-state-"
 
     def emulator(self, **options):
         self.emu = Pan123Emulator(CLIENT_ID, SECRET, **options).start()
@@ -3320,26 +3413,6 @@ class Pan123BackendCase(unittest.TestCase):
         for kind in ("data", "index", "keys", "locks", "snapshots"):
             self.emu.add_folder("/restic-backup/%s/%s" % ("/".join(repo), kind))
 
-    def stored_elsewhere(self, data, ref=None):
-        """An object uploaded earlier (by another process)."""
-        ref = ref or data_ref(data)
-        self.emu.add_file(self.live_path(ref), data)
-        return ref
-
-    def spool(self, data):
-        spool = HashingSpool.from_bytes(data)
-        self.addCleanup(spool.close)
-        return spool
-
-    def put(self, storage, data, ref=None):
-        ref = ref or data_ref(data)
-        storage.put(ref, self.spool(data))
-        return ref
-
-    def read(self, storage, ref, start=0, length=None):
-        if length is None:
-            length = storage.stat(ref)
-        return b"".join(storage.read(ref, start, length))
 
     def live_path(self, ref):
         name = ref.name
@@ -3938,15 +4011,6 @@ class Pan123StorageFoldersTest(Pan123BackendCase):
 
 class Pan123DownloadsTest(Pan123BackendCase):
 
-    def stored(self, size=300000, **client_options):
-        emu = self.emulator()
-        storage = self.storage(self.client(**client_options))
-        storage.create_repository(REPO)
-        data = os.urandom(size)
-        ref = self.put(storage, data)
-        emu.reset_calls()
-        return emu, storage, ref, data
-
     def test_ranges_and_url_reuse(self):
         emu, storage, ref, data = self.stored()
         downloaded = METRICS.total("restic123pan_cloud_bytes_downloaded_total")
@@ -4513,18 +4577,7 @@ class Pan123UnderLimitsAndFaultsTest(Pan123BackendCase):
         storage.create_repository(REPO)
         emu.fail_randomly("500", 0.05, seed=1)
         emu.fail_randomly("drop", 0.05, seed=2)
-        blobs = [os.urandom(n) for n in (10, 2500, 5000, 100, 7000, 1)]
-        refs = run_threads(lambda d: self.put(storage, d), [(d,) for d in blobs])
-        for ref, data in zip(refs, blobs):
-            self.assertEqual(self.read(storage, ref), data)
-        self.assertEqual(sorted(storage.list(REPO, "data")),
-                         sorted((r.name, len(d)) for r, d in zip(refs, blobs)))
-        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs[:3]]), [True] * 3)
-        storage.flush_deletes()     # DELETE returned before the trash call
-        emu.clear_faults()
-        fresh = self.storage(self.client())
-        self.assertEqual(sorted(n for n, _ in fresh.list(REPO, "data")),
-                         sorted(r.name for r in refs[3:]))
+        self.check_workload(storage, (10, 2500, 5000, 100, 7000, 1))
         self.assertEqual(sum(n for (ep, code), n in emu.rejected.items() if code == 429), 0)
 
 
@@ -4585,6 +4638,3123 @@ class Pan123CommandLineTest(unittest.TestCase):
         with self.assertRaises(SystemExit):          # argparse: not a size
             with contextlib.redirect_stderr(io.StringIO()):
                 self.parse(["--pan123-single-max", "-1"])
+
+
+# ---------------------------------------------------------------------------
+# The Cloudreve 4 emulator: a strict in-memory fake of the parts of /api/v4 the
+# backend uses, written from ../shared/spec/cloudreve-v4-api.md (section numbers
+# below refer to it): the user's "my" file system with a local storage policy,
+# password/2FA/captcha login, token refresh, cursor listing, upload sessions with
+# placeholders and path locks, signed download links with Range, delete with and
+# without the trash.  Where the spec leaves a choice open it takes the strict
+# reading (marked "strict"), so a client that passes here does not depend on a
+# lenient server:
+#   * an expired or garbage access token makes the caller anonymous: 401 on
+#     single-path calls, 40011 on chunk uploads, 40081 with an inner 401 on batch
+#     calls (anonymous_code = 40088 plays later servers);
+#   * chunks strictly in order (a gap is 50004, as without pre-allocation);
+#   * listing cursors always contain + / = and so must be URL-encoded.
+# Accounting: `calls` and `rejected` are keyed by "METHOD /api/v4/<template>";
+# `rejected` holds envelope codes (int) or "http404", "http502", "drop" for
+# answers without an envelope.  Fault kinds: "500", "502", "504", "413", "429",
+# "drop", "drop_after", "slow", "401", "409", "40073", "50001", "50004".
+# Test controls: advance_clock(), expire_access_tokens(), revoke_refresh_tokens(),
+# expire_download_urls(), expire_upload_sessions(), restart(), and state helpers
+# resolve(), children(), file_bytes(), add_file(), remove_behind_back(),
+# open_upload_sessions(), placeholders(), used_bytes().
+#
+# Written as a separate module first; changes made when it moved here: its
+# private names carry a _CR/_Cr prefix, its HTTP server and handler extend the
+# 123pan emulator's, and two bugs are fixed:
+#   * its connections set TCP_NODELAY as Go's net/http does (without it every
+#     answer waited 40 ms for the client's delayed ACK: the body is written after
+#     the headers);
+#   * after expire_download_urls(), a link signed anew within the same second
+#     (same expiry, so the same signature) stayed "expired": a client asking for a
+#     fresh link was refused 40005 for up to a second.
+# ---------------------------------------------------------------------------
+
+_CR_TZ = timezone(timedelta(hours=8))      # Go prints the server's local offset; non-UTC on purpose
+_CR_API = "/api/v4"
+_CR_FORBIDDEN = set('\\/:*?"<>|')           # dbfs/validator.go
+_CR_EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_CR_HEX = set("0123456789abcdefABCDEF")
+_CR_GO_VALID = set("!$&'()*+,;=:@[]%/-_.~")  # url.validEncoded for a path, besides alnum
+_CR_GO_PATH_SAFE = "$&+,/:;=@"               # url.shouldEscape(encodePath) keeps these
+_CR_UPLOAD_META = "sys:upload_session_id"
+_CR_FAULT_KINDS = ("500", "502", "504", "413", "429", "drop", "drop_after", "slow", "401",
+                "409", "40073", "50001", "50004")
+_CR_GATEWAY = {  # what an nginx in front of Cloudreve says; no envelope (1.3)
+    502: "502 Bad Gateway", 504: "504 Gateway Time-out", 413: "413 Request Entity Too Large",
+    429: "429 Too Many Requests"}
+_CR_MSG = {401: "Login required", 403: "Not supported action", 404: "Not found",
+        409: "Object conflict", 40001: "Parameter error", 40004: "Object existed",
+        40011: "Upload session not exist or expired", 40016: "Path not exist",
+        40020: "Failed to issue token pair", 40049: "File too large",
+        40051: "Insufficient capacity", 40073: "Lock conflict", 40077: "Entity not exist",
+        40088: "Anonymous access denied", 50001: "Database operation failed",
+        50004: "IO failed"}
+
+# (method, template, handler); "{x}" matches one raw path segment
+_CR_ROUTES = [
+    ("GET", "/site/ping", "_h_ping"),
+    ("GET", "/site/config/{section}", "_h_site_config"),
+    ("GET", "/site/captcha", "_h_captcha"),
+    ("POST", "/session/token", "_h_login"),
+    ("POST", "/session/token/2fa", "_h_login_2fa"),
+    ("POST", "/session/token/refresh", "_h_refresh"),
+    ("DELETE", "/session/token", "_h_sign_out"),
+    ("GET", "/user/me", "_h_me"),
+    ("GET", "/user/capacity", "_h_capacity"),
+    ("GET", "/file", "_h_list"),
+    ("GET", "/file/info", "_h_info"),
+    ("POST", "/file/create", "_h_create"),
+    ("DELETE", "/file", "_h_delete"),
+    ("DELETE", "/file/lock", "_h_unlock"),
+    ("PUT", "/file/content", "_h_put_content"),
+    ("PUT", "/file/upload", "_h_upload_create"),
+    ("POST", "/file/upload/{session_id}/{index}", "_h_chunk"),
+    ("DELETE", "/file/upload", "_h_upload_cancel"),
+    ("POST", "/file/url", "_h_url"),
+    ("GET", "/file/content/{entity}/{speed}/{name}", "_h_content"),
+    ("HEAD", "/file/content/{entity}/{speed}/{name}", "_h_content"),
+]
+_CR_CONTENT_KEYS = ("GET " + _CR_API + "/file/content/{entity}/{speed}/{name}",
+                 "HEAD " + _CR_API + "/file/content/{entity}/{speed}/{name}")
+
+
+class _CrApiError(Exception):
+    """An answer with HTTP 200 and a non-zero `code` (1.2)."""
+
+    def __init__(self, code, msg=None, data=None, agg=None, corr=True):
+        Exception.__init__(self, code)
+        self.code, self.msg, self.data, self.agg, self.corr = code, msg, data, agg, corr
+        if msg is None:
+            self.msg = _CR_MSG.get(code, "Error")
+
+
+class _CrHttpError(Exception):
+    """An answer without an envelope (gin 404, recovery 500, proxies, Range errors)."""
+
+    def __init__(self, status, body=b"", ctype="text/plain; charset=utf-8", headers=()):
+        Exception.__init__(self, status)
+        self.status, self.body, self.ctype, self.headers = status, body, ctype, headers
+
+
+_CrRaw = collections.namedtuple("_CrRaw", "status body ctype headers")   # a non-envelope answer
+
+
+def _cr_rfc3339(t):
+    """Go's RFC3339Nano: 9 fraction digits with trailing zeros trimmed, local offset."""
+    whole = int(t)
+    frac = ("%09d" % int((t - whole) * 1e9))[:9].rstrip("0")
+    s = datetime.fromtimestamp(whole, _CR_TZ).strftime("%Y-%m-%dT%H:%M:%S")
+    return s + ("." + frac if frac else "") + "+08:00"
+
+
+def _cr_b64url(raw):
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _cr_go_escape(path):
+    # url.URL.EscapedPath() when RawPath is unusable: escape all but unreserved + "$&+,/:;=@"
+    return quote(path.encode("utf-8", "surrogateescape"), safe=_CR_GO_PATH_SAFE)
+
+
+def _cr_name_ok(name):
+    return (0 < len(name.encode("utf-8", "surrogateescape")) <= 255 and name not in (".", "..")
+            and not any(c in _CR_FORBIDDEN for c in name))
+
+
+def _cr_ranges(spec, size):
+    """Go net/http parseRange: list of (start, length); None = ignore the header."""
+    if not spec.startswith("bytes="):
+        raise ValueError
+    out, no_overlap = [], False
+    for ra in spec[6:].split(","):
+        ra = ra.strip()
+        if not ra:
+            continue
+        a, dash, b = ra.partition("-")
+        a, b = a.strip(), b.strip()
+        if not dash or (a and not a.isdigit()) or (b and not b.isdigit()) or not (a or b):
+            raise ValueError
+        if not a:                       # suffix range "-n"; strict: "-0" is unsatisfiable
+            n = min(int(b), size)
+            if n == 0:
+                no_overlap = True
+                continue
+            out.append((size - n, n))
+            continue
+        s = int(a)
+        if s >= size:
+            no_overlap = True
+            continue
+        e = size - 1 if not b else min(int(b), size - 1)
+        if b and int(b) < s:
+            raise ValueError
+        out.append((s, e - s + 1))
+    if not out and no_overlap:
+        raise OverflowError             # 416 with "bytes */size"
+    if sum(n for _, n in out) > size:   # Go ignores ranges that add up to more than the file
+        return None
+    return out
+
+
+class _CrCtx(object):
+    def __init__(self, h, key, params, query, body):
+        self.h, self.key, self.params, self.query, self.body = h, key, params, query, body
+        self.method, self.headers = h.command, h.headers
+        self.user = None                # user hash id, None = anonymous
+        self.fault = None
+        self.corr = str(uuid.uuid4())
+        hint = h.headers.get("X-Cr-Correlation-Id") or ""
+        try:                            # a client-supplied UUID is reused (1.1)
+            self.corr = str(uuid.UUID(hint))
+        except ValueError:
+            pass
+
+
+class _CrHandler(_Handler):
+    """The 123pan emulator's handler (every method goes to emu._handle), answering
+    as Cloudreve."""
+    server_version = "Cloudreve"
+
+    def setup(self):
+        _Handler.setup(self)
+        # Go's net/http sets TCP_NODELAY; without it the body, written after the
+        # headers, waits for the client's delayed ACK (40 ms per answer)
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _CrServer(_Server):
+    request_queue_size = 128            # the default backlog of 5 resets bursts of connections
+
+    def __init__(self, emu, role):
+        self.emu, self.role = emu, role
+        ThreadingHTTPServer.__init__(self, ("127.0.0.1", 0), _CrHandler)
+
+
+class CloudreveEmulator(_EmulatorControls):
+    """Fake Cloudreve 4 site with one user.  Tunables (plain attributes, set any time):
+    slow_seconds, upload_session_ttl, max_size (policy limit, 0 = none), quota,
+    max_edit_size, url_cache_margin, cursor_pagination, short_pages,
+    anonymous_code (401, or 40088 like later servers), account_status
+    ("active" | "banned" | "inactive"), version_retention, totp_secret, site_version.
+    """
+
+    def __init__(self, email="me@example.com", password="secret", *, access_ttl=3600.0,
+                 refresh_ttl=7 * 86400.0, chunk_size=5 * 1024 * 1024, page_size=50,
+                 download_url_ttl=3600.0, captcha=False, two_factor=False,
+                 separate_download_host=False):
+        self.email, self.password = email, password
+        self.access_ttl, self.refresh_ttl = access_ttl, refresh_ttl
+        # page_size plays the site's max_page_size (2000 on a real site): larger requests are
+        # clamped silently, so a small value here makes every client walk several pages
+        self.chunk_size, self.page_size = chunk_size, page_size
+        self.download_url_ttl, self.captcha, self.two_factor = download_url_ttl, captcha, two_factor
+        self.separate_download_host = separate_download_host
+        self.slow_seconds = 2.0
+        self.upload_session_ttl = 86400.0
+        self.max_size = 0
+        self.quota = 1024 ** 3                      # default "User" group: 1 GiB
+        self.max_edit_size = 50 * 1024 * 1024
+        self.url_cache_margin = 600.0
+        self.cursor_pagination = True
+        self.short_pages = False                    # pages shorter than asked, before the end
+        self.anonymous_code = 401
+        self.account_status = "active"
+        self.version_retention = 10
+        self.totp_secret = "JBSWY3DPEHPK3PXP"
+        self.site_version = "4.0.0"
+
+        self.lock = threading.RLock()
+        self.calls = collections.Counter()
+        self.rejected = collections.Counter()
+        self.errors = []                            # tracebacks of emulator bugs
+        self.base_url = self.download_base = ""
+        self._clock = 0.0
+        self._secret = os.urandom(32)
+        self._ids, self._fwd = {}, {}               # hash id <-> (kind, int)
+        self._uid = self._hid("user", 1)
+        self.policy_id = self._hid("policy", 1)
+        self._state_salt = 0                        # bumped by change_password()
+        self._issued_access, self._dead_access = set(), set()
+        self._revoked_roots = set()
+        self._captchas, self._tfa = {}, {}
+        self._next_id = 2
+        self._nodes = {1: self._node(1, None, "", 1)}    # id -> node; 1 = root of "my"
+        self._entities = {}                         # entity id -> {"data", "mtime"}
+        self._sessions = {}                         # upload sessions (the server KV)
+        self._locks = collections.OrderedDict()     # lock token -> lock
+        self._signs, self._dead_signs, self._url_cache = set(), set(), {}
+        self._faults, self._random_faults = [], []
+        self._servers, self._conns = [], set()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self):
+        roles = ("site", "download") if self.separate_download_host else ("site",)
+        for role in roles:
+            srv = _CrServer(self, role)
+            t = threading.Thread(target=srv.serve_forever, args=(0.05,), name="cloudreve-" + role)
+            t.daemon = True
+            t.start()
+            self._servers.append(srv)
+        urls = ["http://127.0.0.1:%d" % s.server_address[1] for s in self._servers]
+        self.base_url, self.download_base = urls[0], urls[-1]
+        return self
+
+    # ------------------------------------------------------------------ test controls
+    # (stop, now, advance_clock, reset_calls, fail_next, fail_randomly, clear_faults:
+    # in _EmulatorControls; time moved by advance_clock moves tokens, sessions,
+    # links and 2FA)
+    FAULT_KINDS = _CR_FAULT_KINDS
+
+    @staticmethod
+    def _fault_matches(endpoint, key):
+        # endpoint: a calls key ("PUT /api/v4/file/upload") or a bare template (any method)
+        return endpoint is None or endpoint == key or endpoint == key.split(" ", 1)[1]
+
+    def expire_access_tokens(self):
+        with self.lock:
+            self._dead_access |= self._issued_access
+
+    def revoke_refresh_tokens(self):
+        with self.lock:
+            self._state_salt += 1       # like a password change: state_hash no longer matches
+
+    def change_password(self, new_password):
+        with self.lock:
+            self.password = new_password
+            self._state_salt += 1
+
+    def expire_download_urls(self):
+        with self.lock:
+            self._dead_signs |= self._signs
+            self._url_cache.clear()
+
+    def expire_upload_sessions(self):
+        with self.lock:
+            for s in self._sessions.values():
+                s["expires"] = self.now()
+            for lk in self._locks.values():
+                lk["expires"] = self.now()
+
+    def restart(self):
+        """Server restart with the memory KV: sessions and locks vanish, files stay (3.3)."""
+        with self.lock:
+            self._sessions.clear()
+            self._locks.clear()
+
+    def current_otp(self):
+        return self._totp(int(self.now() // 30))
+
+    def captcha_answer(self, ticket):
+        with self.lock:
+            return self._captchas.get(ticket)
+
+    # ------------------------------------------------------------------ state access for tests
+    def resolve(self, path):
+        # type: (str) -> Optional[dict]
+        with self.lock:
+            n = self._walk(self._split(path))
+            return None if n is None else self._file_resp(n)
+
+    def children(self, path):
+        # type: (str) -> List[dict]
+        with self.lock:
+            n = self._walk(self._split(path))
+            if n is None or n["type"] != 1:
+                return []
+            return [self._file_resp(k) for k in self._sorted_kids(n, "", "asc")]
+
+    def file_bytes(self, path):
+        with self.lock:
+            n = self._walk(self._split(path))
+            if n is None or n["type"] != 0:
+                raise KeyError(path)
+            return self._entities[n["versions"][-1]]["data"] if n["versions"] else b""
+
+    def add_file(self, path, data):
+        with self.lock:
+            parts = self._split(path)
+            parent = self._mkdirs(parts[:-1], 403)
+            n = parent["kids"].get(parts[-1])
+            if n is None:
+                n = self._new_node(parent, parts[-1], 0)
+            self._add_version(n, bytes(data), self.now())
+
+    def remove_behind_back(self, path):
+        with self.lock:
+            n = self._walk(self._split(path))
+            if n is not None and n["parent"] is not None:
+                self._hard_delete(n)
+
+    def open_upload_sessions(self):
+        with self.lock:
+            return sum(1 for s in self._sessions.values() if s["expires"] > self.now())
+
+    def placeholders(self):
+        """Paths of files still carrying sys:upload_session_id (abandoned or running uploads)."""
+        with self.lock:
+            return ["/" + "/".join(self._parts(n)) for n in self._nodes.values()
+                    if not n["trashed"] and _CR_UPLOAD_META in n["metadata"]]
+
+    def used_bytes(self):
+        with self.lock:
+            return self._used()
+
+    # ------------------------------------------------------------------ ids, tokens
+    def _hid(self, kind, n):
+        # hashids-like: short, opaque, typed (a file id is not a policy id, 1.9), unique
+        h = self._fwd.get((kind, n))
+        if h is None:
+            mac = hmac.new(self._secret, ("%s:%d" % (kind, n)).encode(), hashlib.sha256).digest()
+            full, ln = _cr_b64url(mac).replace("-", "x").replace("_", "Z"), 4
+            while full[:ln] in self._ids:
+                ln += 1
+            h = full[:ln]
+            self._ids[h], self._fwd[(kind, n)] = (kind, n), h
+        return h
+
+    def _unhid(self, kind, h):
+        k = self._ids.get(h)
+        return k[1] if k is not None and k[0] == kind else None
+
+    def _jwt(self, claims):
+        head = _cr_b64url(b'{"alg":"HS256","typ":"JWT"}')
+        body = _cr_b64url(json.dumps(claims, separators=(",", ":")).encode())
+        sig = hmac.new(self._secret, (head + "." + body).encode(), hashlib.sha256).digest()
+        return head + "." + body + "." + _cr_b64url(sig)
+
+    def _claims(self, tok):
+        """Claims of a token signed by this site and not expired, else None."""
+        try:
+            head, body, sig = tok.split(".")
+            want = hmac.new(self._secret, (head + "." + body).encode(), hashlib.sha256).digest()
+            if not hmac.compare_digest(_cr_b64url(want), sig):
+                return None
+            c = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        except (ValueError, TypeError):
+            return None
+        return c if isinstance(c, dict) and self.now() < c.get("exp", 0) else None
+
+    def _state_hash(self):
+        raw = "%s|%s|%d" % (self.email, self.password, self._state_salt)
+        return _cr_b64url(hashlib.sha256(raw.encode()).digest())[:22]
+
+    def _issue(self, root=None):
+        now = self.now()
+        acc = self._jwt({"token_type": "access", "sub": self._uid, "nbf": int(now),
+                         "exp": int(now + self.access_ttl)})
+        ref = self._jwt({"token_type": "refresh", "sub": self._uid, "nbf": int(now),
+                         "exp": int(now + self.refresh_ttl), "root_token_id": root or str(uuid.uuid4()),
+                         "state_hash": self._state_hash()})
+        self._issued_access.add(acc)
+        self._dead_access.discard(acc)  # identical claims within one second: same token again
+        return {"access_token": acc, "refresh_token": ref,
+                "access_expires": _cr_rfc3339(now + self.access_ttl),
+                "refresh_expires": _cr_rfc3339(now + self.refresh_ttl)}
+
+    def _totp(self, step):
+        key = base64.b32decode(self.totp_secret.upper() + "=" * (-len(self.totp_secret) % 8))
+        d = hmac.new(key, struct.pack(">Q", step), hashlib.sha1).digest()
+        o = d[-1] & 15
+        return "%06d" % ((struct.unpack(">I", d[o:o + 4])[0] & 0x7FFFFFFF) % 1000000)
+
+    def _user(self):
+        return {"id": self._uid, "email": self.email, "nickname": self.email.split("@")[0],
+                "status": self.account_status, "avatar": "", "created_at": _cr_rfc3339(0),
+                "preferred_theme": "", "language": "en-US", "disable_view_sync": False,
+                "pined": [], "group": {"id": self._hid("group", 2), "name": "User",
+                                       "permission": "/f8B", "direct_link_batch_size": 10,
+                                       "trash_retention": 7 * 86400}}
+
+    # ------------------------------------------------------------------ namespace
+    def _node(self, nid, parent, name, typ):
+        t = self.now()
+        return {"id": nid, "parent": parent, "name": name, "type": typ, "kids": {},
+                "created": t, "updated": t, "metadata": {}, "versions": [], "staged": None,
+                "trashed": False}
+
+    def _new_node(self, parent, name, typ):
+        n = self._node(self._next_id, parent["id"], name, typ)
+        self._next_id += 1
+        self._nodes[n["id"]] = parent["kids"][name] = n
+        return n
+
+    @staticmethod
+    def _split(path):
+        return tuple(p for p in path.split("/") if p)
+
+    def _walk(self, parts):
+        n = self._nodes[1]
+        for p in parts:
+            n = n["kids"].get(p) if n["type"] == 1 else None
+            if n is None:
+                return None
+        return n
+
+    def _parts(self, n):
+        out = []
+        while n["parent"] is not None:
+            out.append(n["name"])
+            n = self._nodes[n["parent"]]
+        return tuple(reversed(out))
+
+    def _mkdirs(self, parts, name_err):
+        """mkdir -p; 403 when an ancestor is a file (2.6)."""
+        n = self._nodes[1]
+        for p in parts:
+            k = n["kids"].get(p)
+            if k is None:
+                if not _cr_name_ok(p):
+                    raise _CrApiError(name_err, "Invalid object name")
+                k = self._new_node(n, p, 1)
+            elif k["type"] != 1:
+                raise _CrApiError(403)
+            n = k
+        return n
+
+    def _ancestor_is_file(self, parts):
+        n = self._nodes[1]
+        for p in parts[:-1]:
+            n = n["kids"].get(p)
+            if n is None:
+                return False
+            if n["type"] != 1:
+                return True
+        return False
+
+    def _add_version(self, n, data, mtime):
+        eid = self._next_id
+        self._next_id += 1
+        self._entities[eid] = {"data": data, "mtime": mtime}
+        n["versions"].append(eid)
+        keep = max(1, self.version_retention)       # retention on by default, 10 (2.12)
+        for old in n["versions"][:-keep]:
+            del self._entities[old]
+        del n["versions"][:-keep]
+        n["updated"] = self.now()
+
+    def _hard_delete(self, n):
+        for k in list(n["kids"].values()):
+            self._hard_delete(k)
+        for eid in n["versions"]:
+            self._entities.pop(eid, None)
+        if n["parent"] is not None and not n["trashed"]:
+            self._nodes[n["parent"]]["kids"].pop(n["name"], None)
+        self._nodes.pop(n["id"], None)
+
+    def _used(self):
+        total = 0
+        for n in self._nodes.values():
+            total += sum(len(self._entities[e]["data"]) for e in n["versions"])
+            total += n["staged"]["size"] if n["staged"] else 0
+        return total
+
+    def _sorted_kids(self, n, order_by, direction):
+        key = {"name": lambda k: k["name"], "size": lambda k: self._size(k),
+               "updated_at": lambda k: k["updated"]}.get(order_by, lambda k: k["id"])
+        out = []
+        for typ in (1, 0):          # folders first, then files, each in the requested order
+            group = sorted((k for k in n["kids"].values() if k["type"] == typ),
+                           key=lambda k: (key(k), k["id"]), reverse=direction == "desc")
+            out.extend(group)
+        return out
+
+    def _size(self, n):
+        return len(self._entities[n["versions"][-1]]["data"]) if n["versions"] else 0
+
+    def _path_uri(self, parts):
+        # PathEscape of uri.go: unreserved and !*'() kept, upper-case %XX otherwise (1.8)
+        if not parts:
+            return "cloudreve://my"
+        return "cloudreve://my/" + "/".join(
+            quote(p.encode("utf-8", "surrogateescape"), safe="!*'()") for p in parts)
+
+    def _file_resp(self, n, meta=True):
+        eid = n["versions"][-1] if n["versions"] else 0
+        return {"type": n["type"], "id": self._hid("file", n["id"]), "name": n["name"],
+                "created_at": _cr_rfc3339(n["created"]), "updated_at": _cr_rfc3339(n["updated"]),
+                "size": self._size(n), "metadata": dict(n["metadata"]) if meta else None,
+                "path": self._path_uri(self._parts(n)), "shared": False, "capability": "39/9",
+                "owned": True, "primary_entity": self._hid("entity", eid)}
+
+    def _policy(self):
+        return {"id": self.policy_id, "name": "Default storage policy", "type": "local",
+                "max_size": self.max_size}
+
+    # ------------------------------------------------------------------ URIs
+    def _parse_uri(self, raw):
+        """cloudreve:// URI -> (clean path parts, echo form); 40001 when unparsable (1.8)."""
+        if not isinstance(raw, str) or raw[:12].lower() != "cloudreve://":
+            raise _CrApiError(40001, "unknown uri")
+        rest = raw[12:]
+        # strict: an unescaped ? (search) or # (fragment) is refused, never part of a name
+        if "?" in rest or "#" in rest or any(ord(c) < 0x20 or c == "\x7f" for c in rest):
+            raise _CrApiError(40001, "unknown uri")
+        cut = rest.find("/")
+        auth, rawpath = (rest, "") if cut < 0 else (rest[:cut], rest[cut:])
+        userinfo, at, host = auth.rpartition("@")
+        if host.lower() != "my":
+            raise _CrApiError(40001, "unknown uri")   # trash/share filesystems are not emulated
+        if at and unquote(userinfo.split(":")[0]) != self._uid:
+            raise _CrApiError(403)
+        for i, c in enumerate(rawpath):
+            if c == "%" and not (rawpath[i + 1:i + 2] in _CR_HEX and rawpath[i + 2:i + 3] in _CR_HEX):
+                raise _CrApiError(40001, "unknown uri")
+        try:
+            path = unquote_to_bytes(rawpath).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _CrApiError(40001, "unknown uri")
+        parts = []
+        for seg in path.split("/"):        # Go path.Clean
+            if seg == "..":
+                parts = parts[:-1]
+            elif seg not in ("", "."):
+                parts.append(seg)
+        # Go url.URL.String(): the client's escaping if it is valid, else Go's own escaping
+        valid = all(c.isascii() and (c.isalnum() or c in _CR_GO_VALID) for c in rawpath)
+        return tuple(parts), "cloudreve://" + auth + (rawpath if valid else _cr_go_escape(path))
+
+    def _lookup(self, ctx, raw, missing=40016):
+        parts, _ = self._parse_uri(raw)
+        if ctx.user is None:
+            raise _CrApiError(self.anonymous_code)    # anonymous access to "my" (1.7)
+        n = self._walk(parts)
+        if n is None:
+            raise _CrApiError(missing)
+        return parts, n
+
+    # ------------------------------------------------------------------ locks (3.4)
+    def _live_locks(self):
+        now = self.now()
+        for tok in [t for t, lk in self._locks.items() if lk["expires"] <= now]:
+            del self._locks[tok]
+        return self._locks
+
+    def _conflicts(self, parts, deep):
+        """Upload locks on `parts` itself, or (deep ops) on anything below it."""
+        return [dict(path=self._path_uri(lk["parts"]), token=tok, type=0,
+                     owner={"application": {"type": "upload"}})
+                for tok, lk in self._live_locks().items()
+                if lk["parts"] == parts or (deep and lk["parts"][:len(parts)] == parts)]
+
+    def _check_locks(self, parts, deep):
+        c = self._conflicts(parts, deep)
+        if c:
+            raise _CrApiError(40073, data=c)
+
+    def _live_session(self, sid):
+        s = self._sessions.get(sid)
+        if s is not None and s["expires"] <= self.now():
+            del self._sessions[sid]
+            s = None
+        return s
+
+    # ------------------------------------------------------------------ request plumbing
+    def _route(self, method, path):
+        if not path.startswith(_CR_API + "/"):
+            return None
+        segs = path[len(_CR_API):].split("/")
+        for m, tmpl, handler in _CR_ROUTES:
+            tsegs = tmpl.split("/")
+            if m != method or len(tsegs) != len(segs):
+                continue
+            params = {}
+            for t, s in zip(tsegs, segs):
+                if t.startswith("{"):
+                    if not s:
+                        break
+                    params[t[1:-1]] = s
+                elif t != s:
+                    break
+            else:
+                return "%s %s%s" % (m, _CR_API, tmpl), handler, params
+        return None
+
+    def _read_body(self, h):
+        if "chunked" in (h.headers.get("Transfer-Encoding") or "").lower():
+            out = bytearray()
+            while True:
+                n = int(h.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if n == 0:
+                    while h.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass                # trailers
+                    return bytes(out)
+                out += h.rfile.read(n)
+                h.rfile.readline()
+        n = int(h.headers.get("Content-Length") or 0)   # Go: no length = empty body
+        data = h.rfile.read(n) if n > 0 else b""
+        if len(data) != n:
+            raise ConnectionError("short body")
+        return data
+
+    def _handle(self, h):
+        sp = urlsplit(h.path)
+        route = self._route(h.command, sp.path)
+        role = h.server.role
+        try:
+            body = self._read_body(h)
+        except (ConnectionError, ValueError, socket.timeout):
+            h.close_connection = True
+            return
+        if route is None or (role == "download" and route[0] not in _CR_CONTENT_KEYS):
+            key = "%s %s" % (h.command, sp.path)
+            # gin: unknown route or wrong method -> plain 404 without envelope (1.1)
+            return self._send(h, key, 404, b"404 page not found", "text/plain")
+        key, handler, params = route
+        ctx = _CrCtx(h, key, params, parse_qs(sp.query, keep_blank_values=True), body)
+        with self.lock:
+            self.calls[key] += 1
+        fault = ctx.fault = self._take_fault(key)
+        try:
+            if fault == "slow":
+                time.sleep(self.slow_seconds)
+            elif fault == "drop" and key not in _CR_CONTENT_KEYS:
+                self._record(key, "drop")
+                h.close_connection = True
+                return
+            elif fault == "500":        # gin recovery: bare 500
+                raise _CrHttpError(500)
+            elif fault in ("502", "504", "413", "429"):
+                st = int(fault)
+                page = "<html>\r\n<head><title>%s</title></head>\r\n<body>\r\n<center><h1>%s" \
+                       "</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+                raise _CrHttpError(st, (page % (_CR_GATEWAY[st], _CR_GATEWAY[st])).encode(), "text/html")
+            elif fault in ("409", "40073", "50001", "50004"):
+                raise _CrApiError(int(fault), data=[] if fault == "40073" else None)
+            self._authenticate(ctx, fault == "401")
+            with self.lock:
+                data = getattr(self, handler)(ctx)
+            if isinstance(data, _CrRaw):  # sent outside the lock: a slow reader blocks no one
+                drop = fault == "drop" and data.status in (200, 206)
+                if drop:
+                    self._record(key, "drop")
+                return self._send(h, None, data.status, data.body, data.ctype, data.headers,
+                                  partial=len(data.body) // 2 if drop else None)
+            if fault == "drop_after":   # done on the server, answer lost on the way back
+                self._record(key, "drop")
+                h.close_connection = True
+                return
+            self._envelope(ctx, 0, "", data)
+        except _CrApiError as e:
+            self._envelope(ctx, e.code, e.msg, e.data, e.agg, e.corr)
+        except _CrHttpError as e:
+            self._send(h, key, e.status, e.body, e.ctype, e.headers)
+        except (ConnectionError, socket.timeout):
+            h.close_connection = True
+        except Exception:
+            self.errors.append(traceback.format_exc())
+            sys.stderr.write("cloudreve emulator bug:\n" + self.errors[-1])
+            self._send(h, key, 500, b"")
+
+    def _authenticate(self, ctx, force_anonymous):
+        if force_anonymous:             # the "401" fault: this request's token has expired
+            if ctx.key.endswith("/session/token/refresh"):
+                raise _CrApiError(40020)
+            if ctx.key in _CR_CONTENT_KEYS:
+                raise _CrApiError(40005, "Signature expired")
+            return
+        auth = ctx.headers.get("Authorization") or ""
+        if not auth.startswith("Bearer "):
+            return
+        tok = auth[7:].strip()
+        with self.lock:
+            c = self._claims(tok)
+            if c is None:
+                return                  # expired or garbage: anonymous, not an error (1.7)
+            if c.get("token_type") != "access":
+                raise _CrApiError(40020, "Invalid token type")
+            if tok not in self._dead_access and c.get("sub") == self._uid:
+                ctx.user = self._uid
+
+    def _record(self, key, code):
+        with self.lock:
+            self.rejected[(key, code)] += 1
+
+    def _envelope(self, ctx, code, msg, data, agg=None, corr=True):
+        env = collections.OrderedDict([("code", code)])
+        if data is not None:            # Go omits a nil data
+            env["data"] = data
+        env["msg"] = msg
+        if code != 0 and corr:
+            env["correlation_id"] = ctx.corr
+        if agg:
+            env["aggregated_error"] = agg
+        if code != 0:
+            self._record(ctx.key, code)
+        body = json.dumps(env, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        hdrs = [("Cache-Control", "private, no-cache")]
+        if re.search(r"\bgzip\b(?!;q=0(\.0*)?\b)", ctx.headers.get("Accept-Encoding") or ""):
+            body = gzip.compress(body)  # the gzip middleware (1.1, inferred)
+            hdrs += [("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")]
+        self._send(ctx.h, None, 200, body, "application/json; charset=utf-8", hdrs)
+
+    def _send(self, h, key, status, body, ctype="text/plain; charset=utf-8", headers=(),
+              partial=None):
+        if key is not None and status >= 300 and status not in (302, 304):
+            self._record(key, "http%d" % status)
+        h.send_response(status)
+        h.send_header("Content-Type", ctype)
+        h.send_header("Content-Length", str(len(body)))
+        for k, v in headers:
+            h.send_header(k, v)
+        h.end_headers()
+        if h.command != "HEAD":
+            h.wfile.write(body if partial is None else body[:partial])
+        if partial is not None:         # promised everything, sent part, hang up
+            h.wfile.flush()
+            h.close_connection = True
+
+    # ------------------------------------------------------------------ input validation
+    @staticmethod
+    def _json(ctx, schema):
+        """Gin JSON binding: unknown fields ignored, null = zero value, wrong type = 40001."""
+        try:
+            obj = json.loads(ctx.body.decode("utf-8")) if ctx.body.strip() else {}
+        except ValueError:
+            raise _CrApiError(40001, "Parameter error", corr=False)
+        if not isinstance(obj, dict):
+            raise _CrApiError(40001, "Parameter error", corr=False)
+        out = {}
+        kinds = {"str": str, "bool": bool, "list": list, "dict": dict}
+        for name, (typ, required) in schema.items():
+            v = obj.get(name)
+            if typ == "int":
+                ok = v is None or (isinstance(v, int) and not isinstance(v, bool))
+            else:
+                ok = v is None or isinstance(v, kinds[typ])
+            if not ok or (required and v in (None, "", [])):
+                raise _CrApiError(40001, "Key: '%s' Error:Field validation for '%s' failed"
+                                % (name, name), corr=False)
+            out[name] = v if v is not None else {"int": 0, "str": "", "bool": False,
+                                                 "list": [], "dict": {}}[typ]
+        return out
+
+    @staticmethod
+    def _q(ctx, name, required=False):
+        v = ctx.query.get(name, [None])[0]
+        if required and not v:
+            raise _CrApiError(40001, "Key: '%s' Error:Field validation for '%s' failed on the "
+                            "'required' tag" % (name, name), corr=False)
+        return v
+
+    def _uri_list(self, uris):
+        if not uris or not all(isinstance(u, str) for u in uris):
+            raise _CrApiError(40001, corr=False)
+        if len(uris) > 3000:
+            raise _CrApiError(40074, "Too many uris")
+        return [self._parse_uri(u) for u in uris]   # syntax errors fail the whole batch
+
+    @staticmethod
+    def _batch_result(agg):
+        """40081 even for one failed URI; msg is that item's msg when only one failed (1.5)."""
+        if agg:
+            msg = next(iter(agg.values()))["msg"] if len(agg) == 1 else "One or more operation failed"
+            raise _CrApiError(40081, msg, agg=agg)
+
+    def _item_err(self, ctx, code, msg=None):
+        return {"code": code, "msg": msg or _CR_MSG.get(code, "Error"), "correlation_id": ctx.corr}
+
+    # ------------------------------------------------------------------ site and session
+    def _h_ping(self, ctx):
+        return self.site_version
+
+    def _h_site_config(self, ctx):
+        if ctx.params["section"] == "login":
+            return {"login_captcha": self.captcha, "reg_captcha": False, "forget_captcha": False,
+                    "authn": False, "register_enabled": False}
+        return {"title": "Cloudreve", "captcha_type": "normal", "site_id": "emulator"}
+
+    def _h_captcha(self, ctx):
+        ticket, answer = str(uuid.uuid4()), "%04d" % random.randint(0, 9999)
+        self._captchas[ticket] = answer
+        return {"image": "data:image/png;base64," + base64.b64encode(answer.encode()).decode(),
+                "ticket": ticket}
+
+    def _h_login(self, ctx):
+        if self.captcha:                # middleware.CaptchaRequired runs before binding
+            try:
+                raw = json.loads(ctx.body.decode("utf-8") or "{}")
+            except ValueError:
+                raw = {}
+            raw = raw if isinstance(raw, dict) else {}
+            answer = self._captchas.pop(raw.get("ticket"), None) \
+                if isinstance(raw.get("ticket"), str) else None
+            if answer is None or raw.get("captcha") != answer:
+                raise _CrApiError(40026, "CAPTCHA not match.")
+        b = self._json(ctx, {"email": ("str", True), "password": ("str", True),
+                             "captcha": ("str", False), "ticket": ("str", False)})
+        if not _CR_EMAIL_RE.fullmatch(b["email"]) or not 4 <= len(b["password"]) <= 128:
+            raise _CrApiError(40001, corr=False)
+        if b["email"] != self.email or b["password"] != self.password:
+            raise _CrApiError(40080, "Incorrect password or email address")
+        self._check_status()
+        if self.two_factor:
+            sid = str(uuid.uuid4())
+            self._tfa[sid] = self.now() + 600
+            raise _CrApiError(203, "", data=sid, corr=False)
+        return {"user": self._user(), "token": self._issue()}
+
+    def _check_status(self):
+        if self.account_status == "banned":
+            raise _CrApiError(40017, "This account has been blocked")
+        if self.account_status == "inactive":
+            raise _CrApiError(40018, "This account is not activated")
+
+    def _h_login_2fa(self, ctx):
+        b = self._json(ctx, {"otp": ("str", True), "session_id": ("str", True)})
+        exp = self._tfa.get(b["session_id"])
+        if exp is None or exp <= self.now():
+            raise _CrApiError(404, "Two-factor session expired")
+        step = int(self.now() // 30)
+        if b["otp"] not in [self._totp(step + d) for d in (-1, 0, 1)]:
+            raise _CrApiError(40022, "Incorrect OTP code")
+        del self._tfa[b["session_id"]]
+        return {"user": self._user(), "token": self._issue()}
+
+    def _refresh_claims(self, tok):
+        c = self._claims(tok)
+        if (c is None or c.get("token_type") != "refresh" or c.get("sub") != self._uid
+                or c.get("state_hash") != self._state_hash()
+                or c.get("root_token_id") in self._revoked_roots
+                or self.account_status != "active"):
+            raise _CrApiError(40020)
+        return c
+
+    def _h_refresh(self, ctx):
+        b = self._json(ctx, {"refresh_token": ("str", True)})
+        # sliding session: same login id, fresh lifetime, old refresh token still valid (1.7)
+        return self._issue(self._refresh_claims(b["refresh_token"])["root_token_id"])
+
+    def _h_sign_out(self, ctx):
+        b = self._json(ctx, {"refresh_token": ("str", True)})
+        self._revoked_roots.add(self._refresh_claims(b["refresh_token"])["root_token_id"])
+        return ""
+
+    def _login_required(self, ctx):
+        if ctx.user is None:
+            raise _CrApiError(self.anonymous_code)
+
+    def _h_me(self, ctx):
+        self._login_required(ctx)
+        return self._user()
+
+    def _h_capacity(self, ctx):
+        self._login_required(ctx)
+        return {"total": self.quota, "used": self._used()}
+
+    # ------------------------------------------------------------------ files
+    def _h_list(self, ctx):
+        uri = self._q(ctx, "uri", True)
+        try:
+            size = int(self._q(ctx, "page_size") or 0)
+            page = int(self._q(ctx, "page") or 0)
+        except ValueError:
+            raise _CrApiError(40001, corr=False)
+        order_by = self._q(ctx, "order_by") or ""
+        direction = self._q(ctx, "order_direction") or "asc"
+        if size < 0 or page < 0 or direction not in ("asc", "desc"):
+            raise _CrApiError(40001, corr=False)   # strict: unknown direction refused
+        size = min(size or 100, self.page_size)     # absent/0: the default view size, 100
+        parts, n = self._lookup(ctx, uri)
+        if n["type"] != 1:
+            raise _CrApiError(40016)      # listing a file: "path not exist" (3.6)
+        kids = self._sorted_kids(n, order_by, direction)
+        okey = {"name": lambda k: k["name"], "size": self._size,
+                "updated_at": lambda k: k["updated"]}.get(order_by, lambda k: k["id"])
+        if self.cursor_pagination:
+            tok = self._q(ctx, "next_page_token")
+            if tok:
+                after = (lambda a, b: a > b) if direction == "asc" else (lambda a, b: a < b)
+                try:    # a token whose '+' the client left unescaped arrives with a space
+                    raw = base64.b64decode(tok.encode("ascii"), validate=True)[:-2]
+                    g, k, i = json.loads(raw.decode("utf-8"))["c"]
+                    kids = [x for x in kids if (1 - x["type"]) > g or
+                            ((1 - x["type"]) == g and after((okey(x), x["id"]), (k, i)))]
+                except (ValueError, TypeError, KeyError, UnicodeError):
+                    raise _CrApiError(40001, "Invalid page token")
+            step = max(1, size // 2) if self.short_pages else size
+            items = kids[:step]
+            pag = {"page": 0, "page_size": size, "is_cursor": True}
+            if len(kids) > len(items):
+                last = items[-1]
+                cur = json.dumps({"c": [1 - last["type"], okey(last), last["id"]]}).encode()
+                cur += b" " * (-len(cur) % 3)
+                # the tail "+/8=" makes every token need URL-encoding in a query string
+                pag["next_token"] = base64.b64encode(cur + b"\xfb\xff").decode("ascii")
+        else:
+            items = kids[page * size:(page + 1) * size]
+            pag = {"page": page, "page_size": size, "total_items": len(kids)}
+        return {"files": [self._file_resp(k) for k in items], "parent": self._file_resp(n),
+                "pagination": pag, "props": {"capability": "39/9",
+                                             "max_page_size": self.page_size,
+                                             "order_by_options": ["name", "size", "updated_at",
+                                                                  "created_at"],
+                                             "order_direction_options": ["asc", "desc"]},
+                "context_hint": str(uuid.uuid4()), "mixed_type": False,
+                "storage_policy": self._policy(),
+                "view": {"page_size": size, "view": "grid", "thumbnail": True}}
+
+    def _h_info(self, ctx):
+        fid = self._q(ctx, "id")
+        if fid:
+            if ctx.user is None:
+                raise _CrApiError(self.anonymous_code)
+            n = self._nodes.get(self._unhid("file", fid) or -1)
+            if n is None or n["trashed"]:
+                raise _CrApiError(40016)
+            parts = self._parts(n)
+        else:
+            parts, n = self._lookup(ctx, self._q(ctx, "uri", True))
+        if not parts:
+            raise _CrApiError(403)        # WithNotRoot (2.5)
+        return self._file_resp(n)
+
+    def _h_create(self, ctx):
+        b = self._json(ctx, {"uri": ("str", True), "type": ("str", True),
+                             "err_on_conflict": ("bool", False), "metadata": ("dict", False)})
+        if b["type"] not in ("file", "folder"):
+            raise _CrApiError(40001, corr=False)
+        parts, _ = self._parse_uri(b["uri"])
+        if ctx.user is None:
+            raise _CrApiError(self.anonymous_code)
+        typ = 1 if b["type"] == "folder" else 0
+        self._check_locks(parts, False)     # depth 0: uploads below a folder do not block it
+        n = self._walk(parts)
+        if n is not None:
+            if n["type"] != typ or b["err_on_conflict"]:
+                raise _CrApiError(40004)
+            return self._file_resp(n, meta=False)  # existing object, unchanged (3.6)
+        if self._ancestor_is_file(parts):
+            raise _CrApiError(403)
+        if not _cr_name_ok(parts[-1]):
+            raise _CrApiError(40052, "Invalid object name")
+        parent = self._mkdirs(parts[:-1], 40052)
+        n = self._new_node(parent, parts[-1], typ)
+        n["metadata"].update({k: str(v) for k, v in b["metadata"].items()})
+        if typ == 0:
+            self._add_version(n, b"", self.now())
+        return self._file_resp(n, meta=False)      # metadata not loaded in create answers
+
+    def _h_delete(self, ctx):
+        b = self._json(ctx, {"uris": ("list", True), "unlink": ("bool", False),
+                             "skip_soft_delete": ("bool", False)})
+        parsed = self._uri_list(b["uris"])
+        if b["unlink"]:
+            raise _CrApiError(403)        # the default groups lack "advanced delete"
+        agg, targets = collections.OrderedDict(), []
+        for parts, echo in parsed:
+            n = self._walk(parts)
+            if ctx.user is None:
+                agg[echo] = self._item_err(ctx, self.anonymous_code)
+            elif not parts:
+                agg[echo] = self._item_err(ctx, 403)
+            elif n is None:
+                agg[echo] = self._item_err(ctx, 40016)
+            else:
+                targets.append((parts, n))
+        # all targets are locked before anything is done; a conflict is not aggregated
+        conflicts = [c for parts, _ in targets for c in self._conflicts(parts, True)]
+        if conflicts:
+            raise _CrApiError(40073, data=conflicts)
+        for parts, n in targets:
+            if self._walk(parts) is not n:
+                continue                # went with an ancestor deleted earlier in this batch
+            if b["skip_soft_delete"]:
+                self._hard_delete(n)
+            else:                       # trash: detached, renamed, still charged (2.15)
+                del self._nodes[n["parent"]]["kids"][n["name"]]
+                n.update(trashed=True, parent=None, name=str(uuid.uuid4()))
+                n["metadata"].update({"sys:restore_uri": self._path_uri(parts),
+                                      "sys:expected_collect_time": str(int(self.now() + 7 * 86400))})
+                self._mark_trashed(n)
+        self._batch_result(agg)
+        return None
+
+    def _mark_trashed(self, n):
+        n["trashed"] = True
+        for k in n["kids"].values():
+            self._mark_trashed(k)
+
+    def _h_unlock(self, ctx):
+        b = self._json(ctx, {"tokens": ("list", True)})
+        live = self._live_locks()
+        for t in b["tokens"]:
+            if t not in live:
+                raise _CrApiError(40001, "failed to unlock file")
+            del live[t]
+        return None
+
+    def _h_put_content(self, ctx):
+        raw = self._q(ctx, "uri", True)
+        previous = self._q(ctx, "previous")
+        parts, _ = self._parse_uri(raw)
+        if ctx.user is None:
+            raise _CrApiError(self.anonymous_code)
+        data = ctx.body
+        if len(data) > self.max_edit_size:
+            raise _CrApiError(40049)
+        n = self._walk(parts)
+        if n is not None and n["type"] != 0 or not parts:
+            raise _CrApiError(40004)
+        self._check_locks(parts, False)
+        if n is not None and previous and previous != self._file_resp(n)["primary_entity"]:
+            raise _CrApiError(40076, "Stale version")
+        if self._used() + len(data) > self.quota:
+            raise _CrApiError(40051)
+        if n is None:
+            if self._ancestor_is_file(parts):
+                raise _CrApiError(403)
+            if not _cr_name_ok(parts[-1]):
+                raise _CrApiError(-1, "invalid file name")
+            n = self._new_node(self._mkdirs(parts[:-1], -1), parts[-1], 0)
+        self._add_version(n, data, self.now())
+        return self._file_resp(n)
+
+    # ------------------------------------------------------------------ uploads (2.7-2.10)
+    def _h_upload_create(self, ctx):
+        b = self._json(ctx, {"uri": ("str", True), "size": ("int", False),
+                             "policy_id": ("str", False), "last_modified": ("int", False),
+                             "mime_type": ("str", False), "entity_type": ("str", False),
+                             "metadata": ("dict", False), "previous": ("str", False)})
+        et, size = b["entity_type"], b["size"]
+        if size < 0 or et not in ("", "version", "live_photo") or len(b["metadata"]) > 256 \
+                or not all(isinstance(v, str) for v in b["metadata"].values()):
+            raise _CrApiError(40001, corr=False)
+        if self._unhid("policy", b["policy_id"]) is None:
+            raise _CrApiError(40001, "unknown policy id")
+        parts, echo = self._parse_uri(b["uri"])
+        if ctx.user is None:
+            raise _CrApiError(self.anonymous_code)
+        if self._ancestor_is_file(parts):
+            raise _CrApiError(403)
+        n = self._walk(parts)
+        # existence check, then the lock, then the insert (3.5)
+        if n is not None and (n["type"] != 0 or et != "version"):
+            raise _CrApiError(40004)
+        if n is None and et == "live_photo":
+            raise _CrApiError(40016)
+        if n is None and not _cr_name_ok(parts[-1]):
+            raise _CrApiError(-1, "invalid file name")   # untyped error in SRV
+        self._check_locks(parts, False)
+        if self.max_size and size > self.max_size:
+            raise _CrApiError(40049)
+        if self._used() + size > self.quota:
+            raise _CrApiError(40051)                     # charged at once
+        if n is None:
+            n = self._new_node(self._mkdirs(parts[:-1], -1), parts[-1], 0)
+        sid, tok = str(uuid.uuid4()), str(uuid.uuid4())
+        exp = self.now() + self.upload_session_ttl
+        n["staged"] = {"sid": sid, "size": size, "new": not n["versions"]}
+        n["metadata"][_CR_UPLOAD_META] = sid             # the visible placeholder (3.3)
+        self._locks[tok] = {"parts": parts, "expires": exp}
+        self._sessions[sid] = {"nid": n["id"], "user": ctx.user, "size": size, "lock": tok,
+                               "chunk_size": self.chunk_size, "expires": exp, "buf": bytearray(),
+                               "mtime": (b["last_modified"] / 1000.0) or self.now()}
+        return {"session_id": sid, "upload_id": "", "chunk_size": self.chunk_size,
+                "expires": int(exp), "storage_policy": self._policy(), "uri": echo,
+                "callback_secret": "".join(random.choice(
+                    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+                    for _ in range(32))}
+
+    def _h_chunk(self, ctx):
+        idx = ctx.params["index"]
+        if not idx.isdigit():
+            raise _CrApiError(40001, corr=False)
+        idx, sid = int(idx), ctx.params["session_id"]
+        s = self._live_session(sid)
+        # another user's session looks missing; so does an expired token (user 0) (1.7)
+        if s is None or ctx.user is None or s["user"] != ctx.user:
+            raise _CrApiError(40011)
+        cs, size = s["chunk_size"], s["size"]
+        off = idx * cs
+        if (cs == 0 and idx > 0) or (off >= size and not (idx == 0 and size == 0)):
+            raise _CrApiError(40012, "Chunk index out of range")
+        expected = size - off if cs == 0 else min(cs, size - off)
+        declared = ctx.headers.get("Content-Length")
+        if declared is None:
+            declared = ctx.headers.get("X-Expected-Entity-Length") or "0"
+        if not declared.isdigit() or int(declared) != expected:
+            raise _CrApiError(40013, "Invalid Content-Length (expected: %d)" % expected)
+        if len(ctx.body) != expected:
+            raise _CrApiError(50004, "IO failed: short body")
+        buf = s["buf"]
+        if idx == 0:
+            del buf[:]                  # chunk 0 truncates the partial file
+        if off > len(buf):              # strict: no pre-allocation, a gap is an IO error
+            raise _CrApiError(50004, "IO failed: chunk offset %d beyond written %d" % (off, len(buf)))
+        buf[off:off + expected] = ctx.body
+        if cs == 0 or (idx + 1) * cs >= size:   # the last chunk completes the upload
+            self._complete(sid, s)
+        return None
+
+    def _complete(self, sid, s):
+        n = self._nodes.get(s["nid"])
+        if n is None or n["trashed"] or not n["staged"] or n["staged"]["sid"] != sid:
+            raise _CrApiError(40016)
+        if s["lock"] not in self._live_locks():
+            raise _CrApiError(40073, "Lock expired")
+        self._add_version(n, bytes(s["buf"]), s["mtime"])
+        n["staged"] = None
+        n["metadata"].pop(_CR_UPLOAD_META, None)
+        del self._sessions[sid]
+        del self._locks[s["lock"]]
+
+    def _h_upload_cancel(self, ctx):
+        b = self._json(ctx, {"id": ("str", True), "uri": ("str", True)})
+        parts, n = self._lookup(ctx, b["uri"])
+        s = self._live_session(b["id"])
+        if s is not None and (s["nid"] != n["id"] or s["user"] != ctx.user):
+            raise _CrApiError(404, "Upload session not found")
+        st = n["staged"]
+        if st and st["sid"] == b["id"]:
+            if st["new"]:               # the placeholder goes; works after expiry too (2.9)
+                self._hard_delete(n)
+            else:
+                n["staged"] = None
+        if n["metadata"].get(_CR_UPLOAD_META) == b["id"]:
+            n["metadata"].pop(_CR_UPLOAD_META)
+        if s is not None:
+            self._locks.pop(s["lock"], None)
+            del self._sessions[b["id"]]
+        return None
+
+    # ------------------------------------------------------------------ downloads (2.14)
+    def _h_url(self, ctx):
+        b = self._json(ctx, {"uris": ("list", True), "download": ("bool", False),
+                             "redirect": ("bool", False), "entity": ("str", False),
+                             "skip_error": ("bool", False), "no_cache": ("bool", False),
+                             "archive": ("bool", False), "use_primary_site_url": ("bool", False)})
+        parsed = self._uri_list(b["uris"])
+        if b["archive"]:
+            raise _CrApiError(403)
+        agg, urls, exps = collections.OrderedDict(), [], []
+        for parts, echo in parsed:
+            n = self._walk(parts)
+            err, eid = None, None
+            if ctx.user is None:
+                err = self.anonymous_code
+            elif n is None:
+                err = 40016
+            elif n["type"] != 0:
+                err = 403
+            elif b["entity"] and len(parsed) == 1:
+                eid = self._unhid("entity", b["entity"])
+                err = None if eid in n["versions"] else 40077
+            elif not n["versions"]:
+                err = 40077             # placeholder of a running upload: no content yet
+            else:
+                eid = n["versions"][-1]
+            if err is not None:
+                agg[echo] = self._item_err(ctx, err)
+                urls.append({"url": ""})
+                continue
+            url, exp = self._sign_url(eid, n["name"], b["download"], b["no_cache"])
+            urls.append({"url": url})
+            exps.append(exp)
+        if not b["skip_error"]:
+            self._batch_result(agg)     # without skip_error any failure fails the call
+        if b["redirect"] and len(parsed) == 1 and urls[0]["url"]:
+            return _CrRaw(302, b"", "text/plain; charset=utf-8", [("Location", urls[0]["url"])])
+        return {"urls": urls, "expires": _cr_rfc3339(min(exps) if exps else self.now())}
+
+    def _sign_url(self, eid, name, download, no_cache):
+        ck = (eid, name, bool(download))
+        hit = self._url_cache.get(ck)
+        if hit and not no_cache and hit[1] - self.now() > self.url_cache_margin:
+            return hit
+        exp = int(self.now() + self.download_url_ttl)
+        path = "%s/file/content/%s/0/%s" % (_CR_API, self._hid("entity", eid), name)
+        sign = self._sign(path, exp)
+        self._signs.add(sign)
+        # a link signed again within the second of an expired one is the same string
+        self._dead_signs.discard(sign)
+        url = "%s%s/file/content/%s/0/%s?sign=%s" % (
+            self.download_base, _CR_API, self._hid("entity", eid),
+            quote(name.encode("utf-8", "surrogateescape"), safe="$&+:=@"), quote(sign, safe=""))
+        if download:
+            url += "&download=true"
+        self._url_cache[ck] = (url, exp)
+        return url, exp
+
+    def _sign(self, path, exp):
+        # HMAC over the (decoded) URL path only, so the host may be swapped (2.14)
+        mac = hmac.new(self._secret, ("%s:%d" % (path, exp)).encode("utf-8", "surrogateescape"),
+                       hashlib.sha256).digest()
+        return "%s:%d" % (base64.urlsafe_b64encode(mac).decode("ascii"), exp)
+
+    def _h_content(self, ctx):
+        sign = self._q(ctx, "sign") or ""
+        path = unquote(urlsplit(ctx.h.path).path, errors="surrogateescape")
+        mac, _, exp = sign.rpartition(":")
+        if not exp:
+            raise _CrApiError(403)        # expiry missing
+        if not exp.isdigit():
+            raise _CrApiError(40071, "Invalid sign")
+        # auth.HMACAuth.Check: expiry first, then the signature (both HTTP 200 + JSON)
+        if (int(exp) != 0 and int(exp) < self.now()) or sign in self._dead_signs:
+            raise _CrApiError(40005, "Signature expired")
+        if not hmac.compare_digest(self._sign(path, int(exp)), sign):
+            raise _CrApiError(40071, "Invalid sign")
+        eid = self._unhid("entity", ctx.params["entity"])
+        ent = self._entities.get(eid)
+        if ent is None:
+            raise _CrApiError(40077)      # no longer referenced: hard-deleted or capped version
+        data, etag = ent["data"], '"%s"' % ctx.params["entity"]
+        name = unquote(ctx.params["name"])
+        ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        hdrs = [("Accept-Ranges", "bytes"), ("ETag", etag), ("Last-Modified", datetime.fromtimestamp(
+            ent["mtime"], timezone.utc).strftime("%a, %d %b %Y %H:%M:%S GMT"))]
+        if self._q(ctx, "download") == "true":
+            hdrs.append(("Content-Disposition", "attachment; filename=\"%s\"" % quote(name)))
+        im, inm = ctx.headers.get("If-Match"), ctx.headers.get("If-None-Match")
+        if im and im.strip() not in ("*", etag):
+            raise _CrHttpError(412, b"", headers=hdrs)
+        if inm and inm.strip() in ("*", etag):
+            raise _CrHttpError(304, b"", headers=hdrs)
+        rng, ir = ctx.headers.get("Range"), ctx.headers.get("If-Range")
+        if ir and ir.strip() != etag:
+            rng = None                  # stale validator: send the whole new version
+        ranges = None
+        if rng and data:                # an empty file ignores Range (2.14)
+            try:
+                ranges = _cr_ranges(rng, len(data))
+            except OverflowError:
+                raise _CrHttpError(416, b"", headers=[("Content-Range", "bytes */%d" % len(data))])
+            except ValueError:
+                raise _CrHttpError(416, b"invalid range")
+        status, body = 200, data
+        if ranges and len(ranges) == 1:
+            s, ln = ranges[0]
+            status, body = 206, data[s:s + ln]
+            hdrs.append(("Content-Range", "bytes %d-%d/%d" % (s, s + ln - 1, len(data))))
+        elif ranges:
+            bnd = uuid.uuid4().hex
+            parts = [("--%s\r\nContent-Type: %s\r\nContent-Range: bytes %d-%d/%d\r\n\r\n"
+                      % (bnd, ctype, s, s + ln - 1, len(data))).encode() + data[s:s + ln] + b"\r\n"
+                     for s, ln in ranges]
+            status, body = 206, b"".join(parts) + ("--%s--\r\n" % bnd).encode()
+            ctype = "multipart/byteranges; boundary=" + bnd
+        return _CrRaw(status, body, ctype, hdrs)
+
+
+# ---------------------------------------------------------------------------
+# Tests of the Cloudreve emulator itself: a fake that is not strict proves nothing
+# ---------------------------------------------------------------------------
+
+CR_API = _CR_API
+
+
+def cr_uri(path):
+    """CloudreveRawClient-side URI encoding recommended by the spec (1.8)."""
+    segs = [quote(s, safe="-_.!~*'()") for s in path.strip("/").split("/") if s]
+    return "cloudreve://my/" + "/".join(segs) if segs else "cloudreve://my"
+
+
+class CloudreveRawClient(object):
+    def __init__(self, emu):
+        self.emu = emu
+        self.token = None
+        self.refresh_token = None
+
+    def raw(self, method, url, body=None, headers=None, base=None):
+        sp = urlsplit(url if url.startswith("http") else (base or self.emu.base_url) + url)
+        conn = http.client.HTTPConnection(sp.hostname, sp.port, timeout=10)
+        try:
+            target = sp.path + ("?" + sp.query if sp.query else "")
+            conn.request(method, target, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            data = resp.read()
+            return resp.status, resp.headers, data
+        finally:
+            conn.close()
+
+    def call(self, method, path, json_body=None, query=None, token=True, headers=None,
+             body=None):
+        hdrs = dict(headers or {})
+        if token and self.token:
+            hdrs["Authorization"] = "Bearer " + (token if isinstance(token, str) else self.token)
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            hdrs["Content-Type"] = "application/json"
+        url = CR_API + path + ("?" + urlencode(query) if query else "")
+        status, rh, data = self.raw(method, url, body, hdrs)
+        assert status == 200, (status, data)
+        assert rh["Content-Type"].startswith("application/json"), rh["Content-Type"]
+        if rh.get("Content-Encoding") == "gzip":
+            data = gzip.decompress(data)
+        return json.loads(data.decode("utf-8"))
+
+    def login(self):
+        env = self.call("POST", "/session/token", {"email": self.emu.email,
+                                                   "password": self.emu.password}, token=False)
+        assert env["code"] == 0, env
+        self.token = env["data"]["token"]["access_token"]
+        self.refresh_token = env["data"]["token"]["refresh_token"]
+        return env
+
+    def policy(self):
+        return self.call("GET", "/file", query={"uri": "cloudreve://my"})["data"]["storage_policy"]["id"]
+
+    def session(self, path, size, **extra):
+        body = {"uri": cr_uri(path), "size": size, "policy_id": self.policy()}
+        body.update(extra)
+        return self.call("PUT", "/file/upload", body)
+
+    def chunk(self, sid, index, data, headers=None):
+        return self.call("POST", "/file/upload/%s/%d" % (sid, index), body=data,
+                         headers=headers or {"Content-Type": "application/octet-stream"})
+
+    def upload(self, path, data):
+        env = self.session(path, len(data))
+        assert env["code"] == 0, env
+        s = env["data"]
+        cs = s["chunk_size"] or max(1, len(data))
+        for i in range(max(1, -(-len(data) // cs))):
+            r = self.chunk(s["session_id"], i, data[i * cs:(i + 1) * cs])
+            assert r == {"code": 0, "msg": ""}, r
+        return s
+
+    def info(self, path):
+        return self.call("GET", "/file/info", query={"uri": cr_uri(path)})
+
+    def url(self, paths, **extra):
+        body = {"uris": [cr_uri(p) for p in paths]}
+        body.update(extra)
+        return self.call("POST", "/file/url", body)
+
+    def delete(self, paths, **extra):
+        body = {"uris": [cr_uri(p) for p in paths], "skip_soft_delete": True}
+        body.update(extra)
+        return self.call("DELETE", "/file", body)
+
+
+class CloudreveEmulatorCase(unittest.TestCase):
+    kwargs = {}
+
+    def setUp(self):
+        self.emu = CloudreveEmulator(**dict({"chunk_size": 10}, **self.kwargs)).start()
+        self.addCleanup(self.emu.stop)
+        self.addCleanup(lambda: self.assertEqual(self.emu.errors, []))   # no emulator bugs
+        self.c = CloudreveRawClient(self.emu)
+
+    def assertCode(self, env, code):
+        self.assertEqual(env["code"], code, env)
+        if code != 0:
+            self.assertIn("msg", env)
+            self.assertNotIn("error", env)
+
+
+class CloudreveEmulatorEnvelopeAndAuthTest(CloudreveEmulatorCase):
+    def test_ping_envelope(self):
+        status, h, body = self.c.raw("GET", CR_API + "/site/ping")
+        self.assertEqual(status, 200)
+        self.assertEqual(h["Cache-Control"], "private, no-cache")
+        self.assertEqual(json.loads(body), {"code": 0, "data": "4.0.0", "msg": ""})
+
+    def test_unknown_route_and_wrong_method_are_plain_404(self):
+        for method, path in (("GET", "/nope"), ("POST", "/file/info"), ("GET", "/file/upload")):
+            status, h, body = self.c.raw(method, CR_API + path)
+            self.assertEqual((status, body), (404, b"404 page not found"))
+        self.assertEqual(self.emu.rejected[("GET " + CR_API + "/nope", "http404")], 1)
+
+    def test_login_token_pair(self):
+        env = self.c.login()
+        tok = env["data"]["token"]
+        self.assertEqual(env["data"]["user"]["email"], "me@example.com")
+        for k in ("access_expires", "refresh_expires"):
+            self.assertRegex(tok[k], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?\+08:00$")
+        head, claims, sig = tok["access_token"].split(".")
+        c = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))
+        self.assertEqual(c["token_type"], "access")
+        self.assertAlmostEqual(c["exp"], time.time() + 3600, delta=5)
+
+    def test_login_errors(self):
+        env = self.c.call("POST", "/session/token", {"email": "me@example.com", "password": "wrong"})
+        self.assertCode(env, 40080)
+        self.assertIn("correlation_id", env)
+        env = self.c.call("POST", "/session/token", {"email": "not-an-email", "password": "secret"})
+        self.assertCode(env, 40001)
+        self.assertNotIn("correlation_id", env)         # binding errors use ErrDeprecated
+        self.assertCode(self.c.call("POST", "/session/token", {"email": "me@example.com",
+                                                               "password": "abc"}), 40001)
+        self.assertCode(self.c.call("POST", "/session/token", body=b"{bad"), 40001)
+        self.emu.account_status = "banned"
+        self.assertCode(self.c.call("POST", "/session/token", {"email": "me@example.com",
+                                                               "password": "secret"}), 40017)
+
+    def test_auth_required(self):
+        self.assertCode(self.c.call("GET", "/file", query={"uri": "cloudreve://my"}), 401)
+        self.assertCode(self.c.call("GET", "/user/capacity"), 401)
+        self.c.token = "garbage.token.here"             # garbage = anonymous, not an error
+        self.assertCode(self.c.call("GET", "/file", query={"uri": "cloudreve://my"}), 401)
+        self.c.login()
+        self.assertCode(self.c.call("GET", "/user/capacity"), 0)
+
+    def test_refresh(self):
+        self.c.login()
+        old_refresh = self.c.refresh_token
+        env = self.c.call("POST", "/session/token/refresh", {"refresh_token": old_refresh},
+                          token=False)
+        self.assertCode(env, 0)
+        self.assertEqual(set(env["data"]), {"access_token", "refresh_token", "access_expires",
+                                            "refresh_expires"})
+        # the old refresh token stays valid (not single-use)
+        self.assertCode(self.c.call("POST", "/session/token/refresh",
+                                    {"refresh_token": old_refresh}), 0)
+        # a refresh token as Bearer breaks every route
+        self.assertCode(self.c.call("GET", "/site/ping", token=old_refresh), 40020)
+        self.assertCode(self.c.call("GET", "/file", query={"uri": "cloudreve://my"},
+                                    token=old_refresh), 40020)
+        # an access token is not a refresh token
+        self.assertCode(self.c.call("POST", "/session/token/refresh",
+                                    {"refresh_token": self.c.token}), 40020)
+        self.assertCode(self.c.call("POST", "/session/token/refresh",
+                                    {"refresh_token": "x.y.z"}), 40020)
+        self.assertCode(self.c.call("POST", "/session/token/refresh", {}), 40001)
+
+    def test_refresh_expiry_sign_out_and_password_change(self):
+        self.c.login()
+        self.assertCode(self.c.call("DELETE", "/session/token",
+                                    {"refresh_token": self.c.refresh_token}), 0)
+        self.assertCode(self.c.call("POST", "/session/token/refresh",
+                                    {"refresh_token": self.c.refresh_token}), 40020)
+        self.assertCode(self.c.call("GET", "/user/capacity"), 0)   # access tokens survive
+        self.c.login()
+        self.emu.change_password("another")
+        self.assertCode(self.c.call("POST", "/session/token/refresh",
+                                    {"refresh_token": self.c.refresh_token}), 40020)
+        self.emu.change_password("secret")
+        self.c.login()
+        self.emu.advance_clock(7 * 86400 + 1)
+        self.assertCode(self.c.call("POST", "/session/token/refresh",
+                                    {"refresh_token": self.c.refresh_token}), 40020)
+
+    def test_expired_access_token_per_endpoint(self):
+        self.c.login()
+        self.emu.add_file("/r/f", b"x")
+        s = self.c.session("/r/g", 3)["data"]
+        self.emu.expire_access_tokens()
+        self.assertCode(self.c.call("GET", "/file", query={"uri": cr_uri("/r")}), 401)
+        self.assertCode(self.c.chunk(s["session_id"], 0, b"abc"), 40011)
+        for env in (self.c.delete(["/r/f"]), self.c.url(["/r/f"])):
+            self.assertCode(env, 40081)
+            self.assertEqual(env["aggregated_error"][cr_uri("/r/f")]["code"], 401)
+        env = self.c.call("POST", "/session/token/refresh", {"refresh_token": self.c.refresh_token})
+        self.c.token = env["data"]["access_token"]
+        self.assertCode(self.c.chunk(s["session_id"], 0, b"abc"), 0)
+        self.assertEqual(self.emu.file_bytes("/r/g"), b"abc")
+
+    def test_access_ttl_by_clock_and_anonymous_code_variant(self):
+        self.c.login()
+        self.emu.advance_clock(3601)
+        self.assertCode(self.c.call("GET", "/user/capacity"), 401)
+        self.emu.anonymous_code = 40088
+        self.assertCode(self.c.call("GET", "/file/info", query={"uri": cr_uri("/x")}), 40088)
+
+    def test_correlation_id_and_gzip(self):
+        cid = "5b0f5f05-451e-4dcd-9c65-474315dd7d20"
+        env = self.c.call("GET", "/user/capacity", headers={"X-Cr-Correlation-Id": cid,
+                                                            "Accept-Encoding": "gzip"})
+        self.assertEqual(env["correlation_id"], cid)
+        status, h, body = self.c.raw("GET", CR_API + "/site/ping", headers={"Accept-Encoding": "gzip"})
+        self.assertEqual(h["Content-Encoding"], "gzip")
+        self.assertEqual(json.loads(gzip.decompress(body))["data"], "4.0.0")
+
+
+class CloudreveEmulatorCaptchaAnd2FATest(CloudreveEmulatorCase):
+    kwargs = {"captcha": True, "two_factor": True}
+
+    def test_captcha_then_2fa(self):
+        login = {"email": "me@example.com", "password": "secret"}
+        self.assertTrue(self.c.call("GET", "/site/config/login")["data"]["login_captcha"])
+        self.assertCode(self.c.call("POST", "/session/token", login), 40026)
+        cap = self.c.call("GET", "/site/captcha")["data"]
+        self.assertTrue(cap["image"].startswith("data:image/png;base64,"))
+        body = dict(login, ticket=cap["ticket"], captcha=self.emu.captcha_answer(cap["ticket"]))
+        env = self.c.call("POST", "/session/token", body)
+        self.assertCode(env, 203)
+        sid = env["data"]
+        self.assertCode(self.c.call("POST", "/session/token", body), 40026)   # ticket used up
+        self.assertCode(self.c.call("POST", "/session/token/2fa",
+                                    {"otp": "000000" if self.emu.current_otp() != "000000"
+                                     else "111111", "session_id": sid}), 40022)
+        env = self.c.call("POST", "/session/token/2fa", {"otp": self.emu.current_otp(),
+                                                         "session_id": sid})
+        self.assertCode(env, 0)
+        self.assertIn("access_token", env["data"]["token"])
+        self.assertCode(self.c.call("POST", "/session/token/2fa",
+                                    {"otp": self.emu.current_otp(), "session_id": sid}), 404)
+
+    def test_2fa_session_expires(self):
+        self.emu.captcha = False
+        sid = self.c.call("POST", "/session/token", {"email": "me@example.com",
+                                                     "password": "secret"})["data"]
+        self.emu.advance_clock(601)
+        self.assertCode(self.c.call("POST", "/session/token/2fa",
+                                    {"otp": self.emu.current_otp(), "session_id": sid}), 404)
+
+
+class CloudreveEmulatorNamespaceTest(CloudreveEmulatorCase):
+    kwargs = {"page_size": 4}
+
+    def setUp(self):
+        CloudreveEmulatorCase.setUp(self)
+        self.c.login()
+
+    def test_create_folder(self):
+        env = self.c.call("POST", "/file/create", {"uri": cr_uri("/a/b/c"), "type": "folder"})
+        self.assertCode(env, 0)
+        self.assertEqual(env["data"]["path"], "cloudreve://my/a/b/c")
+        self.assertIsNone(env["data"]["metadata"])
+        self.assertEqual(self.emu.resolve("/a/b")["type"], 1)
+        again = self.c.call("POST", "/file/create", {"uri": cr_uri("/a/b/c"), "type": "folder"})
+        self.assertEqual(again["data"]["id"], env["data"]["id"])
+        self.assertCode(self.c.call("POST", "/file/create", {"uri": cr_uri("/a/b/c"), "type": "folder",
+                                                             "err_on_conflict": True}), 40004)
+        self.assertCode(self.c.call("POST", "/file/create", {"uri": cr_uri("/a/b/c"), "type": "file"}),
+                        40004)
+        self.assertCode(self.c.call("POST", "/file/create", {"uri": cr_uri("/a/x"), "type": "dir"}),
+                        40001)
+        self.assertCode(self.c.call("POST", "/file/create", {"uri": cr_uri("/a/x:y"),
+                                                             "type": "folder"}), 40052)
+        self.emu.add_file("/f", b"1")
+        self.assertCode(self.c.call("POST", "/file/create", {"uri": cr_uri("/f/sub"),
+                                                             "type": "folder"}), 403)
+
+    def test_info(self):
+        self.emu.add_file("/d/f", b"hello")
+        d = self.c.info("/d/f")["data"]
+        self.assertEqual((d["type"], d["size"], d["name"], d["metadata"]), (0, 5, "f", {}))
+        self.assertCode(self.c.info("/d/missing"), 40016)
+        self.assertCode(self.c.call("GET", "/file/info", query={"uri": "cloudreve://my"}), 403)
+        self.assertCode(self.c.call("GET", "/file/info", query={"id": d["id"]}), 0)
+
+    def test_uri_rules(self):
+        name = "a b(1)+\u00e9"
+        self.emu.add_file("/x/" + name, b"1")
+        d = self.c.info("/x/" + name)["data"]
+        self.assertEqual(d["path"], "cloudreve://my/x/a%20b(1)%2B%C3%A9")
+        # hand-built variants of the same URI: +, cleaning, host case, own user id
+        uid = self.c.call("GET", "/user/me")["data"]["id"]
+        for u in ("cloudreve://my//x/./a%20b%281%29+%C3%A9", "cloudreve://MY/y/../x/a%20b(1)+%C3%A9",
+                  "cloudreve://%s@my/x/a%%20b(1)+%%C3%%A9" % uid):
+            self.assertCode(self.c.call("GET", "/file/info", query={"uri": u}), 0)
+        for u in ("cloudreve://my/x/100%", "cloudreve://my/x/a?b", "http://my/x", "cloudreve://other/x"):
+            self.assertCode(self.c.call("GET", "/file/info", query={"uri": u}), 40001)
+        self.assertCode(self.c.call("GET", "/file/info", query={"uri": "cloudreve://zzzz@my/x"}), 403)
+        # a raw '+' in a hand-written query is a space on the server
+        env = self.c.call("GET", "/file/info?uri=cloudreve://my/x/a%2520b(1)+%25C3%25A9")
+        self.assertCode(env, 40016)
+
+    def test_list_paging_with_cursor(self):
+        for i in range(3):
+            self.emu.add_file("/p/dir%d/keep" % i, b"")
+        for i in range(7):
+            self.emu.add_file("/p/f%d" % i, b"x" * i)
+        names, tokens, pages = [], [], 0
+        query = {"uri": cr_uri("/p"), "page_size": 4}
+        while True:
+            d = self.c.call("GET", "/file", query=query)["data"]
+            pages += 1
+            self.assertTrue(d["pagination"]["is_cursor"])
+            self.assertEqual(d["storage_policy"]["type"], "local")
+            names += [f["name"] for f in d["files"]]
+            tok = d["pagination"].get("next_token")
+            if tok is None:
+                break
+            self.assertEqual(len(d["files"]), 4)            # pages full except the last
+            tokens.append(tok)
+            query["next_page_token"] = tok
+        self.assertEqual(names, ["dir0", "dir1", "dir2"] + ["f%d" % i for i in range(7)])
+        self.assertEqual(pages, 3)
+        self.assertTrue(all(set("+/=") <= set(t) for t in tokens))
+        # a token left unescaped in the query: '+' arrives as a space
+        bad = self.c.call("GET", "/file?uri=cloudreve%3A%2F%2Fmy%2Fp&page_size=4&next_page_token="
+                          + tokens[0])
+        self.assertCode(bad, 40001)
+        for tok, extra in ((tokens[0], {"order_by": "name"}), ("bm9wZQ==", {})):
+            q = dict(query, next_page_token=tok, **extra)   # a name order cannot use an id key
+            self.assertCode(self.c.call("GET", "/file", query=q), 40001)
+        self.emu.page_size = 2000
+        d = self.c.call("GET", "/file", query={"uri": cr_uri("/p"), "page_size": 100,
+                                               "order_by": "size", "order_direction": "desc"})["data"]
+        self.assertEqual([f["name"] for f in d["files"]][3:], ["f%d" % i for i in range(6, -1, -1)])
+        self.assertNotIn("next_token", d["pagination"])
+        self.assertCode(self.c.call("GET", "/file", query={"uri": cr_uri("/p/f1")}), 40016)
+        self.assertCode(self.c.call("GET", "/file", query={"uri": cr_uri("/nope")}), 40016)
+        d = self.c.call("GET", "/file", query={"uri": "cloudreve://my"})["data"]
+        self.assertEqual(d["parent"]["name"], "")
+
+    def test_list_offset_mode_and_clamp(self):
+        for i in range(5):
+            self.emu.add_file("/o/f%d" % i, b"")
+        self.emu.cursor_pagination = False
+        d = self.c.call("GET", "/file", query={"uri": cr_uri("/o"), "page_size": 2, "page": 2})["data"]
+        self.assertEqual(d["pagination"], {"page": 2, "page_size": 2, "total_items": 5})
+        self.assertEqual([f["name"] for f in d["files"]], ["f4"])
+        self.emu.cursor_pagination = True
+        d = self.c.call("GET", "/file", query={"uri": cr_uri("/o"), "page_size": 99999})["data"]
+        self.assertEqual((d["pagination"]["page_size"], len(d["files"])), (4, 4))
+        self.assertEqual(d["props"]["max_page_size"], 4)
+
+
+    def test_short_pages_still_chain(self):
+        for i in range(9):
+            self.emu.add_file("/sp/f%d" % i, b"")
+        self.emu.short_pages = True
+        names, query = [], {"uri": cr_uri("/sp"), "page_size": 4}
+        while True:
+            d = self.c.call("GET", "/file", query=query)["data"]
+            self.assertLessEqual(len(d["files"]), 2)
+            names += [f["name"] for f in d["files"]]
+            if "next_token" not in d["pagination"]:
+                break
+            query["next_page_token"] = d["pagination"]["next_token"]
+        self.assertEqual(names, ["f%d" % i for i in range(9)])
+
+    def test_put_content(self):
+        env = self.c.call("PUT", "/file/content", query={"uri": cr_uri("/pc/small")}, body=b"abc")
+        self.assertCode(env, 0)
+        self.assertEqual((env["data"]["size"], self.emu.file_bytes("/pc/small")), (3, b"abc"))
+        env2 = self.c.call("PUT", "/file/content", query={"uri": cr_uri("/pc/small"),
+                                                          "previous": env["data"]["primary_entity"]},
+                           body=b"abcd")
+        self.assertCode(env2, 0)
+        self.assertCode(self.c.call("PUT", "/file/content", query={
+            "uri": cr_uri("/pc/small"), "previous": env["data"]["primary_entity"]}, body=b"x"), 40076)
+        self.emu.max_edit_size = 2
+        self.assertCode(self.c.call("PUT", "/file/content", query={"uri": cr_uri("/pc/big")},
+                                    body=b"abc"), 40049)
+
+    def test_inactive_account(self):
+        self.emu.account_status = "inactive"
+        self.assertCode(self.c.call("POST", "/session/token", {"email": "me@example.com",
+                                                               "password": "secret"}), 40018)
+        self.assertCode(self.c.call("POST", "/session/token/refresh",
+                                    {"refresh_token": self.c.refresh_token}), 40020)
+
+
+class CloudreveEmulatorUploadTest(CloudreveEmulatorCase):
+    def setUp(self):
+        CloudreveEmulatorCase.setUp(self)
+        self.c.login()
+
+    def test_session_chunks_and_completion(self):
+        data = bytes(range(25))
+        env = self.c.session("/repo/data/ab/obj", 25, last_modified=1749524701494)
+        self.assertCode(env, 0)
+        s = env["data"]
+        self.assertEqual(set(s), {"session_id", "upload_id", "chunk_size", "expires",
+                                  "storage_policy", "uri", "callback_secret"})
+        self.assertEqual((s["upload_id"], s["chunk_size"], s["uri"]),
+                         ("", 10, "cloudreve://my/repo/data/ab/obj"))
+        self.assertIsInstance(s["expires"], int)
+        ph = self.c.info("/repo/data/ab/obj")["data"]          # visible placeholder
+        self.assertEqual((ph["size"], ph["metadata"]), (0, {"sys:upload_session_id": s["session_id"]}))
+        sid = s["session_id"]
+        self.assertCode(self.c.chunk(sid, 1, data[10:20]), 50004)   # out of order
+        env = self.c.chunk(sid, 0, data[:9])
+        self.assertCode(env, 40013)
+        self.assertEqual(env["msg"], "Invalid Content-Length (expected: 10)")
+        self.assertCode(self.c.chunk(sid, 3, b""), 40012)
+        self.assertCode(self.c.chunk(sid, 0, data[:10]), 0)
+        self.assertCode(self.c.chunk(sid, 0, data[:10]), 0)          # retry accepted
+        self.assertCode(self.c.chunk(sid, 1, data[10:20]), 0)
+        self.assertEqual(self.c.info("/repo/data/ab/obj")["data"]["size"], 0)
+        self.assertCode(self.c.chunk(sid, 2, data[20:]), 0)          # last one completes
+        d = self.c.info("/repo/data/ab/obj")["data"]
+        self.assertEqual((d["size"], d["metadata"]), (25, {}))
+        self.assertEqual(self.emu.file_bytes("/repo/data/ab/obj"), data)
+        self.assertEqual(self.emu.open_upload_sessions(), 0)
+        self.assertCode(self.c.chunk(sid, 2, data[20:]), 40011)
+        self.assertCode(self.c.call("POST", "/file/upload/%s/x" % sid, body=b""), 40001)
+
+    def test_streamed_chunk_with_expected_length(self):
+        s = self.c.session("/s", 4)["data"]
+        conn = http.client.HTTPConnection("127.0.0.1", int(self.emu.base_url.rsplit(":", 1)[1]))
+        conn.request("POST", CR_API + "/file/upload/%s/0" % s["session_id"], body=iter([b"ab", b"cd"]),
+                     headers={"Authorization": "Bearer " + self.c.token,
+                              "Transfer-Encoding": "chunked", "X-Expected-Entity-Length": "4"},
+                     encode_chunked=True)
+        self.assertEqual(json.loads(conn.getresponse().read())["code"], 0)
+        conn.close()
+        self.assertEqual(self.emu.file_bytes("/s"), b"abcd")
+
+    def test_zero_size_and_single_request_policies(self):
+        s = self.c.session("/empty", 0)["data"]
+        self.assertCode(self.c.chunk(s["session_id"], 1, b""), 40012)
+        self.assertCode(self.c.chunk(s["session_id"], 0, b""), 0)
+        self.assertEqual(self.c.info("/empty")["data"]["metadata"], {})
+        self.emu.chunk_size = 0
+        s = self.c.session("/whole", 25)["data"]
+        self.assertEqual(s["chunk_size"], 0)
+        self.assertCode(self.c.chunk(s["session_id"], 1, b"x" * 25), 40012)
+        self.assertCode(self.c.chunk(s["session_id"], 0, b"x" * 25), 0)
+        self.assertEqual(self.emu.file_bytes("/whole"), b"x" * 25)
+
+    def test_session_validation(self):
+        pid = self.c.policy()
+        self.assertCode(self.c.call("PUT", "/file/upload", {"uri": cr_uri("/a"), "size": 1}), 40001)
+        self.assertCode(self.c.call("PUT", "/file/upload", {"uri": cr_uri("/a"), "size": 1,
+                                                            "policy_id": "nope"}), 40001)
+        for bad in ({"size": -1}, {"size": "1"}, {"entity_type": "other"}, {"size": 1.5}):
+            body = dict({"uri": cr_uri("/a"), "size": 1, "policy_id": pid}, **bad)
+            self.assertCode(self.c.call("PUT", "/file/upload", body), 40001)
+        self.emu.add_file("/file", b"1")
+        self.assertCode(self.c.session("/file/sub", 1), 403)
+        self.assertCode(self.c.session("/bad|name", 1), -1)
+        self.emu.max_size = 100
+        self.assertCode(self.c.session("/big", 101), 40049)
+        self.emu.max_size, self.emu.quota = 0, 50
+        self.assertCode(self.c.session("/q", 50), 40051)
+        self.assertCode(self.c.session("/q", 49), 0)
+        self.assertEqual(self.c.call("GET", "/user/capacity")["data"], {"total": 50, "used": 50})
+
+    def test_conflicts_and_locks(self):
+        s = self.c.session("/r/d/obj", 15)["data"]
+        self.assertCode(self.c.session("/r/d/obj", 15), 40004)        # sees the placeholder
+        env = self.c.session("/r/d/obj", 15, entity_type="version")
+        self.assertCode(env, 40073)
+        lock = env["data"][0]
+        self.assertEqual(lock["path"], "cloudreve://my/r/d/obj")
+        self.assertEqual((lock["owner"], lock["type"]), ({"application": {"type": "upload"}}, 0))
+        for target in ("/r/d/obj", "/r"):                              # target or an ancestor
+            env = self.c.delete([target])
+            self.assertCode(env, 40073)
+            self.assertNotIn("aggregated_error", env)
+        self.assertCode(self.c.url(["/r/d/obj"]), 40081)
+        self.assertEqual(self.c.url(["/r/d/obj"])["aggregated_error"][cr_uri("/r/d/obj")]["code"], 40077)
+        self.assertCode(self.c.session("/r/d/sibling", 1), 0)        # siblings are not blocked
+        self.assertCode(self.c.call("PUT", "/file/content", query={"uri": cr_uri("/r/d/obj")},
+                                    body=b"x"), 40073)
+        self.assertCode(self.c.call("POST", "/file/create", {"uri": cr_uri("/r/d"), "type": "folder"}), 0)
+        # force unlock: completion then fails with "Lock expired"
+        self.assertCode(self.c.call("DELETE", "/file/lock", {"tokens": [lock["token"]]}), 0)
+        self.assertCode(self.c.call("DELETE", "/file/lock", {"tokens": [lock["token"]]}), 40001)
+        self.assertCode(self.c.chunk(s["session_id"], 0, b"x" * 10), 0)
+        env = self.c.chunk(s["session_id"], 1, b"x" * 5)
+        self.assertCode(env, 40073)
+        self.assertEqual(env["msg"], "Lock expired")
+
+    def test_overwrite_with_version(self):
+        self.emu.add_file("/v", b"old")
+        self.assertCode(self.c.session("/v", 4), 40004)
+        s = self.c.session("/v", 4, entity_type="version")["data"]
+        d = self.c.info("/v")["data"]
+        self.assertEqual((d["size"], d["metadata"]), (3, {"sys:upload_session_id": s["session_id"]}))
+        self.assertCode(self.c.chunk(s["session_id"], 0, b"new!"), 0)
+        d2 = self.c.info("/v")["data"]
+        self.assertEqual((d2["size"], d2["id"]), (4, d["id"]))
+        self.assertNotEqual(d2["primary_entity"], d["primary_entity"])
+        self.assertEqual(self.c.call("GET", "/user/capacity")["data"]["used"], 7)   # versions kept
+
+    def test_cancel_session(self):
+        s = self.c.session("/c/obj", 15)["data"]
+        cancel = {"id": s["session_id"], "uri": cr_uri("/c/obj")}
+        self.assertCode(self.c.call("DELETE", "/file/upload", {"id": s["session_id"]}), 40001)
+        self.assertCode(self.c.call("DELETE", "/file/upload", dict(cancel, uri=cr_uri("/c/none"))), 40016)
+        self.assertCode(self.c.call("DELETE", "/file/upload", cancel), 0)
+        self.assertIsNone(self.emu.resolve("/c/obj"))
+        self.assertEqual((self.emu.open_upload_sessions(), self.emu.used_bytes()), (0, 0))
+        self.assertCode(self.c.chunk(s["session_id"], 0, b"x" * 10), 40011)
+        self.assertCode(self.c.session("/c/obj", 15), 0)             # path free again
+        self.emu.add_file("/c/other", b"1")
+        self.assertCode(self.c.call("DELETE", "/file/upload", {"id": "unknown",
+                                                               "uri": cr_uri("/c/other")}), 0)
+
+    def test_expired_session_leaves_unlocked_placeholder(self):
+        s = self.c.session("/e", 15)["data"]
+        self.emu.expire_upload_sessions()
+        self.assertEqual(self.emu.open_upload_sessions(), 0)
+        self.assertCode(self.c.chunk(s["session_id"], 0, b"x" * 10), 40011)
+        self.assertEqual(self.emu.placeholders(), ["/e"])
+        self.assertCode(self.c.session("/e", 15), 40004)
+        ph = self.c.info("/e")["data"]
+        self.assertEqual(ph["metadata"], {"sys:upload_session_id": s["session_id"]})
+        # the stale placeholder is cancelled with its own session id, even after expiry
+        self.assertCode(self.c.call("DELETE", "/file/upload", {"id": s["session_id"], "uri": cr_uri("/e")}), 0)
+        self.assertEqual((self.emu.placeholders(), self.emu.used_bytes()), ([], 0))
+        # after expiry the lock is gone: a versioned upload onto a placeholder is accepted
+        s = self.c.session("/e2", 15)["data"]
+        self.emu.expire_upload_sessions()
+        s2 = self.c.session("/e2", 3, entity_type="version")["data"]
+        self.assertCode(self.c.chunk(s2["session_id"], 0, b"abc"), 0)
+        self.assertEqual(self.emu.file_bytes("/e2"), b"abc")
+
+    def test_restart_and_removed_placeholder(self):
+        s = self.c.session("/x", 15)["data"]
+        self.emu.restart()
+        self.assertCode(self.c.chunk(s["session_id"], 0, b"x" * 10), 40011)
+        s = self.c.session("/y", 15)["data"]
+        self.assertCode(self.c.chunk(s["session_id"], 0, b"x" * 10), 0)
+        self.emu.remove_behind_back("/y")
+        self.assertCode(self.c.chunk(s["session_id"], 1, b"x" * 5), 40016)
+
+    def test_other_users_session_is_unknown(self):
+        s = self.c.session("/z", 3)["data"]
+        self.c.token = None
+        self.assertCode(self.c.chunk(s["session_id"], 0, b"abc"), 40011)
+
+
+class CloudreveEmulatorDownloadAndDeleteTest(CloudreveEmulatorCase):
+    def setUp(self):
+        CloudreveEmulatorCase.setUp(self)
+        self.c.login()
+        self.data = bytes(range(256)) * 4
+        self.emu.add_file("/d/blob", self.data)
+
+    def get(self, url, **headers):
+        return self.c.raw("GET", url, headers=headers)
+
+    def test_url_and_ranges(self):
+        env = self.c.url(["/d/blob"])
+        self.assertCode(env, 0)
+        url = env["data"]["urls"][0]["url"]
+        self.assertTrue(url.startswith(self.emu.base_url + CR_API + "/file/content/"))
+        self.assertIn("sign=", url)
+        self.assertRegex(env["data"]["expires"], r"\+08:00$")
+        st, h, body = self.get(url)
+        self.assertEqual((st, body, h["Accept-Ranges"]), (200, self.data, "bytes"))
+        self.assertFalse(h["Content-Type"].startswith("application/json"))
+        st, h, body = self.get(url, Range="bytes=10-19")
+        self.assertEqual((st, body, h["Content-Range"]), (206, self.data[10:20], "bytes 10-19/1024"))
+        st, h, body = self.get(url, Range="bytes=-4")
+        self.assertEqual((st, body), (206, self.data[-4:]))
+        st, h, body = self.get(url, Range="bytes=2000-")
+        self.assertEqual((st, h["Content-Range"]), (416, "bytes */1024"))
+        st, h, body = self.get(url, Range="bytes=0-1,4-5")
+        self.assertEqual(st, 206)
+        self.assertTrue(h["Content-Type"].startswith("multipart/byteranges"))
+        st, h, body = self.get(url, Range="bytes=10-19", **{"If-Range": '"stale"'})
+        self.assertEqual((st, body), (200, self.data))
+        st, h, body = self.c.raw("HEAD", url)
+        self.assertEqual((st, body, h["Content-Length"]), (200, b"", "1024"))
+        # the same URL comes back from the cache; no_cache forces a new one
+        self.emu.advance_clock(1)
+        self.assertEqual(self.c.url(["/d/blob"])["data"]["urls"][0]["url"], url)
+        self.assertNotEqual(self.c.url(["/d/blob"], no_cache=True)["data"]["urls"][0]["url"], url)
+
+    def test_url_expiry_and_tampering_answer_http_200_json(self):
+        url = self.c.url(["/d/blob"])["data"]["urls"][0]["url"]
+        st, h, body = self.get(url.replace("sign=", "sign=A"))
+        self.assertEqual((st, json.loads(body)["code"]), (200, 40071))
+        self.assertTrue(h["Content-Type"].startswith("application/json"))
+        self.emu.expire_download_urls()
+        st, h, body = self.get(url)
+        self.assertEqual((st, json.loads(body)["code"]), (200, 40005))
+        url = self.c.url(["/d/blob"])["data"]["urls"][0]["url"]
+        self.assertEqual(self.get(url)[0], 200)
+        self.emu.advance_clock(3601)
+        self.assertEqual(json.loads(self.get(url)[2])["code"], 40005)
+
+    def test_deleted_and_missing_and_empty(self):
+        url = self.c.url(["/d/blob"])["data"]["urls"][0]["url"]
+        self.assertCode(self.c.delete(["/d/blob"]), 0)
+        st, h, body = self.get(url)
+        self.assertEqual((st, json.loads(body)["code"]), (200, 40077))
+        env = self.c.url(["/d/blob", "/d/none"])
+        self.assertCode(env, 40081)
+        self.assertEqual(env["msg"], "One or more operation failed")
+        env = self.c.url(["/d/none"], skip_error=True)
+        self.assertEqual(env["data"]["urls"], [{"url": ""}])
+        self.emu.add_file("/d/empty", b"")
+        url = self.c.url(["/d/empty"])["data"]["urls"][0]["url"]
+        self.assertEqual(self.get(url, Range="bytes=0-10")[:1], (200,))
+
+    def test_redirect_and_etag_per_version(self):
+        st, h, _ = self.c.raw("POST", CR_API + "/file/url", json.dumps(
+            {"uris": [cr_uri("/d/blob")], "redirect": True}).encode(),
+            {"Authorization": "Bearer " + self.c.token})
+        self.assertEqual(st, 302)
+        etag = self.get(h["Location"])[1]["ETag"]
+        self.emu.add_file("/d/blob", b"v2")
+        url2 = self.c.url(["/d/blob"])["data"]["urls"][0]["url"]
+        st, h2, body = self.get(url2)
+        self.assertEqual(body, b"v2")
+        self.assertNotEqual(h2["ETag"], etag)
+        self.assertEqual(self.get(url2, **{"If-None-Match": h2["ETag"]})[0], 304)
+
+    def test_delete_semantics(self):
+        self.emu.add_file("/d/soft", b"12345")
+        used = self.emu.used_bytes()
+        self.assertCode(self.c.call("DELETE", "/file", {"uris": [cr_uri("/d/soft")]}), 0)
+        self.assertIsNone(self.emu.resolve("/d/soft"))
+        self.assertEqual(self.emu.used_bytes(), used)                  # trash keeps quota
+        self.emu.add_file("/d/soft", b"1")                             # name free at once
+        self.assertCode(self.c.delete(["/d/soft"]), 0)
+        self.assertEqual(self.emu.used_bytes(), used)                  # hard delete frees it
+        env = self.c.delete(["/d/none"])
+        self.assertCode(env, 40081)
+        item = env["aggregated_error"][cr_uri("/d/none")]
+        self.assertEqual((item["code"], env["msg"]), (40016, item["msg"]))
+        self.assertIn("correlation_id", item)
+        self.emu.add_file("/d/keep", b"1")
+        env = self.c.delete(["/d/keep", "/d/none", "/d/none2"])
+        self.assertCode(env, 40081)
+        self.assertEqual(len(env["aggregated_error"]), 2)
+        self.assertIsNone(self.emu.resolve("/d/keep"))                 # done despite failures
+        self.assertEqual(self.c.call("DELETE", "/file", {"uris": ["cloudreve://my"]})
+                         ["aggregated_error"]["cloudreve://my"]["code"], 403)
+        self.assertCode(self.c.delete(["/d"], unlink=True), 403)
+        self.assertCode(self.c.delete(["/d"]), 0)
+        self.assertEqual(self.emu.children("/"), [])
+        self.assertCode(self.c.call("DELETE", "/file", {"uris": ["cloudreve://my/%zz"]}), 40001)
+        self.assertCode(self.c.call("DELETE", "/file", {"uris": [cr_uri("/x")] * 3001}), 40074)
+
+    def test_echo_keeps_client_escaping(self):
+        env = self.c.call("DELETE", "/file", {"uris": ["cloudreve://my/a%28b%29", "cloudreve://my/c d"]})
+        self.assertEqual(set(env["aggregated_error"]), {"cloudreve://my/a%28b%29",
+                                                        "cloudreve://my/c%20d"})
+
+
+class CloudreveEmulatorSeparateDownloadHostTest(CloudreveEmulatorCase):
+    kwargs = {"separate_download_host": True}
+
+    def test_urls_point_to_other_host(self):
+        self.c.login()
+        self.emu.add_file("/f", b"abc")
+        url = self.c.url(["/f"])["data"]["urls"][0]["url"]
+        self.assertNotEqual(self.emu.download_base, self.emu.base_url)
+        self.assertTrue(url.startswith(self.emu.download_base))
+        self.assertEqual(self.c.raw("GET", url)[2], b"abc")
+        self.assertEqual(self.c.raw("GET", CR_API + "/site/ping", base=self.emu.download_base)[0], 404)
+        # only the path is signed: the URL also works on the site host
+        self.assertEqual(self.c.raw("GET", url.replace(self.emu.download_base, self.emu.base_url))[2],
+                         b"abc")
+
+
+class CloudreveEmulatorFaultsTest(CloudreveEmulatorCase):
+    LIST = "GET /api/v4/file"
+
+    def setUp(self):
+        CloudreveEmulatorCase.setUp(self)
+        self.c.login()
+        self.q = {"uri": "cloudreve://my"}
+
+    def list_raw(self):
+        return self.c.raw("GET", CR_API + "/file?" + urlencode(self.q),
+                          headers={"Authorization": "Bearer " + self.c.token})
+
+    def test_http_faults(self):
+        for kind, status, marker in (("500", 500, b""), ("502", 502, b"502 Bad Gateway"),
+                                     ("504", 504, b"504 Gateway"), ("413", 413, b"413"),
+                                     ("429", 429, b"429 Too Many Requests")):
+            self.emu.fail_next(kind, endpoint=self.LIST)
+            st, h, body = self.list_raw()
+            self.assertEqual(st, status)
+            self.assertIn(marker, body)
+            self.assertFalse(h["Content-Type"].startswith("application/json"))
+            self.assertEqual(self.emu.rejected[(self.LIST, "http%d" % status)], 1)
+            self.assertEqual(self.list_raw()[0], 200)                  # one-shot
+
+    def test_envelope_code_faults(self):
+        for kind in ("409", "40073", "50001", "50004"):
+            self.emu.fail_next(kind)
+            self.assertCode(self.c.call("GET", "/file", query=self.q), int(kind))
+
+    def test_drop(self):
+        self.emu.fail_next("drop", endpoint=self.LIST)
+        with self.assertRaises((http.client.RemoteDisconnected, ConnectionError)):
+            self.list_raw()
+        self.assertEqual(self.emu.rejected[(self.LIST, "drop")], 1)
+
+    def test_drop_mid_download(self):
+        self.emu.add_file("/big", b"z" * 1000)
+        url = self.c.url(["/big"])["data"]["urls"][0]["url"]
+        self.emu.fail_next("drop", endpoint="/api/v4/file/content/{entity}/{speed}/{name}")
+        with self.assertRaises(http.client.IncompleteRead) as cm:
+            self.c.raw("GET", url)
+        self.assertEqual(len(cm.exception.partial), 500)
+        self.assertEqual(self.c.raw("GET", url)[2], b"z" * 1000)
+
+    def test_drop_after_last_chunk(self):
+        s = self.c.session("/da", 3)["data"]
+        self.emu.fail_next("drop_after", endpoint="POST /api/v4/file/upload/{session_id}/{index}")
+        with self.assertRaises((http.client.RemoteDisconnected, ConnectionError)):
+            self.c.chunk(s["session_id"], 0, b"abc")
+        self.assertEqual(self.emu.file_bytes("/da"), b"abc")          # done on the server
+        self.assertCode(self.c.chunk(s["session_id"], 0, b"abc"), 40011)
+
+    def test_slow(self):
+        self.emu.slow_seconds = 0.3
+        self.emu.fail_next("slow", endpoint=self.LIST)
+        t = time.time()
+        self.assertEqual(self.list_raw()[0], 200)
+        self.assertGreaterEqual(time.time() - t, 0.3)
+
+    def test_401_fault_acts_like_an_expired_token(self):
+        s = self.c.session("/t", 3)["data"]
+        self.emu.fail_next("401", count=4)
+        self.assertCode(self.c.call("GET", "/file", query=self.q), 401)
+        self.assertCode(self.c.chunk(s["session_id"], 0, b"abc"), 40011)
+        self.assertEqual(self.c.delete(["/t"])["aggregated_error"][cr_uri("/t")]["code"], 401)
+        self.assertCode(self.c.call("POST", "/session/token/refresh",
+                                    {"refresh_token": self.c.refresh_token}), 40020)
+        self.assertCode(self.c.call("GET", "/file", query=self.q), 0)
+
+    def test_random_faults_and_accounting(self):
+        self.emu.reset_calls()
+        self.emu.fail_randomly("500", 1.0, endpoint=self.LIST)
+        self.assertEqual(self.list_raw()[0], 500)
+        self.assertCode(self.c.call("GET", "/user/capacity"), 0)       # other endpoint untouched
+        self.emu.clear_faults()
+        self.emu.fail_randomly("502", 0.0)
+        self.assertEqual(self.list_raw()[0], 200)
+        self.emu.clear_faults()
+        self.assertEqual(self.emu.calls[self.LIST], 2)
+        self.assertEqual(self.emu.calls["GET /api/v4/user/capacity"], 1)
+        self.assertEqual(self.emu.rejected[(self.LIST, "http500")], 1)
+        self.c.info("/missing")
+        self.assertEqual(self.emu.rejected[("GET /api/v4/file/info", 40016)], 1)
+        with self.assertRaises(ValueError):
+            self.emu.fail_next("teapot")
+        # same seed, same sequence of decisions
+        outcomes = []
+        for _ in range(2):
+            self.emu.clear_faults()
+            self.emu.fail_randomly("500", 0.5, endpoint=self.LIST, seed=7)
+            outcomes.append([self.list_raw()[0] for _ in range(8)])
+        self.assertEqual(outcomes[0], outcomes[1])
+        self.assertEqual(set(outcomes[0]), {200, 500})
+
+
+class CloudreveEmulatorStateHelpersTest(CloudreveEmulatorCase):
+    def test_helpers(self):
+        self.emu.add_file("/a/b/c", b"123")
+        self.assertEqual(self.emu.file_bytes("/a/b/c"), b"123")
+        self.assertEqual([x["name"] for x in self.emu.children("/a")], ["b"])
+        self.assertEqual(self.emu.resolve("/a/b/c")["size"], 3)
+        self.assertEqual(self.emu.children("/missing"), [])
+        self.emu.remove_behind_back("/a/b")
+        self.assertIsNone(self.emu.resolve("/a/b/c"))
+        self.assertEqual(self.emu.calls, {})      # no accounting for direct state access
+
+
+# ---------------------------------------------------------------------------
+# The Cloudreve client and storage against the emulator
+# ---------------------------------------------------------------------------
+
+CR_EMAIL = "backup@example.com"
+CR_PASSWORD = "cr-password-never-log-me"
+CR_LOGIN = "POST /api/v4/session/token"
+CR_REFRESH = "POST /api/v4/session/token/refresh"
+CR_LIST = "GET /api/v4/file"
+CR_INFO = "GET /api/v4/file/info"
+CR_CREATE = "POST /api/v4/file/create"
+CR_SESSION = "PUT /api/v4/file/upload"
+CR_CHUNK = "POST /api/v4/file/upload/{session_id}/{index}"
+CR_CANCEL = "DELETE /api/v4/file/upload"
+CR_URL = "POST /api/v4/file/url"
+CR_CONTENT = "GET /api/v4/file/content/{entity}/{speed}/{name}"
+CR_DELETE = "DELETE /api/v4/file"
+CR_BASE = "/restic-backup"
+
+
+class CloudreveBackendCase(CloudStorageHelpers, unittest.TestCase):
+    state_prefix = "cloudreve-state-"
+
+    def emulator(self, **options):
+        options.setdefault("chunk_size", 1000)
+        self.emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD, **options).start()
+        self.addCleanup(self.emu.stop)
+        return self.emu
+
+    def client(self, **options):
+        """A client of self.emu with millisecond retries."""
+        settings = dict(state_dir=self.state_dir, call_deadline=10.0, retry_base=0.01,
+                        retry_cap=0.05, timeout=5.0)
+        settings.update(options)
+        client = CloudreveClient(self.emu.base_url, settings.pop("email", CR_EMAIL),
+                                 settings.pop("password", CR_PASSWORD), **settings)
+        self.addCleanup(client.close)
+        return client
+
+    def storage(self, client=None, repo_path=CR_BASE):
+        storage = CloudreveStorage(client or self.client(), repo_path)
+        self.addCleanup(storage.close)
+        return storage
+
+    def live_path(self, ref, base=CR_BASE):
+        name = ref.name
+        sub = "data/%s/%s" % (name[:2], name) if ref.kind == "data" else ref.relpath
+        return "%s/%s/%s" % (base, "/".join(ref.repo), sub)
+
+    def existing_repo(self, repo=REPO):
+        for kind in ("data", "index", "keys", "locks", "snapshots"):
+            self.emu.add_file("%s/%s/%s/.keep" % (CR_BASE, "/".join(repo), kind), b"")
+            self.emu.remove_behind_back("%s/%s/%s/.keep" % (CR_BASE, "/".join(repo), kind))
+
+    def session_raw(self, client, path, size):
+        """An upload session opened by hand (a crashed earlier run): its id."""
+        return client.call("PUT", "/file/upload",
+                           body={"uri": cloudreve_uri(tuple(p for p in path.split("/") if p)),
+                                 "size": size, "policy_id": self.emu.policy_id})["session_id"]
+
+    def rejected_total(self, code):
+        return sum(n for (ep, c), n in self.emu.rejected.items() if c == code)
+
+
+class CloudreveUnitTest(unittest.TestCase):
+
+    def test_uri_encoding_follows_the_spec(self):
+        self.assertEqual(cloudreve_uri(()), "cloudreve://my")
+        self.assertEqual(cloudreve_uri(("restic-backup", "data", "ab")),
+                         "cloudreve://my/restic-backup/data/ab")
+        # encodeURIComponent: space %20, '+' %2B, '%' %25, '#' %23, '@' %40, non-ASCII as
+        # UTF-8; !*'()~ kept
+        self.assertEqual(cloudreve_uri(("a b+c", "100%", "#1@x", "\u5907\u4efd", "(x)!*'~")),
+                         "cloudreve://my/a%20b%2Bc/100%25/%231%40x/%E5%A4%87%E4%BB%BD/(x)!*'~")
+
+    def test_split_path(self):
+        self.assertEqual(split_cloudreve_path("/a//b/"), ("a", "b"))
+        self.assertEqual(split_cloudreve_path("/"), ())
+        for bad in ("/a:b", "/a?", "/..", "/x/./y", "/" + "x" * 256, '/a"b', "/a|b"):
+            with self.assertRaises(ValueError):
+                split_cloudreve_path(bad)
+
+    def test_error_of_a_batch_answer_takes_the_items_code(self):
+        error = cloudreve_error("DELETE /api/v4/file", {
+            "code": 40081, "msg": "Path not exist", "correlation_id": "c-1",
+            "aggregated_error": {"cloudreve://my/a": {"code": 40016, "msg": "Path not exist"}}})
+        self.assertIsInstance(error, CloudreveNotFound)
+        self.assertEqual((error.code, error.items), (40016, {"cloudreve://my/a": 40016}))
+        self.assertIn("c-1", str(error))
+        mixed = cloudreve_error("x", {"code": 40081, "msg": "m", "aggregated_error": {
+            "u1": {"code": 40016}, "u2": {"code": 403}}})
+        self.assertEqual(type(mixed), CloudreveError)
+        self.assertEqual(mixed.code, 40081)
+        self.assertEqual(cloudreve_error("x", {"code": 40051, "msg": "full"}).status, 507)
+
+
+# ---------------------------------------------------------------------------
+# The Cloudreve client: login, tokens, envelope, retries
+# ---------------------------------------------------------------------------
+
+class CloudreveTokenTest(CloudreveBackendCase):
+
+    def test_login_once_and_tokens_saved_0600_reused_after_restart(self):
+        emu = self.emulator()
+        self.client().list_folder("cloudreve://my")
+        self.assertEqual(emu.calls[CR_LOGIN], 1)
+        files = os.listdir(self.state_dir)
+        self.assertEqual(len(files), 1)
+        path = os.path.join(self.state_dir, files[0])
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path) as f:
+            text = f.read()
+        self.assertIn("refresh_token", json.loads(text))
+        self.assertNotIn(CR_PASSWORD, text)
+        # a restart (a new client on the same state dir) uses the saved tokens
+        self.client().list_folder("cloudreve://my")
+        self.client().list_folder("cloudreve://my")
+        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (1, 0))
+
+    def test_refreshed_before_expiry(self):
+        emu = self.emulator()
+        self.client().list_folder("cloudreve://my")
+        path = os.path.join(self.state_dir, os.listdir(self.state_dir)[0])
+        with open(path) as f:
+            saved = json.load(f)
+        # valid for one more minute of an hour's life: inside the 10-minute margin
+        saved["access_expires"] = time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                time.gmtime(time.time() + 60))
+        saved["obtained_at"] = time.time() - 3540
+        with open(path, "w") as f:
+            json.dump(saved, f)
+        self.client().list_folder("cloudreve://my")
+        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (1, 1))
+        self.assertEqual(emu.rejected[(CR_LIST, 401)], 0)   # before, not after, a 401
+
+    def test_expired_token_401_refreshes_and_replays(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.expire_access_tokens()
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.rejected[(CR_LIST, 401)], 1)
+        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (1, 1))
+        emu.advance_clock(3601)             # the access token's hour is over
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.rejected[(CR_LIST, 401)], 2)
+        self.assertEqual(emu.calls[CR_REFRESH], 2)
+
+    def test_later_servers_40088(self):
+        emu = self.emulator()
+        emu.anonymous_code = 40088
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.expire_access_tokens()
+        client.list_folder("cloudreve://my")
+        self.assertEqual((emu.rejected[(CR_LIST, 40088)], emu.calls[CR_REFRESH]), (1, 1))
+
+    def test_expired_token_inside_a_batch_answer(self):
+        emu = self.emulator()
+        emu.add_file("/f", b"abc")
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.expire_access_tokens()
+        self.assertTrue(client.download_url("cloudreve://my/f"))
+        self.assertEqual(emu.rejected[(CR_URL, 40081)], 1)      # its item said 401
+        emu.expire_access_tokens()
+        client.delete(["cloudreve://my/f"])
+        self.assertEqual(emu.rejected[(CR_DELETE, 40081)], 1)
+        self.assertIsNone(emu.resolve("/f"))
+        self.assertEqual(emu.calls[CR_REFRESH], 2)
+
+    def test_expired_token_on_a_chunk_is_40011(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("401", endpoint=CR_CHUNK)       # this chunk's token has expired
+        data = os.urandom(2500)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.rejected[(CR_CHUNK, 40011)], 1)
+        self.assertEqual(emu.calls[CR_REFRESH], 1)
+        self.assertEqual(emu.calls[CR_SESSION], 1)     # the same session went on
+        self.assertEqual(emu.calls[CR_CHUNK], 4)
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+
+    def test_refresh_refused_falls_back_to_password_login(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.revoke_refresh_tokens()
+        emu.expire_access_tokens()
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.rejected[(CR_REFRESH, 40020)], 1)
+        self.assertEqual(emu.calls[CR_LOGIN], 2)
+
+    def test_refresh_token_expired_logs_in_without_trying_it(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        token = client._token
+        client._token = token._replace(renew_at=0, refresh_until=0)   # both spent
+        client.list_folder("cloudreve://my")
+        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (2, 0))
+
+    def test_concurrent_401s_refresh_once(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.expire_access_tokens()
+        run_threads(lambda: client.list_folder("cloudreve://my"), [()] * 8)
+        self.assertEqual(emu.calls[CR_REFRESH], 1)
+
+    def test_repeated_401_keeps_refreshing_with_backoff(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.fail_next("401", count=3, endpoint=CR_LIST)
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.rejected[(CR_LIST, 401)], 3)
+        self.assertEqual(emu.calls[CR_REFRESH], 3)
+
+    def login_refused(self, **options):
+        emu = self.emulator(**options)
+        client = self.client()
+        with self.assertLogs("restic_123pan", "ERROR") as logs:
+            with self.assertRaises(CloudreveAuthError) as caught:
+                client.list_folder("cloudreve://my")
+        self.assertEqual(len(logs.output), 1)
+        # not tried again at once: a site may ban an address that keeps failing
+        with self.assertRaises(CloudreveAuthError):
+            client.list_folder("cloudreve://my")
+        self.assertEqual(emu.calls[CR_LOGIN], 1)
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        self.assertIn(CR_EMAIL, message)
+        return emu, message
+
+    def test_captcha_site_is_one_clear_line(self):
+        emu, message = self.login_refused(captcha=True)
+        self.assertIn("captcha", message)
+        self.assertEqual(emu.rejected[(CR_LOGIN, 40026)], 1)
+
+    def test_two_factor_account_is_one_clear_line(self):
+        emu, message = self.login_refused(two_factor=True)
+        self.assertIn("two-factor authentication", message)
+
+    def test_wrong_password_blocked_and_inactive_accounts(self):
+        for status, words in (("banned", "blocked"), ("inactive", "not activated")):
+            emu = self.emulator()
+            emu.account_status = status
+            with self.assertLogs("restic_123pan", "ERROR"):
+                with self.assertRaises(CloudreveAuthError) as caught:
+                    self.client().list_folder("cloudreve://my")
+            self.assertIn(words, str(caught.exception))
+        emu = self.emulator()
+        with self.assertLogs("restic_123pan", "ERROR"):
+            with self.assertRaises(CloudreveAuthError) as caught:
+                self.client(password="wrong-one").list_folder("cloudreve://my")
+        self.assertIn("wrong email or password", str(caught.exception))
+
+    def test_password_never_logged_or_raised(self):
+        emu = self.emulator()
+        with self.assertLogs("restic_123pan", "DEBUG") as logs:
+            logging.getLogger("restic_123pan").debug("capture starts")
+            storage = self.storage()
+            storage.create_repository(REPO)
+            ref = self.put(storage, b"x" * 2100)
+            self.read(storage, ref)
+            emu.expire_access_tokens()
+            emu.revoke_refresh_tokens()
+            storage.client.list_folder("cloudreve://my")       # refresh refused: login
+            self.assertEqual(emu.calls[CR_LOGIN], 2)
+            wrong = self.client(password="wrong-" + CR_PASSWORD, state_dir=None)
+            with self.assertRaises(CloudreveAuthError) as caught:
+                wrong.list_folder("cloudreve://my")
+        self.assertNotIn(CR_PASSWORD, str(caught.exception))
+        self.assertNotIn(CR_PASSWORD, repr(wrong))
+        self.assertNotIn(CR_PASSWORD, storage.describe())
+        for line in logs.output:
+            self.assertNotIn(CR_PASSWORD, line)
+        for name in os.listdir(self.state_dir):
+            with open(os.path.join(self.state_dir, name)) as f:
+                self.assertNotIn(CR_PASSWORD, f.read())
+
+
+class CloudreveCallTest(CloudreveBackendCase):
+
+    def test_proxy_and_server_errors_are_retried(self):
+        emu = self.emulator()
+        client = self.client()
+        for kind in ("500", "502", "504", "429", "drop"):
+            emu.fail_next(kind, endpoint=CR_LIST)
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.calls[CR_LIST], 6)
+        for status in (500, 502, 504, 429):
+            self.assertEqual(emu.rejected[(CR_LIST, "http%d" % status)], 1)
+        self.assertEqual(emu.rejected[(CR_LIST, "drop")], 1)
+
+    def test_busy_codes_are_retried(self):
+        emu = self.emulator()
+        client = self.client()
+        for kind in ("409", "40073", "50001", "50004"):
+            emu.fail_next(kind, endpoint=CR_CREATE)
+        self.assertTrue(client.create_folder("cloudreve://my/a/b"))
+        for code in (409, 40073, 50001, 50004):
+            self.assertEqual(emu.rejected[(CR_CREATE, code)], 1)
+        self.assertEqual(emu.resolve("/a/b")["type"], 1)
+
+    def test_answer_lost_after_the_work_was_done(self):
+        emu = self.emulator()
+        client = self.client()
+        emu.fail_next("drop_after", endpoint=CR_CREATE)
+        # the retry finds the folder made: "existed already", not an error
+        self.assertFalse(client.create_folder("cloudreve://my/a"))
+        self.assertEqual(emu.resolve("/a")["type"], 1)
+
+    def test_slow_answer_times_out_and_is_retried(self):
+        emu = self.emulator()
+        emu.slow_seconds = 1.0
+        client = self.client(timeout=0.3)
+        client.list_folder("cloudreve://my")
+        emu.fail_next("slow", endpoint=CR_LIST)
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.calls[CR_LIST], 3)
+
+    def test_gives_up_at_the_deadline(self):
+        emu = self.emulator()
+        client = self.client(call_deadline=0.3)
+        client.list_folder("cloudreve://my")
+        emu.fail_next("502", count=10000, endpoint=CR_LIST)
+        with self.assertRaises(CloudreveUnavailable) as caught:
+            client.list_folder("cloudreve://my")
+        self.assertEqual(caught.exception.status, 502)
+        self.assertIn("HTTP 502", str(caught.exception))
+        self.assertIsInstance(caught.exception, UpstreamError)
+
+    def test_permanent_error_logged_with_code_and_correlation_id(self):
+        self.emulator()
+        client = self.client()
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            with self.assertRaises(CloudreveError) as caught:
+                client.create_folder("cloudreve://my/bad%7Cname")      # '|'
+        self.assertEqual(caught.exception.code, 40052)
+        self.assertIn("code 40052", logs.output[0])
+        self.assertIn("correlation_id", logs.output[0])
+
+    def test_not_a_cloudreve_site(self):
+        emu = self.emulator(separate_download_host=True)
+        # the download host answers 404 without an envelope to every API route
+        client = CloudreveClient(emu.download_base, CR_EMAIL, CR_PASSWORD, retry_base=0.01)
+        self.addCleanup(client.close)
+        with self.assertRaises(CloudreveError) as caught:
+            client.list_folder("cloudreve://my")
+        self.assertIn("HTTP 404", str(caught.exception))
+        self.assertIn("Cloudreve 4 site", str(caught.exception))
+
+    def test_gzip_answers_are_read(self):
+        emu = self.emulator()
+        client = self.client()
+        client.http.request = functools.partial(_with_gzip, client.http.request)
+        self.assertEqual(client.list_folder("cloudreve://my"), ([], emu.policy_id))
+
+    def test_metrics(self):
+        emu = self.emulator()
+        client = self.client()
+
+        def snapshot():
+            return dict((name, METRICS.total("restic123pan_cloud_" + name)) for name in (
+                "api_calls_total", "retries_total", "token_refreshes_total"))
+
+        before = snapshot()
+        calls_before = METRICS.value("restic123pan_cloud_api_calls_total", endpoint=CR_LIST)
+        emu.fail_next("50001", endpoint=CR_LIST)
+        emu.fail_next("500", endpoint=CR_LIST)
+        client.list_folder("cloudreve://my")
+        after = snapshot()
+        self.assertEqual(after["token_refreshes_total"] - before["token_refreshes_total"], 1)
+        self.assertEqual(after["retries_total"] - before["retries_total"], 2)
+        self.assertEqual(METRICS.value("restic123pan_cloud_api_calls_total", endpoint=CR_LIST)
+                         - calls_before, 3)
+        self.assertEqual(after["api_calls_total"] - before["api_calls_total"], 4)
+
+
+def _with_gzip(request, method, url, headers=None, body=None, **kw):
+    headers = dict(headers or {}, **{"Accept-Encoding": "gzip"})
+    return request(method, url, headers, body, **kw)
+
+
+class CloudreveListingTest(CloudreveBackendCase):
+
+    def test_cursor_pages_with_tokens_that_need_encoding(self):
+        emu = self.emulator(page_size=4)        # the site clamps page_size to 4
+        for i in range(3):
+            emu.add_file("/p/dir%d/keep" % i, b"")
+        for i in range(10):
+            emu.add_file("/p/f%02d" % i, b"x" * i)
+        entries, policy_id = self.client().list_folder("cloudreve://my/p")
+        self.assertEqual([e.name for e in entries],
+                         ["dir0", "dir1", "dir2"] + ["f%02d" % i for i in range(10)])
+        self.assertEqual([e.is_folder for e in entries], [True] * 3 + [False] * 10)
+        self.assertEqual(entries[-1].size, 9)
+        self.assertEqual(policy_id, emu.policy_id)
+        self.assertEqual(emu.calls[CR_LIST], 4)
+        self.assertEqual(emu.rejected[(CR_LIST, 40001)], 0)     # every token arrived intact
+
+    def test_short_pages_and_offset_mode(self):
+        emu = self.emulator(page_size=4)
+        for i in range(9):
+            emu.add_file("/p/f%d" % i, b"")
+        emu.short_pages = True
+        self.assertEqual(len(self.client().list_folder("cloudreve://my/p")[0]), 9)
+        emu.short_pages, emu.cursor_pagination = False, False
+        emu.reset_calls()
+        self.assertEqual([e.name for e in self.client().list_folder("cloudreve://my/p")[0]],
+                         ["f%d" % i for i in range(9)])
+        self.assertEqual(emu.calls[CR_LIST], 3)
+
+    def test_missing_folder_and_file_are_not_found(self):
+        emu = self.emulator()
+        emu.add_file("/f", b"1")
+        client = self.client()
+        for uri in ("cloudreve://my/none", "cloudreve://my/f"):
+            with self.assertRaises(CloudreveNotFound):
+                client.list_folder(uri)
+
+    def test_names_that_need_encoding_round_trip(self):
+        emu = self.emulator()
+        base = "/\u5907\u4efd 100% a+b #1 (x)@home=&"
+        storage = self.storage(repo_path=base)
+        storage.create_repository(REPO)
+        data = os.urandom(1500)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.file_bytes(self.live_path(ref, base)), data)
+        fresh = self.storage(self.client(), repo_path=base)
+        self.assertEqual(fresh.list(REPO, "data"), [(ref.name, 1500)])
+        self.assertEqual(self.read(fresh, ref), data)
+        self.assertTrue(fresh.delete(ref))
+        self.assertEqual(emu.children(base + "/r/data/" + ref.name[:2]), [])
+        self.assertEqual(self.rejected_total(40001) + self.rejected_total(40016), 0)
+
+
+# ---------------------------------------------------------------------------
+# Cloudreve uploads
+# ---------------------------------------------------------------------------
+
+class CloudreveUploadsTest(CloudreveBackendCase):
+
+    def test_chunks_of_the_sessions_size_in_order_with_exact_lengths(self):
+        emu = self.emulator(chunk_size=1000)
+        storage = self.storage()
+        storage.create_repository(REPO)
+        uploaded = METRICS.total("restic123pan_cloud_bytes_uploaded_total")
+        sizes = (1, 999, 1000, 1001, 4500)
+        refs = [self.put(storage, os.urandom(n)) for n in sizes]
+        self.assertEqual(METRICS.total("restic123pan_cloud_bytes_uploaded_total") - uploaded,
+                         sum(sizes))
+        self.assertEqual(emu.calls[CR_SESSION], 5)
+        self.assertEqual(emu.calls[CR_CHUNK], 1 + 1 + 1 + 2 + 5)
+        self.assertEqual(dict(emu.rejected), {})    # no 40013 length or 50004 order refusal
+        for ref, size in zip(refs, sizes):
+            self.assertEqual(storage.stat(ref), size)
+            self.assertEqual(hashlib.sha256(emu.file_bytes(self.live_path(ref))).hexdigest(),
+                             ref.name)
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+
+    def test_spool_on_disk_is_streamed(self):
+        emu = self.emulator(chunk_size=300000)
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = os.urandom(1000000)
+        spool = HashingSpool.from_stream(io.BytesIO(data), len(data), memory_limit=1000)
+        self.addCleanup(spool.close)
+        self.assertFalse(spool.in_memory)
+        storage.put(data_ref(data), spool)
+        self.assertEqual(emu.calls[CR_CHUNK], 4)
+        self.assertEqual(emu.file_bytes(self.live_path(data_ref(data))), data)
+
+    def test_whole_body_when_chunk_size_is_0_and_empty_objects(self):
+        emu = self.emulator(chunk_size=0)
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = os.urandom(5000)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.calls[CR_CHUNK], 1)
+        self.assertEqual(self.read(storage, ref), data)
+        empty = self.put(storage, b"")
+        self.assertEqual(storage.stat(empty), 0)
+        self.assertEqual(list(storage.read(empty, 0, 0)), [])
+        self.assertEqual(emu.resolve(self.live_path(empty))["size"], 0)
+
+    def test_failed_upload_leaves_no_placeholder(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("413", count=100, endpoint=CR_CHUNK)
+        data = os.urandom(2500)
+        with self.assertRaises(CloudreveError) as caught:
+            self.put(storage, data)
+        self.assertIn("client_max_body_size", str(caught.exception))
+        self.assertEqual(emu.calls[CR_SESSION], 3)        # upload_attempts
+        self.assertEqual(emu.calls[CR_CANCEL], 3)
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+        self.assertIsNone(storage.stat(data_ref(data)))
+        self.assertEqual(emu.used_bytes(), 0)
+        emu.clear_faults()
+        self.put(storage, data)
+        self.assertEqual(self.read(storage, data_ref(data)), data)
+
+    def test_unreachable_site_mid_upload_cancels_the_session(self):
+        emu = self.emulator()
+        storage = self.storage(self.client(call_deadline=0.3))
+        storage.create_repository(REPO)
+        emu.fail_next("502", count=10000, endpoint=CR_CHUNK)
+        with self.assertRaises(CloudreveUnavailable):
+            self.put(storage, os.urandom(2500))
+        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (1, 1))
+        self.assertEqual(emu.placeholders(), [])
+
+    def test_lock_expired_on_a_chunk_starts_a_new_session(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("40073", endpoint=CR_CHUNK)
+        data = os.urandom(2500)
+        ref = self.put(storage, data)
+        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (2, 1))
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+        self.assertEqual(emu.placeholders(), [])
+
+    def test_expired_session_starts_a_new_one(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        client = storage.client
+        original = client._send_chunks
+
+        def expire_the_first_session(session, spool):
+            if emu.calls[CR_SESSION] == 1:
+                emu.expire_upload_sessions()
+            return original(session, spool)
+
+        client._send_chunks = expire_the_first_session
+        data = os.urandom(2500)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.rejected[(CR_CHUNK, 40011)], 2)      # before and after a refresh
+        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (2, 1))
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+
+    def test_answer_of_the_last_chunk_lost(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("drop_after", endpoint=CR_CHUNK)
+        ref = self.put(storage, b"one chunk")
+        # the retry finds the session completed (40011 even after a refresh); the
+        # file is there with its size: stored, nothing cancelled
+        self.assertEqual(emu.rejected[(CR_CHUNK, 40011)], 2)
+        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (1, 0))
+        self.assertEqual(storage.stat(ref), 9)
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), b"one chunk")
+
+    def test_answer_of_a_middle_chunk_lost(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("drop_after", endpoint=CR_CHUNK)
+        emu.fail_next("drop", endpoint=CR_CHUNK)
+        data = os.urandom(3500)
+        ref = self.put(storage, data)
+        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CHUNK]), (1, 6))
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+
+    def test_placeholder_of_a_crashed_run_is_replaced(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = os.urandom(1500)
+        ref = data_ref(data)
+        # a previous run died after opening a session: a locked 0-byte placeholder
+        self.session_raw(storage.client, self.live_path(ref), len(data))
+        self.assertIsNone(storage.stat(ref))            # a placeholder is not an object
+        self.put(storage, data, ref)
+        self.assertEqual(emu.rejected[(CR_SESSION, 40004)], 1)
+        self.assertEqual(emu.calls[CR_CANCEL], 1)
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+        # the same after the stale session has expired (placeholder unlocked)
+        other = os.urandom(1200)
+        self.session_raw(storage.client, self.live_path(data_ref(other)), len(other))
+        emu.expire_upload_sessions()
+        self.put(storage, other)
+        self.assertEqual(emu.file_bytes(self.live_path(data_ref(other))), other)
+        self.assertEqual(emu.placeholders(), [])
+
+    def test_file_unknown_to_the_index_is_replaced_atomically(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        config = ObjectRef.config(REPO)
+        self.assertIsNone(storage.stat(config))
+        emu.add_file(self.live_path(config), b"written by someone else")
+        self.put(storage, b"ours", config)
+        self.assertEqual(emu.rejected[(CR_SESSION, 40004)], 1)
+        self.assertEqual(emu.file_bytes(self.live_path(config)), b"ours")
+
+    def test_config_replaced_as_a_new_version(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        config = ObjectRef.config(REPO)
+        self.put(storage, b"one", config)
+        first = self.read(storage, config)
+        self.put(storage, b"second", config)
+        self.assertEqual((first, self.read(storage, config)), (b"one", b"second"))
+        self.assertEqual(storage.stat(config), 6)
+        self.assertEqual(emu.rejected[(CR_SESSION, 40004)], 0)
+        fresh = self.storage(self.client())
+        self.assertEqual(self.read(fresh, config), b"second")
+        self.assertEqual(len(emu.children(CR_BASE + "/r")), 6)   # config + 5 folders
+
+    def test_wrong_size_after_completion_is_not_stored(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        add_version = emu._add_version
+        emu._add_version = lambda n, data, mtime: add_version(n, data[:-1], mtime)
+        data = os.urandom(1500)
+        with self.assertLogs("restic_123pan", "WARNING"):
+            with self.assertRaises(CloudreveError) as caught:
+                self.put(storage, data)
+        self.assertIn("reports 1499 bytes", str(caught.exception))
+        self.assertIsNone(emu.resolve(self.live_path(data_ref(data))))
+        self.assertIsNone(storage.stat(data_ref(data)))
+
+    def test_quota_exceeded_is_507_and_file_too_large(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.quota = 100
+        with self.assertLogs("restic_123pan", "WARNING"):
+            with self.assertRaises(CloudreveError) as caught:
+                self.put(storage, os.urandom(101))
+        self.assertEqual((caught.exception.code, caught.exception.status), (40051, 507))
+        emu.quota, emu.max_size = 10 ** 9, 50
+        with self.assertLogs("restic_123pan", "WARNING"):
+            with self.assertRaises(CloudreveError) as caught:
+                self.put(storage, os.urandom(51))
+        self.assertEqual(caught.exception.code, 40049)
+        self.assertEqual(emu.placeholders(), [])
+
+    def test_storage_policy_without_relay_is_refused(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu._policy = lambda: {"id": emu.policy_id, "name": "S3", "type": "s3", "max_size": 0}
+        with self.assertRaises(CloudreveError) as caught:
+            self.put(storage, b"packed")
+        self.assertIn("'s3'", str(caught.exception))
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+
+    def test_concurrent_uploads_of_one_name(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = os.urandom(3000)
+        run_threads(lambda: self.put(storage, data), [()] * 4)
+        # one upload; the others find it stored when their turn comes
+        self.assertEqual(emu.calls[CR_SESSION], 1)
+        self.assertEqual(self.rejected_total(40004) + self.rejected_total(40073), 0)
+        self.assertEqual(storage.list(REPO, "data"), [(data_ref(data).name, 3000)])
+
+
+# ---------------------------------------------------------------------------
+# The Cloudreve storage: folders and what is known
+# ---------------------------------------------------------------------------
+
+class CloudreveStorageFoldersTest(CloudreveBackendCase):
+
+    def test_new_repository_costs_five_creates(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        self.assertEqual((emu.calls[CR_CREATE], emu.calls[CR_LIST]), (5, 0))
+        self.assertEqual(sorted(c["name"] for c in emu.children(CR_BASE + "/r")),
+                         ["data", "index", "keys", "locks", "snapshots"])
+        storage.create_repository(REPO)                 # idempotent
+        self.assertEqual(emu.rejected[(CR_CREATE, 40004)], 5)
+
+    def test_uploads_into_a_new_repository_list_nothing(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        refs = [self.put(storage, os.urandom(100)) for _ in range(10)]
+        key = self.put(storage, b"key", ObjectRef(REPO, "keys", "cd" * 32))
+        for ref in refs:
+            self.assertEqual(storage.stat(ref), 100)
+        self.assertEqual(sorted(storage.list(REPO, "data")),
+                         sorted((r.name, 100) for r in refs))
+        self.assertEqual(storage.list(REPO, "keys"), [(key.name, 3)])
+        # one listing only: for the policy id the upload sessions need
+        self.assertEqual(emu.calls[CR_LIST], 1)
+        self.assertEqual(storage._policy_id, emu.policy_id)
+        self.assertEqual(len(emu.children(CR_BASE + "/r/data")), len({r.name[:2] for r in refs}))
+
+    def test_existing_repository_listed_once_per_folder(self):
+        emu = self.emulator(page_size=7)
+        self.existing_repo()
+        refs = [self.stored_elsewhere(os.urandom(100)) for _ in range(30)]
+        storage = self.storage()
+        self.assertEqual(storage.stat(refs[0]), 100)
+        self.assertEqual(emu.calls[CR_LIST], 1)        # data/<xx> only
+        self.assertIsNone(storage.stat(data_ref(b"absent")))
+        expected = sorted((r.name, 100) for r in refs)
+        self.assertEqual(sorted(storage.list(REPO, "data")), expected)
+        listed = emu.calls[CR_LIST]
+        for _ in range(3):
+            self.assertEqual(sorted(storage.list(REPO, "data")), expected)
+            for ref in refs:
+                self.assertEqual(storage.stat(ref), 100)
+        self.assertEqual(emu.calls[CR_LIST], listed)
+        self.assertEqual(storage._policy_id, emu.policy_id)   # from a listing
+        # uploads there need no more listing, nor a policy lookup
+        self.put(storage, os.urandom(10))
+        self.assertEqual(emu.calls[CR_LIST], listed)
+
+    def test_placeholders_and_foreign_names_are_not_listed(self):
+        emu = self.emulator()
+        self.existing_repo()
+        keep = self.stored_elsewhere(b"kept", ObjectRef(REPO, "keys", "ab" * 32))
+        emu.add_file(CR_BASE + "/r/keys/not-an-id", b"x")
+        client = self.client()
+        self.session_raw(client, CR_BASE + "/r/keys/" + "cd" * 32, 10)
+        storage = self.storage(client)
+        self.assertEqual(storage.list(REPO, "keys"), [(keep.name, 4)])
+        self.assertIsNone(storage.stat(ObjectRef(REPO, "keys", "cd" * 32)))
+
+    def test_missing_repository_lists_empty(self):
+        self.emulator()
+        storage = self.storage()
+        self.assertEqual(storage.list(REPO, "snapshots"), [])
+        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertIsNone(storage.stat(ObjectRef.config(REPO)))
+        with self.assertRaises(NotFound):
+            storage.read(ObjectRef.config(REPO), 0, 1)
+
+    def test_repositories_directly_under_my(self):
+        emu = self.emulator()
+        storage = self.storage(repo_path="/")
+        storage.create_repository(())
+        config = ObjectRef.config(())
+        self.put(storage, b"cfg", config)
+        self.assertEqual(emu.file_bytes("/config"), b"cfg")
+        self.assertEqual(self.read(self.storage(self.client(), "/"), config), b"cfg")
+
+
+# ---------------------------------------------------------------------------
+# Cloudreve downloads
+# ---------------------------------------------------------------------------
+
+class CloudreveDownloadsTest(CloudreveBackendCase):
+
+    emulator_defaults = {"chunk_size": 65536}
+
+    def test_ranges_and_link_reuse(self):
+        emu, storage, ref, data = self.stored()
+        downloaded = METRICS.total("restic123pan_cloud_bytes_downloaded_total")
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(METRICS.total("restic123pan_cloud_bytes_downloaded_total")
+                         - downloaded, len(data))
+        self.assertEqual(self.read(storage, ref, 1000, 5000), data[1000:6000])
+        self.assertEqual(self.read(storage, ref, len(data) - 1, 1), data[-1:])
+        self.assertEqual((emu.calls[CR_URL], emu.calls[CR_CONTENT]), (1, 3))
+
+    def test_link_not_reused_close_to_its_expiry(self):
+        emu, storage, ref, data = self.stored(emulator={"download_url_ttl": 30.0})
+        self.read(storage, ref, 0, 10)
+        self.read(storage, ref, 0, 10)
+        self.assertEqual(emu.calls[CR_URL], 2)
+
+    def test_expired_link_answers_json_which_never_reaches_the_reader(self):
+        emu, storage, ref, data = self.stored()
+        self.read(storage, ref, 0, 10)
+        emu.expire_download_urls()
+        self.assertEqual(self.read(storage, ref, 5, 10), data[5:15])
+        self.assertEqual(emu.rejected[(CR_CONTENT, 40005)], 1)
+        self.assertEqual(emu.calls[CR_URL], 2)
+        emu.advance_clock(7200)             # links (and the access token) expired by time
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(emu.rejected[(CR_CONTENT, 40005)], 2)
+
+    def test_link_refused_again_and_again_gives_up(self):
+        emu, storage, ref, data = self.stored(call_deadline=0.3)
+        emu.fail_next("401", count=10000, endpoint=CR_CONTENT)    # content: 40005
+        with self.assertRaises(CloudreveUnavailable) as caught:
+            storage.read(ref, 0, 10)
+        self.assertIn("code 40005", str(caught.exception))
+
+    def test_dropped_download_resumed(self):
+        emu, storage, ref, data = self.stored()
+        emu.fail_next("drop", endpoint=CR_CONTENT)
+        self.assertEqual(self.read(storage, ref), data)
+        emu.fail_next("drop", endpoint=CR_CONTENT)
+        self.assertEqual(self.read(storage, ref, 100, 200000), data[100:200100])
+        self.assertEqual(emu.rejected[(CR_CONTENT, "drop")], 2)
+        self.assertEqual(emu.calls[CR_CONTENT], 4)
+
+    def test_errors_of_the_content_route_retried(self):
+        emu, storage, ref, data = self.stored()
+        for kind in ("502", "500", "50001"):
+            emu.fail_next(kind, endpoint=CR_CONTENT)
+        emu.fail_next("500", endpoint=CR_URL)
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(emu.calls[CR_CONTENT], 4)
+
+    def test_removed_behind_our_back_is_not_found(self):
+        emu, storage, ref, data = self.stored()
+        self.read(storage, ref, 0, 10)
+        emu.remove_behind_back(self.live_path(ref))
+        with self.assertLogs("restic_123pan", "WARNING"):
+            with self.assertRaises(NotFound):
+                storage.read(ref, 0, 10)
+        self.assertEqual(emu.rejected[(CR_CONTENT, 40077)], 1)   # the link's blob is gone
+        self.assertIsNone(storage.stat(ref))
+        self.assertFalse(storage.delete(ref))
+
+    def test_link_to_another_host_is_fetched_from_the_site(self):
+        emu, storage, ref, data = self.stored(emulator={"separate_download_host": True})
+        uri = cloudreve_uri(tuple(p for p in self.live_path(ref).split("/") if p))
+        self.assertTrue(storage.client.download_url(uri).startswith(emu.base_url + "/api/v4/"))
+        self.assertEqual(self.read(storage, ref), data)
+
+    def test_wrong_bytes_detected_on_full_read(self):
+        emu, storage, ref, data = self.stored(size=5000)
+        node = emu.resolve(self.live_path(ref))
+        entity = emu._unhid("entity", node["primary_entity"])
+        emu._entities[entity]["data"] = bytes(5000)      # same length, other bytes
+        received = []
+        with self.assertLogs("restic_123pan", "ERROR") as logs:
+            with self.assertRaises(UpstreamError):
+                for chunk in storage.read(ref, 0, 5000):
+                    received.append(chunk)
+        self.assertEqual(received, [])             # the last chunk was held back
+        self.assertIn(ref.name, logs.output[0])
+        # a partial read cannot be checked here (restic checks each blob itself)
+        self.assertEqual(self.read(storage, ref, 0, 64), bytes(64))
+
+
+# ---------------------------------------------------------------------------
+# Cloudreve deletes
+# ---------------------------------------------------------------------------
+
+class CloudreveDeletesTest(CloudreveBackendCase):
+
+    def test_delete_skips_the_trash(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        ref = self.put(storage, os.urandom(5000))
+        self.assertEqual(emu.used_bytes(), 5000)
+        self.assertTrue(storage.delete(ref))
+        self.assertEqual(emu.used_bytes(), 0)       # no copy kept in the trash
+        self.assertIsNone(storage.stat(ref))
+        self.assertFalse(storage.delete(ref))
+        self.assertEqual(emu.calls[CR_DELETE], 1)
+
+    def test_concurrent_deletes_are_batched(self):
+        emu = self.emulator()
+        self.existing_repo()
+        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(24)]
+        storage = self.storage()
+        self.assertEqual(len(storage.list(REPO, "data")), 24)
+        emu.reset_calls()
+        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 24)
+        self.assertLess(emu.calls[CR_DELETE], 12)
+        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(emu.used_bytes(), 0)
+
+    def test_batch_with_objects_already_gone(self):
+        emu = self.emulator()
+        self.existing_repo()
+        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(6)]
+        storage = self.storage()
+        storage.list(REPO, "data")
+        emu.remove_behind_back(self.live_path(refs[0]))
+        emu.remove_behind_back(self.live_path(refs[1]))
+        # as far as this server knew they existed, and they are gone now
+        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 6)
+        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(emu.used_bytes(), 0)
+
+    def test_answer_lost_and_object_locked(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        ref = self.put(storage, b"doomed")
+        emu.fail_next("drop_after", endpoint=CR_DELETE)
+        emu.fail_next("40073", endpoint=CR_DELETE)
+        self.assertTrue(storage.delete(ref))
+        self.assertIsNone(emu.resolve(self.live_path(ref)))
+
+    def test_items_that_failed_otherwise_are_reported(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        folder = cloudreve_uri(("restic-backup", "r", "data"))
+        errors = storage._delete_batch([folder, "cloudreve://my", "cloudreve://my/none"])
+        self.assertEqual(dict((uri, (type(e), e.code)) for uri, e in errors.items()),
+                         {"cloudreve://my": (CloudreveError, 403),
+                          "cloudreve://my/none": (CloudreveNotFound, 40016)})
+        self.assertIsNone(emu.resolve(CR_BASE + "/r/data"))     # the others were done
+        with self.assertRaises(CloudreveError) as caught:      # refused as a whole
+            storage._delete_batch(["cloudreve://my/%zz"])
+        self.assertEqual(caught.exception.code, 40001)
+
+
+class CloudreveUnderFaultsTest(CloudreveBackendCase):
+
+    def test_workload_without_lost_objects(self):
+        emu = self.emulator(chunk_size=2000)
+        storage = self.storage()
+        storage.create_repository(REPO)
+        for kind, p, seed in (("500", 0.05, 1), ("drop", 0.05, 2), ("drop_after", 0.05, 3),
+                              ("401", 0.05, 4), ("50001", 0.05, 5), ("409", 0.05, 6)):
+            emu.fail_randomly(kind, p, seed=seed)
+        self.check_workload(storage, (10, 2500, 5000, 100, 7000, 1, 4000, 2000))
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+        self.assertGreater(sum(emu.rejected.values()), 5, "the faults did not happen")
+
+
+# ---------------------------------------------------------------------------
+# Cloudreve command line
+# ---------------------------------------------------------------------------
+
+class CloudreveCommandLineTest(unittest.TestCase):
+
+    def parse(self, argv, environ=None):
+        """The real command line, as main() parses it, for the Cloudreve backend."""
+        return rp.parse_config(["--backend", "cloudreve"] + argv, environ or {})
+
+    def build(self, argv, environ):
+        return build_cloudreve_storage(self.parse(argv, environ), environ)
+
+    def test_environment_and_defaults(self):
+        environ = {"CLOUDREVE_URL": "https://drive.example.com/", "CLOUDREVE_USER": "me@x.org",
+                   "CLOUDREVE_PASSWORD": "pw-secret", "XDG_STATE_HOME": "/tmp/xdg"}
+        storage = self.build([], environ)
+        self.assertEqual(storage.client.site_url, "https://drive.example.com")
+        self.assertEqual(storage.client.email, "me@x.org")
+        self.assertEqual(storage.describe(), "Cloudreve folder cloudreve://my/restic-backup "
+                                             "(me@x.org at https://drive.example.com)")
+        self.assertTrue(storage.client._token_file.path.startswith("/tmp/xdg/restic-123pan/"))
+        self.assertNotIn("pw-secret", repr(storage.client))
+        self.assertEqual(rp.parse_config([], environ).backend, "cloudreve")
+
+    def test_flags_override_environment_and_password_file(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder, True)
+        password_file = os.path.join(folder, "pw")
+        with open(password_file, "w") as f:
+            f.write("from-file\nsecond line ignored\n")
+        environ = {"CLOUDREVE_URL": "https://env.example", "CLOUDREVE_USER": "env@x.org",
+                   "CLOUDREVE_PASSWORD": "env-pw", "CLOUDREVE_REPO_PATH": "/env"}
+        storage = self.build(["--cloudreve-url", "http://127.0.0.1:1/api/v4",
+                              "--cloudreve-user", "flag@x.org", "--repo-path", "/a b/c",
+                              "--cloudreve-password-file", password_file,
+                              "--state-dir", folder], environ)
+        self.assertEqual(storage.client.site_url, "http://127.0.0.1:1")
+        self.assertEqual(storage.client.email, "flag@x.org")
+        self.assertEqual(storage.client._password, "from-file")
+        self.assertIn("cloudreve://my/a%20b/c ", storage.describe())
+        self.assertEqual(os.path.dirname(storage.client._token_file.path), folder)
+        self.assertEqual(self.build([], environ).client._password, "env-pw")
+        self.assertIn("cloudreve://my/env ", self.build([], environ).describe())
+        environ = dict(environ, CLOUDREVE_PASSWORD="", CLOUDREVE_PASSWORD_FILE=password_file)
+        self.assertEqual(self.build([], environ).client._password, "from-file")
+
+    def test_usage_errors_never_show_the_password(self):
+        full = {"CLOUDREVE_URL": "https://d.example", "CLOUDREVE_USER": "me@x.org",
+                "CLOUDREVE_PASSWORD": "pw-secret"}
+        for drop in ("CLOUDREVE_URL", "CLOUDREVE_USER", "CLOUDREVE_PASSWORD"):
+            environ = dict(full)
+            del environ[drop]
+            with self.assertRaises(UsageError) as caught:
+                self.build([], environ)
+            self.assertIn(drop, str(caught.exception))
+            self.assertNotIn("pw-secret", str(caught.exception))
+        for argv in (["--repo-path", "/a:b"], ["--cloudreve-url", "ftp://x"],
+                     ["--cloudreve-password", "p", "--cloudreve-password-file", "/f"],
+                     ["--cloudreve-password-file", "/nonexistent/pw"]):
+            with self.assertRaises(UsageError) as caught:
+                self.build(argv, full)
+            self.assertNotIn("pw-secret", str(caught.exception))
+        empty = tempfile.NamedTemporaryFile(delete=False)
+        empty.close()
+        self.addCleanup(os.unlink, empty.name)
+        with self.assertRaises(UsageError):
+            self.build(["--cloudreve-password-file", empty.name], full)
+
+    def test_backend_choice_and_foreign_flags(self):
+        both = {"CLOUDREVE_URL": "https://d.example", "PAN123_CLIENT_ID": "id"}
+        self.assertRaises(UsageError, rp.parse_config, [], both)
+        self.assertEqual(rp.parse_config(["--backend", "123pan"], both).backend, "123pan")
+        self.assertEqual(rp.parse_config(["--cloudreve-url", "https://d"], {}).backend,
+                         "cloudreve")
+        for argv in (["--backend", "cloudreve", "--client-id", "x"],
+                     ["--backend", "cloudreve", "--api-base", "http://x"],
+                     ["--backend", "123pan", "--cloudreve-user", "me@x.org"],
+                     ["--backend", "local", "--cloudreve-url", "https://d"],
+                     ["--backend", "local", "--repo-path", "/x"],
+                     ["--backend", "cloudreve", "--path", "/p"]):
+            self.assertRaises(UsageError, rp.parse_config, argv, {})
+
+    def test_main_reports_one_line_without_the_password(self):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), mock.patch.object(logging, "basicConfig"):
+            status = rp.main(["--backend", "cloudreve", "--cloudreve-url", "https://d",
+                              "--cloudreve-password", "pw-secret"], {})
+        self.assertEqual(status, 2)
+        self.assertEqual(len(err.getvalue().splitlines()), 1)
+        self.assertIn("CLOUDREVE_USER", err.getvalue())
+        self.assertNotIn("pw-secret", err.getvalue())
 
 
 # ---------------------------------------------------------------------------
@@ -4925,6 +8095,86 @@ class Pan123EndToEndTest(ResticEndToEndBase):
         calls = self.finish(emu, "123pan chunked")
         self.assertGreater(calls.get("/upload/v2/file/slice", 0), 20)
         self.assertGreater(calls.get("/upload/v2/file/upload_complete", 0), 0)
+
+
+class CloudreveEndToEndTest(ResticEndToEndBase):
+    """restic -> our server (--backend cloudreve) -> the Cloudreve 4 emulator."""
+
+    def start_emulator(self, **kw):
+        emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD, **kw).start()
+        self.addCleanup(emu.stop)
+        return emu
+
+    def start_cloudreve_server(self, emu, *extra, **kw):
+        # the password in the environment, as the README recommends (or in a file)
+        return self.start_server(
+            "--backend", "cloudreve", "--cloudreve-url", emu.base_url,
+            "--cloudreve-user", CR_EMAIL, "--state-dir", os.path.join(self.tmp, "state"),
+            *extra, env=kw.get("env", {"CLOUDREVE_PASSWORD": CR_PASSWORD}))
+
+    def finish(self, emu, title):
+        """Stop the server, print the calls per endpoint, then check what is left on
+        the site: no placeholder or open upload session, nothing in the trash or in
+        old versions (every byte the site counts belongs to a live file), and no
+        bug of the emulator's own."""
+        self.stop_server(self.server_proc)
+        calls = dict(sorted(emu.calls.items()))
+        rejected = dict(sorted(emu.rejected.items(), key=str))
+        sys.stderr.write("\n%s: Cloudreve API calls by endpoint %s\n  refused or faulted: %s\n"
+                         % (title, json.dumps(calls), rejected))
+        self.assertEqual(emu.errors, [])
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+        live, folders = 0, ["/"]
+        while folders:
+            folder = folders.pop()
+            for node in emu.children(folder):
+                if node["type"] == 1:
+                    folders.append(folder.rstrip("/") + "/" + node["name"])
+                else:
+                    live += node["size"]
+        self.assertEqual(emu.used_bytes(), live, "trash or stale versions left behind")
+        log_text = self.server_log_text()
+        self.assertNotIn(CR_PASSWORD, log_text)
+        return calls
+
+    def test_clean_run(self):
+        emu = self.start_emulator()
+        url = self.start_cloudreve_server(emu)
+        self.run_scenario("rest:" + url + "home/laptop/")
+        calls = self.finish(emu, "Cloudreve clean")
+        self.assertEqual(calls[CR_LOGIN], 1)
+        # nothing refused but the listing of the repository before `init` made it
+        self.assertEqual(dict(emu.rejected), {(CR_LIST, 40016): 1})
+        self.assertGreater(calls[CR_DELETE], 0)
+
+    def test_faults_lose_nothing(self):
+        emu = self.start_emulator(chunk_size=1024 * 1024)
+        for i, (kind, p) in enumerate((("500", 0.02), ("502", 0.02), ("504", 0.01),
+                                       ("429", 0.01), ("drop", 0.02), ("drop_after", 0.02),
+                                       ("401", 0.02), ("409", 0.01), ("40073", 0.01),
+                                       ("50001", 0.01), ("50004", 0.01))):
+            emu.fail_randomly(kind, p, seed=100 + i)
+        password_file = os.path.join(self.tmp, "cloudreve-password")
+        with open(password_file, "w") as f:
+            f.write(CR_PASSWORD + "\n")
+        url = self.start_cloudreve_server(emu, "--cloudreve-password-file", password_file,
+                                          env={})
+        repo = "rest:" + url
+        options = ["-o", "rest.connections=8"]
+        self.run_scenario(repo, options=options, total_mib=24)
+        # expired tokens and download links before a last full read
+        emu.expire_access_tokens()
+        emu.expire_download_urls()
+        self.restic_run(repo, "check", "--read-data", options=options)
+        self.finish(emu, "Cloudreve with faults")
+        self.assertGreater(sum(emu.rejected.values()), 25, "the faults did not happen")
+
+    def test_objects_larger_than_one_chunk(self):
+        emu = self.start_emulator(chunk_size=256 * 1024, page_size=100)
+        url = self.start_cloudreve_server(emu)
+        self.run_scenario("rest:" + url, total_mib=24)
+        calls = self.finish(emu, "Cloudreve 256 KiB chunks")
+        self.assertGreater(calls[CR_CHUNK], 4 * calls[CR_SESSION])
 
 
 class AccessEndToEndTest(ResticEndToEndBase):
