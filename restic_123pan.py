@@ -1897,6 +1897,9 @@ class _Listing(object):
         self.seen = set() if cursor is None else None
         self.pages = self.objects = 0
 
+    def from_start(self):
+        self.cursor, self.seen = None, set()
+
 
 class Pan123Index(object):
     """What this server knows exists on 123pan: per folder id its files
@@ -2336,7 +2339,20 @@ class Pan123Storage(Storage):
             while True:
                 if on_page is not None:
                     self._yield_to_requests()
-                entries, cursor = self.client.list_page(folder_id, cursor)
+                try:
+                    entries, cursor = self.client.list_page(folder_id, cursor)
+                except Pan123Unavailable:
+                    raise
+                except Pan123Error as e:
+                    if listing.pages or listing.cursor is None:
+                        raise
+                    # The cursor saved by an interrupted listing is refused (it is
+                    # opaque and may not outlive a restart): list from the start.
+                    log.warning("123pan: the listing of folder %d cannot continue from %r "
+                                "(%s); listing it from the start", folder_id, cursor, e)
+                    listing.from_start()
+                    cursor = None
+                    continue
                 self.index.merge_page(listing, entries, cursor)
                 if on_page is not None:
                     on_page(sum(1 for e in entries if not e.is_folder))

@@ -4394,6 +4394,21 @@ class Pan123CacheTest(Pan123CacheCase):
         self.assertEqual(len(again.list(REPO, "data")), 450)
         self.assertEqual(emu.calls[LIST], 3)
 
+    def test_a_refused_saved_cursor_lists_the_folder_from_the_start(self):
+        emu = self.emulator()
+        self.repository_with_packs(150, folders=1)
+        storage = self.cached()
+        storage.start(wait=True)
+        data_xx = emu.resolve("/restic-backup/r/data/00")["fileId"]
+        # As if a listing had stopped half-way, with a cursor 123pan no longer takes.
+        with storage.index.cache._transaction() as db:
+            db.execute("UPDATE folders SET complete=0, cursor=-5 WHERE folder=?", (data_xx,))
+        emu.reset_calls()
+        self.assertEqual(len(storage.list(REPO, "data")), 150)
+        self.assertEqual(emu.rejected[(LIST, 1)], 1)
+        self.assertEqual(emu.calls[LIST], 3)      # the refused page, then 2 from the start
+        self.assertTrue(storage.index.is_loaded(data_xx))
+
     def test_warm_up_stops_with_the_server_and_continues_at_the_next_start(self):
         emu = self.emulator()
         self.repository_with_packs(800, folders=1)
