@@ -2779,6 +2779,10 @@ class CloudreveExists(CloudreveError):
     """40004: the name is taken."""
 
 
+class CloudreveLocked(CloudreveError):
+    """40073: the path is locked, by an upload in progress above all."""
+
+
 class CloudreveAuthError(CloudreveError):
     """Login or refresh refused: wrong credentials, 2FA, captcha, blocked account."""
 
@@ -2794,6 +2798,7 @@ class CloudreveUnavailable(CloudreveError):
 _CLOUDREVE_ERROR_TYPES = {
     CLOUDREVE_CODE_NOT_FOUND: (CloudreveNotFound, 502),
     CLOUDREVE_CODE_EXISTS: (CloudreveExists, 502),
+    CLOUDREVE_CODE_LOCKED: (CloudreveLocked, 502),
     CLOUDREVE_CODE_SESSION_GONE: (CloudreveSessionGone, 502),
     CLOUDREVE_CODE_CREDENTIALS: (CloudreveAuthError, 502),
     CLOUDREVE_CODE_CAPACITY: (CloudreveError, 507),
@@ -3256,27 +3261,22 @@ class CloudreveClient(object):
                 "mime_type": "application/octet-stream"}
         if replace:
             body["entity_type"] = "version"
-        try:
-            session = self.call("PUT", "/file/upload", body=body, expected=(CloudreveExists,))
-        except CloudreveExists:
-            if replace:
-                raise
-            # A placeholder left by an upload that never finished (a crash, or our
-            # own attempt whose answer was lost), or a complete file we did not know.
+        backoff = self._backoff(time.monotonic() + self.call_deadline)
+        refusals = 0
+        while True:
             try:
-                existing = self.info(uri)
-            except CloudreveNotFound:
-                existing = {"type": 0}      # gone meanwhile: just try again
-            stale = (existing.get("metadata") or {}).get(CLOUDREVE_UPLOAD_META)
-            if existing.get("type") != 0:
-                raise CloudreveExists("Cloudreve upload of %s: a folder has that name" % uri)
-            if stale:
-                log.info("Cloudreve: removing the placeholder of an unfinished upload of %s",
-                         uri)
-                self.cancel_upload(stale, uri)
-            elif "id" in existing:
-                body["entity_type"] = "version"
-            session = self.call("PUT", "/file/upload", body=body)
+                # A lock (40073) is not waited out here: it is most likely held by
+                # an upload of this very name that will never finish.
+                session = self.call("PUT", "/file/upload", body=body,
+                                    final=(CLOUDREVE_CODE_LOCKED,),
+                                    expected=(CloudreveExists, CloudreveLocked))
+                break
+            except (CloudreveExists, CloudreveLocked) as e:
+                refusals += 1
+                if refusals > 1 and not backoff.pause():
+                    raise
+                _count_retry("upload_in_the_way")
+                self._clear_the_way(uri, body, e)
         policy = (session or {}).get("storage_policy") or {}
         if not isinstance(session, dict) or not session.get("session_id") \
                 or not isinstance(session.get("chunk_size"), int) or session["chunk_size"] < 0:
@@ -3287,6 +3287,25 @@ class CloudreveClient(object):
                                  "without upload relay; only local policies (or any with "
                                  "relay on) are supported" % (uri, policy.get("type")))
         return session
+
+    def _clear_the_way(self, uri, body, refusal):
+        """After an upload session was refused because the name is taken or
+        locked: a placeholder or staged version of an upload that never finished
+        (a crash, or our own call whose answer was lost and that a retry then
+        found) is cancelled with its own session id; a complete file we did not
+        know of gets replaced (a new version)."""
+        try:
+            existing = self.info(uri)
+        except CloudreveNotFound:
+            return                          # gone meanwhile: just try again
+        if existing.get("type") != 0:
+            raise refusal                   # a folder has that name
+        stale = (existing.get("metadata") or {}).get(CLOUDREVE_UPLOAD_META)
+        if stale:
+            log.info("Cloudreve: cancelling an unfinished upload of %s", uri)
+            self.cancel_upload(stale, uri)
+        elif isinstance(refusal, CloudreveExists):
+            body["entity_type"] = "version"
 
     def _send_chunks(self, session, spool):
         """Chunks of the session's chunk_size (the whole body if 0), strictly in

@@ -7277,25 +7277,26 @@ class CloudreveUploadsTest(CloudreveBackendCase):
         self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
         self.assertEqual(emu.placeholders(), [])
 
-    def test_expired_session_starts_a_new_one(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        client = storage.client
-        original = client._send_chunks
+    def test_expired_session_or_restarted_site_starts_a_new_one(self):
+        for lose_sessions in ("expire_upload_sessions", "restart"):
+            emu = self.emulator()
+            storage = self.storage()
+            storage.create_repository(REPO)
+            client = storage.client
+            original = client._send_chunks
 
-        def expire_the_first_session(session, spool):
-            if emu.calls[CR_SESSION] == 1:
-                emu.expire_upload_sessions()
-            return original(session, spool)
+            def lose_the_first_session(session, spool):
+                if emu.calls[CR_SESSION] == 1:
+                    getattr(emu, lose_sessions)()
+                return original(session, spool)
 
-        client._send_chunks = expire_the_first_session
-        data = os.urandom(2500)
-        ref = self.put(storage, data)
-        self.assertEqual(emu.rejected[(CR_CHUNK, 40011)], 2)      # before and after a refresh
-        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (2, 1))
-        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
-        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+            client._send_chunks = lose_the_first_session
+            data = os.urandom(2500)
+            ref = self.put(storage, data)
+            self.assertEqual(emu.rejected[(CR_CHUNK, 40011)], 2)      # before and after a refresh
+            self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (2, 1))
+            self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+            self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
 
     def test_answer_of_the_last_chunk_lost(self):
         emu = self.emulator()
@@ -7342,6 +7343,51 @@ class CloudreveUploadsTest(CloudreveBackendCase):
         self.put(storage, other)
         self.assertEqual(emu.file_bytes(self.live_path(data_ref(other))), other)
         self.assertEqual(emu.placeholders(), [])
+
+    def test_answers_of_session_calls_lost(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        # the 1st and 3rd session calls are done but their answers lost: each retry
+        # finds our own placeholder (40004), which is cancelled before a new try
+        take_fault, sessions = emu._take_fault, []
+
+        def lose_answers(key):
+            if key == CR_SESSION:
+                sessions.append(key)
+                if len(sessions) in (1, 3):
+                    return "drop_after"
+            return take_fault(key)
+
+        emu._take_fault = lose_answers
+        data = os.urandom(1500)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.rejected[(CR_SESSION, 40004)], 2)
+        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (5, 2))
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+        # replacing config: the retry of a lost versioned session call meets its lock
+        config = ObjectRef.config(REPO)
+        self.put(storage, b"one", config)
+        del sessions[:]
+        self.put(storage, b"second", config)
+        self.assertEqual(emu.rejected[(CR_SESSION, 40073)], 2)
+        self.assertEqual(self.read(storage, config), b"second")
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+
+    def test_staged_version_of_a_crashed_run_is_cancelled(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        config = ObjectRef.config(REPO)
+        self.put(storage, b"one", config)
+        storage.client.call("PUT", "/file/upload", body={
+            "uri": cloudreve_uri(("restic-backup", "r", "config")), "size": 9,
+            "policy_id": emu.policy_id, "entity_type": "version"})    # then a crash
+        self.put(storage, b"replaced", config)
+        self.assertEqual(emu.rejected[(CR_SESSION, 40073)], 1)
+        self.assertEqual(emu.file_bytes(self.live_path(config)), b"replaced")
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
 
     def test_file_unknown_to_the_index_is_replaced_atomically(self):
         emu = self.emulator()
