@@ -454,6 +454,42 @@ def write_private_file(path, text, tmp_prefix):
         raise
 
 
+class TokenFile(object):
+    """A cloud token kept across restarts in the state directory: one JSON file
+    per account (`<kind>-token-<hash of the identity>.json`), mode 0600, replaced
+    atomically.  Secrets (client secret, password) are never written; subclasses
+    say how a token becomes a record and back."""
+
+    label = "cloud"
+
+    def __init__(self, state_dir, kind, *identity):
+        key = hashlib.sha256("\0".join(identity).encode("utf-8"))
+        self.kind = kind
+        self.path = os.path.join(state_dir, "%s-token-%s.json" % (kind, key.hexdigest()[:16]))
+
+    def from_record(self, saved):
+        raise NotImplementedError
+
+    def load(self):
+        """The saved token, or None (missing, or unreadable: logged)."""
+        try:
+            with open(self.path, "r", encoding="utf-8") as f:
+                return self.from_record(json.load(f))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("%s: ignoring unreadable token file %s: %s", self.label, self.path, e)
+            return None
+
+    def save_record(self, record):
+        try:
+            write_private_file(self.path, json.dumps(record), ".%s-token-" % self.kind)
+        except OSError as e:
+            # Serving goes on with the token in memory; only a restart would need a
+            # new one.
+            log.warning("%s: cannot save the token to %s: %s", self.label, self.path, e)
+
+
 def sha256_checked(chunks, expected, mismatch):
     """Pass a stream of byte chunks through while computing its SHA-256.  The last
     chunk is held back until the hash is known: if it is not `expected`,
@@ -1386,36 +1422,22 @@ def parse_pan123_time(text):
     return calendar.timegm(tuple(fields) + (0, 0, 0)) - offset
 
 
-class Pan123TokenFile(object):
+class Pan123TokenFile(TokenFile):
     """The access token kept across restarts: 123pan allows 3 live tokens per
     client id and pushes the oldest offline, so fetching one per start would log
-    out the user's other devices.  One JSON file per (API base, client id), mode
-    0600, replaced atomically.  The client secret is never written."""
+    out the user's other devices.  One file per (API base, client id)."""
+
+    label = "123pan"
 
     def __init__(self, state_dir, api_base, client_id):
-        key = hashlib.sha256(("%s\0%s" % (api_base, client_id)).encode("utf-8"))
-        self.path = os.path.join(state_dir, "pan123-token-%s.json" % key.hexdigest()[:16])
+        TokenFile.__init__(self, state_dir, "pan123", api_base, client_id)
 
-    def load(self):
-        try:
-            with open(self.path, "r", encoding="utf-8") as f:
-                saved = json.load(f)
-            return _make_token(saved["accessToken"], saved["expiredAt"], saved["obtainedAt"])
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("123pan: ignoring unreadable token file %s: %s", self.path, e)
-            return None
+    def from_record(self, saved):
+        return _make_token(saved["accessToken"], saved["expiredAt"], saved["obtainedAt"])
 
     def save(self, token):
-        text = json.dumps({"accessToken": token.value, "expiredAt": token.expired_at,
-                           "obtainedAt": token.obtained_at})
-        try:
-            write_private_file(self.path, text, ".pan123-token-")
-        except OSError as e:
-            # Serving goes on with the token in memory; only a restart would need a
-            # new one.
-            log.warning("123pan: cannot save the access token to %s: %s", self.path, e)
+        self.save_record({"accessToken": token.value, "expiredAt": token.expired_at,
+                          "obtainedAt": token.obtained_at})
 
 
 def _make_token(value, expired_at, obtained_at):
@@ -2881,35 +2903,23 @@ def _make_cloudreve_token(data, obtained_at):
                           access_expires - margin, refresh_expires - 60)
 
 
-class CloudreveTokenFile(object):
+class CloudreveTokenFile(TokenFile):
     """The newest token pair, kept across restarts so that a restart refreshes
-    rather than logs in again.  One JSON file per (site, user), mode 0600,
-    replaced atomically.  The password is never written."""
+    rather than logs in again.  One file per (site, user)."""
+
+    label = "Cloudreve"
 
     def __init__(self, state_dir, site, email):
-        key = hashlib.sha256(("%s\0%s" % (site, email)).encode("utf-8"))
-        self.path = os.path.join(state_dir, "cloudreve-token-%s.json" % key.hexdigest()[:16])
+        TokenFile.__init__(self, state_dir, "cloudreve", site, email)
 
-    def load(self):
-        try:
-            with open(self.path, "r", encoding="utf-8") as f:
-                saved = json.load(f)
-            return _make_cloudreve_token(saved, saved["obtained_at"])
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("Cloudreve: ignoring unreadable token file %s: %s", self.path, e)
-            return None
+    def from_record(self, saved):
+        return _make_cloudreve_token(saved, saved["obtained_at"])
 
     def save(self, token, obtained_at):
-        text = json.dumps({"access_token": token.access, "refresh_token": token.refresh,
-                           "access_expires": token.access_expires,
-                           "refresh_expires": token.refresh_expires,
-                           "obtained_at": obtained_at})
-        try:
-            write_private_file(self.path, text, ".cloudreve-token-")
-        except OSError as e:
-            log.warning("Cloudreve: cannot save the token to %s: %s", self.path, e)
+        self.save_record({"access_token": token.access, "refresh_token": token.refresh,
+                          "access_expires": token.access_expires,
+                          "refresh_expires": token.refresh_expires,
+                          "obtained_at": obtained_at})
 
 
 class _SpoolSlice(object):
