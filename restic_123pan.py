@@ -436,81 +436,6 @@ class HashingSpool:
         self.close()
 
 
-def write_private_file(path, text, tmp_prefix):
-    """Replace `path` with `text` atomically: a temporary file named tmp_prefix...
-    in the same folder (mode 0600, as mkstemp makes it), fsynced, then renamed.
-    The folder is created with mode 0700 if missing.  OSError on failure."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-class TokenFile(object):
-    """A cloud token kept across restarts in the state directory: one JSON file
-    per account (`<kind>-token-<hash of the identity>.json`), mode 0600, replaced
-    atomically.  Secrets (client secret, password) are never written; subclasses
-    say how a token becomes a record and back."""
-
-    label = "cloud"
-
-    def __init__(self, state_dir, kind, *identity):
-        key = hashlib.sha256("\0".join(identity).encode("utf-8"))
-        self.kind = kind
-        self.path = os.path.join(state_dir, "%s-token-%s.json" % (kind, key.hexdigest()[:16]))
-
-    def from_record(self, saved):
-        raise NotImplementedError
-
-    def load(self):
-        """The saved token, or None (missing, or unreadable: logged)."""
-        try:
-            with open(self.path, "r", encoding="utf-8") as f:
-                return self.from_record(json.load(f))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("%s: ignoring unreadable token file %s: %s", self.label, self.path, e)
-            return None
-
-    def save_record(self, record):
-        try:
-            write_private_file(self.path, json.dumps(record), ".%s-token-" % self.kind)
-        except OSError as e:
-            # Serving goes on with the token in memory; only a restart would need a
-            # new one.
-            log.warning("%s: cannot save the token to %s: %s", self.label, self.path, e)
-
-
-def sha256_checked(chunks, expected, mismatch):
-    """Pass a stream of byte chunks through while computing its SHA-256.  The last
-    chunk is held back until the hash is known: if it is not `expected`,
-    mismatch(actual hex digest) returns the exception raised instead, so a reader
-    sees a failed stream rather than wrong bytes.  `chunks` is closed at the end."""
-    digest = hashlib.sha256()
-    held = None
-    try:
-        for chunk in chunks:
-            if held is not None:
-                yield held
-            digest.update(chunk)
-            held = chunk
-    finally:
-        chunks.close()
-    if digest.hexdigest() != expected:
-        raise mismatch(digest.hexdigest())
-    if held is not None:
-        yield held
-
-
 class RangeNotSatisfiable(Exception):
     pass
 
@@ -891,38 +816,6 @@ class HttpClient(object):
                 conn.close()
 
 
-def resumed_download(response, start, length, reopen, resumes, label, give_up):
-    """Yield bytes [start, start+length) of a ranged download, `response` first.
-    When its connection drops (or the body ends early), reopen(position, rest)
-    must return a response for the rest from the byte reached; after `resumes`
-    of those, give_up(position, end, error) returns the exception raised.
-    `label` starts the log line of each resume ("123pan: download of file 7").
-    Bytes and resumes are counted in METRICS."""
-    position, end = start, start + length
-    resumed = 0
-    try:
-        while position < end:
-            try:
-                chunk = response.read(min(IO_CHUNK, end - position))
-                if not chunk:
-                    raise http.client.IncompleteRead(b"", end - position)
-            except NETWORK_ERRORS as e:
-                response.close()
-                resumed += 1
-                if resumed > resumes:
-                    raise give_up(position, end, e)
-                log.info("%s broke off at byte %d (%s); resuming", label, position,
-                         type(e).__name__)
-                METRICS.inc("restic123pan_cloud_retries_total", reason="download_resume")
-                response = reopen(position, end - position)
-                continue
-            position += len(chunk)
-            METRICS.inc("restic123pan_cloud_bytes_downloaded_total", len(chunk))
-            yield chunk
-    finally:
-        response.close()
-
-
 class MetricsRegistry(object):
     """Counters and gauges rendered in the Prometheus text format, by hand.
 
@@ -1022,25 +915,47 @@ def is_object_id(name):
     return bool(_ID_RE.match(name))
 
 
+# What a storage failure means.  Backends say what happened; the HTTP layer turns
+# it into a status with its one table (STATUS_OF_MEANING, section 10).
+MISSING = "missing"                 # no such object (any more)
+QUOTA = "quota"                     # no room left for it
+UNAVAILABLE = "unavailable"         # busy, rate limited or unreachable past the retries
+TIMED_OUT = "timed out"             # the storage below did not answer in time
+REFUSED = "upstream refused"        # refused, or answered something unusable
+CACHE_TROUBLE = "cache trouble"     # the local metadata cache failed (disk full, I/O)
+
+
 class StorageError(Exception):
-    """A failure of the storage below; `status` is what the REST layer answers."""
-    status = 502
+    """A failure of the storage below; `meaning` says what happened (one of the
+    names above), for the REST layer to answer with."""
+    meaning = REFUSED
+
+    def __init__(self, message, meaning=None):
+        Exception.__init__(self, message)
+        if meaning is not None:
+            self.meaning = meaning
 
 
 class NotFound(StorageError):
-    status = 404
+    meaning = MISSING
 
 
 class UpstreamError(StorageError):
     """The cloud failed after retries (or answered something we cannot use)."""
 
-    def __init__(self, message, status=502):
-        StorageError.__init__(self, message)
-        self.status = status
+
+class Unavailable(UpstreamError):
+    """Busy, rate limited or unreachable past the retry deadline."""
+    meaning = UNAVAILABLE
 
 
 class QuotaExceeded(StorageError):
-    status = 507
+    meaning = QUOTA
+
+
+class CacheError(StorageError):
+    """The metadata cache failed (disk full, I/O error)."""
+    meaning = CACHE_TROUBLE
 
 
 class ObjectRef(collections.namedtuple("ObjectRef", "repo kind name")):
@@ -1063,6 +978,23 @@ class ObjectRef(collections.namedtuple("ObjectRef", "repo kind name")):
 
     def __str__(self):
         return "/".join(self.repo + (self.relpath,))
+
+
+# Characters no cloud drive here accepts in a folder name (123pan and Cloudreve
+# refuse the same ones).
+FORBIDDEN_IN_FOLDER_NAME = frozenset('\\:*?"<>|')
+
+
+def split_folder_path(path, label):
+    """'/restic-backup/x' -> ('restic-backup', 'x'); ValueError for a name no
+    cloud here can hold (forbidden characters, blank, '.' or '..', over 254
+    characters or 255 UTF-8 bytes: 123pan spec, Cloudreve spec 1.8)."""
+    parts = tuple(p for p in path.split("/") if p)
+    for part in parts:
+        if set(part) & FORBIDDEN_IN_FOLDER_NAME or not part.strip() or part in (".", "..") \
+                or len(part) > 254 or len(part.encode("utf-8")) > 255:
+            raise ValueError("%s cannot hold a folder named %r" % (label, part))
+    return parts
 
 
 def object_folder(base, repo, kind, name=None):
@@ -1277,142 +1209,72 @@ class LocalStorage(Storage):
 
 
 # ---------------------------------------------------------------------------
-# 5. Backend: 123pan (123云盘) Open Platform, its API client beside it
+# 5. What the cloud backends share: transient failures and retry counting, the
+#    batch queue, verified and resumed downloads, tokens kept across restarts,
+#    the metadata cache (sqlite3) with its folder index and warm-up, and the
+#    CloudClient and CloudStorage bases.  Follows ARCHITECTURE.md ("Cloud
+#    clients", "Metadata cache") and the listing-lag rule of 123pan spec 4.2.
 # ---------------------------------------------------------------------------
 
-PAN123_DEFAULT_API_BASE = "https://open-api.123pan.com"
-
-PAN123_CODE_OK = 0
-PAN123_CODE_GENERIC = 1             # also "folder exists" and "parent missing"
-PAN123_CODE_UNAUTHORIZED = 401
-PAN123_CODE_TOO_MANY_REQUESTS = 429
-PAN123_CODE_FILE_NOT_FOUND = 5066
-PAN123_CODE_TRAFFIC_QUOTA = 5113
-PAN123_CODE_STILL_VERIFYING = 20103  # upload_complete: "not yet, ask again in 1 s"
-# mkdir's code-1 message for an existing folder (该目录下已经有同名文件夹,无法进行创建).
-PAN123_FOLDER_EXISTS_MARK = "同名文件夹"
-
-# Requests per second per endpoint: (free, VIP).  The developer (client_id) table
-# where it has the endpoint, else the per-uid table of third-party apps; the free
-# column is the conservative default.
-PAN123_QPS = {
-    "/api/v1/access_token": (8, 10),
-    "/api/v1/user/info": (10, 10),
-    "/api/v1/file/move": (3, 10),
-    "/api/v1/file/delete": (1, 10),
-    "/api/v1/file/list": (0.2, 10),
-    "/api/v2/file/list": (5, 10),
-    "/upload/v1/file/mkdir": (5, 20),
-    "/api/v1/file/trash": (5, 5),
-    "/api/v1/file/infos": (10, 10),
-    "/api/v1/file/download_info": (5, 5),
-    "/upload/v2/file/upload_complete": (20, 20),   # the uid table's V1 figure
-}
-# The V2 upload calls (create, slice, single-step, domain) and detail have no
-# published limit: 5 is the lowest figure published for any upload call.
-PAN123_DEFAULT_QPS = 5
-
-PAN123_LIST_PAGE = 100              # list v2 maximum page size
-PAN123_MAX_BATCH = 100              # ids per trash / delete call
-PAN123_MAX_RESPONSE = 16 * 1024 * 1024
-# Renew a token this long before its expiredAt (as RP and OpenList do), or after
-# nine tenths of its life if it lives shorter than that.
-PAN123_TOKEN_RENEW_MARGIN = 300.0
+# The data/<first 2 hex of the id> folders of restic's layout.
+_DATA_FOLDER_RE = re.compile(r"\A[0-9a-f]{2}\Z")
 
 
-class Pan123Error(UpstreamError):
-    """123pan answered with a non-zero code (or could not be reached: see
-    Pan123Unavailable).  An UpstreamError, so anything not handled more
-    specifically reaches restic as a 502 with this one-line reason."""
+class SpoolSlice(object):
+    """A request body: bytes [start, start+length) of a spool, streamed, and
+    streamed again for a retry."""
 
-    def __init__(self, message, code=None, endpoint=None, trace_id="", status=502):
-        UpstreamError.__init__(self, message, status)
-        self.code, self.endpoint, self.trace_id = code, endpoint, trace_id
+    def __init__(self, spool, start, length):
+        self.spool, self.start, self.length = spool, start, length
+        self.content_length = length
 
-    @classmethod
-    def from_envelope(cls, endpoint, envelope, status=502):
-        code = envelope.get("code")
-        message = envelope.get("message") or ""
-        trace_id = envelope.get("x-traceID") or ""
-        text = "123pan %s: code %s: %s" % (endpoint, code, message)
-        if trace_id:
-            text += " (x-traceID %s)" % trace_id
-        return cls(text, code, endpoint, trace_id, status)
-
-
-class Pan123FileNotFound(Pan123Error):
-    """Code 5066: the file id does not exist (any more)."""
-
-
-class Pan123QuotaExhausted(Pan123Error):
-    """Code 5113: today's download traffic is used up."""
-
-
-class Pan123AuthError(Pan123Error):
-    """Credentials refused, a fresh token refused, or too many live tokens."""
-
-
-class Pan123FolderExists(Pan123Error):
-    """mkdir: a folder of that name is already there."""
-
-
-class Pan123StillVerifying(Pan123Error):
-    """Code 20103 from upload_complete: not done yet, ask again in about 1 s."""
-
-
-class Pan123Unavailable(Pan123Error):
-    """Rate limited, unreachable or failing transiently past the retry deadline."""
-
-
-_ERROR_TYPE_BY_CODE = {
-    PAN123_CODE_UNAUTHORIZED: (Pan123AuthError, 502),
-    PAN123_CODE_FILE_NOT_FOUND: (Pan123FileNotFound, 502),
-    PAN123_CODE_TRAFFIC_QUOTA: (Pan123QuotaExhausted, 503),
-    PAN123_CODE_STILL_VERIFYING: (Pan123StillVerifying, 502),
-}
+    def __iter__(self):
+        return self.spool.iter_range(self.start, self.length)
 
 
 class _Transient(Exception):
-    """One failed attempt worth retrying: `status` is what it becomes once retries
-    are exhausted, `kind` the reason label of the retries metric."""
+    """One failed attempt worth retrying: `reason` is the label of the retries
+    metric, `meaning` what the failure means once retries are exhausted."""
 
-    def __init__(self, reason, status=502, kind="server_error"):
-        Exception.__init__(self, reason)
-        self.status, self.kind = status, kind
+    def __init__(self, message, reason="server_error", meaning=REFUSED):
+        Exception.__init__(self, message)
+        self.reason, self.meaning = reason, meaning
 
     @classmethod
     def network(cls, error):
         timed_out = isinstance(error, (socket.timeout, TimeoutError))
-        return cls("%s: %s" % (type(error).__name__, error), 504 if timed_out else 502,
-                   "timeout" if timed_out else "network")
+        return cls("%s: %s" % (type(error).__name__, error),
+                   "timeout" if timed_out else "network", TIMED_OUT if timed_out else REFUSED)
 
     @classmethod
-    def rate_limited(cls, reason):
+    def rate_limited(cls, message):
         METRICS.inc("restic123pan_cloud_rate_limited_total")
-        return cls(reason, 503, "rate_limited")
+        return cls(message, "rate_limited", UNAVAILABLE)
+
+    @classmethod
+    def gateway(cls, message, http_status):
+        """A gateway error or a mangled answer: another try may get through."""
+        return cls(message, meaning=TIMED_OUT if http_status == 504 else REFUSED)
 
 
 def _count_retry(reason):
     METRICS.inc("restic123pan_cloud_retries_total", reason=reason)
 
 
-Pan123Entry = collections.namedtuple("Pan123Entry", "file_id name is_folder size etag")
-Pan123Token = collections.namedtuple("Pan123Token", "value expired_at obtained_at renew_at")
-
-
 _RFC3339_RE = re.compile(r"\A(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.\d+)?"
                          r"\s*(Z|[+-]\d\d:?\d\d)?\Z", re.IGNORECASE)
 
 
-def parse_pan123_time(text):
-    """RFC 3339 ('2025-03-23T15:48:37+08:00', 'Z', fractions) or 123pan's zoneless
-    'YYYY-MM-DD HH:MM:SS' (UTC+8) -> POSIX seconds.  By hand, because 3.8's
-    datetime.fromisoformat refuses 'Z' and odd fraction lengths."""
+def parse_rfc3339(text, zone_if_missing="Z"):
+    """RFC 3339 ('2025-03-23T15:48:37+08:00', 'Z', up to 9 fraction digits) ->
+    POSIX seconds; a timestamp without a zone ('YYYY-MM-DD HH:MM:SS') is read in
+    `zone_if_missing`.  By hand, because 3.8's datetime.fromisoformat refuses
+    'Z' and odd fraction lengths."""
     m = _RFC3339_RE.match(text.strip())
     if not m:
         raise ValueError("not a timestamp: %r" % text)
     fields = [int(g) for g in m.groups()[:6]]
-    zone = (m.group(7) or "+08:00").upper()
+    zone = (m.group(7) or zone_if_missing).upper()
     offset = 0
     if zone != "Z":
         digits = zone[1:].replace(":", "")
@@ -1420,462 +1282,6 @@ def parse_pan123_time(text):
         if zone[0] == "-":
             offset = -offset
     return calendar.timegm(tuple(fields) + (0, 0, 0)) - offset
-
-
-class Pan123TokenFile(TokenFile):
-    """The access token kept across restarts: 123pan allows 3 live tokens per
-    client id and pushes the oldest offline, so fetching one per start would log
-    out the user's other devices.  One file per (API base, client id)."""
-
-    label = "123pan"
-
-    def __init__(self, state_dir, api_base, client_id):
-        TokenFile.__init__(self, state_dir, "pan123", api_base, client_id)
-
-    def from_record(self, saved):
-        return _make_token(saved["accessToken"], saved["expiredAt"], saved["obtainedAt"])
-
-    def save(self, token):
-        self.save_record({"accessToken": token.value, "expiredAt": token.expired_at,
-                          "obtainedAt": token.obtained_at})
-
-
-def _make_token(value, expired_at, obtained_at):
-    if not isinstance(value, str) or not value:
-        raise ValueError("empty access token")
-    expires = parse_pan123_time(expired_at)
-    margin = min(PAN123_TOKEN_RENEW_MARGIN, max(0.0, expires - obtained_at) / 10)
-    return Pan123Token(value, expired_at, obtained_at, expires - margin)
-
-
-class Pan123Client(object):
-    """The 123pan Open Platform API.  Every request to the API and upload hosts
-    goes through call(), which owns the headers, the token, the per-endpoint rate
-    limit, the {code, message, data, x-traceID} envelope and the retries.
-    Downloads from the CDN use the same HttpClient without credentials.
-    Thread-safe: one client serves every request thread."""
-
-    def __init__(self, client_id, client_secret, api_base=PAN123_DEFAULT_API_BASE,
-                 state_dir=None, tier="free", http_client=None, timeout=60.0,
-                 call_deadline=60.0, retry_base=0.5, retry_cap=8.0,
-                 poll_interval=1.0, complete_deadline=240.0,
-                 download_url_lifetime=300.0, download_resumes=5,
-                 rate_margin=0.05):
-        if not client_id or not client_secret:
-            raise ValueError("123pan needs a client id and a client secret")
-        self.client_id = client_id
-        self._client_secret = client_secret
-        self.api_base = api_base.rstrip("/")
-        self.http = http_client or HttpClient(timeout=timeout)
-        column = 1 if tier == "vip" else 0
-        self.limiter = RateLimiter(dict((path, qps[column]) for path, qps in PAN123_QPS.items()),
-                                   PAN123_DEFAULT_QPS, rate_margin)
-        self.call_deadline = call_deadline
-        self.retry_base, self.retry_cap = retry_base, retry_cap
-        self.poll_interval = poll_interval
-        # The whole "upload_complete says not yet" wait; with the slices before it,
-        # it stays inside restic's 5-minute window for one request.
-        self.complete_deadline = complete_deadline
-        self.download_url_lifetime = download_url_lifetime
-        self.download_resumes = download_resumes
-
-        self._token_file = Pan123TokenFile(state_dir, self.api_base, client_id) \
-            if state_dir else None
-        self._token = self._token_file.load() if self._token_file else None
-        self._token_lock = threading.Lock()
-        self._upload_domain = None
-        self._upload_domain_lock = threading.Lock()
-        self._download_urls = collections.OrderedDict()     # file id -> (url, usable until)
-        self._download_urls_lock = threading.Lock()
-
-    def __repr__(self):     # never the secret
-        return "Pan123Client(%r, %r)" % (self.client_id, self.api_base)
-
-    def close(self):
-        self.http.close()
-
-    def _backoff(self, deadline):
-        return Backoff(deadline, self.retry_base, self.retry_cap)
-
-    # -- the one place every API request goes through --------------------------
-
-    def call(self, method, path, query=None, body=None, form=None, host=None,
-             auth=True, expected=(), deadline=None):
-        """One API call; returns the envelope's `data`.
-
-        body: JSON-serialisable (a JSON POST/PUT); form: a MultipartBody; host: the
-        base URL (default the API host) or a function returning it, asked again
-        before every attempt.  Code 401 gets one fresh token and an immediate retry;
-        429, 5xx, unparseable answers and network failures are retried with
-        jittered backoff until `deadline` (default call_deadline from now), then
-        Pan123Unavailable.  Any other non-zero code raises its Pan123Error type at
-        once, logged with code, message and x-traceID unless the caller lists that
-        type in `expected` (an answer it handles, such as "folder exists")."""
-        if deadline is None:
-            deadline = time.monotonic() + self.call_deadline
-        backoff = self._backoff(deadline)
-        token_refreshed = False
-        failure = None
-        while True:
-            base = (host() if callable(host) else host) or self.api_base
-            headers = {"Platform": "open_platform"}
-            token = None
-            if auth:
-                token = self._current_token()
-                headers["Authorization"] = "Bearer " + token.value
-            try:
-                envelope = self._attempt(method, base, path, query, body, form, headers,
-                                         deadline)
-            except _Transient as e:
-                failure = e
-            except RateLimitTimeout:
-                raise self._gave_up(path, failure or _Transient(
-                    "no request slot free before the deadline", 503))
-            else:
-                code = envelope["code"]
-                if code == PAN123_CODE_OK:
-                    return envelope.get("data")
-                if code == PAN123_CODE_UNAUTHORIZED and auth and not token_refreshed:
-                    token_refreshed = True
-                    self._renew_token(stale=token)
-                    _count_retry("token")
-                    continue
-                if code != PAN123_CODE_TOO_MANY_REQUESTS:
-                    raise self._permanent_error(path, envelope, expected)
-                failure = _Transient.rate_limited("rate limited (code 429)")
-            if not backoff.pause():
-                raise self._gave_up(path, failure)
-            _count_retry(failure.kind)
-            log.debug("123pan %s: retrying: %s", path, failure)
-
-    @staticmethod
-    def _gave_up(path, failure):
-        return Pan123Unavailable("123pan %s: giving up: %s" % (path, failure),
-                                 endpoint=path, status=failure.status)
-
-    def _attempt(self, method, base, path, query, body, form, headers, deadline):
-        """Send once and return the envelope; _Transient for what may be retried,
-        RateLimitTimeout when no slot came free before the deadline."""
-        url = base + path + ("?" + urlencode(query) if query else "")
-        payload = None
-        if form is not None:
-            payload = form
-            headers["Content-Type"] = form.content_type
-            headers["Content-Length"] = str(form.content_length)
-        elif body is not None:
-            payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
-            headers["Content-Type"] = "application/json"
-        try:
-            with self.limiter.slot(path, deadline):
-                METRICS.inc("restic123pan_cloud_api_calls_total", endpoint=path)
-                response = self.http.request(method, url, headers, payload)
-                if form is not None:    # an answer came: the body was sent
-                    METRICS.inc("restic123pan_cloud_bytes_uploaded_total", form.content_length)
-                raw = response.read_all(PAN123_MAX_RESPONSE)
-        except PERMANENT_NETWORK_ERRORS as e:
-            raise Pan123Error("123pan %s: %s" % (path, e), endpoint=path)
-        except NETWORK_ERRORS as e:
-            self._forget_upload_domain(base)
-            raise _Transient.network(e)
-        # 123pan reports errors in the envelope; accept one whatever the HTTP
-        # status (401 and 429 may come either way).
-        try:
-            envelope = json.loads(raw.decode("utf-8"))
-        except ValueError:
-            envelope = None
-        if isinstance(envelope, dict) and isinstance(envelope.get("code"), int):
-            return envelope
-        reason = "HTTP %d without a JSON envelope" % response.status
-        if response.status == 429:
-            raise _Transient.rate_limited(reason)
-        if response.status >= 500 or response.status in (200, 408):
-            # Gateway errors, and 200s mangled on the way: worth another try.
-            raise _Transient(reason, 504 if response.status == 504 else 502)
-        raise Pan123Error("123pan %s: %s" % (path, reason), endpoint=path)
-
-    @staticmethod
-    def _permanent_error(path, envelope, expected):
-        code = envelope["code"]
-        message = str(envelope.get("message"))
-        if code == PAN123_CODE_GENERIC and PAN123_FOLDER_EXISTS_MARK in message:
-            error_type, status = Pan123FolderExists, 502
-        else:
-            error_type, status = _ERROR_TYPE_BY_CODE.get(code, (Pan123Error, 502))
-        error = error_type.from_envelope(path, envelope, status)
-        if not isinstance(error, expected):
-            log.warning("%s", error)
-        return error
-
-    # -- access token --------------------------------------------------------
-
-    def _current_token(self):
-        token = self._token
-        if token is not None and time.time() < token.renew_at:
-            return token
-        return self._renew_token(stale=token)
-
-    def _renew_token(self, stale):
-        """A fresh token, unless another thread already replaced `stale`: one
-        renewal at a time across threads, so a burst of 401s costs one token."""
-        with self._token_lock:
-            current = self._token
-            if current is not None and current is not stale and time.time() < current.renew_at:
-                return current
-            obtained_at = time.time()
-            data = self.call("POST", "/api/v1/access_token", auth=False,
-                             body={"clientID": self.client_id,
-                                   "clientSecret": self._client_secret})
-            try:
-                token = _make_token(data["accessToken"], data["expiredAt"], obtained_at)
-            except (TypeError, KeyError, ValueError) as e:
-                raise Pan123Error("123pan access_token: unusable answer (%s)" % e,
-                                  endpoint="/api/v1/access_token")
-            METRICS.inc("restic123pan_cloud_token_refreshes_total")
-            log.info("123pan: obtained a new access token, valid until %s", token.expired_at)
-            if self._token_file is not None:
-                self._token_file.save(token)
-            self._token = token
-            return token
-
-    # -- folders and listings -------------------------------------------------
-
-    def mkdir(self, parent_id, name):
-        """Create a folder; its id.  Pan123FolderExists if the name is taken."""
-        data = self.call("POST", "/upload/v1/file/mkdir",
-                         body={"name": name, "parentID": parent_id},
-                         expected=(Pan123FolderExists,))
-        return _positive_id(data, "dirID", "mkdir")
-
-    def list_folder(self, parent_id):
-        """Yield the live Pan123Entry items of a folder, every page (list v2)."""
-        cursor = None
-        while True:
-            entries, cursor = self.list_page(parent_id, cursor)
-            for entry in entries:
-                yield entry
-            if cursor is None:
-                return
-
-    def list_page(self, parent_id, cursor=None):
-        """One page of a folder (list v2): (live entries, the cursor of the next
-        page or None after the last).  cursor None starts at the beginning.
-
-        Trashed entries (list v2 returns them) and entries rejected by content
-        review (status > 100) are left out.  The cursor is passed back opaque;
-        -1, an empty page or a cursor that does not move ends the listing."""
-        query = {"parentFileId": parent_id, "limit": PAN123_LIST_PAGE}
-        if cursor is not None:
-            query["lastFileId"] = cursor
-        data = self.call("GET", "/api/v2/file/list", query=query) or {}
-        page = data.get("fileList") or []
-        entries = [Pan123Entry(item["fileId"], item["filename"], item.get("type") == 1,
-                               item.get("size") or 0, (item.get("etag") or "").lower())
-                   for item in page
-                   if item.get("trashed") != 1 and (item.get("status") or 0) <= 100]
-        next_cursor = data.get("lastFileId", -1)
-        if next_cursor == -1 or not page:
-            return entries, None
-        if next_cursor == cursor:
-            raise Pan123Error("123pan list of folder %d: cursor %r does not advance"
-                              % (parent_id, cursor), endpoint="/api/v2/file/list")
-        return entries, next_cursor
-
-    # -- uploads ------------------------------------------------------------------
-
-    def upload_domain(self):
-        """The single-step upload host, asked once and kept until a connection
-        to it fails."""
-        with self._upload_domain_lock:
-            if self._upload_domain is None:
-                hosts = self.call("GET", "/upload/v2/file/domain")
-                if not isinstance(hosts, list) or not hosts or not isinstance(hosts[0], str):
-                    raise Pan123Error("123pan upload domain: unusable answer %r" % (hosts,),
-                                      endpoint="/upload/v2/file/domain")
-                self._upload_domain = hosts[0].rstrip("/")
-            return self._upload_domain
-
-    def _forget_upload_domain(self, base):
-        with self._upload_domain_lock:
-            if self._upload_domain == base:
-                self._upload_domain = None
-
-    def upload_single(self, parent_id, name, spool):
-        """Single-step upload of the whole spool (up to 1 GB); the new file id."""
-        form = MultipartBody([("parentFileID", parent_id), ("filename", name),
-                              ("etag", spool.md5), ("size", spool.size),
-                              ("duplicate", 2)],   # replace: objects are content-addressed
-                             "file", name, spool)
-        data = self.call("POST", "/upload/v2/file/single/create", form=form,
-                         host=self.upload_domain,
-                         deadline=time.monotonic() + self._transfer_deadline(spool.size))
-        if not isinstance(data, dict) or data.get("completed") is not True:
-            raise Pan123Error("123pan single-step upload of %s: not completed (%r)"
-                              % (name, data), endpoint="/upload/v2/file/single/create")
-        return _positive_id(data, "fileID", "single-step upload of %s" % name)
-
-    def upload_chunked(self, parent_id, name, spool):
-        """The V2 chunked flow: create (an instant upload may end it there), the
-        slices in order, then upload_complete polled until the file exists."""
-        created = self.call("POST", "/upload/v2/file/create",
-                            body={"parentFileID": parent_id, "filename": name,
-                                  "etag": spool.md5, "size": spool.size, "duplicate": 2})
-        if not isinstance(created, dict):
-            raise Pan123Error("123pan create %s: unusable answer" % name,
-                              endpoint="/upload/v2/file/create")
-        if created.get("reuse") and created.get("fileID"):
-            log.debug("123pan: %s stored by instant upload (same MD5 and size known)", name)
-            return created["fileID"]
-        preupload_id = created.get("preuploadID")
-        slice_size = created.get("sliceSize")
-        if not preupload_id or not isinstance(slice_size, int) or slice_size <= 0:
-            raise Pan123Error("123pan create %s: no preuploadID/sliceSize in %r"
-                              % (name, created), endpoint="/upload/v2/file/create")
-        servers = created.get("servers") or []
-        host = servers[0].rstrip("/") if servers else self.upload_domain
-        for number, start in enumerate(range(0, spool.size, slice_size), 1):
-            self._upload_slice(host, preupload_id, name, number, spool, start,
-                               min(slice_size, spool.size - start))
-        return self._await_complete(preupload_id, name)
-
-    def _upload_slice(self, host, preupload_id, name, number, spool, start, length):
-        # sliceMD5 is a form field that precedes the bytes, so it is computed in a
-        # first pass over the (local) spool range; nothing is held in memory.
-        md5 = hashlib.md5()
-        for chunk in spool.iter_range(start, length):
-            md5.update(chunk)
-        form = MultipartBody([("preuploadID", preupload_id), ("sliceNo", number),
-                              ("sliceMD5", md5.hexdigest())],
-                             "slice", "%s.part%d" % (name, number), spool, start, length)
-        # call() retries this one slice on its own; the others stay uploaded.
-        self.call("POST", "/upload/v2/file/slice", form=form, host=host,
-                  deadline=time.monotonic() + self._transfer_deadline(length))
-
-    def _await_complete(self, preupload_id, name):
-        deadline = time.monotonic() + self.complete_deadline
-        while True:
-            try:
-                data = self.call("POST", "/upload/v2/file/upload_complete",
-                                 body={"preuploadID": preupload_id},
-                                 expected=(Pan123StillVerifying,), deadline=deadline)
-            except Pan123StillVerifying:
-                data = None         # the same as completed:false
-            if isinstance(data, dict) and data.get("completed") and data.get("fileID"):
-                return data["fileID"]
-            if time.monotonic() + self.poll_interval >= deadline:
-                raise Pan123Unavailable("123pan upload of %s: not complete after %ds"
-                                        % (name, self.complete_deadline),
-                                        endpoint="/upload/v2/file/upload_complete",
-                                        status=504)
-            time.sleep(self.poll_interval)
-
-    def _transfer_deadline(self, size):
-        # Retries of an upload may take longer than those of a small call: allow
-        # for the transfer itself at a slow 1 MB/s on top of call_deadline.
-        return self.call_deadline + size / 1e6
-
-    # -- trash and delete -----------------------------------------------------------
-
-    def file_detail(self, file_id):
-        """detail of one file or folder (dict with fileID, filename, size, etag,
-        trashed...); Pan123FileNotFound if the id does not exist."""
-        return self.call("GET", "/api/v1/file/detail", query={"fileID": file_id},
-                         expected=(Pan123FileNotFound,))
-
-    def trash(self, file_ids):
-        """Move files to the recycle bin (invisible to list v2 from then on)."""
-        self._batched("/api/v1/file/trash", file_ids)
-
-    def delete_trashed(self, file_ids):
-        """Delete permanently; 123pan accepts only ids already in the trash."""
-        self._batched("/api/v1/file/delete", file_ids)
-
-    def _batched(self, path, file_ids):
-        file_ids = list(file_ids)
-        for i in range(0, len(file_ids), PAN123_MAX_BATCH):
-            self.call("POST", path, body={"fileIDs": file_ids[i:i + PAN123_MAX_BATCH]})
-
-    # -- downloads --------------------------------------------------------------------
-
-    def download_url(self, file_id):
-        """A CDN URL for the file, reused for download_url_lifetime seconds: far
-        below the (unverified) 2 h lifetime claimed for these URLs, and a rejected
-        URL is replaced anyway."""
-        now = time.monotonic()
-        with self._download_urls_lock:
-            cached = self._download_urls.get(file_id)
-            if cached is not None and cached[1] > now:
-                return cached[0]
-        # A missing file is the storage's to report (it knows which object it was).
-        data = self.call("GET", "/api/v1/file/download_info", query={"fileId": file_id},
-                         expected=(Pan123FileNotFound,))
-        url = data.get("downloadUrl") if isinstance(data, dict) else None
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise Pan123Error("123pan download_info of file %d: no usable URL" % file_id,
-                              endpoint="/api/v1/file/download_info")
-        with self._download_urls_lock:
-            self._download_urls[file_id] = (url, now + self.download_url_lifetime)
-            self._download_urls.move_to_end(file_id)
-            while len(self._download_urls) > 10000:
-                self._download_urls.popitem(last=False)
-        return url
-
-    def forget_download_url(self, file_id):
-        with self._download_urls_lock:
-            self._download_urls.pop(file_id, None)
-
-    def read_range(self, file_id, start, length):
-        """An iterator over bytes [start, start+length) of a file (length > 0).
-
-        The first request happens now, so a missing file (Pan123FileNotFound) or
-        an unreachable CDN raises here rather than during iteration.  A connection
-        that drops mid-body is resumed from the byte reached, up to
-        download_resumes times."""
-        response = self._open_range(file_id, start, length)
-        return self._stream_range(file_id, start, length, response)
-
-    def _open_range(self, file_id, start, length):
-        backoff = self._backoff(time.monotonic() + self.call_deadline)
-        url_refreshed = False
-        headers = {"Range": "bytes=%d-%d" % (start, start + length - 1)}
-        while True:
-            url = self.download_url(file_id)
-            try:
-                response = self.http.request("GET", url, headers, follow_redirects=True)
-            except PERMANENT_NETWORK_ERRORS as e:
-                raise Pan123Error("123pan download of file %d: %s" % (file_id, e))
-            except NETWORK_ERRORS as e:
-                failure = _Transient.network(e)
-            else:
-                problem = _range_response_problem(response, start, length)
-                if problem is None:
-                    return response
-                response.discard()
-                if response.status in (403, 404, 410) and not url_refreshed:
-                    # Expired or revoked URL: one new one, straight away.
-                    url_refreshed = True
-                    self.forget_download_url(file_id)
-                    _count_retry("download_url")
-                    continue
-                if response.status == 429:
-                    failure = _Transient.rate_limited(problem)
-                elif 400 <= response.status < 500 and response.status != 408:
-                    raise Pan123Error("123pan download of file %d bytes %d+%d: %s"
-                                      % (file_id, start, length, problem))
-                else:
-                    failure = _Transient(problem)
-            if not backoff.pause():
-                raise Pan123Unavailable("123pan download of file %d: giving up: %s"
-                                        % (file_id, failure), status=failure.status)
-            _count_retry(failure.kind)
-
-    def _stream_range(self, file_id, start, length, response):
-        return resumed_download(
-            response, start, length,
-            lambda position, rest: self._open_range(file_id, position, rest),
-            self.download_resumes, "123pan: download of file %d" % file_id,
-            lambda position, end, e: Pan123Unavailable(
-                "123pan download of file %d broke off at byte %d of %d-%d: %s"
-                % (file_id, position, start, end, e)))
 
 
 _CONTENT_RANGE_RE = re.compile(r"\Abytes (\d+)-(\d+)/(\d+|\*)\Z")
@@ -1898,178 +1304,111 @@ def _range_response_problem(response, start, length):
     return None
 
 
-def _positive_id(data, key, what):
-    value = data.get(key) if isinstance(data, dict) else None
-    if not isinstance(value, int) or value <= 0:
-        raise Pan123Error("123pan %s: no %s in the answer (%r)" % (what, key, data))
-    return value
+def resumed_download(response, start, length, reopen, resumes, label, give_up):
+    """Yield bytes [start, start+length) of a ranged download, `response` first.
+    When its connection drops (or the body ends early), reopen(position, rest)
+    must return a response for the rest from the byte reached; after `resumes`
+    of those, give_up(position, end, error) returns the exception raised.
+    `label` starts the log line of each resume ("123pan: download of file 7").
+    Bytes and resumes are counted in METRICS."""
+    position, end = start, start + length
+    resumed = 0
+    try:
+        while position < end:
+            try:
+                chunk = response.read(min(IO_CHUNK, end - position))
+                if not chunk:
+                    raise http.client.IncompleteRead(b"", end - position)
+            except NETWORK_ERRORS as e:
+                response.close()
+                resumed += 1
+                if resumed > resumes:
+                    raise give_up(position, end, e)
+                log.info("%s broke off at byte %d (%s); resuming", label, position,
+                         type(e).__name__)
+                METRICS.inc("restic123pan_cloud_retries_total", reason="download_resume")
+                response = reopen(position, end - position)
+                continue
+            position += len(chunk)
+            METRICS.inc("restic123pan_cloud_bytes_downloaded_total", len(chunk))
+            yield chunk
+    finally:
+        response.close()
 
 
-Pan123File = collections.namedtuple("Pan123File", "file_id size etag")
+def write_private_file(path, text, tmp_prefix):
+    """Replace `path` with `text` atomically: a temporary file named tmp_prefix...
+    in the same folder (mode 0600, as mkstemp makes it), fsynced, then renamed.
+    The folder is created with mode 0700 if missing.  OSError on failure."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
-class _Listing(object):
-    """One listing of a folder under way: where it started (cursor None: from
-    the first page), which names it showed (a set only when it started at the
-    first page), and what it has merged."""
-    __slots__ = ("folder_id", "cursor", "seen", "settled_before", "pages", "objects")
+class TokenFile(object):
+    """A cloud token kept across restarts in the state directory: one JSON file
+    per account (`<kind>-token-<hash of the identity>.json`), mode 0600, replaced
+    atomically.  Secrets (client secret, password) are never written; subclasses
+    say how a token becomes a record and back."""
 
-    def __init__(self, folder_id, cursor, settled_before):
-        self.folder_id, self.cursor, self.settled_before = folder_id, cursor, settled_before
-        self.seen = set() if cursor is None else None
-        self.pages = self.objects = 0
+    label = "cloud"
 
-    def from_start(self):
-        self.cursor, self.seen = None, set()
+    def __init__(self, state_dir, kind, *identity):
+        key = hashlib.sha256("\0".join(identity).encode("utf-8"))
+        self.kind = kind
+        self.path = os.path.join(state_dir, "%s-token-%s.json" % (kind, key.hexdigest()[:16]))
 
+    def from_record(self, saved):
+        raise NotImplementedError
 
-class Pan123Index(object):
-    """What this server knows exists on 123pan: per folder id its files
-    (name -> Pan123File) and sub-folders (name -> id), and whether the folder
-    was listed completely.  Kept in a MetadataCache under the namespace of the
-    account: a persistent one from the state directory survives restarts; the
-    default is an in-memory one.
-
-    A folder is listed once, when first needed (or by the warm-up), and then kept
-    current from this server's own uploads and deletes.  Our own writes always
-    win over a listing: listings lag behind writes (spec 4.2), and a listing that
-    ran while we wrote must neither drop a file we just uploaded nor revive one
-    we just deleted.  So an entry we wrote stays as it is for LISTING_LAG_GRACE
-    seconds whatever a listing says, and a name we drop while a listing of its
-    folder may be under way is remembered (in memory) and left out of that
-    listing.  Deleted objects waiting for their remote delete are left out of
-    every listing by their file id."""
-
-    ROOT_ID = 0
-
-    def __init__(self, cache=None, namespace="123pan"):
-        self.cache = cache if cache is not None else MetadataCache()
-        self.ns = namespace
-        self._lock = threading.Lock()
-        self._dropped = collections.defaultdict(set)    # folder -> names (see above)
-        self._listings = collections.Counter()          # folder -> listings under way
-
-    def folder_state(self, folder_id):
-        return self.cache.folder(self.ns, folder_id)
-
-    def is_loaded(self, folder_id):
-        return self.folder_state(folder_id).complete
-
-    def child_folder(self, parent_id, name):
-        known = self.cache.entry(self.ns, parent_id, name, is_dir=True)
-        return None if known is None else known[0]
-
-    def folders(self, folder_id):
-        return dict((name, child) for name, child, _, _ in
-                    self.cache.entries(self.ns, folder_id, is_dir=True))
-
-    def file(self, folder_id, name):
-        known = self.cache.entry(self.ns, folder_id, name)
-        return None if known is None else Pan123File(*known)
-
-    def files(self, folder_id):
-        return [(name, Pan123File(file_id, size, etag))
-                for name, file_id, size, etag in self.cache.entries(self.ns, folder_id)]
-
-    def record_folder(self, parent_id, name, folder_id, created=False):
-        """A folder exists; created=True when we just made it, so it is empty."""
-        self.cache.record(self.ns, parent_id, name, folder_id, is_dir=True, created=created)
-
-    def record_file(self, folder_id, name, entry):
-        with self._lock:
-            self.cache.record(self.ns, folder_id, name, entry.file_id, entry.size, entry.etag)
-            self._dropped.get(folder_id, set()).discard(name)
-
-    def drop_file(self, folder_id, name, file_id, delete_remotely=False):
-        """Forget a file, if `name` still is that file id (not a newer upload);
-        True if it was known.  delete_remotely: and queue its trash and
-        permanent delete, committed together with forgetting it."""
-        with self._lock:
-            current = self.file(folder_id, name)
-            if current is not None and current.file_id != file_id:
-                return False
-            dropped = self.cache.drop(self.ns, folder_id, name, file_id,
-                                      pending_stage="trash" if delete_remotely else None)
-            if self._listings[folder_id] or not self.is_loaded(folder_id):
-                self._dropped[folder_id].add(name)
-            return dropped
-
-    def forget_folder(self, parent_id, name, folder_id):
-        """A folder vanished behind our back: forget it and all below it."""
-        self.cache.drop(self.ns, parent_id, name, folder_id, is_dir=True)
-
-    def invalidate(self):
-        self.cache.invalidate(self.ns)
-
-    # -- listings ------------------------------------------------------------------
-
-    def begin_listing(self, folder_id):
-        """Start (or, for a folder whose listing was interrupted, continue) a
-        listing: pages go to merge_page, and end_listing follows in any case."""
-        state = self.folder_state(folder_id)
-        cursor = None if state.complete else state.cursor
-        with self._lock:
-            self._listings[folder_id] += 1
-        return _Listing(folder_id, cursor, time.time() - LISTING_LAG_GRACE)
-
-    def merge_page(self, listing, entries, next_cursor):
-        """Merge one page of Pan123Entry items; next_cursor None after the last."""
-        newest = collections.OrderedDict()
-        for e in entries:   # a name twice (someone used duplicate=1): the newest wins
-            known = newest.get((e.is_folder, e.name))
-            if known is None or known.file_id < e.file_id:
-                newest[(e.is_folder, e.name)] = e
-        rows = [CacheEntry(e.name, e.is_folder, e.file_id, e.size, e.etag)
-                for e in newest.values()]
-        with self._lock:
-            skip = set((False, name) for name in self._dropped.get(listing.folder_id, ()))
-            self.cache.merge_page(self.ns, listing.folder_id, rows, listing.settled_before,
-                                  next_cursor, skip, listing.seen)
-        listing.pages += 1
-        listing.objects += sum(1 for row in rows if not row.is_dir)
-
-    def end_listing(self, listing):
-        with self._lock:
-            self._listings[listing.folder_id] -= 1
-            if not self._listings[listing.folder_id]:
-                del self._listings[listing.folder_id]
-                if self.is_loaded(listing.folder_id):
-                    self._dropped.pop(listing.folder_id, None)
-
-    def merge_listing(self, folder_id, files, folders):
-        """A whole listing at once: {name: Pan123File}, {name: folder id}."""
-        listing = self.begin_listing(folder_id)
+    def load(self):
+        """The saved token, or None (missing, or unreadable: logged)."""
         try:
-            self.merge_page(listing, [Pan123Entry(f.file_id, name, False, f.size, f.etag)
-                                      for name, f in files.items()] +
-                            [Pan123Entry(child, name, True, 0, "")
-                             for name, child in folders.items()], None)
-        finally:
-            self.end_listing(listing)
+            with open(self.path, "r", encoding="utf-8") as f:
+                return self.from_record(json.load(f))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("%s: ignoring unreadable token file %s: %s", self.label, self.path, e)
+            return None
 
-    # -- deletes queued for the cloud ------------------------------------------------
-
-    def pending_deletes(self):
-        return self.cache.pending_deletes(self.ns)
-
-    def pending_deletes_of(self, folder_id, name):
-        return self.cache.pending_deletes_of(self.ns, folder_id, name)
-
-    def set_pending_stage(self, file_ids, stage):
-        self.cache.set_pending_stage(self.ns, file_ids, stage)
-
-    def clear_pending(self, file_ids):
-        self.cache.clear_pending(self.ns, file_ids)
+    def save_record(self, record):
+        try:
+            write_private_file(self.path, json.dumps(record), ".%s-token-" % self.kind)
+        except OSError as e:
+            # Serving goes on with the token in memory; only a restart would need a
+            # new one.
+            log.warning("%s: cannot save the token to %s: %s", self.label, self.path, e)
 
 
-def split_pan123_path(path):
-    """'/restic-backup/x' -> ('restic-backup', 'x'); ValueError for names 123pan
-    refuses."""
-    parts = tuple(p for p in path.split("/") if p)
-    for part in parts:
-        if set(part) & set('"\\:*?|><') or not part.strip() or len(part) > 254:
-            raise ValueError("123pan cannot hold a folder named %r" % part)
-    return parts
+def sha256_checked(chunks, expected, mismatch):
+    """Pass a stream of byte chunks through while computing its SHA-256.  The last
+    chunk is held back until the hash is known: if it is not `expected`,
+    mismatch(actual hex digest) returns the exception raised instead, so a reader
+    sees a failed stream rather than wrong bytes.  `chunks` is closed at the end."""
+    digest = hashlib.sha256()
+    held = None
+    try:
+        for chunk in chunks:
+            if held is not None:
+                yield held
+            digest.update(chunk)
+            held = chunk
+    finally:
+        chunks.close()
+    if digest.hexdigest() != expected:
+        raise mismatch(digest.hexdigest())
+    if held is not None:
+        yield held
 
 
 class _QueuedItem(object):
@@ -2094,8 +1433,8 @@ class _BatchQueue(object):
     left.  run_batch returns {item: exception} for items that failed; an
     exception it raises fails the whole batch."""
 
-    def __init__(self, name, run_batch, max_batch, linger=0.0):
-        self.name = name
+    def __init__(self, label, name, run_batch, max_batch, linger=0.0):
+        self.label, self.name = label, name
         self._run_batch = run_batch
         self._max_batch = max_batch
         self._linger = linger
@@ -2123,7 +1462,7 @@ class _BatchQueue(object):
             self._queue.append(_QueuedItem(item, waited_for=False))
             if self._drainer is None:
                 self._drainer = threading.Thread(target=self._drain, daemon=True,
-                                                 name="123pan-" + self.name)
+                                                 name="%s-%s" % (self.label, self.name))
                 self._drainer.start()
             self._cond.notify_all()
 
@@ -2159,8 +1498,8 @@ class _BatchQueue(object):
             queued.done, queued.error = True, errors.get(queued.item)
         unreported = [q.error for q in batch if q.error is not None and not q.waited_for]
         if unreported:      # nobody waits for these: the log is all that is left
-            log.warning("123pan %s: %d of %d queued items failed (%s)",
-                        self.name, len(unreported), len(batch), unreported[-1])
+            log.warning("%s %s: %d of %d queued items failed (%s)",
+                        self.label, self.name, len(unreported), len(batch), unreported[-1])
         self._cond.notify_all()
 
     def _drain(self):
@@ -2191,1603 +1530,6 @@ class _BatchQueue(object):
         return True
 
 
-def _run_batch_isolating(call, file_ids, refusal):
-    """call(file_ids) for trash or delete; {file id: error} for the ids that failed
-    (Pan123FileNotFound for ids that no longer exist).
-
-    One id the call refuses (already trashed by a retry whose first answer was
-    lost, removed by someone else) fails the whole batch, so on a refusal each id
-    is tried alone.  For an id refused alone with an unspecific code,
-    refusal(id, error) returns the error to report or None when the id turns out
-    done: the codes for these cases are undocumented, so the caller checks the
-    state rather than reading messages."""
-    if len(file_ids) > 1:
-        try:
-            call(file_ids)
-            return {}
-        except Pan123Unavailable:
-            raise
-        except Pan123Error:
-            pass
-    errors = {}
-    for file_id in file_ids:
-        try:
-            call([file_id])
-        except Pan123Unavailable:
-            raise
-        except Pan123FileNotFound as e:
-            errors[file_id] = e
-        except Pan123Error as e:
-            error = refusal(file_id, e)
-            if error is not None:
-                errors[file_id] = error
-    return errors
-
-
-# Objects above this size use the chunked slice flow.  restic's packs are 16 MiB
-# by default (up to 128 MiB with --pack-size), and one single-step request is the
-# cheapest way to store them: one call and no complete-polling, which costs about
-# a second per object.  Above 64 MiB a dropped connection would cost a whole
-# large pack, while the slice flow retries one 16 MiB slice; the slice flow is
-# also the only one past single-step's 1 GB limit.
-PAN123_DEFAULT_SINGLE_MAX = 64 * 1024 * 1024
-PAN123_SINGLE_STEP_LIMIT = 1024 * 1024 * 1024
-PAN123_DEFAULT_REPO_PATH = "/restic-backup"
-_DATA_FOLDER_RE = re.compile(r"\A[0-9a-f]{2}\Z")
-# Warm-up threads: one is enough against a fast API; with 100-300 ms per call a
-# second one keeps the list budget (5/s) in use.
-PAN123_WARM_UP_WORKERS = 2
-# Deleted objects gather this long before their trash call, so that a prune's
-# deletes go 100 to a call; failed remote deletes are tried again this much later.
-PAN123_DELETE_LINGER = 1.0
-PAN123_DELETE_RETRY = 60.0
-
-
-def pan123_cache_namespace(api_base, client_id):
-    """The metadata cache rows of one 123pan account (a client id belongs to one)."""
-    return "123pan|%s|%s" % (api_base.rstrip("/"), client_id)
-
-
-class Pan123Storage(Storage):
-    """Repositories in a 123pan folder, laid out as restic's local backend (and
-    the Rust restic-123pan) does:
-
-        <repo-path>/<repo...>/config, keys/, locks/, snapshots/, index/,
-        data/<first 2 hex of the id>/<id>
-
-    data/<xx> folders are created on the first upload into them, so that
-    creating a repository costs 5 mkdir calls, not 261.  HEAD, stat and list are
-    answered from a Pan123Index (backed by the metadata cache): each folder is
-    listed once, then kept current from our own writes.  start() resumes the
-    deletes queued before a restart and runs the warm-up, which lists what the
-    cache does not know yet, small folders first.
-
-    refresh_seconds (--cache-refresh): when above 0, a small folder (the
-    repository folder, keys, locks, snapshots, index) whose last listing is older
-    than that is listed again when next used, and so are data/ and data/<xx> when
-    asked for an object they do not hold: how objects that another writer added
-    are found.  0 trusts the cache until --rebuild-cache.
-
-    Deletes: DELETE forgets the object in the cache and queues its remote delete
-    in the same transaction, then returns; it is invisible from then on.  In the
-    background, objects go to the 123pan trash in calls of up to 100 (trashed
-    files vanish from listings), then are deleted permanently, again 100 to a
-    call (only allowed from the trash, and 1 call/s on free accounts).  The
-    queue is in the cache, so a restart continues it."""
-
-    name = "123pan"
-
-    def __init__(self, client, repo_path=PAN123_DEFAULT_REPO_PATH,
-                 single_upload_max=PAN123_DEFAULT_SINGLE_MAX, index=None, refresh_seconds=0,
-                 warm_up_workers=PAN123_WARM_UP_WORKERS,
-                 progress_interval=None, delete_linger=PAN123_DELETE_LINGER,
-                 delete_retry=PAN123_DELETE_RETRY):
-        self.client = client
-        self._base = split_pan123_path(repo_path)
-        self.single_upload_max = min(single_upload_max, PAN123_SINGLE_STEP_LIMIT)
-        self.index = index or Pan123Index()
-        self.refresh_seconds = refresh_seconds
-        self.warm_up_workers = warm_up_workers
-        self.progress_interval = WARM_UP_PROGRESS_INTERVAL if progress_interval is None \
-            else progress_interval
-        self._folder_locks = {}
-        self._folder_locks_guard = threading.Lock()
-        self._trash = _BatchQueue("trash", self._trash_batch, PAN123_MAX_BATCH, delete_linger)
-        self._purge = _BatchQueue("delete", self._purge_batch, PAN123_MAX_BATCH, delete_linger)
-        self._delete_retry = delete_retry
-        self._retry_timers = set()
-        self._stopping = threading.Event()
-        self._request_listings = 0      # listings for requests under way
-        self._request_listings_cond = threading.Condition()
-        self._warm_up_thread = None
-        self.warm_up = None
-
-    def describe(self):
-        return "123pan folder /%s (client id %s, %s)" % (
-            "/".join(self._base), self.client.client_id, self.client.api_base)
-
-    # -- folders ---------------------------------------------------------------
-
-    def _folder_path(self, repo, kind, name=None):
-        return object_folder(self._base, repo, kind, name)
-
-    def _folder_lock(self, folder_id):
-        with self._folder_locks_guard:
-            lock = self._folder_locks.get(folder_id)
-            if lock is None:
-                lock = self._folder_locks[folder_id] = threading.RLock()
-            return lock
-
-    def _max_age(self, kind):
-        """How old a listing of a `kind` folder may be (None: any age)."""
-        if self.refresh_seconds > 0 and kind != "data":
-            return self.refresh_seconds
-        return None
-
-    def _known(self, folder_id, max_age):
-        state = self.index.folder_state(folder_id)
-        return state.complete and (max_age is None or
-                                   (state.listed_at or 0) >= time.time() - max_age)
-
-    def _ensure_listed(self, folder_id, again=False, max_age=None, on_page=None):
-        """List a folder into the index unless it is known (complete, and listed
-        within max_age seconds when that is given); one listing at a time per
-        folder: concurrent callers wait for it.  again=True lists it anew, to find
-        a folder that mkdir says exists.  on_page: the warm-up's progress
-        callback; the warm-up also pauses while requests list.  Returns the
-        _Listing, or None when nothing was listed."""
-        if not again and self._known(folder_id, max_age):
-            return None
-        with self._folder_lock(folder_id):
-            if not again and self._known(folder_id, max_age):
-                return None
-            if on_page is not None:
-                return self._list_into_index(folder_id, on_page)
-            with self._request_listings_cond:
-                self._request_listings += 1
-            try:
-                return self._list_into_index(folder_id, None)
-            finally:
-                with self._request_listings_cond:
-                    self._request_listings -= 1
-                    self._request_listings_cond.notify_all()
-
-    def _list_into_index(self, folder_id, on_page):
-        """Page by page, each page committed to the cache with the cursor of the
-        next, so that an interrupted listing continues where it stopped."""
-        listing = self.index.begin_listing(folder_id)
-        try:
-            cursor = listing.cursor
-            while True:
-                if on_page is not None:
-                    self._yield_to_requests()
-                try:
-                    entries, cursor = self.client.list_page(folder_id, cursor)
-                except Pan123Unavailable:
-                    raise
-                except Pan123Error as e:
-                    if listing.pages or listing.cursor is None:
-                        raise
-                    # The cursor saved by an interrupted listing is refused (it is
-                    # opaque and may not outlive a restart): list from the start.
-                    log.warning("123pan: the listing of folder %d cannot continue from %r "
-                                "(%s); listing it from the start", folder_id, cursor, e)
-                    listing.from_start()
-                    cursor = None
-                    continue
-                self.index.merge_page(listing, entries, cursor)
-                if on_page is not None:
-                    on_page(sum(1 for e in entries if not e.is_folder))
-                if cursor is None:
-                    return listing
-        finally:
-            self.index.end_listing(listing)
-
-    def _yield_to_requests(self):
-        """Warm-up: wait while requests are listing (they share the rate limit and
-        a request is waiting for each of them); WarmUpStopped when stopping."""
-        with self._request_listings_cond:
-            while self._request_listings and not self._stopping.is_set():
-                self._request_listings_cond.wait(1.0)
-        if self._stopping.is_set():
-            raise WarmUpStopped()
-
-    def _resolve(self, path, create=False, mkdir_first=False):
-        """The folder id of a path from the 123pan root; None if it does not exist
-        (and create is False).  See _child_folder for mkdir_first."""
-        folder_id = Pan123Index.ROOT_ID
-        for name in path:
-            folder_id = self._child_folder(folder_id, name, create, mkdir_first)
-            if folder_id is None:
-                return None
-        return folder_id
-
-    def _child_folder(self, parent_id, name, create=False, mkdir_first=False):
-        """The id of folder `name` in parent_id, created if `create`.
-
-        A parent not listed yet is listed to find out, unless mkdir_first: then
-        mkdir is tried before any listing, which is right where the folder is
-        probably new (create_repository: restic init on a fresh tree then costs
-        mkdir calls only) and wasteful where it probably exists (uploads)."""
-        child = self.index.child_folder(parent_id, name)
-        if child is not None:
-            return child
-        # Under the parent's lock: one listing or mkdir per folder at a time.
-        with self._folder_lock(parent_id):
-            if not (create and mkdir_first):
-                self._ensure_listed(parent_id)
-            child = self.index.child_folder(parent_id, name)
-            if child is not None or not create:
-                return child
-            try:
-                child = self.client.mkdir(parent_id, name)
-            except Pan123FolderExists:
-                return self._find_existing_folder(parent_id, name)
-            self.index.record_folder(parent_id, name, child, created=True)
-            return child
-
-    def _find_existing_folder(self, parent_id, name):
-        # mkdir says it exists; a listing right after may not show it yet (index
-        # lag, spec 4.2), so look a few times before giving up.
-        backoff = Backoff(time.monotonic() + 15, self.client.retry_base, self.client.retry_cap)
-        while True:
-            self._ensure_listed(parent_id, again=True)
-            child = self.index.child_folder(parent_id, name)
-            if child is not None:
-                return child
-            if not backoff.pause():
-                raise UpstreamError("123pan: folder %r exists under folder %d according to "
-                                    "mkdir but is not listed" % (name, parent_id))
-
-    def _forget_vanished_folders(self, path):
-        """After an upload into `path` failed: forget the folders of the path that
-        are gone (trashed or deleted behind our back), from the innermost up.
-        True if one was, so that the upload may be tried again."""
-        forgot = False
-        while path:
-            parent_id = self._resolve(path[:-1])
-            folder_id = None if parent_id is None else self.index.child_folder(parent_id,
-                                                                                path[-1])
-            if folder_id is None:
-                return forgot
-            try:
-                if self.client.file_detail(folder_id).get("trashed") != 1:
-                    return forgot
-            except Pan123FileNotFound:
-                pass
-            log.warning("123pan: folder /%s (%d) was removed behind our back; forgetting it",
-                        "/".join(path), folder_id)
-            self.index.forget_folder(parent_id, path[-1], folder_id)
-            forgot = True
-            path = path[:-1]
-        return forgot
-
-    def _lookup(self, ref):
-        """(folder id, Pan123File) of an object; (None, None) if its folder is
-        missing, (folder id, None) if the object is.
-
-        With refresh_seconds, a small folder listed longer ago than that is
-        listed again, and so are data/ and data/<xx> when they lack the object
-        (written by another server?), at most once per interval.  Without it,
-        nothing here costs a call once the folders are known."""
-        folder_id, entry = self._find(ref, self._max_age(ref.kind))
-        if entry is None and ref.kind == "data" and self.refresh_seconds > 0:
-            data_id = self._resolve(self._folder_path(ref.repo, "data"))
-            if data_id is not None:
-                self._ensure_listed(data_id, max_age=self.refresh_seconds)
-                folder_id, entry = self._find(ref, self.refresh_seconds)
-        return folder_id, entry
-
-    def _find(self, ref, max_age):
-        folder_id = self._resolve(self._folder_path(ref.repo, ref.kind, ref.name))
-        if folder_id is None:
-            return None, None
-        self._ensure_listed(folder_id, max_age=max_age)
-        return folder_id, self.index.file(folder_id, ref.name)
-
-    # -- the Storage interface -------------------------------------------------
-
-    def create_repository(self, repo):
-        repo_id = self._resolve(self._base + tuple(repo), create=True, mkdir_first=True)
-        for kind in OBJECT_TYPES:
-            self._child_folder(repo_id, kind, create=True, mkdir_first=True)
-
-    def stat(self, ref):
-        entry = self._lookup(ref)[1]
-        return None if entry is None else entry.size
-
-    def list(self, repo, kind):
-        folder_id = self._resolve(self._folder_path(repo, kind))
-        if folder_id is None:
-            return []
-        self._ensure_listed(folder_id, max_age=self._max_age(kind))
-        if kind == "data":
-            # Packs live in data/<xx>; only the existing sub-folders are listed.
-            folder_ids = [child for name, child in sorted(self.index.folders(folder_id).items())
-                          if _DATA_FOLDER_RE.match(name)]
-        else:
-            folder_ids = [folder_id]
-        out = []
-        for fid in folder_ids:
-            self._ensure_listed(fid)
-            out.extend((name, entry.size) for name, entry in self.index.files(fid)
-                       if is_object_id(name))
-        return out
-
-    def read(self, ref, start, length):
-        folder_id, entry = self._lookup(ref)
-        if entry is None:
-            raise NotFound(str(ref))
-        if length == 0:
-            return iter(())
-        try:
-            chunks = self.client.read_range(entry.file_id, start, length)
-        except Pan123FileNotFound:
-            log.warning("123pan: %s (file %d) was removed behind our back; forgetting it",
-                        ref, entry.file_id)
-            self.index.drop_file(folder_id, ref.name, entry.file_id)
-            raise NotFound(str(ref))
-        if ref.content_addressed and start == 0 and length == entry.size:
-            return self._verified(ref, entry, chunks)
-        return chunks
-
-    @staticmethod
-    def _verified(ref, entry, chunks):
-        """Pass a whole content-addressed object through, checking its SHA-256.
-
-        123pan identifies content by MD5 and size alone and has been seen to serve
-        another file's bytes for an MD5 collision (spec 4.1).  On a full read we
-        can tell: the last chunk is held back until the hash matches the name, and
-        on a mismatch the error makes the REST layer cut the connection, so restic
-        sees a failed read rather than wrong bytes under a valid name.  Partial
-        reads (restic's blob reads) cannot be checked here; restic checks each
-        blob's own hash."""
-        def mismatch(actual):
-            log.error("123pan: %s (file %d, md5 %s) came back with SHA-256 %s: the cloud "
-                      "served different bytes (MD5 collision?); refusing to pass them on",
-                      ref, entry.file_id, entry.etag, actual)
-            return UpstreamError("%s: downloaded bytes do not match the object's name" % (ref,))
-        return sha256_checked(chunks, ref.name, mismatch)
-
-    def put(self, ref, spool):
-        path = self._folder_path(ref.repo, ref.kind, ref.name)
-        folder_id = self._resolve(path, create=True)
-        if self.index.pending_deletes_of(folder_id, ref.name):
-            # Deleted a moment ago and stored again (restic migrate's config):
-            # the old file goes to the trash first, or it might take the new one.
-            self._trash.flush()
-        try:
-            file_id = self._upload(folder_id, ref.name, spool)
-        except Pan123Unavailable:
-            raise
-        except Pan123Error:
-            if not self._forget_vanished_folders(path):
-                raise
-            folder_id = self._resolve(path, create=True)
-            file_id = self._upload(folder_id, ref.name, spool)
-        self.index.record_file(folder_id, ref.name, Pan123File(file_id, spool.size, spool.md5))
-
-    def _upload(self, folder_id, name, spool):
-        # A zero-byte object always goes single-step (single_upload_max >= 0): how
-        # the slice flow numbers zero slices is not documented.
-        if spool.size <= self.single_upload_max:
-            return self.client.upload_single(folder_id, name, spool)
-        return self.client.upload_chunked(folder_id, name, spool)
-
-    def delete(self, ref):
-        folder_id, entry = self._lookup(ref)
-        if entry is None:
-            return False
-        if not self.index.drop_file(folder_id, ref.name, entry.file_id, delete_remotely=True):
-            return False        # a concurrent DELETE of the same object was first
-        self._trash.post(entry.file_id)
-        return True
-
-    # -- remote deletes, in the background -----------------------------------------
-
-    def _trash_batch(self, file_ids):
-        try:
-            errors = _run_batch_isolating(self.client.trash, file_ids, self._trash_refusal)
-        except Exception as e:      # unreachable past the retries: all of them later
-            errors = dict((file_id, e) for file_id in file_ids)
-        gone = [i for i, e in errors.items() if isinstance(e, Pan123FileNotFound)]
-        if gone:
-            log.info("123pan: %d deleted objects were already removed behind our back",
-                     len(gone))
-            self.index.clear_pending(gone)
-        trashed = [i for i in file_ids if i not in errors]
-        self.index.set_pending_stage(trashed, "purge")
-        for file_id in trashed:
-            self._purge.post(file_id)
-        return self._retry_failed(self._trash, errors)
-
-    def _trash_refusal(self, file_id, error):
-        """A lone trash call refused: trashed anyway (a retry of a call whose
-        answer was lost) -> None; vanished -> Pan123FileNotFound; else `error`."""
-        try:
-            if self.client.file_detail(file_id).get("trashed") == 1:
-                return None
-        except Pan123FileNotFound as gone:
-            return gone
-        return error
-
-    def _purge_batch(self, file_ids):
-        try:
-            errors = _run_batch_isolating(self.client.delete_trashed, file_ids,
-                                          lambda file_id, error: error)
-        except Exception as e:
-            errors = dict((file_id, e) for file_id in file_ids)
-        # Already gone (the user emptied the recycle bin) is what we wanted.
-        errors = dict((file_id, e) for file_id, e in errors.items()
-                      if not isinstance(e, Pan123FileNotFound))
-        self.index.clear_pending([i for i in file_ids if i not in errors])
-        return self._retry_failed(self._purge, errors)
-
-    def _retry_failed(self, queue, errors):
-        """Queue the failed ids again after a while (they stay in the cache's
-        queue meanwhile, and a restart would also pick them up)."""
-        errors = dict((i, e) for i, e in errors.items() if not isinstance(e, Pan123FileNotFound))
-        if errors and not self._stopping.is_set():
-            log.warning("123pan %s: %d objects failed, trying again in %ds",
-                        queue.name, len(errors), self._delete_retry)
-
-            def again():
-                self._retry_timers.discard(timer)
-                for file_id in errors:
-                    queue.post(file_id)
-
-            timer = threading.Timer(self._delete_retry, again)
-            timer.daemon = True
-            self._retry_timers.add(timer)
-            timer.start()
-        return errors
-
-    def flush_deletes(self):
-        """Wait until the remote deletes queued so far are done (or failed)."""
-        self._trash.flush()
-        self._purge.flush()
-
-    # -- start and stop -----------------------------------------------------------
-
-    def start(self, rebuild=False, wait=False):
-        """Server start: resume the remote deletes queued before a restart, then
-        warm the cache up in a background thread (wait=True: in this one).
-        rebuild: forget what every folder held first (--rebuild-cache)."""
-        self.index.cache.open()
-        if rebuild:
-            log.info("123pan: --rebuild-cache: every folder is listed again")
-            self.index.invalidate()
-        pending = self.index.pending_deletes()
-        if pending:
-            log.info("123pan: %d deletes from before the restart are still to be done",
-                     len(pending))
-        for file_id, stage in pending:
-            (self._purge if stage == "purge" else self._trash).post(file_id)
-        self.warm_up = CacheWarmUp("123pan", self._warm_up_visit, self.warm_up_workers,
-                                   self.progress_interval, self._stopping)
-        if wait:
-            self._warm_up_run()
-        else:
-            self._warm_up_thread = threading.Thread(target=self._warm_up_run, daemon=True,
-                                                    name="123pan-warm-up")
-            self._warm_up_thread.start()
-        return self.warm_up
-
-    def _warm_up_run(self):
-        try:
-            base_id = Pan123Index.ROOT_ID
-            for name in self._base:     # like _resolve, its listings counted as pages
-                self._ensure_listed(base_id, on_page=self.warm_up.page_listed)
-                base_id = self.index.child_folder(base_id, name)
-                if base_id is None:
-                    break
-        except WarmUpStopped:
-            self.warm_up.finished.set()
-            return
-        except Exception as e:
-            log.warning("123pan cache warm-up: cannot reach /%s: %s; folders are listed "
-                        "when first needed", "/".join(self._base), e)
-            self.warm_up.finished.set()
-            return
-        except BaseException:
-            self.warm_up.finished.set()
-            raise
-        self.warm_up.run([] if base_id is None else [(0, base_id, ())])
-
-    def _warm_up_visit(self, folder_id, path, on_page):
-        listing = self._ensure_listed(folder_id, on_page=on_page)
-        children = []
-        for name, child_id in self.index.folders(folder_id).items():
-            if name == "data":
-                priority = 1            # its <= 256 sub-folders: a few pages
-            elif path and path[-1] == "data" and _DATA_FOLDER_RE.match(name):
-                priority = 2            # the packs
-            else:
-                priority = 0            # repository folders, keys, locks, snapshots, index
-            children.append((priority, child_id, path + (name,)))
-        objects = len(self.index.files(folder_id))
-        return objects, (None if listing is None else listing.objects), children
-
-    def close(self):
-        self._stopping.set()
-        with self._request_listings_cond:
-            self._request_listings_cond.notify_all()
-        if self._warm_up_thread is not None:
-            self._warm_up_thread.join(30)
-        for timer in list(self._retry_timers):
-            timer.cancel()
-        # What is not done in time stays queued in the cache for the next start.
-        drained = self._trash.close(timeout=60) and self._purge.close(timeout=120)
-        if not drained:
-            log.warning("123pan: remote deletes still queued at exit; the next start "
-                        "continues them")
-        self.client.close()
-        if drained and (self._warm_up_thread is None or not self._warm_up_thread.is_alive()):
-            self.index.cache.close()
-
-
-# ---------------------------------------------------------------------------
-# 6. Backend: Cloudreve 4 (a self-hosted or hosted site), its API client beside it
-# ---------------------------------------------------------------------------
-
-CLOUDREVE_API = "/api/v4"
-CLOUDREVE_ROOT_URI = "cloudreve://my"
-CLOUDREVE_DEFAULT_REPO_PATH = "/restic-backup"
-# Metadata key of a file whose upload is still running (or was abandoned): a
-# placeholder, never a complete object (spec 2.4, 3.3).
-CLOUDREVE_UPLOAD_META = "sys:upload_session_id"
-
-CLOUDREVE_CODE_OK = 0
-CLOUDREVE_CODE_TWO_FACTOR = 203
-CLOUDREVE_CODE_EXISTS = 40004
-CLOUDREVE_CODE_SESSION_GONE = 40011
-CLOUDREVE_CODE_NOT_FOUND = 40016
-CLOUDREVE_CODE_CREDENTIALS = 40020
-CLOUDREVE_CODE_CAPACITY = 40051
-CLOUDREVE_CODE_LOCKED = 40073
-CLOUDREVE_CODE_BATCH = 40081
-# "This token is not (or no longer) good": 401 where an expired token made the
-# caller anonymous, 40088 on later servers, 40020 for a token of the wrong type
-# (spec 1.7).  Refresh and replay.
-_CLOUDREVE_AUTH_CODES = frozenset((401, 40088, CLOUDREVE_CODE_CREDENTIALS))
-# Busy for a moment: object conflict, lock held by a running operation, database,
-# I/O, slave callback (spec 5).  Retried with backoff.
-_CLOUDREVE_BUSY_CODES = frozenset((409, CLOUDREVE_CODE_LOCKED, 50001, 50004, 50007))
-# What a download link answers instead of bytes when it is no longer good: HTTP
-# 200 with an envelope (expired or bad signature, blob gone; spec 2.14).
-_CLOUDREVE_STALE_LINK_CODES = frozenset((40005, 40071, 40077))
-# Headless login cannot get past these; each gets one clear line (spec 1.7).
-_CLOUDREVE_LOGIN_REFUSALS = {
-    CLOUDREVE_CODE_TWO_FACTOR: "the account uses two-factor authentication, which a "
-                               "headless server cannot complete: use an account without 2FA",
-    40026: "the site asks for a captcha at login, which a headless server cannot solve: "
-           "ask the site's admin to turn the login captcha off",
-    40080: "wrong email or password",
-    40017: "the account is blocked",
-    40018: "the account is not activated",
-    40001: "the site refused the login request (the user must be an email address, the "
-           "password 4 to 128 characters)",
-}
-
-CLOUDREVE_LIST_PAGE = 1000          # above restic's 256 data/ sub-folders (spec 2.4)
-CLOUDREVE_MAX_BATCH = 1000          # URIs per delete call (the site's limit is 3000)
-CLOUDREVE_MAX_RESPONSE = 16 * 1024 * 1024
-# Renew the access token this long before it expires (as the web UI does), or
-# after nine tenths of its life if it lives shorter than that.
-CLOUDREVE_TOKEN_RENEW_MARGIN = 600.0
-# A download link is reused until this long before its expiry.
-CLOUDREVE_LINK_MARGIN = 60.0
-# Uploads restarted from a new session when a chunk cannot be delivered.
-CLOUDREVE_UPLOAD_ATTEMPTS = 3
-
-
-class CloudreveError(UpstreamError):
-    """Cloudreve answered with a non-zero code (or could not be reached: see
-    CloudreveUnavailable).  An UpstreamError, so what is not handled more
-    specifically reaches restic as a 502 with this one-line reason.  For batch
-    answers (40081) `items` maps each failed URI to its own code, and `code` is
-    that code when every item failed the same way."""
-
-    def __init__(self, message, code=None, endpoint=None, status=502, items=None):
-        UpstreamError.__init__(self, message, status)
-        self.code, self.endpoint, self.items = code, endpoint, items or {}
-
-
-class CloudreveNotFound(CloudreveError):
-    """40016: no such path."""
-
-
-class CloudreveExists(CloudreveError):
-    """40004: the name is taken."""
-
-
-class CloudreveLocked(CloudreveError):
-    """40073: the path is locked, by an upload in progress above all."""
-
-
-class CloudreveAuthError(CloudreveError):
-    """Login or refresh refused: wrong credentials, 2FA, captcha, blocked account."""
-
-
-class CloudreveSessionGone(CloudreveError):
-    """40011 even with a fresh token: the upload session expired or was completed."""
-
-
-class CloudreveUnavailable(CloudreveError):
-    """Unreachable, or busy and failing transiently past the retry deadline."""
-
-
-_CLOUDREVE_ERROR_TYPES = {
-    CLOUDREVE_CODE_NOT_FOUND: (CloudreveNotFound, 502),
-    CLOUDREVE_CODE_EXISTS: (CloudreveExists, 502),
-    CLOUDREVE_CODE_LOCKED: (CloudreveLocked, 502),
-    CLOUDREVE_CODE_SESSION_GONE: (CloudreveSessionGone, 502),
-    CLOUDREVE_CODE_CREDENTIALS: (CloudreveAuthError, 502),
-    CLOUDREVE_CODE_CAPACITY: (CloudreveError, 507),
-}
-
-
-def cloudreve_error(endpoint, envelope):
-    """The typed error of a non-zero envelope.  A batch failure (40081) takes the
-    type of its items' code when they all share one (spec 1.5)."""
-    code = envelope.get("code")
-    text = "Cloudreve %s: code %s: %s" % (endpoint, code, envelope.get("msg") or "")
-    items = {}
-    aggregated = envelope.get("aggregated_error")
-    if code == CLOUDREVE_CODE_BATCH and isinstance(aggregated, dict):
-        items = dict((uri, item.get("code")) for uri, item in aggregated.items()
-                     if isinstance(item, dict))
-        text += " (%s)" % ", ".join("%s: %s" % pair for pair in sorted(items.items())[:3])
-        if len(set(items.values())) == 1:
-            code = next(iter(items.values()))
-    if envelope.get("correlation_id"):
-        text += " (correlation_id %s)" % envelope["correlation_id"]
-    error_type, status = _CLOUDREVE_ERROR_TYPES.get(code, (CloudreveError, 502))
-    return error_type(text, code, endpoint, status, items)
-
-
-def _cloudreve_envelope(response, raw):
-    """The {code, msg, data} dict of an answer, or None if it is not one."""
-    if (response.header("Content-Encoding") or "").lower() == "gzip":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError):
-            return None
-    try:
-        envelope = json.loads(raw.decode("utf-8"))
-    except ValueError:
-        return None
-    if isinstance(envelope, dict) and isinstance(envelope.get("code"), int):
-        return envelope
-    return None
-
-
-def cloudreve_uri(parts):
-    """('restic-backup', 'a b') -> 'cloudreve://my/restic-backup/a%20b'.
-
-    Each name percent-encoded as JavaScript's encodeURIComponent does, the form
-    the server itself emits: '+', '%', '?', '#' and spaces can never be misread
-    (spec 1.8).  Query strings encode the whole URI once more (urlencode)."""
-    if not parts:
-        return CLOUDREVE_ROOT_URI
-    return CLOUDREVE_ROOT_URI + "/" + "/".join(quote(p, safe="-_.!~*'()") for p in parts)
-
-
-def split_cloudreve_path(path):
-    """'/restic-backup/x' -> ('restic-backup', 'x'); ValueError for names
-    Cloudreve refuses (spec 1.8)."""
-    parts = tuple(p for p in path.split("/") if p)
-    for part in parts:
-        if set(part) & set('\\:*?"<>|') or part in (".", "..") \
-                or len(part.encode("utf-8")) > 255:
-            raise ValueError("Cloudreve cannot hold a folder named %r" % part)
-    return parts
-
-
-CloudreveToken = collections.namedtuple(
-    "CloudreveToken", "access refresh access_expires refresh_expires renew_at refresh_until")
-
-
-def _make_cloudreve_token(data, obtained_at):
-    """A CloudreveToken from a Token object ({access_token, refresh_token,
-    access_expires, refresh_expires}); ValueError/KeyError/TypeError if unusable."""
-    access, refresh = data["access_token"], data["refresh_token"]
-    if not (isinstance(access, str) and access and isinstance(refresh, str) and refresh):
-        raise ValueError("empty token")
-    # Go's RFC 3339 with up to 9 fraction digits and the server's offset;
-    # parse_pan123_time reads any RFC 3339 timestamp.
-    access_expires = parse_pan123_time(data["access_expires"])
-    refresh_expires = parse_pan123_time(data["refresh_expires"])
-    margin = min(CLOUDREVE_TOKEN_RENEW_MARGIN, max(0.0, access_expires - obtained_at) / 10)
-    return CloudreveToken(access, refresh, data["access_expires"], data["refresh_expires"],
-                          access_expires - margin, refresh_expires - 60)
-
-
-class CloudreveTokenFile(TokenFile):
-    """The newest token pair, kept across restarts so that a restart refreshes
-    rather than logs in again.  One file per (site, user)."""
-
-    label = "Cloudreve"
-
-    def __init__(self, state_dir, site, email):
-        TokenFile.__init__(self, state_dir, "cloudreve", site, email)
-
-    def from_record(self, saved):
-        return _make_cloudreve_token(saved, saved["obtained_at"])
-
-    def save(self, token, obtained_at):
-        self.save_record({"access_token": token.access, "refresh_token": token.refresh,
-                          "access_expires": token.access_expires,
-                          "refresh_expires": token.refresh_expires,
-                          "obtained_at": obtained_at})
-
-
-class _SpoolSlice(object):
-    """A request body: bytes [start, start+length) of a spool, streamed, and
-    streamed again for a retry."""
-
-    def __init__(self, spool, start, length):
-        self.spool, self.start, self.length = spool, start, length
-
-    def __iter__(self):
-        return self.spool.iter_range(self.start, self.length)
-
-
-CloudreveEntry = collections.namedtuple("CloudreveEntry",
-                                        "file_id name is_folder size entity placeholder")
-CloudreveFile = collections.namedtuple("CloudreveFile", "file_id size entity")
-
-
-def _cloudreve_entry(item):
-    metadata = item.get("metadata") or {}
-    return CloudreveEntry(item.get("id"), item["name"], item.get("type") == 1,
-                          item.get("size") or 0, item.get("primary_entity"),
-                          isinstance(metadata, dict) and CLOUDREVE_UPLOAD_META in metadata)
-
-
-class CloudreveClient(object):
-    """The Cloudreve 4 API (/api/v4) of one site and account.  Every API request
-    goes through call(), which owns the Authorization header, the token (refreshed
-    before it expires and whenever an answer says it has), the {code, msg, data}
-    envelope and the retries.  Download links are fetched without credentials
-    through the same HttpClient.  Thread-safe: one client serves every request
-    thread."""
-
-    def __init__(self, site_url, email, password, state_dir=None, http_client=None,
-                 timeout=60.0, call_deadline=60.0, retry_base=0.5, retry_cap=8.0,
-                 download_resumes=5, login_retry_after=300.0,
-                 upload_attempts=CLOUDREVE_UPLOAD_ATTEMPTS):
-        if not site_url or not email or not password:
-            raise ValueError("Cloudreve needs a site URL, a user and a password")
-        self.site_url = site_url.rstrip("/")
-        self.email = email
-        self._password = password
-        self.http = http_client or HttpClient(timeout=timeout)
-        self.call_deadline = call_deadline
-        self.retry_base, self.retry_cap = retry_base, retry_cap
-        self.download_resumes = download_resumes
-        # A refused login is not tried again for this long: a site may ban an
-        # address that keeps failing (spec 1.7).
-        self.login_retry_after = login_retry_after
-        self.upload_attempts = upload_attempts
-        self._token_file = CloudreveTokenFile(state_dir, self.site_url, email) \
-            if state_dir else None
-        self._token = self._token_file.load() if self._token_file else None
-        self._token_lock = threading.Lock()
-        self._login_refusal = None          # (error, monotonic time it holds until)
-        self._links = collections.OrderedDict()     # uri -> (url, usable until)
-        self._links_lock = threading.Lock()
-
-    def __repr__(self):     # never the password or a token
-        return "CloudreveClient(%r, %r)" % (self.site_url, self.email)
-
-    def close(self):
-        self.http.close()
-
-    def _backoff(self, deadline):
-        return Backoff(deadline, self.retry_base, self.retry_cap)
-
-    # -- the one place every API request goes through --------------------------
-
-    def call(self, method, template, path_args=None, query=None, body=None, payload=None,
-             auth=True, expected=(), deadline=None, renew_on=(), final=()):
-        """One API call; returns the envelope's `data`.
-
-        template: the route under /api/v4 ('/file/upload/{session_id}/{index}'),
-        filled from path_args; the metrics label is 'METHOD /api/v4<template>'.
-        body: JSON; payload: a _SpoolSlice sent as raw bytes with its exact
-        Content-Length.  An answer meaning "token expired" (401, 40088, 40020, a
-        40081 whose items all say so, and the codes in renew_on) gets a fresh
-        token and an immediate replay; if it comes again, further fresh tokens
-        with backoff.  Busy codes (409, 40073, 50001, 50004, 50007) except those in
-        `final`, 429, 5xx, answers without an envelope and network failures are
-        retried with jittered backoff until `deadline` (default call_deadline from
-        now), then CloudreveUnavailable.  Any other code raises its CloudreveError
-        type at once, logged unless the caller lists that type in `expected`."""
-        endpoint = "%s %s%s" % (method, CLOUDREVE_API, template)
-        path = CLOUDREVE_API + (template.format(**path_args) if path_args else template)
-        if deadline is None:
-            deadline = time.monotonic() + self.call_deadline
-        backoff = self._backoff(deadline)
-        renewals = 0
-        while True:
-            headers = {}
-            token = None
-            if auth:
-                token = self._current_token()
-                headers["Authorization"] = "Bearer " + token.access
-            try:
-                envelope = self._attempt(method, path, query, body, payload, headers, endpoint)
-            except _Transient as e:
-                failure = e
-            else:
-                if envelope["code"] == CLOUDREVE_CODE_OK:
-                    return envelope.get("data")
-                error = cloudreve_error(endpoint, envelope)
-                renew = error.code in _CLOUDREVE_AUTH_CODES or (
-                    error.code in renew_on and renewals == 0)
-                if auth and renew:
-                    renewals += 1
-                    self._renew_token(stale=token)
-                    _count_retry("token")
-                    if renewals == 1:
-                        continue
-                    failure = _Transient(str(error), kind="token")
-                elif error.code in _CLOUDREVE_BUSY_CODES and error.code not in final:
-                    failure = _Transient(str(error), kind="server_busy")
-                else:
-                    if not isinstance(error, expected):
-                        log.warning("%s", error)
-                    raise error
-            if not backoff.pause():
-                raise CloudreveUnavailable("Cloudreve %s: giving up: %s" % (endpoint, failure),
-                                           endpoint=endpoint, status=failure.status)
-            _count_retry(failure.kind)
-            log.debug("Cloudreve %s: retrying: %s", endpoint, failure)
-
-    def _attempt(self, method, path, query, body, payload, headers, endpoint):
-        """Send once and return the envelope; _Transient for what may be retried."""
-        url = self.site_url + path + ("?" + urlencode(query) if query else "")
-        data = None
-        if payload is not None:
-            data = payload
-            headers["Content-Type"] = "application/octet-stream"
-            headers["Content-Length"] = str(payload.length)
-        elif body is not None:
-            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-            headers["Content-Type"] = "application/json"
-        try:
-            METRICS.inc("restic123pan_cloud_api_calls_total", endpoint=endpoint)
-            response = self.http.request(method, url, headers, data)
-            if payload is not None:     # an answer came: the body was sent
-                METRICS.inc("restic123pan_cloud_bytes_uploaded_total", payload.length)
-            raw = response.read_all(CLOUDREVE_MAX_RESPONSE)
-        except PERMANENT_NETWORK_ERRORS as e:
-            raise CloudreveError("Cloudreve %s: %s" % (endpoint, e), endpoint=endpoint)
-        except NETWORK_ERRORS as e:
-            raise _Transient.network(e)
-        # Cloudreve answers HTTP 200 for errors too (spec 1.3): the code decides.
-        envelope = _cloudreve_envelope(response, raw)
-        if envelope is not None:
-            return envelope
-        reason = "HTTP %d %s without a JSON envelope" % (
-            response.status, response.header("Content-Type") or "")
-        if response.status == 429:
-            raise _Transient.rate_limited(reason)
-        if response.status >= 500 or response.status == 408:
-            raise _Transient(reason, 504 if response.status == 504 else 502)
-        if response.status == 413:
-            reason += (": a proxy in front of Cloudreve refuses bodies this large; its limit "
-                       "(nginx client_max_body_size) must exceed the storage policy's chunk size")
-        elif response.status in (200, 404):
-            reason += ": is %s the address of a Cloudreve 4 site?" % self.site_url
-        raise CloudreveError("Cloudreve %s: %s" % (endpoint, reason), endpoint=endpoint)
-
-    # -- tokens -------------------------------------------------------------------
-
-    def _current_token(self):
-        token = self._token
-        if token is not None and time.time() < token.renew_at:
-            return token
-        return self._renew_token(stale=token)
-
-    def _renew_token(self, stale):
-        """A fresh token pair, unless another thread already replaced `stale`: one
-        renewal at a time.  The refresh token first; a password login when it is
-        refused or expired."""
-        with self._token_lock:
-            current = self._token
-            if current is not None and current is not stale and time.time() < current.renew_at:
-                return current
-            obtained_at = time.time()
-            data = None
-            if current is not None and obtained_at < current.refresh_until:
-                data = self._refresh(current)
-            if data is None:
-                data = self._login()
-            try:
-                token = _make_cloudreve_token(data, obtained_at)
-            except (TypeError, KeyError, ValueError) as e:
-                raise CloudreveError("Cloudreve login of %s: unusable token in the answer (%s)"
-                                     % (self.email, e))
-            METRICS.inc("restic123pan_cloud_token_refreshes_total")
-            log.info("Cloudreve: new access token for %s, valid until %s", self.email,
-                     token.access_expires)
-            if self._token_file is not None:
-                self._token_file.save(token, obtained_at)
-            self._token = token
-            return token
-
-    def _refresh(self, token):
-        """The new Token object, or None when the refresh token is refused."""
-        try:
-            return self.call("POST", "/session/token/refresh", auth=False,
-                             body={"refresh_token": token.refresh},
-                             expected=(CloudreveAuthError,))
-        except CloudreveUnavailable:
-            raise
-        except CloudreveError as e:
-            if e.code not in _CLOUDREVE_AUTH_CODES:
-                raise
-            log.info("Cloudreve: the refresh token was refused (code %s); logging in again",
-                     e.code)
-            return None
-
-    def _login(self):
-        refusal = self._login_refusal
-        if refusal is not None and time.monotonic() < refusal[1]:
-            raise refusal[0]
-        try:
-            data = self.call("POST", "/session/token", auth=False,
-                             body={"email": self.email, "password": self._password},
-                             expected=(CloudreveError,))
-        except CloudreveUnavailable:
-            raise
-        except CloudreveError as e:
-            if e.code is None:      # no envelope: not a refusal (a wrong address?)
-                raise
-            reason = _CLOUDREVE_LOGIN_REFUSALS.get(e.code, "code %s" % e.code)
-            error = CloudreveAuthError("Cloudreve login of %s at %s refused: %s"
-                                       % (self.email, self.site_url, reason),
-                                       e.code, e.endpoint)
-            log.error("%s", error)
-            self._login_refusal = (error, time.monotonic() + self.login_retry_after)
-            raise error
-        return (data or {}).get("token") if isinstance(data, dict) else None
-
-    # -- folders and listings -------------------------------------------------
-
-    def list_folder(self, uri):
-        """(entries, storage policy id) of a folder, every page.  CloudreveNotFound
-        if the folder does not exist (or is a file).  Cursor pages until no
-        next_token; offset pages (sites that turned cursors off) until total_items."""
-        entries, policy_id = [], None
-        query = {"uri": uri, "page_size": CLOUDREVE_LIST_PAGE}
-        while True:
-            data = self.call("GET", "/file", query=query, expected=(CloudreveNotFound,)) or {}
-            entries.extend(_cloudreve_entry(item) for item in data.get("files") or [])
-            policy_id = policy_id or (data.get("storage_policy") or {}).get("id")
-            pagination = data.get("pagination") or {}
-            cursor = pagination.get("next_token")
-            if cursor:
-                if cursor == query.get("next_page_token"):
-                    raise CloudreveError("Cloudreve list of %s: cursor does not advance" % uri)
-                query["next_page_token"] = cursor
-            elif not pagination.get("is_cursor") and "total_items" in pagination:
-                page = pagination.get("page", 0) + 1
-                if page * (pagination.get("page_size") or CLOUDREVE_LIST_PAGE) \
-                        >= pagination["total_items"] or not data.get("files"):
-                    return entries, policy_id
-                query["page"] = page
-            else:
-                return entries, policy_id
-
-    def storage_policy(self, parts):
-        """The storage policy id in the listing of folder `parts` (a path tuple), or
-        of its nearest existing ancestor: what an upload session wants as
-        policy_id (spec 2.7)."""
-        while True:
-            try:
-                data = self.call("GET", "/file", expected=(CloudreveNotFound,),
-                                 query={"uri": cloudreve_uri(parts), "page_size": 1})
-            except CloudreveNotFound:
-                if not parts:
-                    raise
-                parts = parts[:-1]
-                continue
-            policy_id = ((data or {}).get("storage_policy") or {}).get("id")
-            if not policy_id:
-                raise CloudreveError("Cloudreve list of %s: no storage_policy in the answer"
-                                     % cloudreve_uri(parts))
-            return policy_id
-
-    def create_folder(self, uri):
-        """mkdir -p; True if made now, False if it was there already."""
-        try:
-            self.call("POST", "/file/create", expected=(CloudreveExists,),
-                      body={"uri": uri, "type": "folder", "err_on_conflict": True})
-            return True
-        except CloudreveExists:
-            return False
-
-    def info(self, uri):
-        """The FileResponse of a path; CloudreveNotFound if it does not exist."""
-        data = self.call("GET", "/file/info", query={"uri": uri},
-                         expected=(CloudreveNotFound,))
-        if not isinstance(data, dict):
-            raise CloudreveError("Cloudreve info of %s: unusable answer" % uri)
-        return data
-
-    # -- uploads ----------------------------------------------------------------
-
-    def upload(self, uri, spool, policy_id, replace=False):
-        """Store the spool at `uri` through an upload session; its CloudreveFile.
-
-        replace=True stages a new version of an existing file (the switch is atomic
-        on completion).  A chunk that cannot be delivered cancels the session (so
-        no locked placeholder stays behind) and the upload starts again from a new
-        one, up to upload_attempts times.  The object counts as stored only when
-        its last chunk was accepted and the site reports the full size with no
-        upload in progress."""
-        attempt = 0
-        while True:
-            attempt += 1
-            session = self._create_session(uri, spool.size, policy_id, replace)
-            try:
-                self._send_chunks(session, spool)
-            except CloudreveUnavailable:
-                self.cancel_upload(session["session_id"], uri)
-                raise
-            except CloudreveError as e:
-                # The last chunk may have completed the upload with its answer
-                # lost on the way back: its retry then finds the session gone.
-                stored = self._stored_anyway(uri, spool.size)
-                if stored is not None:
-                    return stored
-                self.cancel_upload(session["session_id"], uri)
-                if attempt >= self.upload_attempts:
-                    raise
-                log.info("Cloudreve: upload of %s failed (%s); starting it again", uri, e)
-                _count_retry("upload_restart")
-                continue
-            except BaseException:
-                self.cancel_upload(session["session_id"], uri)
-                raise
-            try:
-                return self._verify_upload(uri, spool.size)
-            except CloudreveUnavailable:
-                raise
-            except CloudreveError as e:
-                # Completed with another size (or not at all): nothing that could be
-                # listed as stored may stay behind.
-                log.warning("Cloudreve: upload of %s not confirmed (%s); removing it", uri, e)
-                self.cancel_upload(session["session_id"], uri)
-                if not replace:
-                    self._delete_quietly(uri)
-                raise
-
-    def _create_session(self, uri, size, policy_id, replace):
-        body = {"uri": uri, "size": size, "policy_id": policy_id,
-                "mime_type": "application/octet-stream"}
-        if replace:
-            body["entity_type"] = "version"
-        backoff = self._backoff(time.monotonic() + self.call_deadline)
-        refusals = 0
-        while True:
-            try:
-                # A lock (40073) is not waited out here: it is most likely held by
-                # an upload of this very name that will never finish.
-                session = self.call("PUT", "/file/upload", body=body,
-                                    final=(CLOUDREVE_CODE_LOCKED,),
-                                    expected=(CloudreveExists, CloudreveLocked))
-                break
-            except (CloudreveExists, CloudreveLocked) as e:
-                refusals += 1
-                if refusals > 1 and not backoff.pause():
-                    raise
-                _count_retry("upload_in_the_way")
-                self._clear_the_way(uri, body, e)
-        policy = (session or {}).get("storage_policy") or {}
-        if not isinstance(session, dict) or not session.get("session_id") \
-                or not isinstance(session.get("chunk_size"), int) or session["chunk_size"] < 0:
-            raise CloudreveError("Cloudreve upload of %s: unusable session %r" % (uri, session))
-        if policy.get("type") != "local" and not policy.get("relay"):
-            self.cancel_upload(session["session_id"], uri)
-            raise CloudreveError("Cloudreve upload of %s: the storage policy is of type %r "
-                                 "without upload relay; only local policies (or any with "
-                                 "relay on) are supported" % (uri, policy.get("type")))
-        return session
-
-    def _clear_the_way(self, uri, body, refusal):
-        """After an upload session was refused because the name is taken or
-        locked: a placeholder or staged version of an upload that never finished
-        (a crash, or our own call whose answer was lost and that a retry then
-        found) is cancelled with its own session id; a complete file we did not
-        know of gets replaced (a new version)."""
-        try:
-            existing = self.info(uri)
-        except CloudreveNotFound:
-            return                          # gone meanwhile: just try again
-        if existing.get("type") != 0:
-            raise refusal                   # a folder has that name
-        stale = (existing.get("metadata") or {}).get(CLOUDREVE_UPLOAD_META)
-        if stale:
-            log.info("Cloudreve: cancelling an unfinished upload of %s", uri)
-            self.cancel_upload(stale, uri)
-        elif isinstance(refusal, CloudreveExists):
-            body["entity_type"] = "version"
-
-    def _send_chunks(self, session, spool):
-        """Chunks of the session's chunk_size (the whole body if 0), strictly in
-        order, one at a time (spec 2.8); the last one completes the upload."""
-        chunk_size = session["chunk_size"] or max(1, spool.size)
-        count = max(1, -(-spool.size // chunk_size))
-        for index in range(count):
-            start = index * chunk_size
-            length = min(chunk_size, spool.size - start)
-            # 40011 is what an expired token looks like here (spec 1.7): one fresh
-            # token; if it persists, the session is gone.  "Lock expired" (40073)
-            # on the last chunk is final for this session.  upload() decides what
-            # a refusal means (and logs it).
-            self.call("POST", "/file/upload/{session_id}/{index}",
-                      {"session_id": session["session_id"], "index": index},
-                      payload=_SpoolSlice(spool, start, length), expected=(CloudreveError,),
-                      renew_on=(CLOUDREVE_CODE_SESSION_GONE,), final=(CLOUDREVE_CODE_LOCKED,),
-                      deadline=time.monotonic() + self.call_deadline + length / 1e6)
-
-    def _stored_anyway(self, uri, size):
-        """After a failed chunk: the CloudreveFile if the upload did complete
-        after all, else None."""
-        try:
-            return self._verify_upload(uri, size)
-        except CloudreveError:
-            return None
-
-    def _verify_upload(self, uri, size):
-        info = self.info(uri)
-        uploading = CLOUDREVE_UPLOAD_META in (info.get("metadata") or {})
-        if info.get("size") != size or uploading:
-            raise CloudreveError("Cloudreve upload of %s: the site reports %s bytes%s, not %d"
-                                 % (uri, info.get("size"), " (still uploading)" * uploading,
-                                    size))
-        return CloudreveFile(info.get("id"), size, info.get("primary_entity"))
-
-    def cancel_upload(self, session_id, uri):
-        """Delete an upload session and its placeholder; failures only logged."""
-        try:
-            self.call("DELETE", "/file/upload", body={"id": session_id, "uri": uri},
-                      expected=(CloudreveNotFound,),
-                      deadline=time.monotonic() + min(15.0, self.call_deadline))
-        except CloudreveNotFound:
-            pass            # the placeholder is gone already
-        except CloudreveError as e:
-            log.warning("Cloudreve: could not cancel the upload session of %s: %s", uri, e)
-
-    # -- deletes ---------------------------------------------------------------------
-
-    def _delete_quietly(self, uri):
-        try:
-            self.delete([uri])
-        except CloudreveNotFound:
-            pass
-        except CloudreveError as e:
-            log.warning("Cloudreve: could not delete %s: %s", uri, e)
-
-    def delete(self, uris):
-        """Delete for good (no trash), up to CLOUDREVE_MAX_BATCH at a time.  A
-        CloudreveError whose `items` name the URIs that failed (40016: gone
-        already) when only some did."""
-        self.call("DELETE", "/file", body={"uris": list(uris), "skip_soft_delete": True,
-                                           "unlink": False},
-                  expected=(CloudreveError,))
-
-    # -- downloads -----------------------------------------------------------------
-
-    def download_url(self, uri, fresh=False):
-        """A download link for the file, reused until CLOUDREVE_LINK_MARGIN before
-        its expiry; fresh=True asks the site for a new one."""
-        now = time.monotonic()
-        if not fresh:
-            with self._links_lock:
-                cached = self._links.get(uri)
-                if cached is not None and cached[1] > now:
-                    return cached[0]
-        data = self.call("POST", "/file/url", body={"uris": [uri], "no_cache": fresh},
-                         expected=(CloudreveNotFound,))
-        try:
-            url = data["urls"][0]["url"]
-            lifetime = parse_pan123_time(data["expires"]) - time.time()
-        except (TypeError, KeyError, IndexError, ValueError, AttributeError):
-            url, lifetime = None, 0
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise CloudreveError("Cloudreve download link of %s: unusable answer" % uri)
-        url = self._on_site(url)
-        with self._links_lock:
-            self._links[uri] = (url, now + lifetime - CLOUDREVE_LINK_MARGIN)
-            self._links.move_to_end(uri)
-            while len(self._links) > 10000:
-                self._links.popitem(last=False)
-        return url
-
-    def _on_site(self, url):
-        """A link to the site's own content route is fetched from the configured
-        site address: only its path is signed (spec 2.14), and a site whose
-        public URL setting is wrong hands out links to a host we cannot reach."""
-        parts = urlsplit(url)
-        if parts.path.startswith(CLOUDREVE_API + "/file/content/"):
-            return self.site_url + parts.path + ("?" + parts.query if parts.query else "")
-        return url
-
-    def forget_download_url(self, uri):
-        with self._links_lock:
-            self._links.pop(uri, None)
-
-    def read_range(self, uri, start, length):
-        """An iterator over bytes [start, start+length) of a file (length > 0).
-
-        The first request happens now, so a missing file (CloudreveNotFound) or an
-        unreachable site raises here rather than during iteration.  A connection
-        that drops mid-body is resumed from the byte reached, up to
-        download_resumes times."""
-        response = self._open_range(uri, start, length)
-        return self._stream_range(uri, start, length, response)
-
-    def _open_range(self, uri, start, length):
-        backoff = self._backoff(time.monotonic() + self.call_deadline)
-        headers = {"Range": "bytes=%d-%d" % (start, start + length - 1)}
-        fresh = False
-        while True:
-            url = self.download_url(uri, fresh)
-            try:
-                response = self.http.request("GET", url, headers, follow_redirects=True)
-            except PERMANENT_NETWORK_ERRORS as e:
-                raise CloudreveError("Cloudreve download of %s: %s" % (uri, e))
-            except NETWORK_ERRORS as e:
-                failure = _Transient.network(e)
-            else:
-                failure = self._refused_download(uri, start, length, response)
-                if failure is None:
-                    return response
-                if failure.kind == "download_url":
-                    # Expired or refused link: a new one, at once the first time.
-                    self.forget_download_url(uri)
-                    if not fresh:
-                        fresh = True
-                        _count_retry(failure.kind)
-                        continue
-            if not backoff.pause():
-                raise CloudreveUnavailable("Cloudreve download of %s: giving up: %s"
-                                           % (uri, failure), status=failure.status)
-            _count_retry(failure.kind)
-
-    def _refused_download(self, uri, start, length, response):
-        """None if the response carries exactly the bytes asked for; else a
-        _Transient to retry, or raises what cannot be retried.  An expired link
-        answers HTTP 200 with a JSON envelope instead of the bytes (spec 2.14):
-        that must never reach restic as data."""
-        if (response.header("Content-Type") or "").startswith("application/json"):
-            try:
-                envelope = _cloudreve_envelope(response, response.read_all(65536))
-            except NETWORK_ERRORS as e:
-                return _Transient.network(e)
-            if envelope is None:
-                return _Transient("HTTP %d with JSON that is not an envelope" % response.status)
-            code = envelope["code"]
-            reason = "the link answered code %s instead of the bytes" % code
-            if code in _CLOUDREVE_STALE_LINK_CODES or code in _CLOUDREVE_AUTH_CODES:
-                return _Transient(reason, kind="download_url")
-            if code in _CLOUDREVE_BUSY_CODES:
-                return _Transient(reason, kind="server_busy")
-            raise CloudreveError("Cloudreve download of %s: %s" % (uri, reason), code)
-        problem = _range_response_problem(response, start, length)
-        if problem is None and (response.header("Content-Encoding") or "identity") != "identity":
-            problem = "Content-Encoding %s" % response.header("Content-Encoding")
-        if problem is None:
-            return None
-        response.discard()
-        if response.status in (401, 403, 404, 410):
-            return _Transient(problem, kind="download_url")
-        if response.status == 429:
-            return _Transient.rate_limited(problem)
-        if 400 <= response.status < 500 and response.status != 408:
-            raise CloudreveError("Cloudreve download of %s bytes %d+%d: %s"
-                                 % (uri, start, length, problem))
-        return _Transient(problem)
-
-    def _stream_range(self, uri, start, length, response):
-        return resumed_download(
-            response, start, length, lambda position, rest: self._open_range(uri, position, rest),
-            self.download_resumes, "Cloudreve: download of %s" % uri,
-            lambda position, end, e: CloudreveUnavailable(
-                "Cloudreve download of %s broke off at byte %d of %d-%d: %s"
-                % (uri, position, start, end, e)))
-
-
-class _MemoryFolder(object):
-    __slots__ = ("files", "folders", "deleted", "loaded")
-
-    def __init__(self):
-        self.files = {}         # name -> CloudreveFile
-        self.folders = {}       # name -> folder id
-        self.deleted = set()    # names we deleted before the folder was listed
-        self.loaded = False     # listed, or created by us: complete from now on
-
-
-class CloudreveIndex(object):
-    """What this server knows exists on the Cloudreve site: per folder (a path
-    tuple from the root of cloudreve://my) its files (name -> CloudreveFile) and
-    sub-folders.  Kept in memory, so every start lists folders again; the
-    123pan backend's sqlite MetadataCache does not back it yet.
-
-    A folder is listed once, when first needed, and then kept current from this
-    server's own uploads and deletes.  Our own writes always win over a listing:
-    a listing that ran while we wrote must neither drop a file we just uploaded
-    nor revive one we just deleted."""
-
-    ROOT_ID = ()
-
-    def __init__(self):
-        self._folders = {}
-        self._lock = threading.Lock()
-
-    def _state(self, folder_id):
-        state = self._folders.get(folder_id)
-        if state is None:
-            state = self._folders[folder_id] = _MemoryFolder()
-        return state
-
-    def is_loaded(self, folder_id):
-        with self._lock:
-            return self._state(folder_id).loaded
-
-    def child_folder(self, parent_id, name):
-        with self._lock:
-            return self._state(parent_id).folders.get(name)
-
-    def folders(self, folder_id):
-        with self._lock:
-            return dict(self._state(folder_id).folders)
-
-    def file(self, folder_id, name):
-        with self._lock:
-            return self._state(folder_id).files.get(name)
-
-    def files(self, folder_id):
-        with self._lock:
-            return list(self._state(folder_id).files.items())
-
-    def record_folder(self, parent_id, name, folder_id, created=False):
-        """A folder exists; created=True when we just made it, so it is empty."""
-        with self._lock:
-            self._state(parent_id).folders[name] = folder_id
-            if created:
-                self._state(folder_id).loaded = True
-
-    def record_file(self, folder_id, name, entry):
-        with self._lock:
-            state = self._state(folder_id)
-            state.files[name] = entry
-            state.deleted.discard(name)
-
-    def drop_file(self, folder_id, name, file_id):
-        """Forget a file, if `name` still is that file id (not a newer upload)."""
-        with self._lock:
-            state = self._state(folder_id)
-            current = state.files.get(name)
-            if current is not None and current.file_id != file_id:
-                return
-            state.files.pop(name, None)
-            if not state.loaded:
-                state.deleted.add(name)
-
-    def merge_listing(self, folder_id, files, folders):
-        """Add what a complete listing shows and we do not know yet."""
-        with self._lock:
-            state = self._state(folder_id)
-            for name, entry in files.items():
-                if name not in state.deleted:
-                    state.files.setdefault(name, entry)
-            for name, child_id in folders.items():
-                state.folders.setdefault(name, child_id)
-            state.deleted.clear()
-            state.loaded = True
-
-
-class CloudreveStorage(Storage):
-    """Repositories in a folder of a Cloudreve 4 site, laid out as restic's
-    local backend does:
-
-        cloudreve://my/<repo-path>/<repo...>/config, keys/, locks/, snapshots/,
-        index/, data/<first 2 hex of the id>/<id>
-
-    Objects are addressed by URI, so no folder ids are needed: a folder is
-    listed (with cursor paging) when first needed, then kept current from our
-    own writes.  data/<xx> folders are created by the upload sessions themselves
-    (they make missing parents).  Deletes skip the trash and are batched."""
-
-    name = "cloudreve"
-
-    def __init__(self, client, repo_path=CLOUDREVE_DEFAULT_REPO_PATH, index=None):
-        self.client = client
-        self._base = split_cloudreve_path(repo_path)
-        self.index = index or CloudreveIndex()
-        # One listing of a folder at a time, and one upload of a name at a time
-        # (restic may retry an upload while the first is still running; the site
-        # would refuse the second with 40004): locks striped by hash.
-        self._folder_locks = [threading.Lock() for _ in range(64)]
-        self._name_locks = [threading.Lock() for _ in range(64)]
-        self._policy_id = None
-        self._policy_lock = threading.Lock()
-        self._deletes = _BatchQueue("delete", self._delete_batch, CLOUDREVE_MAX_BATCH)
-
-    def describe(self):
-        return "Cloudreve folder %s (%s at %s)" % (
-            cloudreve_uri(self._base), self.client.email, self.client.site_url)
-
-    # -- folders ---------------------------------------------------------------
-
-    def _folder_path(self, repo, kind, name=None):
-        return object_folder(self._base, repo, kind, name)
-
-    def _folder_lock(self, folder):
-        return self._folder_locks[hash(folder) % len(self._folder_locks)]
-
-    def _known_missing(self, folder):
-        parent = folder[:-1]
-        return bool(folder) and self.index.is_loaded(parent) \
-            and self.index.child_folder(parent, folder[-1]) is None
-
-    def _ensure_listed(self, folder):
-        """List a folder into the index unless that was done (one listing at a
-        time per folder).  A folder its listed parent does not have is known to
-        be empty without asking."""
-        if self.index.is_loaded(folder):
-            return
-        with self._folder_lock(folder):
-            if self.index.is_loaded(folder):
-                return
-            files, folders = {}, {}
-            if not self._known_missing(folder):
-                try:
-                    entries, policy_id = self.client.list_folder(cloudreve_uri(folder))
-                except CloudreveNotFound:
-                    entries, policy_id = [], None
-                self._policy_id = self._policy_id or policy_id
-                for e in entries:
-                    if e.is_folder:
-                        folders[e.name] = folder + (e.name,)
-                    elif not e.placeholder:     # an upload not (yet) complete
-                        files[e.name] = CloudreveFile(e.file_id, e.size, e.entity)
-            self.index.merge_listing(folder, files, folders)
-
-    def _lookup(self, ref):
-        """(folder, CloudreveFile or None) of an object."""
-        folder = self._folder_path(ref.repo, ref.kind, ref.name)
-        self._ensure_listed(folder)
-        return folder, self.index.file(folder, ref.name)
-
-    def _policy(self):
-        if self._policy_id is None:
-            with self._policy_lock:
-                if self._policy_id is None:
-                    self._policy_id = self.client.storage_policy(self._base)
-        return self._policy_id
-
-    # -- the Storage interface -------------------------------------------------
-
-    def create_repository(self, repo):
-        for kind in OBJECT_TYPES:
-            folder = self._base + tuple(repo) + (kind,)
-            created = self.client.create_folder(cloudreve_uri(folder))
-            self.index.record_folder(folder[:-1], kind, folder, created=created)
-
-    def stat(self, ref):
-        entry = self._lookup(ref)[1]
-        return None if entry is None else entry.size
-
-    def list(self, repo, kind):
-        folder = self._folder_path(repo, kind)
-        self._ensure_listed(folder)
-        if kind == "data":
-            folders = [child for name, child in sorted(self.index.folders(folder).items())
-                       if _DATA_FOLDER_RE.match(name)]
-        else:
-            folders = [folder]
-        out = []
-        for sub in folders:
-            self._ensure_listed(sub)
-            out.extend((name, entry.size) for name, entry in self.index.files(sub)
-                       if is_object_id(name))
-        return out
-
-    def read(self, ref, start, length):
-        folder, entry = self._lookup(ref)
-        if entry is None:
-            raise NotFound(str(ref))
-        if length == 0:
-            return iter(())
-        uri = cloudreve_uri(folder + (ref.name,))
-        try:
-            chunks = self.client.read_range(uri, start, length)
-        except CloudreveNotFound:
-            log.warning("Cloudreve: %s was removed behind our back", ref)
-            self.index.drop_file(folder, ref.name, entry.file_id)
-            raise NotFound(str(ref))
-        if ref.content_addressed and start == 0 and length == entry.size:
-            # Guards against whatever else might arrive with the right length.
-            return sha256_checked(chunks, ref.name, lambda actual: self._mismatch(ref, actual))
-        return chunks
-
-    @staticmethod
-    def _mismatch(ref, actual):
-        log.error("Cloudreve: %s came back with SHA-256 %s; refusing to pass the bytes on",
-                  ref, actual)
-        return UpstreamError("%s: downloaded bytes do not match the object's name" % (ref,))
-
-    def put(self, ref, spool):
-        folder = self._folder_path(ref.repo, ref.kind, ref.name)
-        uri = cloudreve_uri(folder + (ref.name,))
-        with self._name_locks[hash(uri) % len(self._name_locks)]:
-            self._ensure_listed(folder)
-            existing = self.index.file(folder, ref.name)
-            if existing is not None and ref.content_addressed and existing.size == spool.size:
-                # Stored meanwhile by a concurrent upload of the same name: the name
-                # is the content's hash, so these are the same bytes.
-                return
-            # The upload session makes the folder if it is missing: it is new (and
-            # holds only this object) if its listed parent did not have it.
-            created = self._known_missing(folder)
-            entry = self.client.upload(uri, spool, self._policy(), replace=existing is not None)
-            self.client.forget_download_url(uri)
-            if folder:
-                self.index.record_folder(folder[:-1], folder[-1], folder, created=created)
-            self.index.record_file(folder, ref.name, entry)
-
-    def delete(self, ref):
-        """True when the object was known to exist: gone already at the site (a
-        retried call whose first answer was lost, or someone else) counts as
-        deleted too."""
-        folder, entry = self._lookup(ref)
-        if entry is None:
-            return False
-        uri = cloudreve_uri(folder + (ref.name,))
-        try:
-            self._deletes.submit(uri)
-        except CloudreveNotFound:
-            log.info("Cloudreve: %s was already gone", ref)
-        self.index.drop_file(folder, ref.name, entry.file_id)
-        self.client.forget_download_url(uri)
-        return True
-
-    def _delete_batch(self, uris):
-        """One delete call for queued URIs; {uri: error} of those that failed
-        (CloudreveNotFound for the ones already gone)."""
-        try:
-            self.client.delete(uris)
-            return {}
-        except CloudreveError as e:
-            failed = dict((unquote(uri), code) for uri, code in e.items.items())
-            ours = dict((unquote(uri), uri) for uri in uris)
-            if not failed or not set(failed) <= set(ours):
-                raise           # the whole call failed (or an answer we cannot map)
-            errors = {}
-            for plain, code in failed.items():
-                error_type = CloudreveNotFound if code == CLOUDREVE_CODE_NOT_FOUND \
-                    else CloudreveError
-                errors[ours[plain]] = error_type("Cloudreve delete of %s: code %s"
-                                                 % (ours[plain], code), code)
-            return errors
-
-    def close(self):
-        self._deletes.close()
-        self.client.close()
-
-
-# ---------------------------------------------------------------------------
-# 7. The metadata cache (sqlite3 in the state directory), shared by the cloud
-#    backends, and the warm-up that fills it
-# ---------------------------------------------------------------------------
-
 METADATA_CACHE_FILE = "metadata-cache.sqlite3"
 METADATA_CACHE_SCHEMA = 1
 
@@ -3817,11 +1559,6 @@ CREATE TABLE IF NOT EXISTS pending_deletes (
 
 CacheFolder = collections.namedtuple("CacheFolder", "complete cursor listed_at")
 CacheEntry = collections.namedtuple("CacheEntry", "name is_dir remote_id size md5")
-
-
-class CacheError(StorageError):
-    """The metadata cache failed (disk full, I/O error): a 500 with the reason."""
-    status = 500
 
 
 class MetadataCache(object):
@@ -4271,6 +2008,2318 @@ class CacheWarmUp(object):
         if remaining and rate:
             text += ", about %d objects and %s to go" % (remaining, _duration(remaining / rate))
         return text
+
+
+class _Listing(object):
+    """One listing of a folder under way: where it started (cursor None: from
+    the first page), which names it showed (a set only when it started at the
+    first page), and what it has merged."""
+    __slots__ = ("folder_id", "cursor", "seen", "settled_before", "pages", "objects")
+
+    def __init__(self, folder_id, cursor, settled_before):
+        self.folder_id, self.cursor, self.settled_before = folder_id, cursor, settled_before
+        self.seen = set() if cursor is None else None
+        self.pages = self.objects = 0
+
+    def from_start(self):
+        self.cursor, self.seen = None, set()
+
+
+
+class CloudCall(object):
+    """One API call under way: what CloudClient.call_api sends (method, path,
+    endpoint label, query, JSON body or streamed payload, auth) and what its
+    retry loop knows (deadline, token renewals so far, the token in use).
+    Clients add the fields their hooks read (123pan: host; Cloudreve: renew_on,
+    final)."""
+
+    def __init__(self, method, path, endpoint=None, query=None, body=None, payload=None,
+                 auth=True, expected=(), deadline=None, **extra):
+        self.method, self.path, self.endpoint = method, path, endpoint or path
+        self.query, self.body, self.payload = query, body, payload
+        self.auth, self.expected, self.deadline = auth, expected, deadline
+        self.renewals, self.token = 0, None
+        self.__dict__.update(extra)
+
+
+class CloudClient(object):
+    """What every cloud API client shares: the one retry loop every API request
+    goes through (call_api), one attempt's encoding, metrics and network-error
+    mapping, the access token (renewed once at a time across threads, kept in a
+    TokenFile), the download-link cache, and ranged downloads that resume where
+    a dropped connection stopped.  A client adds its envelope, its codes and its
+    upload flows through these hooks:
+
+      _obtain_token(current, obtained_at)   a new token (log in, refresh...)
+      _url(call), _headers(call)            where and with what a call goes
+      _envelope(response, raw)              the decoded answer, or None
+      _classify(call, envelope)             (action, value): OK with the data,
+                                            RENEW the token, RETRY with a
+                                            _Transient, RAISE with an error
+      _new_download_url(key, fresh)         (url, seconds it may be reused)
+      _check_download(key, start, length, response)
+                                            None, a _Transient, or raises
+
+    A token is a namedtuple whose first field is its bearer value and which has
+    `renew_at` (time.time() after which it is renewed before use)."""
+
+    OK, RENEW, RETRY, RAISE = "ok", "renew token", "retry", "raise"
+    label = "cloud"                 # starts log lines and error messages
+    error_type = UpstreamError      # a refusal
+    unavailable_type = Unavailable  # what is left after the retries
+    max_response = 16 * 1024 * 1024
+    retried_statuses = (408,)       # besides 429 and 5xx, for answers without an envelope
+    stale_link_statuses = (403, 404, 410)
+
+    def __init__(self, http_client, timeout, call_deadline, retry_base, retry_cap,
+                 download_resumes, token_file=None, limiter=None):
+        if timeout >= call_deadline:
+            # One attempt must leave time for another inside the deadline.
+            timeout = call_deadline / 2.0
+        self.http = http_client or HttpClient(timeout=timeout)
+        self.call_deadline = call_deadline
+        self.retry_base, self.retry_cap = retry_base, retry_cap
+        self.download_resumes = download_resumes
+        self.limiter = limiter
+        self._token_file = token_file
+        self._token = token_file.load() if token_file else None
+        self._token_lock = threading.Lock()
+        self._links = collections.OrderedDict()     # file key -> (url, usable until)
+        self._links_lock = threading.Lock()
+
+    def close(self):
+        self.http.close()
+
+    def _backoff(self, deadline):
+        return Backoff(deadline, self.retry_base, self.retry_cap)
+
+    # -- the one place every API request goes through --------------------------
+
+    def call_api(self, call):
+        """Send `call` until _classify says OK (its data is returned) or RAISE
+        (that error is raised, logged unless its type is in call.expected).
+        RENEW gets a fresh token and an immediate replay the first time, then
+        backoff; RETRY, network failures and unusable answers back off with
+        jitter until call.deadline (default call_deadline from now), then
+        unavailable_type."""
+        if call.deadline is None:
+            call.deadline = time.monotonic() + self.call_deadline
+        backoff = self._backoff(call.deadline)
+        failure = None
+        while True:
+            call.token = self._current_token() if call.auth else None
+            try:
+                envelope = self._attempt(call)
+            except _Transient as e:
+                failure = e
+            except RateLimitTimeout:
+                raise self._gave_up(call, failure or _Transient(
+                    "no request slot free before the deadline", meaning=UNAVAILABLE))
+            else:
+                action, value = self._classify(call, envelope)
+                if action == self.OK:
+                    return value
+                if action == self.RENEW:
+                    call.renewals += 1
+                    self._renew_token(stale=call.token)
+                    _count_retry("token")
+                    if call.renewals == 1:
+                        continue
+                    failure = _Transient(str(value), "token")
+                elif action == self.RETRY:
+                    failure = value
+                else:
+                    if not isinstance(value, call.expected):
+                        log.warning("%s", value)
+                    raise value
+            if not backoff.pause():
+                raise self._gave_up(call, failure)
+            _count_retry(failure.reason)
+            log.debug("%s %s: retrying: %s", self.label, call.endpoint, failure)
+
+    def _gave_up(self, call, failure):
+        return self.unavailable_type(
+            "%s %s: giving up: %s" % (self.label, call.endpoint, failure),
+            endpoint=call.endpoint, meaning=failure.meaning)
+
+    def _attempt(self, call):
+        """Send once and return the envelope; _Transient for what may be retried,
+        RateLimitTimeout when no request slot came free before the deadline."""
+        headers = self._headers(call)
+        if call.token is not None:
+            headers["Authorization"] = "Bearer " + call.token[0]
+        data = call.payload
+        if data is not None:
+            headers["Content-Type"] = getattr(data, "content_type", "application/octet-stream")
+            headers["Content-Length"] = str(data.content_length)
+        elif call.body is not None:
+            data = json.dumps(call.body, ensure_ascii=False).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        url = self._url(call) + ("?" + urlencode(call.query) if call.query else "")
+        slot = self.limiter.slot(call.path, call.deadline) if self.limiter \
+            else contextlib.nullcontext()
+        try:
+            with slot:
+                METRICS.inc("restic123pan_cloud_api_calls_total", endpoint=call.endpoint)
+                response = self.http.request(call.method, url, headers, data)
+                if call.payload is not None:    # an answer came: the body was sent
+                    METRICS.inc("restic123pan_cloud_bytes_uploaded_total",
+                                call.payload.content_length)
+                raw = response.read_all(self.max_response)
+        except PERMANENT_NETWORK_ERRORS as e:
+            raise self.error_type("%s %s: %s" % (self.label, call.endpoint, e),
+                                  endpoint=call.endpoint)
+        except NETWORK_ERRORS as e:
+            self._network_failed(call)
+            raise _Transient.network(e)
+        envelope = self._envelope(response, raw)
+        if envelope is not None:
+            return envelope
+        reason = self._no_envelope_reason(response)
+        if response.status == 429:
+            raise _Transient.rate_limited(reason)
+        if response.status >= 500 or response.status in self.retried_statuses:
+            raise _Transient.gateway(reason, response.status)
+        raise self.error_type("%s %s: %s" % (self.label, call.endpoint, reason),
+                              endpoint=call.endpoint)
+
+    def _headers(self, call):
+        return {}
+
+    def _network_failed(self, call):
+        """A connection failed: forget what it may have been wrong about."""
+
+    @staticmethod
+    def _no_envelope_reason(response):
+        return "HTTP %d without a JSON envelope" % response.status
+
+    # -- the access token ------------------------------------------------------------
+
+    def _current_token(self):
+        token = self._token
+        if token is not None and time.time() < token.renew_at:
+            return token
+        return self._renew_token(stale=token)
+
+    def _renew_token(self, stale):
+        """A fresh token, unless another thread already replaced `stale`: one
+        renewal at a time across threads, so a burst of refusals costs one token."""
+        with self._token_lock:
+            current = self._token
+            if current is not None and current is not stale and time.time() < current.renew_at:
+                return current
+            obtained_at = time.time()
+            token = self._obtain_token(current, obtained_at)
+            METRICS.inc("restic123pan_cloud_token_refreshes_total")
+            if self._token_file is not None:
+                self._token_file.save(token, obtained_at)
+            self._token = token
+            return token
+
+    # -- downloads ---------------------------------------------------------------------
+
+    def download_url(self, key, fresh=False):
+        """A download link for the file `key`, reused while _new_download_url said
+        it may be; fresh=True asks for a new one."""
+        now = time.monotonic()
+        if not fresh:
+            with self._links_lock:
+                cached = self._links.get(key)
+                if cached is not None and cached[1] > now:
+                    return cached[0]
+        url, lifetime = self._new_download_url(key, fresh)
+        with self._links_lock:
+            self._links[key] = (url, now + lifetime)
+            self._links.move_to_end(key)
+            while len(self._links) > 10000:
+                self._links.popitem(last=False)
+        return url
+
+    def forget_download_url(self, key):
+        with self._links_lock:
+            self._links.pop(key, None)
+
+    def _describe_file(self, key):
+        return str(key)
+
+    def read_range(self, key, start, length):
+        """An iterator over bytes [start, start+length) of a file (length > 0).
+
+        The first request happens now, so a missing file or an unreachable host
+        raises here rather than during iteration.  A connection that drops
+        mid-body is resumed from the byte reached, up to download_resumes times."""
+        what = self._describe_file(key)
+        response = self._open_range(key, start, length)
+        return resumed_download(
+            response, start, length, lambda position, rest: self._open_range(key, position, rest),
+            self.download_resumes, "%s: download of %s" % (self.label, what),
+            lambda position, end, e: self.unavailable_type(
+                "%s download of %s broke off at byte %d of %d-%d: %s"
+                % (self.label, what, position, start, end, e)))
+
+    def _open_range(self, key, start, length):
+        backoff = self._backoff(time.monotonic() + self.call_deadline)
+        headers = {"Range": "bytes=%d-%d" % (start, start + length - 1)}
+        fresh = False
+        while True:
+            url = self.download_url(key, fresh)
+            try:
+                response = self.http.request("GET", url, headers, follow_redirects=True)
+            except PERMANENT_NETWORK_ERRORS as e:
+                raise self.error_type("%s download of %s: %s"
+                                      % (self.label, self._describe_file(key), e))
+            except NETWORK_ERRORS as e:
+                failure = _Transient.network(e)
+            else:
+                failure = self._check_download(key, start, length, response)
+                if failure is None:
+                    return response
+                if failure.reason == "download_url":
+                    # Expired or refused link: a new one, at once the first time.
+                    self.forget_download_url(key)
+                    if not fresh:
+                        fresh = True
+                        _count_retry(failure.reason)
+                        continue
+            if not backoff.pause():
+                raise self.unavailable_type("%s download of %s: giving up: %s"
+                                            % (self.label, self._describe_file(key), failure),
+                                            meaning=failure.meaning)
+            _count_retry(failure.reason)
+
+    def _check_download(self, key, start, length, response):
+        """None if the response carries exactly the bytes asked for; else a
+        _Transient to retry (reason "download_url": with a new link), or raises
+        what cannot be retried."""
+        problem = _range_response_problem(response, start, length)
+        if problem is None and (response.header("Content-Encoding") or "identity") != "identity":
+            problem = "Content-Encoding %s" % response.header("Content-Encoding")
+        if problem is None:
+            return None
+        response.discard()
+        if response.status in self.stale_link_statuses:
+            return _Transient(problem, "download_url")
+        if response.status == 429:
+            return _Transient.rate_limited(problem)
+        if 400 <= response.status < 500 and response.status != 408:
+            raise self.error_type("%s download of %s bytes %d+%d: %s" % (
+                self.label, self._describe_file(key), start, length, problem))
+        return _Transient(problem)
+
+
+# ---------------------------------------------------------------------------
+# 6. Backend: 123pan (123云盘) Open Platform, its API client beside it
+# ---------------------------------------------------------------------------
+
+PAN123_DEFAULT_API_BASE = "https://open-api.123pan.com"
+
+PAN123_CODE_OK = 0
+PAN123_CODE_GENERIC = 1             # also "folder exists" and "parent missing"
+PAN123_CODE_UNAUTHORIZED = 401
+PAN123_CODE_TOO_MANY_REQUESTS = 429
+PAN123_CODE_FILE_NOT_FOUND = 5066
+PAN123_CODE_TRAFFIC_QUOTA = 5113
+PAN123_CODE_STILL_VERIFYING = 20103  # upload_complete: "not yet, ask again in 1 s"
+# mkdir's code-1 message for an existing folder (该目录下已经有同名文件夹,无法进行创建).
+PAN123_FOLDER_EXISTS_MARK = "同名文件夹"
+
+# Requests per second per endpoint: (free, VIP).  The developer (client_id) table
+# where it has the endpoint, else the per-uid table of third-party apps; the free
+# column is the conservative default.
+PAN123_QPS = {
+    "/api/v1/access_token": (8, 10),
+    "/api/v1/user/info": (10, 10),
+    "/api/v1/file/move": (3, 10),
+    "/api/v1/file/delete": (1, 10),
+    "/api/v1/file/list": (0.2, 10),
+    "/api/v2/file/list": (5, 10),
+    "/upload/v1/file/mkdir": (5, 20),
+    "/api/v1/file/trash": (5, 5),
+    "/api/v1/file/infos": (10, 10),
+    "/api/v1/file/download_info": (5, 5),
+    "/upload/v2/file/upload_complete": (20, 20),   # the uid table's V1 figure
+}
+# The V2 upload calls (create, slice, single-step, domain) and detail have no
+# published limit: 5 is the lowest figure published for any upload call.
+PAN123_DEFAULT_QPS = 5
+
+PAN123_LIST_PAGE = 100              # list v2 maximum page size
+PAN123_MAX_BATCH = 100              # ids per trash / delete call
+PAN123_MAX_RESPONSE = 16 * 1024 * 1024
+# Renew a token this long before its expiredAt (as RP and OpenList do), or after
+# nine tenths of its life if it lives shorter than that.
+PAN123_TOKEN_RENEW_MARGIN = 300.0
+
+
+class Pan123Error(UpstreamError):
+    """123pan answered with a non-zero code (or could not be reached: see
+    Pan123Unavailable).  An UpstreamError, so anything not handled more
+    specifically reaches restic as a 502 with this one-line reason."""
+
+    def __init__(self, message, code=None, endpoint=None, trace_id="", meaning=None):
+        UpstreamError.__init__(self, message, meaning)
+        self.code, self.endpoint, self.trace_id = code, endpoint, trace_id
+
+    @classmethod
+    def from_envelope(cls, endpoint, envelope):
+        code = envelope.get("code")
+        message = envelope.get("message") or ""
+        trace_id = envelope.get("x-traceID") or ""
+        text = "123pan %s: code %s: %s" % (endpoint, code, message)
+        if trace_id:
+            text += " (x-traceID %s)" % trace_id
+        return cls(text, code, endpoint, trace_id)
+
+
+class Pan123FileNotFound(Pan123Error):
+    """Code 5066: the file id does not exist (any more)."""
+
+
+class Pan123QuotaExhausted(Pan123Error):
+    """Code 5113: today's download traffic is used up."""
+    meaning = UNAVAILABLE
+
+
+class Pan123AuthError(Pan123Error):
+    """Credentials refused, a fresh token refused, or too many live tokens."""
+
+
+class Pan123FolderExists(Pan123Error):
+    """mkdir: a folder of that name is already there."""
+
+
+class Pan123StillVerifying(Pan123Error):
+    """Code 20103 from upload_complete: not done yet, ask again in about 1 s."""
+
+
+class Pan123Unavailable(Pan123Error, Unavailable):
+    """Rate limited, unreachable or failing transiently past the retry deadline."""
+
+
+_ERROR_TYPE_BY_CODE = {
+    PAN123_CODE_UNAUTHORIZED: Pan123AuthError,
+    PAN123_CODE_FILE_NOT_FOUND: Pan123FileNotFound,
+    PAN123_CODE_TRAFFIC_QUOTA: Pan123QuotaExhausted,
+    PAN123_CODE_STILL_VERIFYING: Pan123StillVerifying,
+}
+
+
+Pan123Entry = collections.namedtuple("Pan123Entry", "file_id name is_folder size etag")
+Pan123Token = collections.namedtuple("Pan123Token", "value expired_at obtained_at renew_at")
+
+
+class Pan123TokenFile(TokenFile):
+    """The access token kept across restarts: 123pan allows 3 live tokens per
+    client id and pushes the oldest offline, so fetching one per start would log
+    out the user's other devices.  One file per (API base, client id)."""
+
+    label = "123pan"
+
+    def __init__(self, state_dir, api_base, client_id):
+        TokenFile.__init__(self, state_dir, "pan123", api_base, client_id)
+
+    def from_record(self, saved):
+        return _make_token(saved["accessToken"], saved["expiredAt"], saved["obtainedAt"])
+
+    def save(self, token, obtained_at=None):
+        self.save_record({"accessToken": token.value, "expiredAt": token.expired_at,
+                          "obtainedAt": token.obtained_at})
+
+
+def _make_token(value, expired_at, obtained_at):
+    if not isinstance(value, str) or not value:
+        raise ValueError("empty access token")
+    expires = parse_pan123_time(expired_at)
+    margin = min(PAN123_TOKEN_RENEW_MARGIN, max(0.0, expires - obtained_at) / 10)
+    return Pan123Token(value, expired_at, obtained_at, expires - margin)
+
+
+def parse_pan123_time(text):
+    """An RFC 3339 timestamp, or 123pan's zoneless 'YYYY-MM-DD HH:MM:SS' (UTC+8),
+    -> POSIX seconds."""
+    return parse_rfc3339(text, "+08:00")
+
+
+class Pan123Client(CloudClient):
+    """The 123pan Open Platform API.  Every request to the API and upload hosts
+    goes through call() and so CloudClient.call_api, which owns the headers, the
+    token, the per-endpoint rate limit and the retries; this class adds the
+    {code, message, data, x-traceID} envelope and its codes (_classify), the
+    token request and the upload flows.  Downloads from the CDN use the same
+    HttpClient without credentials.  Thread-safe: one client serves every
+    request thread."""
+
+    label = "123pan"
+    error_type = Pan123Error
+    unavailable_type = Pan123Unavailable
+    max_response = PAN123_MAX_RESPONSE
+    # 200s mangled on the way and gateway errors: worth another try.
+    retried_statuses = (200, 408)
+
+    def __init__(self, client_id, client_secret, api_base=PAN123_DEFAULT_API_BASE,
+                 state_dir=None, tier="free", http_client=None, timeout=30.0,
+                 call_deadline=60.0, retry_base=0.5, retry_cap=8.0,
+                 poll_interval=1.0, complete_deadline=240.0,
+                 download_url_lifetime=300.0, download_resumes=5,
+                 rate_margin=0.05):
+        if not client_id or not client_secret:
+            raise ValueError("123pan needs a client id and a client secret")
+        self.client_id = client_id
+        self._client_secret = client_secret
+        self.api_base = api_base.rstrip("/")
+        column = 1 if tier == "vip" else 0
+        CloudClient.__init__(
+            self, http_client, timeout, call_deadline, retry_base, retry_cap, download_resumes,
+            Pan123TokenFile(state_dir, self.api_base, client_id) if state_dir else None,
+            RateLimiter(dict((path, qps[column]) for path, qps in PAN123_QPS.items()),
+                        PAN123_DEFAULT_QPS, rate_margin))
+        self.poll_interval = poll_interval
+        # The whole "upload_complete says not yet" wait; with the slices before it,
+        # it stays inside restic's 5-minute window for one request.
+        self.complete_deadline = complete_deadline
+        self.download_url_lifetime = download_url_lifetime
+        self._upload_domain = None
+        self._upload_domain_lock = threading.Lock()
+
+    def __repr__(self):     # never the secret
+        return "Pan123Client(%r, %r)" % (self.client_id, self.api_base)
+
+    # -- the envelope and its codes ------------------------------------------------
+
+    def call(self, method, path, query=None, body=None, form=None, host=None,
+             auth=True, expected=(), deadline=None):
+        """One API call; returns the envelope's `data`.
+
+        body: JSON-serialisable (a JSON POST/PUT); form: a MultipartBody; host: the
+        base URL (default the API host) or a function returning it, asked again
+        before every attempt.  Code 401 gets one fresh token and an immediate retry;
+        429, 5xx, unparseable answers and network failures are retried with
+        jittered backoff until `deadline` (default call_deadline from now), then
+        Pan123Unavailable.  Any other non-zero code raises its Pan123Error type at
+        once, logged with code, message and x-traceID unless the caller lists that
+        type in `expected` (an answer it handles, such as "folder exists")."""
+        return self.call_api(CloudCall(method, path, query=query, body=body, payload=form,
+                                       auth=auth, expected=expected, deadline=deadline,
+                                       host=host))
+
+    def _classify(self, call, envelope):
+        """What an answer means: the one place where 123pan's codes become actions."""
+        code = envelope["code"]
+        if code == PAN123_CODE_OK:
+            return self.OK, envelope.get("data")
+        if code == PAN123_CODE_UNAUTHORIZED and call.auth and not call.renewals:
+            return self.RENEW, None
+        if code == PAN123_CODE_TOO_MANY_REQUESTS:
+            return self.RETRY, _Transient.rate_limited("rate limited (code 429)")
+        message = str(envelope.get("message"))
+        if code == PAN123_CODE_GENERIC and PAN123_FOLDER_EXISTS_MARK in message:
+            error_type = Pan123FolderExists
+        else:
+            error_type = _ERROR_TYPE_BY_CODE.get(code, Pan123Error)
+        return self.RAISE, error_type.from_envelope(call.path, envelope)
+
+    def _url(self, call):
+        host = call.host() if callable(call.host) else call.host
+        call.base = host or self.api_base
+        return call.base + call.path
+
+    def _headers(self, call):
+        return {"Platform": "open_platform"}
+
+    def _network_failed(self, call):
+        self._forget_upload_domain(call.base)
+
+    @staticmethod
+    def _envelope(response, raw):
+        # 123pan reports errors in the envelope; accept one whatever the HTTP
+        # status (401 and 429 may come either way).
+        try:
+            envelope = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            return None
+        if isinstance(envelope, dict) and isinstance(envelope.get("code"), int):
+            return envelope
+        return None
+
+    def _obtain_token(self, current, obtained_at):
+        data = self.call("POST", "/api/v1/access_token", auth=False,
+                         body={"clientID": self.client_id,
+                               "clientSecret": self._client_secret})
+        try:
+            token = _make_token(data["accessToken"], data["expiredAt"], obtained_at)
+        except (TypeError, KeyError, ValueError) as e:
+            raise Pan123Error("123pan access_token: unusable answer (%s)" % e,
+                              endpoint="/api/v1/access_token")
+        log.info("123pan: obtained a new access token, valid until %s", token.expired_at)
+        return token
+
+    # -- folders and listings -------------------------------------------------
+
+    def mkdir(self, parent_id, name):
+        """Create a folder; its id.  Pan123FolderExists if the name is taken."""
+        data = self.call("POST", "/upload/v1/file/mkdir",
+                         body={"name": name, "parentID": parent_id},
+                         expected=(Pan123FolderExists,))
+        return _positive_id(data, "dirID", "mkdir")
+
+    def list_folder(self, parent_id):
+        """Yield the live Pan123Entry items of a folder, every page (list v2)."""
+        cursor = None
+        while True:
+            entries, cursor = self.list_page(parent_id, cursor)
+            for entry in entries:
+                yield entry
+            if cursor is None:
+                return
+
+    def list_page(self, parent_id, cursor=None):
+        """One page of a folder (list v2): (live entries, the cursor of the next
+        page or None after the last).  cursor None starts at the beginning.
+
+        Trashed entries (list v2 returns them) and entries rejected by content
+        review (status > 100) are left out.  The cursor is passed back opaque;
+        -1, an empty page or a cursor that does not move ends the listing."""
+        query = {"parentFileId": parent_id, "limit": PAN123_LIST_PAGE}
+        if cursor is not None:
+            query["lastFileId"] = cursor
+        data = self.call("GET", "/api/v2/file/list", query=query) or {}
+        page = data.get("fileList") or []
+        entries = [Pan123Entry(item["fileId"], item["filename"], item.get("type") == 1,
+                               item.get("size") or 0, (item.get("etag") or "").lower())
+                   for item in page
+                   if item.get("trashed") != 1 and (item.get("status") or 0) <= 100]
+        next_cursor = data.get("lastFileId", -1)
+        if next_cursor == -1 or not page:
+            return entries, None
+        if next_cursor == cursor:
+            raise Pan123Error("123pan list of folder %d: cursor %r does not advance"
+                              % (parent_id, cursor), endpoint="/api/v2/file/list")
+        return entries, next_cursor
+
+    # -- uploads ------------------------------------------------------------------
+
+    def upload_domain(self):
+        """The single-step upload host, asked once and kept until a connection
+        to it fails."""
+        with self._upload_domain_lock:
+            if self._upload_domain is None:
+                hosts = self.call("GET", "/upload/v2/file/domain")
+                if not isinstance(hosts, list) or not hosts or not isinstance(hosts[0], str):
+                    raise Pan123Error("123pan upload domain: unusable answer %r" % (hosts,),
+                                      endpoint="/upload/v2/file/domain")
+                self._upload_domain = hosts[0].rstrip("/")
+            return self._upload_domain
+
+    def _forget_upload_domain(self, base):
+        with self._upload_domain_lock:
+            if self._upload_domain == base:
+                self._upload_domain = None
+
+    def upload_single(self, parent_id, name, spool):
+        """Single-step upload of the whole spool (up to 1 GB); the new file id."""
+        form = MultipartBody([("parentFileID", parent_id), ("filename", name),
+                              ("etag", spool.md5), ("size", spool.size),
+                              ("duplicate", 2)],   # replace: objects are content-addressed
+                             "file", name, spool)
+        data = self.call("POST", "/upload/v2/file/single/create", form=form,
+                         host=self.upload_domain,
+                         deadline=time.monotonic() + self._transfer_deadline(spool.size))
+        if not isinstance(data, dict) or data.get("completed") is not True:
+            raise Pan123Error("123pan single-step upload of %s: not completed (%r)"
+                              % (name, data), endpoint="/upload/v2/file/single/create")
+        return _positive_id(data, "fileID", "single-step upload of %s" % name)
+
+    def upload_chunked(self, parent_id, name, spool):
+        """The V2 chunked flow: create (an instant upload may end it there), the
+        slices in order, then upload_complete polled until the file exists."""
+        created = self.call("POST", "/upload/v2/file/create",
+                            body={"parentFileID": parent_id, "filename": name,
+                                  "etag": spool.md5, "size": spool.size, "duplicate": 2})
+        if not isinstance(created, dict):
+            raise Pan123Error("123pan create %s: unusable answer" % name,
+                              endpoint="/upload/v2/file/create")
+        if created.get("reuse") and created.get("fileID"):
+            log.debug("123pan: %s stored by instant upload (same MD5 and size known)", name)
+            return created["fileID"]
+        preupload_id = created.get("preuploadID")
+        slice_size = created.get("sliceSize")
+        if not preupload_id or not isinstance(slice_size, int) or slice_size <= 0:
+            raise Pan123Error("123pan create %s: no preuploadID/sliceSize in %r"
+                              % (name, created), endpoint="/upload/v2/file/create")
+        servers = created.get("servers") or []
+        host = servers[0].rstrip("/") if servers else self.upload_domain
+        for number, start in enumerate(range(0, spool.size, slice_size), 1):
+            self._upload_slice(host, preupload_id, name, number, spool, start,
+                               min(slice_size, spool.size - start))
+        return self._await_complete(preupload_id, name)
+
+    def _upload_slice(self, host, preupload_id, name, number, spool, start, length):
+        # sliceMD5 is a form field that precedes the bytes, so it is computed in a
+        # first pass over the (local) spool range; nothing is held in memory.
+        md5 = hashlib.md5()
+        for chunk in spool.iter_range(start, length):
+            md5.update(chunk)
+        form = MultipartBody([("preuploadID", preupload_id), ("sliceNo", number),
+                              ("sliceMD5", md5.hexdigest())],
+                             "slice", "%s.part%d" % (name, number), spool, start, length)
+        # call() retries this one slice on its own; the others stay uploaded.
+        self.call("POST", "/upload/v2/file/slice", form=form, host=host,
+                  deadline=time.monotonic() + self._transfer_deadline(length))
+
+    def _await_complete(self, preupload_id, name):
+        deadline = time.monotonic() + self.complete_deadline
+        while True:
+            try:
+                data = self.call("POST", "/upload/v2/file/upload_complete",
+                                 body={"preuploadID": preupload_id},
+                                 expected=(Pan123StillVerifying,), deadline=deadline)
+            except Pan123StillVerifying:
+                data = None         # the same as completed:false
+            if isinstance(data, dict) and data.get("completed") and data.get("fileID"):
+                return data["fileID"]
+            if time.monotonic() + self.poll_interval >= deadline:
+                raise Pan123Unavailable("123pan upload of %s: not complete after %ds"
+                                        % (name, self.complete_deadline),
+                                        endpoint="/upload/v2/file/upload_complete",
+                                        meaning=TIMED_OUT)
+            time.sleep(self.poll_interval)
+
+    def _transfer_deadline(self, size):
+        # Retries of an upload may take longer than those of a small call: allow
+        # for the transfer itself at a slow 1 MB/s on top of call_deadline.
+        return self.call_deadline + size / 1e6
+
+    # -- trash and delete -----------------------------------------------------------
+
+    def file_detail(self, file_id):
+        """detail of one file or folder (dict with fileID, filename, size, etag,
+        trashed...); Pan123FileNotFound if the id does not exist."""
+        return self.call("GET", "/api/v1/file/detail", query={"fileID": file_id},
+                         expected=(Pan123FileNotFound,))
+
+    def trash(self, file_ids):
+        """Move files to the recycle bin (invisible to list v2 from then on)."""
+        self._batched("/api/v1/file/trash", file_ids)
+
+    def delete_trashed(self, file_ids):
+        """Delete permanently; 123pan accepts only ids already in the trash."""
+        self._batched("/api/v1/file/delete", file_ids)
+
+    def _batched(self, path, file_ids):
+        file_ids = list(file_ids)
+        for i in range(0, len(file_ids), PAN123_MAX_BATCH):
+            self.call("POST", path, body={"fileIDs": file_ids[i:i + PAN123_MAX_BATCH]})
+
+    # -- downloads --------------------------------------------------------------------
+
+    def _new_download_url(self, file_id, fresh):
+        """A CDN URL for the file, reused for download_url_lifetime seconds: far
+        below the (unverified) 2 h lifetime claimed for these URLs, and a rejected
+        URL is replaced anyway."""
+        # A missing file is the storage's to report (it knows which object it was).
+        data = self.call("GET", "/api/v1/file/download_info", query={"fileId": file_id},
+                         expected=(Pan123FileNotFound,))
+        url = data.get("downloadUrl") if isinstance(data, dict) else None
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise Pan123Error("123pan download_info of file %d: no usable URL" % file_id,
+                              endpoint="/api/v1/file/download_info")
+        return url, self.download_url_lifetime
+
+    @staticmethod
+    def _describe_file(file_id):
+        return "file %d" % file_id
+
+
+def _positive_id(data, key, what):
+    value = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(value, int) or value <= 0:
+        raise Pan123Error("123pan %s: no %s in the answer (%r)" % (what, key, data))
+    return value
+
+
+Pan123File = collections.namedtuple("Pan123File", "file_id size etag")
+
+
+class Pan123Index(object):
+    """What this server knows exists on 123pan: per folder id its files
+    (name -> Pan123File) and sub-folders (name -> id), and whether the folder
+    was listed completely.  Kept in a MetadataCache under the namespace of the
+    account: a persistent one from the state directory survives restarts; the
+    default is an in-memory one.
+
+    A folder is listed once, when first needed (or by the warm-up), and then kept
+    current from this server's own uploads and deletes.  Our own writes always
+    win over a listing: listings lag behind writes (spec 4.2), and a listing that
+    ran while we wrote must neither drop a file we just uploaded nor revive one
+    we just deleted.  So an entry we wrote stays as it is for LISTING_LAG_GRACE
+    seconds whatever a listing says, and a name we drop while a listing of its
+    folder may be under way is remembered (in memory) and left out of that
+    listing.  Deleted objects waiting for their remote delete are left out of
+    every listing by their file id."""
+
+    ROOT_ID = 0
+
+    def __init__(self, cache=None, namespace="123pan"):
+        self.cache = cache if cache is not None else MetadataCache()
+        self.ns = namespace
+        self._lock = threading.Lock()
+        self._dropped = collections.defaultdict(set)    # folder -> names (see above)
+        self._listings = collections.Counter()          # folder -> listings under way
+
+    def folder_state(self, folder_id):
+        return self.cache.folder(self.ns, folder_id)
+
+    def is_loaded(self, folder_id):
+        return self.folder_state(folder_id).complete
+
+    def child_folder(self, parent_id, name):
+        known = self.cache.entry(self.ns, parent_id, name, is_dir=True)
+        return None if known is None else known[0]
+
+    def folders(self, folder_id):
+        return dict((name, child) for name, child, _, _ in
+                    self.cache.entries(self.ns, folder_id, is_dir=True))
+
+    def file(self, folder_id, name):
+        known = self.cache.entry(self.ns, folder_id, name)
+        return None if known is None else Pan123File(*known)
+
+    def files(self, folder_id):
+        return [(name, Pan123File(file_id, size, etag))
+                for name, file_id, size, etag in self.cache.entries(self.ns, folder_id)]
+
+    def record_folder(self, parent_id, name, folder_id, created=False):
+        """A folder exists; created=True when we just made it, so it is empty."""
+        self.cache.record(self.ns, parent_id, name, folder_id, is_dir=True, created=created)
+
+    def record_file(self, folder_id, name, entry):
+        with self._lock:
+            self.cache.record(self.ns, folder_id, name, entry.file_id, entry.size, entry.etag)
+            self._dropped.get(folder_id, set()).discard(name)
+
+    def drop_file(self, folder_id, name, file_id, delete_remotely=False):
+        """Forget a file, if `name` still is that file id (not a newer upload);
+        True if it was known.  delete_remotely: and queue its trash and
+        permanent delete, committed together with forgetting it."""
+        with self._lock:
+            current = self.file(folder_id, name)
+            if current is not None and current.file_id != file_id:
+                return False
+            dropped = self.cache.drop(self.ns, folder_id, name, file_id,
+                                      pending_stage="trash" if delete_remotely else None)
+            if self._listings[folder_id] or not self.is_loaded(folder_id):
+                self._dropped[folder_id].add(name)
+            return dropped
+
+    def forget_folder(self, parent_id, name, folder_id):
+        """A folder vanished behind our back: forget it and all below it."""
+        self.cache.drop(self.ns, parent_id, name, folder_id, is_dir=True)
+
+    def invalidate(self):
+        self.cache.invalidate(self.ns)
+
+    # -- listings ------------------------------------------------------------------
+
+    def begin_listing(self, folder_id):
+        """Start (or, for a folder whose listing was interrupted, continue) a
+        listing: pages go to merge_page, and end_listing follows in any case."""
+        state = self.folder_state(folder_id)
+        cursor = None if state.complete else state.cursor
+        with self._lock:
+            self._listings[folder_id] += 1
+        return _Listing(folder_id, cursor, time.time() - LISTING_LAG_GRACE)
+
+    def merge_page(self, listing, entries, next_cursor):
+        """Merge one page of Pan123Entry items; next_cursor None after the last."""
+        newest = collections.OrderedDict()
+        for e in entries:   # a name twice (someone used duplicate=1): the newest wins
+            known = newest.get((e.is_folder, e.name))
+            if known is None or known.file_id < e.file_id:
+                newest[(e.is_folder, e.name)] = e
+        rows = [CacheEntry(e.name, e.is_folder, e.file_id, e.size, e.etag)
+                for e in newest.values()]
+        with self._lock:
+            skip = set((False, name) for name in self._dropped.get(listing.folder_id, ()))
+            self.cache.merge_page(self.ns, listing.folder_id, rows, listing.settled_before,
+                                  next_cursor, skip, listing.seen)
+        listing.pages += 1
+        listing.objects += sum(1 for row in rows if not row.is_dir)
+
+    def end_listing(self, listing):
+        with self._lock:
+            self._listings[listing.folder_id] -= 1
+            if not self._listings[listing.folder_id]:
+                del self._listings[listing.folder_id]
+                if self.is_loaded(listing.folder_id):
+                    self._dropped.pop(listing.folder_id, None)
+
+    def merge_listing(self, folder_id, files, folders):
+        """A whole listing at once: {name: Pan123File}, {name: folder id}."""
+        listing = self.begin_listing(folder_id)
+        try:
+            self.merge_page(listing, [Pan123Entry(f.file_id, name, False, f.size, f.etag)
+                                      for name, f in files.items()] +
+                            [Pan123Entry(child, name, True, 0, "")
+                             for name, child in folders.items()], None)
+        finally:
+            self.end_listing(listing)
+
+    # -- deletes queued for the cloud ------------------------------------------------
+
+    def pending_deletes(self):
+        return self.cache.pending_deletes(self.ns)
+
+    def pending_deletes_of(self, folder_id, name):
+        return self.cache.pending_deletes_of(self.ns, folder_id, name)
+
+    def set_pending_stage(self, file_ids, stage):
+        self.cache.set_pending_stage(self.ns, file_ids, stage)
+
+    def clear_pending(self, file_ids):
+        self.cache.clear_pending(self.ns, file_ids)
+
+
+def split_pan123_path(path):
+    """'/restic-backup/x' -> ('restic-backup', 'x'); ValueError for names 123pan
+    refuses."""
+    return split_folder_path(path, "123pan")
+
+
+def _run_batch_isolating(call, file_ids, refusal):
+    """call(file_ids) for trash or delete; {file id: error} for the ids that failed
+    (Pan123FileNotFound for ids that no longer exist).
+
+    One id the call refuses (already trashed by a retry whose first answer was
+    lost, removed by someone else) fails the whole batch, so on a refusal each id
+    is tried alone.  For an id refused alone with an unspecific code,
+    refusal(id, error) returns the error to report or None when the id turns out
+    done: the codes for these cases are undocumented, so the caller checks the
+    state rather than reading messages."""
+    if len(file_ids) > 1:
+        try:
+            call(file_ids)
+            return {}
+        except Pan123Unavailable:
+            raise
+        except Pan123Error:
+            pass
+    errors = {}
+    for file_id in file_ids:
+        try:
+            call([file_id])
+        except Pan123Unavailable:
+            raise
+        except Pan123FileNotFound as e:
+            errors[file_id] = e
+        except Pan123Error as e:
+            error = refusal(file_id, e)
+            if error is not None:
+                errors[file_id] = error
+    return errors
+
+
+# Objects above this size use the chunked slice flow.  restic's packs are 16 MiB
+# by default (up to 128 MiB with --pack-size), and one single-step request is the
+# cheapest way to store them: one call and no complete-polling, which costs about
+# a second per object.  Above 64 MiB a dropped connection would cost a whole
+# large pack, while the slice flow retries one 16 MiB slice; the slice flow is
+# also the only one past single-step's 1 GB limit.
+PAN123_DEFAULT_SINGLE_MAX = 64 * 1024 * 1024
+PAN123_SINGLE_STEP_LIMIT = 1024 * 1024 * 1024
+PAN123_DEFAULT_REPO_PATH = "/restic-backup"
+# Warm-up threads: one is enough against a fast API; with 100-300 ms per call a
+# second one keeps the list budget (5/s) in use.
+PAN123_WARM_UP_WORKERS = 2
+# Deleted objects gather this long before their trash call, so that a prune's
+# deletes go 100 to a call; failed remote deletes are tried again this much later.
+PAN123_DELETE_LINGER = 1.0
+PAN123_DELETE_RETRY = 60.0
+
+
+def pan123_cache_namespace(api_base, client_id):
+    """The metadata cache rows of one 123pan account (a client id belongs to one)."""
+    return "123pan|%s|%s" % (api_base.rstrip("/"), client_id)
+
+
+class Pan123Storage(Storage):
+    """Repositories in a 123pan folder, laid out as restic's local backend (and
+    the Rust restic-123pan) does:
+
+        <repo-path>/<repo...>/config, keys/, locks/, snapshots/, index/,
+        data/<first 2 hex of the id>/<id>
+
+    data/<xx> folders are created on the first upload into them, so that
+    creating a repository costs 5 mkdir calls, not 261.  HEAD, stat and list are
+    answered from a Pan123Index (backed by the metadata cache): each folder is
+    listed once, then kept current from our own writes.  start() resumes the
+    deletes queued before a restart and runs the warm-up, which lists what the
+    cache does not know yet, small folders first.
+
+    refresh_seconds (--cache-refresh): when above 0, a small folder (the
+    repository folder, keys, locks, snapshots, index) whose last listing is older
+    than that is listed again when next used, and so are data/ and data/<xx> when
+    asked for an object they do not hold: how objects that another writer added
+    are found.  0 trusts the cache until --rebuild-cache.
+
+    Deletes: DELETE forgets the object in the cache and queues its remote delete
+    in the same transaction, then returns; it is invisible from then on.  In the
+    background, objects go to the 123pan trash in calls of up to 100 (trashed
+    files vanish from listings), then are deleted permanently, again 100 to a
+    call (only allowed from the trash, and 1 call/s on free accounts).  The
+    queue is in the cache, so a restart continues it."""
+
+    name = "123pan"
+
+    def __init__(self, client, repo_path=PAN123_DEFAULT_REPO_PATH,
+                 single_upload_max=PAN123_DEFAULT_SINGLE_MAX, index=None, refresh_seconds=0,
+                 warm_up_workers=PAN123_WARM_UP_WORKERS,
+                 progress_interval=None, delete_linger=PAN123_DELETE_LINGER,
+                 delete_retry=PAN123_DELETE_RETRY):
+        self.client = client
+        self._base = split_pan123_path(repo_path)
+        self.single_upload_max = min(single_upload_max, PAN123_SINGLE_STEP_LIMIT)
+        self.index = index or Pan123Index()
+        self.refresh_seconds = refresh_seconds
+        self.warm_up_workers = warm_up_workers
+        self.progress_interval = WARM_UP_PROGRESS_INTERVAL if progress_interval is None \
+            else progress_interval
+        self._folder_locks = {}
+        self._folder_locks_guard = threading.Lock()
+        self._trash = _BatchQueue("123pan", "trash", self._trash_batch, PAN123_MAX_BATCH,
+                                  delete_linger)
+        self._purge = _BatchQueue("123pan", "delete", self._purge_batch, PAN123_MAX_BATCH,
+                                  delete_linger)
+        self._delete_retry = delete_retry
+        self._retry_timers = set()
+        self._stopping = threading.Event()
+        self._request_listings = 0      # listings for requests under way
+        self._request_listings_cond = threading.Condition()
+        self._warm_up_thread = None
+        self.warm_up = None
+
+    def describe(self):
+        return "123pan folder /%s (client id %s, %s)" % (
+            "/".join(self._base), self.client.client_id, self.client.api_base)
+
+    # -- folders ---------------------------------------------------------------
+
+    def _folder_path(self, repo, kind, name=None):
+        return object_folder(self._base, repo, kind, name)
+
+    def _folder_lock(self, folder_id):
+        with self._folder_locks_guard:
+            lock = self._folder_locks.get(folder_id)
+            if lock is None:
+                lock = self._folder_locks[folder_id] = threading.RLock()
+            return lock
+
+    def _max_age(self, kind):
+        """How old a listing of a `kind` folder may be (None: any age)."""
+        if self.refresh_seconds > 0 and kind != "data":
+            return self.refresh_seconds
+        return None
+
+    def _known(self, folder_id, max_age):
+        state = self.index.folder_state(folder_id)
+        return state.complete and (max_age is None or
+                                   (state.listed_at or 0) >= time.time() - max_age)
+
+    def _ensure_listed(self, folder_id, again=False, max_age=None, on_page=None):
+        """List a folder into the index unless it is known (complete, and listed
+        within max_age seconds when that is given); one listing at a time per
+        folder: concurrent callers wait for it.  again=True lists it anew, to find
+        a folder that mkdir says exists.  on_page: the warm-up's progress
+        callback; the warm-up also pauses while requests list.  Returns the
+        _Listing, or None when nothing was listed."""
+        if not again and self._known(folder_id, max_age):
+            return None
+        with self._folder_lock(folder_id):
+            if not again and self._known(folder_id, max_age):
+                return None
+            if on_page is not None:
+                return self._list_into_index(folder_id, on_page)
+            with self._request_listings_cond:
+                self._request_listings += 1
+            try:
+                return self._list_into_index(folder_id, None)
+            finally:
+                with self._request_listings_cond:
+                    self._request_listings -= 1
+                    self._request_listings_cond.notify_all()
+
+    def _list_into_index(self, folder_id, on_page):
+        """Page by page, each page committed to the cache with the cursor of the
+        next, so that an interrupted listing continues where it stopped."""
+        listing = self.index.begin_listing(folder_id)
+        try:
+            cursor = listing.cursor
+            while True:
+                if on_page is not None:
+                    self._yield_to_requests()
+                try:
+                    entries, cursor = self.client.list_page(folder_id, cursor)
+                except Pan123Unavailable:
+                    raise
+                except Pan123Error as e:
+                    if listing.pages or listing.cursor is None:
+                        raise
+                    # The cursor saved by an interrupted listing is refused (it is
+                    # opaque and may not outlive a restart): list from the start.
+                    log.warning("123pan: the listing of folder %d cannot continue from %r "
+                                "(%s); listing it from the start", folder_id, cursor, e)
+                    listing.from_start()
+                    cursor = None
+                    continue
+                self.index.merge_page(listing, entries, cursor)
+                if on_page is not None:
+                    on_page(sum(1 for e in entries if not e.is_folder))
+                if cursor is None:
+                    return listing
+        finally:
+            self.index.end_listing(listing)
+
+    def _yield_to_requests(self):
+        """Warm-up: wait while requests are listing (they share the rate limit and
+        a request is waiting for each of them); WarmUpStopped when stopping."""
+        with self._request_listings_cond:
+            while self._request_listings and not self._stopping.is_set():
+                self._request_listings_cond.wait(1.0)
+        if self._stopping.is_set():
+            raise WarmUpStopped()
+
+    def _resolve(self, path, create=False, mkdir_first=False):
+        """The folder id of a path from the 123pan root; None if it does not exist
+        (and create is False).  See _child_folder for mkdir_first."""
+        folder_id = Pan123Index.ROOT_ID
+        for name in path:
+            folder_id = self._child_folder(folder_id, name, create, mkdir_first)
+            if folder_id is None:
+                return None
+        return folder_id
+
+    def _child_folder(self, parent_id, name, create=False, mkdir_first=False):
+        """The id of folder `name` in parent_id, created if `create`.
+
+        A parent not listed yet is listed to find out, unless mkdir_first: then
+        mkdir is tried before any listing, which is right where the folder is
+        probably new (create_repository: restic init on a fresh tree then costs
+        mkdir calls only) and wasteful where it probably exists (uploads)."""
+        child = self.index.child_folder(parent_id, name)
+        if child is not None:
+            return child
+        # Under the parent's lock: one listing or mkdir per folder at a time.
+        with self._folder_lock(parent_id):
+            if not (create and mkdir_first):
+                self._ensure_listed(parent_id)
+            child = self.index.child_folder(parent_id, name)
+            if child is not None or not create:
+                return child
+            try:
+                child = self.client.mkdir(parent_id, name)
+            except Pan123FolderExists:
+                return self._find_existing_folder(parent_id, name)
+            self.index.record_folder(parent_id, name, child, created=True)
+            return child
+
+    def _find_existing_folder(self, parent_id, name):
+        # mkdir says it exists; a listing right after may not show it yet (index
+        # lag, spec 4.2), so look a few times before giving up.
+        backoff = Backoff(time.monotonic() + 15, self.client.retry_base, self.client.retry_cap)
+        while True:
+            self._ensure_listed(parent_id, again=True)
+            child = self.index.child_folder(parent_id, name)
+            if child is not None:
+                return child
+            if not backoff.pause():
+                raise UpstreamError("123pan: folder %r exists under folder %d according to "
+                                    "mkdir but is not listed" % (name, parent_id))
+
+    def _forget_vanished_folders(self, path):
+        """After an upload into `path` failed: forget the folders of the path that
+        are gone (trashed or deleted behind our back), from the innermost up.
+        True if one was, so that the upload may be tried again."""
+        forgot = False
+        while path:
+            parent_id = self._resolve(path[:-1])
+            folder_id = None if parent_id is None else self.index.child_folder(parent_id,
+                                                                                path[-1])
+            if folder_id is None:
+                return forgot
+            try:
+                if self.client.file_detail(folder_id).get("trashed") != 1:
+                    return forgot
+            except Pan123FileNotFound:
+                pass
+            log.warning("123pan: folder /%s (%d) was removed behind our back; forgetting it",
+                        "/".join(path), folder_id)
+            self.index.forget_folder(parent_id, path[-1], folder_id)
+            forgot = True
+            path = path[:-1]
+        return forgot
+
+    def _lookup(self, ref):
+        """(folder id, Pan123File) of an object; (None, None) if its folder is
+        missing, (folder id, None) if the object is.
+
+        With refresh_seconds, a small folder listed longer ago than that is
+        listed again, and so are data/ and data/<xx> when they lack the object
+        (written by another server?), at most once per interval.  Without it,
+        nothing here costs a call once the folders are known."""
+        folder_id, entry = self._find(ref, self._max_age(ref.kind))
+        if entry is None and ref.kind == "data" and self.refresh_seconds > 0:
+            data_id = self._resolve(self._folder_path(ref.repo, "data"))
+            if data_id is not None:
+                self._ensure_listed(data_id, max_age=self.refresh_seconds)
+                folder_id, entry = self._find(ref, self.refresh_seconds)
+        return folder_id, entry
+
+    def _find(self, ref, max_age):
+        folder_id = self._resolve(self._folder_path(ref.repo, ref.kind, ref.name))
+        if folder_id is None:
+            return None, None
+        self._ensure_listed(folder_id, max_age=max_age)
+        return folder_id, self.index.file(folder_id, ref.name)
+
+    # -- the Storage interface -------------------------------------------------
+
+    def create_repository(self, repo):
+        repo_id = self._resolve(self._base + tuple(repo), create=True, mkdir_first=True)
+        for kind in OBJECT_TYPES:
+            self._child_folder(repo_id, kind, create=True, mkdir_first=True)
+
+    def stat(self, ref):
+        entry = self._lookup(ref)[1]
+        return None if entry is None else entry.size
+
+    def list(self, repo, kind):
+        folder_id = self._resolve(self._folder_path(repo, kind))
+        if folder_id is None:
+            return []
+        self._ensure_listed(folder_id, max_age=self._max_age(kind))
+        if kind == "data":
+            # Packs live in data/<xx>; only the existing sub-folders are listed.
+            folder_ids = [child for name, child in sorted(self.index.folders(folder_id).items())
+                          if _DATA_FOLDER_RE.match(name)]
+        else:
+            folder_ids = [folder_id]
+        out = []
+        for fid in folder_ids:
+            self._ensure_listed(fid)
+            out.extend((name, entry.size) for name, entry in self.index.files(fid)
+                       if is_object_id(name))
+        return out
+
+    def read(self, ref, start, length):
+        folder_id, entry = self._lookup(ref)
+        if entry is None:
+            raise NotFound(str(ref))
+        if length == 0:
+            return iter(())
+        try:
+            chunks = self.client.read_range(entry.file_id, start, length)
+        except Pan123FileNotFound:
+            log.warning("123pan: %s (file %d) was removed behind our back; forgetting it",
+                        ref, entry.file_id)
+            self.index.drop_file(folder_id, ref.name, entry.file_id)
+            raise NotFound(str(ref))
+        if ref.content_addressed and start == 0 and length == entry.size:
+            return self._verified(ref, entry, chunks)
+        return chunks
+
+    @staticmethod
+    def _verified(ref, entry, chunks):
+        """Pass a whole content-addressed object through, checking its SHA-256.
+
+        123pan identifies content by MD5 and size alone and has been seen to serve
+        another file's bytes for an MD5 collision (spec 4.1).  On a full read we
+        can tell: the last chunk is held back until the hash matches the name, and
+        on a mismatch the error makes the REST layer cut the connection, so restic
+        sees a failed read rather than wrong bytes under a valid name.  Partial
+        reads (restic's blob reads) cannot be checked here; restic checks each
+        blob's own hash."""
+        def mismatch(actual):
+            log.error("123pan: %s (file %d, md5 %s) came back with SHA-256 %s: the cloud "
+                      "served different bytes (MD5 collision?); refusing to pass them on",
+                      ref, entry.file_id, entry.etag, actual)
+            return UpstreamError("%s: downloaded bytes do not match the object's name" % (ref,))
+        return sha256_checked(chunks, ref.name, mismatch)
+
+    def put(self, ref, spool):
+        path = self._folder_path(ref.repo, ref.kind, ref.name)
+        folder_id = self._resolve(path, create=True)
+        if self.index.pending_deletes_of(folder_id, ref.name):
+            # Deleted a moment ago and stored again (restic migrate's config):
+            # the old file goes to the trash first, or it might take the new one.
+            self._trash.flush()
+        try:
+            file_id = self._upload(folder_id, ref.name, spool)
+        except Pan123Unavailable:
+            raise
+        except Pan123Error:
+            if not self._forget_vanished_folders(path):
+                raise
+            folder_id = self._resolve(path, create=True)
+            file_id = self._upload(folder_id, ref.name, spool)
+        self.index.record_file(folder_id, ref.name, Pan123File(file_id, spool.size, spool.md5))
+
+    def _upload(self, folder_id, name, spool):
+        # A zero-byte object always goes single-step (single_upload_max >= 0): how
+        # the slice flow numbers zero slices is not documented.
+        if spool.size <= self.single_upload_max:
+            return self.client.upload_single(folder_id, name, spool)
+        return self.client.upload_chunked(folder_id, name, spool)
+
+    def delete(self, ref):
+        folder_id, entry = self._lookup(ref)
+        if entry is None:
+            return False
+        if not self.index.drop_file(folder_id, ref.name, entry.file_id, delete_remotely=True):
+            return False        # a concurrent DELETE of the same object was first
+        self._trash.post(entry.file_id)
+        return True
+
+    # -- remote deletes, in the background -----------------------------------------
+
+    def _trash_batch(self, file_ids):
+        try:
+            errors = _run_batch_isolating(self.client.trash, file_ids, self._trash_refusal)
+        except Exception as e:      # unreachable past the retries: all of them later
+            errors = dict((file_id, e) for file_id in file_ids)
+        gone = [i for i, e in errors.items() if isinstance(e, Pan123FileNotFound)]
+        if gone:
+            log.info("123pan: %d deleted objects were already removed behind our back",
+                     len(gone))
+            self.index.clear_pending(gone)
+        trashed = [i for i in file_ids if i not in errors]
+        self.index.set_pending_stage(trashed, "purge")
+        for file_id in trashed:
+            self._purge.post(file_id)
+        return self._retry_failed(self._trash, errors)
+
+    def _trash_refusal(self, file_id, error):
+        """A lone trash call refused: trashed anyway (a retry of a call whose
+        answer was lost) -> None; vanished -> Pan123FileNotFound; else `error`."""
+        try:
+            if self.client.file_detail(file_id).get("trashed") == 1:
+                return None
+        except Pan123FileNotFound as gone:
+            return gone
+        return error
+
+    def _purge_batch(self, file_ids):
+        try:
+            errors = _run_batch_isolating(self.client.delete_trashed, file_ids,
+                                          lambda file_id, error: error)
+        except Exception as e:
+            errors = dict((file_id, e) for file_id in file_ids)
+        # Already gone (the user emptied the recycle bin) is what we wanted.
+        errors = dict((file_id, e) for file_id, e in errors.items()
+                      if not isinstance(e, Pan123FileNotFound))
+        self.index.clear_pending([i for i in file_ids if i not in errors])
+        return self._retry_failed(self._purge, errors)
+
+    def _retry_failed(self, queue, errors):
+        """Queue the failed ids again after a while (they stay in the cache's
+        queue meanwhile, and a restart would also pick them up)."""
+        errors = dict((i, e) for i, e in errors.items() if not isinstance(e, Pan123FileNotFound))
+        if errors and not self._stopping.is_set():
+            log.warning("123pan %s: %d objects failed, trying again in %ds",
+                        queue.name, len(errors), self._delete_retry)
+
+            def again():
+                self._retry_timers.discard(timer)
+                for file_id in errors:
+                    queue.post(file_id)
+
+            timer = threading.Timer(self._delete_retry, again)
+            timer.daemon = True
+            self._retry_timers.add(timer)
+            timer.start()
+        return errors
+
+    def flush_deletes(self):
+        """Wait until the remote deletes queued so far are done (or failed)."""
+        self._trash.flush()
+        self._purge.flush()
+
+    # -- start and stop -----------------------------------------------------------
+
+    def start(self, rebuild=False, wait=False):
+        """Server start: resume the remote deletes queued before a restart, then
+        warm the cache up in a background thread (wait=True: in this one).
+        rebuild: forget what every folder held first (--rebuild-cache)."""
+        self.index.cache.open()
+        if rebuild:
+            log.info("123pan: --rebuild-cache: every folder is listed again")
+            self.index.invalidate()
+        pending = self.index.pending_deletes()
+        if pending:
+            log.info("123pan: %d deletes from before the restart are still to be done",
+                     len(pending))
+        for file_id, stage in pending:
+            (self._purge if stage == "purge" else self._trash).post(file_id)
+        self.warm_up = CacheWarmUp("123pan", self._warm_up_visit, self.warm_up_workers,
+                                   self.progress_interval, self._stopping)
+        if wait:
+            self._warm_up_run()
+        else:
+            self._warm_up_thread = threading.Thread(target=self._warm_up_run, daemon=True,
+                                                    name="123pan-warm-up")
+            self._warm_up_thread.start()
+        return self.warm_up
+
+    def _warm_up_run(self):
+        try:
+            base_id = Pan123Index.ROOT_ID
+            for name in self._base:     # like _resolve, its listings counted as pages
+                self._ensure_listed(base_id, on_page=self.warm_up.page_listed)
+                base_id = self.index.child_folder(base_id, name)
+                if base_id is None:
+                    break
+        except WarmUpStopped:
+            self.warm_up.finished.set()
+            return
+        except Exception as e:
+            log.warning("123pan cache warm-up: cannot reach /%s: %s; folders are listed "
+                        "when first needed", "/".join(self._base), e)
+            self.warm_up.finished.set()
+            return
+        except BaseException:
+            self.warm_up.finished.set()
+            raise
+        self.warm_up.run([] if base_id is None else [(0, base_id, ())])
+
+    def _warm_up_visit(self, folder_id, path, on_page):
+        listing = self._ensure_listed(folder_id, on_page=on_page)
+        children = []
+        for name, child_id in self.index.folders(folder_id).items():
+            if name == "data":
+                priority = 1            # its <= 256 sub-folders: a few pages
+            elif path and path[-1] == "data" and _DATA_FOLDER_RE.match(name):
+                priority = 2            # the packs
+            else:
+                priority = 0            # repository folders, keys, locks, snapshots, index
+            children.append((priority, child_id, path + (name,)))
+        objects = len(self.index.files(folder_id))
+        return objects, (None if listing is None else listing.objects), children
+
+    def close(self):
+        self._stopping.set()
+        with self._request_listings_cond:
+            self._request_listings_cond.notify_all()
+        if self._warm_up_thread is not None:
+            self._warm_up_thread.join(30)
+        for timer in list(self._retry_timers):
+            timer.cancel()
+        # What is not done in time stays queued in the cache for the next start.
+        drained = self._trash.close(timeout=60) and self._purge.close(timeout=120)
+        if not drained:
+            log.warning("123pan: remote deletes still queued at exit; the next start "
+                        "continues them")
+        self.client.close()
+        if drained and (self._warm_up_thread is None or not self._warm_up_thread.is_alive()):
+            self.index.cache.close()
+
+
+# ---------------------------------------------------------------------------
+# 7. Backend: Cloudreve 4 (a self-hosted or hosted site), its API client beside it
+# ---------------------------------------------------------------------------
+
+CLOUDREVE_API = "/api/v4"
+CLOUDREVE_ROOT_URI = "cloudreve://my"
+CLOUDREVE_DEFAULT_REPO_PATH = "/restic-backup"
+# Metadata key of a file whose upload is still running (or was abandoned): a
+# placeholder, never a complete object (spec 2.4, 3.3).
+CLOUDREVE_UPLOAD_META = "sys:upload_session_id"
+
+CLOUDREVE_CODE_OK = 0
+CLOUDREVE_CODE_TWO_FACTOR = 203
+CLOUDREVE_CODE_EXISTS = 40004
+CLOUDREVE_CODE_SESSION_GONE = 40011
+CLOUDREVE_CODE_NOT_FOUND = 40016
+CLOUDREVE_CODE_CREDENTIALS = 40020
+CLOUDREVE_CODE_CAPACITY = 40051
+CLOUDREVE_CODE_LOCKED = 40073
+CLOUDREVE_CODE_BATCH = 40081
+# "This token is not (or no longer) good": 401 where an expired token made the
+# caller anonymous, 40088 on later servers, 40020 for a token of the wrong type
+# (spec 1.7).  Refresh and replay.
+_CLOUDREVE_AUTH_CODES = frozenset((401, 40088, CLOUDREVE_CODE_CREDENTIALS))
+# Busy for a moment: object conflict, lock held by a running operation, database,
+# I/O, slave callback (spec 5).  Retried with backoff.
+_CLOUDREVE_BUSY_CODES = frozenset((409, CLOUDREVE_CODE_LOCKED, 50001, 50004, 50007))
+# What a download link answers instead of bytes when it is no longer good: HTTP
+# 200 with an envelope (expired or bad signature, blob gone; spec 2.14).
+_CLOUDREVE_STALE_LINK_CODES = frozenset((40005, 40071, 40077))
+# Headless login cannot get past these; each gets one clear line (spec 1.7).
+_CLOUDREVE_LOGIN_REFUSALS = {
+    CLOUDREVE_CODE_TWO_FACTOR: "the account uses two-factor authentication, which a "
+                               "headless server cannot complete: use an account without 2FA",
+    40026: "the site asks for a captcha at login, which a headless server cannot solve: "
+           "ask the site's admin to turn the login captcha off",
+    40080: "wrong email or password",
+    40017: "the account is blocked",
+    40018: "the account is not activated",
+    40001: "the site refused the login request (the user must be an email address, the "
+           "password 4 to 128 characters)",
+}
+
+CLOUDREVE_LIST_PAGE = 1000          # above restic's 256 data/ sub-folders (spec 2.4)
+CLOUDREVE_MAX_BATCH = 1000          # URIs per delete call (the site's limit is 3000)
+CLOUDREVE_MAX_RESPONSE = 16 * 1024 * 1024
+# Renew the access token this long before it expires (as the web UI does), or
+# after nine tenths of its life if it lives shorter than that.
+CLOUDREVE_TOKEN_RENEW_MARGIN = 600.0
+# A download link is reused until this long before its expiry.
+CLOUDREVE_LINK_MARGIN = 60.0
+# Uploads restarted from a new session when a chunk cannot be delivered.
+CLOUDREVE_UPLOAD_ATTEMPTS = 3
+
+
+class CloudreveError(UpstreamError):
+    """Cloudreve answered with a non-zero code (or could not be reached: see
+    CloudreveUnavailable).  An UpstreamError, so what is not handled more
+    specifically reaches restic as a 502 with this one-line reason.  For batch
+    answers (40081) `items` maps each failed URI to its own code, and `code` is
+    that code when every item failed the same way."""
+
+    def __init__(self, message, code=None, endpoint=None, meaning=None, items=None):
+        UpstreamError.__init__(self, message, meaning)
+        self.code, self.endpoint, self.items = code, endpoint, items or {}
+
+
+class CloudreveNotFound(CloudreveError):
+    """40016: no such path."""
+
+
+class CloudreveExists(CloudreveError):
+    """40004: the name is taken."""
+
+
+class CloudreveLocked(CloudreveError):
+    """40073: the path is locked, by an upload in progress above all."""
+
+
+class CloudreveAuthError(CloudreveError):
+    """Login or refresh refused: wrong credentials, 2FA, captcha, blocked account."""
+
+
+class CloudreveSessionGone(CloudreveError):
+    """40011 even with a fresh token: the upload session expired or was completed."""
+
+
+class CloudreveUnavailable(CloudreveError, Unavailable):
+    """Unreachable, or busy and failing transiently past the retry deadline."""
+
+
+class CloudreveCapacityExceeded(CloudreveError):
+    """40051: the account's capacity is used up."""
+    meaning = QUOTA
+
+
+_CLOUDREVE_ERROR_TYPES = {
+    CLOUDREVE_CODE_NOT_FOUND: CloudreveNotFound,
+    CLOUDREVE_CODE_EXISTS: CloudreveExists,
+    CLOUDREVE_CODE_LOCKED: CloudreveLocked,
+    CLOUDREVE_CODE_SESSION_GONE: CloudreveSessionGone,
+    CLOUDREVE_CODE_CREDENTIALS: CloudreveAuthError,
+    CLOUDREVE_CODE_CAPACITY: CloudreveCapacityExceeded,
+}
+
+
+def cloudreve_error(endpoint, envelope):
+    """The typed error of a non-zero envelope.  A batch failure (40081) takes the
+    type of its items' code when they all share one (spec 1.5)."""
+    code = envelope.get("code")
+    text = "Cloudreve %s: code %s: %s" % (endpoint, code, envelope.get("msg") or "")
+    items = {}
+    aggregated = envelope.get("aggregated_error")
+    if code == CLOUDREVE_CODE_BATCH and isinstance(aggregated, dict):
+        items = dict((uri, item.get("code")) for uri, item in aggregated.items()
+                     if isinstance(item, dict))
+        text += " (%s)" % ", ".join("%s: %s" % pair for pair in sorted(items.items())[:3])
+        if len(set(items.values())) == 1:
+            code = next(iter(items.values()))
+    if envelope.get("correlation_id"):
+        text += " (correlation_id %s)" % envelope["correlation_id"]
+    error_type = _CLOUDREVE_ERROR_TYPES.get(code, CloudreveError)
+    return error_type(text, code, endpoint, items=items)
+
+
+def _cloudreve_envelope(response, raw):
+    """The {code, msg, data} dict of an answer, or None if it is not one."""
+    if (response.header("Content-Encoding") or "").lower() == "gzip":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError):
+            return None
+    try:
+        envelope = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return None
+    if isinstance(envelope, dict) and isinstance(envelope.get("code"), int):
+        return envelope
+    return None
+
+
+def cloudreve_uri(parts):
+    """('restic-backup', 'a b') -> 'cloudreve://my/restic-backup/a%20b'.
+
+    Each name percent-encoded as JavaScript's encodeURIComponent does, the form
+    the server itself emits: '+', '%', '?', '#' and spaces can never be misread
+    (spec 1.8).  Query strings encode the whole URI once more (urlencode)."""
+    if not parts:
+        return CLOUDREVE_ROOT_URI
+    return CLOUDREVE_ROOT_URI + "/" + "/".join(quote(p, safe="-_.!~*'()") for p in parts)
+
+
+def split_cloudreve_path(path):
+    """'/restic-backup/x' -> ('restic-backup', 'x'); ValueError for names
+    Cloudreve refuses (spec 1.8)."""
+    return split_folder_path(path, "Cloudreve")
+
+
+CloudreveToken = collections.namedtuple(
+    "CloudreveToken", "access refresh access_expires refresh_expires renew_at refresh_until")
+
+
+def _make_cloudreve_token(data, obtained_at):
+    """A CloudreveToken from a Token object ({access_token, refresh_token,
+    access_expires, refresh_expires}); ValueError/KeyError/TypeError if unusable."""
+    access, refresh = data["access_token"], data["refresh_token"]
+    if not (isinstance(access, str) and access and isinstance(refresh, str) and refresh):
+        raise ValueError("empty token")
+    # Go's RFC 3339 with up to 9 fraction digits and the server's offset.
+    access_expires = parse_rfc3339(data["access_expires"])
+    refresh_expires = parse_rfc3339(data["refresh_expires"])
+    margin = min(CLOUDREVE_TOKEN_RENEW_MARGIN, max(0.0, access_expires - obtained_at) / 10)
+    return CloudreveToken(access, refresh, data["access_expires"], data["refresh_expires"],
+                          access_expires - margin, refresh_expires - 60)
+
+
+class CloudreveTokenFile(TokenFile):
+    """The newest token pair, kept across restarts so that a restart refreshes
+    rather than logs in again.  One file per (site, user)."""
+
+    label = "Cloudreve"
+
+    def __init__(self, state_dir, site, email):
+        TokenFile.__init__(self, state_dir, "cloudreve", site, email)
+
+    def from_record(self, saved):
+        return _make_cloudreve_token(saved, saved["obtained_at"])
+
+    def save(self, token, obtained_at):
+        self.save_record({"access_token": token.access, "refresh_token": token.refresh,
+                          "access_expires": token.access_expires,
+                          "refresh_expires": token.refresh_expires,
+                          "obtained_at": obtained_at})
+
+
+CloudreveEntry = collections.namedtuple("CloudreveEntry",
+                                        "file_id name is_folder size entity placeholder")
+CloudreveFile = collections.namedtuple("CloudreveFile", "file_id size entity")
+
+
+def _cloudreve_entry(item):
+    metadata = item.get("metadata") or {}
+    return CloudreveEntry(item.get("id"), item["name"], item.get("type") == 1,
+                          item.get("size") or 0, item.get("primary_entity"),
+                          isinstance(metadata, dict) and CLOUDREVE_UPLOAD_META in metadata)
+
+
+class CloudreveClient(CloudClient):
+    """The Cloudreve 4 API (/api/v4) of one site and account.  Every API request
+    goes through call() and so CloudClient.call_api, which owns the
+    Authorization header, the token (renewed before it expires and whenever an
+    answer says it has) and the retries; this class adds the {code, msg, data}
+    envelope and its codes (_classify), login and refresh, and the upload
+    sessions.  Download links are fetched without credentials through the same
+    HttpClient.  Thread-safe: one client serves every request thread."""
+
+    label = "Cloudreve"
+    error_type = CloudreveError
+    unavailable_type = CloudreveUnavailable
+    max_response = CLOUDREVE_MAX_RESPONSE
+    stale_link_statuses = (401, 403, 404, 410)
+
+    def __init__(self, site_url, email, password, state_dir=None, http_client=None,
+                 timeout=30.0, call_deadline=60.0, retry_base=0.5, retry_cap=8.0,
+                 download_resumes=5, login_retry_after=300.0,
+                 upload_attempts=CLOUDREVE_UPLOAD_ATTEMPTS):
+        if not site_url or not email or not password:
+            raise ValueError("Cloudreve needs a site URL, a user and a password")
+        self.site_url = site_url.rstrip("/")
+        self.email = email
+        self._password = password
+        CloudClient.__init__(
+            self, http_client, timeout, call_deadline, retry_base, retry_cap, download_resumes,
+            CloudreveTokenFile(state_dir, self.site_url, email) if state_dir else None)
+        # A refused login is not tried again for this long: a site may ban an
+        # address that keeps failing (spec 1.7).
+        self.login_retry_after = login_retry_after
+        self.upload_attempts = upload_attempts
+        self._login_refusal = None          # (error, monotonic time it holds until)
+
+    def __repr__(self):     # never the password or a token
+        return "CloudreveClient(%r, %r)" % (self.site_url, self.email)
+
+    # -- the envelope and its codes ------------------------------------------------
+
+    def call(self, method, template, path_args=None, query=None, body=None, payload=None,
+             auth=True, expected=(), deadline=None, renew_on=(), final=()):
+        """One API call; returns the envelope's `data`.
+
+        template: the route under /api/v4 ('/file/upload/{session_id}/{index}'),
+        filled from path_args; the metrics label is 'METHOD /api/v4<template>'.
+        body: JSON; payload: a SpoolSlice sent as raw bytes with its exact
+        Content-Length.  An answer meaning "token expired" (401, 40088, 40020, a
+        40081 whose items all say so, and the codes in renew_on) gets a fresh
+        token and an immediate replay; if it comes again, further fresh tokens
+        with backoff.  Busy codes (409, 40073, 50001, 50004, 50007) except those in
+        `final`, 429, 5xx, answers without an envelope and network failures are
+        retried with jittered backoff until `deadline` (default call_deadline from
+        now), then CloudreveUnavailable.  Any other code raises its CloudreveError
+        type at once, logged unless the caller lists that type in `expected`."""
+        path = CLOUDREVE_API + (template.format(**path_args) if path_args else template)
+        return self.call_api(CloudCall(
+            method, path, "%s %s%s" % (method, CLOUDREVE_API, template), query, body, payload,
+            auth, expected, deadline, renew_on=renew_on, final=final))
+
+    def _classify(self, call, envelope):
+        """What an answer means: the one place where Cloudreve's codes become
+        actions."""
+        if envelope["code"] == CLOUDREVE_CODE_OK:
+            return self.OK, envelope.get("data")
+        error = cloudreve_error(call.endpoint, envelope)
+        if call.auth and (error.code in _CLOUDREVE_AUTH_CODES or (
+                error.code in call.renew_on and not call.renewals)):
+            return self.RENEW, error
+        if error.code in _CLOUDREVE_BUSY_CODES and error.code not in call.final:
+            return self.RETRY, _Transient(str(error), "server_busy")
+        return self.RAISE, error
+
+    def _url(self, call):
+        return self.site_url + call.path
+
+    _envelope = staticmethod(_cloudreve_envelope)
+
+    def _no_envelope_reason(self, response):
+        # Cloudreve answers HTTP 200 for errors too (spec 1.3): the code decides.
+        reason = "HTTP %d %s without a JSON envelope" % (
+            response.status, response.header("Content-Type") or "")
+        if response.status == 413:
+            reason += (": a proxy in front of Cloudreve refuses bodies this large; its limit "
+                       "(nginx client_max_body_size) must exceed the storage policy's chunk size")
+        elif response.status in (200, 404):
+            reason += ": is %s the address of a Cloudreve 4 site?" % self.site_url
+        return reason
+
+    # -- tokens -------------------------------------------------------------------
+
+    def _obtain_token(self, current, obtained_at):
+        """The refresh token first; a password login when it is refused or
+        expired."""
+        data = None
+        if current is not None and obtained_at < current.refresh_until:
+            data = self._refresh(current)
+        if data is None:
+            data = self._login()
+        try:
+            token = _make_cloudreve_token(data, obtained_at)
+        except (TypeError, KeyError, ValueError) as e:
+            raise CloudreveError("Cloudreve login of %s: unusable token in the answer (%s)"
+                                 % (self.email, e))
+        log.info("Cloudreve: new access token for %s, valid until %s", self.email,
+                 token.access_expires)
+        return token
+
+    def _refresh(self, token):
+        """The new Token object, or None when the refresh token is refused."""
+        try:
+            return self.call("POST", "/session/token/refresh", auth=False,
+                             body={"refresh_token": token.refresh},
+                             expected=(CloudreveAuthError,))
+        except CloudreveUnavailable:
+            raise
+        except CloudreveError as e:
+            if e.code not in _CLOUDREVE_AUTH_CODES:
+                raise
+            log.info("Cloudreve: the refresh token was refused (code %s); logging in again",
+                     e.code)
+            return None
+
+    def _login(self):
+        refusal = self._login_refusal
+        if refusal is not None and time.monotonic() < refusal[1]:
+            raise refusal[0]
+        try:
+            data = self.call("POST", "/session/token", auth=False,
+                             body={"email": self.email, "password": self._password},
+                             expected=(CloudreveError,))
+        except CloudreveUnavailable:
+            raise
+        except CloudreveError as e:
+            if e.code is None:      # no envelope: not a refusal (a wrong address?)
+                raise
+            reason = _CLOUDREVE_LOGIN_REFUSALS.get(e.code, "code %s" % e.code)
+            error = CloudreveAuthError("Cloudreve login of %s at %s refused: %s"
+                                       % (self.email, self.site_url, reason),
+                                       e.code, e.endpoint)
+            log.error("%s", error)
+            self._login_refusal = (error, time.monotonic() + self.login_retry_after)
+            raise error
+        return (data or {}).get("token") if isinstance(data, dict) else None
+
+    # -- folders and listings -------------------------------------------------
+
+    def list_folder(self, uri):
+        """(entries, storage policy id) of a folder, every page.  CloudreveNotFound
+        if the folder does not exist (or is a file).  Cursor pages until no
+        next_token; offset pages (sites that turned cursors off) until total_items."""
+        entries, policy_id = [], None
+        query = {"uri": uri, "page_size": CLOUDREVE_LIST_PAGE}
+        while True:
+            data = self.call("GET", "/file", query=query, expected=(CloudreveNotFound,)) or {}
+            entries.extend(_cloudreve_entry(item) for item in data.get("files") or [])
+            policy_id = policy_id or (data.get("storage_policy") or {}).get("id")
+            pagination = data.get("pagination") or {}
+            cursor = pagination.get("next_token")
+            if cursor:
+                if cursor == query.get("next_page_token"):
+                    raise CloudreveError("Cloudreve list of %s: cursor does not advance" % uri)
+                query["next_page_token"] = cursor
+            elif not pagination.get("is_cursor") and "total_items" in pagination:
+                page = pagination.get("page", 0) + 1
+                if page * (pagination.get("page_size") or CLOUDREVE_LIST_PAGE) \
+                        >= pagination["total_items"] or not data.get("files"):
+                    return entries, policy_id
+                query["page"] = page
+            else:
+                return entries, policy_id
+
+    def storage_policy(self, parts):
+        """The storage policy id in the listing of folder `parts` (a path tuple), or
+        of its nearest existing ancestor: what an upload session wants as
+        policy_id (spec 2.7)."""
+        while True:
+            try:
+                data = self.call("GET", "/file", expected=(CloudreveNotFound,),
+                                 query={"uri": cloudreve_uri(parts), "page_size": 1})
+            except CloudreveNotFound:
+                if not parts:
+                    raise
+                parts = parts[:-1]
+                continue
+            policy_id = ((data or {}).get("storage_policy") or {}).get("id")
+            if not policy_id:
+                raise CloudreveError("Cloudreve list of %s: no storage_policy in the answer"
+                                     % cloudreve_uri(parts))
+            return policy_id
+
+    def create_folder(self, uri):
+        """mkdir -p; True if made now, False if it was there already."""
+        try:
+            self.call("POST", "/file/create", expected=(CloudreveExists,),
+                      body={"uri": uri, "type": "folder", "err_on_conflict": True})
+            return True
+        except CloudreveExists:
+            return False
+
+    def info(self, uri):
+        """The FileResponse of a path; CloudreveNotFound if it does not exist."""
+        data = self.call("GET", "/file/info", query={"uri": uri},
+                         expected=(CloudreveNotFound,))
+        if not isinstance(data, dict):
+            raise CloudreveError("Cloudreve info of %s: unusable answer" % uri)
+        return data
+
+    # -- uploads ----------------------------------------------------------------
+
+    def upload(self, uri, spool, policy_id, replace=False):
+        """Store the spool at `uri` through an upload session; its CloudreveFile.
+
+        replace=True stages a new version of an existing file (the switch is atomic
+        on completion).  A chunk that cannot be delivered cancels the session (so
+        no locked placeholder stays behind) and the upload starts again from a new
+        one, up to upload_attempts times.  The object counts as stored only when
+        its last chunk was accepted and the site reports the full size with no
+        upload in progress."""
+        attempt = 0
+        while True:
+            attempt += 1
+            session = self._create_session(uri, spool.size, policy_id, replace)
+            try:
+                self._send_chunks(session, spool)
+            except CloudreveUnavailable:
+                self.cancel_upload(session["session_id"], uri)
+                raise
+            except CloudreveError as e:
+                # The last chunk may have completed the upload with its answer
+                # lost on the way back: its retry then finds the session gone.
+                stored = self._stored_anyway(uri, spool.size)
+                if stored is not None:
+                    return stored
+                self.cancel_upload(session["session_id"], uri)
+                if attempt >= self.upload_attempts:
+                    raise
+                log.info("Cloudreve: upload of %s failed (%s); starting it again", uri, e)
+                _count_retry("upload_restart")
+                continue
+            except BaseException:
+                self.cancel_upload(session["session_id"], uri)
+                raise
+            try:
+                return self._verify_upload(uri, spool.size)
+            except CloudreveUnavailable:
+                raise
+            except CloudreveError as e:
+                # Completed with another size (or not at all): nothing that could be
+                # listed as stored may stay behind.
+                log.warning("Cloudreve: upload of %s not confirmed (%s); removing it", uri, e)
+                self.cancel_upload(session["session_id"], uri)
+                if not replace:
+                    self._delete_quietly(uri)
+                raise
+
+    def _create_session(self, uri, size, policy_id, replace):
+        body = {"uri": uri, "size": size, "policy_id": policy_id,
+                "mime_type": "application/octet-stream"}
+        if replace:
+            body["entity_type"] = "version"
+        backoff = self._backoff(time.monotonic() + self.call_deadline)
+        refusals = 0
+        while True:
+            try:
+                # A lock (40073) is not waited out here: it is most likely held by
+                # an upload of this very name that will never finish.
+                session = self.call("PUT", "/file/upload", body=body,
+                                    final=(CLOUDREVE_CODE_LOCKED,),
+                                    expected=(CloudreveExists, CloudreveLocked))
+                break
+            except (CloudreveExists, CloudreveLocked) as e:
+                refusals += 1
+                if refusals > 1 and not backoff.pause():
+                    raise
+                _count_retry("upload_in_the_way")
+                self._clear_the_way(uri, body, e)
+        policy = (session or {}).get("storage_policy") or {}
+        if not isinstance(session, dict) or not session.get("session_id") \
+                or not isinstance(session.get("chunk_size"), int) or session["chunk_size"] < 0:
+            raise CloudreveError("Cloudreve upload of %s: unusable session %r" % (uri, session))
+        if policy.get("type") != "local" and not policy.get("relay"):
+            self.cancel_upload(session["session_id"], uri)
+            raise CloudreveError("Cloudreve upload of %s: the storage policy is of type %r "
+                                 "without upload relay; only local policies (or any with "
+                                 "relay on) are supported" % (uri, policy.get("type")))
+        return session
+
+    def _clear_the_way(self, uri, body, refusal):
+        """After an upload session was refused because the name is taken or
+        locked: a placeholder or staged version of an upload that never finished
+        (a crash, or our own call whose answer was lost and that a retry then
+        found) is cancelled with its own session id; a complete file we did not
+        know of gets replaced (a new version)."""
+        try:
+            existing = self.info(uri)
+        except CloudreveNotFound:
+            return                          # gone meanwhile: just try again
+        if existing.get("type") != 0:
+            raise refusal                   # a folder has that name
+        stale = (existing.get("metadata") or {}).get(CLOUDREVE_UPLOAD_META)
+        if stale:
+            log.info("Cloudreve: cancelling an unfinished upload of %s", uri)
+            self.cancel_upload(stale, uri)
+        elif isinstance(refusal, CloudreveExists):
+            body["entity_type"] = "version"
+
+    def _send_chunks(self, session, spool):
+        """Chunks of the session's chunk_size (the whole body if 0), strictly in
+        order, one at a time (spec 2.8); the last one completes the upload."""
+        chunk_size = session["chunk_size"] or max(1, spool.size)
+        count = max(1, -(-spool.size // chunk_size))
+        for index in range(count):
+            start = index * chunk_size
+            length = min(chunk_size, spool.size - start)
+            # 40011 is what an expired token looks like here (spec 1.7): one fresh
+            # token; if it persists, the session is gone.  "Lock expired" (40073)
+            # on the last chunk is final for this session.  upload() decides what
+            # a refusal means (and logs it).
+            self.call("POST", "/file/upload/{session_id}/{index}",
+                      {"session_id": session["session_id"], "index": index},
+                      payload=SpoolSlice(spool, start, length), expected=(CloudreveError,),
+                      renew_on=(CLOUDREVE_CODE_SESSION_GONE,), final=(CLOUDREVE_CODE_LOCKED,),
+                      deadline=time.monotonic() + self.call_deadline + length / 1e6)
+
+    def _stored_anyway(self, uri, size):
+        """After a failed chunk: the CloudreveFile if the upload did complete
+        after all, else None."""
+        try:
+            return self._verify_upload(uri, size)
+        except CloudreveError:
+            return None
+
+    def _verify_upload(self, uri, size):
+        info = self.info(uri)
+        uploading = CLOUDREVE_UPLOAD_META in (info.get("metadata") or {})
+        if info.get("size") != size or uploading:
+            raise CloudreveError("Cloudreve upload of %s: the site reports %s bytes%s, not %d"
+                                 % (uri, info.get("size"), " (still uploading)" * uploading,
+                                    size))
+        return CloudreveFile(info.get("id"), size, info.get("primary_entity"))
+
+    def cancel_upload(self, session_id, uri):
+        """Delete an upload session and its placeholder; failures only logged."""
+        try:
+            self.call("DELETE", "/file/upload", body={"id": session_id, "uri": uri},
+                      expected=(CloudreveNotFound,),
+                      deadline=time.monotonic() + min(15.0, self.call_deadline))
+        except CloudreveNotFound:
+            pass            # the placeholder is gone already
+        except CloudreveError as e:
+            log.warning("Cloudreve: could not cancel the upload session of %s: %s", uri, e)
+
+    # -- deletes ---------------------------------------------------------------------
+
+    def _delete_quietly(self, uri):
+        try:
+            self.delete([uri])
+        except CloudreveNotFound:
+            pass
+        except CloudreveError as e:
+            log.warning("Cloudreve: could not delete %s: %s", uri, e)
+
+    def delete(self, uris):
+        """Delete for good (no trash), up to CLOUDREVE_MAX_BATCH at a time.  A
+        CloudreveError whose `items` name the URIs that failed (40016: gone
+        already) when only some did."""
+        self.call("DELETE", "/file", body={"uris": list(uris), "skip_soft_delete": True,
+                                           "unlink": False},
+                  expected=(CloudreveError,))
+
+    # -- downloads -----------------------------------------------------------------
+
+    def _new_download_url(self, uri, fresh):
+        """A download link, reused until CLOUDREVE_LINK_MARGIN before its expiry;
+        fresh=True asks the site for a new one."""
+        data = self.call("POST", "/file/url", body={"uris": [uri], "no_cache": fresh},
+                         expected=(CloudreveNotFound,))
+        try:
+            url = data["urls"][0]["url"]
+            lifetime = parse_rfc3339(data["expires"]) - time.time()
+        except (TypeError, KeyError, IndexError, ValueError, AttributeError):
+            url, lifetime = None, 0
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise CloudreveError("Cloudreve download link of %s: unusable answer" % uri)
+        return self._on_site(url), lifetime - CLOUDREVE_LINK_MARGIN
+
+    def _on_site(self, url):
+        """A link to the site's own content route is fetched from the configured
+        site address: only its path is signed (spec 2.14), and a site whose
+        public URL setting is wrong hands out links to a host we cannot reach."""
+        parts = urlsplit(url)
+        if parts.path.startswith(CLOUDREVE_API + "/file/content/"):
+            return self.site_url + parts.path + ("?" + parts.query if parts.query else "")
+        return url
+
+    def _check_download(self, uri, start, length, response):
+        """An expired link answers HTTP 200 with a JSON envelope instead of the
+        bytes (spec 2.14): that must never reach restic as data."""
+        if not (response.header("Content-Type") or "").startswith("application/json"):
+            return CloudClient._check_download(self, uri, start, length, response)
+        try:
+            envelope = _cloudreve_envelope(response, response.read_all(65536))
+        except NETWORK_ERRORS as e:
+            return _Transient.network(e)
+        if envelope is None:
+            return _Transient("HTTP %d with JSON that is not an envelope" % response.status)
+        code = envelope["code"]
+        reason = "the link answered code %s instead of the bytes" % code
+        if code in _CLOUDREVE_STALE_LINK_CODES or code in _CLOUDREVE_AUTH_CODES:
+            return _Transient(reason, "download_url")
+        if code in _CLOUDREVE_BUSY_CODES:
+            return _Transient(reason, "server_busy")
+        raise CloudreveError("Cloudreve download of %s: %s" % (uri, reason), code)
+
+
+class _MemoryFolder(object):
+    __slots__ = ("files", "folders", "deleted", "loaded")
+
+    def __init__(self):
+        self.files = {}         # name -> CloudreveFile
+        self.folders = {}       # name -> folder id
+        self.deleted = set()    # names we deleted before the folder was listed
+        self.loaded = False     # listed, or created by us: complete from now on
+
+
+class CloudreveIndex(object):
+    """What this server knows exists on the Cloudreve site: per folder (a path
+    tuple from the root of cloudreve://my) its files (name -> CloudreveFile) and
+    sub-folders.  Kept in memory, so every start lists folders again; the
+    123pan backend's sqlite MetadataCache does not back it yet.
+
+    A folder is listed once, when first needed, and then kept current from this
+    server's own uploads and deletes.  Our own writes always win over a listing:
+    a listing that ran while we wrote must neither drop a file we just uploaded
+    nor revive one we just deleted."""
+
+    ROOT_ID = ()
+
+    def __init__(self):
+        self._folders = {}
+        self._lock = threading.Lock()
+
+    def _state(self, folder_id):
+        state = self._folders.get(folder_id)
+        if state is None:
+            state = self._folders[folder_id] = _MemoryFolder()
+        return state
+
+    def is_loaded(self, folder_id):
+        with self._lock:
+            return self._state(folder_id).loaded
+
+    def child_folder(self, parent_id, name):
+        with self._lock:
+            return self._state(parent_id).folders.get(name)
+
+    def folders(self, folder_id):
+        with self._lock:
+            return dict(self._state(folder_id).folders)
+
+    def file(self, folder_id, name):
+        with self._lock:
+            return self._state(folder_id).files.get(name)
+
+    def files(self, folder_id):
+        with self._lock:
+            return list(self._state(folder_id).files.items())
+
+    def record_folder(self, parent_id, name, folder_id, created=False):
+        """A folder exists; created=True when we just made it, so it is empty."""
+        with self._lock:
+            self._state(parent_id).folders[name] = folder_id
+            if created:
+                self._state(folder_id).loaded = True
+
+    def record_file(self, folder_id, name, entry):
+        with self._lock:
+            state = self._state(folder_id)
+            state.files[name] = entry
+            state.deleted.discard(name)
+
+    def drop_file(self, folder_id, name, file_id):
+        """Forget a file, if `name` still is that file id (not a newer upload)."""
+        with self._lock:
+            state = self._state(folder_id)
+            current = state.files.get(name)
+            if current is not None and current.file_id != file_id:
+                return
+            state.files.pop(name, None)
+            if not state.loaded:
+                state.deleted.add(name)
+
+    def merge_listing(self, folder_id, files, folders):
+        """Add what a complete listing shows and we do not know yet."""
+        with self._lock:
+            state = self._state(folder_id)
+            for name, entry in files.items():
+                if name not in state.deleted:
+                    state.files.setdefault(name, entry)
+            for name, child_id in folders.items():
+                state.folders.setdefault(name, child_id)
+            state.deleted.clear()
+            state.loaded = True
+
+
+class CloudreveStorage(Storage):
+    """Repositories in a folder of a Cloudreve 4 site, laid out as restic's
+    local backend does:
+
+        cloudreve://my/<repo-path>/<repo...>/config, keys/, locks/, snapshots/,
+        index/, data/<first 2 hex of the id>/<id>
+
+    Objects are addressed by URI, so no folder ids are needed: a folder is
+    listed (with cursor paging) when first needed, then kept current from our
+    own writes.  data/<xx> folders are created by the upload sessions themselves
+    (they make missing parents).  Deletes skip the trash and are batched."""
+
+    name = "cloudreve"
+
+    def __init__(self, client, repo_path=CLOUDREVE_DEFAULT_REPO_PATH, index=None):
+        self.client = client
+        self._base = split_cloudreve_path(repo_path)
+        self.index = index or CloudreveIndex()
+        # One listing of a folder at a time, and one upload of a name at a time
+        # (restic may retry an upload while the first is still running; the site
+        # would refuse the second with 40004): locks striped by hash.
+        self._folder_locks = [threading.Lock() for _ in range(64)]
+        self._name_locks = [threading.Lock() for _ in range(64)]
+        self._policy_id = None
+        self._policy_lock = threading.Lock()
+        self._deletes = _BatchQueue("Cloudreve", "delete", self._delete_batch, CLOUDREVE_MAX_BATCH)
+
+    def describe(self):
+        return "Cloudreve folder %s (%s at %s)" % (
+            cloudreve_uri(self._base), self.client.email, self.client.site_url)
+
+    # -- folders ---------------------------------------------------------------
+
+    def _folder_path(self, repo, kind, name=None):
+        return object_folder(self._base, repo, kind, name)
+
+    def _folder_lock(self, folder):
+        return self._folder_locks[hash(folder) % len(self._folder_locks)]
+
+    def _known_missing(self, folder):
+        parent = folder[:-1]
+        return bool(folder) and self.index.is_loaded(parent) \
+            and self.index.child_folder(parent, folder[-1]) is None
+
+    def _ensure_listed(self, folder):
+        """List a folder into the index unless that was done (one listing at a
+        time per folder).  A folder its listed parent does not have is known to
+        be empty without asking."""
+        if self.index.is_loaded(folder):
+            return
+        with self._folder_lock(folder):
+            if self.index.is_loaded(folder):
+                return
+            files, folders = {}, {}
+            if not self._known_missing(folder):
+                try:
+                    entries, policy_id = self.client.list_folder(cloudreve_uri(folder))
+                except CloudreveNotFound:
+                    entries, policy_id = [], None
+                self._policy_id = self._policy_id or policy_id
+                for e in entries:
+                    if e.is_folder:
+                        folders[e.name] = folder + (e.name,)
+                    elif not e.placeholder:     # an upload not (yet) complete
+                        files[e.name] = CloudreveFile(e.file_id, e.size, e.entity)
+            self.index.merge_listing(folder, files, folders)
+
+    def _lookup(self, ref):
+        """(folder, CloudreveFile or None) of an object."""
+        folder = self._folder_path(ref.repo, ref.kind, ref.name)
+        self._ensure_listed(folder)
+        return folder, self.index.file(folder, ref.name)
+
+    def _policy(self):
+        if self._policy_id is None:
+            with self._policy_lock:
+                if self._policy_id is None:
+                    self._policy_id = self.client.storage_policy(self._base)
+        return self._policy_id
+
+    # -- the Storage interface -------------------------------------------------
+
+    def create_repository(self, repo):
+        for kind in OBJECT_TYPES:
+            folder = self._base + tuple(repo) + (kind,)
+            created = self.client.create_folder(cloudreve_uri(folder))
+            self.index.record_folder(folder[:-1], kind, folder, created=created)
+
+    def stat(self, ref):
+        entry = self._lookup(ref)[1]
+        return None if entry is None else entry.size
+
+    def list(self, repo, kind):
+        folder = self._folder_path(repo, kind)
+        self._ensure_listed(folder)
+        if kind == "data":
+            folders = [child for name, child in sorted(self.index.folders(folder).items())
+                       if _DATA_FOLDER_RE.match(name)]
+        else:
+            folders = [folder]
+        out = []
+        for sub in folders:
+            self._ensure_listed(sub)
+            out.extend((name, entry.size) for name, entry in self.index.files(sub)
+                       if is_object_id(name))
+        return out
+
+    def read(self, ref, start, length):
+        folder, entry = self._lookup(ref)
+        if entry is None:
+            raise NotFound(str(ref))
+        if length == 0:
+            return iter(())
+        uri = cloudreve_uri(folder + (ref.name,))
+        try:
+            chunks = self.client.read_range(uri, start, length)
+        except CloudreveNotFound:
+            log.warning("Cloudreve: %s was removed behind our back", ref)
+            self.index.drop_file(folder, ref.name, entry.file_id)
+            raise NotFound(str(ref))
+        if ref.content_addressed and start == 0 and length == entry.size:
+            # Guards against whatever else might arrive with the right length.
+            return sha256_checked(chunks, ref.name, lambda actual: self._mismatch(ref, actual))
+        return chunks
+
+    @staticmethod
+    def _mismatch(ref, actual):
+        log.error("Cloudreve: %s came back with SHA-256 %s; refusing to pass the bytes on",
+                  ref, actual)
+        return UpstreamError("%s: downloaded bytes do not match the object's name" % (ref,))
+
+    def put(self, ref, spool):
+        folder = self._folder_path(ref.repo, ref.kind, ref.name)
+        uri = cloudreve_uri(folder + (ref.name,))
+        with self._name_locks[hash(uri) % len(self._name_locks)]:
+            self._ensure_listed(folder)
+            existing = self.index.file(folder, ref.name)
+            if existing is not None and ref.content_addressed and existing.size == spool.size:
+                # Stored meanwhile by a concurrent upload of the same name: the name
+                # is the content's hash, so these are the same bytes.
+                return
+            # The upload session makes the folder if it is missing: it is new (and
+            # holds only this object) if its listed parent did not have it.
+            created = self._known_missing(folder)
+            entry = self.client.upload(uri, spool, self._policy(), replace=existing is not None)
+            self.client.forget_download_url(uri)
+            if folder:
+                self.index.record_folder(folder[:-1], folder[-1], folder, created=created)
+            self.index.record_file(folder, ref.name, entry)
+
+    def delete(self, ref):
+        """True when the object was known to exist: gone already at the site (a
+        retried call whose first answer was lost, or someone else) counts as
+        deleted too."""
+        folder, entry = self._lookup(ref)
+        if entry is None:
+            return False
+        uri = cloudreve_uri(folder + (ref.name,))
+        try:
+            self._deletes.submit(uri)
+        except CloudreveNotFound:
+            log.info("Cloudreve: %s was already gone", ref)
+        self.index.drop_file(folder, ref.name, entry.file_id)
+        self.client.forget_download_url(uri)
+        return True
+
+    def _delete_batch(self, uris):
+        """One delete call for queued URIs; {uri: error} of those that failed
+        (CloudreveNotFound for the ones already gone)."""
+        try:
+            self.client.delete(uris)
+            return {}
+        except CloudreveError as e:
+            failed = dict((unquote(uri), code) for uri, code in e.items.items())
+            ours = dict((unquote(uri), uri) for uri in uris)
+            if not failed or not set(failed) <= set(ours):
+                raise           # the whole call failed (or an answer we cannot map)
+            errors = {}
+            for plain, code in failed.items():
+                error_type = CloudreveNotFound if code == CLOUDREVE_CODE_NOT_FOUND \
+                    else CloudreveError
+                errors[ours[plain]] = error_type("Cloudreve delete of %s: code %s"
+                                                 % (ours[plain], code), code)
+            return errors
+
+    def close(self):
+        self._deletes.close()
+        self.client.close()
 
 
 # ---------------------------------------------------------------------------
@@ -4859,13 +4908,21 @@ class AccessLogFile(object):
 MEDIA_V1 = "application/vnd.x.restic.rest.v1"
 MEDIA_V2 = "application/vnd.x.restic.rest.v2"
 MAX_REPO_DEPTH = 8
-# Characters no cloud drive here accepts in a folder name; such repositories
-# "cannot exist", which is a 404 like any other impossible name.
-_FORBIDDEN_IN_REPO_NAME = set('\\:*?"<>|')
+# Repository names no backend could hold "cannot exist": a 404 like any other
+# impossible name.
+_FORBIDDEN_IN_REPO_NAME = FORBIDDEN_IN_FOLDER_NAME
 _PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 Route = collections.namedtuple("Route", "repo kind name")
 # kind None: the repository itself; name None: the collection of a type.
+
+# The one place where what a storage failure means (section 3) becomes a status.
+STATUS_OF_MEANING = {MISSING: 404, QUOTA: 507, UNAVAILABLE: 503, TIMED_OUT: 504,
+                     REFUSED: 502, CACHE_TROUBLE: 500}
+
+
+def storage_error_status(error):
+    return STATUS_OF_MEANING.get(error.meaning, 502)
 
 
 def parse_route(raw_target):
@@ -4996,7 +5053,7 @@ class ResticHandler(BaseHTTPRequestHandler):
                 self._fail(e.status, str(e), e.headers)
             except StorageError as e:
                 log.warning("%s %s: storage: %s", self.command, self.path, e)
-                self._fail(e.status, "storage error: %s" % e)
+                self._fail(storage_error_status(e), "storage error: %s" % e)
             except (ConnectionError, socket.timeout) as e:
                 self.close_connection = True
                 log.info("%s %s: client connection lost: %s", self.command, self.path, e)

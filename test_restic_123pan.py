@@ -560,7 +560,7 @@ class LocalStorageTest(unittest.TestCase):
 
         with self.assertRaises(rp.QuotaExceeded) as cm:
             self.st.put(ref, FullSpool())
-        self.assertEqual(cm.exception.status, 507)
+        self.assertEqual(rp.storage_error_status(cm.exception), 507)
 
 
 # ---------------------------------------------------------------------------
@@ -796,7 +796,7 @@ class RestProtocolTest(unittest.TestCase):
     def test_storage_failure_is_5xx_not_404(self):
         class BrokenStorage(rp.LocalStorage):
             def list(self, repo, kind):
-                raise rp.UpstreamError("cloud is down", status=503)
+                raise rp.Unavailable("cloud is down")
 
         srv = ServerThread(BrokenStorage(self.root))
         self.addCleanup(srv.stop)
@@ -3703,7 +3703,7 @@ class Pan123CallRetriesTest(Pan123BackendCase):
         emu.fail_next("502", count=10000, endpoint=LIST)
         with self.assertRaises(Pan123Unavailable) as caught:
             list(client.list_folder(0))
-        self.assertEqual(caught.exception.status, 502)
+        self.assertEqual(rp.storage_error_status(caught.exception), 502)
         self.assertIn("HTTP 502", str(caught.exception))
         self.assertIsInstance(caught.exception, UpstreamError)
 
@@ -4064,7 +4064,7 @@ class Pan123DownloadsTest(Pan123BackendCase):
         emu.traffic_exhausted = True
         with self.assertRaises(Pan123QuotaExhausted) as caught:
             storage.read(ref, 0, 10)
-        self.assertEqual(caught.exception.status, 503)
+        self.assertEqual(rp.storage_error_status(caught.exception), 503)
         self.assertIsInstance(caught.exception, UpstreamError)
 
     def test_md5_collision_detected_on_full_read(self):
@@ -6842,7 +6842,8 @@ class CloudreveUnitTest(unittest.TestCase):
             "u1": {"code": 40016}, "u2": {"code": 403}}})
         self.assertEqual(type(mixed), CloudreveError)
         self.assertEqual(mixed.code, 40081)
-        self.assertEqual(cloudreve_error("x", {"code": 40051, "msg": "full"}).status, 507)
+        self.assertEqual(rp.storage_error_status(
+            cloudreve_error("x", {"code": 40051, "msg": "full"})), 507)
 
 
 # ---------------------------------------------------------------------------
@@ -7080,7 +7081,7 @@ class CloudreveCallTest(CloudreveBackendCase):
         emu.fail_next("502", count=10000, endpoint=CR_LIST)
         with self.assertRaises(CloudreveUnavailable) as caught:
             client.list_folder("cloudreve://my")
-        self.assertEqual(caught.exception.status, 502)
+        self.assertEqual(rp.storage_error_status(caught.exception), 502)
         self.assertIn("HTTP 502", str(caught.exception))
         self.assertIsInstance(caught.exception, UpstreamError)
 
@@ -7437,7 +7438,8 @@ class CloudreveUploadsTest(CloudreveBackendCase):
         with self.assertLogs("restic_123pan", "WARNING"):
             with self.assertRaises(CloudreveError) as caught:
                 self.put(storage, os.urandom(101))
-        self.assertEqual((caught.exception.code, caught.exception.status), (40051, 507))
+        self.assertEqual((caught.exception.code, rp.storage_error_status(caught.exception)),
+                         (40051, 507))
         emu.quota, emu.max_size = 10 ** 9, 50
         with self.assertLogs("restic_123pan", "WARNING"):
             with self.assertRaises(CloudreveError) as caught:
