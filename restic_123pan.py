@@ -1825,10 +1825,22 @@ class MetadataCache(object):
                        "WHERE ns=? AND folder=?", (now, ns, folder))
 
     def invalidate(self, ns):
-        """--rebuild-cache: every folder is to be listed again from its start.
-        The entries stay until those listings replace them."""
+        """--rebuild-cache: every folder is to be listed again from its start, and
+        the settings learnt from the cloud asked again.  The entries stay until
+        those listings replace them."""
         with self._transaction() as db:
             db.execute("UPDATE folders SET complete=0, cursor=NULL WHERE ns=?", (ns,))
+            db.execute("DELETE FROM meta WHERE substr(key, 1, ?)=?", (len(ns) + 1, ns + "|"))
+
+    # -- settings learnt from the cloud (Cloudreve's storage policy id) ------------
+
+    def setting(self, ns, key):
+        rows = self._query("SELECT value FROM meta WHERE key=?", (ns + "|" + key,))
+        return rows[0][0] if rows else None
+
+    def set_setting(self, ns, key, value):
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (ns + "|" + key, value))
 
     # -- deletes queued for the cloud --------------------------------------------
 
@@ -2307,6 +2319,480 @@ class CloudClient(object):
         return _Transient(problem)
 
 
+CloudFile = collections.namedtuple("CloudFile", "file_id size etag")
+# etag: what identifies the content version (123pan's MD5, Cloudreve's primary
+# entity id); kept in the cache's md5 column.
+
+
+class FolderIndex(object):
+    """What this server knows exists on a cloud: per folder key its files
+    (name -> CloudFile) and sub-folders (name -> folder key), and whether the
+    folder was listed completely.  Kept in a MetadataCache under the namespace
+    of the account: a persistent one from the state directory survives
+    restarts; the default is an in-memory one.  Folder keys are what the cloud
+    addresses folders by (123pan: integer ids; Cloudreve: URIs); the root is
+    ROOT_ID.
+
+    A folder is listed once, when first needed (or by the warm-up), and then kept
+    current from this server's own uploads and deletes.  Our own writes always
+    win over a listing: listings lag behind writes (123pan spec 4.2), and a
+    listing that ran while we wrote must neither drop a file we just uploaded
+    nor revive one we just deleted.  So an entry we wrote stays as it is for
+    LISTING_LAG_GRACE seconds whatever a listing says, and a name we drop while
+    a listing of its folder may be under way is remembered (in memory) and left
+    out of that listing.  Deleted objects waiting for their remote delete are
+    left out of every listing by their file id."""
+
+    ROOT_ID = None
+
+    def __init__(self, cache=None, namespace="cloud"):
+        self.cache = cache if cache is not None else MetadataCache()
+        self.ns = namespace
+        self._lock = threading.Lock()
+        self._dropped = collections.defaultdict(set)    # folder -> names (see above)
+        self._listings = collections.Counter()          # folder -> listings under way
+
+    def folder_state(self, folder):
+        return self.cache.folder(self.ns, folder)
+
+    def is_loaded(self, folder):
+        return self.folder_state(folder).complete
+
+    def child_folder(self, parent, name):
+        known = self.cache.entry(self.ns, parent, name, is_dir=True)
+        return None if known is None else known[0]
+
+    def folders(self, folder):
+        return dict((name, child) for name, child, _, _ in
+                    self.cache.entries(self.ns, folder, is_dir=True))
+
+    def file(self, folder, name):
+        known = self.cache.entry(self.ns, folder, name)
+        return None if known is None else CloudFile(*known)
+
+    def files(self, folder):
+        return [(name, CloudFile(file_id, size, etag))
+                for name, file_id, size, etag in self.cache.entries(self.ns, folder)]
+
+    def record_folder(self, parent, name, folder, created=False):
+        """A folder exists; created=True when we just made it, so it is empty."""
+        self.cache.record(self.ns, parent, name, folder, is_dir=True, created=created)
+
+    def record_file(self, folder, name, entry):
+        with self._lock:
+            self.cache.record(self.ns, folder, name, entry.file_id, entry.size, entry.etag or "")
+            self._dropped.get(folder, set()).discard(name)
+
+    def drop_file(self, folder, name, file_id, delete_remotely=False):
+        """Forget a file, if `name` still is that file id (not a newer upload);
+        True if it was known.  delete_remotely: and queue its remote delete,
+        committed together with forgetting it."""
+        with self._lock:
+            current = self.file(folder, name)
+            if current is not None and current.file_id != file_id:
+                return False
+            dropped = self.cache.drop(self.ns, folder, name, file_id,
+                                      pending_stage="trash" if delete_remotely else None)
+            if self._listings[folder] or not self.is_loaded(folder):
+                self._dropped[folder].add(name)
+            return dropped
+
+    def forget_folder(self, parent, name, folder):
+        """A folder vanished behind our back: forget it and all below it."""
+        self.cache.drop(self.ns, parent, name, folder, is_dir=True)
+
+    def invalidate(self):
+        self.cache.invalidate(self.ns)
+
+    def setting(self, key):
+        return self.cache.setting(self.ns, key)
+
+    def set_setting(self, key, value):
+        self.cache.set_setting(self.ns, key, value)
+
+    # -- listings ------------------------------------------------------------------
+
+    def begin_listing(self, folder):
+        """Start (or, for a folder whose listing was interrupted, continue) a
+        listing: pages go to merge_page, and end_listing follows in any case."""
+        state = self.folder_state(folder)
+        cursor = None if state.complete else state.cursor
+        with self._lock:
+            self._listings[folder] += 1
+        return _Listing(folder, cursor, time.time() - LISTING_LAG_GRACE)
+
+    def merge_page(self, listing, rows, next_cursor):
+        """Merge one page of CacheEntry rows; next_cursor None after the last."""
+        with self._lock:
+            skip = set((False, name) for name in self._dropped.get(listing.folder_id, ()))
+            self.cache.merge_page(self.ns, listing.folder_id, rows, listing.settled_before,
+                                  next_cursor, skip, listing.seen)
+        listing.pages += 1
+        listing.objects += sum(1 for row in rows if not row.is_dir)
+
+    def end_listing(self, listing):
+        with self._lock:
+            self._listings[listing.folder_id] -= 1
+            if not self._listings[listing.folder_id]:
+                del self._listings[listing.folder_id]
+                if self.is_loaded(listing.folder_id):
+                    self._dropped.pop(listing.folder_id, None)
+
+    def merge_listing(self, folder, files, folders):
+        """A whole listing at once: {name: CloudFile}, {name: folder key}."""
+        listing = self.begin_listing(folder)
+        try:
+            self.merge_page(listing, [CacheEntry(name, False, f.file_id, f.size, f.etag or "")
+                                      for name, f in files.items()] +
+                            [CacheEntry(name, True, child, 0, "")
+                             for name, child in folders.items()], None)
+        finally:
+            self.end_listing(listing)
+
+    # -- deletes queued for the cloud ------------------------------------------------
+
+    def pending_deletes(self):
+        return self.cache.pending_deletes(self.ns)
+
+    def pending_deletes_of(self, folder, name):
+        return self.cache.pending_deletes_of(self.ns, folder, name)
+
+    def set_pending_stage(self, file_ids, stage):
+        self.cache.set_pending_stage(self.ns, file_ids, stage)
+
+    def clear_pending(self, file_ids):
+        self.cache.clear_pending(self.ns, file_ids)
+
+
+class CloudStorage(Storage):
+    """What the cloud backends share: repositories in a cloud folder laid out as
+    restic's local backend does (<repo-path>/<repo...>/config, keys/, locks/,
+    snapshots/, index/, data/<first 2 hex of the id>/<id>), HEAD, stat and list
+    answered from a FolderIndex on the metadata cache, reads verified and
+    resumed, and at start a warm-up that lists what the cache does not know
+    yet, small folders first.
+
+    Each folder is listed once, page by page (each page committed with the
+    cursor of the next, so an interrupted listing continues where it stopped),
+    then kept current from our own writes.  refresh_seconds (--cache-refresh):
+    when above 0, a small folder (the repository folder, keys, locks,
+    snapshots, index) whose last listing is older than that is listed again
+    when next used, and so are data/ and data/<xx> when asked for an object
+    they do not hold: how objects that another writer added are found.  0
+    trusts the cache until --rebuild-cache.
+
+    A backend adds: _list_page(folder, cursor) -> (CacheEntry rows, next
+    cursor or None); _unlisted_child(parent, name), the key of a sub-folder
+    when it can be addressed without listing its parent (else None);
+    _make_folder(parent, name) for mkdir; _file_key(folder, name, entry), what
+    client.read_range takes; put, delete and describe."""
+
+    label = "cloud"
+    not_found_type = NotFound       # the client's "no such file"
+
+    def __init__(self, client, base, index, refresh_seconds=0, warm_up_workers=2,
+                 progress_interval=None):
+        self.client = client
+        self._base = base
+        self.index = index
+        self.refresh_seconds = refresh_seconds
+        self.warm_up_workers = warm_up_workers
+        self.progress_interval = WARM_UP_PROGRESS_INTERVAL if progress_interval is None \
+            else progress_interval
+        self._folder_locks = {}
+        self._folder_locks_guard = threading.Lock()
+        self._stopping = threading.Event()
+        self._request_listings = 0      # listings for requests under way
+        self._request_listings_cond = threading.Condition()
+        self._warm_up_thread = None
+        self.warm_up = None
+
+    # -- folders ---------------------------------------------------------------
+
+    def _folder_path(self, repo, kind, name=None):
+        return object_folder(self._base, repo, kind, name)
+
+    def _folder_lock(self, folder):
+        with self._folder_locks_guard:
+            lock = self._folder_locks.get(folder)
+            if lock is None:
+                lock = self._folder_locks[folder] = threading.RLock()
+            return lock
+
+    def _max_age(self, kind):
+        """How old a listing of a `kind` folder may be (None: any age)."""
+        if self.refresh_seconds > 0 and kind != "data":
+            return self.refresh_seconds
+        return None
+
+    def _known(self, folder, max_age):
+        state = self.index.folder_state(folder)
+        return state.complete and (max_age is None or
+                                   (state.listed_at or 0) >= time.time() - max_age)
+
+    def _ensure_listed(self, folder, again=False, max_age=None, on_page=None):
+        """List a folder into the index unless it is known (complete, and listed
+        within max_age seconds when that is given); one listing at a time per
+        folder: concurrent callers wait for it.  again=True lists it anew.
+        on_page: the warm-up's progress callback; the warm-up also pauses while
+        requests list.  Returns the _Listing, or None when nothing was listed."""
+        if not again and self._known(folder, max_age):
+            return None
+        with self._folder_lock(folder):
+            if not again and self._known(folder, max_age):
+                return None
+            if on_page is not None:
+                return self._list_into_index(folder, on_page)
+            with self._request_listings_cond:
+                self._request_listings += 1
+            try:
+                return self._list_into_index(folder, None)
+            finally:
+                with self._request_listings_cond:
+                    self._request_listings -= 1
+                    self._request_listings_cond.notify_all()
+
+    def _list_into_index(self, folder, on_page):
+        """Page by page, each page committed to the cache with the cursor of the
+        next, so that an interrupted listing continues where it stopped."""
+        listing = self.index.begin_listing(folder)
+        try:
+            cursor = listing.cursor
+            while True:
+                if on_page is not None:
+                    self._yield_to_requests()
+                try:
+                    rows, cursor = self._list_page(folder, cursor)
+                except self.client.unavailable_type:
+                    raise
+                except self.client.error_type as e:
+                    if listing.pages or listing.cursor is None:
+                        raise
+                    # The cursor saved by an interrupted listing is refused (it is
+                    # opaque and may not outlive a restart): list from the start.
+                    log.warning("%s: the listing of folder %s cannot continue from %r "
+                                "(%s); listing it from the start", self.label, folder, cursor, e)
+                    listing.from_start()
+                    cursor = None
+                    continue
+                self.index.merge_page(listing, rows, cursor)
+                if on_page is not None:
+                    on_page(sum(1 for row in rows if not row.is_dir))
+                if cursor is None:
+                    return listing
+        finally:
+            self.index.end_listing(listing)
+
+    def _yield_to_requests(self):
+        """Warm-up: wait while requests are listing (they share the rate limit and
+        a request is waiting for each of them); WarmUpStopped when stopping."""
+        with self._request_listings_cond:
+            while self._request_listings and not self._stopping.is_set():
+                self._request_listings_cond.wait(1.0)
+        if self._stopping.is_set():
+            raise WarmUpStopped()
+
+    def _resolve(self, path, create=False, mkdir_first=False):
+        """The folder key of a path from the cloud's root; None if it does not
+        exist (and create is False).  See _child_folder for mkdir_first."""
+        folder = self.index.ROOT_ID
+        for name in path:
+            folder = self._child_folder(folder, name, create, mkdir_first)
+            if folder is None:
+                return None
+        return folder
+
+    def _child_folder(self, parent, name, create=False, mkdir_first=False):
+        """The key of folder `name` in parent, created if `create`.
+
+        A parent not listed yet is listed to find out (unless the backend can
+        address the child without that), or, with mkdir_first, mkdir is tried
+        before any listing, which is right where the folder is probably new
+        (create_repository: restic init on a fresh tree then costs mkdir calls
+        only) and wasteful where it probably exists (uploads)."""
+        child = self.index.child_folder(parent, name)
+        if child is not None:
+            return child
+        if not create and not self.index.is_loaded(parent):
+            child = self._unlisted_child(parent, name)
+            if child is not None:
+                return child
+        # Under the parent's lock: one listing or mkdir per folder at a time.
+        with self._folder_lock(parent):
+            if not (create and mkdir_first):
+                self._ensure_listed(parent)
+            child = self.index.child_folder(parent, name)
+            if child is not None or not create:
+                return child
+            return self._make_folder(parent, name)
+
+    def _unlisted_child(self, parent, name):
+        return None
+
+    def _make_folder(self, parent, name):
+        raise NotImplementedError
+
+    def _lookup(self, ref):
+        """(folder key, CloudFile) of an object; (None, None) if its folder is
+        missing, (folder key, None) if the object is.
+
+        With refresh_seconds, a small folder listed longer ago than that is
+        listed again, and so are data/ and data/<xx> when they lack the object
+        (written by another server?), at most once per interval.  Without it,
+        nothing here costs a call once the folders are known."""
+        folder, entry = self._find(ref, self._max_age(ref.kind))
+        if entry is None and ref.kind == "data" and self.refresh_seconds > 0:
+            data_folder = self._resolve(self._folder_path(ref.repo, "data"))
+            if data_folder is not None:
+                self._ensure_listed(data_folder, max_age=self.refresh_seconds)
+                folder, entry = self._find(ref, self.refresh_seconds)
+        return folder, entry
+
+    def _find(self, ref, max_age):
+        folder = self._resolve(self._folder_path(ref.repo, ref.kind, ref.name))
+        if folder is None:
+            return None, None
+        self._ensure_listed(folder, max_age=max_age)
+        return folder, self.index.file(folder, ref.name)
+
+    # -- the Storage interface -------------------------------------------------
+
+    def stat(self, ref):
+        entry = self._lookup(ref)[1]
+        return None if entry is None else entry.size
+
+    def list(self, repo, kind):
+        folder = self._resolve(self._folder_path(repo, kind))
+        if folder is None:
+            return []
+        self._ensure_listed(folder, max_age=self._max_age(kind))
+        if kind == "data":
+            # Packs live in data/<xx>; only the existing sub-folders are listed.
+            folders = [child for name, child in sorted(self.index.folders(folder).items())
+                       if _DATA_FOLDER_RE.match(name)]
+        else:
+            folders = [folder]
+        out = []
+        for sub in folders:
+            self._ensure_listed(sub)
+            out.extend((name, entry.size) for name, entry in self.index.files(sub)
+                       if is_object_id(name))
+        return out
+
+    def read(self, ref, start, length):
+        folder, entry = self._lookup(ref)
+        if entry is None:
+            raise NotFound(str(ref))
+        if length == 0:
+            return iter(())
+        try:
+            chunks = self.client.read_range(self._file_key(folder, ref.name, entry),
+                                            start, length)
+        except self.not_found_type:
+            log.warning("%s: %s (file %s) was removed behind our back; forgetting it",
+                        self.label, ref, entry.file_id)
+            self.index.drop_file(folder, ref.name, entry.file_id)
+            raise NotFound(str(ref))
+        if ref.content_addressed and start == 0 and length == entry.size:
+            return self._verified(ref, entry, chunks)
+        return chunks
+
+    def _verified(self, ref, entry, chunks):
+        """Pass a whole content-addressed object through, checking its SHA-256.
+
+        123pan identifies content by MD5 and size alone and has been seen to serve
+        another file's bytes for an MD5 collision (123pan spec 4.1); any cloud may
+        serve something else of the right length.  On a full read we can tell:
+        the last chunk is held back until the hash matches the name, and on a
+        mismatch the error makes the REST layer cut the connection, so restic
+        sees a failed read rather than wrong bytes under a valid name.  Partial
+        reads (restic's blob reads) cannot be checked here; restic checks each
+        blob's own hash."""
+        def mismatch(actual):
+            log.error("%s: %s (file %s, %s) came back with SHA-256 %s: the cloud served "
+                      "different bytes; refusing to pass them on", self.label, ref,
+                      entry.file_id, entry.etag, actual)
+            return UpstreamError("%s: downloaded bytes do not match the object's name" % (ref,))
+        return sha256_checked(chunks, ref.name, mismatch)
+
+    # -- start and stop -----------------------------------------------------------
+
+    def start(self, rebuild=False, wait=False):
+        """Server start: open the metadata cache, resume background work queued
+        before a restart, then warm the cache up in a background thread
+        (wait=True: in this one).  rebuild: forget what every folder held first
+        (--rebuild-cache)."""
+        self.index.cache.open()
+        if rebuild:
+            log.info("%s: --rebuild-cache: every folder is listed again", self.label)
+            self.index.invalidate()
+        self._resume()
+        self.warm_up = CacheWarmUp(self.label, self._warm_up_visit, self.warm_up_workers,
+                                   self.progress_interval, self._stopping)
+        if wait:
+            self._warm_up_run()
+        else:
+            self._warm_up_thread = threading.Thread(target=self._warm_up_run, daemon=True,
+                                                    name="%s-warm-up" % self.label)
+            self._warm_up_thread.start()
+        return self.warm_up
+
+    def _resume(self):
+        """Background work queued before a restart continues."""
+
+    def _warm_up_root(self):
+        """The key of the repository folder, its ancestors listed as warm-up
+        pages where that is needed; None if it does not exist."""
+        folder = self.index.ROOT_ID
+        for name in self._base:
+            self._ensure_listed(folder, on_page=self.warm_up.page_listed)
+            folder = self.index.child_folder(folder, name)
+            if folder is None:
+                break
+        return folder
+
+    def _warm_up_run(self):
+        try:
+            root = self._warm_up_root()
+        except WarmUpStopped:
+            self.warm_up.finished.set()
+            return
+        except Exception as e:
+            log.warning("%s cache warm-up: cannot reach /%s: %s; folders are listed "
+                        "when first needed", self.label, "/".join(self._base), e)
+            self.warm_up.finished.set()
+            return
+        except BaseException:
+            self.warm_up.finished.set()
+            raise
+        self.warm_up.run([] if root is None else [(0, root, ())])
+
+    def _warm_up_visit(self, folder, path, on_page):
+        listing = self._ensure_listed(folder, on_page=on_page)
+        children = []
+        for name, child in self.index.folders(folder).items():
+            if name == "data":
+                priority = 1            # its <= 256 sub-folders: a few pages
+            elif path and path[-1] == "data" and _DATA_FOLDER_RE.match(name):
+                priority = 2            # the packs
+            else:
+                priority = 0            # repository folders, keys, locks, snapshots, index
+            children.append((priority, child, path + (name,)))
+        objects = len(self.index.files(folder))
+        return objects, (None if listing is None else listing.objects), children
+
+    def _stop_warm_up(self):
+        self._stopping.set()
+        with self._request_listings_cond:
+            self._request_listings_cond.notify_all()
+        if self._warm_up_thread is not None:
+            self._warm_up_thread.join(30)
+
+    def _close_cache(self):
+        if self._warm_up_thread is None or not self._warm_up_thread.is_alive():
+            self.index.cache.close()
+
+
 # ---------------------------------------------------------------------------
 # 6. Backend: 123pan (123云盘) Open Platform, its API client beside it
 # ---------------------------------------------------------------------------
@@ -2737,146 +3223,7 @@ def _positive_id(data, key, what):
     return value
 
 
-Pan123File = collections.namedtuple("Pan123File", "file_id size etag")
-
-
-class Pan123Index(object):
-    """What this server knows exists on 123pan: per folder id its files
-    (name -> Pan123File) and sub-folders (name -> id), and whether the folder
-    was listed completely.  Kept in a MetadataCache under the namespace of the
-    account: a persistent one from the state directory survives restarts; the
-    default is an in-memory one.
-
-    A folder is listed once, when first needed (or by the warm-up), and then kept
-    current from this server's own uploads and deletes.  Our own writes always
-    win over a listing: listings lag behind writes (spec 4.2), and a listing that
-    ran while we wrote must neither drop a file we just uploaded nor revive one
-    we just deleted.  So an entry we wrote stays as it is for LISTING_LAG_GRACE
-    seconds whatever a listing says, and a name we drop while a listing of its
-    folder may be under way is remembered (in memory) and left out of that
-    listing.  Deleted objects waiting for their remote delete are left out of
-    every listing by their file id."""
-
-    ROOT_ID = 0
-
-    def __init__(self, cache=None, namespace="123pan"):
-        self.cache = cache if cache is not None else MetadataCache()
-        self.ns = namespace
-        self._lock = threading.Lock()
-        self._dropped = collections.defaultdict(set)    # folder -> names (see above)
-        self._listings = collections.Counter()          # folder -> listings under way
-
-    def folder_state(self, folder_id):
-        return self.cache.folder(self.ns, folder_id)
-
-    def is_loaded(self, folder_id):
-        return self.folder_state(folder_id).complete
-
-    def child_folder(self, parent_id, name):
-        known = self.cache.entry(self.ns, parent_id, name, is_dir=True)
-        return None if known is None else known[0]
-
-    def folders(self, folder_id):
-        return dict((name, child) for name, child, _, _ in
-                    self.cache.entries(self.ns, folder_id, is_dir=True))
-
-    def file(self, folder_id, name):
-        known = self.cache.entry(self.ns, folder_id, name)
-        return None if known is None else Pan123File(*known)
-
-    def files(self, folder_id):
-        return [(name, Pan123File(file_id, size, etag))
-                for name, file_id, size, etag in self.cache.entries(self.ns, folder_id)]
-
-    def record_folder(self, parent_id, name, folder_id, created=False):
-        """A folder exists; created=True when we just made it, so it is empty."""
-        self.cache.record(self.ns, parent_id, name, folder_id, is_dir=True, created=created)
-
-    def record_file(self, folder_id, name, entry):
-        with self._lock:
-            self.cache.record(self.ns, folder_id, name, entry.file_id, entry.size, entry.etag)
-            self._dropped.get(folder_id, set()).discard(name)
-
-    def drop_file(self, folder_id, name, file_id, delete_remotely=False):
-        """Forget a file, if `name` still is that file id (not a newer upload);
-        True if it was known.  delete_remotely: and queue its trash and
-        permanent delete, committed together with forgetting it."""
-        with self._lock:
-            current = self.file(folder_id, name)
-            if current is not None and current.file_id != file_id:
-                return False
-            dropped = self.cache.drop(self.ns, folder_id, name, file_id,
-                                      pending_stage="trash" if delete_remotely else None)
-            if self._listings[folder_id] or not self.is_loaded(folder_id):
-                self._dropped[folder_id].add(name)
-            return dropped
-
-    def forget_folder(self, parent_id, name, folder_id):
-        """A folder vanished behind our back: forget it and all below it."""
-        self.cache.drop(self.ns, parent_id, name, folder_id, is_dir=True)
-
-    def invalidate(self):
-        self.cache.invalidate(self.ns)
-
-    # -- listings ------------------------------------------------------------------
-
-    def begin_listing(self, folder_id):
-        """Start (or, for a folder whose listing was interrupted, continue) a
-        listing: pages go to merge_page, and end_listing follows in any case."""
-        state = self.folder_state(folder_id)
-        cursor = None if state.complete else state.cursor
-        with self._lock:
-            self._listings[folder_id] += 1
-        return _Listing(folder_id, cursor, time.time() - LISTING_LAG_GRACE)
-
-    def merge_page(self, listing, entries, next_cursor):
-        """Merge one page of Pan123Entry items; next_cursor None after the last."""
-        newest = collections.OrderedDict()
-        for e in entries:   # a name twice (someone used duplicate=1): the newest wins
-            known = newest.get((e.is_folder, e.name))
-            if known is None or known.file_id < e.file_id:
-                newest[(e.is_folder, e.name)] = e
-        rows = [CacheEntry(e.name, e.is_folder, e.file_id, e.size, e.etag)
-                for e in newest.values()]
-        with self._lock:
-            skip = set((False, name) for name in self._dropped.get(listing.folder_id, ()))
-            self.cache.merge_page(self.ns, listing.folder_id, rows, listing.settled_before,
-                                  next_cursor, skip, listing.seen)
-        listing.pages += 1
-        listing.objects += sum(1 for row in rows if not row.is_dir)
-
-    def end_listing(self, listing):
-        with self._lock:
-            self._listings[listing.folder_id] -= 1
-            if not self._listings[listing.folder_id]:
-                del self._listings[listing.folder_id]
-                if self.is_loaded(listing.folder_id):
-                    self._dropped.pop(listing.folder_id, None)
-
-    def merge_listing(self, folder_id, files, folders):
-        """A whole listing at once: {name: Pan123File}, {name: folder id}."""
-        listing = self.begin_listing(folder_id)
-        try:
-            self.merge_page(listing, [Pan123Entry(f.file_id, name, False, f.size, f.etag)
-                                      for name, f in files.items()] +
-                            [Pan123Entry(child, name, True, 0, "")
-                             for name, child in folders.items()], None)
-        finally:
-            self.end_listing(listing)
-
-    # -- deletes queued for the cloud ------------------------------------------------
-
-    def pending_deletes(self):
-        return self.cache.pending_deletes(self.ns)
-
-    def pending_deletes_of(self, folder_id, name):
-        return self.cache.pending_deletes_of(self.ns, folder_id, name)
-
-    def set_pending_stage(self, file_ids, stage):
-        self.cache.set_pending_stage(self.ns, file_ids, stage)
-
-    def clear_pending(self, file_ids):
-        self.cache.clear_pending(self.ns, file_ids)
+Pan123File = CloudFile
 
 
 def split_pan123_path(path):
@@ -2941,344 +3288,41 @@ def pan123_cache_namespace(api_base, client_id):
     return "123pan|%s|%s" % (api_base.rstrip("/"), client_id)
 
 
-class Pan123Storage(Storage):
-    """Repositories in a 123pan folder, laid out as restic's local backend (and
-    the Rust restic-123pan) does:
+class Pan123Index(FolderIndex):
+    """The FolderIndex of a 123pan account: folders are integer ids, the root 0."""
 
-        <repo-path>/<repo...>/config, keys/, locks/, snapshots/, index/,
-        data/<first 2 hex of the id>/<id>
+    ROOT_ID = 0
 
-    data/<xx> folders are created on the first upload into them, so that
-    creating a repository costs 5 mkdir calls, not 261.  HEAD, stat and list are
-    answered from a Pan123Index (backed by the metadata cache): each folder is
-    listed once, then kept current from our own writes.  start() resumes the
-    deletes queued before a restart and runs the warm-up, which lists what the
-    cache does not know yet, small folders first.
+    def __init__(self, cache=None, namespace="123pan"):
+        FolderIndex.__init__(self, cache, namespace)
 
-    refresh_seconds (--cache-refresh): when above 0, a small folder (the
-    repository folder, keys, locks, snapshots, index) whose last listing is older
-    than that is listed again when next used, and so are data/ and data/<xx> when
-    asked for an object they do not hold: how objects that another writer added
-    are found.  0 trusts the cache until --rebuild-cache.
 
-    Deletes: DELETE forgets the object in the cache and queues its remote delete
-    in the same transaction, then returns; it is invisible from then on.  In the
-    background, objects go to the 123pan trash in calls of up to 100 (trashed
-    files vanish from listings), then are deleted permanently, again 100 to a
-    call (only allowed from the trash, and 1 call/s on free accounts).  The
-    queue is in the cache, so a restart continues it."""
+class Pan123Deletes(object):
+    """The remote half of a 123pan DELETE, in the background: objects go to the
+    trash in calls of up to 100 (trashed files vanish from listings), then are
+    deleted permanently, again 100 to a call (only allowed from the trash, and
+    1 call/s on free accounts).  Ids that fail are queued again after `retry`
+    seconds.  The queue itself is in the metadata cache (FolderIndex pending
+    deletes), so a restart continues it."""
 
-    name = "123pan"
-
-    def __init__(self, client, repo_path=PAN123_DEFAULT_REPO_PATH,
-                 single_upload_max=PAN123_DEFAULT_SINGLE_MAX, index=None, refresh_seconds=0,
-                 warm_up_workers=PAN123_WARM_UP_WORKERS,
-                 progress_interval=None, delete_linger=PAN123_DELETE_LINGER,
-                 delete_retry=PAN123_DELETE_RETRY):
-        self.client = client
-        self._base = split_pan123_path(repo_path)
-        self.single_upload_max = min(single_upload_max, PAN123_SINGLE_STEP_LIMIT)
-        self.index = index or Pan123Index()
-        self.refresh_seconds = refresh_seconds
-        self.warm_up_workers = warm_up_workers
-        self.progress_interval = WARM_UP_PROGRESS_INTERVAL if progress_interval is None \
-            else progress_interval
-        self._folder_locks = {}
-        self._folder_locks_guard = threading.Lock()
-        self._trash = _BatchQueue("123pan", "trash", self._trash_batch, PAN123_MAX_BATCH,
-                                  delete_linger)
+    def __init__(self, client, index, linger=PAN123_DELETE_LINGER, retry=PAN123_DELETE_RETRY):
+        self.client, self.index = client, index
+        self._trash = _BatchQueue("123pan", "trash", self._trash_batch, PAN123_MAX_BATCH, linger)
         self._purge = _BatchQueue("123pan", "delete", self._purge_batch, PAN123_MAX_BATCH,
-                                  delete_linger)
-        self._delete_retry = delete_retry
+                                  linger)
+        self._retry = retry
         self._retry_timers = set()
         self._stopping = threading.Event()
-        self._request_listings = 0      # listings for requests under way
-        self._request_listings_cond = threading.Condition()
-        self._warm_up_thread = None
-        self.warm_up = None
 
-    def describe(self):
-        return "123pan folder /%s (client id %s, %s)" % (
-            "/".join(self._base), self.client.client_id, self.client.api_base)
+    def post(self, file_id, stage="trash"):
+        (self._purge if stage == "purge" else self._trash).post(file_id)
 
-    # -- folders ---------------------------------------------------------------
+    def flush_trash(self):
+        self._trash.flush()
 
-    def _folder_path(self, repo, kind, name=None):
-        return object_folder(self._base, repo, kind, name)
-
-    def _folder_lock(self, folder_id):
-        with self._folder_locks_guard:
-            lock = self._folder_locks.get(folder_id)
-            if lock is None:
-                lock = self._folder_locks[folder_id] = threading.RLock()
-            return lock
-
-    def _max_age(self, kind):
-        """How old a listing of a `kind` folder may be (None: any age)."""
-        if self.refresh_seconds > 0 and kind != "data":
-            return self.refresh_seconds
-        return None
-
-    def _known(self, folder_id, max_age):
-        state = self.index.folder_state(folder_id)
-        return state.complete and (max_age is None or
-                                   (state.listed_at or 0) >= time.time() - max_age)
-
-    def _ensure_listed(self, folder_id, again=False, max_age=None, on_page=None):
-        """List a folder into the index unless it is known (complete, and listed
-        within max_age seconds when that is given); one listing at a time per
-        folder: concurrent callers wait for it.  again=True lists it anew, to find
-        a folder that mkdir says exists.  on_page: the warm-up's progress
-        callback; the warm-up also pauses while requests list.  Returns the
-        _Listing, or None when nothing was listed."""
-        if not again and self._known(folder_id, max_age):
-            return None
-        with self._folder_lock(folder_id):
-            if not again and self._known(folder_id, max_age):
-                return None
-            if on_page is not None:
-                return self._list_into_index(folder_id, on_page)
-            with self._request_listings_cond:
-                self._request_listings += 1
-            try:
-                return self._list_into_index(folder_id, None)
-            finally:
-                with self._request_listings_cond:
-                    self._request_listings -= 1
-                    self._request_listings_cond.notify_all()
-
-    def _list_into_index(self, folder_id, on_page):
-        """Page by page, each page committed to the cache with the cursor of the
-        next, so that an interrupted listing continues where it stopped."""
-        listing = self.index.begin_listing(folder_id)
-        try:
-            cursor = listing.cursor
-            while True:
-                if on_page is not None:
-                    self._yield_to_requests()
-                try:
-                    entries, cursor = self.client.list_page(folder_id, cursor)
-                except Pan123Unavailable:
-                    raise
-                except Pan123Error as e:
-                    if listing.pages or listing.cursor is None:
-                        raise
-                    # The cursor saved by an interrupted listing is refused (it is
-                    # opaque and may not outlive a restart): list from the start.
-                    log.warning("123pan: the listing of folder %d cannot continue from %r "
-                                "(%s); listing it from the start", folder_id, cursor, e)
-                    listing.from_start()
-                    cursor = None
-                    continue
-                self.index.merge_page(listing, entries, cursor)
-                if on_page is not None:
-                    on_page(sum(1 for e in entries if not e.is_folder))
-                if cursor is None:
-                    return listing
-        finally:
-            self.index.end_listing(listing)
-
-    def _yield_to_requests(self):
-        """Warm-up: wait while requests are listing (they share the rate limit and
-        a request is waiting for each of them); WarmUpStopped when stopping."""
-        with self._request_listings_cond:
-            while self._request_listings and not self._stopping.is_set():
-                self._request_listings_cond.wait(1.0)
-        if self._stopping.is_set():
-            raise WarmUpStopped()
-
-    def _resolve(self, path, create=False, mkdir_first=False):
-        """The folder id of a path from the 123pan root; None if it does not exist
-        (and create is False).  See _child_folder for mkdir_first."""
-        folder_id = Pan123Index.ROOT_ID
-        for name in path:
-            folder_id = self._child_folder(folder_id, name, create, mkdir_first)
-            if folder_id is None:
-                return None
-        return folder_id
-
-    def _child_folder(self, parent_id, name, create=False, mkdir_first=False):
-        """The id of folder `name` in parent_id, created if `create`.
-
-        A parent not listed yet is listed to find out, unless mkdir_first: then
-        mkdir is tried before any listing, which is right where the folder is
-        probably new (create_repository: restic init on a fresh tree then costs
-        mkdir calls only) and wasteful where it probably exists (uploads)."""
-        child = self.index.child_folder(parent_id, name)
-        if child is not None:
-            return child
-        # Under the parent's lock: one listing or mkdir per folder at a time.
-        with self._folder_lock(parent_id):
-            if not (create and mkdir_first):
-                self._ensure_listed(parent_id)
-            child = self.index.child_folder(parent_id, name)
-            if child is not None or not create:
-                return child
-            try:
-                child = self.client.mkdir(parent_id, name)
-            except Pan123FolderExists:
-                return self._find_existing_folder(parent_id, name)
-            self.index.record_folder(parent_id, name, child, created=True)
-            return child
-
-    def _find_existing_folder(self, parent_id, name):
-        # mkdir says it exists; a listing right after may not show it yet (index
-        # lag, spec 4.2), so look a few times before giving up.
-        backoff = Backoff(time.monotonic() + 15, self.client.retry_base, self.client.retry_cap)
-        while True:
-            self._ensure_listed(parent_id, again=True)
-            child = self.index.child_folder(parent_id, name)
-            if child is not None:
-                return child
-            if not backoff.pause():
-                raise UpstreamError("123pan: folder %r exists under folder %d according to "
-                                    "mkdir but is not listed" % (name, parent_id))
-
-    def _forget_vanished_folders(self, path):
-        """After an upload into `path` failed: forget the folders of the path that
-        are gone (trashed or deleted behind our back), from the innermost up.
-        True if one was, so that the upload may be tried again."""
-        forgot = False
-        while path:
-            parent_id = self._resolve(path[:-1])
-            folder_id = None if parent_id is None else self.index.child_folder(parent_id,
-                                                                                path[-1])
-            if folder_id is None:
-                return forgot
-            try:
-                if self.client.file_detail(folder_id).get("trashed") != 1:
-                    return forgot
-            except Pan123FileNotFound:
-                pass
-            log.warning("123pan: folder /%s (%d) was removed behind our back; forgetting it",
-                        "/".join(path), folder_id)
-            self.index.forget_folder(parent_id, path[-1], folder_id)
-            forgot = True
-            path = path[:-1]
-        return forgot
-
-    def _lookup(self, ref):
-        """(folder id, Pan123File) of an object; (None, None) if its folder is
-        missing, (folder id, None) if the object is.
-
-        With refresh_seconds, a small folder listed longer ago than that is
-        listed again, and so are data/ and data/<xx> when they lack the object
-        (written by another server?), at most once per interval.  Without it,
-        nothing here costs a call once the folders are known."""
-        folder_id, entry = self._find(ref, self._max_age(ref.kind))
-        if entry is None and ref.kind == "data" and self.refresh_seconds > 0:
-            data_id = self._resolve(self._folder_path(ref.repo, "data"))
-            if data_id is not None:
-                self._ensure_listed(data_id, max_age=self.refresh_seconds)
-                folder_id, entry = self._find(ref, self.refresh_seconds)
-        return folder_id, entry
-
-    def _find(self, ref, max_age):
-        folder_id = self._resolve(self._folder_path(ref.repo, ref.kind, ref.name))
-        if folder_id is None:
-            return None, None
-        self._ensure_listed(folder_id, max_age=max_age)
-        return folder_id, self.index.file(folder_id, ref.name)
-
-    # -- the Storage interface -------------------------------------------------
-
-    def create_repository(self, repo):
-        repo_id = self._resolve(self._base + tuple(repo), create=True, mkdir_first=True)
-        for kind in OBJECT_TYPES:
-            self._child_folder(repo_id, kind, create=True, mkdir_first=True)
-
-    def stat(self, ref):
-        entry = self._lookup(ref)[1]
-        return None if entry is None else entry.size
-
-    def list(self, repo, kind):
-        folder_id = self._resolve(self._folder_path(repo, kind))
-        if folder_id is None:
-            return []
-        self._ensure_listed(folder_id, max_age=self._max_age(kind))
-        if kind == "data":
-            # Packs live in data/<xx>; only the existing sub-folders are listed.
-            folder_ids = [child for name, child in sorted(self.index.folders(folder_id).items())
-                          if _DATA_FOLDER_RE.match(name)]
-        else:
-            folder_ids = [folder_id]
-        out = []
-        for fid in folder_ids:
-            self._ensure_listed(fid)
-            out.extend((name, entry.size) for name, entry in self.index.files(fid)
-                       if is_object_id(name))
-        return out
-
-    def read(self, ref, start, length):
-        folder_id, entry = self._lookup(ref)
-        if entry is None:
-            raise NotFound(str(ref))
-        if length == 0:
-            return iter(())
-        try:
-            chunks = self.client.read_range(entry.file_id, start, length)
-        except Pan123FileNotFound:
-            log.warning("123pan: %s (file %d) was removed behind our back; forgetting it",
-                        ref, entry.file_id)
-            self.index.drop_file(folder_id, ref.name, entry.file_id)
-            raise NotFound(str(ref))
-        if ref.content_addressed and start == 0 and length == entry.size:
-            return self._verified(ref, entry, chunks)
-        return chunks
-
-    @staticmethod
-    def _verified(ref, entry, chunks):
-        """Pass a whole content-addressed object through, checking its SHA-256.
-
-        123pan identifies content by MD5 and size alone and has been seen to serve
-        another file's bytes for an MD5 collision (spec 4.1).  On a full read we
-        can tell: the last chunk is held back until the hash matches the name, and
-        on a mismatch the error makes the REST layer cut the connection, so restic
-        sees a failed read rather than wrong bytes under a valid name.  Partial
-        reads (restic's blob reads) cannot be checked here; restic checks each
-        blob's own hash."""
-        def mismatch(actual):
-            log.error("123pan: %s (file %d, md5 %s) came back with SHA-256 %s: the cloud "
-                      "served different bytes (MD5 collision?); refusing to pass them on",
-                      ref, entry.file_id, entry.etag, actual)
-            return UpstreamError("%s: downloaded bytes do not match the object's name" % (ref,))
-        return sha256_checked(chunks, ref.name, mismatch)
-
-    def put(self, ref, spool):
-        path = self._folder_path(ref.repo, ref.kind, ref.name)
-        folder_id = self._resolve(path, create=True)
-        if self.index.pending_deletes_of(folder_id, ref.name):
-            # Deleted a moment ago and stored again (restic migrate's config):
-            # the old file goes to the trash first, or it might take the new one.
-            self._trash.flush()
-        try:
-            file_id = self._upload(folder_id, ref.name, spool)
-        except Pan123Unavailable:
-            raise
-        except Pan123Error:
-            if not self._forget_vanished_folders(path):
-                raise
-            folder_id = self._resolve(path, create=True)
-            file_id = self._upload(folder_id, ref.name, spool)
-        self.index.record_file(folder_id, ref.name, Pan123File(file_id, spool.size, spool.md5))
-
-    def _upload(self, folder_id, name, spool):
-        # A zero-byte object always goes single-step (single_upload_max >= 0): how
-        # the slice flow numbers zero slices is not documented.
-        if spool.size <= self.single_upload_max:
-            return self.client.upload_single(folder_id, name, spool)
-        return self.client.upload_chunked(folder_id, name, spool)
-
-    def delete(self, ref):
-        folder_id, entry = self._lookup(ref)
-        if entry is None:
-            return False
-        if not self.index.drop_file(folder_id, ref.name, entry.file_id, delete_remotely=True):
-            return False        # a concurrent DELETE of the same object was first
-        self._trash.post(entry.file_id)
-        return True
-
-    # -- remote deletes, in the background -----------------------------------------
+    def flush(self):
+        self._trash.flush()
+        self._purge.flush()
 
     def _trash_batch(self, file_ids):
         try:
@@ -3324,101 +3368,181 @@ class Pan123Storage(Storage):
         errors = dict((i, e) for i, e in errors.items() if not isinstance(e, Pan123FileNotFound))
         if errors and not self._stopping.is_set():
             log.warning("123pan %s: %d objects failed, trying again in %ds",
-                        queue.name, len(errors), self._delete_retry)
+                        queue.name, len(errors), self._retry)
 
             def again():
                 self._retry_timers.discard(timer)
                 for file_id in errors:
                     queue.post(file_id)
 
-            timer = threading.Timer(self._delete_retry, again)
+            timer = threading.Timer(self._retry, again)
             timer.daemon = True
             self._retry_timers.add(timer)
             timer.start()
         return errors
 
+    def close(self):
+        """Finish what is queued; False if it took too long (what is not done
+        stays queued in the cache for the next start)."""
+        self._stopping.set()
+        for timer in list(self._retry_timers):
+            timer.cancel()
+        return self._trash.close(timeout=60) and self._purge.close(timeout=120)
+
+
+class Pan123Storage(CloudStorage):
+    """Repositories in a 123pan folder, laid out as restic's local backend (and
+    the Rust restic-123pan) does (see CloudStorage).  Folders are addressed by
+    id, so a path is resolved by listing its parents (once: the index keeps
+    them); data/<xx> folders are created on the first upload into them, so that
+    creating a repository costs 5 mkdir calls, not 261.
+
+    Deletes: DELETE forgets the object in the cache and queues its remote delete
+    in the same transaction, then returns; it is invisible from then on.
+    Pan123Deletes does the rest in the background."""
+
+    name = label = "123pan"
+    not_found_type = Pan123FileNotFound
+
+    def __init__(self, client, repo_path=PAN123_DEFAULT_REPO_PATH,
+                 single_upload_max=PAN123_DEFAULT_SINGLE_MAX, index=None, refresh_seconds=0,
+                 warm_up_workers=PAN123_WARM_UP_WORKERS,
+                 progress_interval=None, delete_linger=PAN123_DELETE_LINGER,
+                 delete_retry=PAN123_DELETE_RETRY):
+        index = index or Pan123Index()
+        CloudStorage.__init__(self, client, split_pan123_path(repo_path), index,
+                              refresh_seconds, warm_up_workers, progress_interval)
+        self.single_upload_max = min(single_upload_max, PAN123_SINGLE_STEP_LIMIT)
+        self._deletes = Pan123Deletes(client, index, delete_linger, delete_retry)
+
+    def describe(self):
+        return "123pan folder /%s (client id %s, %s)" % (
+            "/".join(self._base), self.client.client_id, self.client.api_base)
+
+    # -- folders ---------------------------------------------------------------
+
+    def _list_page(self, folder_id, cursor):
+        entries, next_cursor = self.client.list_page(folder_id, cursor)
+        newest = collections.OrderedDict()
+        for e in entries:   # a name twice (someone used duplicate=1): the newest wins
+            known = newest.get((e.is_folder, e.name))
+            if known is None or known.file_id < e.file_id:
+                newest[(e.is_folder, e.name)] = e
+        return [CacheEntry(e.name, e.is_folder, e.file_id, e.size, e.etag)
+                for e in newest.values()], next_cursor
+
+    def _make_folder(self, parent_id, name):
+        try:
+            child = self.client.mkdir(parent_id, name)
+        except Pan123FolderExists:
+            return self._find_existing_folder(parent_id, name)
+        self.index.record_folder(parent_id, name, child, created=True)
+        return child
+
+    def _find_existing_folder(self, parent_id, name):
+        # mkdir says it exists; a listing right after may not show it yet (index
+        # lag, spec 4.2), so look a few times before giving up.
+        backoff = Backoff(time.monotonic() + 15, self.client.retry_base, self.client.retry_cap)
+        while True:
+            self._ensure_listed(parent_id, again=True)
+            child = self.index.child_folder(parent_id, name)
+            if child is not None:
+                return child
+            if not backoff.pause():
+                raise UpstreamError("123pan: folder %r exists under folder %d according to "
+                                    "mkdir but is not listed" % (name, parent_id))
+
+    def _forget_vanished_folders(self, path):
+        """After an upload into `path` failed: forget the folders of the path that
+        are gone (trashed or deleted behind our back), from the innermost up.
+        True if one was, so that the upload may be tried again."""
+        forgot = False
+        while path:
+            parent_id = self._resolve(path[:-1])
+            folder_id = None if parent_id is None else self.index.child_folder(parent_id,
+                                                                                path[-1])
+            if folder_id is None:
+                return forgot
+            try:
+                if self.client.file_detail(folder_id).get("trashed") != 1:
+                    return forgot
+            except Pan123FileNotFound:
+                pass
+            log.warning("123pan: folder /%s (%d) was removed behind our back; forgetting it",
+                        "/".join(path), folder_id)
+            self.index.forget_folder(parent_id, path[-1], folder_id)
+            forgot = True
+            path = path[:-1]
+        return forgot
+
+    @staticmethod
+    def _file_key(folder_id, name, entry):
+        return entry.file_id
+
+    # -- the Storage interface -------------------------------------------------
+
+    def create_repository(self, repo):
+        repo_id = self._resolve(self._base + tuple(repo), create=True, mkdir_first=True)
+        for kind in OBJECT_TYPES:
+            self._child_folder(repo_id, kind, create=True, mkdir_first=True)
+
+    def put(self, ref, spool):
+        path = self._folder_path(ref.repo, ref.kind, ref.name)
+        folder_id = self._resolve(path, create=True)
+        if self.index.pending_deletes_of(folder_id, ref.name):
+            # Deleted a moment ago and stored again (restic migrate's config):
+            # the old file goes to the trash first, or it might take the new one.
+            self._deletes.flush_trash()
+        try:
+            file_id = self._upload(folder_id, ref.name, spool)
+        except Pan123Unavailable:
+            raise
+        except Pan123Error:
+            if not self._forget_vanished_folders(path):
+                raise
+            folder_id = self._resolve(path, create=True)
+            file_id = self._upload(folder_id, ref.name, spool)
+        self.index.record_file(folder_id, ref.name, CloudFile(file_id, spool.size, spool.md5))
+
+    def _upload(self, folder_id, name, spool):
+        # A zero-byte object always goes single-step (single_upload_max >= 0): how
+        # the slice flow numbers zero slices is not documented.
+        if spool.size <= self.single_upload_max:
+            return self.client.upload_single(folder_id, name, spool)
+        return self.client.upload_chunked(folder_id, name, spool)
+
+    def delete(self, ref):
+        folder_id, entry = self._lookup(ref)
+        if entry is None:
+            return False
+        if not self.index.drop_file(folder_id, ref.name, entry.file_id, delete_remotely=True):
+            return False        # a concurrent DELETE of the same object was first
+        self._deletes.post(entry.file_id)
+        return True
+
     def flush_deletes(self):
         """Wait until the remote deletes queued so far are done (or failed)."""
-        self._trash.flush()
-        self._purge.flush()
+        self._deletes.flush()
 
     # -- start and stop -----------------------------------------------------------
 
-    def start(self, rebuild=False, wait=False):
-        """Server start: resume the remote deletes queued before a restart, then
-        warm the cache up in a background thread (wait=True: in this one).
-        rebuild: forget what every folder held first (--rebuild-cache)."""
-        self.index.cache.open()
-        if rebuild:
-            log.info("123pan: --rebuild-cache: every folder is listed again")
-            self.index.invalidate()
+    def _resume(self):
         pending = self.index.pending_deletes()
         if pending:
             log.info("123pan: %d deletes from before the restart are still to be done",
                      len(pending))
         for file_id, stage in pending:
-            (self._purge if stage == "purge" else self._trash).post(file_id)
-        self.warm_up = CacheWarmUp("123pan", self._warm_up_visit, self.warm_up_workers,
-                                   self.progress_interval, self._stopping)
-        if wait:
-            self._warm_up_run()
-        else:
-            self._warm_up_thread = threading.Thread(target=self._warm_up_run, daemon=True,
-                                                    name="123pan-warm-up")
-            self._warm_up_thread.start()
-        return self.warm_up
-
-    def _warm_up_run(self):
-        try:
-            base_id = Pan123Index.ROOT_ID
-            for name in self._base:     # like _resolve, its listings counted as pages
-                self._ensure_listed(base_id, on_page=self.warm_up.page_listed)
-                base_id = self.index.child_folder(base_id, name)
-                if base_id is None:
-                    break
-        except WarmUpStopped:
-            self.warm_up.finished.set()
-            return
-        except Exception as e:
-            log.warning("123pan cache warm-up: cannot reach /%s: %s; folders are listed "
-                        "when first needed", "/".join(self._base), e)
-            self.warm_up.finished.set()
-            return
-        except BaseException:
-            self.warm_up.finished.set()
-            raise
-        self.warm_up.run([] if base_id is None else [(0, base_id, ())])
-
-    def _warm_up_visit(self, folder_id, path, on_page):
-        listing = self._ensure_listed(folder_id, on_page=on_page)
-        children = []
-        for name, child_id in self.index.folders(folder_id).items():
-            if name == "data":
-                priority = 1            # its <= 256 sub-folders: a few pages
-            elif path and path[-1] == "data" and _DATA_FOLDER_RE.match(name):
-                priority = 2            # the packs
-            else:
-                priority = 0            # repository folders, keys, locks, snapshots, index
-            children.append((priority, child_id, path + (name,)))
-        objects = len(self.index.files(folder_id))
-        return objects, (None if listing is None else listing.objects), children
+            self._deletes.post(file_id, stage)
 
     def close(self):
-        self._stopping.set()
-        with self._request_listings_cond:
-            self._request_listings_cond.notify_all()
-        if self._warm_up_thread is not None:
-            self._warm_up_thread.join(30)
-        for timer in list(self._retry_timers):
-            timer.cancel()
-        # What is not done in time stays queued in the cache for the next start.
-        drained = self._trash.close(timeout=60) and self._purge.close(timeout=120)
+        self._stop_warm_up()
+        drained = self._deletes.close()
         if not drained:
             log.warning("123pan: remote deletes still queued at exit; the next start "
                         "continues them")
         self.client.close()
-        if drained and (self._warm_up_thread is None or not self._warm_up_thread.is_alive()):
-            self.index.cache.close()
+        if drained:
+            self._close_cache()
 
 
 # ---------------------------------------------------------------------------
@@ -3474,6 +3598,9 @@ CLOUDREVE_TOKEN_RENEW_MARGIN = 600.0
 CLOUDREVE_LINK_MARGIN = 60.0
 # Uploads restarted from a new session when a chunk cannot be delivered.
 CLOUDREVE_UPLOAD_ATTEMPTS = 3
+# Warm-up threads: Cloudreve publishes no rate limit; two keep a slow site busy
+# without crowding out restic's own requests.
+CLOUDREVE_WARM_UP_WORKERS = 2
 
 
 class CloudreveError(UpstreamError):
@@ -3568,9 +3695,14 @@ def cloudreve_uri(parts):
     Each name percent-encoded as JavaScript's encodeURIComponent does, the form
     the server itself emits: '+', '%', '?', '#' and spaces can never be misread
     (spec 1.8).  Query strings encode the whole URI once more (urlencode)."""
-    if not parts:
-        return CLOUDREVE_ROOT_URI
-    return CLOUDREVE_ROOT_URI + "/" + "/".join(quote(p, safe="-_.!~*'()") for p in parts)
+    uri = CLOUDREVE_ROOT_URI
+    for part in parts:
+        uri = cloudreve_child_uri(uri, part)
+    return uri
+
+
+def cloudreve_child_uri(folder_uri, name):
+    return folder_uri + "/" + quote(name, safe="-_.!~*'()")
 
 
 def split_cloudreve_path(path):
@@ -3618,7 +3750,7 @@ class CloudreveTokenFile(TokenFile):
 
 CloudreveEntry = collections.namedtuple("CloudreveEntry",
                                         "file_id name is_folder size entity placeholder")
-CloudreveFile = collections.namedtuple("CloudreveFile", "file_id size entity")
+CloudreveFile = CloudFile
 
 
 def _cloudreve_entry(item):
@@ -3775,28 +3907,40 @@ class CloudreveClient(CloudClient):
 
     def list_folder(self, uri):
         """(entries, storage policy id) of a folder, every page.  CloudreveNotFound
-        if the folder does not exist (or is a file).  Cursor pages until no
-        next_token; offset pages (sites that turned cursors off) until total_items."""
-        entries, policy_id = [], None
-        query = {"uri": uri, "page_size": CLOUDREVE_LIST_PAGE}
+        if the folder does not exist (or is a file)."""
+        entries, policy_id, cursor = [], None, None
         while True:
-            data = self.call("GET", "/file", query=query, expected=(CloudreveNotFound,)) or {}
-            entries.extend(_cloudreve_entry(item) for item in data.get("files") or [])
-            policy_id = policy_id or (data.get("storage_policy") or {}).get("id")
-            pagination = data.get("pagination") or {}
-            cursor = pagination.get("next_token")
-            if cursor:
-                if cursor == query.get("next_page_token"):
-                    raise CloudreveError("Cloudreve list of %s: cursor does not advance" % uri)
-                query["next_page_token"] = cursor
-            elif not pagination.get("is_cursor") and "total_items" in pagination:
-                page = pagination.get("page", 0) + 1
-                if page * (pagination.get("page_size") or CLOUDREVE_LIST_PAGE) \
-                        >= pagination["total_items"] or not data.get("files"):
-                    return entries, policy_id
-                query["page"] = page
-            else:
+            page, cursor, page_policy = self.list_page(uri, cursor)
+            entries.extend(page)
+            policy_id = policy_id or page_policy
+            if cursor is None:
                 return entries, policy_id
+
+    def list_page(self, uri, cursor=None):
+        """One page of a folder: (entries, the cursor of the next page or None
+        after the last, storage policy id).  cursor None starts at the beginning.
+        Cursor pages until no next_token; offset pages (sites that turned cursors
+        off: the cursor is then the page number) until total_items."""
+        query = {"uri": uri, "page_size": CLOUDREVE_LIST_PAGE}
+        if isinstance(cursor, int):
+            query["page"] = cursor
+        elif cursor is not None:
+            query["next_page_token"] = cursor
+        data = self.call("GET", "/file", query=query, expected=(CloudreveNotFound,)) or {}
+        entries = [_cloudreve_entry(item) for item in data.get("files") or []]
+        policy_id = (data.get("storage_policy") or {}).get("id")
+        pagination = data.get("pagination") or {}
+        next_cursor = pagination.get("next_token")
+        if next_cursor:
+            if next_cursor == cursor:
+                raise CloudreveError("Cloudreve list of %s: cursor does not advance" % uri)
+            return entries, next_cursor, policy_id
+        if not pagination.get("is_cursor") and "total_items" in pagination:
+            page = pagination.get("page", 0) + 1
+            if page * (pagination.get("page_size") or CLOUDREVE_LIST_PAGE) \
+                    < pagination["total_items"] and data.get("files"):
+                return entries, page, policy_id
+        return entries, None, policy_id
 
     def storage_policy(self, parts):
         """The storage policy id in the listing of folder `parts` (a path tuple), or
@@ -4042,122 +4186,51 @@ class CloudreveClient(CloudClient):
         raise CloudreveError("Cloudreve download of %s: %s" % (uri, reason), code)
 
 
-class _MemoryFolder(object):
-    __slots__ = ("files", "folders", "deleted", "loaded")
+class CloudreveIndex(FolderIndex):
+    """The FolderIndex of a Cloudreve account: folders are keyed by their URI,
+    the root is cloudreve://my."""
 
-    def __init__(self):
-        self.files = {}         # name -> CloudreveFile
-        self.folders = {}       # name -> folder id
-        self.deleted = set()    # names we deleted before the folder was listed
-        self.loaded = False     # listed, or created by us: complete from now on
+    ROOT_ID = CLOUDREVE_ROOT_URI
 
-
-class CloudreveIndex(object):
-    """What this server knows exists on the Cloudreve site: per folder (a path
-    tuple from the root of cloudreve://my) its files (name -> CloudreveFile) and
-    sub-folders.  Kept in memory, so every start lists folders again; the
-    123pan backend's sqlite MetadataCache does not back it yet.
-
-    A folder is listed once, when first needed, and then kept current from this
-    server's own uploads and deletes.  Our own writes always win over a listing:
-    a listing that ran while we wrote must neither drop a file we just uploaded
-    nor revive one we just deleted."""
-
-    ROOT_ID = ()
-
-    def __init__(self):
-        self._folders = {}
-        self._lock = threading.Lock()
-
-    def _state(self, folder_id):
-        state = self._folders.get(folder_id)
-        if state is None:
-            state = self._folders[folder_id] = _MemoryFolder()
-        return state
-
-    def is_loaded(self, folder_id):
-        with self._lock:
-            return self._state(folder_id).loaded
-
-    def child_folder(self, parent_id, name):
-        with self._lock:
-            return self._state(parent_id).folders.get(name)
-
-    def folders(self, folder_id):
-        with self._lock:
-            return dict(self._state(folder_id).folders)
-
-    def file(self, folder_id, name):
-        with self._lock:
-            return self._state(folder_id).files.get(name)
-
-    def files(self, folder_id):
-        with self._lock:
-            return list(self._state(folder_id).files.items())
-
-    def record_folder(self, parent_id, name, folder_id, created=False):
-        """A folder exists; created=True when we just made it, so it is empty."""
-        with self._lock:
-            self._state(parent_id).folders[name] = folder_id
-            if created:
-                self._state(folder_id).loaded = True
-
-    def record_file(self, folder_id, name, entry):
-        with self._lock:
-            state = self._state(folder_id)
-            state.files[name] = entry
-            state.deleted.discard(name)
-
-    def drop_file(self, folder_id, name, file_id):
-        """Forget a file, if `name` still is that file id (not a newer upload)."""
-        with self._lock:
-            state = self._state(folder_id)
-            current = state.files.get(name)
-            if current is not None and current.file_id != file_id:
-                return
-            state.files.pop(name, None)
-            if not state.loaded:
-                state.deleted.add(name)
-
-    def merge_listing(self, folder_id, files, folders):
-        """Add what a complete listing shows and we do not know yet."""
-        with self._lock:
-            state = self._state(folder_id)
-            for name, entry in files.items():
-                if name not in state.deleted:
-                    state.files.setdefault(name, entry)
-            for name, child_id in folders.items():
-                state.folders.setdefault(name, child_id)
-            state.deleted.clear()
-            state.loaded = True
+    def __init__(self, cache=None, namespace="cloudreve"):
+        FolderIndex.__init__(self, cache, namespace)
 
 
-class CloudreveStorage(Storage):
+def cloudreve_cache_namespace(site_url, email):
+    """The metadata cache rows of one Cloudreve account."""
+    return "cloudreve|%s|%s" % (site_url.rstrip("/"), email)
+
+
+class CloudreveStorage(CloudStorage):
     """Repositories in a folder of a Cloudreve 4 site, laid out as restic's
-    local backend does:
+    local backend does (see CloudStorage), under cloudreve://my/<repo-path>.
 
-        cloudreve://my/<repo-path>/<repo...>/config, keys/, locks/, snapshots/,
-        index/, data/<first 2 hex of the id>/<id>
-
-    Objects are addressed by URI, so no folder ids are needed: a folder is
-    listed (with cursor paging) when first needed, then kept current from our
-    own writes.  data/<xx> folders are created by the upload sessions themselves
-    (they make missing parents).  Deletes skip the trash and are batched."""
+    Objects are addressed by URI, so no folder ids are needed: a folder whose
+    parent was not listed is listed itself when first needed (a missing one
+    holds nothing), and one whose listed parent lacks it is known to be empty
+    without asking.  data/<xx> folders are created by the upload sessions
+    themselves (they make missing parents).  Deletes skip the trash and are
+    batched.  The storage policy id that upload sessions need is kept in the
+    metadata cache beside the folders."""
 
     name = "cloudreve"
+    label = "Cloudreve"
+    not_found_type = CloudreveNotFound
 
-    def __init__(self, client, repo_path=CLOUDREVE_DEFAULT_REPO_PATH, index=None):
-        self.client = client
-        self._base = split_cloudreve_path(repo_path)
-        self.index = index or CloudreveIndex()
-        # One listing of a folder at a time, and one upload of a name at a time
-        # (restic may retry an upload while the first is still running; the site
-        # would refuse the second with 40004): locks striped by hash.
-        self._folder_locks = [threading.Lock() for _ in range(64)]
+    def __init__(self, client, repo_path=CLOUDREVE_DEFAULT_REPO_PATH, index=None,
+                 refresh_seconds=0, warm_up_workers=CLOUDREVE_WARM_UP_WORKERS,
+                 progress_interval=None):
+        CloudStorage.__init__(self, client, split_cloudreve_path(repo_path),
+                              index or CloudreveIndex(), refresh_seconds, warm_up_workers,
+                              progress_interval)
+        # One upload of a name at a time (restic may retry an upload while the
+        # first is still running; the site would refuse the second with 40004):
+        # locks striped by hash.
         self._name_locks = [threading.Lock() for _ in range(64)]
         self._policy_id = None
         self._policy_lock = threading.Lock()
-        self._deletes = _BatchQueue("Cloudreve", "delete", self._delete_batch, CLOUDREVE_MAX_BATCH)
+        self._deletes = _BatchQueue("Cloudreve", "delete", self._delete_batch,
+                                    CLOUDREVE_MAX_BATCH)
 
     def describe(self):
         return "Cloudreve folder %s (%s at %s)" % (
@@ -4165,122 +4238,83 @@ class CloudreveStorage(Storage):
 
     # -- folders ---------------------------------------------------------------
 
-    def _folder_path(self, repo, kind, name=None):
-        return object_folder(self._base, repo, kind, name)
+    def _list_page(self, folder, cursor):
+        try:
+            entries, next_cursor, policy_id = self.client.list_page(folder, cursor)
+        except CloudreveNotFound:
+            return [], None             # a folder that does not exist holds nothing
+        if policy_id and self._policy_id is None:
+            self._remember_policy(policy_id)
+        rows = [CacheEntry(e.name, True, cloudreve_child_uri(folder, e.name), 0, "")
+                if e.is_folder else CacheEntry(e.name, False, e.file_id, e.size, e.entity or "")
+                for e in entries if e.is_folder or not e.placeholder]
+        return rows, next_cursor        # (a placeholder: an upload not (yet) complete)
 
-    def _folder_lock(self, folder):
-        return self._folder_locks[hash(folder) % len(self._folder_locks)]
+    @staticmethod
+    def _unlisted_child(parent, name):
+        return cloudreve_child_uri(parent, name)
 
-    def _known_missing(self, folder):
-        parent = folder[:-1]
-        return bool(folder) and self.index.is_loaded(parent) \
-            and self.index.child_folder(parent, folder[-1]) is None
+    def _warm_up_root(self):
+        return self._resolve(self._base)    # addressable: no listing of its parents
 
-    def _ensure_listed(self, folder):
-        """List a folder into the index unless that was done (one listing at a
-        time per folder).  A folder its listed parent does not have is known to
-        be empty without asking."""
-        if self.index.is_loaded(folder):
-            return
-        with self._folder_lock(folder):
-            if self.index.is_loaded(folder):
-                return
-            files, folders = {}, {}
-            if not self._known_missing(folder):
-                try:
-                    entries, policy_id = self.client.list_folder(cloudreve_uri(folder))
-                except CloudreveNotFound:
-                    entries, policy_id = [], None
-                self._policy_id = self._policy_id or policy_id
-                for e in entries:
-                    if e.is_folder:
-                        folders[e.name] = folder + (e.name,)
-                    elif not e.placeholder:     # an upload not (yet) complete
-                        files[e.name] = CloudreveFile(e.file_id, e.size, e.entity)
-            self.index.merge_listing(folder, files, folders)
+    def _record_made_folders(self, path):
+        """After an upload session or mkdir -p made the folders of `path` where
+        they were missing: record those the index lacks (complete, that is
+        empty but for what we add, where their listed parent did not have
+        them).  The key of the last one."""
+        folder = self.index.ROOT_ID
+        for name in path:
+            child = self.index.child_folder(folder, name)
+            if child is None:
+                child = cloudreve_child_uri(folder, name)
+                self.index.record_folder(folder, name, child,
+                                         created=self.index.is_loaded(folder))
+            folder = child
+        return folder
 
-    def _lookup(self, ref):
-        """(folder, CloudreveFile or None) of an object."""
-        folder = self._folder_path(ref.repo, ref.kind, ref.name)
-        self._ensure_listed(folder)
-        return folder, self.index.file(folder, ref.name)
+    @staticmethod
+    def _file_key(folder, name, entry):
+        return cloudreve_child_uri(folder, name)
 
     def _policy(self):
         if self._policy_id is None:
             with self._policy_lock:
                 if self._policy_id is None:
-                    self._policy_id = self.client.storage_policy(self._base)
+                    self._remember_policy(self.index.setting("policy")
+                                          or self.client.storage_policy(self._base))
         return self._policy_id
+
+    def _remember_policy(self, policy_id):
+        self._policy_id = policy_id
+        if self.index.setting("policy") != policy_id:
+            self.index.set_setting("policy", policy_id)
 
     # -- the Storage interface -------------------------------------------------
 
     def create_repository(self, repo):
         for kind in OBJECT_TYPES:
-            folder = self._base + tuple(repo) + (kind,)
-            created = self.client.create_folder(cloudreve_uri(folder))
-            self.index.record_folder(folder[:-1], kind, folder, created=created)
-
-    def stat(self, ref):
-        entry = self._lookup(ref)[1]
-        return None if entry is None else entry.size
-
-    def list(self, repo, kind):
-        folder = self._folder_path(repo, kind)
-        self._ensure_listed(folder)
-        if kind == "data":
-            folders = [child for name, child in sorted(self.index.folders(folder).items())
-                       if _DATA_FOLDER_RE.match(name)]
-        else:
-            folders = [folder]
-        out = []
-        for sub in folders:
-            self._ensure_listed(sub)
-            out.extend((name, entry.size) for name, entry in self.index.files(sub)
-                       if is_object_id(name))
-        return out
-
-    def read(self, ref, start, length):
-        folder, entry = self._lookup(ref)
-        if entry is None:
-            raise NotFound(str(ref))
-        if length == 0:
-            return iter(())
-        uri = cloudreve_uri(folder + (ref.name,))
-        try:
-            chunks = self.client.read_range(uri, start, length)
-        except CloudreveNotFound:
-            log.warning("Cloudreve: %s was removed behind our back", ref)
-            self.index.drop_file(folder, ref.name, entry.file_id)
-            raise NotFound(str(ref))
-        if ref.content_addressed and start == 0 and length == entry.size:
-            # Guards against whatever else might arrive with the right length.
-            return sha256_checked(chunks, ref.name, lambda actual: self._mismatch(ref, actual))
-        return chunks
-
-    @staticmethod
-    def _mismatch(ref, actual):
-        log.error("Cloudreve: %s came back with SHA-256 %s; refusing to pass the bytes on",
-                  ref, actual)
-        return UpstreamError("%s: downloaded bytes do not match the object's name" % (ref,))
+            path = self._base + tuple(repo) + (kind,)
+            created = self.client.create_folder(cloudreve_uri(path))
+            parent = self._record_made_folders(path[:-1])
+            if self.index.child_folder(parent, kind) is None:
+                self.index.record_folder(parent, kind, cloudreve_uri(path), created=created)
 
     def put(self, ref, spool):
-        folder = self._folder_path(ref.repo, ref.kind, ref.name)
-        uri = cloudreve_uri(folder + (ref.name,))
+        path = self._folder_path(ref.repo, ref.kind, ref.name)
+        uri = cloudreve_uri(path + (ref.name,))
         with self._name_locks[hash(uri) % len(self._name_locks)]:
-            self._ensure_listed(folder)
-            existing = self.index.file(folder, ref.name)
+            folder = self._resolve(path)
+            existing = None
+            if folder is not None:
+                self._ensure_listed(folder)
+                existing = self.index.file(folder, ref.name)
             if existing is not None and ref.content_addressed and existing.size == spool.size:
                 # Stored meanwhile by a concurrent upload of the same name: the name
                 # is the content's hash, so these are the same bytes.
                 return
-            # The upload session makes the folder if it is missing: it is new (and
-            # holds only this object) if its listed parent did not have it.
-            created = self._known_missing(folder)
             entry = self.client.upload(uri, spool, self._policy(), replace=existing is not None)
             self.client.forget_download_url(uri)
-            if folder:
-                self.index.record_folder(folder[:-1], folder[-1], folder, created=created)
-            self.index.record_file(folder, ref.name, entry)
+            self.index.record_file(self._record_made_folders(path), ref.name, entry)
 
     def delete(self, ref):
         """True when the object was known to exist: gone already at the site (a
@@ -4289,7 +4323,7 @@ class CloudreveStorage(Storage):
         folder, entry = self._lookup(ref)
         if entry is None:
             return False
-        uri = cloudreve_uri(folder + (ref.name,))
+        uri = cloudreve_child_uri(folder, ref.name)
         try:
             self._deletes.submit(uri)
         except CloudreveNotFound:
@@ -4318,8 +4352,10 @@ class CloudreveStorage(Storage):
             return errors
 
     def close(self):
+        self._stop_warm_up()
         self._deletes.close()
         self.client.close()
+        self._close_cache()
 
 
 # ---------------------------------------------------------------------------
@@ -5561,8 +5597,13 @@ def build_cloudreve_storage(args, environ=None):
         split_cloudreve_path(repo_path)
     except ValueError as e:
         raise UsageError("--repo-path: %s" % e)
+    try:
+        cache = MetadataCache(os.path.join(args.state_dir, METADATA_CACHE_FILE))
+    except OSError as e:
+        raise UsageError(str(e.strerror or e))
     client = CloudreveClient(url, user, password, state_dir=args.state_dir)
-    return CloudreveStorage(client, repo_path)
+    index = CloudreveIndex(cache, cloudreve_cache_namespace(client.site_url, user))
+    return CloudreveStorage(client, repo_path, index=index, refresh_seconds=args.cache_refresh)
 
 
 def build_storage(args, environ):
