@@ -8232,6 +8232,35 @@ class CloudreveEndToEndTest(ResticEndToEndBase):
         self.finish(emu, "Cloudreve with faults")
         self.assertGreater(sum(emu.rejected.values()), 25, "the faults did not happen")
 
+    def test_graceful_restart_serves_from_the_cache_without_listing(self):
+        """After a graceful restart, snapshots, a backup of changed files, check and
+        a restore make no folder listing on the site: the metadata cache in
+        --state-dir knows every folder (and the storage policy)."""
+        emu = self.start_emulator()
+        url = self.start_cloudreve_server(emu)
+        src = os.path.join(self.tmp, "src")
+        make_tree(src, seed=7, total_mib=4)
+        self.restic_run("rest:" + url, "init")
+        self.restic_run("rest:" + url, "backup", src)
+        self.stop_server(self.server_proc)
+        emu.reset_calls()
+        repo = "rest:" + self.start_cloudreve_server(emu)     # the same state directory
+        self.assertEqual(len(self.snapshot_ids(repo, [])), 1)
+        change_tree(src, seed=8)
+        changed = manifest(src)
+        self.restic_run(repo, "backup", src)
+        self.restic_run(repo, "check")
+        target = os.path.join(self.tmp, "restore")
+        self.restic_run(repo, "restore", "latest", "--target", target)
+        self.assertEqual(manifest(os.path.join(target, os.path.relpath(src, "/"))), changed)
+        self.assertGreater(emu.calls[CR_SESSION], 0)
+        self.assertEqual(emu.calls[CR_LIST], 0)
+        self.assertRegex(self.server_log_text(),
+                         r"Cloudreve cache warm-up done in [0-9.]+s: \d+ objects in \d+ "
+                         r"folders, 0 folders listed with 0 list calls")
+        self.finish(emu, "Cloudreve after a graceful restart")
+        self.assertEqual(emu.calls[CR_LOGIN], 0)
+
     def test_objects_larger_than_one_chunk(self):
         emu = self.start_emulator(chunk_size=256 * 1024, page_size=100)
         url = self.start_cloudreve_server(emu)
