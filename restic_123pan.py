@@ -68,6 +68,7 @@ log = logging.getLogger("restic_123pan")
 
 DEFAULT_LISTEN = "127.0.0.1:8000"
 DEFAULT_LOCAL_PATH = "./restic-data"
+DEFAULT_REPO_PATH = "/restic-backup"   # the cloud folder, from the cloud's root
 
 # Bodies up to this size stay in memory while spooling; larger ones roll over to a
 # temporary file, so memory stays bounded whatever the pack size and connection count.
@@ -155,49 +156,16 @@ def default_state_dir(environ):
     return os.path.join(base, "restic-123pan")
 
 
-def add_pan123_arguments(parser):
-    group = parser.add_argument_group("123pan backend")
-    group.add_argument("--client-id", metavar="ID",
-                       help="123pan Open Platform client id (or PAN123_CLIENT_ID)")
-    group.add_argument("--client-secret", metavar="SECRET",
-                       help="its client secret (or PAN123_CLIENT_SECRET, preferable: "
-                            "other local users can read command lines)")
-    group.add_argument("--api-base", metavar="URL",
-                       help="Open Platform API base URL (or PAN123_API_BASE; default %s)"
-                            % PAN123_DEFAULT_API_BASE)
-    group.add_argument("--pan123-tier", choices=("free", "vip"), default="free",
-                       help="request-rate table to stay within (default free)")
-    group.add_argument("--pan123-single-max", metavar="BYTES", type=_byte_count,
-                       default=PAN123_DEFAULT_SINGLE_MAX,
-                       help="objects larger than this use the chunked slice upload, "
-                            "e.g. 64M (default 64M; single-step uploads stop at 1G)")
-
-
-def add_cloudreve_arguments(parser):
-    group = parser.add_argument_group("Cloudreve backend")
-    group.add_argument("--cloudreve-url", metavar="URL",
-                       help="the site's address, e.g. https://drive.example.com "
-                            "(or CLOUDREVE_URL)")
-    group.add_argument("--cloudreve-user", metavar="EMAIL",
-                       help="the account's email address (or CLOUDREVE_USER)")
-    group.add_argument("--cloudreve-password", metavar="PASSWORD",
-                       help="its password (or CLOUDREVE_PASSWORD, preferable: other local "
-                            "users can read command lines)")
-    group.add_argument("--cloudreve-password-file", metavar="FILE",
-                       help="read the password from the first line of FILE "
-                            "(or CLOUDREVE_PASSWORD_FILE)")
-
-
-def cloudreve_site_given(args, environ):
-    """True when a Cloudreve site comes from the command line or the environment:
-    main() then picks the Cloudreve backend by default."""
-    return bool(args.cloudreve_url or environ.get("CLOUDREVE_URL"))
-
-
-def pan123_credentials_given(args, environ):
-    """True when a client id comes from the command line or the environment: main()
-    then picks the 123pan backend by default."""
-    return bool(args.client_id or environ.get("PAN123_CLIENT_ID"))
+def read_password_file(path):
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            password = f.readline().rstrip("\r\n")
+    except (OSError, ValueError) as e:
+        raise UsageError("cannot read the password file %s: %s"
+                         % (path, getattr(e, "strerror", None) or type(e).__name__))
+    if not password:
+        raise UsageError("the password file %s is empty" % path)
+    return password
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -207,24 +175,26 @@ class _OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
 
 
+def _one_of(words):
+    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else "".join(words)
+
+
 def build_arg_parser():
     p = _OneLineErrorParser(
         prog="restic_123pan.py",
-        description="A restic REST server (protocol v1/v2) storing repositories in a "
-        "local folder, on 123pan or on a Cloudreve 4 site.",
+        description="A restic REST server (protocol v1/v2) storing repositories in %s."
+        % _one_of([b.description for b in BACKENDS.values()]),
         epilog="Then: restic -r rest:http://HOST:PORT/ init",
     )
     p.add_argument("--listen", metavar="ADDR",
                    help="host:port, or unix:/path/to.sock (default %s, or LISTEN_ADDR / "
                         "LISTEN_PORT from the environment; a socket passed by systemd "
                         "wins)" % DEFAULT_LISTEN)
-    p.add_argument("--backend", choices=("local", "123pan", "cloudreve"),
-                   help="storage backend (default: 123pan when PAN123_CLIENT_ID or "
-                        "--client-id is given, cloudreve when CLOUDREVE_URL or "
-                        "--cloudreve-url is, else local)")
-    p.add_argument("--path", metavar="DIR",
-                   help="local backend: folder holding the repositories (default %s)"
-                        % DEFAULT_LOCAL_PATH)
+    p.add_argument("--backend", choices=tuple(BACKENDS),
+                   help="storage backend (default: %s, else %s)" % (
+                       ", ".join("%s when %s is given" % (b.name, b.detected_by)
+                                 for b in BACKENDS.values() if b.detect),
+                       _one_of([b.name for b in BACKENDS.values() if not b.detect])))
     p.add_argument("--state-dir", metavar="DIR",
                    help="cloud backends: token and cache files, and the default place of "
                         ".htpasswd and the TLS files (default $XDG_STATE_HOME/restic-123pan "
@@ -272,21 +242,33 @@ def build_arg_parser():
                      help="access log in the combined format ('-' for stdout)")
     cloud = p.add_argument_group("cloud backends")
     cloud.add_argument("--repo-path", metavar="PATH",
-                       help="the cloud folder holding the repositories: from the 123pan root "
-                            "(or PAN123_REPO_PATH), or under cloudreve://my/ (or "
-                            "CLOUDREVE_REPO_PATH); default %s" % PAN123_DEFAULT_REPO_PATH)
-    add_pan123_arguments(p)
-    add_cloudreve_arguments(p)
+                       help="the cloud folder holding the repositories: %s; default %s"
+                            % (", or ".join(b.repo_path_help for b in BACKENDS.values()
+                                            if b.cloud), DEFAULT_REPO_PATH))
+    for backend in BACKENDS.values():
+        backend.add_arguments(p)
     p.add_argument("--debug", action="store_true", help="log more detail")
     p.add_argument("--version", action="version",
                    version="restic-123pan %s" % __version__)
     return p
 
 
+# Options every cloud backend takes and a backend that is not a cloud refuses.
+CLOUD_OPTIONS = (("--state-dir", "state_dir"), ("--rebuild-cache", "rebuild_cache"),
+                 ("--cache-refresh", "cache_refresh"), ("--repo-path", "repo_path"))
+
+
 def parse_config(argv, environ):
     """Parse argv/environment into a namespace; raises UsageError on contradictions."""
-    parser = build_arg_parser()
-    args = parser.parse_args(argv)
+    args = build_arg_parser().parse_args(argv)
+    _settle_listen_address(args, environ)
+    backend = _choose_backend(args, environ)
+    _settle_files(args, backend.config_dir(args, environ))
+    _check_contradictions(args)
+    return args
+
+
+def _settle_listen_address(args, environ):
     args.listen = args.listen or default_listen(environ)
     args.unix_socket = None
     if args.listen.startswith("unix:"):
@@ -294,46 +276,42 @@ def parse_config(argv, environ):
         args.listen_host, args.listen_port = None, None
     else:
         args.listen_host, args.listen_port = parse_listen_address(args.listen)
-    pan123_flags = [f for f, v in (("--client-id", args.client_id),
-                                   ("--client-secret", args.client_secret),
-                                   ("--api-base", args.api_base)) if v]
-    cloudreve_flags = [f for f, v in (("--cloudreve-url", args.cloudreve_url),
-                                      ("--cloudreve-user", args.cloudreve_user),
-                                      ("--cloudreve-password", args.cloudreve_password),
-                                      ("--cloudreve-password-file",
-                                       args.cloudreve_password_file)) if v]
+
+
+def _choose_backend(args, environ):
+    """--backend, else the one backend whose settings are given, else the one
+    that needs none; then no option of another backend may be given."""
     if not args.backend:
-        pan123 = pan123_credentials_given(args, environ)
-        cloudreve = cloudreve_site_given(args, environ)
-        if pan123 and cloudreve:
-            raise UsageError("both 123pan and Cloudreve settings are given: choose one with "
-                             "--backend")
-        args.backend = "123pan" if pan123 else "cloudreve" if cloudreve else "local"
-    foreign = {"local": pan123_flags + cloudreve_flags + ["--repo-path"] * bool(args.repo_path),
-               "123pan": cloudreve_flags, "cloudreve": pan123_flags}[args.backend]
+        detected = [b for b in BACKENDS.values() if b.detect and b.detect(args, environ)]
+        if len(detected) > 1:
+            raise UsageError("both %s settings are given: choose one with --backend"
+                             % " and ".join(b.label for b in detected))
+        args.backend = (detected or [b for b in BACKENDS.values() if not b.detect])[0].name
+    backend = BACKENDS[args.backend]
+    foreign = [flag for other in BACKENDS.values() if other is not backend
+               for flag, dest in other.flags if getattr(args, dest)]
     if foreign:
-        raise UsageError("%s: not for the %s backend" % (", ".join(foreign), args.backend))
-    if args.backend == "local":
-        cloud_flags = [f for f, v in (("--state-dir", args.state_dir),
-                                      ("--rebuild-cache", args.rebuild_cache),
-                                      ("--cache-refresh", args.cache_refresh)) if v]
+        raise UsageError("%s: not for the %s backend" % (", ".join(foreign), backend.name))
+    if not backend.cloud:
+        cloud_flags = [flag for flag, dest in CLOUD_OPTIONS if getattr(args, dest)]
         if cloud_flags:
-            raise UsageError("%s: for the cloud backends; the local backend keeps "
-                             "everything in --path" % ", ".join(cloud_flags))
-        args.path = args.path or DEFAULT_LOCAL_PATH
-        config_dir = args.path
-    else:
-        if args.path:
-            raise UsageError("--path is for the local backend; %s uses --repo-path "
-                             "(a cloud folder) and --state-dir" % args.backend)
-        args.state_dir = args.state_dir or default_state_dir(environ)
-        config_dir = args.state_dir
+            raise UsageError("%s: for the cloud backends; the %s backend keeps everything "
+                             "in %s" % (", ".join(cloud_flags), backend.name,
+                                        backend.flags[0][0]))
+    return backend
+
+
+def _settle_files(args, config_dir):
+    """Defaults of the files kept beside the data (local) or the state (clouds)."""
     args.spool_dir = None
     args.default_htpasswd_file = os.path.join(config_dir, ".htpasswd")
     if (args.tls_cert or args.tls_key) and not args.tls:
         raise UsageError("--tls-cert/--tls-key given without --tls")
     args.tls_cert = args.tls_cert or os.path.join(config_dir, "public_key")
     args.tls_key = args.tls_key or os.path.join(config_dir, "private_key")
+
+
+def _check_contradictions(args):
     if args.prometheus_no_auth and not args.prometheus:
         raise UsageError("--prometheus-no-auth needs --prometheus")
     if args.no_auth and (args.htpasswd_file or args.private_repos or args.append_only_users
@@ -343,7 +321,6 @@ def parse_config(argv, environ):
     both = set(args.append_only_users) & set(args.full_access_users)
     if both:
         raise UsageError("users both append-only and full-access: %s" % ", ".join(sorted(both)))
-    return args
 
 
 # ---------------------------------------------------------------------------
@@ -1048,8 +1025,55 @@ class Storage(object):
         """Remove the object; True if it existed.  Idempotent."""
         raise NotImplementedError
 
+    def start(self, rebuild=False):
+        """Begin background work (a cloud's warm-up, queued deletes) at server
+        start; rebuild: forget cached knowledge first (--rebuild-cache)."""
+
+    def flush_deletes(self):
+        """Wait until deletes still queued in the background are done."""
+
     def close(self):
         """Flush background work before the process exits."""
+
+
+class Backend(object):
+    """One record of the backend registry (BACKENDS): what parse_config, --help
+    and main() know of a backend.  Each backend section ends with its record.
+
+      name, label, description   --backend value; its name in messages; in --help
+      build(args, environ)       the Storage (UsageError for bad settings); no
+                                 network access
+      add_arguments(parser)      adds its option group
+      flags                      ((option, args attribute)) that are its alone
+      detect(args, environ)      True when its settings are given, so that it is
+                                 the default; None for the backend that needs none
+      detected_by                for --help: what detect looks at
+      cloud                      keeps state in --state-dir, stores under --repo-path
+      repo_path_help             for --help: what --repo-path means for it
+      config_dir(args, environ)  where .htpasswd and the TLS files are by default
+                                 (the state directory of a cloud)"""
+
+    def __init__(self, name, label, description, build, add_arguments=None, flags=(),
+                 detect=None, detected_by="", cloud=True, repo_path_help="",
+                 config_dir=None):
+        self.name, self.label, self.description = name, label, description
+        self.build = build
+        self.add_arguments = add_arguments or (lambda parser: None)
+        self.flags, self.detect, self.detected_by = tuple(flags), detect, detected_by
+        self.cloud, self.repo_path_help = cloud, repo_path_help
+        self.config_dir = config_dir or self._state_dir
+
+    @staticmethod
+    def _state_dir(args, environ):
+        args.state_dir = args.state_dir or default_state_dir(environ)
+        return args.state_dir
+
+
+BACKENDS = collections.OrderedDict()     # name -> Backend, in the order of --help
+
+
+def register_backend(backend):
+    BACKENDS[backend.name] = backend
 
 
 # ---------------------------------------------------------------------------
@@ -1206,6 +1230,22 @@ class LocalStorage(Storage):
         except (FileNotFoundError, NotADirectoryError):
             return False
         return True
+
+
+def _local_path(args, environ):
+    args.path = args.path or DEFAULT_LOCAL_PATH
+    return args.path
+
+
+def add_local_arguments(parser):
+    group = parser.add_argument_group("local backend")
+    group.add_argument("--path", metavar="DIR",
+                       help="folder holding the repositories (default %s)" % DEFAULT_LOCAL_PATH)
+
+
+register_backend(Backend(
+    "local", "local", "a local folder", lambda args, environ: LocalStorage(args.path),
+    add_local_arguments, flags=(("--path", "path"),), cloud=False, config_dir=_local_path))
 
 
 # ---------------------------------------------------------------------------
@@ -3273,7 +3313,7 @@ def _run_batch_isolating(call, file_ids, refusal):
 # also the only one past single-step's 1 GB limit.
 PAN123_DEFAULT_SINGLE_MAX = 64 * 1024 * 1024
 PAN123_SINGLE_STEP_LIMIT = 1024 * 1024 * 1024
-PAN123_DEFAULT_REPO_PATH = "/restic-backup"
+PAN123_DEFAULT_REPO_PATH = DEFAULT_REPO_PATH
 # Warm-up threads: one is enough against a fast API; with 100-300 ms per call a
 # second one keeps the list budget (5/s) in use.
 PAN123_WARM_UP_WORKERS = 2
@@ -3545,13 +3585,74 @@ class Pan123Storage(CloudStorage):
             self._close_cache()
 
 
+def add_pan123_arguments(parser):
+    group = parser.add_argument_group("123pan backend")
+    group.add_argument("--client-id", metavar="ID",
+                       help="123pan Open Platform client id (or PAN123_CLIENT_ID)")
+    group.add_argument("--client-secret", metavar="SECRET",
+                       help="its client secret (or PAN123_CLIENT_SECRET, preferable: "
+                            "other local users can read command lines)")
+    group.add_argument("--api-base", metavar="URL",
+                       help="Open Platform API base URL (or PAN123_API_BASE; default %s)"
+                            % PAN123_DEFAULT_API_BASE)
+    group.add_argument("--pan123-tier", choices=("free", "vip"), default="free",
+                       help="request-rate table to stay within (default free)")
+    group.add_argument("--pan123-single-max", metavar="BYTES", type=_byte_count,
+                       default=PAN123_DEFAULT_SINGLE_MAX,
+                       help="objects larger than this use the chunked slice upload, "
+                            "e.g. 64M (default 64M; single-step uploads stop at 1G)")
+
+
+def pan123_credentials_given(args, environ):
+    """True when a client id comes from the command line or the environment: parse_config
+    then picks the 123pan backend by default."""
+    return bool(args.client_id or environ.get("PAN123_CLIENT_ID"))
+
+
+def build_pan123_storage(args, environ=None):
+    """A Pan123Storage from parsed arguments (flags over environment); UsageError
+    for missing credentials or unusable values.  No network access here."""
+    environ = os.environ if environ is None else environ
+    client_id = args.client_id or environ.get("PAN123_CLIENT_ID", "")
+    client_secret = args.client_secret or environ.get("PAN123_CLIENT_SECRET", "")
+    if not client_id or not client_secret:
+        raise UsageError("the 123pan backend needs --client-id and --client-secret "
+                         "(or PAN123_CLIENT_ID and PAN123_CLIENT_SECRET)")
+    api_base = args.api_base or environ.get("PAN123_API_BASE") or PAN123_DEFAULT_API_BASE
+    if not api_base.startswith(("https://", "http://")):
+        raise UsageError("--api-base %r: expected an http(s) URL" % api_base)
+    repo_path = args.repo_path or environ.get("PAN123_REPO_PATH") or PAN123_DEFAULT_REPO_PATH
+    try:
+        split_pan123_path(repo_path)
+    except ValueError as e:
+        raise UsageError("--repo-path: %s" % e)
+    try:
+        cache = MetadataCache(os.path.join(args.state_dir, METADATA_CACHE_FILE))
+    except OSError as e:
+        raise UsageError(str(e.strerror or e))
+    client = Pan123Client(client_id, client_secret, api_base=api_base,
+                          state_dir=args.state_dir,
+                          tier=args.pan123_tier)
+    index = Pan123Index(cache, pan123_cache_namespace(client.api_base, client_id))
+    return Pan123Storage(client, repo_path, single_upload_max=args.pan123_single_max,
+                         index=index, refresh_seconds=args.cache_refresh)
+
+
+register_backend(Backend(
+    "123pan", "123pan", "on 123pan", build_pan123_storage, add_pan123_arguments,
+    flags=(("--client-id", "client_id"), ("--client-secret", "client_secret"),
+           ("--api-base", "api_base")),
+    detect=pan123_credentials_given, detected_by="PAN123_CLIENT_ID or --client-id",
+    repo_path_help="from the 123pan root (or PAN123_REPO_PATH)"))
+
+
 # ---------------------------------------------------------------------------
 # 7. Backend: Cloudreve 4 (a self-hosted or hosted site), its API client beside it
 # ---------------------------------------------------------------------------
 
 CLOUDREVE_API = "/api/v4"
 CLOUDREVE_ROOT_URI = "cloudreve://my"
-CLOUDREVE_DEFAULT_REPO_PATH = "/restic-backup"
+CLOUDREVE_DEFAULT_REPO_PATH = DEFAULT_REPO_PATH
 # Metadata key of a file whose upload is still running (or was abandoned): a
 # placeholder, never a complete object (spec 2.4, 3.3).
 CLOUDREVE_UPLOAD_META = "sys:upload_session_id"
@@ -4356,6 +4457,87 @@ class CloudreveStorage(CloudStorage):
         self._deletes.close()
         self.client.close()
         self._close_cache()
+
+
+def add_cloudreve_arguments(parser):
+    group = parser.add_argument_group("Cloudreve backend")
+    group.add_argument("--cloudreve-url", metavar="URL",
+                       help="the site's address, e.g. https://drive.example.com "
+                            "(or CLOUDREVE_URL)")
+    group.add_argument("--cloudreve-user", metavar="EMAIL",
+                       help="the account's email address (or CLOUDREVE_USER)")
+    group.add_argument("--cloudreve-password", metavar="PASSWORD",
+                       help="its password (or CLOUDREVE_PASSWORD, preferable: other local "
+                            "users can read command lines)")
+    group.add_argument("--cloudreve-password-file", metavar="FILE",
+                       help="read the password from the first line of FILE "
+                            "(or CLOUDREVE_PASSWORD_FILE)")
+
+
+def cloudreve_site_given(args, environ):
+    """True when a Cloudreve site comes from the command line or the environment:
+    parse_config then picks the Cloudreve backend by default."""
+    return bool(args.cloudreve_url or environ.get("CLOUDREVE_URL"))
+
+
+def cloudreve_password(args, environ):
+    """The password: --cloudreve-password, --cloudreve-password-file,
+    CLOUDREVE_PASSWORD, CLOUDREVE_PASSWORD_FILE, the first one given; '' if none."""
+    if args.cloudreve_password and args.cloudreve_password_file:
+        raise UsageError("give --cloudreve-password or --cloudreve-password-file, not both")
+    if args.cloudreve_password:
+        return args.cloudreve_password
+    if args.cloudreve_password_file:
+        return read_password_file(args.cloudreve_password_file)
+    if environ.get("CLOUDREVE_PASSWORD"):
+        return environ["CLOUDREVE_PASSWORD"]
+    if environ.get("CLOUDREVE_PASSWORD_FILE"):
+        return read_password_file(environ["CLOUDREVE_PASSWORD_FILE"])
+    return ""
+
+
+def build_cloudreve_storage(args, environ=None):
+    """A CloudreveStorage from parsed arguments (flags over environment);
+    UsageError for missing settings or unusable values, never showing the
+    password.  No network access here: the first request logs in."""
+    environ = os.environ if environ is None else environ
+    url = (args.cloudreve_url or environ.get("CLOUDREVE_URL", "")).strip().rstrip("/")
+    if url.endswith(CLOUDREVE_API):     # the API address pasted instead of the site's
+        url = url[:-len(CLOUDREVE_API)]
+    user = args.cloudreve_user or environ.get("CLOUDREVE_USER", "")
+    password = cloudreve_password(args, environ)
+    missing = [what for what, value in (("--cloudreve-url (CLOUDREVE_URL)", url),
+                                        ("--cloudreve-user (CLOUDREVE_USER)", user),
+                                        ("a password (--cloudreve-password, "
+                                         "--cloudreve-password-file, CLOUDREVE_PASSWORD or "
+                                         "CLOUDREVE_PASSWORD_FILE)", password)) if not value]
+    if missing:
+        raise UsageError("the Cloudreve backend needs %s" % ", ".join(missing))
+    if not url.startswith(("https://", "http://")) or not urlsplit(url).hostname:
+        raise UsageError("--cloudreve-url %r: expected the site's http(s) address" % url)
+    repo_path = args.repo_path or environ.get("CLOUDREVE_REPO_PATH") \
+        or CLOUDREVE_DEFAULT_REPO_PATH
+    try:
+        split_cloudreve_path(repo_path)
+    except ValueError as e:
+        raise UsageError("--repo-path: %s" % e)
+    try:
+        cache = MetadataCache(os.path.join(args.state_dir, METADATA_CACHE_FILE))
+    except OSError as e:
+        raise UsageError(str(e.strerror or e))
+    client = CloudreveClient(url, user, password, state_dir=args.state_dir)
+    index = CloudreveIndex(cache, cloudreve_cache_namespace(client.site_url, user))
+    return CloudreveStorage(client, repo_path, index=index, refresh_seconds=args.cache_refresh)
+
+
+register_backend(Backend(
+    "cloudreve", "Cloudreve", "on a Cloudreve 4 site", build_cloudreve_storage,
+    add_cloudreve_arguments,
+    flags=(("--cloudreve-url", "cloudreve_url"), ("--cloudreve-user", "cloudreve_user"),
+           ("--cloudreve-password", "cloudreve_password"),
+           ("--cloudreve-password-file", "cloudreve_password_file")),
+    detect=cloudreve_site_given, detected_by="CLOUDREVE_URL or --cloudreve-url",
+    repo_path_help="under cloudreve://my/ (or CLOUDREVE_REPO_PATH)"))
 
 
 # ---------------------------------------------------------------------------
@@ -5515,107 +5697,6 @@ def is_local_address(address):
 # 11. main()
 # ---------------------------------------------------------------------------
 
-def build_pan123_storage(args, environ=None):
-    """A Pan123Storage from parsed arguments (flags over environment); UsageError
-    for missing credentials or unusable values.  No network access here."""
-    environ = os.environ if environ is None else environ
-    client_id = args.client_id or environ.get("PAN123_CLIENT_ID", "")
-    client_secret = args.client_secret or environ.get("PAN123_CLIENT_SECRET", "")
-    if not client_id or not client_secret:
-        raise UsageError("the 123pan backend needs --client-id and --client-secret "
-                         "(or PAN123_CLIENT_ID and PAN123_CLIENT_SECRET)")
-    api_base = args.api_base or environ.get("PAN123_API_BASE") or PAN123_DEFAULT_API_BASE
-    if not api_base.startswith(("https://", "http://")):
-        raise UsageError("--api-base %r: expected an http(s) URL" % api_base)
-    repo_path = args.repo_path or environ.get("PAN123_REPO_PATH") or PAN123_DEFAULT_REPO_PATH
-    try:
-        split_pan123_path(repo_path)
-    except ValueError as e:
-        raise UsageError("--repo-path: %s" % e)
-    try:
-        cache = MetadataCache(os.path.join(args.state_dir, METADATA_CACHE_FILE))
-    except OSError as e:
-        raise UsageError(str(e.strerror or e))
-    client = Pan123Client(client_id, client_secret, api_base=api_base,
-                          state_dir=args.state_dir,
-                          tier=args.pan123_tier)
-    index = Pan123Index(cache, pan123_cache_namespace(client.api_base, client_id))
-    return Pan123Storage(client, repo_path, single_upload_max=args.pan123_single_max,
-                         index=index, refresh_seconds=args.cache_refresh)
-
-
-def _read_password_file(path):
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            password = f.readline().rstrip("\r\n")
-    except (OSError, ValueError) as e:
-        raise UsageError("cannot read the password file %s: %s"
-                         % (path, getattr(e, "strerror", None) or type(e).__name__))
-    if not password:
-        raise UsageError("the password file %s is empty" % path)
-    return password
-
-
-def cloudreve_password(args, environ):
-    """The password: --cloudreve-password, --cloudreve-password-file,
-    CLOUDREVE_PASSWORD, CLOUDREVE_PASSWORD_FILE, the first one given; '' if none."""
-    if args.cloudreve_password and args.cloudreve_password_file:
-        raise UsageError("give --cloudreve-password or --cloudreve-password-file, not both")
-    if args.cloudreve_password:
-        return args.cloudreve_password
-    if args.cloudreve_password_file:
-        return _read_password_file(args.cloudreve_password_file)
-    if environ.get("CLOUDREVE_PASSWORD"):
-        return environ["CLOUDREVE_PASSWORD"]
-    if environ.get("CLOUDREVE_PASSWORD_FILE"):
-        return _read_password_file(environ["CLOUDREVE_PASSWORD_FILE"])
-    return ""
-
-
-def build_cloudreve_storage(args, environ=None):
-    """A CloudreveStorage from parsed arguments (flags over environment);
-    UsageError for missing settings or unusable values, never showing the
-    password.  No network access here: the first request logs in."""
-    environ = os.environ if environ is None else environ
-    url = (args.cloudreve_url or environ.get("CLOUDREVE_URL", "")).strip().rstrip("/")
-    if url.endswith(CLOUDREVE_API):     # the API address pasted instead of the site's
-        url = url[:-len(CLOUDREVE_API)]
-    user = args.cloudreve_user or environ.get("CLOUDREVE_USER", "")
-    password = cloudreve_password(args, environ)
-    missing = [what for what, value in (("--cloudreve-url (CLOUDREVE_URL)", url),
-                                        ("--cloudreve-user (CLOUDREVE_USER)", user),
-                                        ("a password (--cloudreve-password, "
-                                         "--cloudreve-password-file, CLOUDREVE_PASSWORD or "
-                                         "CLOUDREVE_PASSWORD_FILE)", password)) if not value]
-    if missing:
-        raise UsageError("the Cloudreve backend needs %s" % ", ".join(missing))
-    if not url.startswith(("https://", "http://")) or not urlsplit(url).hostname:
-        raise UsageError("--cloudreve-url %r: expected the site's http(s) address" % url)
-    repo_path = args.repo_path or environ.get("CLOUDREVE_REPO_PATH") \
-        or CLOUDREVE_DEFAULT_REPO_PATH
-    try:
-        split_cloudreve_path(repo_path)
-    except ValueError as e:
-        raise UsageError("--repo-path: %s" % e)
-    try:
-        cache = MetadataCache(os.path.join(args.state_dir, METADATA_CACHE_FILE))
-    except OSError as e:
-        raise UsageError(str(e.strerror or e))
-    client = CloudreveClient(url, user, password, state_dir=args.state_dir)
-    index = CloudreveIndex(cache, cloudreve_cache_namespace(client.site_url, user))
-    return CloudreveStorage(client, repo_path, index=index, refresh_seconds=args.cache_refresh)
-
-
-def build_storage(args, environ):
-    if args.backend == "local":
-        return LocalStorage(args.path)
-    if args.backend == "123pan":
-        return build_pan123_storage(args, environ)
-    if args.backend == "cloudreve":
-        return build_cloudreve_storage(args, environ)
-    raise UsageError("unknown backend %r" % args.backend)
-
-
 def load_users(args, listen_address):
     """The htpasswd users, or None when authentication is off.  Refuses an open
     server on an address others can reach."""
@@ -5639,6 +5720,7 @@ def load_users(args, listen_address):
 
 
 def main(argv=None, environ=None):
+    """Parse, build, start, serve until SIGINT/SIGTERM, drain; the exit status."""
     environ = os.environ if environ is None else environ
     try:
         args = parse_config(sys.argv[1:] if argv is None else argv, environ)
@@ -5649,19 +5731,8 @@ def main(argv=None, environ=None):
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     storage = server = None
     try:
-        storage = build_storage(args, environ)
-        service = RepositoryService(storage, verify_uploads=not args.no_verify_upload,
-                                    max_size=args.max_size, track_usage=args.prometheus)
-        tls = (args.tls_cert, args.tls_key, args.tls_min_ver) if args.tls else None
-        server = make_server(
-            args, service, environ, tls=tls, spool_dir=args.spool_dir,
-            access_log=AccessLogFile(args.log) if args.log else None,
-            rules=AccessRules(args.private_repos, args.append_only,
-                              args.append_only_users, args.full_access_users),
-            options=ServerOptions(prometheus=args.prometheus,
-                                  prometheus_no_auth=args.prometheus_no_auth,
-                                  private_repos=args.private_repos))
-        server.htpasswd = load_users(args, server.server_address)
+        storage = BACKENDS[args.backend].build(args, environ)
+        server = _build_server(args, storage, environ)
     except (UsageError, OSError, ssl.SSLError) as e:
         if server is not None:
             server.server_close()
@@ -5671,14 +5742,44 @@ def main(argv=None, environ=None):
         sys.stderr.write("restic_123pan.py: error: cannot serve on %s: %s\n"
                          % (args.listen, getattr(e, "strerror", None) or e))
         return 1
-    if hasattr(storage, "start"):
-        try:    # a cloud backend: its metadata cache opens, the warm-up starts
-            storage.start(rebuild=args.rebuild_cache)
-        except (OSError, StorageError, sqlite3.Error) as e:
-            server.server_close()
-            sys.stderr.write("restic_123pan.py: error: cannot start the %s backend: %s\n"
-                             % (storage.name, e))
-            return 1
+    try:    # a cloud backend: its metadata cache opens, the warm-up starts
+        storage.start(rebuild=args.rebuild_cache)
+    except (OSError, StorageError) + ((sqlite3.Error,) if sqlite3 else ()) as e:
+        server.server_close()
+        sys.stderr.write("restic_123pan.py: error: cannot start the %s backend: %s\n"
+                         % (storage.name, e))
+        return 1
+    _install_signal_handlers(server)
+    _announce(server, storage)
+    _serve_until_stopped(server, storage)
+    log.info("stopped")
+    return 0
+
+
+def _build_server(args, storage, environ):
+    """The repository service on `storage` and the server that serves it."""
+    service = RepositoryService(storage, verify_uploads=not args.no_verify_upload,
+                                max_size=args.max_size, track_usage=args.prometheus)
+    tls = (args.tls_cert, args.tls_key, args.tls_min_ver) if args.tls else None
+    server = make_server(
+        args, service, environ, tls=tls, spool_dir=args.spool_dir,
+        access_log=AccessLogFile(args.log) if args.log else None,
+        rules=AccessRules(args.private_repos, args.append_only,
+                          args.append_only_users, args.full_access_users),
+        options=ServerOptions(prometheus=args.prometheus,
+                              prometheus_no_auth=args.prometheus_no_auth,
+                              private_repos=args.private_repos))
+    try:
+        server.htpasswd = load_users(args, server.server_address)
+    except BaseException:
+        server.server_close()
+        raise
+    return server
+
+
+def _install_signal_handlers(server):
+    """SIGINT/SIGTERM: no new connections, running requests finish; SIGHUP
+    reloads the users."""
     stopping = threading.Event()
 
     def request_stop(signum, frame):
@@ -5694,11 +5795,16 @@ def main(argv=None, environ=None):
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: server.reload())
 
+
+def _announce(server, storage):
     url = server.base_url()
     log.info("restic-123pan %s serving %s on %s (authentication %s)", __version__,
              storage.describe(), url, "on" if server.htpasswd else "off")
     sys.stdout.write("Serving %s\nUse: restic -r rest:%s init\n" % (storage.describe(), url))
     sys.stdout.flush()
+
+
+def _serve_until_stopped(server, storage):
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
@@ -5709,8 +5815,6 @@ def main(argv=None, environ=None):
         storage.close()
         if server.access_log:
             server.access_log.close()
-    log.info("stopped")
-    return 0
 
 
 if __name__ == "__main__":
