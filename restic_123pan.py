@@ -1043,8 +1043,8 @@ class Backend(object):
       name, label, description   --backend value; its name in messages; in --help
       build(args, environ)       the Storage (UsageError for bad settings); no
                                  network access
-      add_arguments(parser)      adds its option group
-      flags                      ((option, args attribute)) that are its alone
+      options                    [(option, argparse settings)]: its option group;
+                                 those without a default are its alone (flags)
       detect(args, environ)      True when its settings are given, so that it is
                                  the default; None for the backend that needs none
       detected_by                for --help: what detect looks at
@@ -1053,15 +1053,21 @@ class Backend(object):
       config_dir(args, environ)  where .htpasswd and the TLS files are by default
                                  (the state directory of a cloud)"""
 
-    def __init__(self, name, label, description, build, add_arguments=None, flags=(),
-                 detect=None, detected_by="", cloud=True, repo_path_help="",
-                 config_dir=None):
+    def __init__(self, name, label, description, build, options=(), detect=None,
+                 detected_by="", cloud=True, repo_path_help="", config_dir=None):
         self.name, self.label, self.description = name, label, description
-        self.build = build
-        self.add_arguments = add_arguments or (lambda parser: None)
-        self.flags, self.detect, self.detected_by = tuple(flags), detect, detected_by
+        self.build, self.options = build, list(options)
+        self.detect, self.detected_by = detect, detected_by
         self.cloud, self.repo_path_help = cloud, repo_path_help
         self.config_dir = config_dir or self._state_dir
+        self.flags = [(flag, flag[2:].replace("-", "_")) for flag, settings in self.options
+                      if "default" not in settings]
+
+    def add_arguments(self, parser):
+        if self.options:
+            group = parser.add_argument_group("%s backend" % self.label)
+            for flag, settings in self.options:
+                group.add_argument(flag, **settings)
 
     @staticmethod
     def _state_dir(args, environ):
@@ -1237,15 +1243,11 @@ def _local_path(args, environ):
     return args.path
 
 
-def add_local_arguments(parser):
-    group = parser.add_argument_group("local backend")
-    group.add_argument("--path", metavar="DIR",
-                       help="folder holding the repositories (default %s)" % DEFAULT_LOCAL_PATH)
-
-
 register_backend(Backend(
     "local", "local", "a local folder", lambda args, environ: LocalStorage(args.path),
-    add_local_arguments, flags=(("--path", "path"),), cloud=False, config_dir=_local_path))
+    options=[("--path", dict(metavar="DIR", help="folder holding the repositories "
+                                                 "(default %s)" % DEFAULT_LOCAL_PATH))],
+    cloud=False, config_dir=_local_path))
 
 
 # ---------------------------------------------------------------------------
@@ -2076,6 +2078,36 @@ class _Listing(object):
     def from_start(self):
         self.cursor, self.seen = None, set()
 
+
+
+def json_envelope(raw):
+    """The {code: int, ...} dict an API answered, or None if it is not one."""
+    try:
+        envelope = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return None
+    if isinstance(envelope, dict) and isinstance(envelope.get("code"), int):
+        return envelope
+    return None
+
+
+def cloud_repo_path(args, environ, variable, split):
+    """--repo-path, else the environment variable, else DEFAULT_REPO_PATH;
+    UsageError for a name the cloud refuses (split raises ValueError)."""
+    repo_path = args.repo_path or environ.get(variable) or DEFAULT_REPO_PATH
+    try:
+        split(repo_path)
+    except ValueError as e:
+        raise UsageError("--repo-path: %s" % e)
+    return repo_path
+
+
+def state_dir_cache(args):
+    """The metadata cache file of --state-dir (opened by the backend's start())."""
+    try:
+        return MetadataCache(os.path.join(args.state_dir, METADATA_CACHE_FILE))
+    except OSError as e:
+        raise UsageError(str(e.strerror or e))
 
 
 class CloudCall(object):
@@ -3059,13 +3091,7 @@ class Pan123Client(CloudClient):
     def _envelope(response, raw):
         # 123pan reports errors in the envelope; accept one whatever the HTTP
         # status (401 and 429 may come either way).
-        try:
-            envelope = json.loads(raw.decode("utf-8"))
-        except ValueError:
-            return None
-        if isinstance(envelope, dict) and isinstance(envelope.get("code"), int):
-            return envelope
-        return None
+        return json_envelope(raw)
 
     def _obtain_token(self, current, obtained_at):
         data = self.call("POST", "/api/v1/access_token", auth=False,
@@ -3585,24 +3611,6 @@ class Pan123Storage(CloudStorage):
             self._close_cache()
 
 
-def add_pan123_arguments(parser):
-    group = parser.add_argument_group("123pan backend")
-    group.add_argument("--client-id", metavar="ID",
-                       help="123pan Open Platform client id (or PAN123_CLIENT_ID)")
-    group.add_argument("--client-secret", metavar="SECRET",
-                       help="its client secret (or PAN123_CLIENT_SECRET, preferable: "
-                            "other local users can read command lines)")
-    group.add_argument("--api-base", metavar="URL",
-                       help="Open Platform API base URL (or PAN123_API_BASE; default %s)"
-                            % PAN123_DEFAULT_API_BASE)
-    group.add_argument("--pan123-tier", choices=("free", "vip"), default="free",
-                       help="request-rate table to stay within (default free)")
-    group.add_argument("--pan123-single-max", metavar="BYTES", type=_byte_count,
-                       default=PAN123_DEFAULT_SINGLE_MAX,
-                       help="objects larger than this use the chunked slice upload, "
-                            "e.g. 64M (default 64M; single-step uploads stop at 1G)")
-
-
 def pan123_credentials_given(args, environ):
     """True when a client id comes from the command line or the environment: parse_config
     then picks the 123pan backend by default."""
@@ -3621,15 +3629,8 @@ def build_pan123_storage(args, environ=None):
     api_base = args.api_base or environ.get("PAN123_API_BASE") or PAN123_DEFAULT_API_BASE
     if not api_base.startswith(("https://", "http://")):
         raise UsageError("--api-base %r: expected an http(s) URL" % api_base)
-    repo_path = args.repo_path or environ.get("PAN123_REPO_PATH") or PAN123_DEFAULT_REPO_PATH
-    try:
-        split_pan123_path(repo_path)
-    except ValueError as e:
-        raise UsageError("--repo-path: %s" % e)
-    try:
-        cache = MetadataCache(os.path.join(args.state_dir, METADATA_CACHE_FILE))
-    except OSError as e:
-        raise UsageError(str(e.strerror or e))
+    repo_path = cloud_repo_path(args, environ, "PAN123_REPO_PATH", split_pan123_path)
+    cache = state_dir_cache(args)
     client = Pan123Client(client_id, client_secret, api_base=api_base,
                           state_dir=args.state_dir,
                           tier=args.pan123_tier)
@@ -3639,9 +3640,21 @@ def build_pan123_storage(args, environ=None):
 
 
 register_backend(Backend(
-    "123pan", "123pan", "on 123pan", build_pan123_storage, add_pan123_arguments,
-    flags=(("--client-id", "client_id"), ("--client-secret", "client_secret"),
-           ("--api-base", "api_base")),
+    "123pan", "123pan", "on 123pan", build_pan123_storage, [
+        ("--client-id", dict(metavar="ID", help="123pan Open Platform client id "
+                                                "(or PAN123_CLIENT_ID)")),
+        ("--client-secret", dict(metavar="SECRET", help="its client secret (or "
+                                 "PAN123_CLIENT_SECRET, preferable: other local users can "
+                                 "read command lines)")),
+        ("--api-base", dict(metavar="URL", help="Open Platform API base URL (or "
+                            "PAN123_API_BASE; default %s)" % PAN123_DEFAULT_API_BASE)),
+        ("--pan123-tier", dict(choices=("free", "vip"), default="free",
+                               help="request-rate table to stay within (default free)")),
+        ("--pan123-single-max", dict(metavar="BYTES", type=_byte_count,
+                                     default=PAN123_DEFAULT_SINGLE_MAX,
+                                     help="objects larger than this use the chunked slice "
+                                          "upload, e.g. 64M (default 64M; single-step "
+                                          "uploads stop at 1G)"))],
     detect=pan123_credentials_given, detected_by="PAN123_CLIENT_ID or --client-id",
     repo_path_help="from the 123pan root (or PAN123_REPO_PATH)"))
 
@@ -3781,13 +3794,7 @@ def _cloudreve_envelope(response, raw):
             raw = gzip.decompress(raw)
         except (OSError, EOFError):
             return None
-    try:
-        envelope = json.loads(raw.decode("utf-8"))
-    except ValueError:
-        return None
-    if isinstance(envelope, dict) and isinstance(envelope.get("code"), int):
-        return envelope
-    return None
+    return json_envelope(raw)
 
 
 def cloudreve_uri(parts):
@@ -4459,21 +4466,6 @@ class CloudreveStorage(CloudStorage):
         self._close_cache()
 
 
-def add_cloudreve_arguments(parser):
-    group = parser.add_argument_group("Cloudreve backend")
-    group.add_argument("--cloudreve-url", metavar="URL",
-                       help="the site's address, e.g. https://drive.example.com "
-                            "(or CLOUDREVE_URL)")
-    group.add_argument("--cloudreve-user", metavar="EMAIL",
-                       help="the account's email address (or CLOUDREVE_USER)")
-    group.add_argument("--cloudreve-password", metavar="PASSWORD",
-                       help="its password (or CLOUDREVE_PASSWORD, preferable: other local "
-                            "users can read command lines)")
-    group.add_argument("--cloudreve-password-file", metavar="FILE",
-                       help="read the password from the first line of FILE "
-                            "(or CLOUDREVE_PASSWORD_FILE)")
-
-
 def cloudreve_site_given(args, environ):
     """True when a Cloudreve site comes from the command line or the environment:
     parse_config then picks the Cloudreve backend by default."""
@@ -4515,27 +4507,25 @@ def build_cloudreve_storage(args, environ=None):
         raise UsageError("the Cloudreve backend needs %s" % ", ".join(missing))
     if not url.startswith(("https://", "http://")) or not urlsplit(url).hostname:
         raise UsageError("--cloudreve-url %r: expected the site's http(s) address" % url)
-    repo_path = args.repo_path or environ.get("CLOUDREVE_REPO_PATH") \
-        or CLOUDREVE_DEFAULT_REPO_PATH
-    try:
-        split_cloudreve_path(repo_path)
-    except ValueError as e:
-        raise UsageError("--repo-path: %s" % e)
-    try:
-        cache = MetadataCache(os.path.join(args.state_dir, METADATA_CACHE_FILE))
-    except OSError as e:
-        raise UsageError(str(e.strerror or e))
+    repo_path = cloud_repo_path(args, environ, "CLOUDREVE_REPO_PATH", split_cloudreve_path)
+    cache = state_dir_cache(args)
     client = CloudreveClient(url, user, password, state_dir=args.state_dir)
     index = CloudreveIndex(cache, cloudreve_cache_namespace(client.site_url, user))
     return CloudreveStorage(client, repo_path, index=index, refresh_seconds=args.cache_refresh)
 
 
 register_backend(Backend(
-    "cloudreve", "Cloudreve", "on a Cloudreve 4 site", build_cloudreve_storage,
-    add_cloudreve_arguments,
-    flags=(("--cloudreve-url", "cloudreve_url"), ("--cloudreve-user", "cloudreve_user"),
-           ("--cloudreve-password", "cloudreve_password"),
-           ("--cloudreve-password-file", "cloudreve_password_file")),
+    "cloudreve", "Cloudreve", "on a Cloudreve 4 site", build_cloudreve_storage, [
+        ("--cloudreve-url", dict(metavar="URL", help="the site's address, e.g. "
+                                 "https://drive.example.com (or CLOUDREVE_URL)")),
+        ("--cloudreve-user", dict(metavar="EMAIL", help="the account's email address "
+                                                        "(or CLOUDREVE_USER)")),
+        ("--cloudreve-password", dict(metavar="PASSWORD", help="its password (or "
+                                      "CLOUDREVE_PASSWORD, preferable: other local users "
+                                      "can read command lines)")),
+        ("--cloudreve-password-file", dict(metavar="FILE", help="read the password from "
+                                           "the first line of FILE (or "
+                                           "CLOUDREVE_PASSWORD_FILE)"))],
     detect=cloudreve_site_given, detected_by="CLOUDREVE_URL or --cloudreve-url",
     repo_path_help="under cloudreve://my/ (or CLOUDREVE_REPO_PATH)"))
 
