@@ -4610,9 +4610,11 @@ class RepositoryUsage(object):
 
 
 class RepositoryService(object):
-    """The repository view between the HTTP layer and the storage: upload
-    verification, the rule that an existing object is never silently replaced,
-    and the per-repository usage that quota and metrics read."""
+    """The repository view between the HTTP layer and the storage: what the
+    handler reads and writes goes through here (stat, list, read, save,
+    delete), with upload verification, the rule that an existing object is
+    never silently replaced, the per-repository usage that quota and metrics
+    read, and the blob and snapshot metrics."""
 
     def __init__(self, storage, verify_uploads=True, max_size=0, track_usage=False):
         self.storage = storage
@@ -4625,6 +4627,39 @@ class RepositoryService(object):
         if self.track_usage:
             self.usage.count(repo)
 
+    def size_of(self, ref):
+        """The size of an object; RequestError 404 when there is none."""
+        size = self.storage.stat(ref)
+        if size is None:
+            raise RequestError(404, "%s not found" % (ref,))
+        return size
+
+    def list(self, repo, kind):
+        """(name, size) of the objects of a type."""
+        return self.storage.list(repo, kind)
+
+    def read(self, ref, start, length):
+        """An iterator of byte chunks; count_read once they were all sent."""
+        return self.storage.read(ref, start, length)
+
+    def count_read(self, ref, nbytes, user=None):
+        self._count_blob("read", ref, nbytes, user)
+
+    def metrics_text(self):
+        """/metrics: the registry, with the usage of the repositories counted so far."""
+        for repo, (nbytes, kinds) in self.usage.tracked().items():
+            name = "/".join(repo)
+            METRICS.set("restic123pan_repository_bytes", nbytes, repo=name)
+            for kind, count in kinds.items():
+                METRICS.set("restic123pan_repository_objects", count, repo=name, type=kind)
+        return METRICS.render()
+
+    @staticmethod
+    def _count_blob(what, ref, nbytes, user):
+        labels = {"user": user or "", "repo": "/".join(ref.repo), "type": ref.kind}
+        METRICS.inc("rest_server_blob_%s_total" % what, 1, **labels)
+        METRICS.inc("rest_server_blob_%s_bytes_total" % what, nbytes, **labels)
+
     def admit_upload(self, repo, nbytes):
         """Check the quota before a body is read; pair with finish_upload."""
         self.usage.reserve(repo, nbytes)
@@ -4632,7 +4667,7 @@ class RepositoryService(object):
     def finish_upload(self, repo, nbytes):
         self.usage.release(repo, nbytes)
 
-    def save(self, ref, spool):
+    def save(self, ref, spool, user=None):
         """Store a spooled upload.  Returns 'stored' or 'identical' (the same bytes
         were already there: restic's retry after a lost response)."""
         if ref.content_addressed and self.verify_uploads and spool.sha256 != ref.name:
@@ -4647,14 +4682,19 @@ class RepositoryService(object):
             self.usage.count(ref.repo)
         self.storage.put(ref, spool)
         self.usage.changed(ref, spool.size, 1)
+        self._count_blob("write", ref, spool.size, user)
+        if ref.kind == "snapshots":
+            METRICS.set("restic123pan_repository_last_snapshot_timestamp_seconds",
+                        time.time(), repo="/".join(ref.repo))
         return "stored"
 
-    def delete(self, ref):
+    def delete(self, ref, user=None):
         """Remove an object (idempotent); its size if it existed, else None."""
         size = self.storage.stat(ref)
         if not self.storage.delete(ref):
             return None
         self.usage.changed(ref, -(size or 0), -1)
+        self._count_blob("delete", ref, size or 0, user)
         return size or 0
 
     def _same_content(self, ref, existing_size, spool):
@@ -5378,11 +5418,6 @@ class ResticHandler(BaseHTTPRequestHandler):
         query = self.path.partition("?")[2]
         return dict(p.partition("=")[::2] for p in query.split("&") if p)
 
-    def _count(self, what, ref, nbytes):
-        labels = {"user": self._user or "", "repo": "/".join(ref.repo), "type": ref.kind}
-        METRICS.inc("rest_server_blob_%s_total" % what, 1, **labels)
-        METRICS.inc("rest_server_blob_%s_bytes_total" % what, nbytes, **labels)
-
     # -- endpoints ------------------------------------------------------------
 
     def _create_repository(self, repo):
@@ -5393,7 +5428,7 @@ class ResticHandler(BaseHTTPRequestHandler):
         self._respond(200)
 
     def _list(self, repo, kind):
-        entries = self.service.storage.list(repo, kind)
+        entries = self.service.list(repo, kind)
         if self.headers.get("Accept", "").strip() == MEDIA_V2:
             media, payload = MEDIA_V2, [{"name": n, "size": s} for n, s in entries]
         else:
@@ -5401,15 +5436,10 @@ class ResticHandler(BaseHTTPRequestHandler):
         self._respond(200, json.dumps(payload, separators=(",", ":")).encode(), media)
 
     def _object_head(self, ref):
-        size = self.service.storage.stat(ref)
-        if size is None:
-            raise RequestError(404, "%s not found" % (ref,))
-        self._start(200, size, "application/octet-stream")
+        self._start(200, self.service.size_of(ref), "application/octet-stream")
 
     def _object_get(self, ref):
-        size = self.service.storage.stat(ref)
-        if size is None:
-            raise RequestError(404, "%s not found" % (ref,))
+        size = self.service.size_of(ref)
         try:
             start, length, partial = parse_range(self.headers.get("Range"), size)
         except RangeNotSatisfiable:
@@ -5417,7 +5447,7 @@ class ResticHandler(BaseHTTPRequestHandler):
                                {"Content-Range": "bytes */%d" % size})
         except ValueError as e:
             raise RequestError(400, str(e))
-        chunks = self.service.storage.read(ref, start, length)
+        chunks = self.service.read(ref, start, length)
         headers = {"Accept-Ranges": "bytes"}
         if partial:
             headers["Content-Range"] = "bytes %d-%d/%d" % (start, start + length - 1, size)
@@ -5433,7 +5463,7 @@ class ResticHandler(BaseHTTPRequestHandler):
         if self._sent != length:
             self.close_connection = True
             raise StorageError("sent %d of %d bytes" % (self._sent, length))
-        self._count("read", ref, length)
+        self.service.count_read(ref, length, self._user)
 
     def _object_post(self, ref):
         length = self._content_length()
@@ -5441,36 +5471,25 @@ class ResticHandler(BaseHTTPRequestHandler):
         try:
             spool = self._read_body(length)
             try:
-                outcome = self.service.save(ref, spool)
+                outcome = self.service.save(ref, spool, self._user)
             finally:
                 spool.close()
         finally:
             self.service.finish_upload(ref.repo, length)
         if outcome == "identical":
             log.info("%s: identical re-upload accepted", ref)
-        else:
-            self._count("write", ref, length)
-            if ref.kind == "snapshots":
-                METRICS.set("restic123pan_repository_last_snapshot_timestamp_seconds",
-                            time.time(), repo="/".join(ref.repo))
         self._respond(200)
 
     def _object_delete(self, ref):
         self._discard_body()
-        size = self.service.delete(ref)
-        if size is not None:
-            self._count("delete", ref, size)
+        self.service.delete(ref, self._user)
         self._respond(200)
 
     def _metrics(self):
         if self.command not in ("GET", "HEAD"):
             raise RequestError(405, "only GET on /metrics", {"Allow": "GET"})
-        for repo, (nbytes, kinds) in self.service.usage.tracked().items():
-            name = "/".join(repo)
-            METRICS.set("restic123pan_repository_bytes", nbytes, repo=name)
-            for kind, count in kinds.items():
-                METRICS.set("restic123pan_repository_objects", count, repo=name, type=kind)
-        self._respond(200, METRICS.render().encode("utf-8"), "text/plain; version=0.0.4")
+        self._respond(200, self.service.metrics_text().encode("utf-8"),
+                      "text/plain; version=0.0.4")
 
     # -- bodies --------------------------------------------------------------
 
