@@ -8,19 +8,31 @@ One file, standard library only, CPython 3.8 to 3.13.  Run it with
     restic -r rest:http://127.0.0.1:8000/ init
 
 The file reads top-down by layer:
-  1. configuration and command line
+  1. configuration and command line (parse_config, built from the backend
+     registry)
   2. shared helpers (hashing spool, Range parsing, rate limiter, backoff,
      multipart body, HTTP client, metrics registry)
-  3. the storage interface (ObjectRef, Storage, errors)
+  3. the storage interface (ObjectRef, Storage, what a storage error means,
+     the backend registry: Backend, BACKENDS)
   4. backend: local folder (LocalStorage)
-  5. backend: 123pan (Pan123Client, Pan123Index, Pan123Storage)
-  6. backend: Cloudreve 4 (CloudreveClient, CloudreveIndex, CloudreveStorage)
-  7. the metadata cache of the cloud backends (MetadataCache: sqlite3 in the
-     state directory) and the warm-up that fills it (CacheWarmUp)
-  8. the repository service (verification, overwrite rule, usage and quota)
+  5. what the cloud backends share: transient failures, the batch queue,
+     verified and resumed downloads, TokenFile, the metadata cache
+     (MetadataCache: sqlite3 in the state directory) and its warm-up
+     (CacheWarmUp), CloudClient (the one call loop), FolderIndex and
+     CloudStorage
+  6. backend: 123pan (Pan123Client, Pan123Index, Pan123Deletes, Pan123Storage)
+  7. backend: Cloudreve 4 (CloudreveClient, CloudreveIndex, CloudreveStorage)
+  8. the repository service (verification, overwrite rule, usage and quota,
+     blob metrics)
   9. access control (htpasswd users, rights, access log file)
- 10. the REST request handler and the servers (TCP, TLS, unix socket, systemd)
- 11. main()
+ 10. the REST request handler and the servers (TCP, TLS, unix socket,
+     systemd); the one table from what a storage error means to its status
+ 11. appendix: the password hash verifiers of htpasswd files
+ 12. main()
+
+Adding a backend is one new section (a Storage; for a cloud, a CloudClient and
+a CloudStorage subclass) that ends with one registry line,
+register_backend(Backend(...)): its name, options, detection and builder.
 """
 
 import argparse
@@ -880,7 +892,8 @@ for _what in ("read", "write", "delete"):
 
 
 # ---------------------------------------------------------------------------
-# 3. The storage interface
+# 3. The storage interface, what its errors mean, and the backend registry
+#    (ARCHITECTURE.md, "Storage")
 # ---------------------------------------------------------------------------
 
 OBJECT_TYPES = ("data", "keys", "locks", "snapshots", "index")
@@ -1255,7 +1268,8 @@ register_backend(Backend(
 #    batch queue, verified and resumed downloads, tokens kept across restarts,
 #    the metadata cache (sqlite3) with its folder index and warm-up, and the
 #    CloudClient and CloudStorage bases.  Follows ARCHITECTURE.md ("Cloud
-#    clients", "Metadata cache") and the listing-lag rule of 123pan spec 4.2.
+#    clients", "Metadata cache"), the listing-lag rule of spec/123pan-open-api.md
+#    4.2 and RFC 3339 for timestamps.
 # ---------------------------------------------------------------------------
 
 # The data/<first 2 hex of the id> folders of restic's layout.
@@ -1609,17 +1623,20 @@ class MetadataCache(object):
     minutes of rate-limited listing.
 
     Every row carries a namespace `ns`: backend and account, such as
-    "123pan|https://open-api.123pan.com|<client id>".  Folder keys and remote ids
+    "123pan|https://open-api.123pan.com|<client id>" or
+    "cloudreve|https://drive.example.com|<email>".  Folder keys and remote ids
     are stored as given (their columns have no type affinity): 123pan uses its
-    integer ids, a Cloudreve backend would use URI strings.  Tables:
+    integer ids, Cloudreve folder URIs and file id strings.  Tables:
 
+      meta             the schema version, and settings learnt from a cloud
+                       ("<ns>|<key>": Cloudreve's storage policy id)
       folders          per folder: `complete` (listed to the end, or created by
                        us: the entries below are all there is), `cursor` (where
                        an interrupted listing continues), `listed_at`
       entries          per folder its files (is_dir 0: name -> remote id, size,
-                       MD5) and sub-folders (is_dir 1: name -> folder key);
-                       `written_at` is set for our own writes, NULL for what a
-                       listing showed
+                       MD5 or content version) and sub-folders (is_dir 1: name
+                       -> folder key); `written_at` is set for our own writes,
+                       NULL for what a listing showed
       pending_deletes  objects deleted by restic but not yet removed remotely
                        ('trash', then 'purge' on 123pan); they survive restarts
 
@@ -2866,7 +2883,8 @@ class CloudStorage(Storage):
 
 
 # ---------------------------------------------------------------------------
-# 6. Backend: 123pan (123云盘) Open Platform, its API client beside it
+# 6. Backend: 123pan (123云盘) Open Platform, its API client beside it.  Follows
+#    spec/123pan-open-api.md and spec/123pan-field-notes.md (section numbers)
 # ---------------------------------------------------------------------------
 
 PAN123_DEFAULT_API_BASE = "https://open-api.123pan.com"
@@ -3660,7 +3678,8 @@ register_backend(Backend(
 
 
 # ---------------------------------------------------------------------------
-# 7. Backend: Cloudreve 4 (a self-hosted or hosted site), its API client beside it
+# 7. Backend: Cloudreve 4 (a self-hosted or hosted site), its API client beside it.
+#    Follows spec/cloudreve-v4-api.md and spec/cloudreve-field-notes.md
 # ---------------------------------------------------------------------------
 
 CLOUDREVE_API = "/api/v4"
@@ -4714,304 +4733,6 @@ class RepositoryService(object):
 # 9. Access control: users (htpasswd), rights, the access log file
 # ---------------------------------------------------------------------------
 
-# Password hashes of htpasswd files: bcrypt, Apache MD5 (apr1) and MD5-crypt,
-# SHA-256/512-crypt and {SHA}, in pure Python (the crypt module is gone in 3.13),
-# so bcrypt's Blowfish is written out.  Every verifier compares with
-# hmac.compare_digest; a stored value that cannot be checked raises UnsupportedHash,
-# whose message never repeats it (it may be a plain-text password).
-
-class UnsupportedHash(ValueError):
-    """The stored hash has a format we do not verify (plain text, DES crypt, ...) or is malformed."""
-
-
-_CRYPT_ALPHABET = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-_STANDARD_BASE64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-# bcrypt's radix-64 packs bits exactly like standard base64 and only renames the digits,
-# so the C-speed base64 codec does the work after a translation.
-_BCRYPT_TO_STANDARD = str.maketrans(_BCRYPT_ALPHABET, _STANDARD_BASE64_ALPHABET)
-_STANDARD_TO_BCRYPT = bytes.maketrans(_STANDARD_BASE64_ALPHABET.encode(), _BCRYPT_ALPHABET.encode())
-
-_WORD_MASK = 0xFFFFFFFF
-_blowfish_pi_words = None
-
-
-def _blowfish_initial_words():
-    """Blowfish's initial P-array (18 words) then S-boxes (4 x 256 words): the first 8336 hex
-    digits of pi's fractional part. Computed once (~60 ms) instead of embedding 8 KB of hex."""
-    global _blowfish_pi_words
-    if _blowfish_pi_words is None:
-        count = 18 + 4 * 256
-        guard_bits = 64  # absorbs the rounding error of the truncated series terms
-        bits = 32 * count + guard_bits
-        one = 1 << bits
-
-        def arctan_of_inverse(x):  # arctan(1/x) * 2**bits by its Taylor series
-            x_squared, term, total, divisor, sign = x * x, one // x, one // x, 1, 1
-            while term:
-                term //= x_squared
-                divisor += 2
-                sign = -sign
-                total += sign * (term // divisor)
-            return total
-
-        pi = 16 * arctan_of_inverse(5) - 4 * arctan_of_inverse(239)  # Machin's formula
-        fraction = (pi - (3 << bits)) >> guard_bits
-        _blowfish_pi_words = struct.unpack(">%dI" % count, fraction.to_bytes(4 * count, "big"))
-    return _blowfish_pi_words
-
-
-# Blowfish state layout, chosen for the speed of the round function in CPython:
-#  * F's input is never masked to 32 bits inside the 16 rounds; the sums there carry at most
-#    two bits beyond bit 31, so the top-byte index reaches 1023 and S0 is stored four times
-#    over (1024 entries). Values are masked once per block instead of once per round.
-#  * S2 is a sparse 65536-entry list indexed by (x & 0xFF00), which saves a shift per round.
-#  * S1 and S3 are plain 256-entry lists, P an 18-entry list.
-def _blowfish_encrypt(left, right, p, s0, s1, s2, s3):
-    left ^= p[0]
-    for i in range(1, 17, 2):
-        right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) + s3[left & 255] ^ p[i]
-        left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) + s3[right & 255] ^ p[i + 1]
-    return (right ^ p[17]) & _WORD_MASK, left & _WORD_MASK
-
-
-def _eksblowfish_expand(state, key_words, salt_words):
-    """ExpandKey(state, salt, key): XOR the 18 key words into P, then replace P and the S-boxes,
-    in order, with successive encryptions, each block first XORed with the next salt pair
-    (salt_words is None for the unsalted expansions of the cost loop)."""
-    p, s0, s1, s2, s3 = state
-    for i in range(18):
-        p[i] ^= key_words[i]
-    left = right = 0
-    salt_index = 0  # the 16-byte salt is used as two alternating 64-bit halves
-    for i in range(0, 18, 2):
-        if salt_words:
-            left ^= salt_words[salt_index]
-            right ^= salt_words[salt_index + 1]
-            salt_index ^= 2
-        left, right = _blowfish_encrypt(left, right, p, s0, s1, s2, s3)
-        p[i], p[i + 1] = left, right
-    # P is fixed from here on: hold it in locals and unroll the 16 rounds (this loop is
-    # where all the time goes: 512 blocks per expansion, 2**(cost+1) expansions).
-    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15, p16, p17 = p
-    for box in range(4):
-        for i in range(0, 256, 2):
-            if salt_words:
-                left ^= salt_words[salt_index]
-                right ^= salt_words[salt_index + 1]
-                salt_index ^= 2
-            left ^= p0
-            right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) + s3[left & 255] ^ p1
-            left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) + s3[right & 255] ^ p2
-            right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) + s3[left & 255] ^ p3
-            left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) + s3[right & 255] ^ p4
-            right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) + s3[left & 255] ^ p5
-            left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) + s3[right & 255] ^ p6
-            right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) + s3[left & 255] ^ p7
-            left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) + s3[right & 255] ^ p8
-            right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) + s3[left & 255] ^ p9
-            left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) + s3[right & 255] ^ p10
-            right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) + s3[left & 255] ^ p11
-            left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) + s3[right & 255] ^ p12
-            right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) + s3[left & 255] ^ p13
-            left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) + s3[right & 255] ^ p14
-            right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) + s3[left & 255] ^ p15
-            left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) + s3[right & 255] ^ p16
-            left, right = (right ^ p17) & _WORD_MASK, left & _WORD_MASK
-            if box == 0:
-                s0[i] = s0[i + 256] = s0[i + 512] = s0[i + 768] = left
-                s0[i + 1] = s0[i + 257] = s0[i + 513] = s0[i + 769] = right
-            elif box == 1:
-                s1[i], s1[i + 1] = left, right
-            elif box == 2:
-                s2[i << 8], s2[(i + 1) << 8] = left, right
-            else:
-                s3[i], s3[i + 1] = left, right
-
-
-def _bcrypt_digest(key, salt, cost):
-    """The 23 bytes bcrypt encodes: EksBlowfishSetup(cost, salt, key), then
-    "OrpheanBeholderScryDoubt" encrypted 64 times."""
-    initial = _blowfish_initial_words()
-    s2 = [0] * 65536
-    s2[::256] = initial[530:786]
-    state = (list(initial[:18]), list(initial[18:274]) * 4, list(initial[274:530]), s2,
-             list(initial[786:]))
-    key_words = struct.unpack(">18I", (key * (72 // len(key) + 1))[:72])  # key cycled to 72 bytes
-    salt_words = struct.unpack(">4I", salt)
-    salt_as_key_words = (salt_words * 5)[:18]
-    _eksblowfish_expand(state, key_words, salt_words)
-    for _ in range(1 << cost):
-        _eksblowfish_expand(state, key_words, None)
-        _eksblowfish_expand(state, salt_as_key_words, None)
-    text = list(struct.unpack(">6I", b"OrpheanBeholderScryDoubt"))
-    for i in (0, 2, 4):
-        left, right = text[i], text[i + 1]
-        for _ in range(64):
-            left, right = _blowfish_encrypt(left, right, *state)
-        text[i], text[i + 1] = left, right
-    return struct.pack(">6I", *text)[:23]
-
-
-_BCRYPT_RE = re.compile(r"\$2[aby]\$([0-9]{2})\$([./A-Za-z0-9]{22})([./A-Za-z0-9]{31})")
-
-
-def bcrypt_verify(password, hashed):
-    """Check bytes against a $2a$/$2b$/$2y$ hash (cost 4..31).
-
-    The key is the password plus its NUL terminator, cut to 72 bytes. $2a$, $2b$ and $2y$ are
-    computed alike, as Go's x/crypto/bcrypt (rest-server) and OpenWall's $2b$/$2y$ do. Two
-    historical $2a$ variants are not emulated: OpenBSD before 2014 wrapped the length of
-    passwords of 255+ bytes modulo 256 (the reason for $2b$), and OpenWall's $2a$ alters the
-    key for passwords with a 0xFF byte before a high byte in a 4-byte group (never valid
-    UTF-8). A NUL inside the password is kept, as Go does, rather than ending it as C would."""
-    match = _BCRYPT_RE.fullmatch(hashed)
-    if not match or not 4 <= int(match.group(1)) <= 31:
-        raise UnsupportedHash("malformed bcrypt hash")
-    # 22 radix-64 digits carry 132 bits; the 16-byte salt is the first 128.
-    salt = base64.b64decode(match.group(2).translate(_BCRYPT_TO_STANDARD) + "==")
-    digest = _bcrypt_digest((password + b"\0")[:72], salt, int(match.group(1)))
-    computed = base64.b64encode(digest)[:31].translate(_STANDARD_TO_BCRYPT)
-    return hmac.compare_digest(computed, match.group(3).encode("ascii"))
-
-
-def _crypt_base64(digest, byte_order):
-    """The radix-64 of the MD5/SHA crypt family: digest bytes taken in byte_order, three at a
-    time as a big-endian number, written least significant 6 bits first."""
-    chars = []
-    for start in range(0, len(byte_order), 3):
-        group = byte_order[start:start + 3]
-        value = 0
-        for index in group:
-            value = value << 8 | digest[index]
-        for _ in range(len(group) + 1):
-            chars.append(_CRYPT_ALPHABET[value & 63])
-            value >>= 6
-    return "".join(chars)
-
-
-# Byte orders fixed by the MD5-crypt code and by Drepper's SHA-crypt specification.
-_MD5_CRYPT_BYTE_ORDER = (0, 6, 12, 1, 7, 13, 2, 8, 14, 3, 9, 15, 4, 10, 5, 11)
-_SHA256_CRYPT_BYTE_ORDER = (0, 10, 20, 21, 1, 11, 12, 22, 2, 3, 13, 23, 24, 4, 14, 15, 25, 5,
-                            6, 16, 26, 27, 7, 17, 18, 28, 8, 9, 19, 29, 31, 30)
-_SHA512_CRYPT_BYTE_ORDER = (0, 21, 42, 22, 43, 1, 44, 2, 23, 3, 24, 45, 25, 46, 4, 47, 5, 26,
-                            6, 27, 48, 28, 49, 7, 50, 8, 29, 9, 30, 51, 31, 52, 10, 53, 11, 32,
-                            12, 33, 54, 34, 55, 13, 56, 14, 35, 15, 36, 57, 37, 58, 16, 59, 17, 38,
-                            18, 39, 60, 40, 61, 19, 62, 20, 41, 63)
-_MD5_CRYPT_RE = re.compile(r"\$(1|apr1)\$([^$]{0,8})\$([./0-9A-Za-z]{22})")
-
-
-def _alternating_rounds(new_hash, password, salt, digest, rounds):
-    """The stretching loop MD5-crypt introduced and SHA-crypt kept: each round
-    hashes password and previous digest in an order set by i modulo 2, adding
-    the salt unless i is a multiple of 3 and the password unless of 7."""
-    for i in range(rounds):
-        context = new_hash(password if i & 1 else digest)
-        if i % 3:
-            context.update(salt)
-        if i % 7:
-            context.update(password)
-        context.update(digest if i & 1 else password)
-        digest = context.digest()
-    return digest
-
-
-def apr1_verify(password, hashed):
-    """Check bytes against Apache's $apr1$ or its origin, FreeBSD's MD5-crypt $1$: the same
-    algorithm, with the magic string mixed into the first digest."""
-    match = _MD5_CRYPT_RE.fullmatch(hashed)
-    if not match:
-        raise UnsupportedHash("malformed MD5-crypt hash")
-    magic = ("$%s$" % match.group(1)).encode("ascii")
-    salt = match.group(2).encode("utf-8")
-    alternate = hashlib.md5(password + salt + password).digest()
-    context = hashlib.md5(password + magic + salt + (alternate * (len(password) // 16 + 1))[:len(password)])
-    length = len(password)
-    while length:  # one byte per bit of the length: NUL for a 1 bit, the first password byte for 0
-        context.update(b"\0" if length & 1 else password[:1])
-        length >>= 1
-    digest = context.digest()
-    digest = _alternating_rounds(hashlib.md5, password, salt, digest, 1000)
-    computed = _crypt_base64(digest, _MD5_CRYPT_BYTE_ORDER).encode("ascii")
-    return hmac.compare_digest(computed, match.group(3).encode("ascii"))
-
-
-_SHA_CRYPT_RE = re.compile(r"\$([56])\$(?:rounds=([0-9]{1,12})\$)?([^$]{0,16})\$([./0-9A-Za-z]+)")
-
-
-def sha_crypt_verify(password, hashed):
-    """Check bytes against $5$ (SHA-256-crypt) or $6$ (SHA-512-crypt), optional rounds=N$
-    (default 5000, clamped to 1000..999999999 as the specification says)."""
-    match = _SHA_CRYPT_RE.fullmatch(hashed)
-    is_sha256 = match is not None and match.group(1) == "5"
-    if not match or len(match.group(4)) != (43 if is_sha256 else 86):
-        raise UnsupportedHash("malformed SHA-crypt hash")
-    hash_function = hashlib.sha256 if is_sha256 else hashlib.sha512
-    rounds = 5000 if match.group(2) is None else min(max(int(match.group(2)), 1000), 999999999)
-    salt = match.group(3).encode("utf-8")
-
-    def repeated(block, length):  # block repeated, then cut, to length bytes
-        return (block * (length // len(block) + 1))[:length]
-
-    alternate = hash_function(password + salt + password).digest()
-    context = hash_function(password + salt + repeated(alternate, len(password)))
-    length = len(password)
-    while length:  # one addition per bit of the length: the alternate digest for 1, password for 0
-        context.update(alternate if length & 1 else password)
-        length >>= 1
-    digest = context.digest()
-    password_bytes = repeated(hash_function(password * len(password)).digest(), len(password))
-    salt_bytes = repeated(hash_function(salt * (16 + digest[0])).digest(), len(salt))
-    digest = _alternating_rounds(hash_function, password_bytes, salt_bytes, digest, rounds)
-    byte_order = _SHA256_CRYPT_BYTE_ORDER if is_sha256 else _SHA512_CRYPT_BYTE_ORDER
-    computed = _crypt_base64(digest, byte_order).encode("ascii")
-    return hmac.compare_digest(computed, match.group(4).encode("ascii"))
-
-
-_SHA1_RE = re.compile(r"\{SHA\}([A-Za-z0-9+/]{27}=)")
-
-
-def sha1_verify(password, hashed):
-    """Check bytes against {SHA}: base64 of the unsalted SHA-1 of the password."""
-    match = _SHA1_RE.fullmatch(hashed)
-    if not match:
-        raise UnsupportedHash("malformed {SHA} hash")
-    computed = base64.b64encode(hashlib.sha1(password).digest())
-    return hmac.compare_digest(computed, match.group(1).encode("ascii"))
-
-
-_HASH_KINDS_BY_PREFIX = (
-    ("$2a$", "bcrypt"), ("$2b$", "bcrypt"), ("$2y$", "bcrypt"), ("$apr1$", "apr1"),
-    ("$1$", "md5-crypt"), ("$5$", "sha256-crypt"), ("$6$", "sha512-crypt"), ("{SHA}", "sha1"),
-)
-_VERIFIERS_BY_KIND = {
-    "bcrypt": bcrypt_verify, "apr1": apr1_verify, "md5-crypt": apr1_verify,
-    "sha256-crypt": sha_crypt_verify, "sha512-crypt": sha_crypt_verify, "sha1": sha1_verify,
-}
-
-
-def hash_kind(hashed):
-    """Name the format of a stored hash, or raise UnsupportedHash (plain text, DES crypt, $2x$...)."""
-    for prefix, kind in _HASH_KINDS_BY_PREFIX:
-        if hashed.startswith(prefix):
-            return kind
-    raise UnsupportedHash("unsupported hash format")
-
-
-def verify_password(password, hashed):
-    """True if password (str, checked as its UTF-8 bytes; or bytes) matches the stored htpasswd
-    hash. Raises UnsupportedHash for a format we cannot check or a malformed entry."""
-    if isinstance(password, str):
-        # surrogateescape gives back the exact bytes of a header decoded with that handler
-        password = password.encode("utf-8", "surrogateescape")
-    return _VERIFIERS_BY_KIND[hash_kind(hashed)](password, hashed)
-
-
-# User names as rest-server accepts them: letters, digits, '@', '.', '_', '-'.
-# Anything else (a '/' above all) could escape --private-repos.
-_USER_NAME_RE = re.compile(r"\A[\w@.\-]+\Z")
-
-
 class HtpasswdFile(object):
     """Users from an htpasswd file (`user:hash` lines, `#` comments).
 
@@ -5150,7 +4871,8 @@ class AccessLogFile(object):
 
 
 # ---------------------------------------------------------------------------
-# 10. The REST request handler and the servers (TCP, TLS, unix socket, systemd)
+# 10. The REST request handler and the servers (TCP, TLS, unix socket, systemd).
+#     Follows spec/restic-rest-protocol.md
 # ---------------------------------------------------------------------------
 
 MEDIA_V1 = "application/vnd.x.restic.rest.v1"
@@ -5703,7 +5425,333 @@ def is_local_address(address):
 
 
 # ---------------------------------------------------------------------------
-# 11. main()
+# 11. Appendix: the password hash verifiers of htpasswd files (section 9 uses
+#     verify_password); bcrypt per OpenBSD's bcrypt.c, apr1 / MD5-crypt per
+#     Apache's apr_md5.c, SHA-crypt per Ulrich Drepper's specification
+# ---------------------------------------------------------------------------
+
+# Password hashes of htpasswd files: bcrypt, Apache MD5 (apr1) and MD5-crypt,
+# SHA-256/512-crypt and {SHA}, in pure Python (the crypt module is gone in 3.13),
+# so bcrypt's Blowfish is written out.  Every verifier compares with
+# hmac.compare_digest; a stored value that cannot be checked raises UnsupportedHash,
+# whose message never repeats it (it may be a plain-text password).
+
+class UnsupportedHash(ValueError):
+    """The stored hash has a format we do not verify (plain text, DES crypt, ...)
+    or is malformed."""
+
+
+_CRYPT_ALPHABET = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_STANDARD_BASE64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+# bcrypt's radix-64 packs bits exactly like standard base64 and only renames the digits,
+# so the C-speed base64 codec does the work after a translation.
+_BCRYPT_TO_STANDARD = str.maketrans(_BCRYPT_ALPHABET, _STANDARD_BASE64_ALPHABET)
+_STANDARD_TO_BCRYPT = bytes.maketrans(_STANDARD_BASE64_ALPHABET.encode(),
+                                      _BCRYPT_ALPHABET.encode())
+
+_WORD_MASK = 0xFFFFFFFF
+_blowfish_pi_words = None
+
+
+def _blowfish_initial_words():
+    """Blowfish's initial P-array (18 words) then S-boxes (4 x 256 words): the first 8336 hex
+    digits of pi's fractional part. Computed once (~60 ms) instead of embedding 8 KB of hex."""
+    global _blowfish_pi_words
+    if _blowfish_pi_words is None:
+        count = 18 + 4 * 256
+        guard_bits = 64  # absorbs the rounding error of the truncated series terms
+        bits = 32 * count + guard_bits
+        one = 1 << bits
+
+        def arctan_of_inverse(x):  # arctan(1/x) * 2**bits by its Taylor series
+            x_squared, term, total, divisor, sign = x * x, one // x, one // x, 1, 1
+            while term:
+                term //= x_squared
+                divisor += 2
+                sign = -sign
+                total += sign * (term // divisor)
+            return total
+
+        pi = 16 * arctan_of_inverse(5) - 4 * arctan_of_inverse(239)  # Machin's formula
+        fraction = (pi - (3 << bits)) >> guard_bits
+        _blowfish_pi_words = struct.unpack(">%dI" % count, fraction.to_bytes(4 * count, "big"))
+    return _blowfish_pi_words
+
+
+# Blowfish state layout, chosen for the speed of the round function in CPython:
+#  * F's input is never masked to 32 bits inside the 16 rounds; the sums there carry at most
+#    two bits beyond bit 31, so the top-byte index reaches 1023 and S0 is stored four times
+#    over (1024 entries). Values are masked once per block instead of once per round.
+#  * S2 is a sparse 65536-entry list indexed by (x & 0xFF00), which saves a shift per round.
+#  * S1 and S3 are plain 256-entry lists, P an 18-entry list.
+def _blowfish_encrypt(left, right, p, s0, s1, s2, s3):
+    left ^= p[0]
+    for i in range(1, 17, 2):
+        right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) \
+            + s3[left & 255] ^ p[i]
+        left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) \
+            + s3[right & 255] ^ p[i + 1]
+    return (right ^ p[17]) & _WORD_MASK, left & _WORD_MASK
+
+
+def _eksblowfish_expand(state, key_words, salt_words):
+    """ExpandKey(state, salt, key): XOR the 18 key words into P, then replace P and the S-boxes,
+    in order, with successive encryptions, each block first XORed with the next salt pair
+    (salt_words is None for the unsalted expansions of the cost loop)."""
+    p, s0, s1, s2, s3 = state
+    for i in range(18):
+        p[i] ^= key_words[i]
+    left = right = 0
+    salt_index = 0  # the 16-byte salt is used as two alternating 64-bit halves
+    for i in range(0, 18, 2):
+        if salt_words:
+            left ^= salt_words[salt_index]
+            right ^= salt_words[salt_index + 1]
+            salt_index ^= 2
+        left, right = _blowfish_encrypt(left, right, p, s0, s1, s2, s3)
+        p[i], p[i + 1] = left, right
+    # P is fixed from here on: hold it in locals and unroll the 16 rounds (this loop is
+    # where all the time goes: 512 blocks per expansion, 2**(cost+1) expansions).
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15, p16, p17 = p
+    for box in range(4):
+        for i in range(0, 256, 2):
+            if salt_words:
+                left ^= salt_words[salt_index]
+                right ^= salt_words[salt_index + 1]
+                salt_index ^= 2
+            left ^= p0
+            right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) \
+                + s3[left & 255] ^ p1
+            left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) \
+                + s3[right & 255] ^ p2
+            right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) \
+                + s3[left & 255] ^ p3
+            left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) \
+                + s3[right & 255] ^ p4
+            right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) \
+                + s3[left & 255] ^ p5
+            left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) \
+                + s3[right & 255] ^ p6
+            right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) \
+                + s3[left & 255] ^ p7
+            left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) \
+                + s3[right & 255] ^ p8
+            right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) \
+                + s3[left & 255] ^ p9
+            left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) \
+                + s3[right & 255] ^ p10
+            right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) \
+                + s3[left & 255] ^ p11
+            left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) \
+                + s3[right & 255] ^ p12
+            right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) \
+                + s3[left & 255] ^ p13
+            left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) \
+                + s3[right & 255] ^ p14
+            right ^= (s0[left >> 24] + s1[left >> 16 & 255] ^ s2[left & 0xFF00]) \
+                + s3[left & 255] ^ p15
+            left ^= (s0[right >> 24] + s1[right >> 16 & 255] ^ s2[right & 0xFF00]) \
+                + s3[right & 255] ^ p16
+            left, right = (right ^ p17) & _WORD_MASK, left & _WORD_MASK
+            if box == 0:
+                s0[i] = s0[i + 256] = s0[i + 512] = s0[i + 768] = left
+                s0[i + 1] = s0[i + 257] = s0[i + 513] = s0[i + 769] = right
+            elif box == 1:
+                s1[i], s1[i + 1] = left, right
+            elif box == 2:
+                s2[i << 8], s2[(i + 1) << 8] = left, right
+            else:
+                s3[i], s3[i + 1] = left, right
+
+
+def _bcrypt_digest(key, salt, cost):
+    """The 23 bytes bcrypt encodes: EksBlowfishSetup(cost, salt, key), then
+    "OrpheanBeholderScryDoubt" encrypted 64 times."""
+    initial = _blowfish_initial_words()
+    s2 = [0] * 65536
+    s2[::256] = initial[530:786]
+    state = (list(initial[:18]), list(initial[18:274]) * 4, list(initial[274:530]), s2,
+             list(initial[786:]))
+    key_words = struct.unpack(">18I", (key * (72 // len(key) + 1))[:72])  # key cycled to 72 bytes
+    salt_words = struct.unpack(">4I", salt)
+    salt_as_key_words = (salt_words * 5)[:18]
+    _eksblowfish_expand(state, key_words, salt_words)
+    for _ in range(1 << cost):
+        _eksblowfish_expand(state, key_words, None)
+        _eksblowfish_expand(state, salt_as_key_words, None)
+    text = list(struct.unpack(">6I", b"OrpheanBeholderScryDoubt"))
+    for i in (0, 2, 4):
+        left, right = text[i], text[i + 1]
+        for _ in range(64):
+            left, right = _blowfish_encrypt(left, right, *state)
+        text[i], text[i + 1] = left, right
+    return struct.pack(">6I", *text)[:23]
+
+
+_BCRYPT_RE = re.compile(r"\$2[aby]\$([0-9]{2})\$([./A-Za-z0-9]{22})([./A-Za-z0-9]{31})")
+
+
+def bcrypt_verify(password, hashed):
+    """Check bytes against a $2a$/$2b$/$2y$ hash (cost 4..31).
+
+    The key is the password plus its NUL terminator, cut to 72 bytes. $2a$, $2b$ and $2y$ are
+    computed alike, as Go's x/crypto/bcrypt (rest-server) and OpenWall's $2b$/$2y$ do. Two
+    historical $2a$ variants are not emulated: OpenBSD before 2014 wrapped the length of
+    passwords of 255+ bytes modulo 256 (the reason for $2b$), and OpenWall's $2a$ alters the
+    key for passwords with a 0xFF byte before a high byte in a 4-byte group (never valid
+    UTF-8). A NUL inside the password is kept, as Go does, rather than ending it as C would."""
+    match = _BCRYPT_RE.fullmatch(hashed)
+    if not match or not 4 <= int(match.group(1)) <= 31:
+        raise UnsupportedHash("malformed bcrypt hash")
+    # 22 radix-64 digits carry 132 bits; the 16-byte salt is the first 128.
+    salt = base64.b64decode(match.group(2).translate(_BCRYPT_TO_STANDARD) + "==")
+    digest = _bcrypt_digest((password + b"\0")[:72], salt, int(match.group(1)))
+    computed = base64.b64encode(digest)[:31].translate(_STANDARD_TO_BCRYPT)
+    return hmac.compare_digest(computed, match.group(3).encode("ascii"))
+
+
+def _crypt_base64(digest, byte_order):
+    """The radix-64 of the MD5/SHA crypt family: digest bytes taken in byte_order, three at a
+    time as a big-endian number, written least significant 6 bits first."""
+    chars = []
+    for start in range(0, len(byte_order), 3):
+        group = byte_order[start:start + 3]
+        value = 0
+        for index in group:
+            value = value << 8 | digest[index]
+        for _ in range(len(group) + 1):
+            chars.append(_CRYPT_ALPHABET[value & 63])
+            value >>= 6
+    return "".join(chars)
+
+
+# Byte orders fixed by the MD5-crypt code and by Drepper's SHA-crypt specification.
+_MD5_CRYPT_BYTE_ORDER = (0, 6, 12, 1, 7, 13, 2, 8, 14, 3, 9, 15, 4, 10, 5, 11)
+_SHA256_CRYPT_BYTE_ORDER = (0, 10, 20, 21, 1, 11, 12, 22, 2, 3, 13, 23, 24, 4, 14, 15, 25, 5,
+                            6, 16, 26, 27, 7, 17, 18, 28, 8, 9, 19, 29, 31, 30)
+_SHA512_CRYPT_BYTE_ORDER = (0, 21, 42, 22, 43, 1, 44, 2, 23, 3, 24, 45, 25, 46, 4, 47, 5, 26,
+                            6, 27, 48, 28, 49, 7, 50, 8, 29, 9, 30, 51, 31, 52, 10, 53, 11, 32,
+                            12, 33, 54, 34, 55, 13, 56, 14, 35, 15, 36, 57, 37, 58, 16, 59, 17, 38,
+                            18, 39, 60, 40, 61, 19, 62, 20, 41, 63)
+_MD5_CRYPT_RE = re.compile(r"\$(1|apr1)\$([^$]{0,8})\$([./0-9A-Za-z]{22})")
+
+
+def _alternating_rounds(new_hash, password, salt, digest, rounds):
+    """The stretching loop MD5-crypt introduced and SHA-crypt kept: each round
+    hashes password and previous digest in an order set by i modulo 2, adding
+    the salt unless i is a multiple of 3 and the password unless of 7."""
+    for i in range(rounds):
+        context = new_hash(password if i & 1 else digest)
+        if i % 3:
+            context.update(salt)
+        if i % 7:
+            context.update(password)
+        context.update(digest if i & 1 else password)
+        digest = context.digest()
+    return digest
+
+
+def apr1_verify(password, hashed):
+    """Check bytes against Apache's $apr1$ or its origin, FreeBSD's MD5-crypt $1$: the same
+    algorithm, with the magic string mixed into the first digest."""
+    match = _MD5_CRYPT_RE.fullmatch(hashed)
+    if not match:
+        raise UnsupportedHash("malformed MD5-crypt hash")
+    magic = ("$%s$" % match.group(1)).encode("ascii")
+    salt = match.group(2).encode("utf-8")
+    alternate = hashlib.md5(password + salt + password).digest()
+    context = hashlib.md5(password + magic + salt
+                          + (alternate * (len(password) // 16 + 1))[:len(password)])
+    length = len(password)
+    while length:  # one byte per bit of the length: NUL for a 1 bit, the first password byte for 0
+        context.update(b"\0" if length & 1 else password[:1])
+        length >>= 1
+    digest = context.digest()
+    digest = _alternating_rounds(hashlib.md5, password, salt, digest, 1000)
+    computed = _crypt_base64(digest, _MD5_CRYPT_BYTE_ORDER).encode("ascii")
+    return hmac.compare_digest(computed, match.group(3).encode("ascii"))
+
+
+_SHA_CRYPT_RE = re.compile(r"\$([56])\$(?:rounds=([0-9]{1,12})\$)?([^$]{0,16})\$([./0-9A-Za-z]+)")
+
+
+def sha_crypt_verify(password, hashed):
+    """Check bytes against $5$ (SHA-256-crypt) or $6$ (SHA-512-crypt), optional rounds=N$
+    (default 5000, clamped to 1000..999999999 as the specification says)."""
+    match = _SHA_CRYPT_RE.fullmatch(hashed)
+    is_sha256 = match is not None and match.group(1) == "5"
+    if not match or len(match.group(4)) != (43 if is_sha256 else 86):
+        raise UnsupportedHash("malformed SHA-crypt hash")
+    hash_function = hashlib.sha256 if is_sha256 else hashlib.sha512
+    rounds = 5000 if match.group(2) is None else min(max(int(match.group(2)), 1000), 999999999)
+    salt = match.group(3).encode("utf-8")
+
+    def repeated(block, length):  # block repeated, then cut, to length bytes
+        return (block * (length // len(block) + 1))[:length]
+
+    alternate = hash_function(password + salt + password).digest()
+    context = hash_function(password + salt + repeated(alternate, len(password)))
+    length = len(password)
+    while length:  # one addition per bit of the length: the alternate digest for 1, password for 0
+        context.update(alternate if length & 1 else password)
+        length >>= 1
+    digest = context.digest()
+    password_bytes = repeated(hash_function(password * len(password)).digest(), len(password))
+    salt_bytes = repeated(hash_function(salt * (16 + digest[0])).digest(), len(salt))
+    digest = _alternating_rounds(hash_function, password_bytes, salt_bytes, digest, rounds)
+    byte_order = _SHA256_CRYPT_BYTE_ORDER if is_sha256 else _SHA512_CRYPT_BYTE_ORDER
+    computed = _crypt_base64(digest, byte_order).encode("ascii")
+    return hmac.compare_digest(computed, match.group(4).encode("ascii"))
+
+
+_SHA1_RE = re.compile(r"\{SHA\}([A-Za-z0-9+/]{27}=)")
+
+
+def sha1_verify(password, hashed):
+    """Check bytes against {SHA}: base64 of the unsalted SHA-1 of the password."""
+    match = _SHA1_RE.fullmatch(hashed)
+    if not match:
+        raise UnsupportedHash("malformed {SHA} hash")
+    computed = base64.b64encode(hashlib.sha1(password).digest())
+    return hmac.compare_digest(computed, match.group(1).encode("ascii"))
+
+
+_HASH_KINDS_BY_PREFIX = (
+    ("$2a$", "bcrypt"), ("$2b$", "bcrypt"), ("$2y$", "bcrypt"), ("$apr1$", "apr1"),
+    ("$1$", "md5-crypt"), ("$5$", "sha256-crypt"), ("$6$", "sha512-crypt"), ("{SHA}", "sha1"),
+)
+_VERIFIERS_BY_KIND = {
+    "bcrypt": bcrypt_verify, "apr1": apr1_verify, "md5-crypt": apr1_verify,
+    "sha256-crypt": sha_crypt_verify, "sha512-crypt": sha_crypt_verify, "sha1": sha1_verify,
+}
+
+
+def hash_kind(hashed):
+    """Name the format of a stored hash, or raise UnsupportedHash (plain text, DES
+    crypt, $2x$...)."""
+    for prefix, kind in _HASH_KINDS_BY_PREFIX:
+        if hashed.startswith(prefix):
+            return kind
+    raise UnsupportedHash("unsupported hash format")
+
+
+def verify_password(password, hashed):
+    """True if password (str, checked as its UTF-8 bytes; or bytes) matches the stored htpasswd
+    hash. Raises UnsupportedHash for a format we cannot check or a malformed entry."""
+    if isinstance(password, str):
+        # surrogateescape gives back the exact bytes of a header decoded with that handler
+        password = password.encode("utf-8", "surrogateescape")
+    return _VERIFIERS_BY_KIND[hash_kind(hashed)](password, hashed)
+
+
+# User names as rest-server accepts them: letters, digits, '@', '.', '_', '-'.
+# Anything else (a '/' above all) could escape --private-repos.
+_USER_NAME_RE = re.compile(r"\A[\w@.\-]+\Z")
+
+
+# ---------------------------------------------------------------------------
+# 12. main()
 # ---------------------------------------------------------------------------
 
 def load_users(args, listen_address):
