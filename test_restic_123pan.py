@@ -7,6 +7,35 @@ Run everything (unit, HTTP and end-to-end with the real restic):
 Environment switches (used by .ci/run):
   RESTIC_123PAN_REQUIRE_E2E=1  a missing restic binary is a failure, not a skip
   RESTIC_123PAN_UNIT_ONLY=1    skip the end-to-end tests (other interpreters in CI)
+
+Where each section of restic_123pan.py is tested:
+  1 configuration, command line   ConfigTest, Pan123CommandLineTest,
+                                  CloudreveCommandLineTest (the registry's options)
+  2 shared helpers                ParseRangeTest, HashingSpoolTest, CloudHelpersTest
+                                  (rate limiter, backoff, multipart), HttpClientTest
+  3 the storage interface         the StorageContract suite: LocalStorageContractTest,
+                                  Pan123StorageContractTest, CloudreveStorageContractTest
+  4 local backend                 LocalStorageTest (layout, temporary files, disk full)
+  5 what the clouds share         MetadataCacheTest, Pan123CacheTest (warm-up, restart,
+                                  own writes over listings), CloudHelpersTest, and
+                                  through both clients: Pan123CallRetriesTest,
+                                  CloudreveCallTest, Pan123TokenTest, CloudreveTokenTest,
+                                  Pan123DownloadsTest, CloudreveDownloadsTest
+  6 123pan                        Pan123ListingTest, Pan123UploadsTest,
+                                  Pan123StorageFoldersTest, Pan123DeletesTest,
+                                  Pan123UnderLimitsAndFaultsTest, Pan123EndToEndTest
+  7 Cloudreve                     CloudreveUnitTest, CloudreveListingTest,
+                                  CloudreveUploadsTest, CloudreveStorageFoldersTest,
+                                  CloudreveDeletesTest, CloudreveUnderFaultsTest,
+                                  CloudreveEndToEndTest
+  8 repository service            RestProtocolTest (verification, overwrite rule, quota)
+  9, 11 access control, hashes    AccessControlTest, FixedVectorTest,
+                                  HtpasswdGeneratedTest, OpensslGeneratedTest
+ 10 REST handler and servers      ParseRouteTest, RestProtocolTest, TransportTest,
+                                  GracefulShutdownTest, AccessEndToEndTest
+ 12 main()                        LocalEndToEndTest and the other end-to-end classes
+The emulators and their own tests: Pan123Emulator (Pan123Emulator*Test) and
+CloudreveEmulator (CloudreveEmulator*Test), strict models written from the specs.
 """
 
 import base64
@@ -494,19 +523,6 @@ class LocalStorageTest(unittest.TestCase):
         self.put("config", b"cfg", ("alice", "laptop"))
         with open(os.path.join(base, "config"), "rb") as f:
             self.assertEqual(f.read(), b"cfg")
-
-    def test_stat_list_read_delete(self):
-        a = self.put("data", b"a" * 10)
-        b = self.put("data", b"b" * 20)
-        self.assertEqual(self.st.stat(a), 10)
-        self.assertEqual(sorted(self.st.list((), "data")), sorted([(a.name, 10), (b.name, 20)]))
-        self.assertEqual(self.st.list((), "index"), [])
-        self.assertEqual(self.st.list(("nope",), "data"), [])
-        self.assertEqual(b"".join(self.st.read(b, 5, 3)), b"bbb")
-        self.assertTrue(self.st.delete(a))
-        self.assertFalse(self.st.delete(a))
-        self.assertIsNone(self.st.stat(a))
-        self.assertRaises(rp.NotFound, self.st.read, a, 0, 1)
 
     def test_listing_skips_temporary_and_foreign_files(self):
         self.st.create_repository(())
@@ -3912,16 +3928,6 @@ class Pan123StorageFoldersTest(Pan123BackendCase):
         self.assertEqual(len(emu.children("/restic-backup")), 1)
         self.assertEqual(len(emu.children("/restic-backup/r/sub")), 5)
 
-    def test_missing_repository(self):
-        self.emulator()
-        storage = self.storage()
-        self.assertIsNone(storage.stat(ObjectRef.config(("nope",))))
-        self.assertEqual(storage.list(("nope",), "keys"), [])
-        self.assertEqual(storage.list(("nope",), "data"), [])
-        with self.assertRaises(NotFound):
-            storage.read(ObjectRef.config(("nope",)), 0, 1)
-        self.assertFalse(storage.delete(data_ref(b"x", ("nope",))))
-
     def test_stat_and_list_answered_from_memory(self):
         emu = self.emulator()
         self.existing_repo()
@@ -4050,14 +4056,6 @@ class Pan123DownloadsTest(Pan123BackendCase):
         emu.fail_next("502", endpoint="/obj")
         emu.fail_next("500", endpoint="/dl")
         self.assertEqual(self.read(storage, ref), data)
-
-    def test_file_removed_behind_our_back_is_not_found(self):
-        emu, storage, ref, data = self.stored()
-        emu.remove_behind_back(self.live_path(ref))
-        with self.assertRaises(NotFound):
-            storage.read(ref, 0, 10)
-        self.assertIsNone(storage.stat(ref))
-        self.assertFalse(storage.delete(ref))
 
     def test_traffic_quota_is_503(self):
         emu, storage, ref, data = self.stored()
@@ -7533,15 +7531,6 @@ class CloudreveStorageFoldersTest(CloudreveBackendCase):
         self.assertEqual(storage.list(REPO, "keys"), [(keep.name, 4)])
         self.assertIsNone(storage.stat(ObjectRef(REPO, "keys", "cd" * 32)))
 
-    def test_missing_repository_lists_empty(self):
-        self.emulator()
-        storage = self.storage()
-        self.assertEqual(storage.list(REPO, "snapshots"), [])
-        self.assertEqual(storage.list(REPO, "data"), [])
-        self.assertIsNone(storage.stat(ObjectRef.config(REPO)))
-        with self.assertRaises(NotFound):
-            storage.read(ObjectRef.config(REPO), 0, 1)
-
     def test_repositories_directly_under_my(self):
         emu = self.emulator()
         storage = self.storage(repo_path="/")
@@ -7628,20 +7617,6 @@ class CloudreveDownloadsTest(CloudreveBackendCase):
         self.assertTrue(storage.client.download_url(uri).startswith(emu.base_url + "/api/v4/"))
         self.assertEqual(self.read(storage, ref), data)
 
-    def test_wrong_bytes_detected_on_full_read(self):
-        emu, storage, ref, data = self.stored(size=5000)
-        node = emu.resolve(self.live_path(ref))
-        entity = emu._unhid("entity", node["primary_entity"])
-        emu._entities[entity]["data"] = bytes(5000)      # same length, other bytes
-        received = []
-        with self.assertLogs("restic_123pan", "ERROR") as logs:
-            with self.assertRaises(UpstreamError):
-                for chunk in storage.read(ref, 0, 5000):
-                    received.append(chunk)
-        self.assertEqual(received, [])             # the last chunk was held back
-        self.assertIn(ref.name, logs.output[0])
-        # a partial read cannot be checked here (restic checks each blob itself)
-        self.assertEqual(self.read(storage, ref, 0, 64), bytes(64))
 
 
 # ---------------------------------------------------------------------------
@@ -7818,6 +7793,221 @@ class CloudreveCommandLineTest(unittest.TestCase):
         self.assertEqual(len(err.getvalue().splitlines()), 1)
         self.assertIn("CLOUDREVE_USER", err.getvalue())
         self.assertNotIn("pw-secret", err.getvalue())
+
+
+# ---------------------------------------------------------------------------
+# The storage contract: one suite, run against every backend
+# ---------------------------------------------------------------------------
+
+class StorageContract(object):
+    """What every Storage promises (section 3 of the product), checked the same
+    way for the local folder, 123pan and Cloudreve.  A subclass provides
+    open_storage() (a storage on the same place and state each time: a second
+    call is a restart), remove_behind_back(ref), corrupt(ref, data) (other bytes
+    of the same length, or None where the backend passes bytes through
+    unchecked) and list_calls() (folder listings made so far)."""
+
+    def open_repository(self):
+        self.st = self.start(self.open_storage())
+        self.st.create_repository(REPO)
+
+    def start(self, storage):
+        storage.start()
+        return storage
+
+    def restart(self):
+        self.st.close()
+        self.st = self.start(self.open_storage())
+        return self.st
+
+    def put(self, storage, data, ref=None):
+        ref = ref or data_ref(data)
+        with HashingSpool.from_bytes(data) as spool:
+            storage.put(ref, spool)
+        return ref
+
+    def read(self, ref, start=0, length=None):
+        if length is None:
+            length = self.st.stat(ref)
+        return b"".join(self.st.read(ref, start, length))
+
+    def test_create_stat_list(self):
+        data, key = os.urandom(3000), b"key material"
+        pack = self.put(self.st, data)
+        key_ref = self.put(self.st, key, ObjectRef(REPO, "keys", sha256_hex(key)))
+        config = self.put(self.st, b"cfg", ObjectRef.config(REPO))
+        self.assertEqual((self.st.stat(pack), self.st.stat(key_ref), self.st.stat(config)),
+                         (3000, len(key), 3))
+        self.assertEqual(list(self.st.list(REPO, "data")), [(pack.name, 3000)])
+        self.assertEqual(list(self.st.list(REPO, "keys")), [(key_ref.name, len(key))])
+        self.assertEqual(list(self.st.list(REPO, "index")), [])
+        self.assertIsNone(self.st.stat(data_ref(b"never stored")))
+        missing = ("nope",)
+        self.assertIsNone(self.st.stat(ObjectRef.config(missing)))
+        self.assertEqual(list(self.st.list(missing, "data")), [])
+        self.assertEqual(list(self.st.list(missing, "keys")), [])
+        with self.assertRaises(NotFound):
+            self.st.read(ObjectRef.config(missing), 0, 1)
+        self.assertFalse(self.st.delete(data_ref(b"x", missing)))
+
+    def test_ranged_and_full_reads(self):
+        data = os.urandom(70000)
+        ref = self.put(self.st, data)
+        self.assertEqual(self.read(ref), data)
+        self.assertEqual(self.read(ref, 5, 100), data[5:105])
+        self.assertEqual(self.read(ref, 69999, 1), data[-1:])
+        self.assertEqual(self.read(ref, 1000, 0), b"")
+        empty = self.put(self.st, b"")
+        self.assertEqual((self.st.stat(empty), self.read(empty)), (0, b""))
+
+    def test_identical_reput_and_replaced_config(self):
+        data = os.urandom(2000)
+        ref = self.put(self.st, data)
+        self.put(self.st, data)
+        self.assertEqual(list(self.st.list(REPO, "data")), [(ref.name, 2000)])
+        self.assertEqual(self.read(ref), data)
+        config = self.put(self.st, b"first", ObjectRef.config(REPO))
+        self.put(self.st, b"second one", config)
+        self.assertEqual((self.st.stat(config), self.read(config)), (10, b"second one"))
+
+    def test_idempotent_delete(self):
+        ref = self.put(self.st, b"to be deleted")
+        self.assertTrue(self.st.delete(ref))
+        self.assertFalse(self.st.delete(ref))
+        self.assertIsNone(self.st.stat(ref))
+        self.assertEqual(list(self.st.list(REPO, "data")), [])
+        with self.assertRaises(NotFound):
+            self.st.read(ref, 0, 1)
+        self.st.flush_deletes()
+        self.assertIsNone(self.restart().stat(ref))
+
+    def test_concurrent_puts_of_one_name(self):
+        data = os.urandom(5000)
+        refs = run_threads(lambda: self.put(self.st, data), [()] * 4)
+        self.assertEqual(len(set(refs)), 1)
+        self.assertEqual(list(self.st.list(REPO, "data")), [(refs[0].name, 5000)])
+        self.assertEqual(self.read(refs[0]), data)
+
+    def test_removed_behind_our_back_answers_missing(self):
+        ref = self.put(self.st, os.urandom(1000))
+        self.remove_behind_back(ref)
+        with self.assertRaises(NotFound):
+            self.st.read(ref, 0, 10)
+        self.assertIsNone(self.st.stat(ref))
+        self.assertFalse(self.st.delete(ref))
+
+    def test_full_read_with_other_bytes_never_yields_them(self):
+        data = os.urandom(5000)
+        ref = self.put(self.st, data)
+        if not self.corrupt(ref, data):
+            # The local folder passes bytes through as restic's local backend reads
+            # them; restic checks what it reads itself.
+            self.assertEqual(self.st.name, "local")
+            self.assertNotEqual(self.read(ref), data)
+            return
+        received = []
+        with self.assertLogs("restic_123pan", "ERROR") as logs:
+            with self.assertRaises(rp.StorageError):
+                for chunk in self.st.read(ref, 0, 5000):
+                    received.append(chunk)
+        self.assertEqual(received, [])             # the last chunk was held back
+        self.assertIn(ref.name, logs.output[0])
+        # A partial read cannot be checked here (restic checks each blob itself).
+        self.assertEqual(self.read(ref, 0, 64), bytes(64))
+
+    def test_restart_keeps_what_was_stored(self):
+        blobs = [os.urandom(n) for n in (10, 3000, 70000)]
+        refs = [self.put(self.st, d) for d in blobs]
+        config = self.put(self.st, b"cfg", ObjectRef.config(REPO))
+        listed = self.list_calls()
+        again = self.restart()
+        self.assertEqual(sorted(again.list(REPO, "data")),
+                         sorted((r.name, len(d)) for r, d in zip(refs, blobs)))
+        self.assertEqual(again.stat(config), 3)
+        for ref, data in zip(refs, blobs):
+            self.assertEqual(self.read(ref), data)
+        self.assertEqual(self.list_calls(), listed, "a restart listed folders again")
+
+
+class LocalStorageContractTest(StorageContract, unittest.TestCase):
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="r123-contract-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.open_repository()
+
+    def open_storage(self):
+        return rp.LocalStorage(self.root)
+
+    def remove_behind_back(self, ref):
+        os.unlink(self.st.path_of(ref))
+
+    def corrupt(self, ref, data):
+        with open(self.st.path_of(ref), "wb") as f:
+            f.write(bytes(len(data)))
+        return False
+
+    def list_calls(self):
+        return 0
+
+
+class CloudStorageContract(StorageContract):
+    """The cloud side: one emulator per test, storages with a persistent metadata
+    cache in the state directory, as main() builds them."""
+
+    def setUp(self):
+        CloudStorageHelpers.setUp(self)
+        self.emulator()
+        self.open_repository()
+
+    def cache(self):
+        cache = MetadataCache(os.path.join(self.state_dir, rp.METADATA_CACHE_FILE))
+        self.addCleanup(cache.close)
+        return cache
+
+    def open_storage(self):
+        storage = self.cloud_storage(self.client())
+        self.addCleanup(storage.close)
+        return storage
+
+    def start(self, storage):
+        storage.start(wait=True)        # the warm-up done before the test goes on
+        return storage
+
+    def remove_behind_back(self, ref):
+        self.emu.remove_behind_back(self.live_path(ref))
+
+
+class Pan123StorageContractTest(CloudStorageContract, Pan123BackendCase):
+
+    def cloud_storage(self, client):
+        index = Pan123Index(self.cache(), pan123_cache_namespace(client.api_base, CLIENT_ID))
+        return Pan123Storage(client, "/restic-backup", index=index)
+
+    def corrupt(self, ref, data):
+        file_id = self.emu.resolve(self.live_path(ref))["fileId"]
+        self.emu._blobs[self.emu._content_of[file_id]] = bytes(len(data))
+        return True
+
+    def list_calls(self):
+        return self.emu.calls[LIST]
+
+
+class CloudreveStorageContractTest(CloudStorageContract, CloudreveBackendCase):
+
+    def cloud_storage(self, client):
+        index = rp.CloudreveIndex(self.cache(), rp.cloudreve_cache_namespace(
+            client.site_url, CR_EMAIL))
+        return CloudreveStorage(client, CR_BASE, index=index)
+
+    def corrupt(self, ref, data):
+        node = self.emu.resolve(self.live_path(ref))
+        entity = self.emu._unhid("entity", node["primary_entity"])
+        self.emu._entities[entity]["data"] = bytes(len(data))
+        return True
+
+    def list_calls(self):
+        return self.emu.calls[CR_LIST]
 
 
 # ---------------------------------------------------------------------------
