@@ -1491,9 +1491,7 @@ class _BatchQueue(object):
 
     def __init__(self, label, name, run_batch, max_batch, linger=0.0):
         self.label, self.name = label, name
-        self._run_batch = run_batch
-        self._max_batch = max_batch
-        self._linger = linger
+        self._run_batch, self._max_batch, self._linger = run_batch, max_batch, linger
         self._cond = threading.Condition()
         self._queue = collections.deque()           # of _QueuedItem
         self._busy = False              # a batch call is under way
@@ -2119,12 +2117,16 @@ def cloud_repo_path(args, environ, variable, split):
     return repo_path
 
 
-def state_dir_cache(args):
-    """The metadata cache file of --state-dir (opened by the backend's start())."""
+def cloud_storage_from_args(args, storage_type, client, repo_path, namespace, **options):
+    """A CloudStorage of `storage_type` on `client`, its index on the metadata cache
+    file of --state-dir (opened by start()) under `namespace`, --cache-refresh
+    applied."""
     try:
-        return MetadataCache(os.path.join(args.state_dir, METADATA_CACHE_FILE))
+        cache = MetadataCache(os.path.join(args.state_dir, METADATA_CACHE_FILE))
     except OSError as e:
         raise UsageError(str(e.strerror or e))
+    return storage_type(client, repo_path, index=storage_type.index_type(cache, namespace),
+                        refresh_seconds=args.cache_refresh, **options)
 
 
 class CloudCall(object):
@@ -2178,11 +2180,9 @@ class CloudClient(object):
             # One attempt must leave time for another inside the deadline.
             timeout = call_deadline / 2.0
         self.http = http_client or HttpClient(timeout=timeout)
-        self.call_deadline = call_deadline
+        self.call_deadline, self.download_resumes = call_deadline, download_resumes
         self.retry_base, self.retry_cap = retry_base, retry_cap
-        self.download_resumes = download_resumes
-        self.limiter = limiter
-        self._token_file = token_file
+        self.limiter, self._token_file = limiter, token_file
         self._token = token_file.load() if token_file else None
         self._token_lock = threading.Lock()
         self._links = collections.OrderedDict()     # file key -> (url, usable until)
@@ -2237,6 +2237,16 @@ class CloudClient(object):
                 raise self._gave_up(call, failure)
             _count_retry(failure.reason)
             log.debug("%s %s: retrying: %s", self.label, call.endpoint, failure)
+
+    def answer_or_refusal(self, *args, **kw):
+        """call(*args, **kw) -> (data, None), or (None, the error) when the cloud
+        refused; unavailable_type (nothing was decided) is raised."""
+        try:
+            return self.call(*args, **kw), None
+        except self.unavailable_type:
+            raise
+        except self.error_type as e:
+            return None, e
 
     def _gave_up(self, call, failure):
         return self.unavailable_type(
@@ -2406,6 +2416,28 @@ class CloudClient(object):
             raise self.error_type("%s download of %s bytes %d+%d: %s" % (
                 self.label, self._describe_file(key), start, length, problem))
         return _Transient(problem)
+
+
+class KeyedLocks(object):
+    """One lock per key, kept while someone holds or waits for it."""
+
+    def __init__(self):
+        self._locks = {}            # key -> [lock, holders and waiters]
+        self._guard = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, key):
+        with self._guard:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._locks[key]
 
 
 CloudFile = collections.namedtuple("CloudFile", "file_id size etag")
@@ -2581,15 +2613,15 @@ class CloudStorage(Storage):
 
     def __init__(self, client, base, index, refresh_seconds=0, warm_up_workers=2,
                  progress_interval=None):
-        self.client = client
-        self._base = base
-        self.index = index
-        self.refresh_seconds = refresh_seconds
-        self.warm_up_workers = warm_up_workers
+        self.client, self._base, self.index = client, base, index
+        self.refresh_seconds, self.warm_up_workers = refresh_seconds, warm_up_workers
         self.progress_interval = WARM_UP_PROGRESS_INTERVAL if progress_interval is None \
             else progress_interval
         self._folder_locks = {}
         self._folder_locks_guard = threading.Lock()
+        # One upload of a name at a time: restic may retry an upload while the
+        # first is still running, and the second must not replace the first.
+        self._name_locks = KeyedLocks()
         self._stopping = threading.Event()
         self._request_listings = 0      # listings for requests under way
         self._request_listings_cond = threading.Condition()
@@ -2603,10 +2635,7 @@ class CloudStorage(Storage):
 
     def _folder_lock(self, folder):
         with self._folder_locks_guard:
-            lock = self._folder_locks.get(folder)
-            if lock is None:
-                lock = self._folder_locks[folder] = threading.RLock()
-            return lock
+            return self._folder_locks.setdefault(folder, threading.RLock())
 
     def _max_age(self, kind):
         """How old a listing of a `kind` folder may be (None: any age)."""
@@ -2717,6 +2746,13 @@ class CloudStorage(Storage):
 
     def _unlisted_child(self, parent, name):
         return None
+
+    @staticmethod
+    def _stored_meanwhile(ref, existing, spool):
+        """A content-addressed object of this size stored meanwhile (by a
+        concurrent upload of the same name) holds these very bytes: its name is
+        their hash."""
+        return existing is not None and ref.content_addressed and existing.size == spool.size
 
     def _make_folder(self, parent, name):
         raise NotImplementedError
@@ -3487,6 +3523,7 @@ class Pan123Storage(CloudStorage):
 
     name = label = "123pan"
     not_found_type = Pan123FileNotFound
+    index_type = Pan123Index
 
     def __init__(self, client, repo_path=PAN123_DEFAULT_REPO_PATH,
                  single_upload_max=PAN123_DEFAULT_SINGLE_MAX, index=None, refresh_seconds=0,
@@ -3572,7 +3609,12 @@ class Pan123Storage(CloudStorage):
 
     def put(self, ref, spool):
         path = self._folder_path(ref.repo, ref.kind, ref.name)
-        folder_id = self._resolve(path, create=True)
+        with self._name_locks.hold(path + (ref.name,)):
+            folder_id = self._resolve(path, create=True)
+            if not self._stored_meanwhile(ref, self.index.file(folder_id, ref.name), spool):
+                self._put_into(folder_id, path, ref, spool)
+
+    def _put_into(self, folder_id, path, ref, spool):
         if self.index.pending_deletes_of(folder_id, ref.name):
             # Deleted a moment ago and stored again (restic migrate's config):
             # the old file goes to the trash first, or it might take the new one.
@@ -3648,13 +3690,11 @@ def build_pan123_storage(args, environ=None):
     if not api_base.startswith(("https://", "http://")):
         raise UsageError("--api-base %r: expected an http(s) URL" % api_base)
     repo_path = cloud_repo_path(args, environ, "PAN123_REPO_PATH", split_pan123_path)
-    cache = state_dir_cache(args)
     client = Pan123Client(client_id, client_secret, api_base=api_base,
-                          state_dir=args.state_dir,
-                          tier=args.pan123_tier)
-    index = Pan123Index(cache, pan123_cache_namespace(client.api_base, client_id))
-    return Pan123Storage(client, repo_path, single_upload_max=args.pan123_single_max,
-                         index=index, refresh_seconds=args.cache_refresh)
+                          state_dir=args.state_dir, tier=args.pan123_tier)
+    return cloud_storage_from_args(
+        args, Pan123Storage, client, repo_path, pan123_cache_namespace(client.api_base, client_id),
+        single_upload_max=args.pan123_single_max)
 
 
 register_backend(Backend(
@@ -3995,36 +4035,31 @@ class CloudreveClient(CloudClient):
 
     def _refresh(self, token):
         """The new Token object, or None when the refresh token is refused."""
-        try:
-            return self.call("POST", "/session/token/refresh", auth=False,
-                             body={"refresh_token": token.refresh},
-                             expected=(CloudreveAuthError,))
-        except CloudreveUnavailable:
-            raise
-        except CloudreveError as e:
-            if e.code not in _CLOUDREVE_AUTH_CODES:
-                raise
-            log.info("Cloudreve: the refresh token was refused (code %s); logging in again",
-                     e.code)
-            return None
+        data, refusal = self.answer_or_refusal(
+            "POST", "/session/token/refresh", auth=False, body={"refresh_token": token.refresh},
+            expected=(CloudreveAuthError,))
+        if refusal is None:
+            return data
+        if refusal.code not in _CLOUDREVE_AUTH_CODES:
+            raise refusal
+        log.info("Cloudreve: the refresh token was refused (code %s); logging in again",
+                 refusal.code)
+        return None
 
     def _login(self):
         refusal = self._login_refusal
         if refusal is not None and time.monotonic() < refusal[1]:
             raise refusal[0]
-        try:
-            data = self.call("POST", "/session/token", auth=False,
-                             body={"email": self.email, "password": self._password},
-                             expected=(CloudreveError,))
-        except CloudreveUnavailable:
-            raise
-        except CloudreveError as e:
-            if e.code is None:      # no envelope: not a refusal (a wrong address?)
-                raise
-            reason = _CLOUDREVE_LOGIN_REFUSALS.get(e.code, "code %s" % e.code)
+        data, refusal = self.answer_or_refusal(
+            "POST", "/session/token", auth=False, expected=(CloudreveError,),
+            body={"email": self.email, "password": self._password})
+        if refusal is not None:
+            if refusal.code is None:    # no envelope: not a refusal (a wrong address?)
+                raise refusal
+            reason = _CLOUDREVE_LOGIN_REFUSALS.get(refusal.code, "code %s" % refusal.code)
             error = CloudreveAuthError("Cloudreve login of %s at %s refused: %s"
                                        % (self.email, self.site_url, reason),
-                                       e.code, e.endpoint)
+                                       refusal.code, refusal.endpoint)
             log.error("%s", error)
             self._login_refusal = (error, time.monotonic() + self.login_retry_after)
             raise error
@@ -4343,6 +4378,7 @@ class CloudreveStorage(CloudStorage):
     name = "cloudreve"
     label = "Cloudreve"
     not_found_type = CloudreveNotFound
+    index_type = CloudreveIndex
 
     def __init__(self, client, repo_path=CLOUDREVE_DEFAULT_REPO_PATH, index=None,
                  refresh_seconds=0, warm_up_workers=CLOUDREVE_WARM_UP_WORKERS,
@@ -4350,10 +4386,6 @@ class CloudreveStorage(CloudStorage):
         CloudStorage.__init__(self, client, split_cloudreve_path(repo_path),
                               index or CloudreveIndex(), refresh_seconds, warm_up_workers,
                               progress_interval)
-        # One upload of a name at a time (restic may retry an upload while the
-        # first is still running; the site would refuse the second with 40004):
-        # locks striped by hash.
-        self._name_locks = [threading.Lock() for _ in range(64)]
         self._policy_id = None
         self._policy_lock = threading.Lock()
         self._deletes = _BatchQueue("Cloudreve", "delete", self._delete_batch,
@@ -4429,15 +4461,13 @@ class CloudreveStorage(CloudStorage):
     def put(self, ref, spool):
         path = self._folder_path(ref.repo, ref.kind, ref.name)
         uri = cloudreve_uri(path + (ref.name,))
-        with self._name_locks[hash(uri) % len(self._name_locks)]:
+        with self._name_locks.hold(path + (ref.name,)):    # (else 40004 for the second)
             folder = self._resolve(path)
             existing = None
             if folder is not None:
                 self._ensure_listed(folder)
                 existing = self.index.file(folder, ref.name)
-            if existing is not None and ref.content_addressed and existing.size == spool.size:
-                # Stored meanwhile by a concurrent upload of the same name: the name
-                # is the content's hash, so these are the same bytes.
+            if self._stored_meanwhile(ref, existing, spool):
                 return
             entry = self.client.upload(uri, spool, self._policy(), replace=existing is not None)
             self.client.forget_download_url(uri)
@@ -4527,10 +4557,9 @@ def build_cloudreve_storage(args, environ=None):
     if not url.startswith(("https://", "http://")) or not urlsplit(url).hostname:
         raise UsageError("--cloudreve-url %r: expected the site's http(s) address" % url)
     repo_path = cloud_repo_path(args, environ, "CLOUDREVE_REPO_PATH", split_cloudreve_path)
-    cache = state_dir_cache(args)
     client = CloudreveClient(url, user, password, state_dir=args.state_dir)
-    index = CloudreveIndex(cache, cloudreve_cache_namespace(client.site_url, user))
-    return CloudreveStorage(client, repo_path, index=index, refresh_seconds=args.cache_refresh)
+    return cloud_storage_from_args(args, CloudreveStorage, client, repo_path,
+                                   cloudreve_cache_namespace(client.site_url, user))
 
 
 register_backend(Backend(
