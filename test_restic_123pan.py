@@ -3376,9 +3376,7 @@ class CloudStorageHelpers(object):
         self.assertEqual(sorted(storage.list(REPO, "data")),
                          sorted((r.name, len(d)) for r, d in zip(refs, blobs)))
         self.assertEqual(run_threads(storage.delete, [(r,) for r in refs[:3]]), [True] * 3)
-        flush_deletes = getattr(storage, "flush_deletes", None)
-        if flush_deletes:
-            flush_deletes()     # 123pan: DELETE answers before the trash call
+        storage.flush_deletes()     # 123pan: DELETE answers before the trash call
         self.emu.clear_faults()
         fresh = self.storage(self.client())
         self.assertEqual(sorted(n for n, _ in fresh.list(REPO, "data")),
