@@ -1276,7 +1276,7 @@ register_backend(Backend(
 _DATA_FOLDER_RE = re.compile(r"\A[0-9a-f]{2}\Z")
 
 
-class SpoolSlice(object):
+class _SpoolSlice(object):
     """A request body: bytes [start, start+length) of a spool, streamed, and
     streamed again for a retry."""
 
@@ -3971,7 +3971,7 @@ class CloudreveClient(CloudClient):
 
         template: the route under /api/v4 ('/file/upload/{session_id}/{index}'),
         filled from path_args; the metrics label is 'METHOD /api/v4<template>'.
-        body: JSON; payload: a SpoolSlice sent as raw bytes with its exact
+        body: JSON; payload: a _SpoolSlice sent as raw bytes with its exact
         Content-Length.  An answer meaning "token expired" (401, 40088, 40020, a
         40081 whose items all say so, and the codes in renew_on) gets a fresh
         token and an immediate replay; if it comes again, further fresh tokens
@@ -4253,7 +4253,7 @@ class CloudreveClient(CloudClient):
             # a refusal means (and logs it).
             self.call("POST", "/file/upload/{session_id}/{index}",
                       {"session_id": session["session_id"], "index": index},
-                      payload=SpoolSlice(spool, start, length), expected=(CloudreveError,),
+                      payload=_SpoolSlice(spool, start, length), expected=(CloudreveError,),
                       renew_on=(CLOUDREVE_CODE_SESSION_GONE,), final=(CLOUDREVE_CODE_LOCKED,),
                       deadline=time.monotonic() + self.call_deadline + length / 1e6)
 
