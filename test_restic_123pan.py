@@ -7642,6 +7642,10 @@ class CloudreveDeletesTest(CloudreveBackendCase):
         storage = self.storage()
         self.assertEqual(len(storage.list(REPO, "data")), 24)
         emu.reset_calls()
+        # The first call takes a while, so the other deletes queue up behind it
+        # however the threads are scheduled (the machine may be busy).
+        emu.slow_seconds = 1.0
+        emu.fail_next("slow", endpoint=CR_DELETE)
         self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 24)
         self.assertLess(emu.calls[CR_DELETE], 12)
         self.assertEqual(storage.list(REPO, "data"), [])
