@@ -34,12 +34,14 @@ import hashlib
 import heapq
 import hmac
 import http.client
+import io
 import ipaddress
 import json
 import logging
 import os
 import random
 import re
+import selectors
 import signal
 import socket
 import socketserver
@@ -77,6 +79,22 @@ IO_CHUNK = 256 * 1024
 # A stalled client may hold a worker thread no longer than this (seconds of socket
 # silence); restic's own stall watchdog uses 5 minutes, so stay at that.
 CLIENT_SOCKET_TIMEOUT = 300
+# Limits on what one client connection may hold (see ConnectionLimits): a whole
+# request head must arrive within DEFAULT_HEADER_TIMEOUT of the connection (or of the
+# request's first byte); an idle keep-alive connection closes after
+# DEFAULT_IDLE_TIMEOUT; a body, or a client reading a response, may be silent for
+# DEFAULT_IO_TIMEOUT.  Each connection is one thread: DEFAULT_MAX_CONNECTIONS keeps
+# a router's memory safe, and restic's 5 connections per client fit many times.
+DEFAULT_HEADER_TIMEOUT = 20
+DEFAULT_IDLE_TIMEOUT = 60
+DEFAULT_IO_TIMEOUT = 60
+DEFAULT_MAX_CONNECTIONS = 128
+# What a request head may hold: its request line, each header line, all of them.
+MAX_REQUEST_LINE = 8192
+MAX_HEADER_FIELDS = 100
+MAX_HEAD_BYTES = 64 * 1024
+# A refused connection is told to come back after this many seconds.
+BUSY_RETRY_AFTER = 5
 # On SIGINT/SIGTERM running requests get this long to finish.
 SHUTDOWN_GRACE_SECONDS = 30
 
@@ -147,6 +165,12 @@ def _seconds(text):
     if not 0 <= value < 1e9:
         raise argparse.ArgumentTypeError("%r is not a number of seconds" % text)
     return value
+
+
+def _positive_int(text):
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("%r is not a whole number above 0" % text)
+    return int(text)
 
 
 def default_state_dir(environ):
@@ -241,6 +265,26 @@ def build_arg_parser():
                         "writer)")
     p.add_argument("--no-verify-upload", action="store_true",
                    help="do not check that an upload's SHA-256 equals its name")
+    p.add_argument("--spool-dir", metavar="DIR",
+                   help="folder for upload bodies larger than 1 MiB while they are received "
+                        "(default: the system temp dir, $TMPDIR); a full disk answers 507")
+    p.add_argument("--max-connections", metavar="N", type=_positive_int,
+                   default=DEFAULT_MAX_CONNECTIONS,
+                   help="client connections served at once; more get 503 with Retry-After "
+                        "(default %d)" % DEFAULT_MAX_CONNECTIONS)
+    p.add_argument("--header-timeout", metavar="SECONDS", type=_seconds,
+                   default=DEFAULT_HEADER_TIMEOUT,
+                   help="a request's line and headers must arrive within this, else the "
+                        "connection is closed (default %d)" % DEFAULT_HEADER_TIMEOUT)
+    p.add_argument("--idle-timeout", metavar="SECONDS", type=_seconds,
+                   default=DEFAULT_IDLE_TIMEOUT,
+                   help="close a keep-alive connection idle this long (default %d)"
+                        % DEFAULT_IDLE_TIMEOUT)
+    p.add_argument("--io-timeout", metavar="SECONDS", type=_seconds,
+                   default=DEFAULT_IO_TIMEOUT,
+                   help="an upload body silent this long is refused with 408; a client not "
+                        "reading a response this long is dropped (default %d)"
+                        % DEFAULT_IO_TIMEOUT)
     auth = p.add_argument_group("users and rights")
     auth.add_argument("--htpasswd-file", metavar="FILE",
                       help="users (bcrypt, apr1, {SHA}, $5$/$6$ hashes); default .htpasswd "
@@ -328,7 +372,13 @@ def parse_config(argv, environ):
                              "(a cloud folder) and --state-dir" % args.backend)
         args.state_dir = args.state_dir or default_state_dir(environ)
         config_dir = args.state_dir
-    args.spool_dir = None
+    if args.spool_dir:
+        args.spool_dir = os.path.abspath(args.spool_dir)
+        if not os.path.isdir(args.spool_dir):
+            raise UsageError("--spool-dir %s: not a folder" % args.spool_dir)
+    for flag in ("header_timeout", "idle_timeout", "io_timeout"):
+        if getattr(args, flag) <= 0:
+            raise UsageError("--%s must be above 0" % flag.replace("_", "-"))
     args.default_htpasswd_file = os.path.join(config_dir, ".htpasswd")
     if (args.tls_cert or args.tls_key) and not args.tls:
         raise UsageError("--tls-cert/--tls-key given without --tls")
@@ -374,15 +424,14 @@ class HashingSpool:
         """Spool exactly `length` bytes from `stream`; ShortBody if it ends early."""
         spool = cls(memory_limit, tmpdir)
         try:
-            remaining = length
-            while remaining:
-                chunk = stream.read(min(IO_CHUNK, remaining))
-                if not chunk:
-                    raise ShortBody("body ended after %d of %d bytes"
-                                    % (length - remaining, length))
-                spool.write(chunk)
-                remaining -= len(chunk)
-            spool.finish()
+            where = "upload spool in %s" % (tmpdir or tempfile.gettempdir())
+            copy_body(stream, length, spool.write, where)
+            try:
+                spool.finish()
+            except OSError as e:     # a buffered write can meet the full disk here
+                if not is_disk_full(e):
+                    raise
+                raise DiskFull("%s: %s" % (where, e.strerror or e))
         except BaseException:
             spool.close()
             raise
@@ -512,42 +561,87 @@ def sha256_checked(chunks, expected, mismatch):
 
 
 class RangeNotSatisfiable(Exception):
-    pass
+    """No byte of the object is in the requested range (416)."""
 
 
-_RANGE_RE = re.compile(r"\Abytes=(\d*)-(\d*)\Z")
+_RANGE_SPEC_RE = re.compile(r"\A([0-9]*)-([0-9]*)\Z")
+# More digits than this is beyond any object: read as "very large" instead of
+# converting (Python 3.11+ refuses to convert thousands of digits at all).
+_MAX_RANGE_DIGITS = 18
+
+
+def _range_number(digits):
+    return int(digits) if len(digits) <= _MAX_RANGE_DIGITS else 10 ** _MAX_RANGE_DIGITS
 
 
 def parse_range(header, size):
-    """Parse a single-range Range header against an object of `size` bytes.
+    """Read a Range header against an object of `size` bytes, as RFC 9110 section 14
+    says a server may.
 
-    Returns (start, length, is_partial).  No header -> the whole object.  Raises
-    ValueError for a malformed or multi-range header and RangeNotSatisfiable when
-    the range starts at or past the end.  An end past the object is clamped (HTTP
-    semantics; restic >= 0.17 then flags the short read itself)."""
+    Returns (start, length, is_partial); is_partial False means "send the whole
+    object with 200": no header, a unit other than bytes, several ranges (which a
+    server may ignore; restic never asks for them), or an empty object (as Go's
+    ServeContent does).  Raises RangeNotSatisfiable (416) when the one byte range
+    is malformed, ends before it starts, or starts at or past the end.  An end
+    past the object is clamped (restic >= 0.17 then flags the short read itself)."""
     if header is None:
         return 0, size, False
-    m = _RANGE_RE.match(header.strip())
+    unit, sep, range_set = header.partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        return 0, size, False                   # not ours to understand: ignored
+    specs = [spec.strip() for spec in range_set.split(",") if spec.strip()]
+    if len(specs) > 1:
+        return 0, size, False                   # several ranges: ignored
+    m = _RANGE_SPEC_RE.match(specs[0]) if specs else None
     if not m or (not m.group(1) and not m.group(2)):
-        raise ValueError("unsupported Range header %r" % header)
+        raise RangeNotSatisfiable("malformed byte range %r" % header[:100])
     first, last = m.group(1), m.group(2)
     if size == 0:
-        # Like Go's ServeContent: a client that ranges every request gets the empty
-        # body with 200 rather than a 416 for an empty object.
         return 0, 0, False
     if not first:                           # suffix range: the last N bytes
-        n = int(last)
+        n = _range_number(last)
         if n == 0:
-            raise RangeNotSatisfiable()
+            raise RangeNotSatisfiable("empty suffix range")
         start = max(0, size - n)
         return start, size - start, True
-    start = int(first)
+    start = _range_number(first)
+    if last and _range_number(last) < start:
+        raise RangeNotSatisfiable("byte range ends before it starts")
     if start >= size:
-        raise RangeNotSatisfiable()
-    end = size - 1 if not last else min(int(last), size - 1)
-    if end < start:
-        raise ValueError("Range end before start: %r" % header)
+        raise RangeNotSatisfiable("byte range starts past the end")
+    end = size - 1 if not last else min(_range_number(last), size - 1)
     return start, end - start + 1, True
+
+
+def is_disk_full(error):
+    """True for an OSError that means "no room": a full disk, a quota, or a file
+    size limit (RLIMIT_FSIZE, a filesystem's largest file)."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT,
+                                                          errno.EFBIG)
+
+
+def copy_body(stream, length, write, where):
+    """Read exactly `length` bytes of a request body from `stream`, handing each
+    chunk to write().  ShortBody when the client stops early.  When write() finds the
+    disk full, the rest of the body is still read (and dropped), so the connection
+    stays usable and the client surely sees the answer, then DiskFull is raised:
+    the caller removes what it wrote."""
+    remaining = length
+    full = None
+    while remaining:
+        chunk = stream.read(min(IO_CHUNK, remaining))
+        if not chunk:
+            raise ShortBody("body ended after %d of %d bytes" % (length - remaining, length))
+        remaining -= len(chunk)
+        if full is None:
+            try:
+                write(chunk)
+            except OSError as e:
+                if not is_disk_full(e):
+                    raise
+                full = e
+    if full is not None:
+        raise DiskFull("%s: %s" % (where, full.strerror or full))
 
 
 class RateLimitTimeout(Exception):
@@ -1043,6 +1137,10 @@ class QuotaExceeded(StorageError):
     status = 507
 
 
+class DiskFull(QuotaExceeded):
+    """A disk (the upload spool's or a local repository's) has no room left."""
+
+
 class ObjectRef(collections.namedtuple("ObjectRef", "repo kind name")):
     """One stored object: repo is a tuple of validated path components (() for the
     root repository), kind is 'config' or one of OBJECT_TYPES, name is 'config' or
@@ -1264,8 +1362,8 @@ class LocalStorage(Storage):
 
     @staticmethod
     def _os_error(e, ref):
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return QuotaExceeded("%s: %s" % (ref, e.strerror))
+        if is_disk_full(e):
+            return DiskFull("%s: %s" % (ref, e.strerror))
         return StorageError("%s: %s" % (ref, e))
 
     def delete(self, ref):
@@ -4924,6 +5022,184 @@ def parse_route(raw_target):
     return Route(repo, kind, name)
 
 
+class ConnectionLimits(object):
+    """How long and how many: see DEFAULT_HEADER_TIMEOUT and its neighbours."""
+
+    def __init__(self, header_timeout=DEFAULT_HEADER_TIMEOUT,
+                 idle_timeout=DEFAULT_IDLE_TIMEOUT, io_timeout=DEFAULT_IO_TIMEOUT,
+                 max_connections=DEFAULT_MAX_CONNECTIONS):
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.io_timeout = io_timeout
+        self.max_connections = max_connections
+
+
+class ConnectionSlots(object):
+    """Counts open client connections (each one holds a thread) against the cap."""
+
+    def __init__(self, maximum):
+        self.maximum = maximum
+        self._lock = threading.Lock()
+        self.open = 0
+
+    def take(self):
+        with self._lock:
+            if self.open >= self.maximum:
+                return False
+            self.open += 1
+            return True
+
+    def give_back(self):
+        with self._lock:
+            self.open -= 1
+
+
+class DeadlineReader(io.RawIOBase):
+    """The reading side of a client socket.  Each receive waits at most io_timeout
+    seconds, and none may go on past `deadline` (time.monotonic(), or None): a
+    per-receive timeout alone lets a client trickle a byte at a time forever.
+    socket.timeout when either runs out.  Sends keep the io_timeout."""
+
+    def __init__(self, sock, io_timeout):
+        io.RawIOBase.__init__(self)
+        self._sock = sock
+        self.io_timeout = io_timeout
+        self.deadline = None
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        timeout = self.io_timeout
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+            if timeout <= 0:
+                raise socket.timeout("request head not received in time")
+        self._sock.settimeout(timeout)
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            self._sock.settimeout(self.io_timeout)
+
+
+def tls_handshake(sock, deadline):
+    """Run the server side of a TLS handshake, done by `deadline` (monotonic) or
+    socket.timeout, however slowly the client sends its part."""
+    sock.setblocking(False)
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(sock, selectors.EVENT_READ)
+            while True:
+                try:
+                    sock.do_handshake()
+                    return
+                except ssl.SSLWantReadError:
+                    selector.modify(sock, selectors.EVENT_READ)
+                except ssl.SSLWantWriteError:
+                    selector.modify(sock, selectors.EVENT_WRITE)
+                left = deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
+                    raise socket.timeout("TLS handshake not done in time")
+    finally:
+        sock.setblocking(True)
+
+
+class MalformedHead(Exception):
+    """A request head that must be refused with 400 and the connection closed."""
+
+
+_FIELD_NAME_RE = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+
+def read_request_head(stream, max_line=MAX_REQUEST_LINE, max_fields=MAX_HEADER_FIELDS,
+                      max_bytes=MAX_HEAD_BYTES):
+    """Read one request head (request line, header lines, empty line) from a
+    buffered binary stream -> (request line, header block), or None when the
+    connection ends before a request starts.  MalformedHead for a line or head
+    over the limits, obsolete line folding, or a header line that is not
+    `name: value`; ConnectionError when the client hangs up halfway."""
+    line = stream.readline(max_line + 1)
+    while line in (b"\r\n", b"\n"):           # RFC 9112 2.2: blank lines before a request
+        line = stream.readline(max_line + 1)
+    if not line:
+        return None
+    if len(line) > max_line:
+        raise MalformedHead("request line longer than %d bytes" % max_line)
+    if not line.endswith(b"\n"):
+        raise ConnectionError("connection closed within the request line")
+    fields, total = [], len(line)
+    while True:
+        field = stream.readline(max_line + 1)
+        total += len(field)
+        if len(field) > max_line:
+            raise MalformedHead("header line longer than %d bytes" % max_line)
+        if total > max_bytes:
+            raise MalformedHead("request head larger than %d bytes" % max_bytes)
+        if not field.endswith(b"\n"):
+            raise ConnectionError("connection closed within the request head")
+        if field in (b"\r\n", b"\n"):
+            break
+        if field[:1] in (b" ", b"\t"):
+            raise MalformedHead("obsolete line folding in the request head")
+        name, colon, _ = field.partition(b":")
+        if not colon or not _FIELD_NAME_RE.match(name):
+            raise MalformedHead("malformed header line %r" % field[:60])
+        if len(fields) >= max_fields:
+            raise MalformedHead("more than %d header lines" % max_fields)
+        fields.append(field)
+    return line, b"".join(fields) + b"\r\n"
+
+
+_DIGITS_RE = re.compile(r"\A[0-9]+\Z")
+
+
+def framing_problem(headers):
+    """Why a parsed request head cannot be framed safely (RFC 9112 6.3), or None:
+    a proxy in front might read the body's length differently, and what it took
+    for the next request would then be smuggled past it."""
+    lengths = [v.strip() for field in headers.get_all("Content-Length") or []
+               for v in field.split(",")]
+    if lengths and "Transfer-Encoding" in headers:
+        return "Content-Length together with Transfer-Encoding"
+    if len(set(lengths)) > 1:
+        return "conflicting Content-Length headers"
+    if lengths and not _DIGITS_RE.match(lengths[0]):
+        return "bad Content-Length %r" % lengths[0][:40]
+    if len(headers.get_all("Host") or []) > 1:
+        return "several Host headers"
+    return None
+
+
+def plain_response(status, message, headers=()):
+    """A whole short text response that closes the connection, as bytes: for
+    answers given before (or instead of) the request handler."""
+    body = (message + "\n").encode("utf-8")
+    reason = BaseHTTPRequestHandler.responses.get(status, ("",))[0]
+    lines = ["HTTP/1.1 %d %s" % (status, reason), "Content-Type: text/plain; charset=utf-8",
+             "Content-Length: %d" % len(body), "Connection: close"]
+    lines.extend("%s: %s" % kv for kv in headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def turn_away(sock, tls):
+    """Over --max-connections: a quick 503 with Retry-After, sent without blocking
+    the accept loop (a TLS connection, whose handshake would block, is only
+    closed).  What the client already sent is read first, so closing does not
+    reset the connection under the answer."""
+    if tls:
+        return
+    try:
+        sock.setblocking(False)
+        try:
+            sock.recv(65536)
+        except OSError:
+            pass
+        sock.send(plain_response(503, "too many connections; retry later",
+                                 [("Retry-After", str(BUSY_RETRY_AFTER))]))
+    except OSError:
+        pass
+
+
 class ResticHandler(BaseHTTPRequestHandler):
     """Speaks the restic REST protocol: parses, authenticates, applies the access
     rules and streams bodies.  Everything below is the service's business."""
@@ -4958,17 +5234,84 @@ class ResticHandler(BaseHTTPRequestHandler):
         # ResticServer.process_request counted this connection as busy at accept
         # time, so a shutdown that starts now still waits for its first request.
         self._busy = True
+        limits = self.server.limits
+        self.timeout = limits.io_timeout
+        self._accepted = time.monotonic()
+        self._requests = 0
         if isinstance(self.request, ssl.SSLSocket):
             # The handshake runs here, in the connection's own thread, so a slow
-            # or hostile client cannot hold up the accept loop.
+            # or hostile client cannot hold up the accept loop; it counts against
+            # the header timeout.
             try:
-                self.request.settimeout(self.timeout)
-                self.request.do_handshake()
+                tls_handshake(self.request, self._accepted + limits.header_timeout)
             except (OSError, ValueError) as e:
                 log.info("%s: TLS handshake failed: %s", self.address_string(), e)
                 self._mark_idle()
                 raise
         BaseHTTPRequestHandler.setup(self)
+        self.rfile.close()          # the plain socket file: reads go through the deadline
+        self._reader = DeadlineReader(self.connection, limits.io_timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self):
+        """BaseHTTPRequestHandler's, with limits: the whole head must arrive in time
+        (--header-timeout from the connection, or from the first byte of a later
+        request; --idle-timeout in between) and be strictly framed, else the
+        connection is closed (after a 400 for a malformed head)."""
+        limits = self.server.limits
+        reader = self._reader
+        try:
+            if self._requests:
+                reader.deadline = time.monotonic() + limits.idle_timeout
+                if not self.rfile.peek(1):
+                    self.close_connection = True
+                    return
+                reader.deadline = time.monotonic() + limits.header_timeout
+            else:
+                reader.deadline = self._accepted + limits.header_timeout
+            head = read_request_head(self.rfile)
+        except MalformedHead as e:
+            return self._refuse_head(400, str(e))
+        except OSError as e:        # timeouts, resets, a client gone halfway
+            log.debug("%s: connection closed before a whole request: %s",
+                      self.address_string(), e)
+            self.close_connection = True
+            return
+        finally:
+            reader.deadline = None
+        if head is None:
+            self.close_connection = True
+            return
+        self._requests += 1
+        self.raw_requestline, block = head
+        try:
+            problem = framing_problem(http.client.parse_headers(io.BytesIO(block)))
+        except http.client.HTTPException as e:
+            problem = "unreadable request head: %s" % e
+        if problem:
+            return self._refuse_head(400, problem)
+        stream, self.rfile = self.rfile, io.BytesIO(block)
+        try:
+            parsed = self.parse_request()       # answers errors itself
+        finally:
+            self.rfile = stream
+        if not parsed:
+            self.close_connection = True
+            return
+        method = getattr(self, "do_" + self.command, None)
+        if method is None:
+            self.send_error(501, "unsupported method %r" % self.command)
+            return
+        method()
+        self.wfile.flush()
+
+    def _refuse_head(self, status, message):
+        self.close_connection = True
+        log.warning("%s: %d %s", self.address_string(), status, message)
+        try:
+            self.wfile.write(plain_response(status, message))
+        except OSError:
+            pass
 
     def finish(self):
         self._mark_idle()
@@ -5225,6 +5568,9 @@ class ResticHandler(BaseHTTPRequestHandler):
                                              tmpdir=self.server.spool_dir)
         except ShortBody as e:
             raise RequestError(400, "upload incomplete: %s" % e)
+        except DiskFull:
+            self._body_pending = False      # copy_body read it all
+            raise
         except socket.timeout:
             raise RequestError(408, "client stopped sending the body")
         self._body_pending = False
@@ -5292,7 +5638,7 @@ class _ResticServerMixin(object):
     request_queue_size = 64
 
     def init_restic(self, service, htpasswd=None, rules=None, options=None, tls=None,
-                    access_log=None, spool_dir=None):
+                    access_log=None, spool_dir=None, limits=None):
         self.service = service
         self.htpasswd = htpasswd
         self.rules = rules or AccessRules()
@@ -5302,6 +5648,8 @@ class _ResticServerMixin(object):
         self.access_log = access_log
         self.spool_dir = spool_dir
         self.tracker = RequestTracker()
+        self.limits = limits or ConnectionLimits()
+        self.slots = ConnectionSlots(self.limits.max_connections)
 
     def get_request(self):
         sock, addr = self.socket.accept()
@@ -5310,9 +5658,30 @@ class _ResticServerMixin(object):
             sock = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
 
+    def verify_request(self, request, client_address):
+        """Over --max-connections a connection is turned away at once, in the accept
+        loop, without a thread: threads never grow with an attack."""
+        if self.slots.take():
+            return True
+        log.warning("%s: over --max-connections %d: answered 503", client_address,
+                    self.slots.maximum)
+        turn_away(request, self.tls_context is not None)
+        return False
+
     def process_request(self, request, client_address):
         self.tracker.enter()    # released by the handler (see ResticHandler.setup)
-        super(_ResticServerMixin, self).process_request(request, client_address)
+        try:
+            super(_ResticServerMixin, self).process_request(request, client_address)
+        except BaseException:   # no thread started: nobody else gives these back
+            self.tracker.leave()
+            self.slots.give_back()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super(_ResticServerMixin, self).process_request_thread(request, client_address)
+        finally:
+            self.slots.give_back()
 
     def handle_error(self, request, client_address):
         log.debug("connection from %s ended with an error", client_address, exc_info=True)
@@ -5557,6 +5926,8 @@ def main(argv=None, environ=None):
         tls = (args.tls_cert, args.tls_key, args.tls_min_ver) if args.tls else None
         server = make_server(
             args, service, environ, tls=tls, spool_dir=args.spool_dir,
+            limits=ConnectionLimits(args.header_timeout, args.idle_timeout, args.io_timeout,
+                                    args.max_connections),
             access_log=AccessLogFile(args.log) if args.log else None,
             rules=AccessRules(args.private_repos, args.append_only,
                               args.append_only_users, args.full_access_users),

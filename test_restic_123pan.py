@@ -136,9 +136,16 @@ class ParseRangeTest(unittest.TestCase):
         for h in ["bytes=100-", "bytes=100-200", "bytes=-0"]:
             self.assertRaises(rp.RangeNotSatisfiable, rp.parse_range, h, 100)
 
-    def test_malformed(self):
-        for h in ["bytes=", "bytes=-", "bytes=5-3", "items=0-1", "bytes=0-1,5-6", "bytes=a-b", "0-1"]:
-            self.assertRaises(ValueError, rp.parse_range, h, 100)
+    def test_malformed_byte_ranges_are_not_satisfiable(self):
+        for h in ["bytes=", "bytes=-", "bytes=5-3", "bytes=a-b", "bytes=1-2-3", "bytes=0x1-"]:
+            self.assertRaises(rp.RangeNotSatisfiable, rp.parse_range, h, 100)
+
+    def test_unknown_units_and_several_ranges_are_ignored(self):
+        # RFC 9110 14.2: an unknown unit MUST be ignored, several ranges MAY be
+        for h in ["items=0-1", "0-1", "lines=1-2", "bytes=0-1,5-6", "bytes=0-1, 200-300"]:
+            self.assertEqual(rp.parse_range(h, 100), (0, 100, False), h)
+        self.assertEqual(rp.parse_range("Bytes = 10-19", 100), (10, 10, True))  # unit case
+        self.assertEqual(rp.parse_range("bytes=10-19,", 100), (10, 10, True))   # empty item
 
 
 class HashingSpoolTest(unittest.TestCase):
@@ -681,8 +688,10 @@ class RestProtocolTest(unittest.TestCase):
         self.assertEqual((status, body), (206, data[9990:]))
         status, headers, _ = self.req("GET", path, headers={"Range": "bytes=10000-"})
         self.assertEqual((status, headers["content-range"]), (416, "bytes */10000"))
-        self.assertEqual(self.req("GET", path, headers={"Range": "bytes=1-2,4-5"})[0], 400)
-        self.assertEqual(self.req("GET", path, headers={"Range": "lines=1-2"})[0], 400)
+        # RFC 9110: several ranges and unknown units are ignored: the whole object
+        for ignored in ("bytes=1-2,4-5", "lines=1-2"):
+            status, headers, body = self.req("GET", path, headers={"Range": ignored})
+            self.assertEqual((status, body), (200, data), ignored)
         self.assertEqual(self.req("DELETE", path)[0], 200)
         self.assertEqual(self.req("DELETE", path)[0], 200)          # idempotent
         self.assertEqual(self.req("GET", path)[0], 404)
