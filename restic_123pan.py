@@ -571,6 +571,7 @@ _MAX_RANGE_DIGITS = 18
 
 
 def _range_number(digits):
+    digits = digits.lstrip("0") or "0"
     return int(digits) if len(digits) <= _MAX_RANGE_DIGITS else 10 ** _MAX_RANGE_DIGITS
 
 
@@ -5181,6 +5182,31 @@ def plain_response(status, message, headers=()):
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+LINGER_BYTES = 1024 * 1024
+LINGER_SECONDS = 2.0
+
+
+def linger_close(sock, io_timeout):
+    """Before closing after an error answer: stop sending, then read and drop what
+    the client still sends (at most LINGER_BYTES, LINGER_SECONDS), so the close
+    does not reset the connection before the client has read the answer."""
+    deadline = time.monotonic() + min(LINGER_SECONDS, io_timeout)
+    dropped = 0
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        while dropped < LINGER_BYTES:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
+            chunk = socket.socket.recv(sock, 65536)     # raw bytes, TLS or not
+            if not chunk:
+                break
+            dropped += len(chunk)
+    except OSError:
+        pass
+
+
 def turn_away(sock, tls):
     """Over --max-connections: a quick 503 with Retry-After, sent without blocking
     the accept loop (a TLS connection, whose handshake would block, is only
@@ -5311,7 +5337,8 @@ class ResticHandler(BaseHTTPRequestHandler):
         try:
             self.wfile.write(plain_response(status, message))
         except OSError:
-            pass
+            return
+        linger_close(self.connection, self.server.limits.io_timeout)
 
     def finish(self):
         self._mark_idle()

@@ -8288,6 +8288,375 @@ class AccessEndToEndTest(ResticEndToEndBase):
 
 
 # ---------------------------------------------------------------------------
+# Hostile input and resilience (issue 13): slow and idle clients, the connection
+# cap, strict framing, Range forms, full disks, fuzzing, a soak, killed servers
+# and restic's own REST backend tests
+# ---------------------------------------------------------------------------
+
+def read_until_closed(sock, timeout=30):
+    """Everything the server sends until it closes the connection, and how many
+    seconds that took; AssertionError if it is still open after `timeout`."""
+    sock.settimeout(timeout)
+    started = time.monotonic()
+    chunks = []
+    try:
+        while True:
+            c = sock.recv(65536)
+            if not c:
+                break
+            chunks.append(c)
+    except socket.timeout:
+        raise AssertionError("the server left the connection open for %ds" % timeout)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks), time.monotonic() - started
+
+
+def stored_files(root):
+    """Every file below root (temporary ones included), relative."""
+    return sorted(os.path.relpath(os.path.join(d, n), root)
+                  for d, _, names in os.walk(root) for n in names)
+
+
+def wait_until(predicate, timeout=30, what="condition"):
+    """Poll a condition another thread makes true (no fixed sleep decides anything)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("%s not reached in %ds" % (what, timeout))
+        time.sleep(0.01)
+
+
+def tight_limits(**kw):
+    values = dict(header_timeout=1.0, idle_timeout=1.0, io_timeout=1.0, max_connections=8)
+    values.update(kw)
+    return rp.ConnectionLimits(**values)
+
+
+class SlowClientTest(unittest.TestCase):
+    """Half-open requests, trickles, idle keep-alive, stalled bodies and the cap on
+    connections, over raw TCP, TLS and unix sockets (small limits, so nothing waits
+    long; every wait ends on the server's own action)."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-slow-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.root = os.path.join(self.tmp, "repos")
+
+    def serve(self, **limits):
+        srv = ServerThread(rp.LocalStorage(self.root), dict(limits=tight_limits(**limits)))
+        self.addCleanup(srv.stop)
+        return srv
+
+    def connect(self, srv):
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        self.addCleanup(s.close)
+        return s
+
+    def assert_serves(self, srv):
+        self.assertEqual(srv.request("GET", "/keys/")[0], 200)
+
+    def test_half_open_request_is_closed_within_the_header_timeout(self):
+        srv = self.serve(header_timeout=1, io_timeout=30)
+        s = self.connect(srv)
+        s.sendall(b"GET /keys/ HTTP/1.1\r\nHost: x\r\n")        # no empty line, ever
+        reply, took = read_until_closed(s)
+        self.assertEqual(reply, b"")
+        self.assertGreater(took, 0.5)       # it was the timeout, not a refusal
+        self.assertLess(took, 10)
+        self.assert_serves(srv)
+
+    def test_a_trickled_head_is_cut_at_the_deadline(self):
+        # each byte comes well within the 30 s io timeout: only a deadline for the
+        # whole head ends this
+        srv = self.serve(header_timeout=1, io_timeout=30)
+        s = self.connect(srv)
+        sent = [0]
+
+        def trickle():
+            try:
+                s.sendall(b"GET /keys/ HTTP/1.1\r\n")
+                while True:
+                    s.sendall(b"X")
+                    sent[0] += 1
+                    time.sleep(0.05)
+            except OSError:
+                pass
+        t = threading.Thread(target=trickle, daemon=True)
+        t.start()
+        reply, took = read_until_closed(s)
+        self.assertEqual(reply, b"")
+        self.assertLess(took, 10)
+        self.assertGreater(sent[0], 5)
+        self.assert_serves(srv)
+
+    def test_an_idle_keep_alive_connection_is_closed(self):
+        srv = self.serve(idle_timeout=1, header_timeout=30, io_timeout=30)
+        s = self.connect(srv)
+        s.sendall(b"GET /keys/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply, took = read_until_closed(s)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:40])
+        self.assertGreater(took, 0.5)
+        self.assertLess(took, 10)
+
+    def test_keep_alive_requests_within_the_idle_timeout_are_served(self):
+        srv = self.serve(idle_timeout=30, header_timeout=30)
+        conn = srv.connection()
+        for _ in range(3):
+            conn.request("GET", "/keys/")
+            self.assertEqual(conn.getresponse().read(), b"[]")
+        conn.close()
+
+    def test_a_stalled_body_is_refused_with_408_and_nothing_is_stored(self):
+        srv = self.serve(io_timeout=1, header_timeout=30)
+        self.assertEqual(srv.request("POST", "/?create=true")[0], 200)
+        before = stored_files(self.root)
+        for size in (5000, 3 * 1024 * 1024):        # in memory, and rolled to a file
+            data = os.urandom(size)
+            s = self.connect(srv)
+            s.sendall(("POST /data/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                       % (sha256_hex(data), size)).encode() + data[:size // 2])
+            reply, took = read_until_closed(s)
+            self.assertTrue(reply.startswith(b"HTTP/1.1 408"), reply[:40])
+            self.assertIn(b"Connection: close", reply)
+            self.assertLess(took, 10)
+            self.assertEqual(stored_files(self.root), before)
+        self.assert_serves(srv)
+
+    def test_the_connection_cap_turns_away_then_admits_again(self):
+        srv = self.serve(max_connections=3, header_timeout=30, idle_timeout=30)
+        holders = []
+        for _ in range(3):
+            s = self.connect(srv)
+            s.sendall(b"GET /keys/ HTTP/1.1\r\n")
+            holders.append(s)
+        wait_until(lambda: srv.server.slots.open == 3, what="three connections accepted")
+        threads = threading.active_count()
+        for _ in range(20):
+            s = self.connect(srv)
+            reply, took = read_until_closed(s)
+            self.assertTrue(reply.startswith(b"HTTP/1.1 503"), reply[:40])
+            self.assertIn(b"\r\nRetry-After: 5\r\n", reply)
+            self.assertLess(took, 5)
+            s.close()
+        self.assertLessEqual(threading.active_count(), threads)   # no thread per refusal
+        self.assertEqual(srv.server.slots.open, 3)
+        holders[0].close()
+        wait_until(lambda: srv.server.slots.open == 2, what="a slot given back")
+        self.assert_serves(srv)
+        for s in holders[1:]:
+            s.close()
+        wait_until(lambda: srv.server.slots.open == 0, what="every slot given back")
+
+    def test_tls_handshake_counts_against_the_header_timeout(self):
+        cert, key = make_certificate(self.tmp)
+        srv = ServerThread(rp.LocalStorage(self.root),
+                           dict(tls=(cert, key, "1.2"), limits=tight_limits(io_timeout=30)))
+        self.addCleanup(srv.stop)
+        for opening in (b"", b"\x16\x03\x01"):      # nothing, or the start of a ClientHello
+            s = self.connect(srv)
+            s.sendall(opening)
+            reply, took = read_until_closed(s)
+            self.assertLess(took, 10)
+        # over the cap a TLS connection is closed (no handshake in the accept loop)
+        holders = [self.connect(srv) for _ in range(8)]
+        wait_until(lambda: srv.server.slots.open == 8, what="eight TLS connections accepted")
+        reply, took = read_until_closed(self.connect(srv))
+        self.assertEqual(reply, b"")
+        for s in holders:
+            s.close()
+        wait_until(lambda: srv.server.slots.open == 0, what="every slot given back")
+        import ssl
+        ctx = ssl.create_default_context(cafile=cert)
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx, timeout=30)
+        conn.request("GET", "/keys/")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+
+    def test_unix_socket_has_the_same_limits(self):
+        path = os.path.join(self.tmp, "restic.sock")
+        service = rp.RepositoryService(rp.LocalStorage(self.root))
+        server = rp.ResticUnixServer(path, service, limits=tight_limits(max_connections=1,
+                                                                        io_timeout=30))
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(first.close)
+        first.connect(path)
+        first.sendall(b"GET /keys/ HTTP/1.1\r\n")
+        wait_until(lambda: server.slots.open == 1, what="the connection accepted")
+        second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(second.close)
+        second.connect(path)
+        reply, _ = read_until_closed(second)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 503"), reply[:40])
+        reply, took = read_until_closed(first)
+        self.assertEqual(reply, b"")
+        self.assertLess(took, 10)
+        conn = UnixHTTPConnection(path)
+        conn.request("GET", "/keys/")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+
+    def test_command_line_limits(self):
+        args = rp.parse_config(["--max-connections", "7", "--header-timeout", "3",
+                                "--idle-timeout", "4", "--io-timeout", "5", "--spool-dir",
+                                self.tmp], {})
+        self.assertEqual((args.max_connections, args.header_timeout, args.idle_timeout,
+                          args.io_timeout, args.spool_dir), (7, 3, 4, 5, self.tmp))
+        defaults = rp.parse_config([], {})
+        self.assertEqual((defaults.max_connections, defaults.header_timeout,
+                          defaults.idle_timeout, defaults.io_timeout, defaults.spool_dir),
+                         (128, 20, 60, 60, None))
+        self.assertRaises(UsageError, rp.parse_config,
+                          ["--spool-dir", os.path.join(self.tmp, "missing")], {})
+        self.assertRaises(UsageError, rp.parse_config, ["--header-timeout", "0"], {})
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.assertRaises(SystemExit, rp.parse_config, ["--max-connections", "0"], {})
+
+
+class StrictFramingTest(unittest.TestCase):
+    """Heads a proxy could read differently are refused with 400 before anything is
+    stored, and nothing after them is taken for a next request."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-frame-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.root = os.path.join(self.tmp, "repos")
+        self.srv = ServerThread(rp.LocalStorage(self.root))
+        self.addCleanup(self.srv.stop)
+        self.assertEqual(self.srv.request("POST", "/?create=true")[0], 200)
+        self.before = stored_files(self.root)
+        # a body that is also a whole request: answered twice if it were smuggled
+        self.smuggled = b"GET /keys/ HTTP/1.1\r\nHost: x\r\n\r\n"
+        self.path = "/keys/" + sha256_hex(self.smuggled)
+
+    def head(self, *fields, **kw):
+        line = kw.get("line", "POST %s HTTP/1.1" % self.path)
+        return ("\r\n".join((line, "Host: x") + fields) + "\r\n\r\n").encode("latin-1")
+
+    def assert_refused(self, raw, why):
+        reply = self.srv.raw(raw)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), "%s: %r" % (why, reply[:80]))
+        self.assertEqual(reply.count(b"HTTP/1.1 "), 1, "%s: a second response" % why)
+        self.assertIn(b"Connection: close", reply)
+        self.assertEqual(stored_files(self.root), self.before, why)
+
+    def test_conflicting_content_lengths(self):
+        n = len(self.smuggled)
+        self.assert_refused(self.head("Content-Length: 0", "Content-Length: %d" % n)
+                            + self.smuggled, "two Content-Length headers")
+        self.assert_refused(self.head("Content-Length: %d" % n, "Content-Length: 0")
+                            + self.smuggled, "two Content-Length headers, other order")
+        self.assert_refused(self.head("Content-Length: 0, %d" % n) + self.smuggled,
+                            "a Content-Length list")
+
+    def test_identical_duplicate_content_lengths_are_one_length(self):
+        n = len(self.smuggled)
+        reply = self.srv.raw(self.head("Content-Length: %d" % n, "Content-Length: %d" % n,
+                                       "Connection: close") + self.smuggled)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:60])
+        self.assertEqual(reply.count(b"HTTP/1.1 "), 1)
+        self.assertIn(os.path.join("keys", self.path[6:]), stored_files(self.root))
+
+    def test_content_length_with_transfer_encoding(self):
+        self.assert_refused(self.head("Content-Length: %d" % len(self.smuggled),
+                                      "Transfer-Encoding: chunked") + self.smuggled, "CL + TE")
+        self.assert_refused(self.head("Transfer-Encoding: chunked",
+                                      "Content-Length: 0") + self.smuggled, "TE + CL")
+
+    def test_bad_content_length_values(self):
+        for value in ("-1", "+5", "5 5", "0x10", "\xb2", "1e3", ""):
+            self.assert_refused(self.head("Content-Length: " + value) + self.smuggled, value)
+
+    def test_obsolete_line_folding(self):
+        self.assert_refused(self.head("X-Note: one", " two", "Content-Length: 0")
+                            + self.smuggled, "space fold")
+        self.assert_refused(self.head("Content-Length: 0", "\t%d" % len(self.smuggled))
+                            + self.smuggled, "tab fold into Content-Length")
+
+    def test_malformed_header_lines(self):
+        n = len(self.smuggled)
+        for field in ("Content-Length : %d" % n, "No colon here", ": empty name",
+                      "Bad Name: x", "Content-Length\t: %d" % n):
+            self.assert_refused(self.head(field) + self.smuggled, field)
+        self.assert_refused(self.head("Host: y", "Content-Length: 0") + self.smuggled,
+                            "two Host headers")
+
+    def test_heads_over_the_limits(self):
+        long_path = "/keys/" + "a" * rp.MAX_REQUEST_LINE
+        self.assert_refused(self.head(line="GET %s HTTP/1.1" % long_path), "long request line")
+        self.assert_refused(self.head("X-Big: " + "b" * rp.MAX_REQUEST_LINE), "long header")
+        many = tuple("X-%d: v" % i for i in range(rp.MAX_HEADER_FIELDS + 1))
+        self.assert_refused(self.head(*many), "too many headers")
+        big = tuple("X-%d: %s" % (i, "c" * 8000) for i in range(10))
+        self.assert_refused(self.head(*big), "head too large")
+        # just within the limits is fine
+        reply = self.srv.raw(self.head(*(("X-%d: v" % i for i in range(90))),
+                                       line="GET /keys/ HTTP/1.1") [:-2]
+                             + b"Connection: close\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:60])
+
+    def test_pipelined_requests_are_still_served_in_order(self):
+        data = b"pipelined"
+        raw = (("POST /keys/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                % (sha256_hex(data), len(data))).encode() + data
+               + b"GET /keys/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = self.srv.raw(raw)
+        self.assertEqual(reply.count(b"HTTP/1.1 200"), 2, reply)
+        self.assertIn(sha256_hex(data).encode(), reply)
+
+
+class RangeFormsTest(unittest.TestCase):
+    """Every form of Range over HTTP, as RFC 9110 section 14 has it."""
+
+    def setUp(self):
+        tmp = tempfile.mkdtemp(prefix="r123-range-")
+        self.addCleanup(shutil.rmtree, tmp)
+        self.srv = ServerThread(rp.LocalStorage(os.path.join(tmp, "repos")))
+        self.addCleanup(self.srv.stop)
+        self.data = os.urandom(100)
+        self.path = "/data/" + sha256_hex(self.data)
+        self.assertEqual(self.srv.request("POST", self.path, self.data)[0], 200)
+
+    def get(self, value, path=None):
+        return self.srv.request("GET", path or self.path, headers={"Range": value})
+
+    def test_one_satisfiable_range_is_206(self):
+        d = self.data
+        for value, start, end in (("bytes=10-19", 10, 19), ("bytes=-5", 95, 99),
+                                  ("bytes=90-200", 90, 99), ("bytes=0-", 0, 99),
+                                  ("bytes=99-99", 99, 99), ("BYTES=10-19", 10, 19),
+                                  ("bytes=" + "0" * 40 + "7-" + "9" * 40, 7, 99)):
+            status, headers, body = self.get(value)
+            self.assertEqual((status, body), (206, d[start:end + 1]), value)
+            self.assertEqual(headers["content-range"], "bytes %d-%d/100" % (start, end), value)
+
+    def test_unknown_units_and_several_ranges_are_ignored(self):
+        for value in ("items=0-5", "lines=1-2", "0-5", "bytes=0-1,5-6", "bytes=0-1, 500-600",
+                      "bytes=500-600,700-"):
+            status, headers, body = self.get(value)
+            self.assertEqual((status, body), (200, self.data), value)
+            self.assertNotIn("content-range", headers)
+
+    def test_nothing_satisfiable_is_416_with_the_size(self):
+        for value in ("bytes=100-", "bytes=100-200", "bytes=-0", "bytes=5-3", "bytes=abc",
+                      "bytes=", "bytes=--1", "bytes=" + "9" * 5000 + "-"):
+            status, headers, body = self.get(value)
+            self.assertEqual((status, headers.get("content-range")), (416, "bytes */100"),
+                             value[:40])
+
+    def test_empty_object_ignores_range(self):
+        path = "/data/" + sha256_hex(b"")
+        self.assertEqual(self.srv.request("POST", path, b"")[0], 200)
+        status, _, body = self.get("bytes=0-10", path)
+        self.assertEqual((status, body), (200, b""))
+
+
+# ---------------------------------------------------------------------------
 # A runner whose last line says "N passed, N failed", for CI logs
 # ---------------------------------------------------------------------------
 
