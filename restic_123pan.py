@@ -5128,6 +5128,8 @@ def read_request_head(stream, max_line=MAX_REQUEST_LINE, max_fields=MAX_HEADER_F
         raise MalformedHead("request line longer than %d bytes" % max_line)
     if not line.endswith(b"\n"):
         raise ConnectionError("connection closed within the request line")
+    if len(line.split()) != 3:      # method, target, version: no HTTP/0.9, no spaces
+        raise MalformedHead("malformed request line %r" % line[:60])
     fields, total = [], len(line)
     while True:
         field = stream.readline(max_line + 1)

@@ -8656,6 +8656,387 @@ class RangeFormsTest(unittest.TestCase):
         self.assertEqual((status, body), (200, b""))
 
 
+class _FullAfter(object):
+    """A spool file on a disk that fills up after `room` bytes: write() then fails
+    with ENOSPC, as a real full disk makes it fail."""
+
+    def __init__(self, real, room):
+        self._real, self._room = real, room
+
+    def write(self, data):
+        import errno
+        if len(data) > self._room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._room -= len(data)
+        return self._real.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def start_server_process(test, *argv, **kw):
+    """The server as its own process on an ephemeral port -> (process, port)."""
+    proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--listen", "127.0.0.1:0"] + list(argv),
+                            stdout=subprocess.PIPE, stderr=kw.get("stderr", subprocess.DEVNULL),
+                            universal_newlines=True, env=dict(os.environ, **kw.get("env", {})),
+                            preexec_fn=kw.get("preexec_fn"))
+
+    def stop():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            test.assertEqual(proc.wait(timeout=60), 0)
+        proc.stdout.close()
+    test.addCleanup(stop)
+    url = read_server_url(proc)
+    return proc, int(url.rsplit(":", 1)[1].strip("/"))
+
+
+def process_status(pid):
+    """Threads and resident memory (bytes) of a process, from /proc."""
+    with open("/proc/%d/status" % pid) as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(fields["Threads"]), int(fields["VmRSS"].split()[0]) * 1024
+
+
+def http_call(port, method, path, body=None, headers=None, conn=None):
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict((k.lower(), v) for k, v in resp.getheaders()), resp.read()
+    finally:
+        if own:
+            conn.close()
+
+
+class FullDiskTest(unittest.TestCase):
+    """A full spool or repository disk: 507, nothing partial left, reads and deletes
+    go on.  The first two inject ENOSPC into the real write path; the others run
+    the server under a real file size limit (RLIMIT_FSIZE: the kernel refuses the
+    write with EFBIG), no root needed."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-full-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.root = os.path.join(self.tmp, "repos")
+        self.spool = os.path.join(self.tmp, "spool")
+        os.makedirs(self.spool)
+
+    def serve(self):
+        srv = ServerThread(rp.LocalStorage(self.root), dict(spool_dir=self.spool))
+        self.addCleanup(srv.stop)
+        self.assertEqual(srv.request("POST", "/?create=true")[0], 200)
+        return srv
+
+    def test_a_full_spool_answers_507_and_the_connection_goes_on(self):
+        srv = self.serve()
+        small = os.urandom(1000)
+        self.assertEqual(srv.request("POST", "/data/" + sha256_hex(small), small)[0], 200)
+        before = stored_files(self.root)
+        real_temporary_file = tempfile.TemporaryFile
+        spool_dirs = []
+
+        def on_a_full_disk(*args, **kw):
+            spool_dirs.append(kw.get("dir"))
+            return _FullAfter(real_temporary_file(*args, **kw), room=1536 * 1024)
+        big = os.urandom(3 * 1024 * 1024)
+        with mock.patch("tempfile.TemporaryFile", on_a_full_disk):
+            conn = srv.connection()
+            status, _, body = http_call(srv.port, "POST", "/data/" + sha256_hex(big), big,
+                                        conn=conn)
+            self.assertEqual(status, 507, body)
+            # the body was read to its end: the same connection serves on
+            self.assertEqual(http_call(srv.port, "GET", "/data/" + sha256_hex(small),
+                                       conn=conn)[2], small)
+            self.assertEqual(http_call(srv.port, "DELETE", "/data/" + sha256_hex(small),
+                                       conn=conn)[0], 200)
+            conn.close()
+        self.assertEqual(spool_dirs, [self.spool])      # --spool-dir is where it spooled
+        self.assertEqual(os.listdir(self.spool), [])
+        self.assertEqual(stored_files(self.root),
+                         [f for f in before if not f.endswith(sha256_hex(small))])
+        # room again: the same upload goes through
+        self.assertEqual(srv.request("POST", "/data/" + sha256_hex(big), big)[0], 200)
+
+    def test_a_full_repository_disk_answers_507_and_leaves_no_partial_file(self):
+        import errno
+        srv = self.serve()
+        kept = os.urandom(2000)
+        self.assertEqual(srv.request("POST", "/keys/" + sha256_hex(kept), kept)[0], 200)
+        before = stored_files(self.root)
+        data = os.urandom(200000)
+        full = OSError(errno.ENOSPC, "No space left on device")
+        with mock.patch.object(rp.os, "fsync", side_effect=full):     # as NFS or ext4 may
+            self.assertEqual(srv.request("POST", "/data/" + sha256_hex(data), data)[0], 507)
+            self.assertEqual(stored_files(self.root), before)
+            self.assertEqual(srv.request("GET", "/keys/" + sha256_hex(kept))[2], kept)
+            self.assertEqual(srv.request("DELETE", "/keys/" + sha256_hex(kept))[0], 200)
+        self.assertEqual(srv.request("POST", "/data/" + sha256_hex(data), data)[0], 200)
+
+    def limited_server(self, *argv, **kw):
+        import resource
+        limit = 2 * 1024 * 1024
+
+        def file_size_limit():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        return start_server_process(self, "--spool-dir", self.spool, *argv,
+                                    preexec_fn=file_size_limit, **kw)[1]
+
+    def check_full_disk_behaviour(self, port, stored):
+        """An upload over the limit: 507; one under it is stored; reads and deletes
+        work; nothing is left in the spool."""
+        self.assertEqual(http_call(port, "POST", "/?create=true")[0], 200)
+        fits = os.urandom(1536 * 1024)
+        too_big = os.urandom(3 * 1024 * 1024)
+        status, _, body = http_call(port, "POST", "/data/" + sha256_hex(too_big), too_big)
+        self.assertEqual(status, 507, body)
+        self.assertIn(b"upload spool", body)
+        self.assertEqual(os.listdir(self.spool), [])
+        self.assertEqual(http_call(port, "POST", "/data/" + sha256_hex(fits), fits)[0], 200)
+        self.assertEqual(http_call(port, "GET", "/data/" + sha256_hex(fits))[2], fits)
+        self.assertEqual(stored(), [sha256_hex(fits)])
+        self.assertEqual(http_call(port, "DELETE", "/data/" + sha256_hex(fits))[0], 200)
+        self.assertEqual(http_call(port, "HEAD", "/data/" + sha256_hex(too_big))[0], 404)
+        self.assertEqual(os.listdir(self.spool), [])
+
+    def test_local_backend_under_a_real_file_size_limit(self):
+        port = self.limited_server("--path", self.root)
+        self.check_full_disk_behaviour(
+            port, lambda: [os.path.basename(f) for f in stored_files(os.path.join(self.root, "data"))])
+        self.assertEqual(stored_files(os.path.join(self.root, "data")), [])
+
+    def test_cloud_backend_under_a_real_file_size_limit(self):
+        emu = Pan123Emulator().start()
+        self.addCleanup(emu.stop)
+        port = self.limited_server("--backend", "123pan", "--api-base", emu.api_base,
+                                   "--client-id", "emu-client", "--state-dir",
+                                   os.path.join(self.tmp, "state"),
+                                   env={"PAN123_CLIENT_SECRET": "emu-secret"})
+        self.check_full_disk_behaviour(
+            port, lambda: sorted(json.loads(http_call(port, "GET", "/data/")[2].decode())))
+        self.assertEqual(emu.errors, [])
+
+
+class HostileInputFuzzTest(unittest.TestCase):
+    """Seeded random and mutated inputs for the parsers that meet the network or a
+    file: each input works, or fails with that parser's own error; nothing else."""
+
+    ROUNDS = 3000
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-fuzz-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    @staticmethod
+    def mutate(rnd, text, alphabet):
+        chars = list(text)
+        for _ in range(rnd.randint(1, 4)):
+            op = rnd.randrange(4)
+            pos = rnd.randint(0, len(chars))
+            if op == 0:
+                chars.insert(pos, rnd.choice(alphabet))
+            elif op == 1 and chars:
+                del chars[min(pos, len(chars) - 1)]
+            elif op == 2 and chars:
+                chars[min(pos, len(chars) - 1)] = rnd.choice(alphabet)
+            else:
+                chars[pos:pos] = chars[rnd.randint(0, len(chars)):][:rnd.randint(0, 8)]
+        return "".join(chars)
+
+    def test_request_path_parser_never_leaves_the_repository_folder(self):
+        rnd = random.Random(1301)
+        root = os.path.join(self.tmp, "repos")
+        os.makedirs(root)
+        storage = rp.LocalStorage(root)
+        oid = sha256_hex(b"fuzz")
+        pieces = ["/", "//", ".", "..", "%2e", "%2E%2e", "%2f", "%2F", "%5c", "%00", "%",
+                  "%zz", "%c0%af", "%ff", "%e2%80%ae", "data", "keys", "locks", "snapshots",
+                  "index", "config", oid, oid[:10], "a", "repo", "\\", "~", "?", "?create=true",
+                  "#", " ", "\t", "é", ":", "*", '"', "<", "|", "\x00", "\x7f", "-", ".hidden"]
+        valid = ["/", "/config", "/data/", "/data/" + oid, "/a/b/keys/" + oid, "/a/locks/",
+                 "/r/?create=true", "/a/b/c/d/e/f/g/h/index/" + oid]
+        alphabet = "/.%2e5cfF0a\\\x00:?#" + oid[:4]
+        statuses = collections.Counter()
+        for _ in range(self.ROUNDS):
+            if rnd.random() < 0.4:
+                target = self.mutate(rnd, rnd.choice(valid), alphabet)
+            else:
+                target = "/" + "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 12)))
+            try:
+                route = rp.parse_route(target)
+            except rp.RequestError as e:
+                self.assertIn(e.status, (400, 404), target)
+                statuses[e.status] += 1
+                continue
+            statuses[200] += 1
+            if route.kind is None:
+                path = storage._repo_dir(route.repo)
+            elif route.name is None:
+                path = storage._dir_of(route.repo, route.kind)
+            else:
+                path = storage.path_of(ObjectRef(route.repo, route.kind, route.name))
+            real = os.path.realpath(path)
+            self.assertTrue(real == root or real.startswith(root + os.sep), (target, real))
+        # every outcome happened, so the generator reaches all of them
+        self.assertTrue(all(statuses[s] > 50 for s in (200, 400, 404)), statuses)
+
+    def test_request_paths_over_http_never_fail_the_server(self):
+        rnd = random.Random(1302)
+        srv = ServerThread(rp.LocalStorage(os.path.join(self.tmp, "repos")))
+        self.addCleanup(srv.stop)
+        alphabet = "/.%2e5cfF0a\\:?#é \x01" + sha256_hex(b"x")[:6]
+        seen = collections.Counter()
+        for _ in range(300):
+            target = self.mutate(rnd, rnd.choice(["/", "/data/", "/config", "/a/keys/"]), alphabet)
+            raw = ("GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
+            reply = srv.raw(raw.encode("utf-8"))
+            status = int(reply[9:12])
+            self.assertLess(status, 500, target)
+            seen[status] += 1
+        self.assertGreater(len(seen), 2, seen)
+
+    def test_range_parser(self):
+        rnd = random.Random(1303)
+        alphabet = "0123456789" * 3 + "bytes=-, ;=aBYTES\t"
+        valid = ["bytes=0-", "bytes=10-19", "bytes=-5", "bytes=5-3", "bytes=0-1,5-6", "items=1-2",
+                 "bytes=4000-5000", "bytes=99-"]
+        outcomes = collections.Counter()
+        for _ in range(self.ROUNDS * 2):
+            size = rnd.choice([0, 1, 100, 4096, 2 ** 40])
+            if rnd.random() < 0.5:
+                header = self.mutate(rnd, rnd.choice(valid), alphabet)
+            elif rnd.random() < 0.5:
+                header = "bytes=%s-%s" % tuple("".join(rnd.choice("0123456789") for _ in
+                                                       range(rnd.randint(0, 14))) for _ in "ab")
+            else:
+                header = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 30)))
+            try:
+                start, length, partial = rp.parse_range(header, size)
+            except rp.RangeNotSatisfiable:
+                outcomes["416"] += 1
+                continue
+            self.assertTrue(0 <= start and 0 <= length and start + length <= size, header)
+            if partial:
+                self.assertGreater(length, 0, header)
+                outcomes["206"] += 1
+            else:
+                self.assertEqual((start, length), (0, size), header)
+                outcomes["200"] += 1
+        self.assertTrue(all(outcomes[k] > 100 for k in ("200", "206", "416")), outcomes)
+
+    def test_htpasswd_file_parser(self):
+        rnd = random.Random(1304)
+        cheap = [sha1_htpasswd("pw"), "$apr1$salt1234$" + "A" * 22, "$5$rounds=1000$salt$" + "b" * 43,
+                 "$6$salt$" + "c" * 86, "$2y$04$" + "d" * 53, "plaintext", "", "$1$abc$def"]
+        names = ["alice", "bob", "metrics", "a.b-c_d@e", "", "x/y", "../etc", "名前", "#c", " sp"]
+        alphabet = ":#$\n\r\t \x00\xff/\\.{SHA}" + "aZ09"
+        lines = 0
+        for i in range(300):
+            body = []
+            for _ in range(rnd.randint(0, 12)):
+                line = "%s:%s" % (rnd.choice(names), rnd.choice(cheap))
+                if rnd.random() < 0.5:
+                    line = self.mutate(rnd, line, alphabet)
+                body.append(line)
+                lines += 1
+            raw = "\n".join(body).encode("utf-8", "surrogatepass")
+            if rnd.random() < 0.2:
+                raw += bytes(rnd.randrange(256) for _ in range(rnd.randint(1, 20)))
+            path = os.path.join(self.tmp, "htpasswd-%d" % i)
+            with open(path, "wb") as f:
+                f.write(raw)
+            users = rp.HtpasswdFile(path)
+            for user, hashed in list(users._users.items()):
+                self.assertRegex(user, r"\A[\w@.\-]+\Z")
+                if self.costly(hashed):
+                    continue
+                reason = users.check(user, rnd.choice(["pw", "", "wrong", "é\x00"]))
+                self.assertTrue(reason is None or isinstance(reason, str), reason)
+            self.assertEqual(users.check("nobody-here", "pw"), "unknown user")
+        self.assertGreater(lines, 1500)
+
+    @staticmethod
+    def costly(hashed):
+        """A mutation may have made a hash slow to check (bcrypt cost, SHA-crypt
+        rounds); those are the file owner's choice, not the parser's problem."""
+        bcrypt = re.match(r"\$2[aby]\$(\d\d)\$", hashed)
+        rounds = re.match(r"\$[56]\$rounds=(\d+)\$", hashed)
+        return bool(bcrypt and int(bcrypt.group(1)) > 5 or rounds and int(rounds.group(1)) > 5000)
+
+    def test_multipart_builder(self):
+        rnd = random.Random(1305)
+        text = "aé名\"\\\r\n;=%-_. \t\x00" + "xyz019"
+        for _ in range(self.ROUNDS):
+            data = bytes(rnd.randrange(256) for _ in range(rnd.randint(0, 300)))
+            spool = HashingSpool.from_bytes(data)
+            start = rnd.randint(0, len(data))
+            length = rnd.randint(0, len(data) - start)
+            fields = [("field%d" % i, "".join(rnd.choice(text) for _ in range(rnd.randint(0, 20))))
+                      for i in range(rnd.randint(0, 4))]
+            fields += [("size", rnd.randint(0, 2 ** 40))]
+            filename = "".join(rnd.choice(text) for _ in range(rnd.randint(0, 30)))
+            body = MultipartBody(fields, "file", filename, spool, start, length)
+            raw = b"".join(body)
+            self.assertEqual(len(raw), body.content_length)
+            self.assertEqual(b"".join(body), raw)           # a retry streams the same bytes
+            boundary = body.content_type.split("boundary=", 1)[1].encode()
+            sep = b"--" + boundary
+            self.assertTrue(raw.startswith(sep + b"\r\n") and raw.endswith(b"\r\n" + sep + b"--\r\n"))
+            parts = raw[len(sep) + 2:-(len(sep) + 6)].split(b"\r\n" + sep + b"\r\n")
+            self.assertEqual(len(parts), len(fields) + 1)
+            for (name, value), part in zip(fields, parts):
+                head, _, content = part.partition(b"\r\n\r\n")
+                self.assertEqual(head.decode(), 'Content-Disposition: form-data; name="%s"' % name)
+                self.assertEqual(content.decode("utf-8"), str(value))
+            head, _, content = parts[-1].partition(b"\r\n\r\n")
+            disposition, content_type = head.decode("utf-8").split("\r\n")
+            quoted = re.match(r'\AContent-Disposition: form-data; name="file"; filename="([^"\r\n]*)"\Z',
+                              disposition)
+            self.assertTrue(quoted, disposition)
+            self.assertEqual(content_type, "Content-Type: application/octet-stream")
+            self.assertEqual(content, data[start:start + length])
+            spool.close()
+
+    def test_request_head_reader_and_framing(self):
+        rnd = random.Random(1306)
+        valid = [b"GET /keys/ HTTP/1.1\r\nHost: x\r\n\r\n",
+                 b"POST /data/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+                 b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"]
+        alphabet = [b"\r", b"\n", b" ", b"\t", b":", b",", b"0", b"9", b"\xff", b"\x00", b"a",
+                    b"Content-Length: 1\r\n", b"Transfer-Encoding: x\r\n", b"Host: y\r\n"]
+        outcomes = collections.Counter()
+        for _ in range(self.ROUNDS):
+            chunks = [valid[rnd.randrange(len(valid))]]
+            raw = bytearray(chunks[0])
+            for _ in range(rnd.randint(0, 5)):
+                pos = rnd.randint(0, len(raw))
+                if rnd.random() < 0.5:
+                    raw[pos:pos] = rnd.choice(alphabet)
+                elif raw:
+                    del raw[pos:pos + rnd.randint(1, 3)]
+            try:
+                head = rp.read_request_head(io.BufferedReader(io.BytesIO(bytes(raw))),
+                                            max_line=200, max_fields=8, max_bytes=400)
+            except rp.MalformedHead:
+                outcomes["malformed"] += 1
+                continue
+            except ConnectionError:
+                outcomes["cut short"] += 1
+                continue
+            if head is None:
+                outcomes["empty"] += 1
+                continue
+            try:
+                problem = rp.framing_problem(http.client.parse_headers(io.BytesIO(head[1])))
+            except http.client.HTTPException:
+                problem = "unreadable"
+            self.assertTrue(problem is None or isinstance(problem, str))
+            outcomes["refused" if problem else "accepted"] += 1
+        self.assertTrue(all(outcomes[k] > 50 for k in ("malformed", "refused", "accepted")),
+                        outcomes)
+
+
 # ---------------------------------------------------------------------------
 # A runner whose last line says "N passed, N failed", for CI logs
 # ---------------------------------------------------------------------------
