@@ -5664,7 +5664,9 @@ class _ResticServerMixin(object):
     TLS wrapping, the busy-connection tracker and SIGHUP reloads."""
 
     daemon_threads = True       # idle keep-alive connections must not block exit
-    request_queue_size = 64
+    # A burst of connections waits in the kernel (no thread) until the accept loop
+    # takes it: admitted, or turned away with a 503 at once.
+    request_queue_size = 1024
 
     def init_restic(self, service, htpasswd=None, rules=None, options=None, tls=None,
                     access_log=None, spool_dir=None, limits=None):

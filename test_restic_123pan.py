@@ -9037,6 +9037,403 @@ class HostileInputFuzzTest(unittest.TestCase):
                         outcomes)
 
 
+class ProcessSampler(object):
+    """Samples a process's threads and resident memory from /proc in a thread, for
+    the peak figures (measurement only: no test decision waits on it)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.peak_threads, self.peak_rss = process_status(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            try:
+                threads, rss = process_status(self.pid)
+            except (OSError, KeyError, ValueError):
+                return
+            self.peak_threads = max(self.peak_threads, threads)
+            self.peak_rss = max(self.peak_rss, rss)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+class HalfOpenFloodTest(unittest.TestCase):
+    """1,500 clients each send half a request head and wait: the server holds at
+    most --max-connections of them (a thread each), answers the rest 503 at once,
+    closes every held one at the header timeout, then serves normally."""
+
+    CLIENTS = 1500
+    MAX_CONNECTIONS = 100
+    HEADER_TIMEOUT = 2
+
+    def test_1500_half_open_requests(self):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = self.CLIENTS + 200
+        if soft < wanted:
+            if hard != resource.RLIM_INFINITY and hard < wanted:
+                self.fail("RLIMIT_NOFILE %d is too low for %d sockets" % (hard, self.CLIENTS))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        tmp = tempfile.mkdtemp(prefix="r123-flood-")
+        self.addCleanup(shutil.rmtree, tmp)
+        proc, port = start_server_process(
+            self, "--path", tmp, "--max-connections", str(self.MAX_CONNECTIONS),
+            "--header-timeout", str(self.HEADER_TIMEOUT), "--io-timeout", "60",
+            "--idle-timeout", "60")
+        self.assertEqual(http_call(port, "GET", "/keys/")[0], 200)
+        threads_before, rss_before = process_status(proc.pid)
+        sampler = ProcessSampler(proc.pid)
+        started = time.monotonic()
+        clients = []
+        try:
+            for _ in range(self.CLIENTS):
+                s = socket.create_connection(("127.0.0.1", port), timeout=60)
+                s.sendall(b"GET /keys/ HTTP/1.1\r\nHost: x\r\n")
+                clients.append((s, time.monotonic()))
+            opened = time.monotonic() - started
+            turned_away = timed_out = 0
+            slowest = 0.0
+            for reply, took in self.wait_for_every_close(clients, timeout=60):
+                slowest = max(slowest, took)
+                if reply.startswith(b"HTTP/1.1 503"):
+                    self.assertIn(b"Retry-After:", reply)
+                    turned_away += 1
+                else:
+                    self.assertEqual(reply, b"")
+                    timed_out += 1
+        finally:
+            for s, _ in clients:
+                s.close()
+            sampler.stop()
+        total = time.monotonic() - started
+        self.assertEqual(turned_away + timed_out, self.CLIENTS)
+        self.assertGreaterEqual(timed_out, self.MAX_CONNECTIONS)   # the cap was reached
+        self.assertGreater(turned_away, 0)
+        # the accept thread, the handler threads, nothing per refused client
+        self.assertLessEqual(sampler.peak_threads, self.MAX_CONNECTIONS + 3)
+        # each held client was closed at the header timeout (plus scheduling slack)
+        self.assertLess(slowest, self.HEADER_TIMEOUT + 15)
+        self.assertEqual(http_call(port, "GET", "/keys/")[0], 200)
+        threads_after, rss_after = process_status(proc.pid)
+        sys.stderr.write(
+            "\n%d half-open clients (opened in %.1fs), --max-connections %d, --header-timeout %ds: "
+            "%d answered 503, %d closed at the timeout; slowest close %.1fs, all done in %.1fs; "
+            "threads %d -> peak %d -> %d; RSS %.1f -> peak %.1f -> %.1f MiB\n"
+            % (self.CLIENTS, opened, self.MAX_CONNECTIONS, self.HEADER_TIMEOUT, turned_away,
+               timed_out, slowest, total, threads_before, sampler.peak_threads, threads_after,
+               rss_before / 2.0 ** 20, sampler.peak_rss / 2.0 ** 20, rss_after / 2.0 ** 20))
+
+
+    @staticmethod
+    def wait_for_every_close(clients, timeout):
+        """[(what the server sent, seconds from the connection to its close)] for
+        every (socket, opened at) at once: a close is seen when it happens."""
+        import selectors
+        selector = selectors.DefaultSelector()
+        for s, since in clients:
+            s.setblocking(False)
+            selector.register(s, selectors.EVENT_READ, [since, b""])
+        closed = []
+        deadline = time.monotonic() + timeout
+        while len(closed) < len(clients):
+            events = selector.select(max(0, deadline - time.monotonic()))
+            if not events:
+                raise AssertionError("%d connections still open after %ds"
+                                     % (len(clients) - len(closed), timeout))
+            for key, _ in events:
+                try:
+                    chunk = key.fileobj.recv(65536)
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    chunk = b""
+                if chunk:
+                    key.data[1] += chunk
+                    continue
+                selector.unregister(key.fileobj)
+                closed.append((key.data[1], time.monotonic() - key.data[0]))
+        selector.close()
+        return closed
+
+
+class SoakTest(unittest.TestCase):
+    """64 connections at once mixing uploads, ranged reads, listings and deletes
+    for a fixed number of requests; the server's memory at the start and the end;
+    then every object is checked."""
+
+    CONNECTIONS = 64
+    REQUESTS_EACH = 40
+
+    def test_soak(self):
+        if UNIT_ONLY:
+            raise unittest.SkipTest("RESTIC_123PAN_UNIT_ONLY=1 (the soak runs once, in the full suite)")
+        tmp = tempfile.mkdtemp(prefix="r123-soak-")
+        self.addCleanup(shutil.rmtree, tmp)
+        log_path = os.path.join(tmp, "server.log")
+        log_file = open(log_path, "w")
+        self.addCleanup(log_file.close)
+        proc, port = start_server_process(self, "--path", os.path.join(tmp, "repos"),
+                                          stderr=log_file)
+        self.assertEqual(http_call(port, "POST", "/soak/?create=true")[0], 200)
+        lock = threading.Lock()
+        live, gone, problems = {}, set(), []
+
+        def worker(index, rounds, seed):
+            rnd = random.Random(seed)
+            mine = []
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            try:
+                for _ in range(rounds):
+                    op = rnd.random()
+                    if op < 0.45 or not mine:
+                        data = os.urandom(rnd.choice([100, 5000, 70000, 300000, 1200000]))
+                        name = sha256_hex(data)
+                        kind = rnd.choice(["data", "data", "index", "snapshots"])
+                        status = http_call(port, "POST", "/soak/%s/%s" % (kind, name), data,
+                                           conn=conn)[0]
+                        if status != 200:
+                            problems.append(("POST", status))
+                            continue
+                        mine.append((kind, name, data))
+                        with lock:
+                            live[(kind, name)] = data
+                    elif op < 0.7:
+                        kind, name, data = rnd.choice(mine)
+                        start = rnd.randrange(len(data))
+                        end = min(len(data) - 1, start + rnd.randrange(100000))
+                        status, _, body = http_call(port, "GET", "/soak/%s/%s" % (kind, name),
+                                                    headers={"Range": "bytes=%d-%d" % (start, end)},
+                                                    conn=conn)
+                        if (status, body) != (206, data[start:end + 1]):
+                            problems.append(("range", status, len(body)))
+                    elif op < 0.85:
+                        kind = rnd.choice(["data", "index", "snapshots"])
+                        status, headers, body = http_call(port, "GET", "/soak/%s/" % kind,
+                                                          headers={"Accept": V2}, conn=conn)
+                        listed = dict((e["name"], e["size"]) for e in json.loads(body.decode()))
+                        for k, n, d in mine:
+                            if k == kind and listed.get(n) != len(d):
+                                problems.append(("listing misses", kind, n))
+                    else:
+                        kind, name, data = mine.pop(rnd.randrange(len(mine)))
+                        status = http_call(port, "DELETE", "/soak/%s/%s" % (kind, name),
+                                           conn=conn)[0]
+                        if status != 200:
+                            problems.append(("DELETE", status))
+                        with lock:
+                            live.pop((kind, name), None)
+                            gone.add((kind, name))
+            except Exception as e:
+                problems.append(("exception", index, repr(e)))
+            finally:
+                conn.close()
+
+        def run_round(rounds, seed):
+            threads = [threading.Thread(target=worker, args=(i, rounds, seed * 1000 + i))
+                       for i in range(self.CONNECTIONS)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        started = time.monotonic()
+        run_round(5, 1)                 # warm-up: every thread and buffer exists once
+        _, rss_start = process_status(proc.pid)
+        sampler = ProcessSampler(proc.pid)
+        run_round(self.REQUESTS_EACH, 2)
+        sampler.stop()
+        _, rss_end = process_status(proc.pid)
+        took = time.monotonic() - started
+        self.assertEqual(problems, [])
+        # every object: listed with its size and read back whole; deleted ones gone
+        for kind in ("data", "index", "snapshots"):
+            body = http_call(port, "GET", "/soak/%s/" % kind, headers={"Accept": V2})[2]
+            listed = dict((e["name"], e["size"]) for e in json.loads(body.decode()))
+            expected = dict((n, len(d)) for (k, n), d in live.items() if k == kind)
+            self.assertEqual(listed, expected, kind)
+        for (kind, name), data in live.items():
+            self.assertEqual(sha256_hex(http_call(port, "GET", "/soak/%s/%s" % (kind, name))[2]), name)
+        for kind, name in gone - set(live):
+            self.assertEqual(http_call(port, "HEAD", "/soak/%s/%s" % (kind, name))[0], 404)
+        requests = self.CONNECTIONS * (self.REQUESTS_EACH + 5)
+        sys.stderr.write("\nsoak: %d connections, %d requests in %.1fs; server RSS %.1f MiB at the "
+                         "start, %.1f at the end (peak %.1f); %d objects checked\n"
+                         % (self.CONNECTIONS, requests, took, rss_start / 2.0 ** 20,
+                            rss_end / 2.0 ** 20, sampler.peak_rss / 2.0 ** 20, len(live)))
+        # flat: bodies are spooled and streamed, never gathered
+        self.assertLess(rss_end - rss_start, 48 * 1024 * 1024)
+        log_file.flush()
+        with open(log_path) as f:
+            text = f.read()
+        self.assertNotIn("Traceback", text)
+        self.assertNotRegex(text, r'" 5\d\d ')
+
+
+class KilledServerEndToEndTest(ResticEndToEndBase):
+    """kill -9 of the server in the middle of a backup, a restart on the same
+    address (the running restic retries into it), then unlock, another backup and
+    check --read-data: for each backend."""
+
+    def scenario(self, start):
+        url = start("127.0.0.1:0")
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        repo = "rest:" + url
+        src = os.path.join(self.tmp, "src")
+        make_tree(src, seed=11, total_mib=16)
+        self.restic_run(repo, "init")
+        backup = subprocess.Popen([self.restic, "-r", repo, "backup", src, "-o",
+                                   "rest.connections=4"], env=self.env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  universal_newlines=True)
+        self.addCleanup(lambda: backup.poll() is None and backup.kill())
+        wait_until(lambda: len(re.findall(r'"POST /data/[0-9a-f]{64}" 200',
+                                          self.server_log_text())) >= 2,
+                   timeout=300, what="two packs uploaded")
+        self.server_proc.kill()                 # mid-backup, no chance to clean up
+        self.server_proc.wait()
+        start("127.0.0.1:%d" % port)
+        try:
+            backup.communicate(timeout=600)     # it retries into the new server, or gives up
+        except subprocess.TimeoutExpired:
+            backup.kill()
+            backup.communicate()
+        self.restic_run(repo, "unlock")
+        change_tree(src, seed=12)
+        self.restic_run(repo, "backup", src)
+        self.restic_run(repo, "check", "--read-data")
+        self.assertGreaterEqual(len(self.snapshot_ids(repo, [])), 1)
+        restored = os.path.join(self.tmp, "restored")
+        self.restic_run(repo, "restore", "latest", "--target", restored)
+        self.assertEqual(manifest(os.path.join(restored, os.path.relpath(src, "/"))), manifest(src))
+        return backup.returncode
+
+    def test_local(self):
+        data = os.path.join(self.tmp, "repos")
+        self.scenario(lambda listen: self.start_server("--path", data, "--listen", listen))
+
+    def test_123pan(self):
+        emu = Pan123Emulator().start()
+        self.addCleanup(emu.stop)
+        state = os.path.join(self.tmp, "state")
+        self.scenario(lambda listen: self.start_server(
+            "--backend", "123pan", "--api-base", emu.api_base, "--client-id", "emu-client",
+            "--state-dir", state, "--listen", listen, env={"PAN123_CLIENT_SECRET": "emu-secret"}))
+        self.assertEqual(emu.errors, [])
+
+    def test_cloudreve(self):
+        emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD).start()
+        self.addCleanup(emu.stop)
+        state = os.path.join(self.tmp, "state")
+        self.scenario(lambda listen: self.start_server(
+            "--backend", "cloudreve", "--cloudreve-url", emu.base_url, "--cloudreve-user",
+            CR_EMAIL, "--state-dir", state, "--listen", listen,
+            env={"CLOUDREVE_PASSWORD": CR_PASSWORD}))
+        self.assertEqual(emu.errors, [])
+
+
+REST_SERVER_STAND_IN = os.path.join(HERE, ".ci", "rest-server")
+
+
+def restic_rest_test_binary():
+    """The test binary of restic's internal/backend/rest package: the path in
+    RESTIC_123PAN_REST_TEST (set by .ci/run, which builds it with
+    .ci/build-restic-rest-test), else the newest one that script left in its cache."""
+    binary = os.environ.get("RESTIC_123PAN_REST_TEST")
+    if binary:
+        return binary
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "restic-123pan")
+    try:
+        found = sorted(n for n in os.listdir(cache) if re.match(r"rest\.test-[^.]", n)
+                       and not n.endswith(".new"))
+    except OSError:
+        found = []
+    return os.path.join(cache, found[-1]) if found else None
+
+
+class ResticRestBackendSuiteTest(unittest.TestCase):
+    """restic's own REST backend tests (TestBackendREST: save, load with offsets and
+    lengths, list, delete, wrong hashes, ...), built from Debian's restic source
+    package, against this server started through .ci/rest-server exactly as they
+    start rest-server: on the local backend and on both clouds' emulators."""
+
+    @classmethod
+    def setUpClass(cls):
+        if UNIT_ONLY:
+            raise unittest.SkipTest("RESTIC_123PAN_UNIT_ONLY=1")
+        cls.binary = restic_rest_test_binary()
+        if not cls.binary or not os.access(cls.binary, os.X_OK):
+            message = ("restic's REST backend test binary is missing (%s); build it with "
+                       ".ci/build-restic-rest-test" % cls.binary)
+            if REQUIRE_E2E:
+                raise AssertionError(message)
+            raise unittest.SkipTest(message)
+        m = re.search(r"rest\.test-(?:\d+:)?(([0-9.]+)\S*)$", cls.binary)
+        cls.version = "restic %s (Debian %s)" % (m.group(2), m.group(1)) if m else cls.binary
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-gosuite-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def run_suite(self, label, env=None):
+        # The suite dials localhost:8000 (restic 0.14) or passes --listen (later ones).
+        probe = socket.socket()
+        try:
+            probe.bind(("127.0.0.1", 8000))
+        except OSError as e:
+            self.fail("port 8000, which restic's REST tests use, is taken: %s" % e)
+        finally:
+            probe.close()
+        bindir = os.path.join(self.tmp, "bin")
+        os.makedirs(bindir)
+        os.symlink(REST_SERVER_STAND_IN, os.path.join(bindir, "rest-server"))
+        run_env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
+                       PYTHON=sys.executable, TMPDIR=self.tmp,
+                       RESTIC_TEST_DISALLOW_SKIP="restic/backend/rest.TestBackendREST")
+        run_env.update(env or {})
+        started = time.monotonic()
+        r = subprocess.run([self.binary, "-test.run", "^TestBackendREST$", "-test.v",
+                            "-test.timeout", "600s"], cwd=self.tmp, env=run_env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           universal_newlines=True, timeout=900)
+        passed = re.findall(r"--- PASS: (\S+)", r.stdout)
+        failed = re.findall(r"--- FAIL: (\S+)", r.stdout)
+        skipped = re.findall(r"--- SKIP: (\S+)", r.stdout)
+        sys.stderr.write("\nrestic's REST backend tests from %s on %s: %d passed, %d failed, "
+                         "%d skipped in %.1fs\n" % (self.version, label, len(passed), len(failed),
+                                                    len(skipped), time.monotonic() - started))
+        self.assertEqual(r.returncode, 0, "%s\n%s" % (failed, r.stdout[-6000:]))
+        self.assertIn("TestBackendREST", passed)
+        self.assertGreater(len(passed), 10)
+        self.assertEqual((failed, skipped), ([], []))
+
+    def test_local_backend(self):
+        self.run_suite("the local backend")
+
+    def test_123pan_emulator(self):
+        emu = Pan123Emulator().start()
+        self.addCleanup(emu.stop)
+        self.run_suite("123pan (emulator)", {
+            "RESTIC_123PAN_BACKEND": "123pan", "PAN123_API_BASE": emu.api_base,
+            "PAN123_CLIENT_ID": "emu-client", "PAN123_CLIENT_SECRET": "emu-secret",
+            "RESTIC_123PAN_STATE_DIR": os.path.join(self.tmp, "state")})
+        self.assertEqual(emu.errors, [])
+
+    def test_cloudreve_emulator(self):
+        emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD).start()
+        self.addCleanup(emu.stop)
+        self.run_suite("Cloudreve (emulator)", {
+            "RESTIC_123PAN_BACKEND": "cloudreve", "CLOUDREVE_URL": emu.base_url,
+            "CLOUDREVE_USER": CR_EMAIL, "CLOUDREVE_PASSWORD": CR_PASSWORD,
+            "RESTIC_123PAN_STATE_DIR": os.path.join(self.tmp, "state")})
+        self.assertEqual(emu.errors, [])
+
+
 # ---------------------------------------------------------------------------
 # A runner whose last line says "N passed, N failed", for CI logs
 # ---------------------------------------------------------------------------
