@@ -9383,6 +9383,7 @@ class ResticRestBackendSuiteTest(unittest.TestCase):
     def run_suite(self, label, env=None):
         # The suite dials localhost:8000 (restic 0.14) or passes --listen (later ones).
         probe = socket.socket()
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # as the server does
         try:
             probe.bind(("127.0.0.1", 8000))
         except OSError as e:
@@ -9423,6 +9424,7 @@ class ResticRestBackendSuiteTest(unittest.TestCase):
             "PAN123_CLIENT_ID": "emu-client", "PAN123_CLIENT_SECRET": "emu-secret",
             "RESTIC_123PAN_STATE_DIR": os.path.join(self.tmp, "state")})
         self.assertEqual(emu.errors, [])
+        self.assertGreater(sum(emu.calls.values()), 50)    # it was the cloud that served
 
     def test_cloudreve_emulator(self):
         emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD).start()
@@ -9432,6 +9434,7 @@ class ResticRestBackendSuiteTest(unittest.TestCase):
             "CLOUDREVE_USER": CR_EMAIL, "CLOUDREVE_PASSWORD": CR_PASSWORD,
             "RESTIC_123PAN_STATE_DIR": os.path.join(self.tmp, "state")})
         self.assertEqual(emu.errors, [])
+        self.assertGreater(sum(emu.calls.values()), 50)    # it was the cloud that served
 
 
 # ---------------------------------------------------------------------------
