@@ -6003,6 +6003,13 @@ def main(argv=None, environ=None):
              storage.describe(), url, "on" if server.htpasswd else "off")
     sys.stdout.write("Serving %s\nUse: restic -r rest:%s init\n" % (storage.describe(), url))
     sys.stdout.flush()
+    # rest-server's start line, which tools (restic's own REST backend tests among
+    # them) wait for on stderr to learn the address of --listen :0
+    address = server.server_address
+    if isinstance(address, tuple):
+        address = ("[%s]:%d" if ":" in address[0] else "%s:%d") % address[:2]
+    sys.stderr.write("start server on %s\n" % address)
+    sys.stderr.flush()
     try:
         server.serve_forever(poll_interval=0.5)
     finally:

@@ -9284,7 +9284,7 @@ class KilledServerEndToEndTest(ResticEndToEndBase):
         port = int(url.rsplit(":", 1)[1].strip("/"))
         repo = "rest:" + url
         src = os.path.join(self.tmp, "src")
-        make_tree(src, seed=11, total_mib=16)
+        make_tree(src, seed=11, total_mib=24)
         self.restic_run(repo, "init")
         backup = subprocess.Popen([self.restic, "-r", repo, "backup", src, "-o",
                                    "rest.connections=4"], env=self.env,
@@ -9294,6 +9294,7 @@ class KilledServerEndToEndTest(ResticEndToEndBase):
         wait_until(lambda: len(re.findall(r'"POST /data/[0-9a-f]{64}" 200',
                                           self.server_log_text())) >= 2,
                    timeout=300, what="two packs uploaded")
+        self.assertIsNone(backup.poll(), "the backup ended before the server was killed")
         self.server_proc.kill()                 # mid-backup, no chance to clean up
         self.server_proc.wait()
         start("127.0.0.1:%d" % port)
@@ -9302,6 +9303,8 @@ class KilledServerEndToEndTest(ResticEndToEndBase):
         except subprocess.TimeoutExpired:
             backup.kill()
             backup.communicate()
+        sys.stderr.write("\nthe backup running through the kill -9 exited with %d\n"
+                         % backup.returncode)
         self.restic_run(repo, "unlock")
         change_tree(src, seed=12)
         self.restic_run(repo, "backup", src)
@@ -9375,21 +9378,24 @@ class ResticRestBackendSuiteTest(unittest.TestCase):
             raise unittest.SkipTest(message)
         m = re.search(r"rest\.test-(?:\d+:)?(([0-9.]+)\S*)$", cls.binary)
         cls.version = "restic %s (Debian %s)" % (m.group(2), m.group(1)) if m else cls.binary
+        cls.numeric_version = tuple(int(p) for p in m.group(2).strip(".").split(".")) if m else (0,)
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="r123-gosuite-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
 
     def run_suite(self, label, env=None):
-        # The suite dials localhost:8000 (restic 0.14) or passes --listen (later ones).
-        probe = socket.socket()
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # as the server does
-        try:
-            probe.bind(("127.0.0.1", 8000))
-        except OSError as e:
-            self.fail("port 8000, which restic's REST tests use, is taken: %s" % e)
-        finally:
-            probe.close()
+        if self.numeric_version < (0, 17):
+            # restic before 0.17 dials localhost:8000; later ones pass --listen :0 and
+            # read the address from the "start server on" line
+            probe = socket.socket()
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server
+            try:
+                probe.bind(("127.0.0.1", 8000))
+            except OSError as e:
+                self.fail("port 8000, which restic's REST tests use, is taken: %s" % e)
+            finally:
+                probe.close()
         bindir = os.path.join(self.tmp, "bin")
         os.makedirs(bindir)
         os.symlink(REST_SERVER_STAND_IN, os.path.join(bindir, "rest-server"))
