@@ -76,8 +76,8 @@ DEFAULT_LOCAL_PATH = "./restic-data"
 SPOOL_MEMORY_LIMIT = 1024 * 1024
 IO_CHUNK = 256 * 1024
 
-# A stalled client may hold a worker thread no longer than this (seconds of socket
-# silence); restic's own stall watchdog uses 5 minutes, so stay at that.
+# The handler's class default for socket silence; each server replaces it with its
+# --io-timeout (ConnectionLimits below), and the head has its own deadline.
 CLIENT_SOCKET_TIMEOUT = 300
 # Limits on what one client connection may hold (see ConnectionLimits): a whole
 # request head must arrive within DEFAULT_HEADER_TIMEOUT of the connection (or of the
