@@ -82,11 +82,12 @@ CLIENT_SOCKET_TIMEOUT = 300
 # Limits on what one client connection may hold (see ConnectionLimits): a whole
 # request head must arrive within DEFAULT_HEADER_TIMEOUT of the connection (or of the
 # request's first byte); an idle keep-alive connection closes after
-# DEFAULT_IDLE_TIMEOUT; a body, or a client reading a response, may be silent for
+# DEFAULT_IDLE_TIMEOUT (above the 90 s after which restic's Go client drops idle
+# connections itself, so the client, not a racing server, closes them); a body, or a client reading a response, may be silent for
 # DEFAULT_IO_TIMEOUT.  Each connection is one thread: DEFAULT_MAX_CONNECTIONS keeps
 # a router's memory safe, and restic's 5 connections per client fit many times.
 DEFAULT_HEADER_TIMEOUT = 20
-DEFAULT_IDLE_TIMEOUT = 60
+DEFAULT_IDLE_TIMEOUT = 120
 DEFAULT_IO_TIMEOUT = 60
 DEFAULT_MAX_CONNECTIONS = 128
 # What a request head may hold: its request line, each header line, all of them.

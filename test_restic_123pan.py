@@ -8510,7 +8510,7 @@ class SlowClientTest(unittest.TestCase):
         defaults = rp.parse_config([], {})
         self.assertEqual((defaults.max_connections, defaults.header_timeout,
                           defaults.idle_timeout, defaults.io_timeout, defaults.spool_dir),
-                         (128, 20, 60, 60, None))
+                         (128, 20, 120, 60, None))
         self.assertRaises(UsageError, rp.parse_config,
                           ["--spool-dir", os.path.join(self.tmp, "missing")], {})
         self.assertRaises(UsageError, rp.parse_config, ["--header-timeout", "0"], {})
