@@ -43,7 +43,6 @@ import re
 import signal
 import socket
 import socketserver
-import ssl
 import stat
 import struct
 import sys
@@ -53,10 +52,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, unquote, unquote_to_bytes, urlencode, urljoin, urlsplit
 
-try:
-    import sqlite3
-except ImportError:     # a Python built without it: only the cloud backends need it
-    sqlite3 = None
+# ssl and sqlite3 are imported when first needed (optional_module): a minimal
+# Python (OpenWrt's python3-light has neither) still serves a local folder.
+sqlite3 = None
 
 __version__ = "0.1.0"
 
@@ -83,6 +81,20 @@ SHUTDOWN_GRACE_SECONDS = 30
 
 class UsageError(Exception):
     """A command-line problem: reported as one line, exit code 2."""
+
+
+def optional_module(name, needed_for):
+    """Import `name`, a module some Pythons lack (ssl, sqlite3), when `needed_for`
+    first needs it; UsageError (one line, exit 2) when it is missing."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    try:
+        return __import__(name)
+    except ImportError:
+        raise UsageError("%s needs the Python module %s, which this Python lacks "
+                         "(on OpenWrt: opkg install python3-%s)"
+                         % (needed_for, name, "openssl" if name == "ssl" else name))
 
 
 def parse_listen_address(text):
@@ -356,32 +368,47 @@ class ShortBody(Exception):
 
 
 class HashingSpool:
-    """An upload body, read once from the client while MD5 and SHA-256 are computed
-    in the same pass.  Small bodies stay in memory, large ones roll over to a
+    """An upload body, read once from the client while its digests are computed in
+    the same pass: SHA-256 always (verification), MD5 only when the backend asks
+    for it (123pan's etag).  Small bodies stay in memory, large ones roll over to a
     temporary file.  Backends then read it back (several times if they must retry)
     with iter_range, which is safe to call from several threads."""
 
-    def __init__(self, memory_limit=SPOOL_MEMORY_LIMIT, tmpdir=None):
-        self._file = tempfile.SpooledTemporaryFile(max_size=memory_limit, dir=tmpdir)
-        self._md5 = hashlib.md5()
+    def __init__(self, memory_limit=SPOOL_MEMORY_LIMIT, tmpdir=None, digests=("md5",),
+                 file=None):
+        self._file = file if file is not None else tempfile.SpooledTemporaryFile(
+            max_size=memory_limit, dir=tmpdir)
+        self._md5 = hashlib.md5() if "md5" in digests else None
         self._sha256 = hashlib.sha256()
         self._lock = threading.Lock()
         self.size = 0
         self.md5 = self.sha256 = None
 
     @classmethod
-    def from_stream(cls, stream, length, memory_limit=SPOOL_MEMORY_LIMIT, tmpdir=None):
-        """Spool exactly `length` bytes from `stream`; ShortBody if it ends early."""
-        spool = cls(memory_limit, tmpdir)
+    def from_stream(cls, stream, length, memory_limit=SPOOL_MEMORY_LIMIT, tmpdir=None,
+                    spool=None):
+        """Spool exactly `length` bytes from `stream` (into `spool` if given, else a
+        new one); ShortBody if it ends early.  The body goes through one reused
+        buffer (readinto), not a fresh bytes object per chunk."""
+        if spool is None:
+            spool = cls(memory_limit, tmpdir)
         try:
+            buffer = memoryview(bytearray(min(IO_CHUNK, length) or 1))
+            readinto = getattr(stream, "readinto", None)
             remaining = length
             while remaining:
-                chunk = stream.read(min(IO_CHUNK, remaining))
-                if not chunk:
+                want = min(len(buffer), remaining)
+                if readinto is not None:
+                    got = readinto(buffer[:want])
+                else:
+                    data = stream.read(want)
+                    got = len(data)
+                    buffer[:got] = data
+                if not got:
                     raise ShortBody("body ended after %d of %d bytes"
                                     % (length - remaining, length))
-                spool.write(chunk)
-                remaining -= len(chunk)
+                spool.write(buffer[:got])
+                remaining -= got
             spool.finish()
         except BaseException:
             spool.close()
@@ -396,14 +423,18 @@ class HashingSpool:
         return spool
 
     def write(self, chunk):
-        self._md5.update(chunk)
+        if self._md5 is not None:
+            self._md5.update(chunk)
         self._sha256.update(chunk)
-        self._file.write(chunk)
+        self._write(chunk)
         self.size += len(chunk)
+
+    def _write(self, chunk):
+        self._file.write(chunk)
 
     def finish(self):
         self._file.flush()
-        self.md5 = self._md5.hexdigest()
+        self.md5 = self._md5.hexdigest() if self._md5 is not None else None
         self.sha256 = self._sha256.hexdigest()
 
     @property
@@ -703,8 +734,15 @@ def _quote_form_filename(name):
 # connections (OSError, socket.timeout and ssl errors included), truncated or
 # garbled HTTP (http.client.HTTPException, IncompleteRead included).
 NETWORK_ERRORS = (OSError, http.client.HTTPException)
+
+
+class _NeverRaised(Exception):
+    """Stands in for ssl's certificate error in a Python without ssl."""
+
+
 # ...except a certificate that does not verify: retrying will not fix it.
-PERMANENT_NETWORK_ERRORS = (ssl.SSLCertVerificationError,)
+PERMANENT_NETWORK_ERRORS = (getattr(sys.modules.get("ssl"), "SSLCertVerificationError",
+                                    _NeverRaised),)
 
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 5
@@ -794,7 +832,7 @@ class HttpClient(object):
     def __init__(self, timeout=60.0, ssl_context=None, max_idle_per_host=8,
                  idle_seconds=30.0):
         self.timeout = timeout
-        self._ssl_context = ssl_context or ssl.create_default_context()
+        self._ssl_context = ssl_context     # made at the first https connection
         self._max_idle = max_idle_per_host
         self._idle_seconds = idle_seconds
         self._idle = {}         # (scheme, host, port) -> [(connection, idle since)]
@@ -853,6 +891,12 @@ class HttpClient(object):
     def _connect(self, key):
         scheme, host, port = key
         if scheme == "https":
+            if self._ssl_context is None:
+                try:
+                    self._ssl_context = optional_module(
+                        "ssl", "https").create_default_context()
+                except UsageError as e:
+                    raise OSError(errno.EPROTONOSUPPORT, str(e))
             return http.client.HTTPSConnection(host, port, timeout=self.timeout,
                                                context=self._ssl_context)
         return http.client.HTTPConnection(host, port, timeout=self.timeout)
@@ -1084,10 +1128,19 @@ class Storage(object):
     methods may be called from many threads at once."""
 
     name = "storage"
+    # The digests put() needs besides SHA-256 (which verification always computes):
+    # 123pan's etag is an MD5; the others need none, so none is computed for them.
+    digests = ()
 
     def describe(self):
         """One line for the start-up log."""
         return self.name
+
+    def new_spool(self, ref, tmpdir=None):
+        """An empty spool for the upload of ref, to be filled and then given to put().
+        The default spools in memory or in tmpdir; a backend may instead write
+        straight to where the object will live (the local folder does)."""
+        return HashingSpool(tmpdir=tmpdir, digests=self.digests)
 
     def create_repository(self, repo):
         """Prepare the folders of a repository; idempotent."""
@@ -1098,7 +1151,8 @@ class Storage(object):
         raise NotImplementedError
 
     def list(self, repo, kind):
-        """[(name, size)] of one type; [] when the folder is missing."""
+        """An iterable of (name, size) of one type, possibly produced lazily (the
+        REST layer streams it); empty when the folder is missing."""
         raise NotImplementedError
 
     def read(self, ref, start, length):
@@ -1138,6 +1192,70 @@ def fsync_directory(path):
             raise
     finally:
         os.close(fd)
+
+
+class FolderSpool(HashingSpool):
+    """An upload written straight into a temporary file in the object's own folder,
+    SHA-256 computed on the way: LocalStorage.put then only fsyncs and renames it,
+    so every byte is written once.  Closing an uncommitted spool removes the file:
+    a refused, short or mismatching upload leaves nothing behind."""
+
+    def __init__(self, folder, fd, path, on_error):
+        HashingSpool.__init__(self, digests=(), file=os.fdopen(fd, "w+b", buffering=0))
+        self.folder = folder
+        self.path = path
+        self._on_error = on_error
+        self.committed = False
+
+    def _write(self, chunk):
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[self._file.write(view):]
+        except OSError as e:
+            raise self._on_error(e)
+
+    def finish(self):
+        self.md5 = None
+        self.sha256 = self._sha256.hexdigest()
+
+    def commit(self, final):
+        """fsync, then rename to `final` (in the same folder)."""
+        os.fsync(self._file.fileno())
+        os.replace(self.path, final)
+        self.committed = True
+
+    def close(self):
+        self._file.close()
+        if not self.committed:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+class LocalFileChunks(object):
+    """The chunks of a byte range of an open file: iterable like any storage read,
+    and also offering the file itself so the REST layer can send it zero-copy."""
+
+    def __init__(self, file, start, length):
+        self.file = file
+        self.start = start
+        self.length = length
+
+    def __iter__(self):
+        with self.file as f:    # closed at the end, as a reader that stops early does
+            f.seek(self.start)
+            remaining = self.length
+            while remaining > 0:
+                chunk = f.read(min(IO_CHUNK, remaining))
+                if not chunk:
+                    raise IOError("file shrank while being read")
+                remaining -= len(chunk)
+                yield chunk
+
+    def close(self):
+        self.file.close()
 
 
 class LocalStorage(Storage):
@@ -1185,66 +1303,72 @@ class LocalStorage(Storage):
             return None
         return st.st_size
 
-    def _scan(self, folder):
+    @staticmethod
+    def _scan(folder):
+        """(name, size) of the objects in one folder, as the scan finds them."""
         try:
-            entries = list(os.scandir(folder))
+            scan = os.scandir(folder)
         except (FileNotFoundError, NotADirectoryError):
-            return []
-        out = []
-        for e in entries:
-            if is_object_id(e.name) and e.is_file():
-                try:
-                    out.append((e.name, e.stat().st_size))
-                except FileNotFoundError:   # deleted while we listed
-                    pass
-        return out
+            return
+        with scan:
+            for e in scan:
+                if len(e.name) == 64 and is_object_id(e.name) and e.is_file():
+                    try:
+                        yield e.name, e.stat().st_size
+                    except FileNotFoundError:   # deleted while we listed
+                        pass
 
     def list(self, repo, kind):
         folder = self._dir_of(repo, kind)
         if kind != "data":
             return self._scan(folder)
+        return self._scan_data(folder)
+
+    def _scan_data(self, folder):
         # Only the 2-hex sub-folders hold packs; stray files in data/ are ignored
-        # as rest-server does.
+        # as rest-server does.  One sub-folder at a time: memory stays flat.
         try:
-            subdirs = [e.path for e in os.scandir(folder)
-                       if len(e.name) == 2 and e.is_dir()]
+            with os.scandir(folder) as scan:
+                subdirs = [e.path for e in scan if len(e.name) == 2 and e.is_dir()]
         except (FileNotFoundError, NotADirectoryError):
-            return []
-        out = []
+            return
         for sub in sorted(subdirs):
-            out.extend(self._scan(sub))
-        return out
+            for entry in self._scan(sub):
+                yield entry
 
     def read(self, ref, start, length):
         try:
             f = open(self.path_of(ref), "rb")
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(str(ref))
-        return self._iter_file(f, start, length)
+        return LocalFileChunks(f, start, length)
 
-    @staticmethod
-    def _iter_file(f, start, length):
-        with f:
-            f.seek(start)
-            remaining = length
-            while remaining > 0:
-                chunk = f.read(min(IO_CHUNK, remaining))
-                if not chunk:
-                    raise IOError("file shrank while being read")
-                remaining -= len(chunk)
-                yield chunk
+    def _temp_file(self, ref, folder):
+        """A new temporary file in `folder` for ref: (fd, path).  The name starts with
+        a dot and is never a valid id, so a listing (ours or restic's) never shows
+        a partial object."""
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            return tempfile.mkstemp(prefix="." + ref.name[:16] + self.TEMP_MARK, dir=folder)
+        except OSError as e:
+            raise self._os_error(e, ref)
+
+    def new_spool(self, ref, tmpdir=None):
+        folder = self._dir_of(ref.repo, ref.kind, ref.name)
+        fd, path = self._temp_file(ref, folder)
+        return FolderSpool(folder, fd, path, lambda e: self._os_error(e, ref))
 
     def put(self, ref, spool):
         folder = self._dir_of(ref.repo, ref.kind, ref.name)
         final = os.path.join(folder, ref.name)
-        try:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            # The temporary name starts with a dot and is never a valid id, so a
-            # listing (ours or restic's) never shows a partial object.
-            fd, tmp = tempfile.mkstemp(prefix="." + ref.name[:16] + self.TEMP_MARK,
-                                       dir=folder)
-        except OSError as e:
-            raise self._os_error(e, ref)
+        if isinstance(spool, FolderSpool) and spool.folder == folder:
+            try:
+                spool.commit(final)
+            except OSError as e:
+                raise self._os_error(e, ref)
+            fsync_directory(folder)
+            return
+        fd, tmp = self._temp_file(ref, folder)
         try:
             with os.fdopen(fd, "wb") as f:
                 for chunk in spool.iter_range():
@@ -2276,6 +2400,7 @@ class Pan123Storage(Storage):
     queue is in the cache, so a restart continues it."""
 
     name = "123pan"
+    digests = ("md5",)      # the etag of every upload call
 
     def __init__(self, client, repo_path=PAN123_DEFAULT_REPO_PATH,
                  single_upload_max=PAN123_DEFAULT_SINGLE_MAX, index=None, refresh_seconds=0,
@@ -3862,9 +3987,11 @@ class MetadataCache(object):
     state directory)."""
 
     def __init__(self, path=None):
-        if sqlite3 is None:
-            raise OSError(errno.ENOSYS, "this Python has no sqlite3 module, which the "
-                                        "metadata cache of the cloud backends needs")
+        global sqlite3
+        try:
+            sqlite3 = optional_module("sqlite3", "the metadata cache of the cloud backends")
+        except UsageError as e:
+            raise OSError(errno.ENOSYS, str(e))
         self.path = path
         self._lock = threading.RLock()
         self._db = None
@@ -4309,9 +4436,11 @@ class RepositoryUsage(object):
                 return
         counts, total = {}, 0
         for kind in OBJECT_TYPES:
-            entries = self.storage.list(repo, kind)
-            counts[kind] = len(entries)
-            total += sum(size for _, size in entries)
+            count = 0
+            for _, size in self.storage.list(repo, kind):
+                count += 1
+                total += size
+            counts[kind] = count
         config_size = self.storage.stat(ObjectRef.config(repo))
         counts["config"] = int(config_size is not None)
         total += config_size or 0
@@ -4958,7 +5087,7 @@ class ResticHandler(BaseHTTPRequestHandler):
         # ResticServer.process_request counted this connection as busy at accept
         # time, so a shutdown that starts now still waits for its first request.
         self._busy = True
-        if isinstance(self.request, ssl.SSLSocket):
+        if self.server.tls_context is not None:
             # The handshake runs here, in the connection's own thread, so a slow
             # or hostile client cannot hold up the accept loop.
             try:
@@ -5129,11 +5258,55 @@ class ResticHandler(BaseHTTPRequestHandler):
 
     def _list(self, repo, kind):
         entries = self.service.storage.list(repo, kind)
-        if self.headers.get("Accept", "").strip() == MEDIA_V2:
-            media, payload = MEDIA_V2, [{"name": n, "size": s} for n, s in entries]
+        self._send_listing(entries, self.headers.get("Accept", "").strip() == MEDIA_V2)
+
+    LISTING_BATCH = 2048
+
+    def _send_listing(self, entries, v2):
+        """The JSON listing, produced as the storage yields it: one batch of entries
+        at a time, so memory stays flat whatever the repository size.  A listing
+        that fits one batch goes out with a Content-Length; a longer one chunked
+        (HTTP/1.1) or close-delimited (HTTP/1.0).  A failure after the first batch
+        cuts the connection (see _fail): the client sees a broken response, never
+        a complete but shorter list."""
+        entries = iter(entries)
+        quote_name = json.encoder.encode_basestring
+        item = '{"name":%s,"size":%d}' if v2 else "%s"
+
+        def batch():
+            out = []
+            for name, size in entries:
+                out.append(item % ((quote_name(name), size) if v2 else quote_name(name)))
+                if len(out) == self.LISTING_BATCH:
+                    break
+            return out
+
+        media = MEDIA_V2 if v2 else MEDIA_V1
+        first = batch()     # failures so far still get an honest error status
+        if len(first) < self.LISTING_BATCH:
+            return self._respond(200, ("[%s]" % ",".join(first)).encode(), media)
+        chunked = self.request_version == "HTTP/1.1"
+        self._status = 200
+        self.send_response(200)
+        self.send_header("Content-Type", media)
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
         else:
-            media, payload = MEDIA_V1, [n for n, _ in entries]
-        self._respond(200, json.dumps(payload, separators=(",", ":")).encode(), media)
+            self.close_connection = True
+        if self.close_connection or self._body_pending:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        piece, lead = first, "["
+        while piece:
+            data = (lead + ",".join(piece)).encode()
+            lead = ","
+            piece = batch()
+            if not piece:
+                data += b"]"
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            self._sent += len(data)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
 
     def _object_head(self, ref):
         size = self.service.storage.stat(ref)
@@ -5158,9 +5331,10 @@ class ResticHandler(BaseHTTPRequestHandler):
             headers["Content-Range"] = "bytes %d-%d/%d" % (start, start + length - 1, size)
         try:
             self._start(206 if partial else 200, length, "application/octet-stream", headers)
-            for chunk in chunks:
-                self.wfile.write(chunk)
-                self._sent += len(chunk)
+            if not self._send_file(chunks, length):
+                for chunk in chunks:
+                    self.wfile.write(chunk)
+                    self._sent += len(chunk)
         finally:
             close = getattr(chunks, "close", None)
             if close:
@@ -5170,11 +5344,22 @@ class ResticHandler(BaseHTTPRequestHandler):
             raise StorageError("sent %d of %d bytes" % (self._sent, length))
         self._count("read", ref, length)
 
+    def _send_file(self, chunks, length):
+        """Send a local file's range zero-copy (os.sendfile) when the storage offers
+        the file and the connection is a plain socket (not TLS); False otherwise,
+        and the caller copies the chunks."""
+        source = getattr(chunks, "file", None)
+        if source is None or length == 0 or self.server.tls_context is not None \
+                or not hasattr(os, "sendfile"):
+            return False
+        self._sent += self.connection.sendfile(source, chunks.start, length)
+        return True
+
     def _object_post(self, ref):
         length = self._content_length()
         self.service.admit_upload(ref.repo, length)
         try:
-            spool = self._read_body(length)
+            spool = self._read_body(length, ref)
             try:
                 outcome = self.service.save(ref, spool)
             finally:
@@ -5219,10 +5404,10 @@ class ResticHandler(BaseHTTPRequestHandler):
             raise RequestError(400, "bad Content-Length %r" % text)
         return int(text)
 
-    def _read_body(self, length):
+    def _read_body(self, length, ref):
+        spool = self.service.storage.new_spool(ref, self.server.spool_dir)
         try:
-            spool = HashingSpool.from_stream(self.rfile, length,
-                                             tmpdir=self.server.spool_dir)
+            HashingSpool.from_stream(self.rfile, length, spool=spool)
         except ShortBody as e:
             raise RequestError(400, "upload incomplete: %s" % e)
         except socket.timeout:
@@ -5269,6 +5454,7 @@ class RequestTracker(object):
 
 
 def make_tls_context(cert_file, key_file, min_version="1.2"):
+    ssl = optional_module("ssl", "--tls")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert_file, key_file)
@@ -5329,7 +5515,7 @@ class _ResticServerMixin(object):
             try:
                 self.tls_context = make_tls_context(*self.tls)
                 log.info("SIGHUP: TLS certificate %s reloaded", self.tls[0])
-            except (OSError, ssl.SSLError) as e:
+            except OSError as e:    # ssl.SSLError included
                 log.warning("SIGHUP: TLS certificate not reloaded: %s", e)
 
 
@@ -5434,6 +5620,8 @@ def build_pan123_storage(args, environ=None):
     api_base = args.api_base or environ.get("PAN123_API_BASE") or PAN123_DEFAULT_API_BASE
     if not api_base.startswith(("https://", "http://")):
         raise UsageError("--api-base %r: expected an http(s) URL" % api_base)
+    if api_base.startswith("https://"):
+        optional_module("ssl", "the 123pan backend (https)")
     repo_path = args.repo_path or environ.get("PAN123_REPO_PATH") or PAN123_DEFAULT_REPO_PATH
     try:
         split_pan123_path(repo_path)
@@ -5498,6 +5686,8 @@ def build_cloudreve_storage(args, environ=None):
         raise UsageError("the Cloudreve backend needs %s" % ", ".join(missing))
     if not url.startswith(("https://", "http://")) or not urlsplit(url).hostname:
         raise UsageError("--cloudreve-url %r: expected the site's http(s) address" % url)
+    if url.startswith("https://"):
+        optional_module("ssl", "a Cloudreve site over https")
     repo_path = args.repo_path or environ.get("CLOUDREVE_REPO_PATH") \
         or CLOUDREVE_DEFAULT_REPO_PATH
     try:
@@ -5564,7 +5754,7 @@ def main(argv=None, environ=None):
                                   prometheus_no_auth=args.prometheus_no_auth,
                                   private_repos=args.private_repos))
         server.htpasswd = load_users(args, server.server_address)
-    except (UsageError, OSError, ssl.SSLError) as e:
+    except (UsageError, OSError) as e:      # ssl.SSLError is an OSError
         if server is not None:
             server.server_close()
         if isinstance(e, UsageError):
@@ -5576,7 +5766,7 @@ def main(argv=None, environ=None):
     if hasattr(storage, "start"):
         try:    # a cloud backend: its metadata cache opens, the warm-up starts
             storage.start(rebuild=args.rebuild_cache)
-        except (OSError, StorageError, sqlite3.Error) as e:
+        except (OSError, StorageError, getattr(sqlite3, "Error", OSError)) as e:
             server.server_close()
             sys.stderr.write("restic_123pan.py: error: cannot start the %s backend: %s\n"
                              % (storage.name, e))

@@ -500,8 +500,8 @@ class LocalStorageTest(unittest.TestCase):
         b = self.put("data", b"b" * 20)
         self.assertEqual(self.st.stat(a), 10)
         self.assertEqual(sorted(self.st.list((), "data")), sorted([(a.name, 10), (b.name, 20)]))
-        self.assertEqual(self.st.list((), "index"), [])
-        self.assertEqual(self.st.list(("nope",), "data"), [])
+        self.assertEqual(list(self.st.list((), "index")), [])
+        self.assertEqual(list(self.st.list(("nope",), "data")), [])
         self.assertEqual(b"".join(self.st.read(b, 5, 3)), b"bbb")
         self.assertTrue(self.st.delete(a))
         self.assertFalse(self.st.delete(a))
@@ -515,8 +515,8 @@ class LocalStorageTest(unittest.TestCase):
             open(os.path.join(self.tmp, "index", junk), "w").close()
         open(os.path.join(self.tmp, "data", "stray-file"), "w").close()
         os.mkdir(os.path.join(self.tmp, "index", "a" * 64))     # a folder is not an object
-        self.assertEqual(self.st.list((), "index"), [(ref.name, 3)])
-        self.assertEqual(self.st.list((), "data"), [])
+        self.assertEqual(list(self.st.list((), "index")), [(ref.name, 3)])
+        self.assertEqual(list(self.st.list((), "data")), [])
 
     def test_failed_write_leaves_nothing_behind(self):
         ref = rp.ObjectRef((), "data", "cd" * 32)
