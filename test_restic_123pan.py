@@ -14,6 +14,7 @@ import binascii
 import bisect
 import collections
 import contextlib
+import errno
 import functools
 import gzip
 import hashlib
@@ -1274,6 +1275,391 @@ def wait_for_line(stream, needle, proc=None, timeout=120):
 def read_server_url(proc):
     line = wait_for_line(proc.stdout, "restic -r rest:", proc)
     return re.search(r"rest:(\S+)", line).group(1)
+
+
+# ---------------------------------------------------------------------------
+# Performance and scale (issue 12): write once, zero-copy reads, streamed
+# listings, a Python without ssl or sqlite3
+# ---------------------------------------------------------------------------
+
+class LocalWriteOnceTest(unittest.TestCase):
+    """The local backend writes an upload's bytes once, straight into a temporary
+    file in the object's own folder, computing SHA-256 only; whatever is refused
+    leaves nothing behind."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-once-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.root = os.path.join(self.tmp, "repos")
+        self.spool_dir = os.path.join(self.tmp, "spool")
+        os.mkdir(self.spool_dir)
+        self.srv = ServerThread(rp.LocalStorage(self.root),
+                                server_args={"spool_dir": self.spool_dir})
+        self.addCleanup(self.srv.stop)
+        self.assertEqual(self.srv.request("POST", "/r/?create=true")[0], 200)
+
+    def folder(self, name):
+        return os.path.join(self.root, "r", "data", name[:2])
+
+    def test_upload_goes_straight_to_the_target_folder_without_md5(self):
+        data = os.urandom(3 * rp.SPOOL_MEMORY_LIMIT + 5)
+        name = sha256_hex(data)
+        seen = []
+        real_replace = os.replace
+
+        def spying_replace(src, dst):
+            seen.append((os.path.dirname(src), os.path.getsize(src)))
+            return real_replace(src, dst)
+
+        def refuse(*a, **kw):
+            raise AssertionError("no MD5 and no spool outside the target folder")
+
+        with mock.patch.object(rp.hashlib, "md5", refuse), \
+                mock.patch.object(rp.tempfile, "SpooledTemporaryFile", refuse), \
+                mock.patch.object(rp.os, "replace", spying_replace):
+            self.assertEqual(self.srv.request("POST", "/r/data/" + name, data)[0], 200)
+        self.assertEqual(seen, [(self.folder(name), len(data))])
+        self.assertEqual(os.listdir(self.folder(name)), [name])
+        self.assertEqual(os.listdir(self.spool_dir), [])
+        self.assertEqual(self.srv.request("GET", "/r/data/" + name)[2], data)
+
+    def test_mismatch_short_body_and_reputs_leave_nothing_behind(self):
+        data = os.urandom(300000)
+        name = sha256_hex(data)
+        wrong = sha256_hex(b"something else")
+        self.assertEqual(self.srv.request("POST", "/r/data/" + wrong, data)[0], 400)
+        self.assertEqual(os.listdir(self.folder(wrong)), [])
+        # a body that ends early: 400, no temporary file left in the folder
+        s = socket.create_connection(("127.0.0.1", self.srv.port), timeout=30)
+        s.sendall(b"POST /r/data/" + name.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(data) + data[:1000])
+        s.shutdown(socket.SHUT_WR)
+        reply = s.recv(65536)
+        s.close()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:60])
+        self.assertEqual(os.listdir(self.folder(name)), [])
+        self.assertEqual(self.srv.request("POST", "/r/data/" + name, data)[0], 200)
+        self.assertEqual(self.srv.request("POST", "/r/data/" + name, data)[0], 200)  # a retry
+        self.assertEqual(os.listdir(self.folder(name)), [name])
+        self.assertEqual(self.srv.request("POST", "/r/config", b"one")[0], 200)
+        self.assertEqual(self.srv.request("POST", "/r/config", b"one")[0], 200)
+        self.assertEqual(self.srv.request("POST", "/r/config", b"two")[0], 403)
+        self.assertEqual(sorted(n for n in os.listdir(os.path.join(self.root, "r"))
+                                if not os.path.isdir(os.path.join(self.root, "r", n))),
+                         ["config"])
+        self.assertEqual(self.srv.request("GET", "/r/config")[2], b"one")
+
+    def test_disk_full_while_receiving_is_507_and_removes_the_file(self):
+        st = rp.LocalStorage(self.root)
+        ref = rp.ObjectRef(("r",), "data", "ee" * 32)
+        spool = st.new_spool(ref)
+        path = spool.path
+        self.assertEqual(os.path.dirname(path), self.folder(ref.name))
+
+        class FullFile(object):
+            def __init__(self, real):
+                self.real = real
+
+            def write(self, data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            def __getattr__(self, name):
+                return getattr(self.real, name)
+
+        spool._file = FullFile(spool._file)
+        with self.assertRaises(rp.QuotaExceeded):
+            rp.HashingSpool.from_stream(io.BytesIO(b"x" * 100), 100, spool=spool)
+        self.assertFalse(os.path.exists(path))
+
+    def test_only_the_digests_a_backend_declares_are_computed(self):
+        ref = rp.ObjectRef((), "data", "00" * 32)
+        self.assertIn("md5", rp.Pan123Storage.digests)
+        self.assertNotIn("md5", rp.CloudreveStorage.digests)
+        self.assertNotIn("md5", rp.LocalStorage.digests)
+
+        class NeedsMd5(rp.Storage):
+            digests = ("md5",)
+
+        for storage, md5 in ((rp.Storage(), None), (NeedsMd5(), hashlib.md5(b"abc").hexdigest())):
+            with rp.HashingSpool.from_stream(io.BytesIO(b"abc"), 3,
+                                             spool=storage.new_spool(ref)) as s:
+                self.assertEqual((s.md5, s.sha256, s.read_all()), (md5, sha256_hex(b"abc"), b"abc"))
+
+    def test_bodies_are_read_into_one_reused_buffer(self):
+        data = os.urandom(5 * rp.IO_CHUNK + 3)
+
+        class OnlyReadinto(io.RawIOBase):
+            def __init__(self):
+                self.src = io.BytesIO(data)
+                self.buffers = set()
+
+            def readable(self):
+                return True
+
+            def readinto(self, b):
+                self.buffers.add(id(b.obj))
+                return self.src.readinto(b)
+
+            def read(self, n=-1):
+                raise AssertionError("read() makes a new bytes object per chunk")
+
+        stream = OnlyReadinto()
+        with rp.HashingSpool.from_stream(stream, len(data)) as s:
+            self.assertEqual((s.sha256, s.read_all()), (sha256_hex(data), data))
+        self.assertEqual(len(stream.buffers), 1)
+
+
+class LocalSendfileTest(unittest.TestCase):
+    """Plain-HTTP GETs of a local object go out with socket.sendfile, counted in the
+    metrics exactly as copied ones are."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-sendfile-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.srv = ServerThread(rp.LocalStorage(self.tmp))
+        self.addCleanup(self.srv.stop)
+
+    def test_get_and_ranges_use_sendfile_and_are_counted(self):
+        data = os.urandom(700000)
+        path = "/sf/data/" + sha256_hex(data)
+        self.assertEqual(self.srv.request("POST", path, data)[0], 200)
+        calls = []
+        real = socket.socket.sendfile
+
+        def spy(sock, file, offset=0, count=None):
+            calls.append((offset, count))
+            return real(sock, file, offset, count)
+
+        before = rp.METRICS.total("rest_server_blob_read_bytes_total", repo="sf")
+        with mock.patch.object(socket.socket, "sendfile", spy):
+            self.assertEqual(self.srv.request("GET", path)[2], data)
+            status, _, body = self.srv.request("GET", path, headers={"Range": "bytes=1000-1999"})
+            self.assertEqual((status, body), (206, data[1000:2000]))
+            conn = self.srv.connection()        # keep-alive goes on after a sendfile
+            for _ in range(2):
+                conn.request("GET", path, headers={"Range": "bytes=-10"})
+                self.assertEqual(conn.getresponse().read(), data[-10:])
+            conn.close()
+        self.assertEqual(calls, [(0, 700000), (1000, 1000), (699990, 10), (699990, 10)])
+        self.assertEqual(rp.METRICS.total("rest_server_blob_read_bytes_total", repo="sf")
+                         - before, 700000 + 1000 + 20)
+
+
+class _ListingStorage(rp.LocalStorage):
+    """A local storage whose data/ listing is a generator of made-up entries that
+    may fail after `fail_after` of them."""
+
+    def __init__(self, root, count, fail_after=None):
+        rp.LocalStorage.__init__(self, root)
+        self.count = count
+        self.fail_after = fail_after
+
+    def list(self, repo, kind):
+        if kind != "data":
+            return rp.LocalStorage.list(self, repo, kind)
+        return self._entries()
+
+    def _entries(self):
+        for i in range(self.count):
+            if i == self.fail_after:
+                raise rp.StorageError("the listing broke off")
+            yield "%064x" % i, i
+
+
+class StreamingListingTest(unittest.TestCase):
+    """Listings are produced while the storage yields them: chunked (HTTP/1.1) or
+    close-delimited (HTTP/1.0), memory flat, and a failure midway cuts the
+    connection instead of ending a shorter list."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-list-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def serve(self, count, fail_after=None):
+        srv = ServerThread(_ListingStorage(self.tmp, count, fail_after))
+        self.addCleanup(srv.stop)
+        return srv
+
+    def expected(self, count):
+        return [{"name": "%064x" % i, "size": i} for i in range(count)]
+
+    def test_local_listing_is_lazy(self):
+        st = rp.LocalStorage(self.tmp)
+        st.create_repository(())
+        for kind in ("data", "keys"):
+            entries = st.list((), kind)
+            self.assertIs(iter(entries), entries)   # an iterator, not a built list
+            self.assertEqual(list(entries), [])
+
+    def test_long_listing_is_chunked_and_complete(self):
+        srv = self.serve(5000)
+        status, headers, body = srv.request("GET", "/data/", headers={"Accept": V2})
+        self.assertEqual((status, headers.get("transfer-encoding")), (200, "chunked"))
+        self.assertNotIn("content-length", headers)
+        self.assertEqual(json.loads(body.decode()), self.expected(5000))
+        status, headers, body = srv.request("GET", "/data/")
+        self.assertEqual(headers["content-type"], rp.MEDIA_V1)
+        self.assertEqual(json.loads(body.decode()), ["%064x" % i for i in range(5000)])
+        # a short listing still has its Content-Length
+        status, headers, body = self.serve(3).request("GET", "/data/", headers={"Accept": V2})
+        self.assertEqual((headers.get("content-length"), json.loads(body.decode())),
+                         (str(len(body)), self.expected(3)))
+
+    def test_http10_listing_is_close_delimited(self):
+        srv = self.serve(5000)
+        reply = srv.raw(b"GET /data/ HTTP/1.0\r\nAccept: " + V2.encode() + b"\r\n\r\n")
+        head, _, body = reply.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head[:40])
+        self.assertNotIn(b"content-length", head.lower())
+        self.assertNotIn(b"transfer-encoding", head.lower())
+        self.assertEqual(json.loads(body.decode()), self.expected(5000))
+
+    def test_failure_midway_cuts_the_connection(self):
+        srv = self.serve(10000, fail_after=7000)
+        conn = srv.connection()
+        conn.request("GET", "/data/", headers={"Accept": V2})
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200)
+        self.assertRaises(http.client.IncompleteRead, resp.read)
+        conn.close()
+        reply = srv.raw(b"GET /data/ HTTP/1.1\r\nHost: x\r\n\r\n")   # read to the cut
+        self.assertFalse(reply.endswith(b"0\r\n\r\n"))
+        self.assertFalse(reply.rstrip().endswith(b"]"))
+        reply = srv.raw(b"GET /data/ HTTP/1.0\r\n\r\n")      # close-delimited: no "]"
+        self.assertFalse(reply.rstrip().endswith(b"]"))
+
+    def test_failure_before_anything_was_sent_is_an_error_status(self):
+        srv = self.serve(10000, fail_after=10)
+        status, _, body = srv.request("GET", "/data/", headers={"Accept": V2})
+        self.assertEqual(status, 502)
+        self.assertIn(b"broke off", body)
+
+    def test_memory_stays_flat(self):
+        import tracemalloc
+        srv = self.serve(100000)
+        tracemalloc.start()
+        try:
+            conn = srv.connection()
+            conn.request("GET", "/data/", headers={"Accept": V2})
+            resp = conn.getresponse()
+            received = 0
+            while True:
+                piece = resp.read(65536)
+                if not piece:
+                    break
+                received += len(piece)
+            conn.close()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        # 100,000 entries are almost 9 MB of JSON; a listing built in memory needs
+        # several times that, a streamed one a batch or two.
+        self.assertGreater(received, 8000000)
+        self.assertLess(peak, 3 * 1024 * 1024)
+
+
+_BLOCKING_WRAPPER = r"""
+import sys
+blocked = set(sys.argv[1].split(","))
+
+
+class Refuse(object):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ImportError("blocked: %s" % name)
+        return None
+    find_module = None
+
+
+for name in list(sys.modules):
+    if name.split(".")[0] in blocked:
+        del sys.modules[name]
+sys.meta_path.insert(0, Refuse())
+script = sys.argv[2]
+sys.argv = sys.argv[2:]
+import runpy
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+class MinimalPythonTest(unittest.TestCase):
+    """The server as OpenWrt's python3-light runs it: without ssl, without
+    sqlite3.  The local backend over plain HTTP works; what needs a missing
+    module says so in one line and exits 2."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-minimal-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def command(self, blocked, *args):
+        return [sys.executable, "-S", "-c", _BLOCKING_WRAPPER, ",".join(blocked),
+                os.path.join(HERE, "restic_123pan.py")] + list(args)
+
+    def test_the_blocker_blocks(self):
+        r = subprocess.run(self.command(("ssl", "_ssl"), "--version")[:4]
+                           + ["-c", "import ssl"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True)
+        self.assertNotEqual(r.returncode, 0)
+
+    def test_local_backend_serves_without_ssl_or_sqlite3(self):
+        for blocked in (("ssl", "_ssl"), ("sqlite3", "_sqlite3"),
+                        ("ssl", "_ssl", "sqlite3", "_sqlite3")):
+            folder = os.path.join(self.tmp, "_".join(blocked))
+            proc = subprocess.Popen(self.command(blocked, "--backend", "local", "--path", folder,
+                                                 "--listen", "127.0.0.1:0", "--no-auth"),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    universal_newlines=True)
+            try:
+                url = read_server_url(proc)
+                port = int(urlsplit(url).port)
+                data = os.urandom(2 * rp.SPOOL_MEMORY_LIMIT)
+                path = "/m/data/" + sha256_hex(data)
+
+                def req(method, target, body=None, headers=None):
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                    conn.request(method, target, body=body, headers=headers or {})
+                    resp = conn.getresponse()
+                    out = resp.status, resp.read()
+                    conn.close()
+                    return out
+
+                self.assertEqual(req("POST", "/m/?create=true")[0], 200)
+                self.assertEqual(req("POST", path, data)[0], 200)
+                status, body = req("GET", "/m/data/", headers={"Accept": V2})
+                self.assertEqual(json.loads(body.decode()),
+                                 [{"name": sha256_hex(data), "size": len(data)}])
+                self.assertEqual(req("GET", path), (200, data))
+                self.assertEqual(req("GET", path, headers={"Range": "bytes=5-9"}),
+                                 (206, data[5:10]))
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                _, err = proc.communicate(timeout=60)
+            self.assertEqual(proc.returncode, 0, err[-2000:])
+            self.assertNotIn("Traceback", err)
+
+    def one_line_exit_2(self, blocked, args, module):
+        r = subprocess.run(self.command(blocked, *args), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+        lines = r.stderr.strip().splitlines()
+        self.assertEqual((r.returncode, len(lines)), (2, 1), r.stderr[-2000:])
+        self.assertIn("Python module %s" % module, lines[0])
+
+    def test_what_needs_a_missing_module_says_so_and_exits_2(self):
+        state = os.path.join(self.tmp, "state")
+        no_ssl, no_sqlite = ("ssl", "_ssl"), ("sqlite3", "_sqlite3")
+        cert, key = os.path.join(self.tmp, "c.pem"), os.path.join(self.tmp, "k.pem")
+        for p in (cert, key):
+            open(p, "w").close()
+        self.one_line_exit_2(no_ssl, ["--path", self.tmp, "--listen", "127.0.0.1:0",
+                                      "--tls", "--tls-cert", cert, "--tls-key", key], "ssl")
+        pan = ["--backend", "123pan", "--client-id", "id", "--client-secret", "secret",
+               "--state-dir", state, "--listen", "127.0.0.1:0"]
+        self.one_line_exit_2(no_sqlite, pan + ["--api-base", "http://127.0.0.1:9/"], "sqlite3")
+        self.one_line_exit_2(no_ssl, pan, "ssl")        # the default API is https
+        self.one_line_exit_2(no_ssl, ["--backend", "cloudreve", "--cloudreve-url",
+                                      "https://cloud.example", "--cloudreve-user", "u",
+                                      "--cloudreve-password", "p", "--state-dir", state,
+                                      "--listen", "127.0.0.1:0"], "ssl")
 
 
 # ---------------------------------------------------------------------------
