@@ -4303,7 +4303,7 @@ class Pan123StorageFoldersTest(Pan123BackendCase):
         storage = self.storage()
         self.assertIsNone(storage.stat(ObjectRef.config(("nope",))))
         self.assertEqual(storage.list(("nope",), "keys"), [])
-        self.assertEqual(storage.list(("nope",), "data"), [])
+        self.assertEqual(list(storage.list(("nope",), "data")), [])
         with self.assertRaises(NotFound):
             storage.read(ObjectRef.config(("nope",)), 0, 1)
         self.assertFalse(storage.delete(data_ref(b"x", ("nope",))))
@@ -4482,11 +4482,11 @@ class Pan123DeletesTest(Pan123BackendCase):
         self.existing_repo()
         refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(24)]
         storage = Pan123Storage(self.client(), "/restic-backup")
-        self.assertEqual(len(storage.list(REPO, "data")), 24)
+        self.assertEqual(len(list(storage.list(REPO, "data"))), 24)
         emu.reset_calls()
         self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 24)
         # Gone for restic at once; the remote deletes follow in the background.
-        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(list(storage.list(REPO, "data")), [])
         self.assertIsNone(storage.stat(refs[0]))
         self.assertFalse(storage.delete(refs[0]))
         storage.close()            # flushes the queued deletes
@@ -4515,11 +4515,11 @@ class Pan123DeletesTest(Pan123BackendCase):
         self.existing_repo()
         refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(6)]
         storage = self.storage()
-        storage.list(REPO, "data")
+        list(storage.list(REPO, "data"))
         emu.remove_behind_back(self.live_path(refs[0]))     # trash of its id: 5066
         # DELETE returns before the trash call, so it cannot tell the gone one.
         self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 6)
-        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(list(storage.list(REPO, "data")), [])
         storage.flush_deletes()
         self.assertEqual(storage.index.pending_deletes(), [])
         self.assertEqual(emu.total_live_files(), 0)
@@ -4732,7 +4732,7 @@ class Pan123CacheTest(Pan123CacheCase):
         self.assertRegex(text, r"about \d+ objects and \d+s to go")
         self.assertIn("warm-up done", text)
         emu.reset_calls()
-        self.assertEqual(len(storage.list(REPO, "data")), 300)
+        self.assertEqual(len(list(storage.list(REPO, "data"))), 300)
         self.assertEqual(storage.stat(ObjectRef.config(REPO)), 6)
         self.assertEqual(emu.calls[LIST], 0)
 
@@ -4777,7 +4777,7 @@ class Pan123CacheTest(Pan123CacheCase):
         self.assertIn("warm-up done", "\n".join(logs.output))
         self.assertEqual(emu.calls[LIST], 3)                      # the other 3 pages
         self.assertEqual(warm_up.pages, 3)
-        self.assertEqual(len(again.list(REPO, "data")), 450)
+        self.assertEqual(len(list(again.list(REPO, "data"))), 450)
         self.assertEqual(emu.calls[LIST], 3)
 
     def test_a_refused_saved_cursor_lists_the_folder_from_the_start(self):
@@ -4790,7 +4790,7 @@ class Pan123CacheTest(Pan123CacheCase):
         with storage.index.cache._transaction() as db:
             db.execute("UPDATE folders SET complete=0, cursor=-5 WHERE folder=?", (data_xx,))
         emu.reset_calls()
-        self.assertEqual(len(storage.list(REPO, "data")), 150)
+        self.assertEqual(len(list(storage.list(REPO, "data"))), 150)
         self.assertEqual(emu.rejected[(LIST, 1)], 1)
         self.assertEqual(emu.calls[LIST], 3)      # the refused page, then 2 from the start
         self.assertTrue(storage.index.is_loaded(data_xx))
@@ -4808,7 +4808,7 @@ class Pan123CacheTest(Pan123CacheCase):
         again = self.cached()
         again.start(wait=True)
         self.assertEqual(emu.calls[LIST], self.cloud_pages())
-        self.assertEqual(len(again.list(REPO, "data")), 800)
+        self.assertEqual(len(list(again.list(REPO, "data"))), 800)
 
     def test_object_removed_behind_our_back_is_404_not_500(self):
         emu = self.emulator()
@@ -4853,7 +4853,7 @@ class Pan123CacheTest(Pan123CacheCase):
         self.assertEqual(emu.total_live_files(), 3)
         again = self.cached()                         # started after the crash
         again.start(wait=True)
-        self.assertEqual(again.list(REPO, "data"), [(refs[2].name, 6)])
+        self.assertEqual(list(again.list(REPO, "data")), [(refs[2].name, 6)])
         again.flush_deletes()
         self.assertEqual(emu.total_live_files(), 1)
         self.assertEqual(again.index.pending_deletes(), [])
@@ -7568,7 +7568,7 @@ class CloudreveListingTest(CloudreveBackendCase):
         ref = self.put(storage, data)
         self.assertEqual(emu.file_bytes(self.live_path(ref, base)), data)
         fresh = self.storage(self.client(), repo_path=base)
-        self.assertEqual(fresh.list(REPO, "data"), [(ref.name, 1500)])
+        self.assertEqual(list(fresh.list(REPO, "data")), [(ref.name, 1500)])
         self.assertEqual(self.read(fresh, ref), data)
         self.assertTrue(fresh.delete(ref))
         self.assertEqual(emu.children(base + "/r/data/" + ref.name[:2]), [])
@@ -7850,7 +7850,7 @@ class CloudreveUploadsTest(CloudreveBackendCase):
         # one upload; the others find it stored when their turn comes
         self.assertEqual(emu.calls[CR_SESSION], 1)
         self.assertEqual(self.rejected_total(40004) + self.rejected_total(40073), 0)
-        self.assertEqual(storage.list(REPO, "data"), [(data_ref(data).name, 3000)])
+        self.assertEqual(list(storage.list(REPO, "data")), [(data_ref(data).name, 3000)])
 
 
 # ---------------------------------------------------------------------------
@@ -7921,7 +7921,7 @@ class CloudreveStorageFoldersTest(CloudreveBackendCase):
         self.emulator()
         storage = self.storage()
         self.assertEqual(storage.list(REPO, "snapshots"), [])
-        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(list(storage.list(REPO, "data")), [])
         self.assertIsNone(storage.stat(ObjectRef.config(REPO)))
         with self.assertRaises(NotFound):
             storage.read(ObjectRef.config(REPO), 0, 1)
@@ -8051,11 +8051,11 @@ class CloudreveDeletesTest(CloudreveBackendCase):
         self.existing_repo()
         refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(24)]
         storage = self.storage()
-        self.assertEqual(len(storage.list(REPO, "data")), 24)
+        self.assertEqual(len(list(storage.list(REPO, "data"))), 24)
         emu.reset_calls()
         self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 24)
         self.assertLess(emu.calls[CR_DELETE], 12)
-        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(list(storage.list(REPO, "data")), [])
         self.assertEqual(emu.used_bytes(), 0)
 
     def test_batch_with_objects_already_gone(self):
@@ -8063,12 +8063,12 @@ class CloudreveDeletesTest(CloudreveBackendCase):
         self.existing_repo()
         refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(6)]
         storage = self.storage()
-        storage.list(REPO, "data")
+        list(storage.list(REPO, "data"))
         emu.remove_behind_back(self.live_path(refs[0]))
         emu.remove_behind_back(self.live_path(refs[1]))
         # as far as this server knew they existed, and they are gone now
         self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 6)
-        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(list(storage.list(REPO, "data")), [])
         self.assertEqual(emu.used_bytes(), 0)
 
     def test_answer_lost_and_object_locked(self):
