@@ -1306,18 +1306,27 @@ class LocalStorage(Storage):
 
     @staticmethod
     def _scan(folder):
-        """(name, size) of the objects in one folder, as the scan finds them."""
+        """(name, size) of the objects in one folder, as the scan finds them.  The
+        sizes come from stat relative to the open folder (no path walk per file),
+        and only for names that are object ids."""
         try:
-            scan = os.scandir(folder)
+            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except (FileNotFoundError, NotADirectoryError):
             return
-        with scan:
-            for e in scan:
-                if len(e.name) == 64 and is_object_id(e.name) and e.is_file():
-                    try:
-                        yield e.name, e.stat().st_size
-                    except FileNotFoundError:   # deleted while we listed
-                        pass
+        try:
+            names = os.listdir(fd) if os.listdir in os.supports_fd else os.listdir(folder)
+            at = {"dir_fd": fd} if os.stat in os.supports_dir_fd else None
+            for name in names:
+                if len(name) != 64 or not is_object_id(name):
+                    continue
+                try:
+                    st = os.stat(name, **at) if at else os.stat(os.path.join(folder, name))
+                except FileNotFoundError:   # deleted while we listed
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    yield name, st.st_size
+        finally:
+            os.close(fd)
 
     def list(self, repo, kind):
         folder = self._dir_of(repo, kind)
