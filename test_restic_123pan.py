@@ -1386,7 +1386,7 @@ class LocalWriteOnceTest(unittest.TestCase):
                 self.assertEqual((s.md5, s.sha256, s.read_all()), (md5, sha256_hex(b"abc"), b"abc"))
 
     def test_bodies_are_read_into_one_reused_buffer(self):
-        data = os.urandom(5 * rp.IO_CHUNK + 3)
+        data = os.urandom(3 * rp.BODY_BUFFER + 3)
 
         class OnlyReadinto(io.RawIOBase):
             def __init__(self):
