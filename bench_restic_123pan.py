@@ -375,17 +375,19 @@ def wait_listening(port, proc, timeout=30):
 class PeerServer(object):
     """One REST server process serving a folder: ours or rclone's."""
 
-    def __init__(self, kind, folder, product, log_path):
+    def __init__(self, kind, folder, product, log_path, backend_args=None, env=None):
         self.kind = kind
         self.port = free_port()
         if kind == "ours":
-            cmd = [sys.executable, product, "--backend", "local", "--path", folder,
-                   "--listen", "127.0.0.1:%d" % self.port, "--no-auth"]
+            cmd = [sys.executable, product] + (backend_args or [
+                "--backend", "local", "--path", folder]) + [
+                "--listen", "127.0.0.1:%d" % self.port, "--no-auth"]
         else:
             cmd = ["rclone", "serve", "restic", "--addr", "127.0.0.1:%d" % self.port,
                    "--config", "/dev/null", folder]
         self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log,
+                                     env=dict(os.environ, **(env or {})))
         wait_listening(self.port, self.proc)
         self.url = "rest:http://127.0.0.1:%d/" % self.port
 
@@ -553,6 +555,46 @@ class PerfBench(object):
         finally:
             server.stop()
 
+    def cloud_run(self, backend, run):
+        """Backup and restore through a cloud backend whose emulator sits behind a
+        modelled link: throughput as a fraction of that link."""
+        from test_restic_123pan import CloudreveEmulator, WanLink
+        link = WanLink(self.args.wan_latency, self.args.wan_connection * 1e6,
+                       self.args.wan_total * 1e6)
+        emu = (Pan123Emulator() if backend == "123pan" else CloudreveEmulator()).start()
+        emu.wan = link
+        base = os.path.join(self.tmp, "%s-%d" % (backend, run))
+        state = os.path.join(base, "state")
+        if backend == "123pan":
+            args = ["--backend", "123pan", "--api-base", emu.api_base, "--client-id",
+                    "emu-client", "--state-dir", state]
+            env = {"PAN123_CLIENT_SECRET": "emu-secret"}
+        else:
+            args = ["--backend", "cloudreve", "--cloudreve-url", emu.base_url,
+                    "--cloudreve-user", "me@example.com", "--state-dir", state]
+            env = {"CLOUDREVE_PASSWORD": "secret"}
+        server = PeerServer("ours", None, self.product, os.path.join(self.tmp, "server.log"),
+                            args, env)
+        self.env["RESTIC_CACHE_DIR"] = os.path.join(base, "cache")
+        repo = server.url + "r"
+        try:
+            self.restic(repo, "init")
+            for step, cmd, direction in (
+                    ("backup", ["backup", self.cloud_src], "up"),
+                    ("restore", ["restore", "latest", "--target",
+                                 os.path.join(base, "restored")], "down")):
+                before = link.bytes[direction]
+                t = time.monotonic()
+                self.restic(repo, *cmd)
+                wall = time.monotonic() - t
+                rate = (link.bytes[direction] - before) / wall
+                self.add("%s %s MB/s" % (backend, step), "ours", rate / 1e6)
+                self.add("%s %s of link" % (backend, step), "ours", rate / link.total)
+        finally:
+            server.stop()
+            emu.stop()
+            shutil.rmtree(base, True)
+
     def check_count(self, n):
         if n != self.args.packs:
             raise SystemExit("listing returned %d entries, not %d" % (n, self.args.packs))
@@ -567,16 +609,27 @@ class PerfBench(object):
         print("machine: %s" % machine_description())
         self.src = os.path.join(self.tmp, "src")
         t = time.monotonic()
-        self.tree_bytes = make_big_tree(self.src, self.args.tree_mib)
+        self.tree_bytes = make_big_tree(self.src, self.args.tree_mib) if self.args.tree_mib \
+            else 0
         print("tree: %.2f GiB generated in %.0f s; %d run(s) per peer, %d connections, "
               "--pack-size %d" % (self.tree_bytes / float(1 << 30), time.monotonic() - t,
                                   self.args.runs, self.args.connections, self.args.pack_size))
-        for run in range(self.args.runs):
+        for run in range(self.args.runs if self.tree_bytes else 0):
             for peer in self.PEERS:
                 self.one_backup_run(peer, run)
                 print("  run %d %-7s backup+check+restore %.1f s" % (
                     run + 1, peer, self.results[("backup+check+restore wall s", peer)][-1]))
                 sys.stdout.flush()
+        if self.args.cloud_mib:
+            self.cloud_src = os.path.join(self.tmp, "cloud-src")
+            make_big_tree(self.cloud_src, self.args.cloud_mib, seed=8)
+            print("cloud: %d MiB through a link of %.0f ms, %.0f MB/s per connection, %.0f MB/s "
+                  "in total (restic's default connections)"
+                  % (self.args.cloud_mib, self.args.wan_latency * 1000,
+                     self.args.wan_connection, self.args.wan_total))
+            for run in range(self.args.runs):
+                for backend in ("123pan", "cloudreve"):
+                    self.cloud_run(backend, run)
         if self.args.packs:
             self.packs_root = os.path.join(self.tmp, "packs", "r")
             t = time.monotonic()
@@ -622,12 +675,14 @@ def perf_main(args):
         if not shutil.which(tool):
             raise SystemExit("%s is not installed" % tool)
     if args.quick:
-        args.tree_mib = args.tree_mib or 192
+        args.tree_mib = 192 if args.tree_mib is None else args.tree_mib
         args.packs = 20000 if args.packs is None else args.packs
         args.runs = args.runs or 1
-    args.tree_mib = args.tree_mib or 1100
+        args.cloud_mib = 48 if args.cloud_mib is None else args.cloud_mib
+    args.tree_mib = 1100 if args.tree_mib is None else args.tree_mib
     args.packs = 200000 if args.packs is None else args.packs
     args.runs = args.runs or 3
+    args.cloud_mib = 160 if args.cloud_mib is None else args.cloud_mib
     workdir = tempfile.mkdtemp(prefix="bench-perf-")
     try:
         return PerfBench(args, workdir).run()
@@ -647,10 +702,19 @@ def main():
                       help="--perf with 192 MiB, 20,000 packs, one run")
     perf.add_argument("--product", default=os.path.join(HERE, "restic_123pan.py"),
                       help="the server file to measure (e.g. an older version)")
-    perf.add_argument("--tree-mib", type=int, default=0, help="generated tree (default 1100)")
+    perf.add_argument("--tree-mib", type=int, default=None,
+                      help="generated tree for the local comparison (default 1100; 0: skip)")
     perf.add_argument("--packs", type=int, default=None,
                       help="packs in the listing repository (default 200000; 0: skip)")
     perf.add_argument("--runs", type=int, default=0, help="runs per peer (default 3)")
+    perf.add_argument("--cloud-mib", type=int, default=None,
+                      help="tree backed up through each cloud emulator (default 160; 0: skip)")
+    perf.add_argument("--wan-latency", type=float, default=0.03,
+                      help="modelled link: seconds per request (default 0.03)")
+    perf.add_argument("--wan-connection", type=float, default=8,
+                      help="modelled link: MB/s per connection (default 8)")
+    perf.add_argument("--wan-total", type=float, default=20,
+                      help="modelled link: MB/s in total, each way (default 20)")
     perf.add_argument("--connections", type=int, default=8, help="restic rest.connections")
     perf.add_argument("--pack-size", type=int, default=64, help="restic --pack-size MiB")
     args = parser.parse_args()

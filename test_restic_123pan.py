@@ -1828,6 +1828,58 @@ def _no_constants(name):
     raise ValueError("%s is not JSON" % name)   # NaN / Infinity
 
 
+class WanLink(object):
+    """A modelled internet link between the server and a cloud (for the benchmark;
+    off unless an emulator's `wan` is set): `latency` seconds before each request
+    is handled, and per direction ("up" to the cloud, "down" from it) at most
+    `per_connection` bytes/s on one connection and `total` bytes/s over all.
+    The link is a queue: each transfer reserves its time on it in turn."""
+
+    def __init__(self, latency=0.03, per_connection=8e6, total=20e6):
+        self.latency, self.per_connection, self.total = latency, per_connection, total
+        self._lock = threading.Lock()
+        self._free = {"up": 0.0, "down": 0.0}
+        self.bytes = collections.Counter()
+
+    def pace(self, direction, nbytes, own):
+        """Sleep until `nbytes` would have crossed; `own` is the connection's state."""
+        if not nbytes:
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._free[direction] = max(now, self._free[direction]) + nbytes / self.total
+            link_done = self._free[direction]
+            self.bytes[direction] += nbytes
+        own[direction] = max(now, own.get(direction, 0.0)) + nbytes / self.per_connection
+        delay = max(link_done, own[direction]) - now
+        if delay > 0:
+            time.sleep(delay)
+
+
+class _PacedFile(object):
+    """A handler's rfile or wfile whose bytes cross a WanLink."""
+
+    def __init__(self, raw, link, direction, own):
+        self._raw, self._link, self._direction, self._own = raw, link, direction, own
+
+    def read(self, *args):
+        data = self._raw.read(*args)
+        self._link.pace(self._direction, len(data), self._own)
+        return data
+
+    def readline(self, *args):
+        data = self._raw.readline(*args)
+        self._link.pace(self._direction, len(data), self._own)
+        return data
+
+    def write(self, data):
+        self._link.pace(self._direction, len(data), self._own)
+        return self._raw.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -1850,6 +1902,11 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self):
         BaseHTTPRequestHandler.setup(self)
         self.server.emu._track(self.connection, True)
+        link = getattr(self.server.emu, "wan", None)
+        if link is not None:        # the benchmark's modelled internet link
+            own = {}
+            self.rfile = _PacedFile(self.rfile, link, "up", own)
+            self.wfile = _PacedFile(self.wfile, link, "down", own)
 
     def finish(self):
         try:
@@ -1861,6 +1918,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _any(self):
+        link = getattr(self.server.emu, "wan", None)
+        if link is not None and link.latency:
+            time.sleep(link.latency)
         self.server.emu._handle(self)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _any
