@@ -1125,6 +1125,18 @@ def object_folder(base, repo, kind, name=None):
     return path + (kind,)
 
 
+def folder_by_folder(folders, list_folder):
+    """A listing over several folders, list_folder(folder) read one folder at a time
+    (the cloud backends' data/xx from their cache): memory stays flat however many
+    packs there are.  The first folder is read before returning, so its failure is
+    still an error status and not a cut listing."""
+    first = list_folder(folders[0]) if folders else []
+    if len(folders) <= 1:
+        return first
+    return itertools.chain(first, itertools.chain.from_iterable(
+        list_folder(folder) for folder in folders[1:]))
+
+
 class Storage(object):
     """The one small interface every backend implements.
 
@@ -2645,17 +2657,7 @@ class Pan123Storage(Storage):
                           if _DATA_FOLDER_RE.match(name)]
         else:
             folder_ids = [folder_id]
-        return self._list_folders(folder_ids)
-
-    def _list_folders(self, folder_ids):
-        # One folder's rows at a time from the cache: memory stays flat however
-        # many packs data/ holds; the first folder is read before returning, so
-        # its failure is still an error status and not a cut listing.
-        first = self._listed_objects(folder_ids[0]) if folder_ids else []
-        if len(folder_ids) <= 1:
-            return first
-        return itertools.chain(first, itertools.chain.from_iterable(
-            self._listed_objects(fid) for fid in folder_ids[1:]))
+        return folder_by_folder(folder_ids, self._listed_objects)
 
     def _listed_objects(self, folder_id):
         self._ensure_listed(folder_id)
@@ -3841,12 +3843,7 @@ class CloudreveStorage(Storage):
                        if _DATA_FOLDER_RE.match(name)]
         else:
             folders = [folder]
-        first = self._listed_objects(folders[0]) if folders else []
-        if len(folders) <= 1:
-            return first
-        # one folder at a time, as Pan123Storage.list
-        return itertools.chain(first, itertools.chain.from_iterable(
-            self._listed_objects(sub) for sub in folders[1:]))
+        return folder_by_folder(folders, self._listed_objects)
 
     def _listed_objects(self, folder):
         self._ensure_listed(folder)

@@ -1491,6 +1491,24 @@ class StreamingListingTest(unittest.TestCase):
             self.assertIs(iter(entries), entries)   # an iterator, not a built list
             self.assertEqual(list(entries), [])
 
+    def test_cloud_listings_read_one_folder_at_a_time(self):
+        read = []
+
+        def list_folder(folder):
+            read.append(folder)
+            if folder == "bad":
+                raise rp.StorageError("cannot list")
+            return [(folder, 1)]
+
+        entries = rp.folder_by_folder(["a", "b", "c"], list_folder)
+        self.assertEqual(read, ["a"])           # the first one before returning
+        self.assertEqual(next(entries), ("a", 1))
+        self.assertEqual(read, ["a"])
+        self.assertEqual(list(entries), [("b", 1), ("c", 1)])
+        self.assertEqual(read, ["a", "b", "c"])
+        self.assertRaises(rp.StorageError, rp.folder_by_folder, ["bad", "a"], list_folder)
+        self.assertEqual(list(rp.folder_by_folder([], list_folder)), [])
+
     def test_long_listing_is_chunked_and_complete(self):
         srv = self.serve(5000)
         status, headers, body = srv.request("GET", "/data/", headers={"Accept": V2})
