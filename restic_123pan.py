@@ -1881,10 +1881,45 @@ class Pan123Client(object):
                               % (name, created), endpoint="/upload/v2/file/create")
         servers = created.get("servers") or []
         host = servers[0].rstrip("/") if servers else self.upload_domain
-        for number, start in enumerate(range(0, spool.size, slice_size), 1):
-            self._upload_slice(host, preupload_id, name, number, spool, start,
-                               min(slice_size, spool.size - start))
+        self._upload_slices(host, preupload_id, name, spool, [
+            (number, start, min(slice_size, spool.size - start))
+            for number, start in enumerate(range(0, spool.size, slice_size), 1)])
         return self._await_complete(preupload_id, name)
+
+    # Slices in flight at once for one file: 123pan takes them in any order, and
+    # OpenList's client sends 3 at a time.  Each still goes through call().
+    SLICE_CONCURRENCY = 3
+
+    def _upload_slices(self, host, preupload_id, name, spool, slices):
+        """Upload (number, start, length) slices, SLICE_CONCURRENCY at a time.  After
+        a failure no new slice starts; the first failure is raised once the running
+        ones have ended."""
+        pending = collections.deque(slices)
+        failures = []
+        lock = threading.Lock()
+
+        def work():
+            while True:
+                with lock:
+                    if failures or not pending:
+                        return
+                    number, start, length = pending.popleft()
+                try:
+                    self._upload_slice(host, preupload_id, name, number, spool, start, length)
+                except BaseException as e:
+                    with lock:
+                        failures.append(e)
+                    return
+
+        helpers = [threading.Thread(target=work, name="123pan-slice", daemon=True)
+                   for _ in range(min(self.SLICE_CONCURRENCY, len(slices)) - 1)]
+        for helper in helpers:
+            helper.start()
+        work()                  # this thread takes its share too
+        for helper in helpers:
+            helper.join()
+        if failures:
+            raise failures[0]
 
     def _upload_slice(self, host, preupload_id, name, number, spool, start, length):
         # sliceMD5 is a form field that precedes the bytes, so it is computed in a

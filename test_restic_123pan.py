@@ -4352,6 +4352,53 @@ class Pan123UploadsTest(Pan123BackendCase):
 # The storage: folders and what is known
 # ---------------------------------------------------------------------------
 
+class Pan123ParallelSlicesTest(Pan123BackendCase):
+    """The V2 slice flow sends up to Pan123Client.SLICE_CONCURRENCY (3) slices of a
+    file at once."""
+
+    def test_three_slices_are_in_flight_together(self):
+        emu = self.emulator(slice_size=1000)
+        storage = self.storage(single_upload_max=0)
+        storage.create_repository(REPO)
+        together = threading.Barrier(3, timeout=20)    # sequential slices would break it
+        real = emu._h_slice
+
+        def slice_meeting_the_others(ctx):
+            if together.n_waiting < 3 and not together.broken and emu.calls[SLICE] <= 3:
+                together.wait()
+            return real(ctx)
+
+        emu._h_slice = slice_meeting_the_others
+        data = os.urandom(7500)
+        ref = self.put(storage, data)
+        self.assertFalse(together.broken)
+        self.assertEqual(emu.calls[SLICE], 8)
+        self.assertEqual(self.read(storage, ref), data)
+
+    def test_a_refused_slice_fails_the_upload_and_no_new_one_starts(self):
+        emu = self.emulator(slice_size=1000)
+        storage = self.storage(single_upload_max=0)
+        storage.create_repository(REPO)
+        real = emu._h_slice
+        seen = []
+
+        def refuse_the_first(ctx):
+            with emu.lock:
+                seen.append(1)
+                first = len(seen) == 1
+            if first:
+                raise _ApiError(1, "分片MD5校验失败")      # final: not retried
+            return real(ctx)
+
+        emu._h_slice = refuse_the_first
+        data = os.urandom(20000)                            # 20 slices
+        with self.assertRaises(rp.StorageError):
+            self.put(storage, data)
+        # only the slices already in flight went on after the refusal
+        self.assertLess(len(seen), 8)
+        self.assertIsNone(storage.stat(data_ref(data)))
+
+
 class Pan123StorageFoldersTest(Pan123BackendCase):
 
     def test_create_repository_costs_mkdirs_only(self):
