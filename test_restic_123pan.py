@@ -14,6 +14,7 @@ import binascii
 import bisect
 import collections
 import contextlib
+import errno
 import functools
 import gzip
 import hashlib
@@ -507,8 +508,8 @@ class LocalStorageTest(unittest.TestCase):
         b = self.put("data", b"b" * 20)
         self.assertEqual(self.st.stat(a), 10)
         self.assertEqual(sorted(self.st.list((), "data")), sorted([(a.name, 10), (b.name, 20)]))
-        self.assertEqual(self.st.list((), "index"), [])
-        self.assertEqual(self.st.list(("nope",), "data"), [])
+        self.assertEqual(list(self.st.list((), "index")), [])
+        self.assertEqual(list(self.st.list(("nope",), "data")), [])
         self.assertEqual(b"".join(self.st.read(b, 5, 3)), b"bbb")
         self.assertTrue(self.st.delete(a))
         self.assertFalse(self.st.delete(a))
@@ -522,8 +523,8 @@ class LocalStorageTest(unittest.TestCase):
             open(os.path.join(self.tmp, "index", junk), "w").close()
         open(os.path.join(self.tmp, "data", "stray-file"), "w").close()
         os.mkdir(os.path.join(self.tmp, "index", "a" * 64))     # a folder is not an object
-        self.assertEqual(self.st.list((), "index"), [(ref.name, 3)])
-        self.assertEqual(self.st.list((), "data"), [])
+        self.assertEqual(list(self.st.list((), "index")), [(ref.name, 3)])
+        self.assertEqual(list(self.st.list((), "data")), [])
 
     def test_failed_write_leaves_nothing_behind(self):
         ref = rp.ObjectRef((), "data", "cd" * 32)
@@ -1286,6 +1287,409 @@ def read_server_url(proc):
 
 
 # ---------------------------------------------------------------------------
+# Performance and scale (issue 12): write once, zero-copy reads, streamed
+# listings, a Python without ssl or sqlite3
+# ---------------------------------------------------------------------------
+
+class LocalWriteOnceTest(unittest.TestCase):
+    """The local backend writes an upload's bytes once, straight into a temporary
+    file in the object's own folder, computing SHA-256 only; whatever is refused
+    leaves nothing behind."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-once-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.root = os.path.join(self.tmp, "repos")
+        self.spool_dir = os.path.join(self.tmp, "spool")
+        os.mkdir(self.spool_dir)
+        self.srv = ServerThread(rp.LocalStorage(self.root),
+                                server_args={"spool_dir": self.spool_dir})
+        self.addCleanup(self.srv.stop)
+        self.assertEqual(self.srv.request("POST", "/r/?create=true")[0], 200)
+
+    def folder(self, name):
+        return os.path.join(self.root, "r", "data", name[:2])
+
+    def test_upload_goes_straight_to_the_target_folder_without_md5(self):
+        data = os.urandom(3 * rp.SPOOL_MEMORY_LIMIT + 5)
+        name = sha256_hex(data)
+        seen = []
+        real_replace = os.replace
+
+        def spying_replace(src, dst):
+            seen.append((os.path.dirname(src), os.path.getsize(src)))
+            return real_replace(src, dst)
+
+        def refuse(*a, **kw):
+            raise AssertionError("no MD5 and no spool outside the target folder")
+
+        with mock.patch.object(rp.hashlib, "md5", refuse), \
+                mock.patch.object(rp.tempfile, "SpooledTemporaryFile", refuse), \
+                mock.patch.object(rp.os, "replace", spying_replace):
+            self.assertEqual(self.srv.request("POST", "/r/data/" + name, data)[0], 200)
+        self.assertEqual(seen, [(self.folder(name), len(data))])
+        self.assertEqual(os.listdir(self.folder(name)), [name])
+        self.assertEqual(os.listdir(self.spool_dir), [])
+        self.assertEqual(self.srv.request("GET", "/r/data/" + name)[2], data)
+
+    def test_mismatch_short_body_and_reputs_leave_nothing_behind(self):
+        data = os.urandom(300000)
+        name = sha256_hex(data)
+        wrong = sha256_hex(b"something else")
+        self.assertEqual(self.srv.request("POST", "/r/data/" + wrong, data)[0], 400)
+        self.assertEqual(os.listdir(self.folder(wrong)), [])
+        # a body that ends early: 400, no temporary file left in the folder
+        s = socket.create_connection(("127.0.0.1", self.srv.port), timeout=30)
+        s.sendall(b"POST /r/data/" + name.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(data) + data[:1000])
+        s.shutdown(socket.SHUT_WR)
+        reply = s.recv(65536)
+        s.close()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:60])
+        self.assertEqual(os.listdir(self.folder(name)), [])
+        self.assertEqual(self.srv.request("POST", "/r/data/" + name, data)[0], 200)
+        self.assertEqual(self.srv.request("POST", "/r/data/" + name, data)[0], 200)  # a retry
+        self.assertEqual(os.listdir(self.folder(name)), [name])
+        self.assertEqual(self.srv.request("POST", "/r/config", b"one")[0], 200)
+        self.assertEqual(self.srv.request("POST", "/r/config", b"one")[0], 200)
+        self.assertEqual(self.srv.request("POST", "/r/config", b"two")[0], 403)
+        self.assertEqual(sorted(n for n in os.listdir(os.path.join(self.root, "r"))
+                                if not os.path.isdir(os.path.join(self.root, "r", n))),
+                         ["config"])
+        self.assertEqual(self.srv.request("GET", "/r/config")[2], b"one")
+
+    def test_disk_full_while_receiving_is_507_and_removes_the_file(self):
+        st = rp.LocalStorage(self.root)
+        ref = rp.ObjectRef(("r",), "data", "ee" * 32)
+        spool = st.new_spool(ref)
+        path = spool.path
+        self.assertEqual(os.path.dirname(path), self.folder(ref.name))
+
+        class FullFile(object):
+            def __init__(self, real):
+                self.real = real
+
+            def write(self, data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            def __getattr__(self, name):
+                return getattr(self.real, name)
+
+        spool._file = FullFile(spool._file)
+        with self.assertRaises(rp.QuotaExceeded):
+            rp.HashingSpool.from_stream(io.BytesIO(b"x" * 100), 100, spool=spool)
+        self.assertFalse(os.path.exists(path))
+
+    def test_only_the_digests_a_backend_declares_are_computed(self):
+        ref = rp.ObjectRef((), "data", "00" * 32)
+        self.assertIn("md5", rp.Pan123Storage.digests)
+        self.assertNotIn("md5", rp.CloudreveStorage.digests)
+        self.assertNotIn("md5", rp.LocalStorage.digests)
+
+        class NeedsMd5(rp.Storage):
+            digests = ("md5",)
+
+        for storage, md5 in ((rp.Storage(), None), (NeedsMd5(), hashlib.md5(b"abc").hexdigest())):
+            with rp.HashingSpool.from_stream(io.BytesIO(b"abc"), 3,
+                                             spool=storage.new_spool(ref)) as s:
+                self.assertEqual((s.md5, s.sha256, s.read_all()), (md5, sha256_hex(b"abc"), b"abc"))
+
+    def test_bodies_are_read_into_one_reused_buffer(self):
+        data = os.urandom(3 * rp.BODY_BUFFER + 3)
+
+        class OnlyReadinto(io.RawIOBase):
+            def __init__(self):
+                self.src = io.BytesIO(data)
+                self.buffers = set()
+
+            def readable(self):
+                return True
+
+            def readinto(self, b):
+                self.buffers.add(id(b.obj))
+                return self.src.readinto(b)
+
+            def read(self, n=-1):
+                raise AssertionError("read() makes a new bytes object per chunk")
+
+        stream = OnlyReadinto()
+        with rp.HashingSpool.from_stream(stream, len(data)) as s:
+            self.assertEqual((s.sha256, s.read_all()), (sha256_hex(data), data))
+        self.assertEqual(len(stream.buffers), 1)
+
+
+class LocalSendfileTest(unittest.TestCase):
+    """Plain-HTTP GETs of a local object go out with socket.sendfile, counted in the
+    metrics exactly as copied ones are."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-sendfile-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.srv = ServerThread(rp.LocalStorage(self.tmp))
+        self.addCleanup(self.srv.stop)
+
+    def test_get_and_ranges_use_sendfile_and_are_counted(self):
+        data = os.urandom(700000)
+        path = "/sf/data/" + sha256_hex(data)
+        self.assertEqual(self.srv.request("POST", path, data)[0], 200)
+        calls = []
+        real = socket.socket.sendfile
+
+        def spy(sock, file, offset=0, count=None):
+            calls.append((offset, count))
+            return real(sock, file, offset, count)
+
+        before = rp.METRICS.total("rest_server_blob_read_bytes_total", repo="sf")
+        with mock.patch.object(socket.socket, "sendfile", spy):
+            self.assertEqual(self.srv.request("GET", path)[2], data)
+            status, _, body = self.srv.request("GET", path, headers={"Range": "bytes=1000-1999"})
+            self.assertEqual((status, body), (206, data[1000:2000]))
+            conn = self.srv.connection()        # keep-alive goes on after a sendfile
+            for _ in range(2):
+                conn.request("GET", path, headers={"Range": "bytes=-10"})
+                self.assertEqual(conn.getresponse().read(), data[-10:])
+            conn.close()
+        self.assertEqual(calls, [(0, 700000), (1000, 1000), (699990, 10), (699990, 10)])
+        self.assertEqual(rp.METRICS.total("rest_server_blob_read_bytes_total", repo="sf")
+                         - before, 700000 + 1000 + 20)
+
+
+class _ListingStorage(rp.LocalStorage):
+    """A local storage whose data/ listing is a generator of made-up entries that
+    may fail after `fail_after` of them."""
+
+    def __init__(self, root, count, fail_after=None):
+        rp.LocalStorage.__init__(self, root)
+        self.count = count
+        self.fail_after = fail_after
+
+    def list(self, repo, kind):
+        if kind != "data":
+            return rp.LocalStorage.list(self, repo, kind)
+        return self._entries()
+
+    def _entries(self):
+        for i in range(self.count):
+            if i == self.fail_after:
+                raise rp.StorageError("the listing broke off")
+            yield "%064x" % i, i
+
+
+class StreamingListingTest(unittest.TestCase):
+    """Listings are produced while the storage yields them: chunked (HTTP/1.1) or
+    close-delimited (HTTP/1.0), memory flat, and a failure midway cuts the
+    connection instead of ending a shorter list."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-list-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def serve(self, count, fail_after=None):
+        srv = ServerThread(_ListingStorage(self.tmp, count, fail_after))
+        self.addCleanup(srv.stop)
+        return srv
+
+    def expected(self, count):
+        return [{"name": "%064x" % i, "size": i} for i in range(count)]
+
+    def test_local_listing_is_lazy(self):
+        st = rp.LocalStorage(self.tmp)
+        st.create_repository(())
+        for kind in ("data", "keys"):
+            entries = st.list((), kind)
+            self.assertIs(iter(entries), entries)   # an iterator, not a built list
+            self.assertEqual(list(entries), [])
+
+    def test_cloud_listings_read_one_folder_at_a_time(self):
+        read = []
+
+        def list_folder(folder):
+            read.append(folder)
+            if folder == "bad":
+                raise rp.StorageError("cannot list")
+            return [(folder, 1)]
+
+        entries = rp.folder_by_folder(["a", "b", "c"], list_folder)
+        self.assertEqual(read, ["a"])           # the first one before returning
+        self.assertEqual(next(entries), ("a", 1))
+        self.assertEqual(read, ["a"])
+        self.assertEqual(list(entries), [("b", 1), ("c", 1)])
+        self.assertEqual(read, ["a", "b", "c"])
+        self.assertRaises(rp.StorageError, rp.folder_by_folder, ["bad", "a"], list_folder)
+        self.assertEqual(list(rp.folder_by_folder([], list_folder)), [])
+
+    def test_long_listing_is_chunked_and_complete(self):
+        srv = self.serve(5000)
+        status, headers, body = srv.request("GET", "/data/", headers={"Accept": V2})
+        self.assertEqual((status, headers.get("transfer-encoding")), (200, "chunked"))
+        self.assertNotIn("content-length", headers)
+        self.assertEqual(json.loads(body.decode()), self.expected(5000))
+        status, headers, body = srv.request("GET", "/data/")
+        self.assertEqual(headers["content-type"], rp.MEDIA_V1)
+        self.assertEqual(json.loads(body.decode()), ["%064x" % i for i in range(5000)])
+        # a short listing still has its Content-Length
+        status, headers, body = self.serve(3).request("GET", "/data/", headers={"Accept": V2})
+        self.assertEqual((headers.get("content-length"), json.loads(body.decode())),
+                         (str(len(body)), self.expected(3)))
+
+    def test_http10_listing_is_close_delimited(self):
+        srv = self.serve(5000)
+        reply = srv.raw(b"GET /data/ HTTP/1.0\r\nAccept: " + V2.encode() + b"\r\n\r\n")
+        head, _, body = reply.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head[:40])
+        self.assertNotIn(b"content-length", head.lower())
+        self.assertNotIn(b"transfer-encoding", head.lower())
+        self.assertEqual(json.loads(body.decode()), self.expected(5000))
+
+    def test_failure_midway_cuts_the_connection(self):
+        srv = self.serve(10000, fail_after=7000)
+        conn = srv.connection()
+        conn.request("GET", "/data/", headers={"Accept": V2})
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200)
+        self.assertRaises(http.client.IncompleteRead, resp.read)
+        conn.close()
+        reply = srv.raw(b"GET /data/ HTTP/1.1\r\nHost: x\r\n\r\n")   # read to the cut
+        self.assertFalse(reply.endswith(b"0\r\n\r\n"))
+        self.assertFalse(reply.rstrip().endswith(b"]"))
+        reply = srv.raw(b"GET /data/ HTTP/1.0\r\n\r\n")      # close-delimited: no "]"
+        self.assertFalse(reply.rstrip().endswith(b"]"))
+
+    def test_failure_before_anything_was_sent_is_an_error_status(self):
+        srv = self.serve(10000, fail_after=10)
+        status, _, body = srv.request("GET", "/data/", headers={"Accept": V2})
+        self.assertEqual(status, 502)
+        self.assertIn(b"broke off", body)
+
+    def test_memory_stays_flat(self):
+        import tracemalloc
+        srv = self.serve(100000)
+        tracemalloc.start()
+        try:
+            conn = srv.connection()
+            conn.request("GET", "/data/", headers={"Accept": V2})
+            resp = conn.getresponse()
+            received = 0
+            while True:
+                piece = resp.read(65536)
+                if not piece:
+                    break
+                received += len(piece)
+            conn.close()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        # 100,000 entries are almost 9 MB of JSON; a listing built in memory needs
+        # several times that, a streamed one a batch or two.
+        self.assertGreater(received, 8000000)
+        self.assertLess(peak, 3 * 1024 * 1024)
+
+
+_BLOCKING_WRAPPER = r"""
+import sys
+blocked = set(sys.argv[1].split(","))
+
+
+class Refuse(object):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ImportError("blocked: %s" % name)
+        return None
+    find_module = None
+
+
+for name in list(sys.modules):
+    if name.split(".")[0] in blocked:
+        del sys.modules[name]
+sys.meta_path.insert(0, Refuse())
+script = sys.argv[2]
+sys.argv = sys.argv[2:]
+import runpy
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+class MinimalPythonTest(unittest.TestCase):
+    """The server as OpenWrt's python3-light runs it: without ssl, without
+    sqlite3.  The local backend over plain HTTP works; what needs a missing
+    module says so in one line and exits 2."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-minimal-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def command(self, blocked, *args):
+        return [sys.executable, "-S", "-c", _BLOCKING_WRAPPER, ",".join(blocked),
+                os.path.join(HERE, "restic_123pan.py")] + list(args)
+
+    def test_the_blocker_blocks(self):
+        r = subprocess.run(self.command(("ssl", "_ssl"), "--version")[:4]
+                           + ["-c", "import ssl"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True)
+        self.assertNotEqual(r.returncode, 0)
+
+    def test_local_backend_serves_without_ssl_or_sqlite3(self):
+        for blocked in (("ssl", "_ssl"), ("sqlite3", "_sqlite3"),
+                        ("ssl", "_ssl", "sqlite3", "_sqlite3")):
+            folder = os.path.join(self.tmp, "_".join(blocked))
+            proc = subprocess.Popen(self.command(blocked, "--backend", "local", "--path", folder,
+                                                 "--listen", "127.0.0.1:0", "--no-auth"),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    universal_newlines=True)
+            try:
+                url = read_server_url(proc)
+                port = int(urlsplit(url).port)
+                data = os.urandom(2 * rp.SPOOL_MEMORY_LIMIT)
+                path = "/m/data/" + sha256_hex(data)
+
+                def req(method, target, body=None, headers=None):
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                    conn.request(method, target, body=body, headers=headers or {})
+                    resp = conn.getresponse()
+                    out = resp.status, resp.read()
+                    conn.close()
+                    return out
+
+                self.assertEqual(req("POST", "/m/?create=true")[0], 200)
+                self.assertEqual(req("POST", path, data)[0], 200)
+                status, body = req("GET", "/m/data/", headers={"Accept": V2})
+                self.assertEqual(json.loads(body.decode()),
+                                 [{"name": sha256_hex(data), "size": len(data)}])
+                self.assertEqual(req("GET", path), (200, data))
+                self.assertEqual(req("GET", path, headers={"Range": "bytes=5-9"}),
+                                 (206, data[5:10]))
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                _, err = proc.communicate(timeout=60)
+            self.assertEqual(proc.returncode, 0, err[-2000:])
+            self.assertNotIn("Traceback", err)
+
+    def one_line_exit_2(self, blocked, args, module):
+        r = subprocess.run(self.command(blocked, *args), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+        lines = r.stderr.strip().splitlines()
+        self.assertEqual((r.returncode, len(lines)), (2, 1), r.stderr[-2000:])
+        self.assertIn("Python module %s" % module, lines[0])
+
+    def test_what_needs_a_missing_module_says_so_and_exits_2(self):
+        state = os.path.join(self.tmp, "state")
+        no_ssl, no_sqlite = ("ssl", "_ssl"), ("sqlite3", "_sqlite3")
+        cert, key = os.path.join(self.tmp, "c.pem"), os.path.join(self.tmp, "k.pem")
+        for p in (cert, key):
+            open(p, "w").close()
+        self.one_line_exit_2(no_ssl, ["--path", self.tmp, "--listen", "127.0.0.1:0",
+                                      "--tls", "--tls-cert", cert, "--tls-key", key], "ssl")
+        pan = ["--backend", "123pan", "--client-id", "id", "--client-secret", "secret",
+               "--state-dir", state, "--listen", "127.0.0.1:0"]
+        self.one_line_exit_2(no_sqlite, pan + ["--api-base", "http://127.0.0.1:9/"], "sqlite3")
+        self.one_line_exit_2(no_ssl, pan, "ssl")        # the default API is https
+        self.one_line_exit_2(no_ssl, ["--backend", "cloudreve", "--cloudreve-url",
+                                      "https://cloud.example", "--cloudreve-user", "u",
+                                      "--cloudreve-password", "p", "--state-dir", state,
+                                      "--listen", "127.0.0.1:0"], "ssl")
+
+
+# ---------------------------------------------------------------------------
 # The 123pan Open Platform emulator: a strict fake of the open API host, the
 # upload host and the download CDN, written from ../shared/spec/123pan-open-api.md
 # ---------------------------------------------------------------------------
@@ -1451,6 +1855,58 @@ def _no_constants(name):
     raise ValueError("%s is not JSON" % name)   # NaN / Infinity
 
 
+class WanLink(object):
+    """A modelled internet link between the server and a cloud (for the benchmark;
+    off unless an emulator's `wan` is set): `latency` seconds before each request
+    is handled, and per direction ("up" to the cloud, "down" from it) at most
+    `per_connection` bytes/s on one connection and `total` bytes/s over all.
+    The link is a queue: each transfer reserves its time on it in turn."""
+
+    def __init__(self, latency=0.03, per_connection=8e6, total=20e6):
+        self.latency, self.per_connection, self.total = latency, per_connection, total
+        self._lock = threading.Lock()
+        self._free = {"up": 0.0, "down": 0.0}
+        self.bytes = collections.Counter()
+
+    def pace(self, direction, nbytes, own):
+        """Sleep until `nbytes` would have crossed; `own` is the connection's state."""
+        if not nbytes:
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._free[direction] = max(now, self._free[direction]) + nbytes / self.total
+            link_done = self._free[direction]
+            self.bytes[direction] += nbytes
+        own[direction] = max(now, own.get(direction, 0.0)) + nbytes / self.per_connection
+        delay = max(link_done, own[direction]) - now
+        if delay > 0:
+            time.sleep(delay)
+
+
+class _PacedFile(object):
+    """A handler's rfile or wfile whose bytes cross a WanLink."""
+
+    def __init__(self, raw, link, direction, own):
+        self._raw, self._link, self._direction, self._own = raw, link, direction, own
+
+    def read(self, *args):
+        data = self._raw.read(*args)
+        self._link.pace(self._direction, len(data), self._own)
+        return data
+
+    def readline(self, *args):
+        data = self._raw.readline(*args)
+        self._link.pace(self._direction, len(data), self._own)
+        return data
+
+    def write(self, data):
+        self._link.pace(self._direction, len(data), self._own)
+        return self._raw.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -1473,6 +1929,11 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self):
         BaseHTTPRequestHandler.setup(self)
         self.server.emu._track(self.connection, True)
+        link = getattr(self.server.emu, "wan", None)
+        if link is not None:        # the benchmark's modelled internet link
+            own = {}
+            self.rfile = _PacedFile(self.rfile, link, "up", own)
+            self.wfile = _PacedFile(self.wfile, link, "down", own)
 
     def finish(self):
         try:
@@ -1484,6 +1945,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _any(self):
+        link = getattr(self.server.emu, "wan", None)
+        if link is not None and link.latency:
+            time.sleep(link.latency)
         self.server.emu._handle(self)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _any
@@ -3897,6 +4361,53 @@ class Pan123UploadsTest(Pan123BackendCase):
 # The storage: folders and what is known
 # ---------------------------------------------------------------------------
 
+class Pan123ParallelSlicesTest(Pan123BackendCase):
+    """The V2 slice flow sends up to Pan123Client.SLICE_CONCURRENCY (3) slices of a
+    file at once."""
+
+    def test_three_slices_are_in_flight_together(self):
+        emu = self.emulator(slice_size=1000)
+        storage = self.storage(single_upload_max=0)
+        storage.create_repository(REPO)
+        together = threading.Barrier(3, timeout=20)    # sequential slices would break it
+        real = emu._h_slice
+
+        def slice_meeting_the_others(ctx):
+            if together.n_waiting < 3 and not together.broken and emu.calls[SLICE] <= 3:
+                together.wait()
+            return real(ctx)
+
+        emu._h_slice = slice_meeting_the_others
+        data = os.urandom(7500)
+        ref = self.put(storage, data)
+        self.assertFalse(together.broken)
+        self.assertEqual(emu.calls[SLICE], 8)
+        self.assertEqual(self.read(storage, ref), data)
+
+    def test_a_refused_slice_fails_the_upload_and_no_new_one_starts(self):
+        emu = self.emulator(slice_size=1000)
+        storage = self.storage(single_upload_max=0)
+        storage.create_repository(REPO)
+        real = emu._h_slice
+        seen = []
+
+        def refuse_the_first(ctx):
+            with emu.lock:
+                seen.append(1)
+                first = len(seen) == 1
+            if first:
+                raise _ApiError(1, "分片MD5校验失败")      # final: not retried
+            return real(ctx)
+
+        emu._h_slice = refuse_the_first
+        data = os.urandom(20000)                            # 20 slices
+        with self.assertRaises(rp.StorageError):
+            self.put(storage, data)
+        # only the slices already in flight went on after the refusal
+        self.assertLess(len(seen), 8)
+        self.assertIsNone(storage.stat(data_ref(data)))
+
+
 class Pan123StorageFoldersTest(Pan123BackendCase):
 
     def test_create_repository_costs_mkdirs_only(self):
@@ -3926,7 +4437,7 @@ class Pan123StorageFoldersTest(Pan123BackendCase):
         storage = self.storage()
         self.assertIsNone(storage.stat(ObjectRef.config(("nope",))))
         self.assertEqual(storage.list(("nope",), "keys"), [])
-        self.assertEqual(storage.list(("nope",), "data"), [])
+        self.assertEqual(list(storage.list(("nope",), "data")), [])
         with self.assertRaises(NotFound):
             storage.read(ObjectRef.config(("nope",)), 0, 1)
         self.assertFalse(storage.delete(data_ref(b"x", ("nope",))))
@@ -4105,11 +4616,11 @@ class Pan123DeletesTest(Pan123BackendCase):
         self.existing_repo()
         refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(24)]
         storage = Pan123Storage(self.client(), "/restic-backup")
-        self.assertEqual(len(storage.list(REPO, "data")), 24)
+        self.assertEqual(len(list(storage.list(REPO, "data"))), 24)
         emu.reset_calls()
         self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 24)
         # Gone for restic at once; the remote deletes follow in the background.
-        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(list(storage.list(REPO, "data")), [])
         self.assertIsNone(storage.stat(refs[0]))
         self.assertFalse(storage.delete(refs[0]))
         storage.close()            # flushes the queued deletes
@@ -4138,11 +4649,11 @@ class Pan123DeletesTest(Pan123BackendCase):
         self.existing_repo()
         refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(6)]
         storage = self.storage()
-        storage.list(REPO, "data")
+        list(storage.list(REPO, "data"))
         emu.remove_behind_back(self.live_path(refs[0]))     # trash of its id: 5066
         # DELETE returns before the trash call, so it cannot tell the gone one.
         self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 6)
-        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(list(storage.list(REPO, "data")), [])
         storage.flush_deletes()
         self.assertEqual(storage.index.pending_deletes(), [])
         self.assertEqual(emu.total_live_files(), 0)
@@ -4355,7 +4866,7 @@ class Pan123CacheTest(Pan123CacheCase):
         self.assertRegex(text, r"about \d+ objects and \d+s to go")
         self.assertIn("warm-up done", text)
         emu.reset_calls()
-        self.assertEqual(len(storage.list(REPO, "data")), 300)
+        self.assertEqual(len(list(storage.list(REPO, "data"))), 300)
         self.assertEqual(storage.stat(ObjectRef.config(REPO)), 6)
         self.assertEqual(emu.calls[LIST], 0)
 
@@ -4400,7 +4911,7 @@ class Pan123CacheTest(Pan123CacheCase):
         self.assertIn("warm-up done", "\n".join(logs.output))
         self.assertEqual(emu.calls[LIST], 3)                      # the other 3 pages
         self.assertEqual(warm_up.pages, 3)
-        self.assertEqual(len(again.list(REPO, "data")), 450)
+        self.assertEqual(len(list(again.list(REPO, "data"))), 450)
         self.assertEqual(emu.calls[LIST], 3)
 
     def test_a_refused_saved_cursor_lists_the_folder_from_the_start(self):
@@ -4413,7 +4924,7 @@ class Pan123CacheTest(Pan123CacheCase):
         with storage.index.cache._transaction() as db:
             db.execute("UPDATE folders SET complete=0, cursor=-5 WHERE folder=?", (data_xx,))
         emu.reset_calls()
-        self.assertEqual(len(storage.list(REPO, "data")), 150)
+        self.assertEqual(len(list(storage.list(REPO, "data"))), 150)
         self.assertEqual(emu.rejected[(LIST, 1)], 1)
         self.assertEqual(emu.calls[LIST], 3)      # the refused page, then 2 from the start
         self.assertTrue(storage.index.is_loaded(data_xx))
@@ -4431,7 +4942,7 @@ class Pan123CacheTest(Pan123CacheCase):
         again = self.cached()
         again.start(wait=True)
         self.assertEqual(emu.calls[LIST], self.cloud_pages())
-        self.assertEqual(len(again.list(REPO, "data")), 800)
+        self.assertEqual(len(list(again.list(REPO, "data"))), 800)
 
     def test_object_removed_behind_our_back_is_404_not_500(self):
         emu = self.emulator()
@@ -4476,7 +4987,7 @@ class Pan123CacheTest(Pan123CacheCase):
         self.assertEqual(emu.total_live_files(), 3)
         again = self.cached()                         # started after the crash
         again.start(wait=True)
-        self.assertEqual(again.list(REPO, "data"), [(refs[2].name, 6)])
+        self.assertEqual(list(again.list(REPO, "data")), [(refs[2].name, 6)])
         again.flush_deletes()
         self.assertEqual(emu.total_live_files(), 1)
         self.assertEqual(again.index.pending_deletes(), [])
@@ -7191,7 +7702,7 @@ class CloudreveListingTest(CloudreveBackendCase):
         ref = self.put(storage, data)
         self.assertEqual(emu.file_bytes(self.live_path(ref, base)), data)
         fresh = self.storage(self.client(), repo_path=base)
-        self.assertEqual(fresh.list(REPO, "data"), [(ref.name, 1500)])
+        self.assertEqual(list(fresh.list(REPO, "data")), [(ref.name, 1500)])
         self.assertEqual(self.read(fresh, ref), data)
         self.assertTrue(fresh.delete(ref))
         self.assertEqual(emu.children(base + "/r/data/" + ref.name[:2]), [])
@@ -7473,7 +7984,7 @@ class CloudreveUploadsTest(CloudreveBackendCase):
         # one upload; the others find it stored when their turn comes
         self.assertEqual(emu.calls[CR_SESSION], 1)
         self.assertEqual(self.rejected_total(40004) + self.rejected_total(40073), 0)
-        self.assertEqual(storage.list(REPO, "data"), [(data_ref(data).name, 3000)])
+        self.assertEqual(list(storage.list(REPO, "data")), [(data_ref(data).name, 3000)])
 
 
 # ---------------------------------------------------------------------------
@@ -7544,7 +8055,7 @@ class CloudreveStorageFoldersTest(CloudreveBackendCase):
         self.emulator()
         storage = self.storage()
         self.assertEqual(storage.list(REPO, "snapshots"), [])
-        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(list(storage.list(REPO, "data")), [])
         self.assertIsNone(storage.stat(ObjectRef.config(REPO)))
         with self.assertRaises(NotFound):
             storage.read(ObjectRef.config(REPO), 0, 1)
@@ -7674,11 +8185,11 @@ class CloudreveDeletesTest(CloudreveBackendCase):
         self.existing_repo()
         refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(24)]
         storage = self.storage()
-        self.assertEqual(len(storage.list(REPO, "data")), 24)
+        self.assertEqual(len(list(storage.list(REPO, "data"))), 24)
         emu.reset_calls()
         self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 24)
         self.assertLess(emu.calls[CR_DELETE], 12)
-        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(list(storage.list(REPO, "data")), [])
         self.assertEqual(emu.used_bytes(), 0)
 
     def test_batch_with_objects_already_gone(self):
@@ -7686,12 +8197,12 @@ class CloudreveDeletesTest(CloudreveBackendCase):
         self.existing_repo()
         refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(6)]
         storage = self.storage()
-        storage.list(REPO, "data")
+        list(storage.list(REPO, "data"))
         emu.remove_behind_back(self.live_path(refs[0]))
         emu.remove_behind_back(self.live_path(refs[1]))
         # as far as this server knew they existed, and they are gone now
         self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 6)
-        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(list(storage.list(REPO, "data")), [])
         self.assertEqual(emu.used_bytes(), 0)
 
     def test_answer_lost_and_object_locked(self):
