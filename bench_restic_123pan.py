@@ -302,12 +302,424 @@ class Bench(object):
         self.emu.stop()
 
 
+# ---------------------------------------------------------------------------
+# --perf: the local backend against `rclone serve restic` and restic on a plain
+# folder, side by side in one run (issue 12)
+# ---------------------------------------------------------------------------
+
+def free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def proc_cpu_seconds(pid):
+    """utime + stime of a process (and its reaped children), from /proc."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return sum(int(x) for x in fields[11:15]) / float(ticks)
+
+
+def proc_rss_kib(pid, field="VmRSS"):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler(object):
+    """Samples a process's resident memory every 20 ms; peak() in MiB."""
+
+    def __init__(self, pid):
+        import threading
+        self.pid = pid
+        self.top = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.top = max(self.top, proc_rss_kib(self.pid))
+            self._stop.wait(0.02)
+
+    def peak(self):
+        self._stop.set()
+        self._thread.join()
+        self.top = max(self.top, proc_rss_kib(self.pid))
+        return self.top / 1024.0
+
+
+def wait_listening(port, proc, timeout=30):
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("server exited with %d" % proc.returncode)
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("server did not start listening on %d" % port)
+
+
+class PeerServer(object):
+    """One REST server process serving a folder: ours or rclone's."""
+
+    def __init__(self, kind, folder, product, log_path, backend_args=None, env=None):
+        self.kind = kind
+        self.port = free_port()
+        if kind == "ours":
+            cmd = [sys.executable, product] + (backend_args or [
+                "--backend", "local", "--path", folder]) + [
+                "--listen", "127.0.0.1:%d" % self.port, "--no-auth"]
+        else:
+            cmd = ["rclone", "serve", "restic", "--addr", "127.0.0.1:%d" % self.port,
+                   "--config", "/dev/null", folder]
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log,
+                                     env=dict(os.environ, **(env or {})))
+        wait_listening(self.port, self.proc)
+        self.url = "rest:http://127.0.0.1:%d/" % self.port
+
+    def cpu(self):
+        return proc_cpu_seconds(self.proc.pid)
+
+    def rss(self):
+        return proc_rss_kib(self.proc.pid) / 1024.0
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def make_big_tree(root, total_mib, seed=7):
+    """Incompressible files of 1-24 MiB plus a few hundred small ones, about
+    total_mib MiB in all (os.urandom-like bytes from a seeded generator is too
+    slow for a GiB: blocks of urandom, seeded sizes)."""
+    import random
+    rnd = random.Random(seed)
+    total, i = 0, 0
+    block = 1024 * 1024
+    while total < total_mib * 1024 * 1024:
+        size = rnd.randint(1, 4096) if i % 4 == 0 else rnd.randint(1, 24) * block \
+            + rnd.randint(0, 4095)
+        folder = os.path.join(root, "d%02d" % (i % 13))
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "f%05d.bin" % i), "wb") as f:
+            left = size
+            while left:
+                n = min(block, left)
+                f.write(os.urandom(n))
+                left -= n
+        total += size
+        i += 1
+    return total
+
+
+def make_pack_folder(root, packs):
+    """A repository folder with `packs` small files in data/xx/ (names = ids)."""
+    os.makedirs(root)
+    with open(os.path.join(root, "config"), "wb") as f:
+        f.write(b"x")
+    for kind in ("keys", "locks", "snapshots", "index"):
+        os.makedirs(os.path.join(root, kind))
+    for i in range(256):
+        os.makedirs(os.path.join(root, "data", "%02x" % i))
+    for i in range(packs):
+        name = hashlib.sha256(b"pack %d" % i).hexdigest()
+        with open(os.path.join(root, "data", name[:2], name), "wb") as f:
+            f.write(b"p" * (i % 7 + 1))
+
+
+def fetch_listing(port, repo, v2):
+    """GET <repo>/data/: (seconds, entries); a cut connection raises."""
+    import http.client
+    t = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    accept = "application/vnd.x.restic.rest.v2" if v2 else "application/vnd.x.restic.rest.v1"
+    conn.request("GET", "/%s/data/" % repo, headers={"Accept": accept})
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    if resp.status == 400 and not v2:
+        return None, None       # rclone serves only v2 listings
+    if resp.status != 200:
+        raise SystemExit("listing: HTTP %d %s" % (resp.status, body[:200]))
+    return time.monotonic() - t, len(json.loads(body.decode()))
+
+
+def median(values):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    n = len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2.0
+
+
+class PerfBench(object):
+    PEERS = ("ours", "rclone", "folder")
+
+    def __init__(self, args, workdir):
+        self.args = args
+        self.tmp = workdir
+        self.product = os.path.abspath(args.product)
+        self.results = {}           # (metric, peer) -> [values]
+        self.env = dict(os.environ, RESTIC_PASSWORD="bench")
+
+    def add(self, metric, peer, value):
+        self.results.setdefault((metric, peer), []).append(value)
+
+    def restic(self, repo, *args):
+        cmd = ["restic", "-r", repo, "--no-lock" if args[0] == "check" and False else "-q"] \
+            + list(args)
+        r = subprocess.run(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if r.returncode != 0:
+            raise SystemExit("restic %s failed: %s" % (" ".join(args), r.stderr[-2000:]))
+
+    def one_backup_run(self, peer, run):
+        base = os.path.join(self.tmp, "%s-%d" % (peer, run))
+        folder = os.path.join(base, "repo-root")
+        os.makedirs(folder)
+        self.env["RESTIC_CACHE_DIR"] = os.path.join(base, "cache")
+        server = None
+        if peer == "folder":
+            repo = os.path.join(folder, "r")
+        else:
+            server = PeerServer(peer, folder, self.product, os.path.join(self.tmp, "server.log"))
+            repo = server.url + "r"
+        opts = ["-o", "rest.connections=%d" % self.args.connections] if server else []
+        try:
+            self.restic(repo, "init", *opts)
+            idle = server.rss() if server else None
+            gib = self.tree_bytes / float(1 << 30)
+            for step, cmd in (("backup", ["backup", "--pack-size", str(self.args.pack_size),
+                                         self.src]),
+                              ("check", ["check", "--read-data"]),
+                              ("restore", ["restore", "latest", "--target",
+                                           os.path.join(base, "restored")])):
+                sampler = RssSampler(server.proc.pid) if server else None
+                cpu0 = server.cpu() if server else None
+                t = time.monotonic()
+                self.restic(repo, *(cmd + opts))
+                self.add("%s wall s" % step, peer, time.monotonic() - t)
+                if server:
+                    self.add("%s server CPU s/GiB" % step, peer, (server.cpu() - cpu0) / gib)
+                    self.add("%s server peak MiB" % step, peer, sampler.peak())
+            if server:
+                self.add("idle server MiB (after init)", peer, idle)
+            self.add("backup+check+restore wall s", peer,
+                     sum(self.results[("%s wall s" % s, peer)][-1]
+                         for s in ("backup", "check", "restore")))
+        finally:
+            if server:
+                server.stop()
+            shutil.rmtree(base, True)
+
+    def listing_runs(self, peer):
+        server = PeerServer(peer, self.packs_root, self.product,
+                            os.path.join(self.tmp, "server.log"))
+        try:
+            for _ in range(self.args.runs):
+                sampler = RssSampler(server.proc.pid)
+                secs, n = fetch_listing(server.port, "r", True)
+                self.check_count(n)
+                self.add("listing v2 s", peer, secs)
+                secs, n = fetch_listing(server.port, "r", False)
+                if secs is not None:
+                    self.check_count(n)
+                    self.add("listing v1 s", peer, secs)
+                from concurrent.futures import ThreadPoolExecutor
+                t = time.monotonic()
+                with ThreadPoolExecutor(8) as pool:
+                    counts = list(pool.map(lambda _: fetch_listing(server.port, "r", True)[1],
+                                           range(8)))
+                self.add("8 parallel v2 listings s", peer, time.monotonic() - t)
+                for n in counts:
+                    self.check_count(n)
+                self.add("listing server peak MiB", peer, sampler.peak())
+        finally:
+            server.stop()
+
+    def cloud_run(self, backend, run):
+        """Backup and restore through a cloud backend whose emulator sits behind a
+        modelled link: throughput as a fraction of that link."""
+        from test_restic_123pan import CloudreveEmulator, WanLink
+        link = WanLink(self.args.wan_latency, self.args.wan_connection * 1e6,
+                       self.args.wan_total * 1e6)
+        emu = (Pan123Emulator() if backend == "123pan" else CloudreveEmulator()).start()
+        emu.wan = link
+        base = os.path.join(self.tmp, "%s-%d" % (backend, run))
+        state = os.path.join(base, "state")
+        if backend == "123pan":
+            args = ["--backend", "123pan", "--api-base", emu.api_base, "--client-id",
+                    "emu-client", "--state-dir", state]
+            env = {"PAN123_CLIENT_SECRET": "emu-secret"}
+        else:
+            args = ["--backend", "cloudreve", "--cloudreve-url", emu.base_url,
+                    "--cloudreve-user", "me@example.com", "--state-dir", state]
+            env = {"CLOUDREVE_PASSWORD": "secret"}
+        server = PeerServer("ours", None, self.product, os.path.join(self.tmp, "server.log"),
+                            args, env)
+        self.env["RESTIC_CACHE_DIR"] = os.path.join(base, "cache")
+        repo = server.url + "r"
+        try:
+            self.restic(repo, "init")
+            for step, cmd, direction in (
+                    ("backup", ["backup", self.cloud_src], "up"),
+                    ("restore", ["restore", "latest", "--target",
+                                 os.path.join(base, "restored")], "down")):
+                before = link.bytes[direction]
+                t = time.monotonic()
+                self.restic(repo, *cmd)
+                wall = time.monotonic() - t
+                rate = (link.bytes[direction] - before) / wall
+                self.add("%s %s MB/s" % (backend, step), "ours", rate / 1e6)
+                self.add("%s %s of link" % (backend, step), "ours", rate / link.total)
+        finally:
+            server.stop()
+            emu.stop()
+            shutil.rmtree(base, True)
+
+    def check_count(self, n):
+        if n != self.args.packs:
+            raise SystemExit("listing returned %d entries, not %d" % (n, self.args.packs))
+
+    def run(self):
+        print("perf benchmark: product %s, %s, %s, rclone %s" % (
+            self.product, sys.version.split()[0],
+            subprocess.run(["restic", "version"], stdout=subprocess.PIPE,
+                           universal_newlines=True).stdout.strip(),
+            subprocess.run(["rclone", "version"], stdout=subprocess.PIPE,
+                           universal_newlines=True).stdout.split("\n")[0]))
+        print("machine: %s" % machine_description())
+        self.src = os.path.join(self.tmp, "src")
+        t = time.monotonic()
+        self.tree_bytes = make_big_tree(self.src, self.args.tree_mib) if self.args.tree_mib \
+            else 0
+        print("tree: %.2f GiB generated in %.0f s; %d run(s) per peer, %d connections, "
+              "--pack-size %d" % (self.tree_bytes / float(1 << 30), time.monotonic() - t,
+                                  self.args.runs, self.args.connections, self.args.pack_size))
+        for run in range(self.args.runs if self.tree_bytes else 0):
+            for peer in self.PEERS:
+                self.one_backup_run(peer, run)
+                print("  run %d %-7s backup+check+restore %.1f s" % (
+                    run + 1, peer, self.results[("backup+check+restore wall s", peer)][-1]))
+                sys.stdout.flush()
+        if self.args.cloud_mib:
+            self.cloud_src = os.path.join(self.tmp, "cloud-src")
+            make_big_tree(self.cloud_src, self.args.cloud_mib, seed=8)
+            print("cloud: %d MiB through a link of %.0f ms, %.0f MB/s per connection, %.0f MB/s "
+                  "in total (restic's default connections)"
+                  % (self.args.cloud_mib, self.args.wan_latency * 1000,
+                     self.args.wan_connection, self.args.wan_total))
+            for run in range(self.args.runs):
+                for backend in ("123pan", "cloudreve"):
+                    self.cloud_run(backend, run)
+        if self.args.packs:
+            self.packs_root = os.path.join(self.tmp, "packs", "r")
+            t = time.monotonic()
+            make_pack_folder(self.packs_root, self.args.packs)
+            self.packs_root = os.path.dirname(self.packs_root)
+            print("listing: %d packs made in %.0f s" % (self.args.packs, time.monotonic() - t))
+            for peer in ("ours", "rclone"):
+                self.listing_runs(peer)
+        self.print_table()
+        return 0
+
+    def print_table(self):
+        metrics = []
+        for metric, _ in self.results:
+            if metric not in metrics:
+                metrics.append(metric)
+        print("\nmedians of %d run(s)          ours     rclone   folder   ours/rclone"
+              % self.args.runs)
+        for metric in metrics:
+            vals = [median(self.results.get((metric, p), [])) for p in self.PEERS]
+            cells = ["%8.2f" % v if v is not None else "%8s" % "-" for v in vals]
+            ratio = "%8.2f" % (vals[0] / vals[1]) if vals[0] is not None and vals[1] else \
+                "%8s" % "-"
+            print("  %-28s %s   %s" % (metric, " ".join(cells), ratio))
+
+
+def machine_description():
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return "%s, %d cores visible, %s" % (model, os.cpu_count() or 0,
+                                        " ".join(os.uname()[2:3]))
+
+
+def perf_main(args):
+    for tool in ("restic", "rclone"):
+        if not shutil.which(tool):
+            raise SystemExit("%s is not installed" % tool)
+    if args.quick:
+        args.tree_mib = 192 if args.tree_mib is None else args.tree_mib
+        args.packs = 20000 if args.packs is None else args.packs
+        args.runs = args.runs or 1
+        args.cloud_mib = 48 if args.cloud_mib is None else args.cloud_mib
+    args.tree_mib = 1100 if args.tree_mib is None else args.tree_mib
+    args.packs = 200000 if args.packs is None else args.packs
+    args.runs = args.runs or 3
+    args.cloud_mib = 160 if args.cloud_mib is None else args.cloud_mib
+    workdir = tempfile.mkdtemp(prefix="bench-perf-")
+    try:
+        return PerfBench(args, workdir).run()
+    finally:
+        shutil.rmtree(workdir, True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objects", type=int, default=5000,
                         help="packs added straight into the emulator (default 5000)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    perf = parser.add_argument_group("--perf: local backend vs rclone serve restic vs a "
+                                     "plain folder (backup/check/restore, 200,000-pack listing)")
+    perf.add_argument("--perf", action="store_true", help="run this comparison instead")
+    perf.add_argument("--quick", action="store_true",
+                      help="--perf with 192 MiB, 20,000 packs, one run")
+    perf.add_argument("--product", default=os.path.join(HERE, "restic_123pan.py"),
+                      help="the server file to measure (e.g. an older version)")
+    perf.add_argument("--tree-mib", type=int, default=None,
+                      help="generated tree for the local comparison (default 1100; 0: skip)")
+    perf.add_argument("--packs", type=int, default=None,
+                      help="packs in the listing repository (default 200000; 0: skip)")
+    perf.add_argument("--runs", type=int, default=0, help="runs per peer (default 3)")
+    perf.add_argument("--cloud-mib", type=int, default=None,
+                      help="tree backed up through each cloud emulator (default 160; 0: skip)")
+    perf.add_argument("--wan-latency", type=float, default=0.03,
+                      help="modelled link: seconds per request (default 0.03)")
+    perf.add_argument("--wan-connection", type=float, default=8,
+                      help="modelled link: MB/s per connection (default 8)")
+    perf.add_argument("--wan-total", type=float, default=20,
+                      help="modelled link: MB/s in total, each way (default 20)")
+    perf.add_argument("--connections", type=int, default=8, help="restic rest.connections")
+    perf.add_argument("--pack-size", type=int, default=64, help="restic --pack-size MiB")
     args = parser.parse_args()
+    if args.perf or args.quick:
+        return perf_main(args)
     if not shutil.which("restic"):
         raise SystemExit("restic is not installed")
     workdir = tempfile.mkdtemp(prefix="bench-123pan-")

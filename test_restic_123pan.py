@@ -43,6 +43,7 @@ import binascii
 import bisect
 import collections
 import contextlib
+import errno
 import functools
 import gzip
 import hashlib
@@ -165,9 +166,16 @@ class ParseRangeTest(unittest.TestCase):
         for h in ["bytes=100-", "bytes=100-200", "bytes=-0"]:
             self.assertRaises(rp.RangeNotSatisfiable, rp.parse_range, h, 100)
 
-    def test_malformed(self):
-        for h in ["bytes=", "bytes=-", "bytes=5-3", "items=0-1", "bytes=0-1,5-6", "bytes=a-b", "0-1"]:
-            self.assertRaises(ValueError, rp.parse_range, h, 100)
+    def test_malformed_byte_ranges_are_not_satisfiable(self):
+        for h in ["bytes=", "bytes=-", "bytes=5-3", "bytes=a-b", "bytes=1-2-3", "bytes=0x1-"]:
+            self.assertRaises(rp.RangeNotSatisfiable, rp.parse_range, h, 100)
+
+    def test_unknown_units_and_several_ranges_are_ignored(self):
+        # RFC 9110 14.2: an unknown unit MUST be ignored, several ranges MAY be
+        for h in ["items=0-1", "0-1", "lines=1-2", "bytes=0-1,5-6", "bytes=0-1, 200-300"]:
+            self.assertEqual(rp.parse_range(h, 100), (0, 100, False), h)
+        self.assertEqual(rp.parse_range("Bytes = 10-19", 100), (10, 10, True))  # unit case
+        self.assertEqual(rp.parse_range("bytes=10-19,", 100), (10, 10, True))   # empty item
 
 
 class HashingSpoolTest(unittest.TestCase):
@@ -531,8 +539,8 @@ class LocalStorageTest(unittest.TestCase):
             open(os.path.join(self.tmp, "index", junk), "w").close()
         open(os.path.join(self.tmp, "data", "stray-file"), "w").close()
         os.mkdir(os.path.join(self.tmp, "index", "a" * 64))     # a folder is not an object
-        self.assertEqual(self.st.list((), "index"), [(ref.name, 3)])
-        self.assertEqual(self.st.list((), "data"), [])
+        self.assertEqual(list(self.st.list((), "index")), [(ref.name, 3)])
+        self.assertEqual(list(self.st.list((), "data")), [])
 
     def test_failed_write_leaves_nothing_behind(self):
         ref = rp.ObjectRef((), "data", "cd" * 32)
@@ -697,8 +705,10 @@ class RestProtocolTest(unittest.TestCase):
         self.assertEqual((status, body), (206, data[9990:]))
         status, headers, _ = self.req("GET", path, headers={"Range": "bytes=10000-"})
         self.assertEqual((status, headers["content-range"]), (416, "bytes */10000"))
-        self.assertEqual(self.req("GET", path, headers={"Range": "bytes=1-2,4-5"})[0], 400)
-        self.assertEqual(self.req("GET", path, headers={"Range": "lines=1-2"})[0], 400)
+        # RFC 9110: several ranges and unknown units are ignored: the whole object
+        for ignored in ("bytes=1-2,4-5", "lines=1-2"):
+            status, headers, body = self.req("GET", path, headers={"Range": ignored})
+            self.assertEqual((status, body), (200, data), ignored)
         self.assertEqual(self.req("DELETE", path)[0], 200)
         self.assertEqual(self.req("DELETE", path)[0], 200)          # idempotent
         self.assertEqual(self.req("GET", path)[0], 404)
@@ -1293,6 +1303,409 @@ def read_server_url(proc):
 
 
 # ---------------------------------------------------------------------------
+# Performance and scale (issue 12): write once, zero-copy reads, streamed
+# listings, a Python without ssl or sqlite3
+# ---------------------------------------------------------------------------
+
+class LocalWriteOnceTest(unittest.TestCase):
+    """The local backend writes an upload's bytes once, straight into a temporary
+    file in the object's own folder, computing SHA-256 only; whatever is refused
+    leaves nothing behind."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-once-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.root = os.path.join(self.tmp, "repos")
+        self.spool_dir = os.path.join(self.tmp, "spool")
+        os.mkdir(self.spool_dir)
+        self.srv = ServerThread(rp.LocalStorage(self.root),
+                                server_args={"spool_dir": self.spool_dir})
+        self.addCleanup(self.srv.stop)
+        self.assertEqual(self.srv.request("POST", "/r/?create=true")[0], 200)
+
+    def folder(self, name):
+        return os.path.join(self.root, "r", "data", name[:2])
+
+    def test_upload_goes_straight_to_the_target_folder_without_md5(self):
+        data = os.urandom(3 * rp.SPOOL_MEMORY_LIMIT + 5)
+        name = sha256_hex(data)
+        seen = []
+        real_replace = os.replace
+
+        def spying_replace(src, dst):
+            seen.append((os.path.dirname(src), os.path.getsize(src)))
+            return real_replace(src, dst)
+
+        def refuse(*a, **kw):
+            raise AssertionError("no MD5 and no spool outside the target folder")
+
+        with mock.patch.object(rp.hashlib, "md5", refuse), \
+                mock.patch.object(rp.tempfile, "SpooledTemporaryFile", refuse), \
+                mock.patch.object(rp.os, "replace", spying_replace):
+            self.assertEqual(self.srv.request("POST", "/r/data/" + name, data)[0], 200)
+        self.assertEqual(seen, [(self.folder(name), len(data))])
+        self.assertEqual(os.listdir(self.folder(name)), [name])
+        self.assertEqual(os.listdir(self.spool_dir), [])
+        self.assertEqual(self.srv.request("GET", "/r/data/" + name)[2], data)
+
+    def test_mismatch_short_body_and_reputs_leave_nothing_behind(self):
+        data = os.urandom(300000)
+        name = sha256_hex(data)
+        wrong = sha256_hex(b"something else")
+        self.assertEqual(self.srv.request("POST", "/r/data/" + wrong, data)[0], 400)
+        self.assertEqual(os.listdir(self.folder(wrong)), [])
+        # a body that ends early: 400, no temporary file left in the folder
+        s = socket.create_connection(("127.0.0.1", self.srv.port), timeout=30)
+        s.sendall(b"POST /r/data/" + name.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(data) + data[:1000])
+        s.shutdown(socket.SHUT_WR)
+        reply = s.recv(65536)
+        s.close()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:60])
+        self.assertEqual(os.listdir(self.folder(name)), [])
+        self.assertEqual(self.srv.request("POST", "/r/data/" + name, data)[0], 200)
+        self.assertEqual(self.srv.request("POST", "/r/data/" + name, data)[0], 200)  # a retry
+        self.assertEqual(os.listdir(self.folder(name)), [name])
+        self.assertEqual(self.srv.request("POST", "/r/config", b"one")[0], 200)
+        self.assertEqual(self.srv.request("POST", "/r/config", b"one")[0], 200)
+        self.assertEqual(self.srv.request("POST", "/r/config", b"two")[0], 403)
+        self.assertEqual(sorted(n for n in os.listdir(os.path.join(self.root, "r"))
+                                if not os.path.isdir(os.path.join(self.root, "r", n))),
+                         ["config"])
+        self.assertEqual(self.srv.request("GET", "/r/config")[2], b"one")
+
+    def test_disk_full_while_receiving_is_507_and_removes_the_file(self):
+        st = rp.LocalStorage(self.root)
+        ref = rp.ObjectRef(("r",), "data", "ee" * 32)
+        spool = st.new_spool(ref)
+        path = spool.path
+        self.assertEqual(os.path.dirname(path), self.folder(ref.name))
+
+        class FullFile(object):
+            def __init__(self, real):
+                self.real = real
+
+            def write(self, data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            def __getattr__(self, name):
+                return getattr(self.real, name)
+
+        spool._file = FullFile(spool._file)
+        with self.assertRaises(rp.QuotaExceeded):
+            rp.HashingSpool.from_stream(io.BytesIO(b"x" * 100), 100, spool=spool)
+        self.assertFalse(os.path.exists(path))
+
+    def test_only_the_digests_a_backend_declares_are_computed(self):
+        ref = rp.ObjectRef((), "data", "00" * 32)
+        self.assertIn("md5", rp.Pan123Storage.digests)
+        self.assertNotIn("md5", rp.CloudreveStorage.digests)
+        self.assertNotIn("md5", rp.LocalStorage.digests)
+
+        class NeedsMd5(rp.Storage):
+            digests = ("md5",)
+
+        for storage, md5 in ((rp.Storage(), None), (NeedsMd5(), hashlib.md5(b"abc").hexdigest())):
+            with rp.HashingSpool.from_stream(io.BytesIO(b"abc"), 3,
+                                             spool=storage.new_spool(ref)) as s:
+                self.assertEqual((s.md5, s.sha256, s.read_all()), (md5, sha256_hex(b"abc"), b"abc"))
+
+    def test_bodies_are_read_into_one_reused_buffer(self):
+        data = os.urandom(3 * rp.BODY_BUFFER + 3)
+
+        class OnlyReadinto(io.RawIOBase):
+            def __init__(self):
+                self.src = io.BytesIO(data)
+                self.buffers = set()
+
+            def readable(self):
+                return True
+
+            def readinto(self, b):
+                self.buffers.add(id(b.obj))
+                return self.src.readinto(b)
+
+            def read(self, n=-1):
+                raise AssertionError("read() makes a new bytes object per chunk")
+
+        stream = OnlyReadinto()
+        with rp.HashingSpool.from_stream(stream, len(data)) as s:
+            self.assertEqual((s.sha256, s.read_all()), (sha256_hex(data), data))
+        self.assertEqual(len(stream.buffers), 1)
+
+
+class LocalSendfileTest(unittest.TestCase):
+    """Plain-HTTP GETs of a local object go out with socket.sendfile, counted in the
+    metrics exactly as copied ones are."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-sendfile-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.srv = ServerThread(rp.LocalStorage(self.tmp))
+        self.addCleanup(self.srv.stop)
+
+    def test_get_and_ranges_use_sendfile_and_are_counted(self):
+        data = os.urandom(700000)
+        path = "/sf/data/" + sha256_hex(data)
+        self.assertEqual(self.srv.request("POST", path, data)[0], 200)
+        calls = []
+        real = socket.socket.sendfile
+
+        def spy(sock, file, offset=0, count=None):
+            calls.append((offset, count))
+            return real(sock, file, offset, count)
+
+        before = rp.METRICS.total("rest_server_blob_read_bytes_total", repo="sf")
+        with mock.patch.object(socket.socket, "sendfile", spy):
+            self.assertEqual(self.srv.request("GET", path)[2], data)
+            status, _, body = self.srv.request("GET", path, headers={"Range": "bytes=1000-1999"})
+            self.assertEqual((status, body), (206, data[1000:2000]))
+            conn = self.srv.connection()        # keep-alive goes on after a sendfile
+            for _ in range(2):
+                conn.request("GET", path, headers={"Range": "bytes=-10"})
+                self.assertEqual(conn.getresponse().read(), data[-10:])
+            conn.close()
+        self.assertEqual(calls, [(0, 700000), (1000, 1000), (699990, 10), (699990, 10)])
+        self.assertEqual(rp.METRICS.total("rest_server_blob_read_bytes_total", repo="sf")
+                         - before, 700000 + 1000 + 20)
+
+
+class _ListingStorage(rp.LocalStorage):
+    """A local storage whose data/ listing is a generator of made-up entries that
+    may fail after `fail_after` of them."""
+
+    def __init__(self, root, count, fail_after=None):
+        rp.LocalStorage.__init__(self, root)
+        self.count = count
+        self.fail_after = fail_after
+
+    def list(self, repo, kind):
+        if kind != "data":
+            return rp.LocalStorage.list(self, repo, kind)
+        return self._entries()
+
+    def _entries(self):
+        for i in range(self.count):
+            if i == self.fail_after:
+                raise rp.StorageError("the listing broke off")
+            yield "%064x" % i, i
+
+
+class StreamingListingTest(unittest.TestCase):
+    """Listings are produced while the storage yields them: chunked (HTTP/1.1) or
+    close-delimited (HTTP/1.0), memory flat, and a failure midway cuts the
+    connection instead of ending a shorter list."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-list-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def serve(self, count, fail_after=None):
+        srv = ServerThread(_ListingStorage(self.tmp, count, fail_after))
+        self.addCleanup(srv.stop)
+        return srv
+
+    def expected(self, count):
+        return [{"name": "%064x" % i, "size": i} for i in range(count)]
+
+    def test_local_listing_is_lazy(self):
+        st = rp.LocalStorage(self.tmp)
+        st.create_repository(())
+        for kind in ("data", "keys"):
+            entries = st.list((), kind)
+            self.assertIs(iter(entries), entries)   # an iterator, not a built list
+            self.assertEqual(list(entries), [])
+
+    def test_cloud_listings_read_one_folder_at_a_time(self):
+        read = []
+
+        def list_folder(folder):
+            read.append(folder)
+            if folder == "bad":
+                raise rp.StorageError("cannot list")
+            return [(folder, 1)]
+
+        entries = rp.folder_by_folder(["a", "b", "c"], list_folder)
+        self.assertEqual(read, ["a"])           # the first one before returning
+        self.assertEqual(next(entries), ("a", 1))
+        self.assertEqual(read, ["a"])
+        self.assertEqual(list(entries), [("b", 1), ("c", 1)])
+        self.assertEqual(read, ["a", "b", "c"])
+        self.assertRaises(rp.StorageError, rp.folder_by_folder, ["bad", "a"], list_folder)
+        self.assertEqual(list(rp.folder_by_folder([], list_folder)), [])
+
+    def test_long_listing_is_chunked_and_complete(self):
+        srv = self.serve(5000)
+        status, headers, body = srv.request("GET", "/data/", headers={"Accept": V2})
+        self.assertEqual((status, headers.get("transfer-encoding")), (200, "chunked"))
+        self.assertNotIn("content-length", headers)
+        self.assertEqual(json.loads(body.decode()), self.expected(5000))
+        status, headers, body = srv.request("GET", "/data/")
+        self.assertEqual(headers["content-type"], rp.MEDIA_V1)
+        self.assertEqual(json.loads(body.decode()), ["%064x" % i for i in range(5000)])
+        # a short listing still has its Content-Length
+        status, headers, body = self.serve(3).request("GET", "/data/", headers={"Accept": V2})
+        self.assertEqual((headers.get("content-length"), json.loads(body.decode())),
+                         (str(len(body)), self.expected(3)))
+
+    def test_http10_listing_is_close_delimited(self):
+        srv = self.serve(5000)
+        reply = srv.raw(b"GET /data/ HTTP/1.0\r\nAccept: " + V2.encode() + b"\r\n\r\n")
+        head, _, body = reply.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head[:40])
+        self.assertNotIn(b"content-length", head.lower())
+        self.assertNotIn(b"transfer-encoding", head.lower())
+        self.assertEqual(json.loads(body.decode()), self.expected(5000))
+
+    def test_failure_midway_cuts_the_connection(self):
+        srv = self.serve(10000, fail_after=7000)
+        conn = srv.connection()
+        conn.request("GET", "/data/", headers={"Accept": V2})
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200)
+        self.assertRaises(http.client.IncompleteRead, resp.read)
+        conn.close()
+        reply = srv.raw(b"GET /data/ HTTP/1.1\r\nHost: x\r\n\r\n")   # read to the cut
+        self.assertFalse(reply.endswith(b"0\r\n\r\n"))
+        self.assertFalse(reply.rstrip().endswith(b"]"))
+        reply = srv.raw(b"GET /data/ HTTP/1.0\r\n\r\n")      # close-delimited: no "]"
+        self.assertFalse(reply.rstrip().endswith(b"]"))
+
+    def test_failure_before_anything_was_sent_is_an_error_status(self):
+        srv = self.serve(10000, fail_after=10)
+        status, _, body = srv.request("GET", "/data/", headers={"Accept": V2})
+        self.assertEqual(status, 502)
+        self.assertIn(b"broke off", body)
+
+    def test_memory_stays_flat(self):
+        import tracemalloc
+        srv = self.serve(100000)
+        tracemalloc.start()
+        try:
+            conn = srv.connection()
+            conn.request("GET", "/data/", headers={"Accept": V2})
+            resp = conn.getresponse()
+            received = 0
+            while True:
+                piece = resp.read(65536)
+                if not piece:
+                    break
+                received += len(piece)
+            conn.close()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        # 100,000 entries are almost 9 MB of JSON; a listing built in memory needs
+        # several times that, a streamed one a batch or two.
+        self.assertGreater(received, 8000000)
+        self.assertLess(peak, 3 * 1024 * 1024)
+
+
+_BLOCKING_WRAPPER = r"""
+import sys
+blocked = set(sys.argv[1].split(","))
+
+
+class Refuse(object):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ImportError("blocked: %s" % name)
+        return None
+    find_module = None
+
+
+for name in list(sys.modules):
+    if name.split(".")[0] in blocked:
+        del sys.modules[name]
+sys.meta_path.insert(0, Refuse())
+script = sys.argv[2]
+sys.argv = sys.argv[2:]
+import runpy
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+class MinimalPythonTest(unittest.TestCase):
+    """The server as OpenWrt's python3-light runs it: without ssl, without
+    sqlite3.  The local backend over plain HTTP works; what needs a missing
+    module says so in one line and exits 2."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-minimal-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def command(self, blocked, *args):
+        return [sys.executable, "-S", "-c", _BLOCKING_WRAPPER, ",".join(blocked),
+                os.path.join(HERE, "restic_123pan.py")] + list(args)
+
+    def test_the_blocker_blocks(self):
+        r = subprocess.run(self.command(("ssl", "_ssl"), "--version")[:4]
+                           + ["-c", "import ssl"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True)
+        self.assertNotEqual(r.returncode, 0)
+
+    def test_local_backend_serves_without_ssl_or_sqlite3(self):
+        for blocked in (("ssl", "_ssl"), ("sqlite3", "_sqlite3"),
+                        ("ssl", "_ssl", "sqlite3", "_sqlite3")):
+            folder = os.path.join(self.tmp, "_".join(blocked))
+            proc = subprocess.Popen(self.command(blocked, "--backend", "local", "--path", folder,
+                                                 "--listen", "127.0.0.1:0", "--no-auth"),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    universal_newlines=True)
+            try:
+                url = read_server_url(proc)
+                port = int(urlsplit(url).port)
+                data = os.urandom(2 * rp.SPOOL_MEMORY_LIMIT)
+                path = "/m/data/" + sha256_hex(data)
+
+                def req(method, target, body=None, headers=None):
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                    conn.request(method, target, body=body, headers=headers or {})
+                    resp = conn.getresponse()
+                    out = resp.status, resp.read()
+                    conn.close()
+                    return out
+
+                self.assertEqual(req("POST", "/m/?create=true")[0], 200)
+                self.assertEqual(req("POST", path, data)[0], 200)
+                status, body = req("GET", "/m/data/", headers={"Accept": V2})
+                self.assertEqual(json.loads(body.decode()),
+                                 [{"name": sha256_hex(data), "size": len(data)}])
+                self.assertEqual(req("GET", path), (200, data))
+                self.assertEqual(req("GET", path, headers={"Range": "bytes=5-9"}),
+                                 (206, data[5:10]))
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                _, err = proc.communicate(timeout=60)
+            self.assertEqual(proc.returncode, 0, err[-2000:])
+            self.assertNotIn("Traceback", err)
+
+    def one_line_exit_2(self, blocked, args, module):
+        r = subprocess.run(self.command(blocked, *args), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+        lines = r.stderr.strip().splitlines()
+        self.assertEqual((r.returncode, len(lines)), (2, 1), r.stderr[-2000:])
+        self.assertIn("Python module %s" % module, lines[0])
+
+    def test_what_needs_a_missing_module_says_so_and_exits_2(self):
+        state = os.path.join(self.tmp, "state")
+        no_ssl, no_sqlite = ("ssl", "_ssl"), ("sqlite3", "_sqlite3")
+        cert, key = os.path.join(self.tmp, "c.pem"), os.path.join(self.tmp, "k.pem")
+        for p in (cert, key):
+            open(p, "w").close()
+        self.one_line_exit_2(no_ssl, ["--path", self.tmp, "--listen", "127.0.0.1:0",
+                                      "--tls", "--tls-cert", cert, "--tls-key", key], "ssl")
+        pan = ["--backend", "123pan", "--client-id", "id", "--client-secret", "secret",
+               "--state-dir", state, "--listen", "127.0.0.1:0"]
+        self.one_line_exit_2(no_sqlite, pan + ["--api-base", "http://127.0.0.1:9/"], "sqlite3")
+        self.one_line_exit_2(no_ssl, pan, "ssl")        # the default API is https
+        self.one_line_exit_2(no_ssl, ["--backend", "cloudreve", "--cloudreve-url",
+                                      "https://cloud.example", "--cloudreve-user", "u",
+                                      "--cloudreve-password", "p", "--state-dir", state,
+                                      "--listen", "127.0.0.1:0"], "ssl")
+
+
+# ---------------------------------------------------------------------------
 # The 123pan Open Platform emulator: a strict fake of the open API host, the
 # upload host and the download CDN, written from ../shared/spec/123pan-open-api.md
 # ---------------------------------------------------------------------------
@@ -1458,6 +1871,58 @@ def _no_constants(name):
     raise ValueError("%s is not JSON" % name)   # NaN / Infinity
 
 
+class WanLink(object):
+    """A modelled internet link between the server and a cloud (for the benchmark;
+    off unless an emulator's `wan` is set): `latency` seconds before each request
+    is handled, and per direction ("up" to the cloud, "down" from it) at most
+    `per_connection` bytes/s on one connection and `total` bytes/s over all.
+    The link is a queue: each transfer reserves its time on it in turn."""
+
+    def __init__(self, latency=0.03, per_connection=8e6, total=20e6):
+        self.latency, self.per_connection, self.total = latency, per_connection, total
+        self._lock = threading.Lock()
+        self._free = {"up": 0.0, "down": 0.0}
+        self.bytes = collections.Counter()
+
+    def pace(self, direction, nbytes, own):
+        """Sleep until `nbytes` would have crossed; `own` is the connection's state."""
+        if not nbytes:
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._free[direction] = max(now, self._free[direction]) + nbytes / self.total
+            link_done = self._free[direction]
+            self.bytes[direction] += nbytes
+        own[direction] = max(now, own.get(direction, 0.0)) + nbytes / self.per_connection
+        delay = max(link_done, own[direction]) - now
+        if delay > 0:
+            time.sleep(delay)
+
+
+class _PacedFile(object):
+    """A handler's rfile or wfile whose bytes cross a WanLink."""
+
+    def __init__(self, raw, link, direction, own):
+        self._raw, self._link, self._direction, self._own = raw, link, direction, own
+
+    def read(self, *args):
+        data = self._raw.read(*args)
+        self._link.pace(self._direction, len(data), self._own)
+        return data
+
+    def readline(self, *args):
+        data = self._raw.readline(*args)
+        self._link.pace(self._direction, len(data), self._own)
+        return data
+
+    def write(self, data):
+        self._link.pace(self._direction, len(data), self._own)
+        return self._raw.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -1480,6 +1945,11 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self):
         BaseHTTPRequestHandler.setup(self)
         self.server.emu._track(self.connection, True)
+        link = getattr(self.server.emu, "wan", None)
+        if link is not None:        # the benchmark's modelled internet link
+            own = {}
+            self.rfile = _PacedFile(self.rfile, link, "up", own)
+            self.wfile = _PacedFile(self.wfile, link, "down", own)
 
     def finish(self):
         try:
@@ -1491,6 +1961,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _any(self):
+        link = getattr(self.server.emu, "wan", None)
+        if link is not None and link.latency:
+            time.sleep(link.latency)
         self.server.emu._handle(self)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _any
@@ -3902,6 +4375,53 @@ class Pan123UploadsTest(Pan123BackendCase):
 # The storage: folders and what is known
 # ---------------------------------------------------------------------------
 
+class Pan123ParallelSlicesTest(Pan123BackendCase):
+    """The V2 slice flow sends up to Pan123Client.SLICE_CONCURRENCY (3) slices of a
+    file at once."""
+
+    def test_three_slices_are_in_flight_together(self):
+        emu = self.emulator(slice_size=1000)
+        storage = self.storage(single_upload_max=0)
+        storage.create_repository(REPO)
+        together = threading.Barrier(3, timeout=20)    # sequential slices would break it
+        real = emu._h_slice
+
+        def slice_meeting_the_others(ctx):
+            if together.n_waiting < 3 and not together.broken and emu.calls[SLICE] <= 3:
+                together.wait()
+            return real(ctx)
+
+        emu._h_slice = slice_meeting_the_others
+        data = os.urandom(7500)
+        ref = self.put(storage, data)
+        self.assertFalse(together.broken)
+        self.assertEqual(emu.calls[SLICE], 8)
+        self.assertEqual(self.read(storage, ref), data)
+
+    def test_a_refused_slice_fails_the_upload_and_no_new_one_starts(self):
+        emu = self.emulator(slice_size=1000)
+        storage = self.storage(single_upload_max=0)
+        storage.create_repository(REPO)
+        real = emu._h_slice
+        seen = []
+
+        def refuse_the_first(ctx):
+            with emu.lock:
+                seen.append(1)
+                first = len(seen) == 1
+            if first:
+                raise _ApiError(1, "分片MD5校验失败")      # final: not retried
+            return real(ctx)
+
+        emu._h_slice = refuse_the_first
+        data = os.urandom(20000)                            # 20 slices
+        with self.assertRaises(rp.StorageError):
+            self.put(storage, data)
+        # only the slices already in flight went on after the refusal
+        self.assertLess(len(seen), 8)
+        self.assertIsNone(storage.stat(data_ref(data)))
+
+
 class Pan123StorageFoldersTest(Pan123BackendCase):
 
     def test_create_repository_costs_mkdirs_only(self):
@@ -4092,11 +4612,11 @@ class Pan123DeletesTest(Pan123BackendCase):
         self.existing_repo()
         refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(24)]
         storage = Pan123Storage(self.client(), "/restic-backup")
-        self.assertEqual(len(storage.list(REPO, "data")), 24)
+        self.assertEqual(len(list(storage.list(REPO, "data"))), 24)
         emu.reset_calls()
         self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 24)
         # Gone for restic at once; the remote deletes follow in the background.
-        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(list(storage.list(REPO, "data")), [])
         self.assertIsNone(storage.stat(refs[0]))
         self.assertFalse(storage.delete(refs[0]))
         storage.close()            # flushes the queued deletes
@@ -4125,11 +4645,11 @@ class Pan123DeletesTest(Pan123BackendCase):
         self.existing_repo()
         refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(6)]
         storage = self.storage()
-        storage.list(REPO, "data")
+        list(storage.list(REPO, "data"))
         emu.remove_behind_back(self.live_path(refs[0]))     # trash of its id: 5066
         # DELETE returns before the trash call, so it cannot tell the gone one.
         self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 6)
-        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(list(storage.list(REPO, "data")), [])
         storage.flush_deletes()
         self.assertEqual(storage.index.pending_deletes(), [])
         self.assertEqual(emu.total_live_files(), 0)
@@ -4342,7 +4862,7 @@ class Pan123CacheTest(Pan123CacheCase):
         self.assertRegex(text, r"about \d+ objects and \d+s to go")
         self.assertIn("warm-up done", text)
         emu.reset_calls()
-        self.assertEqual(len(storage.list(REPO, "data")), 300)
+        self.assertEqual(len(list(storage.list(REPO, "data"))), 300)
         self.assertEqual(storage.stat(ObjectRef.config(REPO)), 6)
         self.assertEqual(emu.calls[LIST], 0)
 
@@ -4387,7 +4907,7 @@ class Pan123CacheTest(Pan123CacheCase):
         self.assertIn("warm-up done", "\n".join(logs.output))
         self.assertEqual(emu.calls[LIST], 3)                      # the other 3 pages
         self.assertEqual(warm_up.pages, 3)
-        self.assertEqual(len(again.list(REPO, "data")), 450)
+        self.assertEqual(len(list(again.list(REPO, "data"))), 450)
         self.assertEqual(emu.calls[LIST], 3)
 
     def test_a_refused_saved_cursor_lists_the_folder_from_the_start(self):
@@ -4400,7 +4920,7 @@ class Pan123CacheTest(Pan123CacheCase):
         with storage.index.cache._transaction() as db:
             db.execute("UPDATE folders SET complete=0, cursor=-5 WHERE folder=?", (data_xx,))
         emu.reset_calls()
-        self.assertEqual(len(storage.list(REPO, "data")), 150)
+        self.assertEqual(len(list(storage.list(REPO, "data"))), 150)
         self.assertEqual(emu.rejected[(LIST, 1)], 1)
         self.assertEqual(emu.calls[LIST], 3)      # the refused page, then 2 from the start
         self.assertTrue(storage.index.is_loaded(data_xx))
@@ -4418,7 +4938,7 @@ class Pan123CacheTest(Pan123CacheCase):
         again = self.cached()
         again.start(wait=True)
         self.assertEqual(emu.calls[LIST], self.cloud_pages())
-        self.assertEqual(len(again.list(REPO, "data")), 800)
+        self.assertEqual(len(list(again.list(REPO, "data"))), 800)
 
     def test_object_removed_behind_our_back_is_404_not_500(self):
         emu = self.emulator()
@@ -4463,7 +4983,7 @@ class Pan123CacheTest(Pan123CacheCase):
         self.assertEqual(emu.total_live_files(), 3)
         again = self.cached()                         # started after the crash
         again.start(wait=True)
-        self.assertEqual(again.list(REPO, "data"), [(refs[2].name, 6)])
+        self.assertEqual(list(again.list(REPO, "data")), [(refs[2].name, 6)])
         again.flush_deletes()
         self.assertEqual(emu.total_live_files(), 1)
         self.assertEqual(again.index.pending_deletes(), [])
@@ -7179,7 +7699,7 @@ class CloudreveListingTest(CloudreveBackendCase):
         ref = self.put(storage, data)
         self.assertEqual(emu.file_bytes(self.live_path(ref, base)), data)
         fresh = self.storage(self.client(), repo_path=base)
-        self.assertEqual(fresh.list(REPO, "data"), [(ref.name, 1500)])
+        self.assertEqual(list(fresh.list(REPO, "data")), [(ref.name, 1500)])
         self.assertEqual(self.read(fresh, ref), data)
         self.assertTrue(fresh.delete(ref))
         self.assertEqual(emu.children(base + "/r/data/" + ref.name[:2]), [])
@@ -7462,7 +7982,7 @@ class CloudreveUploadsTest(CloudreveBackendCase):
         # one upload; the others find it stored when their turn comes
         self.assertEqual(emu.calls[CR_SESSION], 1)
         self.assertEqual(self.rejected_total(40004) + self.rejected_total(40073), 0)
-        self.assertEqual(storage.list(REPO, "data"), [(data_ref(data).name, 3000)])
+        self.assertEqual(list(storage.list(REPO, "data")), [(data_ref(data).name, 3000)])
 
 
 # ---------------------------------------------------------------------------
@@ -7640,7 +8160,7 @@ class CloudreveDeletesTest(CloudreveBackendCase):
         self.existing_repo()
         refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(24)]
         storage = self.storage()
-        self.assertEqual(len(storage.list(REPO, "data")), 24)
+        self.assertEqual(len(list(storage.list(REPO, "data"))), 24)
         emu.reset_calls()
         # The first call takes a while, so the other deletes queue up behind it
         # however the threads are scheduled (the machine may be busy).
@@ -7648,7 +8168,7 @@ class CloudreveDeletesTest(CloudreveBackendCase):
         emu.fail_next("slow", endpoint=CR_DELETE)
         self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 24)
         self.assertLess(emu.calls[CR_DELETE], 12)
-        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(list(storage.list(REPO, "data")), [])
         self.assertEqual(emu.used_bytes(), 0)
 
     def test_batch_with_objects_already_gone(self):
@@ -7656,12 +8176,12 @@ class CloudreveDeletesTest(CloudreveBackendCase):
         self.existing_repo()
         refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(6)]
         storage = self.storage()
-        storage.list(REPO, "data")
+        list(storage.list(REPO, "data"))
         emu.remove_behind_back(self.live_path(refs[0]))
         emu.remove_behind_back(self.live_path(refs[1]))
         # as far as this server knew they existed, and they are gone now
         self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 6)
-        self.assertEqual(storage.list(REPO, "data"), [])
+        self.assertEqual(list(storage.list(REPO, "data")), [])
         self.assertEqual(emu.used_bytes(), 0)
 
     def test_answer_lost_and_object_locked(self):
@@ -8499,6 +9019,1167 @@ class AccessEndToEndTest(ResticEndToEndBase):
         restored = os.path.join(self.tmp, "restored")
         self.restic_run(alice, "restore", "latest", "--target", restored, options=opts)
         self.assertEqual(manifest(os.path.join(restored, os.path.relpath(src, "/"))), manifest(src))
+
+
+# ---------------------------------------------------------------------------
+# Hostile input and resilience (issue 13): slow and idle clients, the connection
+# cap, strict framing, Range forms, full disks, fuzzing, a soak, killed servers
+# and restic's own REST backend tests
+# ---------------------------------------------------------------------------
+
+def read_until_closed(sock, timeout=30):
+    """Everything the server sends until it closes the connection, and how many
+    seconds that took; AssertionError if it is still open after `timeout`."""
+    sock.settimeout(timeout)
+    started = time.monotonic()
+    chunks = []
+    try:
+        while True:
+            c = sock.recv(65536)
+            if not c:
+                break
+            chunks.append(c)
+    except socket.timeout:
+        raise AssertionError("the server left the connection open for %ds" % timeout)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks), time.monotonic() - started
+
+
+def stored_files(root):
+    """Every file below root (temporary ones included), relative."""
+    return sorted(os.path.relpath(os.path.join(d, n), root)
+                  for d, _, names in os.walk(root) for n in names)
+
+
+def wait_until(predicate, timeout=30, what="condition"):
+    """Poll a condition another thread makes true (no fixed sleep decides anything)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("%s not reached in %ds" % (what, timeout))
+        time.sleep(0.01)
+
+
+def tight_limits(**kw):
+    values = dict(header_timeout=1.0, idle_timeout=1.0, io_timeout=1.0, max_connections=8)
+    values.update(kw)
+    return rp.ConnectionLimits(**values)
+
+
+class SlowClientTest(unittest.TestCase):
+    """Half-open requests, trickles, idle keep-alive, stalled bodies and the cap on
+    connections, over raw TCP, TLS and unix sockets (small limits, so nothing waits
+    long; every wait ends on the server's own action)."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-slow-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.root = os.path.join(self.tmp, "repos")
+
+    def serve(self, **limits):
+        srv = ServerThread(rp.LocalStorage(self.root), dict(limits=tight_limits(**limits)))
+        self.addCleanup(srv.stop)
+        return srv
+
+    def connect(self, srv):
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        self.addCleanup(s.close)
+        return s
+
+    def assert_serves(self, srv):
+        self.assertEqual(srv.request("GET", "/keys/")[0], 200)
+
+    def test_half_open_request_is_closed_within_the_header_timeout(self):
+        srv = self.serve(header_timeout=1, io_timeout=30)
+        s = self.connect(srv)
+        s.sendall(b"GET /keys/ HTTP/1.1\r\nHost: x\r\n")        # no empty line, ever
+        reply, took = read_until_closed(s)
+        self.assertEqual(reply, b"")
+        self.assertGreater(took, 0.5)       # it was the timeout, not a refusal
+        self.assertLess(took, 10)
+        self.assert_serves(srv)
+
+    def test_a_trickled_head_is_cut_at_the_deadline(self):
+        # each byte comes well within the 30 s io timeout: only a deadline for the
+        # whole head ends this
+        srv = self.serve(header_timeout=1, io_timeout=30)
+        s = self.connect(srv)
+        sent = [0]
+
+        def trickle():
+            try:
+                s.sendall(b"GET /keys/ HTTP/1.1\r\n")
+                while True:
+                    s.sendall(b"X")
+                    sent[0] += 1
+                    time.sleep(0.05)
+            except OSError:
+                pass
+        t = threading.Thread(target=trickle, daemon=True)
+        t.start()
+        reply, took = read_until_closed(s)
+        self.assertEqual(reply, b"")
+        self.assertLess(took, 10)
+        self.assertGreater(sent[0], 5)
+        self.assert_serves(srv)
+
+    def test_an_idle_keep_alive_connection_is_closed(self):
+        srv = self.serve(idle_timeout=1, header_timeout=30, io_timeout=30)
+        s = self.connect(srv)
+        s.sendall(b"GET /keys/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply, took = read_until_closed(s)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:40])
+        self.assertGreater(took, 0.5)
+        self.assertLess(took, 10)
+
+    def test_keep_alive_requests_within_the_idle_timeout_are_served(self):
+        srv = self.serve(idle_timeout=30, header_timeout=30)
+        conn = srv.connection()
+        for _ in range(3):
+            conn.request("GET", "/keys/")
+            self.assertEqual(conn.getresponse().read(), b"[]")
+        conn.close()
+
+    def test_a_stalled_body_is_refused_with_408_and_nothing_is_stored(self):
+        srv = self.serve(io_timeout=1, header_timeout=30)
+        self.assertEqual(srv.request("POST", "/?create=true")[0], 200)
+        before = stored_files(self.root)
+        for size in (5000, 3 * 1024 * 1024):        # in memory, and rolled to a file
+            data = os.urandom(size)
+            s = self.connect(srv)
+            s.sendall(("POST /data/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                       % (sha256_hex(data), size)).encode() + data[:size // 2])
+            reply, took = read_until_closed(s)
+            self.assertTrue(reply.startswith(b"HTTP/1.1 408"), reply[:40])
+            self.assertIn(b"Connection: close", reply)
+            self.assertLess(took, 10)
+            self.assertEqual(stored_files(self.root), before)
+        self.assert_serves(srv)
+
+    def test_the_connection_cap_turns_away_then_admits_again(self):
+        srv = self.serve(max_connections=3, header_timeout=30, idle_timeout=30)
+        holders = []
+        for _ in range(3):
+            s = self.connect(srv)
+            s.sendall(b"GET /keys/ HTTP/1.1\r\n")
+            holders.append(s)
+        wait_until(lambda: srv.server.slots.open == 3, what="three connections accepted")
+        threads = threading.active_count()
+        for _ in range(20):
+            s = self.connect(srv)
+            reply, took = read_until_closed(s)
+            self.assertTrue(reply.startswith(b"HTTP/1.1 503"), reply[:40])
+            self.assertIn(b"\r\nRetry-After: 5\r\n", reply)
+            self.assertLess(took, 5)
+            s.close()
+        self.assertLessEqual(threading.active_count(), threads)   # no thread per refusal
+        self.assertEqual(srv.server.slots.open, 3)
+        holders[0].close()
+        wait_until(lambda: srv.server.slots.open == 2, what="a slot given back")
+        self.assert_serves(srv)
+        for s in holders[1:]:
+            s.close()
+        wait_until(lambda: srv.server.slots.open == 0, what="every slot given back")
+
+    def test_tls_handshake_counts_against_the_header_timeout(self):
+        cert, key = make_certificate(self.tmp)
+        srv = ServerThread(rp.LocalStorage(self.root),
+                           dict(tls=(cert, key, "1.2"), limits=tight_limits(io_timeout=30)))
+        self.addCleanup(srv.stop)
+        for opening in (b"", b"\x16\x03\x01"):      # nothing, or the start of a ClientHello
+            s = self.connect(srv)
+            s.sendall(opening)
+            reply, took = read_until_closed(s)
+            self.assertLess(took, 10)
+        # over the cap a TLS connection is closed (no handshake in the accept loop)
+        holders = [self.connect(srv) for _ in range(8)]
+        wait_until(lambda: srv.server.slots.open == 8, what="eight TLS connections accepted")
+        reply, took = read_until_closed(self.connect(srv))
+        self.assertEqual(reply, b"")
+        for s in holders:
+            s.close()
+        wait_until(lambda: srv.server.slots.open == 0, what="every slot given back")
+        import ssl
+        ctx = ssl.create_default_context(cafile=cert)
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx, timeout=30)
+        conn.request("GET", "/keys/")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+
+    def test_unix_socket_has_the_same_limits(self):
+        path = os.path.join(self.tmp, "restic.sock")
+        service = rp.RepositoryService(rp.LocalStorage(self.root))
+        server = rp.ResticUnixServer(path, service, limits=tight_limits(max_connections=1,
+                                                                        io_timeout=30))
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(first.close)
+        first.connect(path)
+        first.sendall(b"GET /keys/ HTTP/1.1\r\n")
+        wait_until(lambda: server.slots.open == 1, what="the connection accepted")
+        second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(second.close)
+        second.connect(path)
+        reply, _ = read_until_closed(second)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 503"), reply[:40])
+        reply, took = read_until_closed(first)
+        self.assertEqual(reply, b"")
+        self.assertLess(took, 10)
+        conn = UnixHTTPConnection(path)
+        conn.request("GET", "/keys/")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+
+    def test_command_line_limits(self):
+        args = rp.parse_config(["--max-connections", "7", "--header-timeout", "3",
+                                "--idle-timeout", "4", "--io-timeout", "5", "--spool-dir",
+                                self.tmp], {})
+        self.assertEqual((args.max_connections, args.header_timeout, args.idle_timeout,
+                          args.io_timeout, args.spool_dir), (7, 3, 4, 5, self.tmp))
+        defaults = rp.parse_config([], {})
+        self.assertEqual((defaults.max_connections, defaults.header_timeout,
+                          defaults.idle_timeout, defaults.io_timeout, defaults.spool_dir),
+                         (128, 20, 120, 60, None))
+        self.assertRaises(UsageError, rp.parse_config,
+                          ["--spool-dir", os.path.join(self.tmp, "missing")], {})
+        self.assertRaises(UsageError, rp.parse_config, ["--header-timeout", "0"], {})
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.assertRaises(SystemExit, rp.parse_config, ["--max-connections", "0"], {})
+
+
+class StrictFramingTest(unittest.TestCase):
+    """Heads a proxy could read differently are refused with 400 before anything is
+    stored, and nothing after them is taken for a next request."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-frame-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.root = os.path.join(self.tmp, "repos")
+        self.srv = ServerThread(rp.LocalStorage(self.root))
+        self.addCleanup(self.srv.stop)
+        self.assertEqual(self.srv.request("POST", "/?create=true")[0], 200)
+        self.before = stored_files(self.root)
+        # a body that is also a whole request: answered twice if it were smuggled
+        self.smuggled = b"GET /keys/ HTTP/1.1\r\nHost: x\r\n\r\n"
+        self.path = "/keys/" + sha256_hex(self.smuggled)
+
+    def head(self, *fields, **kw):
+        line = kw.get("line", "POST %s HTTP/1.1" % self.path)
+        return ("\r\n".join((line, "Host: x") + fields) + "\r\n\r\n").encode("latin-1")
+
+    def assert_refused(self, raw, why):
+        reply = self.srv.raw(raw)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), "%s: %r" % (why, reply[:80]))
+        self.assertEqual(reply.count(b"HTTP/1.1 "), 1, "%s: a second response" % why)
+        self.assertIn(b"Connection: close", reply)
+        self.assertEqual(stored_files(self.root), self.before, why)
+
+    def test_conflicting_content_lengths(self):
+        n = len(self.smuggled)
+        self.assert_refused(self.head("Content-Length: 0", "Content-Length: %d" % n)
+                            + self.smuggled, "two Content-Length headers")
+        self.assert_refused(self.head("Content-Length: %d" % n, "Content-Length: 0")
+                            + self.smuggled, "two Content-Length headers, other order")
+        self.assert_refused(self.head("Content-Length: 0, %d" % n) + self.smuggled,
+                            "a Content-Length list")
+
+    def test_identical_duplicate_content_lengths_are_one_length(self):
+        n = len(self.smuggled)
+        reply = self.srv.raw(self.head("Content-Length: %d" % n, "Content-Length: %d" % n,
+                                       "Connection: close") + self.smuggled)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:60])
+        self.assertEqual(reply.count(b"HTTP/1.1 "), 1)
+        self.assertIn(os.path.join("keys", self.path[6:]), stored_files(self.root))
+
+    def test_content_length_with_transfer_encoding(self):
+        self.assert_refused(self.head("Content-Length: %d" % len(self.smuggled),
+                                      "Transfer-Encoding: chunked") + self.smuggled, "CL + TE")
+        self.assert_refused(self.head("Transfer-Encoding: chunked",
+                                      "Content-Length: 0") + self.smuggled, "TE + CL")
+
+    def test_bad_content_length_values(self):
+        for value in ("-1", "+5", "5 5", "0x10", "\xb2", "1e3", ""):
+            self.assert_refused(self.head("Content-Length: " + value) + self.smuggled, value)
+
+    def test_obsolete_line_folding(self):
+        self.assert_refused(self.head("X-Note: one", " two", "Content-Length: 0")
+                            + self.smuggled, "space fold")
+        self.assert_refused(self.head("Content-Length: 0", "\t%d" % len(self.smuggled))
+                            + self.smuggled, "tab fold into Content-Length")
+
+    def test_malformed_header_lines(self):
+        n = len(self.smuggled)
+        for field in ("Content-Length : %d" % n, "No colon here", ": empty name",
+                      "Bad Name: x", "Content-Length\t: %d" % n):
+            self.assert_refused(self.head(field) + self.smuggled, field)
+        self.assert_refused(self.head("Host: y", "Content-Length: 0") + self.smuggled,
+                            "two Host headers")
+
+    def test_heads_over_the_limits(self):
+        long_path = "/keys/" + "a" * rp.MAX_REQUEST_LINE
+        self.assert_refused(self.head(line="GET %s HTTP/1.1" % long_path), "long request line")
+        self.assert_refused(self.head("X-Big: " + "b" * rp.MAX_REQUEST_LINE), "long header")
+        many = tuple("X-%d: v" % i for i in range(rp.MAX_HEADER_FIELDS + 1))
+        self.assert_refused(self.head(*many), "too many headers")
+        big = tuple("X-%d: %s" % (i, "c" * 8000) for i in range(10))
+        self.assert_refused(self.head(*big), "head too large")
+        # just within the limits is fine
+        reply = self.srv.raw(self.head(*(("X-%d: v" % i for i in range(90))),
+                                       line="GET /keys/ HTTP/1.1") [:-2]
+                             + b"Connection: close\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:60])
+
+    def test_pipelined_requests_are_still_served_in_order(self):
+        data = b"pipelined"
+        raw = (("POST /keys/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                % (sha256_hex(data), len(data))).encode() + data
+               + b"GET /keys/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = self.srv.raw(raw)
+        self.assertEqual(reply.count(b"HTTP/1.1 200"), 2, reply)
+        self.assertIn(sha256_hex(data).encode(), reply)
+
+
+class RangeFormsTest(unittest.TestCase):
+    """Every form of Range over HTTP, as RFC 9110 section 14 has it."""
+
+    def setUp(self):
+        tmp = tempfile.mkdtemp(prefix="r123-range-")
+        self.addCleanup(shutil.rmtree, tmp)
+        self.srv = ServerThread(rp.LocalStorage(os.path.join(tmp, "repos")))
+        self.addCleanup(self.srv.stop)
+        self.data = os.urandom(100)
+        self.path = "/data/" + sha256_hex(self.data)
+        self.assertEqual(self.srv.request("POST", self.path, self.data)[0], 200)
+
+    def get(self, value, path=None):
+        return self.srv.request("GET", path or self.path, headers={"Range": value})
+
+    def test_one_satisfiable_range_is_206(self):
+        d = self.data
+        for value, start, end in (("bytes=10-19", 10, 19), ("bytes=-5", 95, 99),
+                                  ("bytes=90-200", 90, 99), ("bytes=0-", 0, 99),
+                                  ("bytes=99-99", 99, 99), ("BYTES=10-19", 10, 19),
+                                  ("bytes=" + "0" * 40 + "7-" + "9" * 40, 7, 99)):
+            status, headers, body = self.get(value)
+            self.assertEqual((status, body), (206, d[start:end + 1]), value)
+            self.assertEqual(headers["content-range"], "bytes %d-%d/100" % (start, end), value)
+
+    def test_unknown_units_and_several_ranges_are_ignored(self):
+        for value in ("items=0-5", "lines=1-2", "0-5", "bytes=0-1,5-6", "bytes=0-1, 500-600",
+                      "bytes=500-600,700-"):
+            status, headers, body = self.get(value)
+            self.assertEqual((status, body), (200, self.data), value)
+            self.assertNotIn("content-range", headers)
+
+    def test_nothing_satisfiable_is_416_with_the_size(self):
+        for value in ("bytes=100-", "bytes=100-200", "bytes=-0", "bytes=5-3", "bytes=abc",
+                      "bytes=", "bytes=--1", "bytes=" + "9" * 5000 + "-"):
+            status, headers, body = self.get(value)
+            self.assertEqual((status, headers.get("content-range")), (416, "bytes */100"),
+                             value[:40])
+
+    def test_empty_object_ignores_range(self):
+        path = "/data/" + sha256_hex(b"")
+        self.assertEqual(self.srv.request("POST", path, b"")[0], 200)
+        status, _, body = self.get("bytes=0-10", path)
+        self.assertEqual((status, body), (200, b""))
+
+
+class _FullAfter(object):
+    """A spool file on a disk that fills up after `room` bytes: write() then fails
+    with ENOSPC, as a real full disk makes it fail."""
+
+    def __init__(self, real, room):
+        self._real, self._room = real, room
+
+    def write(self, data):
+        import errno
+        if len(data) > self._room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._room -= len(data)
+        return self._real.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def start_server_process(test, *argv, **kw):
+    """The server as its own process on an ephemeral port -> (process, port)."""
+    proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--listen", "127.0.0.1:0"] + list(argv),
+                            stdout=subprocess.PIPE, stderr=kw.get("stderr", subprocess.DEVNULL),
+                            universal_newlines=True, env=dict(os.environ, **kw.get("env", {})),
+                            preexec_fn=kw.get("preexec_fn"))
+
+    def stop():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            test.assertEqual(proc.wait(timeout=60), 0)
+        proc.stdout.close()
+    test.addCleanup(stop)
+    url = read_server_url(proc)
+    return proc, int(url.rsplit(":", 1)[1].strip("/"))
+
+
+def process_status(pid):
+    """Threads and resident memory (bytes) of a process, from /proc."""
+    with open("/proc/%d/status" % pid) as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(fields["Threads"]), int(fields["VmRSS"].split()[0]) * 1024
+
+
+def http_call(port, method, path, body=None, headers=None, conn=None):
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict((k.lower(), v) for k, v in resp.getheaders()), resp.read()
+    finally:
+        if own:
+            conn.close()
+
+
+class FullDiskTest(unittest.TestCase):
+    """A full spool or repository disk: 507, nothing partial left, reads and deletes
+    go on.  The first two inject ENOSPC into the real write path; the others run
+    the server under a real file size limit (RLIMIT_FSIZE: the kernel refuses the
+    write with EFBIG), no root needed."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-full-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.root = os.path.join(self.tmp, "repos")
+        self.spool = os.path.join(self.tmp, "spool")
+        os.makedirs(self.spool)
+
+    def serve(self, storage_type=None):
+        storage_type = storage_type or rp.LocalStorage
+        srv = ServerThread(storage_type(self.root), dict(spool_dir=self.spool))
+        self.addCleanup(srv.stop)
+        self.assertEqual(srv.request("POST", "/?create=true")[0], 200)
+        return srv
+
+    def test_a_full_spool_answers_507_and_the_connection_goes_on(self):
+        # the local backend writes into its own folder and needs no spool: a storage
+        # that spools like the cloud backends do (the Storage default)
+        class SpoolingStorage(rp.LocalStorage):
+            new_spool = rp.Storage.new_spool
+        srv = self.serve(SpoolingStorage)
+        small = os.urandom(1000)
+        self.assertEqual(srv.request("POST", "/data/" + sha256_hex(small), small)[0], 200)
+        before = stored_files(self.root)
+        real_temporary_file = tempfile.TemporaryFile
+        spool_dirs = []
+
+        def on_a_full_disk(*args, **kw):
+            spool_dirs.append(kw.get("dir"))
+            return _FullAfter(real_temporary_file(*args, **kw), room=1536 * 1024)
+        big = os.urandom(3 * 1024 * 1024)
+        with mock.patch("tempfile.TemporaryFile", on_a_full_disk):
+            conn = srv.connection()
+            status, _, body = http_call(srv.port, "POST", "/data/" + sha256_hex(big), big,
+                                        conn=conn)
+            self.assertEqual(status, 507, body)
+            # the body was read to its end: the same connection serves on
+            self.assertEqual(http_call(srv.port, "GET", "/data/" + sha256_hex(small),
+                                       conn=conn)[2], small)
+            self.assertEqual(http_call(srv.port, "DELETE", "/data/" + sha256_hex(small),
+                                       conn=conn)[0], 200)
+            conn.close()
+        self.assertEqual(spool_dirs, [self.spool])      # --spool-dir is where it spooled
+        self.assertEqual(os.listdir(self.spool), [])
+        self.assertEqual(stored_files(self.root),
+                         [f for f in before if not f.endswith(sha256_hex(small))])
+        # room again: the same upload goes through
+        self.assertEqual(srv.request("POST", "/data/" + sha256_hex(big), big)[0], 200)
+
+    def test_a_full_repository_disk_answers_507_and_leaves_no_partial_file(self):
+        import errno
+        srv = self.serve()
+        kept = os.urandom(2000)
+        self.assertEqual(srv.request("POST", "/keys/" + sha256_hex(kept), kept)[0], 200)
+        before = stored_files(self.root)
+        data = os.urandom(200000)
+        full = OSError(errno.ENOSPC, "No space left on device")
+        with mock.patch.object(rp.os, "fsync", side_effect=full):     # as NFS or ext4 may
+            self.assertEqual(srv.request("POST", "/data/" + sha256_hex(data), data)[0], 507)
+            self.assertEqual(stored_files(self.root), before)
+            self.assertEqual(srv.request("GET", "/keys/" + sha256_hex(kept))[2], kept)
+            self.assertEqual(srv.request("DELETE", "/keys/" + sha256_hex(kept))[0], 200)
+        self.assertEqual(srv.request("POST", "/data/" + sha256_hex(data), data)[0], 200)
+
+    def limited_server(self, *argv, **kw):
+        import resource
+        limit = 2 * 1024 * 1024
+
+        def file_size_limit():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        return start_server_process(self, "--spool-dir", self.spool, *argv,
+                                    preexec_fn=file_size_limit, **kw)[1]
+
+    def check_full_disk_behaviour(self, port, stored):
+        """An upload over the limit: 507; one under it is stored; reads and deletes
+        work; nothing is left in the spool."""
+        self.assertEqual(http_call(port, "POST", "/?create=true")[0], 200)
+        fits = os.urandom(1536 * 1024)
+        too_big = os.urandom(3 * 1024 * 1024)
+        status, _, body = http_call(port, "POST", "/data/" + sha256_hex(too_big), too_big)
+        self.assertEqual(status, 507, body)
+        self.assertIn(b"upload spool", body)
+        self.assertEqual(os.listdir(self.spool), [])
+        self.assertEqual(http_call(port, "POST", "/data/" + sha256_hex(fits), fits)[0], 200)
+        self.assertEqual(http_call(port, "GET", "/data/" + sha256_hex(fits))[2], fits)
+        self.assertEqual(stored(), [sha256_hex(fits)])
+        self.assertEqual(http_call(port, "DELETE", "/data/" + sha256_hex(fits))[0], 200)
+        self.assertEqual(http_call(port, "HEAD", "/data/" + sha256_hex(too_big))[0], 404)
+        self.assertEqual(os.listdir(self.spool), [])
+
+    def test_local_backend_under_a_real_file_size_limit(self):
+        port = self.limited_server("--path", self.root)
+        self.check_full_disk_behaviour(
+            port, lambda: [os.path.basename(f) for f in stored_files(os.path.join(self.root, "data"))])
+        self.assertEqual(stored_files(os.path.join(self.root, "data")), [])
+
+    def test_cloud_backend_under_a_real_file_size_limit(self):
+        emu = Pan123Emulator().start()
+        self.addCleanup(emu.stop)
+        port = self.limited_server("--backend", "123pan", "--api-base", emu.api_base,
+                                   "--client-id", "emu-client", "--state-dir",
+                                   os.path.join(self.tmp, "state"),
+                                   env={"PAN123_CLIENT_SECRET": "emu-secret"})
+        self.check_full_disk_behaviour(
+            port, lambda: sorted(json.loads(http_call(port, "GET", "/data/")[2].decode())))
+        self.assertEqual(emu.errors, [])
+
+
+class HostileInputFuzzTest(unittest.TestCase):
+    """Seeded random and mutated inputs for the parsers that meet the network or a
+    file: each input works, or fails with that parser's own error; nothing else."""
+
+    ROUNDS = 3000
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-fuzz-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    @staticmethod
+    def mutate(rnd, text, alphabet):
+        chars = list(text)
+        for _ in range(rnd.randint(1, 4)):
+            op = rnd.randrange(4)
+            pos = rnd.randint(0, len(chars))
+            if op == 0:
+                chars.insert(pos, rnd.choice(alphabet))
+            elif op == 1 and chars:
+                del chars[min(pos, len(chars) - 1)]
+            elif op == 2 and chars:
+                chars[min(pos, len(chars) - 1)] = rnd.choice(alphabet)
+            else:
+                chars[pos:pos] = chars[rnd.randint(0, len(chars)):][:rnd.randint(0, 8)]
+        return "".join(chars)
+
+    def test_request_path_parser_never_leaves_the_repository_folder(self):
+        rnd = random.Random(1301)
+        root = os.path.join(self.tmp, "repos")
+        os.makedirs(root)
+        storage = rp.LocalStorage(root)
+        oid = sha256_hex(b"fuzz")
+        pieces = ["/", "//", ".", "..", "%2e", "%2E%2e", "%2f", "%2F", "%5c", "%00", "%",
+                  "%zz", "%c0%af", "%ff", "%e2%80%ae", "data", "keys", "locks", "snapshots",
+                  "index", "config", oid, oid[:10], "a", "repo", "\\", "~", "?", "?create=true",
+                  "#", " ", "\t", "é", ":", "*", '"', "<", "|", "\x00", "\x7f", "-", ".hidden"]
+        valid = ["/", "/config", "/data/", "/data/" + oid, "/a/b/keys/" + oid, "/a/locks/",
+                 "/r/?create=true", "/a/b/c/d/e/f/g/h/index/" + oid]
+        alphabet = "/.%2e5cfF0a\\\x00:?#" + oid[:4]
+        statuses = collections.Counter()
+        for _ in range(self.ROUNDS):
+            if rnd.random() < 0.4:
+                target = self.mutate(rnd, rnd.choice(valid), alphabet)
+            else:
+                target = "/" + "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 12)))
+            try:
+                route = rp.parse_route(target)
+            except rp.RequestError as e:
+                self.assertIn(e.status, (400, 404), target)
+                statuses[e.status] += 1
+                continue
+            statuses[200] += 1
+            if route.kind is None:
+                path = storage._repo_dir(route.repo)
+            elif route.name is None:
+                path = storage._dir_of(route.repo, route.kind)
+            else:
+                path = storage.path_of(ObjectRef(route.repo, route.kind, route.name))
+            real = os.path.realpath(path)
+            self.assertTrue(real == root or real.startswith(root + os.sep), (target, real))
+        # every outcome happened, so the generator reaches all of them
+        self.assertTrue(all(statuses[s] > 50 for s in (200, 400, 404)), statuses)
+
+    def test_request_paths_over_http_never_fail_the_server(self):
+        rnd = random.Random(1302)
+        srv = ServerThread(rp.LocalStorage(os.path.join(self.tmp, "repos")))
+        self.addCleanup(srv.stop)
+        alphabet = "/.%2e5cfF0a\\:?#é \x01" + sha256_hex(b"x")[:6]
+        seen = collections.Counter()
+        for _ in range(300):
+            target = self.mutate(rnd, rnd.choice(["/", "/data/", "/config", "/a/keys/"]), alphabet)
+            raw = ("GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
+            reply = srv.raw(raw.encode("utf-8"))
+            status = int(reply[9:12])
+            self.assertLess(status, 500, target)
+            seen[status] += 1
+        self.assertGreater(len(seen), 2, seen)
+
+    def test_range_parser(self):
+        rnd = random.Random(1303)
+        alphabet = "0123456789" * 3 + "bytes=-, ;=aBYTES\t"
+        valid = ["bytes=0-", "bytes=10-19", "bytes=-5", "bytes=5-3", "bytes=0-1,5-6", "items=1-2",
+                 "bytes=4000-5000", "bytes=99-"]
+        outcomes = collections.Counter()
+        for _ in range(self.ROUNDS * 2):
+            size = rnd.choice([0, 1, 100, 4096, 2 ** 40])
+            if rnd.random() < 0.5:
+                header = self.mutate(rnd, rnd.choice(valid), alphabet)
+            elif rnd.random() < 0.5:
+                header = "bytes=%s-%s" % tuple("".join(rnd.choice("0123456789") for _ in
+                                                       range(rnd.randint(0, 14))) for _ in "ab")
+            else:
+                header = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 30)))
+            try:
+                start, length, partial = rp.parse_range(header, size)
+            except rp.RangeNotSatisfiable:
+                outcomes["416"] += 1
+                continue
+            self.assertTrue(0 <= start and 0 <= length and start + length <= size, header)
+            if partial:
+                self.assertGreater(length, 0, header)
+                outcomes["206"] += 1
+            else:
+                self.assertEqual((start, length), (0, size), header)
+                outcomes["200"] += 1
+        self.assertTrue(all(outcomes[k] > 100 for k in ("200", "206", "416")), outcomes)
+
+    def test_htpasswd_file_parser(self):
+        rnd = random.Random(1304)
+        cheap = [sha1_htpasswd("pw"), "$apr1$salt1234$" + "A" * 22, "$5$rounds=1000$salt$" + "b" * 43,
+                 "$6$salt$" + "c" * 86, "$2y$04$" + "d" * 53, "plaintext", "", "$1$abc$def"]
+        names = ["alice", "bob", "metrics", "a.b-c_d@e", "", "x/y", "../etc", "名前", "#c", " sp"]
+        alphabet = ":#$\n\r\t \x00\xff/\\.{SHA}" + "aZ09"
+        lines = 0
+        for i in range(300):
+            body = []
+            for _ in range(rnd.randint(0, 12)):
+                line = "%s:%s" % (rnd.choice(names), rnd.choice(cheap))
+                if rnd.random() < 0.5:
+                    line = self.mutate(rnd, line, alphabet)
+                body.append(line)
+                lines += 1
+            raw = "\n".join(body).encode("utf-8", "surrogatepass")
+            if rnd.random() < 0.2:
+                raw += bytes(rnd.randrange(256) for _ in range(rnd.randint(1, 20)))
+            path = os.path.join(self.tmp, "htpasswd-%d" % i)
+            with open(path, "wb") as f:
+                f.write(raw)
+            users = rp.HtpasswdFile(path)
+            for user, hashed in list(users._users.items()):
+                self.assertRegex(user, r"\A[\w@.\-]+\Z")
+                if self.costly(hashed):
+                    continue
+                reason = users.check(user, rnd.choice(["pw", "", "wrong", "é\x00"]))
+                self.assertTrue(reason is None or isinstance(reason, str), reason)
+            self.assertEqual(users.check("nobody-here", "pw"), "unknown user")
+        self.assertGreater(lines, 1500)
+
+    @staticmethod
+    def costly(hashed):
+        """A mutation may have made a hash slow to check (bcrypt cost, SHA-crypt
+        rounds); those are the file owner's choice, not the parser's problem."""
+        bcrypt = re.match(r"\$2[aby]\$(\d\d)\$", hashed)
+        rounds = re.match(r"\$[56]\$rounds=(\d+)\$", hashed)
+        return bool(bcrypt and int(bcrypt.group(1)) > 5 or rounds and int(rounds.group(1)) > 5000)
+
+    def test_multipart_builder(self):
+        rnd = random.Random(1305)
+        text = "aé名\"\\\r\n;=%-_. \t\x00" + "xyz019"
+        for _ in range(self.ROUNDS):
+            data = bytes(rnd.randrange(256) for _ in range(rnd.randint(0, 300)))
+            spool = HashingSpool.from_bytes(data)
+            start = rnd.randint(0, len(data))
+            length = rnd.randint(0, len(data) - start)
+            fields = [("field%d" % i, "".join(rnd.choice(text) for _ in range(rnd.randint(0, 20))))
+                      for i in range(rnd.randint(0, 4))]
+            fields += [("size", rnd.randint(0, 2 ** 40))]
+            filename = "".join(rnd.choice(text) for _ in range(rnd.randint(0, 30)))
+            body = MultipartBody(fields, "file", filename, spool, start, length)
+            raw = b"".join(body)
+            self.assertEqual(len(raw), body.content_length)
+            self.assertEqual(b"".join(body), raw)           # a retry streams the same bytes
+            boundary = body.content_type.split("boundary=", 1)[1].encode()
+            sep = b"--" + boundary
+            self.assertTrue(raw.startswith(sep + b"\r\n") and raw.endswith(b"\r\n" + sep + b"--\r\n"))
+            parts = raw[len(sep) + 2:-(len(sep) + 6)].split(b"\r\n" + sep + b"\r\n")
+            self.assertEqual(len(parts), len(fields) + 1)
+            for (name, value), part in zip(fields, parts):
+                head, _, content = part.partition(b"\r\n\r\n")
+                self.assertEqual(head.decode(), 'Content-Disposition: form-data; name="%s"' % name)
+                self.assertEqual(content.decode("utf-8"), str(value))
+            head, _, content = parts[-1].partition(b"\r\n\r\n")
+            disposition, content_type = head.decode("utf-8").split("\r\n")
+            quoted = re.match(r'\AContent-Disposition: form-data; name="file"; filename="([^"\r\n]*)"\Z',
+                              disposition)
+            self.assertTrue(quoted, disposition)
+            self.assertEqual(content_type, "Content-Type: application/octet-stream")
+            self.assertEqual(content, data[start:start + length])
+            spool.close()
+
+    def test_request_head_reader_and_framing(self):
+        rnd = random.Random(1306)
+        valid = [b"GET /keys/ HTTP/1.1\r\nHost: x\r\n\r\n",
+                 b"POST /data/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+                 b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"]
+        alphabet = [b"\r", b"\n", b" ", b"\t", b":", b",", b"0", b"9", b"\xff", b"\x00", b"a",
+                    b"Content-Length: 1\r\n", b"Transfer-Encoding: x\r\n", b"Host: y\r\n"]
+        outcomes = collections.Counter()
+        for _ in range(self.ROUNDS):
+            chunks = [valid[rnd.randrange(len(valid))]]
+            raw = bytearray(chunks[0])
+            for _ in range(rnd.randint(0, 5)):
+                pos = rnd.randint(0, len(raw))
+                if rnd.random() < 0.5:
+                    raw[pos:pos] = rnd.choice(alphabet)
+                elif raw:
+                    del raw[pos:pos + rnd.randint(1, 3)]
+            try:
+                head = rp.read_request_head(io.BufferedReader(io.BytesIO(bytes(raw))),
+                                            max_line=200, max_fields=8, max_bytes=400)
+            except rp.MalformedHead:
+                outcomes["malformed"] += 1
+                continue
+            except ConnectionError:
+                outcomes["cut short"] += 1
+                continue
+            if head is None:
+                outcomes["empty"] += 1
+                continue
+            try:
+                problem = rp.framing_problem(http.client.parse_headers(io.BytesIO(head[1])))
+            except http.client.HTTPException:
+                problem = "unreadable"
+            self.assertTrue(problem is None or isinstance(problem, str))
+            outcomes["refused" if problem else "accepted"] += 1
+        self.assertTrue(all(outcomes[k] > 50 for k in ("malformed", "refused", "accepted")),
+                        outcomes)
+
+
+class ProcessSampler(object):
+    """Samples a process's threads and resident memory from /proc in a thread, for
+    the peak figures (measurement only: no test decision waits on it)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.peak_threads, self.peak_rss = process_status(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            try:
+                threads, rss = process_status(self.pid)
+            except (OSError, KeyError, ValueError):
+                return
+            self.peak_threads = max(self.peak_threads, threads)
+            self.peak_rss = max(self.peak_rss, rss)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+class HalfOpenFloodTest(unittest.TestCase):
+    """1,500 clients each send half a request head and wait: the server holds at
+    most --max-connections of them (a thread each), answers the rest 503 at once,
+    closes every held one at the header timeout, then serves normally."""
+
+    CLIENTS = 1500
+    MAX_CONNECTIONS = 100
+    HEADER_TIMEOUT = 2
+
+    def test_1500_half_open_requests(self):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = self.CLIENTS + 200
+        if soft < wanted:
+            if hard != resource.RLIM_INFINITY and hard < wanted:
+                self.fail("RLIMIT_NOFILE %d is too low for %d sockets" % (hard, self.CLIENTS))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        tmp = tempfile.mkdtemp(prefix="r123-flood-")
+        self.addCleanup(shutil.rmtree, tmp)
+        proc, port = start_server_process(
+            self, "--path", tmp, "--max-connections", str(self.MAX_CONNECTIONS),
+            "--header-timeout", str(self.HEADER_TIMEOUT), "--io-timeout", "60",
+            "--idle-timeout", "60")
+        self.assertEqual(http_call(port, "GET", "/keys/")[0], 200)
+        threads_before, rss_before = process_status(proc.pid)
+        sampler = ProcessSampler(proc.pid)
+        started = time.monotonic()
+        clients = []
+        try:
+            for _ in range(self.CLIENTS):
+                s = socket.create_connection(("127.0.0.1", port), timeout=60)
+                s.sendall(b"GET /keys/ HTTP/1.1\r\nHost: x\r\n")
+                clients.append((s, time.monotonic()))
+            opened = time.monotonic() - started
+            turned_away = timed_out = 0
+            slowest = 0.0
+            for reply, took in self.wait_for_every_close(clients, timeout=60):
+                slowest = max(slowest, took)
+                if reply.startswith(b"HTTP/1.1 503"):
+                    self.assertIn(b"Retry-After:", reply)
+                    turned_away += 1
+                else:
+                    self.assertEqual(reply, b"")
+                    timed_out += 1
+        finally:
+            for s, _ in clients:
+                s.close()
+            sampler.stop()
+        total = time.monotonic() - started
+        self.assertEqual(turned_away + timed_out, self.CLIENTS)
+        self.assertGreaterEqual(timed_out, self.MAX_CONNECTIONS)   # the cap was reached
+        self.assertGreater(turned_away, 0)
+        # the accept thread, the handler threads, nothing per refused client
+        self.assertLessEqual(sampler.peak_threads, self.MAX_CONNECTIONS + 3)
+        # each held client was closed at the header timeout (plus scheduling slack)
+        self.assertLess(slowest, self.HEADER_TIMEOUT + 15)
+        self.assertEqual(http_call(port, "GET", "/keys/")[0], 200)
+        threads_after, rss_after = process_status(proc.pid)
+        sys.stderr.write(
+            "\n%d half-open clients (opened in %.1fs), --max-connections %d, --header-timeout %ds: "
+            "%d answered 503, %d closed at the timeout; slowest close %.1fs, all done in %.1fs; "
+            "threads %d -> peak %d -> %d; RSS %.1f -> peak %.1f -> %.1f MiB\n"
+            % (self.CLIENTS, opened, self.MAX_CONNECTIONS, self.HEADER_TIMEOUT, turned_away,
+               timed_out, slowest, total, threads_before, sampler.peak_threads, threads_after,
+               rss_before / 2.0 ** 20, sampler.peak_rss / 2.0 ** 20, rss_after / 2.0 ** 20))
+
+
+    @staticmethod
+    def wait_for_every_close(clients, timeout):
+        """[(what the server sent, seconds from the connection to its close)] for
+        every (socket, opened at) at once: a close is seen when it happens."""
+        import selectors
+        selector = selectors.DefaultSelector()
+        for s, since in clients:
+            s.setblocking(False)
+            selector.register(s, selectors.EVENT_READ, [since, b""])
+        closed = []
+        deadline = time.monotonic() + timeout
+        while len(closed) < len(clients):
+            events = selector.select(max(0, deadline - time.monotonic()))
+            if not events:
+                raise AssertionError("%d connections still open after %ds"
+                                     % (len(clients) - len(closed), timeout))
+            for key, _ in events:
+                try:
+                    chunk = key.fileobj.recv(65536)
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    chunk = b""
+                if chunk:
+                    key.data[1] += chunk
+                    continue
+                selector.unregister(key.fileobj)
+                closed.append((key.data[1], time.monotonic() - key.data[0]))
+        selector.close()
+        return closed
+
+
+class SoakTest(unittest.TestCase):
+    """64 connections at once mixing uploads, ranged reads, listings and deletes
+    for a fixed number of requests; the server's memory at the start and the end;
+    then every object is checked."""
+
+    CONNECTIONS = 64
+    REQUESTS_EACH = 40
+
+    def test_soak(self):
+        if UNIT_ONLY:
+            raise unittest.SkipTest("RESTIC_123PAN_UNIT_ONLY=1 (the soak runs once, in the full suite)")
+        tmp = tempfile.mkdtemp(prefix="r123-soak-")
+        self.addCleanup(shutil.rmtree, tmp)
+        log_path = os.path.join(tmp, "server.log")
+        log_file = open(log_path, "w")
+        self.addCleanup(log_file.close)
+        proc, port = start_server_process(self, "--path", os.path.join(tmp, "repos"),
+                                          stderr=log_file)
+        self.assertEqual(http_call(port, "POST", "/soak/?create=true")[0], 200)
+        lock = threading.Lock()
+        live, gone, problems = {}, set(), []
+
+        def worker(index, rounds, seed):
+            rnd = random.Random(seed)
+            mine = []
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            try:
+                for _ in range(rounds):
+                    op = rnd.random()
+                    if op < 0.45 or not mine:
+                        data = os.urandom(rnd.choice([100, 5000, 70000, 300000, 1200000]))
+                        name = sha256_hex(data)
+                        kind = rnd.choice(["data", "data", "index", "snapshots"])
+                        status = http_call(port, "POST", "/soak/%s/%s" % (kind, name), data,
+                                           conn=conn)[0]
+                        if status != 200:
+                            problems.append(("POST", status))
+                            continue
+                        mine.append((kind, name, data))
+                        with lock:
+                            live[(kind, name)] = data
+                    elif op < 0.7:
+                        kind, name, data = rnd.choice(mine)
+                        start = rnd.randrange(len(data))
+                        end = min(len(data) - 1, start + rnd.randrange(100000))
+                        status, _, body = http_call(port, "GET", "/soak/%s/%s" % (kind, name),
+                                                    headers={"Range": "bytes=%d-%d" % (start, end)},
+                                                    conn=conn)
+                        if (status, body) != (206, data[start:end + 1]):
+                            problems.append(("range", status, len(body)))
+                    elif op < 0.85:
+                        kind = rnd.choice(["data", "index", "snapshots"])
+                        status, headers, body = http_call(port, "GET", "/soak/%s/" % kind,
+                                                          headers={"Accept": V2}, conn=conn)
+                        listed = dict((e["name"], e["size"]) for e in json.loads(body.decode()))
+                        for k, n, d in mine:
+                            if k == kind and listed.get(n) != len(d):
+                                problems.append(("listing misses", kind, n))
+                    else:
+                        kind, name, data = mine.pop(rnd.randrange(len(mine)))
+                        status = http_call(port, "DELETE", "/soak/%s/%s" % (kind, name),
+                                           conn=conn)[0]
+                        if status != 200:
+                            problems.append(("DELETE", status))
+                        with lock:
+                            live.pop((kind, name), None)
+                            gone.add((kind, name))
+            except Exception as e:
+                problems.append(("exception", index, repr(e)))
+            finally:
+                conn.close()
+
+        def run_round(rounds, seed):
+            threads = [threading.Thread(target=worker, args=(i, rounds, seed * 1000 + i))
+                       for i in range(self.CONNECTIONS)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        started = time.monotonic()
+        run_round(5, 1)                 # warm-up: every thread and buffer exists once
+        _, rss_start = process_status(proc.pid)
+        sampler = ProcessSampler(proc.pid)
+        run_round(self.REQUESTS_EACH, 2)
+        sampler.stop()
+        _, rss_end = process_status(proc.pid)
+        took = time.monotonic() - started
+        self.assertEqual(problems, [])
+        # every object: listed with its size and read back whole; deleted ones gone
+        for kind in ("data", "index", "snapshots"):
+            body = http_call(port, "GET", "/soak/%s/" % kind, headers={"Accept": V2})[2]
+            listed = dict((e["name"], e["size"]) for e in json.loads(body.decode()))
+            expected = dict((n, len(d)) for (k, n), d in live.items() if k == kind)
+            self.assertEqual(listed, expected, kind)
+        for (kind, name), data in live.items():
+            self.assertEqual(sha256_hex(http_call(port, "GET", "/soak/%s/%s" % (kind, name))[2]), name)
+        for kind, name in gone - set(live):
+            self.assertEqual(http_call(port, "HEAD", "/soak/%s/%s" % (kind, name))[0], 404)
+        requests = self.CONNECTIONS * (self.REQUESTS_EACH + 5)
+        sys.stderr.write("\nsoak: %d connections, %d requests in %.1fs; server RSS %.1f MiB at the "
+                         "start, %.1f at the end (peak %.1f); %d objects checked\n"
+                         % (self.CONNECTIONS, requests, took, rss_start / 2.0 ** 20,
+                            rss_end / 2.0 ** 20, sampler.peak_rss / 2.0 ** 20, len(live)))
+        # flat: bodies are spooled and streamed, never gathered
+        self.assertLess(rss_end - rss_start, 48 * 1024 * 1024)
+        log_file.flush()
+        with open(log_path) as f:
+            text = f.read()
+        self.assertNotIn("Traceback", text)
+        self.assertNotRegex(text, r'" 5\d\d ')
+
+
+class KilledServerEndToEndTest(ResticEndToEndBase):
+    """kill -9 of the server in the middle of a backup, a restart on the same
+    address (the running restic retries into it), then unlock, another backup and
+    check --read-data: for each backend."""
+
+    def scenario(self, start):
+        url = start("127.0.0.1:0")
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        repo = "rest:" + url
+        src = os.path.join(self.tmp, "src")
+        make_tree(src, seed=11, total_mib=24)
+        self.restic_run(repo, "init")
+        backup = subprocess.Popen([self.restic, "-r", repo, "backup", src, "-o",
+                                   "rest.connections=4"], env=self.env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  universal_newlines=True)
+        self.addCleanup(lambda: backup.poll() is None and backup.kill())
+        wait_until(lambda: len(re.findall(r'"POST /data/[0-9a-f]{64}" 200',
+                                          self.server_log_text())) >= 2,
+                   timeout=300, what="two packs uploaded")
+        self.assertIsNone(backup.poll(), "the backup ended before the server was killed")
+        self.server_proc.kill()                 # mid-backup, no chance to clean up
+        self.server_proc.wait()
+        start("127.0.0.1:%d" % port)
+        try:
+            backup.communicate(timeout=600)     # it retries into the new server, or gives up
+        except subprocess.TimeoutExpired:
+            backup.kill()
+            backup.communicate()
+        sys.stderr.write("\nthe backup running through the kill -9 exited with %d\n"
+                         % backup.returncode)
+        self.restic_run(repo, "unlock")
+        change_tree(src, seed=12)
+        self.restic_run(repo, "backup", src)
+        self.restic_run(repo, "check", "--read-data")
+        self.assertGreaterEqual(len(self.snapshot_ids(repo, [])), 1)
+        restored = os.path.join(self.tmp, "restored")
+        self.restic_run(repo, "restore", "latest", "--target", restored)
+        self.assertEqual(manifest(os.path.join(restored, os.path.relpath(src, "/"))), manifest(src))
+        return backup.returncode
+
+    def test_local(self):
+        data = os.path.join(self.tmp, "repos")
+        self.scenario(lambda listen: self.start_server("--path", data, "--listen", listen))
+
+    def test_123pan(self):
+        emu = Pan123Emulator().start()
+        self.addCleanup(emu.stop)
+        state = os.path.join(self.tmp, "state")
+        self.scenario(lambda listen: self.start_server(
+            "--backend", "123pan", "--api-base", emu.api_base, "--client-id", "emu-client",
+            "--state-dir", state, "--listen", listen, env={"PAN123_CLIENT_SECRET": "emu-secret"}))
+        self.assertEqual(emu.errors, [])
+
+    def test_cloudreve(self):
+        emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD).start()
+        self.addCleanup(emu.stop)
+        state = os.path.join(self.tmp, "state")
+        self.scenario(lambda listen: self.start_server(
+            "--backend", "cloudreve", "--cloudreve-url", emu.base_url, "--cloudreve-user",
+            CR_EMAIL, "--state-dir", state, "--listen", listen,
+            env={"CLOUDREVE_PASSWORD": CR_PASSWORD}))
+        self.assertEqual(emu.errors, [])
+
+
+REST_SERVER_STAND_IN = os.path.join(HERE, ".ci", "rest-server")
+
+
+def restic_rest_test_binary():
+    """The test binary of restic's internal/backend/rest package: the path in
+    RESTIC_123PAN_REST_TEST (set by .ci/run, which builds it with
+    .ci/build-restic-rest-test), else the newest one that script left in its cache."""
+    binary = os.environ.get("RESTIC_123PAN_REST_TEST")
+    if binary:
+        return binary
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "restic-123pan")
+    try:
+        found = sorted(n for n in os.listdir(cache) if re.match(r"rest\.test-[^.]", n)
+                       and not n.endswith(".new"))
+    except OSError:
+        found = []
+    return os.path.join(cache, found[-1]) if found else None
+
+
+class ResticRestBackendSuiteTest(unittest.TestCase):
+    """restic's own REST backend tests (TestBackendREST: save, load with offsets and
+    lengths, list, delete, wrong hashes, ...), built from Debian's restic source
+    package, against this server started through .ci/rest-server exactly as they
+    start rest-server: on the local backend and on both clouds' emulators."""
+
+    @classmethod
+    def setUpClass(cls):
+        if UNIT_ONLY:
+            raise unittest.SkipTest("RESTIC_123PAN_UNIT_ONLY=1")
+        cls.binary = restic_rest_test_binary()
+        if not cls.binary or not os.access(cls.binary, os.X_OK):
+            message = ("restic's REST backend test binary is missing (%s); build it with "
+                       ".ci/build-restic-rest-test" % cls.binary)
+            if REQUIRE_E2E:
+                raise AssertionError(message)
+            raise unittest.SkipTest(message)
+        m = re.search(r"rest\.test-(?:\d+:)?(([0-9.]+)\S*)$", cls.binary)
+        cls.version = "restic %s (Debian %s)" % (m.group(2), m.group(1)) if m else cls.binary
+        cls.numeric_version = tuple(int(p) for p in m.group(2).strip(".").split(".")) if m else (0,)
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-gosuite-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def run_suite(self, label, env=None):
+        if self.numeric_version < (0, 17):
+            # restic before 0.17 dials localhost:8000; later ones pass --listen :0 and
+            # read the address from the "start server on" line
+            probe = socket.socket()
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server
+            try:
+                probe.bind(("127.0.0.1", 8000))
+            except OSError as e:
+                self.fail("port 8000, which restic's REST tests use, is taken: %s" % e)
+            finally:
+                probe.close()
+        bindir = os.path.join(self.tmp, "bin")
+        os.makedirs(bindir)
+        os.symlink(REST_SERVER_STAND_IN, os.path.join(bindir, "rest-server"))
+        run_env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
+                       PYTHON=sys.executable, TMPDIR=self.tmp,
+                       RESTIC_TEST_DISALLOW_SKIP="restic/backend/rest.TestBackendREST")
+        run_env.update(env or {})
+        started = time.monotonic()
+        r = subprocess.run([self.binary, "-test.run", "^TestBackendREST$", "-test.v",
+                            "-test.timeout", "600s"], cwd=self.tmp, env=run_env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           universal_newlines=True, timeout=900)
+        passed = re.findall(r"--- PASS: (\S+)", r.stdout)
+        failed = re.findall(r"--- FAIL: (\S+)", r.stdout)
+        skipped = re.findall(r"--- SKIP: (\S+)", r.stdout)
+        sys.stderr.write("\nrestic's REST backend tests from %s on %s: %d passed, %d failed, "
+                         "%d skipped in %.1fs\n" % (self.version, label, len(passed), len(failed),
+                                                    len(skipped), time.monotonic() - started))
+        self.assertEqual(r.returncode, 0, "%s\n%s" % (failed, r.stdout[-6000:]))
+        self.assertIn("TestBackendREST", passed)
+        self.assertGreater(len(passed), 10)
+        self.assertEqual((failed, skipped), ([], []))
+
+    def test_local_backend(self):
+        self.run_suite("the local backend")
+
+    def test_123pan_emulator(self):
+        emu = Pan123Emulator().start()
+        self.addCleanup(emu.stop)
+        self.run_suite("123pan (emulator)", {
+            "RESTIC_123PAN_BACKEND": "123pan", "PAN123_API_BASE": emu.api_base,
+            "PAN123_CLIENT_ID": "emu-client", "PAN123_CLIENT_SECRET": "emu-secret",
+            "RESTIC_123PAN_STATE_DIR": os.path.join(self.tmp, "state")})
+        self.assertEqual(emu.errors, [])
+        self.assertGreater(sum(emu.calls.values()), 50)    # it was the cloud that served
+
+    def test_cloudreve_emulator(self):
+        emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD).start()
+        self.addCleanup(emu.stop)
+        self.run_suite("Cloudreve (emulator)", {
+            "RESTIC_123PAN_BACKEND": "cloudreve", "CLOUDREVE_URL": emu.base_url,
+            "CLOUDREVE_USER": CR_EMAIL, "CLOUDREVE_PASSWORD": CR_PASSWORD,
+            "RESTIC_123PAN_STATE_DIR": os.path.join(self.tmp, "state")})
+        self.assertEqual(emu.errors, [])
+        self.assertGreater(sum(emu.calls.values()), 50)    # it was the cloud that served
 
 
 # ---------------------------------------------------------------------------
