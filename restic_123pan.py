@@ -51,6 +51,7 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from xml.sax.saxutils import escape as xml_escape
 from urllib.parse import quote, unquote, unquote_to_bytes, urlencode, urljoin, urlsplit
 
 try:
@@ -2763,7 +2764,8 @@ _CLOUDREVE_LOGIN_REFUSALS = {
     40026: "the site asks for a captcha at login, which a headless server cannot solve: "
            "ask the site's admin to turn the login captcha off",
     40080: "wrong email or password",
-    40017: "the account is blocked",
+    40017: "the account is disabled or blocked (its calls answered 50001 until the token "
+           "was renewed): ask the site's admin to re-enable it",
     40018: "the account is not activated",
     40001: "the site refused the login request (the user must be an email address, the "
            "password 4 to 128 characters)",
@@ -2825,6 +2827,80 @@ _CLOUDREVE_ERROR_TYPES = {
     CLOUDREVE_CODE_CREDENTIALS: (CloudreveAuthError, 502),
     CLOUDREVE_CODE_CAPACITY: (CloudreveError, 507),
 }
+
+
+# -- storage policies: where an upload session sends the bytes (issue 11) -------
+# The web client's uploader per policy type (cloudreve/frontend, core/uploader/)
+# and Cloudreve 4.18's callback routes decide these.  `relay: true` on any type
+# sends the bytes through the site, as for `local`.
+CLOUDREVE_S3_LIKE_POLICIES = ("s3", "ks3", "cos", "oss", "obs")
+# Of these, the client itself calls GET /callback/<type>/{session}/{secret}
+# after CompleteMultipartUpload; OSS and OBS call the site back themselves.
+CLOUDREVE_CLIENT_CALLBACK_POLICIES = ("s3", "ks3", "cos")
+# OneDrive takes fragments of a multiple of 320 KiB (the last one excepted), at
+# most 60 MiB each.
+ONEDRIVE_FRAGMENT_UNIT = 320 * 1024
+ONEDRIVE_FRAGMENT_MAX = 60 * 1024 * 1024
+ONEDRIVE_DEFAULT_FRAGMENT = 32 * ONEDRIVE_FRAGMENT_UNIT       # 10 MiB
+CLOUDREVE_PROVIDER_MAX_RESPONSE = 1024 * 1024
+
+
+def cloudreve_upload_flow(policy):
+    """'local', 'remote', 's3', 'onedrive', 'qiniu' or 'upyun': how bytes reach a
+    session's storage policy (its `type` and `relay`); None if unknown."""
+    kind = policy.get("type") if isinstance(policy, dict) else None
+    if kind == "local" or (isinstance(policy, dict) and policy.get("relay")):
+        return "local"
+    if kind in CLOUDREVE_S3_LIKE_POLICIES:
+        return "s3"
+    if kind in ("remote", "onedrive", "qiniu", "upyun"):
+        return kind
+    return None
+
+
+# Answers that are final and mean "change this on the site" (issue 11): each
+# gets one line naming the setting.
+_CLOUDREVE_POLICY_REFUSALS = {
+    40049: "the file is larger than the storage policy's maximum file size (or the "
+           "user group's): raise the policy's \"max file size\" on the site",
+    40052: "the storage policy's file name filter refuses the name; restic's names have "
+           "no extension, so an extension allow-list refuses every object: clear the "
+           "policy's allowed extensions / name rules on the site",
+    40050: "the storage policy refuses this file type: clear the policy's allowed "
+           "file types on the site",
+    40006: "the storage policy does not accept uploads this way (a non-relay policy "
+           "fed through the site): check the policy's upload relay setting",
+}
+# 50001 on every call while the access token is still valid is what a disabled
+# account looks like (a busy database looks the same once): call() renews the
+# token once on it, and a disabled account then fails the refresh and the
+# login with a clear refusal instead of being retried as "busy" for a minute.
+_CLOUDREVE_RENEW_ONCE_CODES = frozenset((50001,))
+
+
+def cloudreve_renews_token_on(code):
+    """For the classify hook: a code after which call() renews the token once
+    before treating the answer as busy."""
+    return code in _CLOUDREVE_RENEW_ONCE_CODES
+
+
+def _redacted_url(url):
+    """scheme://host/path of a provider URL: its query (a signature) never logged."""
+    parts = urlsplit(url)
+    return "%s://%s%s" % (parts.scheme, parts.netloc, parts.path)
+
+
+def _cloudreve_chunks(size, chunk_size):
+    """(index, start, length) of each chunk; one empty chunk for an empty file."""
+    chunk_size = chunk_size or max(1, size)
+    count = max(1, -(-size // chunk_size))
+    return [(i, i * chunk_size, min(chunk_size, size - i * chunk_size)) for i in range(count)]
+
+
+class CloudreveUploadIncomplete(CloudreveError):
+    """Every chunk was accepted, yet the site still shows an upload placeholder:
+    Cloudreve 4.18 answers a retried chunk with success after its completion
+    failed, and never completes that session.  A new session is the fix."""
 
 
 def cloudreve_error(endpoint, envelope):
@@ -2933,6 +3009,16 @@ class _SpoolSlice(object):
         return self.spool.iter_range(self.start, self.length)
 
 
+class _BytesPayload(object):
+    """A small request body held as bytes, with the `length` a payload has."""
+
+    def __init__(self, data):
+        self.data, self.length = data, len(data)
+
+    def __iter__(self):
+        yield self.data
+
+
 CloudreveEntry = collections.namedtuple("CloudreveEntry",
                                         "file_id name is_folder size entity placeholder")
 CloudreveFile = collections.namedtuple("CloudreveFile", "file_id size entity")
@@ -3024,8 +3110,8 @@ class CloudreveClient(object):
                 if envelope["code"] == CLOUDREVE_CODE_OK:
                     return envelope.get("data")
                 error = cloudreve_error(endpoint, envelope)
-                renew = error.code in _CLOUDREVE_AUTH_CODES or (
-                    error.code in renew_on and renewals == 0)
+                renew = error.code in _CLOUDREVE_AUTH_CODES or renewals == 0 and (
+                    error.code in renew_on or cloudreve_renews_token_on(error.code))
                 if auth and renew:
                     renewals += 1
                     self._renew_token(stale=token)
@@ -3074,8 +3160,12 @@ class CloudreveClient(object):
             response.status, response.header("Content-Type") or "")
         if response.status == 429:
             raise _Transient.rate_limited(reason)
+        if response.status == 524:
+            reason += (": a proxy in front of Cloudreve (Cloudflare: 100 s) timed out the "
+                       "request; raise the proxy's timeout or lower the storage policy's "
+                       "chunk size")
         if response.status >= 500 or response.status == 408:
-            raise _Transient(reason, 504 if response.status == 504 else 502)
+            raise _Transient(reason, 504 if response.status in (504, 524) else 502)
         if response.status == 413:
             reason += (": a proxy in front of Cloudreve refuses bodies this large; its limit "
                        "(nginx client_max_body_size) must exceed the storage policy's chunk size")
@@ -3234,7 +3324,7 @@ class CloudreveClient(object):
             attempt += 1
             session = self._create_session(uri, spool.size, policy_id, replace)
             try:
-                self._send_chunks(session, spool)
+                self._send_object(session, uri, spool)
             except CloudreveUnavailable:
                 self.cancel_upload(session["session_id"], uri)
                 raise
@@ -3257,6 +3347,15 @@ class CloudreveClient(object):
                 return self._verify_upload(uri, spool.size)
             except CloudreveUnavailable:
                 raise
+            except CloudreveUploadIncomplete as e:
+                # 4.18: a chunk retried after a failed completion answers success
+                # and leaves the placeholder for good: a new session.
+                self.cancel_upload(session["session_id"], uri)
+                if attempt >= self.upload_attempts:
+                    raise
+                log.info("Cloudreve: %s; starting the upload again", e)
+                _count_retry("upload_restart")
+                continue
             except CloudreveError as e:
                 # Completed with another size (or not at all): nothing that could be
                 # listed as stored may stay behind.
@@ -3279,23 +3378,27 @@ class CloudreveClient(object):
                 # an upload of this very name that will never finish.
                 session = self.call("PUT", "/file/upload", body=body,
                                     final=(CLOUDREVE_CODE_LOCKED,),
-                                    expected=(CloudreveExists, CloudreveLocked))
+                                    expected=(CloudreveExists, CloudreveLocked, CloudreveError))
                 break
+            except CloudreveUnavailable:
+                raise
             except (CloudreveExists, CloudreveLocked) as e:
                 refusals += 1
                 if refusals > 1 and not backoff.pause():
                     raise
                 _count_retry("upload_in_the_way")
                 self._clear_the_way(uri, body, e)
+            except CloudreveError as e:
+                raise self._policy_refusal(uri, e)
         policy = (session or {}).get("storage_policy") or {}
         if not isinstance(session, dict) or not session.get("session_id") \
                 or not isinstance(session.get("chunk_size"), int) or session["chunk_size"] < 0:
             raise CloudreveError("Cloudreve upload of %s: unusable session %r" % (uri, session))
-        if policy.get("type") != "local" and not policy.get("relay"):
+        if cloudreve_upload_flow(policy) is None:
             self.cancel_upload(session["session_id"], uri)
-            raise CloudreveError("Cloudreve upload of %s: the storage policy is of type %r "
-                                 "without upload relay; only local policies (or any with "
-                                 "relay on) are supported" % (uri, policy.get("type")))
+            raise CloudreveError("Cloudreve upload of %s: the storage policy is of type %r, "
+                                 "which this server cannot upload to; turn the policy's "
+                                 "upload relay on" % (uri, policy.get("type")))
         return session
 
     def _clear_the_way(self, uri, body, refusal):
@@ -3316,6 +3419,261 @@ class CloudreveClient(object):
             self.cancel_upload(stale, uri)
         elif isinstance(refusal, CloudreveExists):
             body["entity_type"] = "version"
+
+    # -- upload flows per storage policy (chosen from the session's answer) ------
+
+    def _send_object(self, session, uri, spool):
+        """Deliver the spool the way the session's storage policy takes it; on
+        return the site has been told the upload is complete (upload() then
+        checks that it says so)."""
+        flow = cloudreve_upload_flow(session.get("storage_policy"))
+        if flow == "local":
+            return self._send_chunks(session, spool)
+        urls = session.get("upload_urls")
+        if not isinstance(urls, list) or not urls \
+                or not all(isinstance(u, str) and u.startswith(("http://", "https://"))
+                           for u in urls):
+            raise CloudreveError("Cloudreve upload of %s: the %s session has no usable "
+                                 "upload_urls" % (uri, flow))
+        return getattr(self, "_send_" + flow)(session, uri, spool)
+
+    def _provider_send(self, method, url, what, headers=None, payload=None,
+                       envelope=False, deadline=None):
+        """One request to a storage provider (or slave node), retried alone after
+        network failures, 408, 429 and 5xx until `deadline`.  Returns (status,
+        response headers getter, body bytes) for a status in `accept` or any
+        status it does not retry (the flow decides); with envelope=True the answer must be a
+        Cloudreve envelope with code 0 (busy codes retried).  Nothing of the URL's
+        query or the headers (signatures, credentials) reaches a log line."""
+        headers = dict(headers or {})
+        data = payload
+        if payload is not None:
+            headers.setdefault("Content-Type", "application/octet-stream")
+            headers["Content-Length"] = str(payload.content_length
+                                            if isinstance(payload, MultipartBody)
+                                            else payload.length)
+        elif method in ("PUT", "POST"):
+            headers.setdefault("Content-Length", "0")
+        label = "%s %s" % (what, _redacted_url(url))
+        if deadline is None:
+            size = int(headers.get("Content-Length") or 0)
+            deadline = time.monotonic() + self.call_deadline + size / 1e6
+        backoff = self._backoff(deadline)
+        while True:
+            try:
+                METRICS.inc("restic123pan_cloud_api_calls_total", endpoint="provider " + what)
+                response = self.http.request(method, url, headers, data)
+                raw = response.read_all(CLOUDREVE_PROVIDER_MAX_RESPONSE)
+                if payload is not None:
+                    METRICS.inc("restic123pan_cloud_bytes_uploaded_total",
+                                int(headers["Content-Length"]))
+            except PERMANENT_NETWORK_ERRORS as e:
+                raise CloudreveError("Cloudreve upload: %s: %s" % (label, e))
+            except NETWORK_ERRORS as e:
+                failure = _Transient.network(e)
+            else:
+                failure = None
+                if envelope:
+                    answer = _cloudreve_envelope(response, raw)
+                    if answer is not None and answer["code"] == CLOUDREVE_CODE_OK:
+                        return response.status, response.header, raw
+                    if answer is not None:
+                        error = cloudreve_error(label, answer)
+                        if error.code not in _CLOUDREVE_BUSY_CODES:
+                            raise error
+                        failure = _Transient(str(error), kind="server_busy")
+                if failure is None:
+                    if response.status == 429:
+                        failure = _Transient.rate_limited("%s: HTTP 429" % label)
+                    elif response.status >= 500 or response.status == 408:
+                        failure = _Transient("%s: HTTP %d%s" % (
+                            label, response.status, " (a proxy timed out: raise its timeout)"
+                            if response.status == 524 else ""))
+                    elif response.status == 413:
+                        raise CloudreveError(
+                            "Cloudreve upload: %s: HTTP 413: a proxy in front of the storage "
+                            "refuses bodies this large; raise its limit (nginx "
+                            "client_max_body_size) above the policy's chunk size" % label)
+                    elif envelope:
+                        raise CloudreveError("Cloudreve upload: %s: HTTP %d without an "
+                                             "envelope" % (label, response.status))
+                    else:
+                        return response.status, response.header, raw
+            if not backoff.pause():
+                raise CloudreveUnavailable("Cloudreve upload: giving up: %s" % failure,
+                                           status=failure.status)
+            _count_retry(failure.kind)
+            log.debug("Cloudreve upload: retrying: %s", failure)
+
+    @staticmethod
+    def _provider_refusal(uri, what, status, raw):
+        """A provider's 4xx as a one-line error: its error code, never the request."""
+        text = raw[:2000].decode("utf-8", "replace")
+        code = re.search(r"<Code>([^<]{1,64})</Code>", text) or \
+            re.search(r'"(?:code|error)"\s*:\s*"?([A-Za-z0-9_.-]{1,64})', text)
+        return CloudreveError("Cloudreve upload of %s: %s refused with HTTP %d%s"
+                              % (uri, what, status, " (%s)" % code.group(1) if code else ""))
+
+    def _send_remote(self, session, uri, spool):
+        """A slave node: each chunk POSTed to upload_urls[0]?chunk=N with the
+        session's credential as Authorization; the slave completes the upload
+        with the master after the last one."""
+        url, credential = session["upload_urls"][0], session.get("credential")
+        if not isinstance(credential, str) or not credential:
+            raise CloudreveError("Cloudreve upload of %s: the remote session has no "
+                                 "credential" % uri)
+        joiner = "&" if "?" in url else "?"
+        for index, start, length in _cloudreve_chunks(spool.size, session["chunk_size"]):
+            self._provider_send("POST", "%s%schunk=%d" % (url, joiner, index),
+                                "slave chunk", {"Authorization": credential},
+                                _SpoolSlice(spool, start, length), envelope=True)
+
+    def _send_s3(self, session, uri, spool):
+        """S3-style multipart (s3, ks3, cos, oss, obs): each part PUT to its
+        presigned URL (its ETag kept), then CompleteMultipartUpload at
+        completeURL, then, for s3, ks3 and cos, Cloudreve's callback."""
+        policy_type = session["storage_policy"]["type"]
+        urls, complete_url = session["upload_urls"], session.get("completeURL")
+        chunks = _cloudreve_chunks(spool.size, session["chunk_size"])
+        if len(urls) != len(chunks) or not isinstance(complete_url, str):
+            raise CloudreveError("Cloudreve upload of %s: the %s session offers %d part URLs "
+                                 "for %d parts" % (uri, policy_type, len(urls), len(chunks)))
+        etags = []
+        for (index, start, length), url in zip(chunks, urls):
+            status, header, raw = self._provider_send(
+                "PUT", url, "%s part %d" % (policy_type, index + 1),
+                payload=_SpoolSlice(spool, start, length))
+            etag = header("ETag")
+            if status != 200 or not etag:
+                raise self._provider_refusal(uri, "%s part %d" % (policy_type, index + 1),
+                                             status, raw)
+            etags.append(etag)
+        headers = {"Content-Type": "application/octet-stream"}
+        if policy_type == "oss":
+            # OSS lists the parts itself; an XML body would be refused with that header
+            body = b""
+            headers.update({"x-oss-forbid-overwrite": "true", "x-oss-complete-all": "yes"})
+        else:
+            body = ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(
+                "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>"
+                % (number, xml_escape(etag)) for number, etag in enumerate(etags, 1))
+            ).encode("utf-8")
+            if policy_type == "cos":
+                headers["x-cos-forbid-overwrite"] = "true"
+        self._complete_multipart(uri, policy_type, complete_url, headers, body)
+        if policy_type in CLOUDREVE_CLIENT_CALLBACK_POLICIES:
+            self._callback(session, "GET")
+
+    def _complete_multipart(self, uri, policy_type, url, headers, body):
+        """POST the completion; a NoSuchUpload on a retry means an earlier attempt
+        completed it with its answer lost (the callback or the size check tells)."""
+        attempts = 0
+        backoff = self._backoff(time.monotonic() + self.call_deadline)
+        while True:
+            attempts += 1
+            headers["Content-Length"] = str(len(body))
+            status, _, raw = self._provider_send("POST", url, "%s complete" % policy_type,
+                                                 headers, _BytesPayload(body))
+            # S3 may answer 200 with an <Error> body when completion fails late
+            if status == 200 and b"<Error>" not in raw[:4096]:
+                return
+            if status == 404 and b"NoSuchUpload" in raw and attempts > 1:
+                return
+            if status == 200 and b"InternalError" in raw and backoff.pause():
+                continue
+            raise self._provider_refusal(uri, "%s CompleteMultipartUpload" % policy_type,
+                                         status, raw)
+
+    def _callback(self, session, method):
+        """Cloudreve's upload callback for this policy: it checks the object at the
+        provider and completes the file.  The secret is a path segment of the
+        route template, never in a log line."""
+        self.call(method, "/callback/{policy}/{session_id}/{key}",
+                  {"policy": session["storage_policy"]["type"],
+                   "session_id": session["session_id"],
+                   "key": session.get("callback_secret") or ""},
+                  auth=False, expected=(CloudreveError,))
+
+    def _send_onedrive(self, session, uri, spool):
+        """OneDrive: byte ranges PUT to the upload URL with Content-Range, each a
+        multiple of 320 KiB but the last; then Cloudreve's OneDrive callback."""
+        if spool.size == 0:
+            raise CloudreveError("Cloudreve upload of %s: OneDrive cannot take an empty "
+                                 "file through an upload session" % uri)
+        url = session["upload_urls"][0]
+        fragment = session["chunk_size"]
+        if not (0 < fragment <= ONEDRIVE_FRAGMENT_MAX and fragment % ONEDRIVE_FRAGMENT_UNIT == 0):
+            fragment = ONEDRIVE_DEFAULT_FRAGMENT
+        start = 0
+        while start < spool.size:
+            length = min(fragment, spool.size - start)
+            status, _, raw = self._provider_send(
+                "PUT", url, "onedrive range",
+                {"Content-Range": "bytes %d-%d/%d" % (start, start + length - 1, spool.size)},
+                _SpoolSlice(spool, start, length))
+            if status in (200, 201, 202):
+                start += length
+                continue
+            if status == 416:
+                # an earlier attempt of this range arrived with its answer lost
+                expected = self._onedrive_next(uri, url, spool.size)
+                if start < expected <= start + length:
+                    start = expected
+                    continue
+            raise self._provider_refusal(uri, "OneDrive range %d+%d" % (start, length),
+                                         status, raw)
+        self._callback(session, "POST")
+
+    def _onedrive_next(self, uri, url, size):
+        """Where the OneDrive session wants the next byte (size when it is done)."""
+        status, _, raw = self._provider_send("GET", url, "onedrive status")
+        if status == 404:
+            return size             # finished: the item exists, the session is gone
+        try:
+            ranges = json.loads(raw.decode("utf-8")).get("nextExpectedRanges") or []
+            return int(ranges[0].split("-")[0]) if ranges else size
+        except (ValueError, AttributeError, IndexError):
+            raise self._provider_refusal(uri, "OneDrive status", status, raw)
+
+    def _send_qiniu(self, session, uri, spool):
+        """Qiniu multipart v2: parts PUT to upload_urls[0]/N with the up-token,
+        then the part list POSTed to upload_urls[0]; Qiniu calls the site back."""
+        url, token = session["upload_urls"][0].rstrip("/"), session.get("credential") or ""
+        auth = {"Authorization": "UpToken " + token}
+        parts = []
+        for index, start, length in _cloudreve_chunks(spool.size, session["chunk_size"]):
+            status, _, raw = self._provider_send("PUT", "%s/%d" % (url, index + 1),
+                                                 "qiniu part %d" % (index + 1), auth,
+                                                 _SpoolSlice(spool, start, length))
+            try:
+                etag = json.loads(raw.decode("utf-8"))["etag"] if status == 200 else None
+            except (ValueError, KeyError, TypeError):
+                etag = None
+            if not isinstance(etag, str):
+                raise self._provider_refusal(uri, "qiniu part %d" % (index + 1), status, raw)
+            parts.append({"etag": etag, "partNumber": index + 1})
+        body = json.dumps({"parts": parts, "mimeType": session.get("mime_type")
+                           or "application/octet-stream"}).encode("utf-8")
+        headers = dict(auth, **{"Content-Type": "application/json"})
+        status, _, raw = self._provider_send("POST", url, "qiniu complete", headers,
+                                             _BytesPayload(body))
+        if status == 612 or (status != 200 and b"no such uploadId" in raw):
+            return                  # completed by an attempt whose answer was lost
+        if status != 200:
+            raise self._provider_refusal(uri, "qiniu completion", status, raw)
+
+    def _send_upyun(self, session, uri, spool):
+        """Upyun form upload: the policy and credential from the session, then the
+        whole file, in one multipart POST; Upyun calls the site back."""
+        fields = [("policy", session.get("upload_policy") or ""),
+                  ("authorization", session.get("credential") or ""),
+                  ("content-type", session.get("mime_type") or "application/octet-stream")]
+        body = MultipartBody(fields, "file", uri.rsplit("/", 1)[-1], spool)
+        status, _, raw = self._provider_send(
+            "POST", session["upload_urls"][0], "upyun form",
+            {"Content-Type": body.content_type}, body)
+        if status != 200:
+            raise self._provider_refusal(uri, "upyun form upload", status, raw)
 
     def _send_chunks(self, session, spool):
         """Chunks of the session's chunk_size (the whole body if 0), strictly in
@@ -3343,9 +3701,25 @@ class CloudreveClient(object):
         except CloudreveError:
             return None
 
+    def _policy_refusal(self, uri, error):
+        """The error to raise for a refused upload session: one clear line for
+        the policy filters (logged), the error itself otherwise."""
+        reason = _CLOUDREVE_POLICY_REFUSALS.get(error.code)
+        if reason is None:
+            log.warning("%s", error)
+            return error
+        refusal = CloudreveError("Cloudreve refused the upload of %s (code %s): %s"
+                                 % (uri, error.code, reason), error.code, error.endpoint)
+        log.error("%s", refusal)
+        return refusal
+
     def _verify_upload(self, uri, size):
         info = self.info(uri)
         uploading = CLOUDREVE_UPLOAD_META in (info.get("metadata") or {})
+        if uploading:
+            raise CloudreveUploadIncomplete(
+                "Cloudreve upload of %s: every chunk was accepted but the site still shows "
+                "an unfinished upload" % uri)
         if info.get("size") != size or uploading:
             raise CloudreveError("Cloudreve upload of %s: the site reports %s bytes%s, not %d"
                                  % (uri, info.get("size"), " (still uploading)" * uploading,
