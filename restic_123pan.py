@@ -3565,19 +3565,17 @@ class CloudreveClient(object):
             self._callback(session, "GET")
 
     def _complete_multipart(self, uri, policy_type, url, headers, body):
-        """POST the completion; a NoSuchUpload on a retry means an earlier attempt
-        completed it with its answer lost (the callback or the size check tells)."""
-        attempts = 0
+        """POST the completion.  NoSuchUpload means an earlier attempt (a retry
+        inside _provider_send after a lost answer) completed it: the callback, or
+        the size check of upload(), tells whether the object is really there."""
         backoff = self._backoff(time.monotonic() + self.call_deadline)
         while True:
-            attempts += 1
-            headers["Content-Length"] = str(len(body))
             status, _, raw = self._provider_send("POST", url, "%s complete" % policy_type,
                                                  headers, _BytesPayload(body))
             # S3 may answer 200 with an <Error> body when completion fails late
             if status == 200 and b"<Error>" not in raw[:4096]:
                 return
-            if status == 404 and b"NoSuchUpload" in raw and attempts > 1:
+            if status == 404 and b"NoSuchUpload" in raw:
                 return
             if status == 200 and b"InternalError" in raw and backoff.pause():
                 continue
@@ -3657,8 +3655,8 @@ class CloudreveClient(object):
         headers = dict(auth, **{"Content-Type": "application/json"})
         status, _, raw = self._provider_send("POST", url, "qiniu complete", headers,
                                              _BytesPayload(body))
-        if status == 612 or (status != 200 and b"no such uploadId" in raw):
-            return                  # completed by an attempt whose answer was lost
+        if status == 612:
+            return                  # completed by an attempt whose answer was lost (upload() checks)
         if status != 200:
             raise self._provider_refusal(uri, "qiniu completion", status, raw)
 

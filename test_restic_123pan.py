@@ -5016,7 +5016,10 @@ class _CrProvider(object):
             emu._record(key, "drop")
             h.close_connection = True
             return
-        ctype = "application/json" if payload[:1] in (b"{", b"[") else "application/xml"
+        if name == "_blob":
+            ctype = "application/octet-stream"
+        else:
+            ctype = "application/json" if payload[:1] in (b"{", b"[") else "application/xml"
         emu._send(h, key, status, payload, ctype, headers)
 
     @staticmethod
@@ -5056,8 +5059,9 @@ class _CrProvider(object):
             self.cancel(sid)                        # completed: the slave drops its session
         return 200, self._env(0, ""), []
 
-    @staticmethod
-    def _env(code, msg):
+    def _env(self, code, msg):
+        if code:
+            self.emu._record("POST /slave/upload", code)
         return json.dumps({"code": code, "msg": msg}).encode()
 
     # s3-style: presigned UploadPart and CompleteMultipartUpload
@@ -8478,6 +8482,149 @@ class CloudreveEmulatorSiteRulesTest(CloudreveEmulatorCase):
         _, hdrs, _ = self.c.raw("GET", CR_API + "/site/ping")
         server = email.utils.parsedate_to_datetime(hdrs["Date"]).timestamp()
         self.assertAlmostEqual(server - time.time(), -7200, delta=5)
+
+
+class CloudrevePolicyBackendCase(CloudreveBackendCase):
+    """The backend on one storage policy; subclasses name it.  part_key is the
+    endpoint that receives the bytes (the site's chunk route, or the provider's)."""
+    policy_type, relay, chunk = "local", False, 1000
+    part_key = CR_CHUNK
+    sizes = (10, 2500, 5000, 1, 3000)
+
+    def emulator(self, **options):
+        options.setdefault("policy_type", self.policy_type)
+        options.setdefault("relay", self.relay)
+        options.setdefault("chunk_size", self.chunk)
+        return CloudreveBackendCase.emulator(self, **options)
+
+    def parts(self, size):
+        return 1 if self.part_key == "POST /upyun/form" else max(1, -(-size // self.chunk))
+
+    def assertClean(self):
+        self.assertEqual((self.emu.placeholders(), self.emu.open_upload_sessions()), ([], 0))
+        self.assertEqual(self.emu.errors, [])
+
+    def test_round_trip_through_the_policy(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.reset_calls()
+        blobs = [os.urandom(n) for n in self.sizes]
+        refs = [self.put(storage, d) for d in blobs]
+        for ref, data in zip(refs, blobs):
+            self.assertEqual(self.read(storage, ref), data)
+            self.assertEqual(self.read(storage, ref, 1, len(data) - 1), data[1:])
+        self.assertEqual(emu.calls[self.part_key], sum(self.parts(len(d)) for d in blobs))
+        if self.part_key != CR_CHUNK:
+            self.assertEqual(emu.calls[CR_CHUNK], 0)
+        self.assertEqual(emu.calls[CR_SESSION], len(blobs))
+        self.assertEqual(dict(emu.rejected), {})
+        self.assertClean()
+
+    def test_one_part_is_retried_not_the_object(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.reset_calls()
+        data = os.urandom(self.sizes[2])
+        for kind in ("502", "drop", "drop_after"):
+            emu.fail_next(kind, endpoint=self.part_key)
+        ref = self.put(storage, data)
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(emu.calls[self.part_key], self.parts(len(data)) + 3)
+        self.assertEqual(emu.calls[CR_SESSION], 1)
+        self.assertClean()
+
+    def test_a_failed_upload_cancels_its_session(self):
+        emu = self.emulator()
+        storage = self.storage(self.client(call_deadline=0.3))
+        storage.create_repository(REPO)
+        emu.fail_randomly("500", 1.0, endpoint=self.part_key)
+        with self.assertRaises(CloudreveUnavailable):
+            self.put(storage, os.urandom(self.sizes[1]))
+        self.assertClean()
+        self.assertEqual(storage.list(REPO, "data"), [])
+
+    def test_workload_under_faults_on_site_and_provider(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        for kind, p, seed in (("500", 0.05, 1), ("drop", 0.05, 2), ("drop_after", 0.05, 3),
+                              ("401", 0.05, 4), ("50001", 0.03, 5), ("502", 0.05, 6)):
+            emu.fail_randomly(kind, p, seed=seed)
+        with self.assertLogs("restic_123pan", "DEBUG") as logs:
+            self.check_workload(storage, self.sizes * 2)
+        self.assertClean()
+        self.assertGreater(sum(emu.rejected.values()), 5, "the faults did not happen")
+        text = "\n".join(logs.output)
+        for secret in ("Signature=", "X-Amz-Signature", "Bearer Cr", "UpToken", "UPYUN op",
+                       CR_PASSWORD):
+            self.assertNotIn(secret, text)
+
+
+class ChunkCompletionRule(object):
+    """For the policies whose last chunk completes the upload (local, relay,
+    remote): Cloudreve 4.18's placeholder case."""
+
+    def test_a_failed_completion_restarts_with_a_new_session(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.reset_calls()
+        emu.fail_completions = 1        # the completing chunk: 50001, its retry "succeeds"
+        data = os.urandom(2500)
+        with self.assertLogs("restic_123pan", "INFO") as logs:
+            ref = self.put(storage, data)
+        self.assertIn("still shows an unfinished upload", "\n".join(logs.output))
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(emu.calls[CR_SESSION], 2)
+        self.assertEqual(self.rejected_total(50001), 1)
+        self.assertClean()
+
+
+class CloudreveLocalPolicyTest(ChunkCompletionRule, CloudrevePolicyBackendCase):
+    pass
+
+
+class CloudreveRelayPolicyTest(ChunkCompletionRule, CloudrevePolicyBackendCase):
+    policy_type, relay = "s3", True
+
+
+class CloudreveRemotePolicyTest(ChunkCompletionRule, CloudrevePolicyBackendCase):
+    policy_type, part_key = "remote", "POST /slave/upload"
+
+
+class CloudreveS3PolicyTest(CloudrevePolicyBackendCase):
+    policy_type, part_key = "s3", "PUT /s3/part"
+
+
+class CloudreveKs3PolicyTest(CloudreveS3PolicyTest):
+    policy_type = "ks3"
+
+
+class CloudreveCosPolicyTest(CloudreveS3PolicyTest):
+    policy_type = "cos"
+
+
+class CloudreveOssPolicyTest(CloudreveS3PolicyTest):
+    policy_type = "oss"
+
+
+class CloudreveObsPolicyTest(CloudreveS3PolicyTest):
+    policy_type = "obs"
+
+
+class CloudreveOneDrivePolicyTest(CloudrevePolicyBackendCase):
+    policy_type, part_key, chunk = "onedrive", "PUT /onedrive/range", 320 * 1024
+    sizes = (10, 700000, 800000, 1, 327680)
+
+
+class CloudreveQiniuPolicyTest(CloudrevePolicyBackendCase):
+    policy_type, part_key = "qiniu", "PUT /qiniu/part"
+
+
+class CloudreveUpyunPolicyTest(CloudrevePolicyBackendCase):
+    policy_type, part_key = "upyun", "POST /upyun/form"
 
 
 # ---------------------------------------------------------------------------
