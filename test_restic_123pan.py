@@ -8627,6 +8627,73 @@ class CloudreveUpyunPolicyTest(CloudrevePolicyBackendCase):
     policy_type, part_key = "upyun", "POST /upyun/form"
 
 
+class CloudreveSiteSettingErrorsTest(CloudreveBackendCase):
+    """Refusals that only a change on the site (or its proxy) can fix: one line
+    naming the setting, no retrying (issue 11)."""
+
+    def refused_put(self, size, logged=True):
+        storage = self.storage()
+        storage.create_repository(REPO)
+        self.emu.reset_calls()
+        with self.assertLogs("restic_123pan", "WARNING" if logged else "DEBUG"):
+            with self.assertRaises(CloudreveError) as caught:
+                self.put(storage, os.urandom(size))
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        self.assertEqual((self.emu.placeholders(), self.emu.open_upload_sessions()), ([], 0))
+        return caught.exception, message
+
+    def test_size_filter(self):
+        self.emulator().max_size = 50
+        error, message = self.refused_put(51)
+        self.assertEqual(error.code, 40049)
+        self.assertIn("max file size", message)
+        self.assertEqual(self.emu.calls[CR_SESSION], 1)
+
+    def test_extension_allow_list_refuses_every_restic_name(self):
+        self.emulator().allowed_extensions = ["jpg", "png"]
+        error, message = self.refused_put(100)
+        self.assertEqual(error.code, 40052)
+        self.assertIn("no extension", message)
+        self.assertIn("allowed extensions", message)
+        self.assertEqual(self.emu.calls[CR_SESSION], 1)
+
+    def test_body_limit_of_a_proxy(self):
+        self.emulator().proxy_max_body = 600       # below the 1000-byte chunks
+        error, message = self.refused_put(2500, logged=False)
+        self.assertIn("client_max_body_size", message)
+        self.assertEqual(self.emu.rejected[(CR_CHUNK.replace("{session_id}/{index}", ""), 0)], 0)
+
+    def test_proxy_timeout(self):
+        emu = self.emulator()
+        client = self.client(call_deadline=0.3)
+        emu.fail_randomly("524", 1.0, endpoint=CR_LIST)
+        with self.assertRaises(CloudreveUnavailable) as caught:
+            client.list_folder("cloudreve://my")
+        self.assertIn("timed out", str(caught.exception))
+        self.assertIn("proxy", str(caught.exception))
+
+    def test_disabled_account_is_said_at_once_not_retried_as_busy(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.account_status = "banned"
+        emu.reset_calls()
+        with self.assertLogs("restic_123pan", "ERROR"):
+            with self.assertRaises(CloudreveAuthError) as caught:
+                client.list_folder("cloudreve://my")
+        self.assertIn("disabled", str(caught.exception))
+        self.assertEqual((emu.calls[CR_LIST], emu.calls[CR_REFRESH], emu.calls[CR_LOGIN]),
+                         (1, 1, 1))
+
+    def test_a_busy_database_is_still_retried(self):
+        emu = self.emulator()
+        client = self.client()
+        emu.fail_next("50001", count=3, endpoint=CR_LIST)
+        self.assertEqual(client.list_folder("cloudreve://my"), ([], emu.policy_id))
+        self.assertEqual(emu.calls[CR_LIST], 4)
+
+
 # ---------------------------------------------------------------------------
 # Cloudreve command line
 # ---------------------------------------------------------------------------
