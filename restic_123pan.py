@@ -28,6 +28,7 @@ import base64
 import calendar
 import collections
 import contextlib
+import email.utils
 import errno
 import gzip
 import hashlib
@@ -2781,6 +2782,8 @@ CLOUDREVE_TOKEN_RENEW_MARGIN = 600.0
 CLOUDREVE_LINK_MARGIN = 60.0
 # Uploads restarted from a new session when a chunk cannot be delivered.
 CLOUDREVE_UPLOAD_ATTEMPTS = 3
+# A Date header this far from the local clock means the site's clock is skewed.
+CLOUDREVE_CLOCK_TOLERANCE = 5.0
 
 
 class CloudreveError(UpstreamError):
@@ -3063,6 +3066,7 @@ class CloudreveClient(object):
         self._login_refusal = None          # (error, monotonic time it holds until)
         self._links = collections.OrderedDict()     # uri -> (url, usable until)
         self._links_lock = threading.Lock()
+        self._clock_offset = 0.0    # the site's clock minus ours, from its Date header
 
     def __repr__(self):     # never the password or a token
         return "CloudreveClient(%r, %r)" % (self.site_url, self.email)
@@ -3072,6 +3076,23 @@ class CloudreveClient(object):
 
     def _backoff(self, deadline):
         return Backoff(deadline, self.retry_base, self.retry_cap)
+
+    # -- the site's clock ----------------------------------------------------------
+    # Token and link expiries are the site's wall-clock times: compared with a
+    # skewed local clock they would make every call refresh, or use dead tokens.
+
+    def server_time(self):
+        """Now, on the site's clock (the local one until the site answered)."""
+        return time.time() + self._clock_offset
+
+    def _note_server_date(self, value):
+        """Take the offset from an answer's Date header; differences under the
+        header's one-second resolution (plus transit) are not skew."""
+        parsed = email.utils.parsedate_tz(value) if value else None
+        if parsed is None:
+            return
+        offset = email.utils.mktime_tz(parsed) - time.time()
+        self._clock_offset = offset if abs(offset) > CLOUDREVE_CLOCK_TOLERANCE else 0.0
 
     # -- the one place every API request goes through --------------------------
 
@@ -3152,6 +3173,7 @@ class CloudreveClient(object):
             raise CloudreveError("Cloudreve %s: %s" % (endpoint, e), endpoint=endpoint)
         except NETWORK_ERRORS as e:
             raise _Transient.network(e)
+        self._note_server_date(response.header("Date"))
         # Cloudreve answers HTTP 200 for errors too (spec 1.3): the code decides.
         envelope = _cloudreve_envelope(response, raw)
         if envelope is not None:
@@ -3177,7 +3199,7 @@ class CloudreveClient(object):
 
     def _current_token(self):
         token = self._token
-        if token is not None and time.time() < token.renew_at:
+        if token is not None and self.server_time() < token.renew_at:
             return token
         return self._renew_token(stale=token)
 
@@ -3187,9 +3209,10 @@ class CloudreveClient(object):
         refused or expired."""
         with self._token_lock:
             current = self._token
-            if current is not None and current is not stale and time.time() < current.renew_at:
+            if current is not None and current is not stale \
+                    and self.server_time() < current.renew_at:
                 return current
-            obtained_at = time.time()
+            obtained_at = self.server_time()
             data = None
             if current is not None and obtained_at < current.refresh_until:
                 data = self._refresh(current)
@@ -3768,7 +3791,7 @@ class CloudreveClient(object):
                          expected=(CloudreveNotFound,))
         try:
             url = data["urls"][0]["url"]
-            lifetime = parse_pan123_time(data["expires"]) - time.time()
+            lifetime = parse_pan123_time(data["expires"]) - self.server_time()
         except (TypeError, KeyError, IndexError, ValueError, AttributeError):
             url, lifetime = None, 0
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):

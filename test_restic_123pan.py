@@ -8694,6 +8694,37 @@ class CloudreveSiteSettingErrorsTest(CloudreveBackendCase):
         self.assertEqual(emu.calls[CR_LIST], 4)
 
 
+class CloudreveServerClockTest(CloudreveBackendCase):
+    """Token and link expiries compared on the site's clock (its Date header),
+    not the local one (issue 11, item 4)."""
+
+    def test_a_site_clock_behind_ours_does_not_refresh_on_every_call(self):
+        emu = self.emulator()
+        emu.skew_clock(-7200)           # every expiry it issues looks past to us
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = os.urandom(1500)
+        ref = self.put(storage, data)
+        for _ in range(3):
+            storage.client.list_folder("cloudreve://my")
+            self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (1, 0))
+        self.assertEqual(emu.calls[CR_URL], 1)
+        self.assertAlmostEqual(storage.client.server_time() - time.time(), -7200, delta=5)
+
+    def test_a_site_clock_ahead_of_ours_gets_no_dead_token(self):
+        emu = self.emulator(access_ttl=3600)
+        emu.skew_clock(7200)
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        real = time.time
+        # 4000 s later on both clocks: past the token's expiry on the site's
+        with mock.patch("time.time", lambda: real() + 4000):
+            client.list_folder("cloudreve://my")
+        self.assertEqual(emu.rejected[(CR_LIST, 401)], 0)      # renewed before, not after
+        self.assertEqual(emu.calls[CR_REFRESH], 1)
+
+
 # ---------------------------------------------------------------------------
 # Cloudreve command line
 # ---------------------------------------------------------------------------
@@ -9206,6 +9237,52 @@ class CloudreveEndToEndTest(ResticEndToEndBase):
         self.run_scenario("rest:" + url, total_mib=24)
         calls = self.finish(emu, "Cloudreve 256 KiB chunks")
         self.assertGreater(calls[CR_CHUNK], 4 * calls[CR_SESSION])
+
+
+class CloudrevePolicyEndToEndBase(CloudreveEndToEndTest):
+    """restic through the backend on one storage policy of the emulator, with
+    random faults on the site's and the provider's endpoints (a few MiB, small
+    chunks, so each policy's multi-part path runs)."""
+    policy_type, relay, chunk_size = "local", False, 512 * 1024
+
+    # the inherited scenarios run once, in CloudreveEndToEndTest
+    test_clean_run = test_faults_lose_nothing = test_objects_larger_than_one_chunk = None
+
+    def test_policy_end_to_end_with_faults(self):
+        emu = self.start_emulator(policy_type=self.policy_type, relay=self.relay,
+                                  chunk_size=self.chunk_size, page_size=200)
+        for i, (kind, p) in enumerate((("500", 0.02), ("502", 0.02), ("drop", 0.02),
+                                       ("drop_after", 0.02), ("401", 0.02), ("50001", 0.01))):
+            emu.fail_randomly(kind, p, seed=200 + i)
+        url = self.start_cloudreve_server(emu)
+        self.run_scenario("rest:" + url, options=["-o", "rest.connections=4"], total_mib=6)
+        calls = self.finish(emu, "Cloudreve on a %s policy%s" % (
+            self.policy_type, " with relay" if self.relay else ""))
+        self.assertGreater(sum(emu.rejected.values()), 5, "the faults did not happen")
+        if emu.uses_provider():
+            self.assertEqual(calls.get(CR_CHUNK, 0), 0)
+            self.assertGreater(sum(n for k, n in calls.items() if not k.startswith(
+                ("GET /api", "POST /api", "PUT /api", "DELETE /api", "HEAD /api"))), 0)
+
+
+class CloudreveRelayEndToEndTest(CloudrevePolicyEndToEndBase):
+    policy_type, relay = "s3", True
+
+
+class CloudreveRemoteEndToEndTest(CloudrevePolicyEndToEndBase):
+    policy_type = "remote"
+
+
+class CloudreveS3EndToEndTest(CloudrevePolicyEndToEndBase):
+    policy_type = "s3"
+
+
+class CloudreveOneDriveEndToEndTest(CloudrevePolicyEndToEndBase):
+    policy_type, chunk_size = "onedrive", 2 * 320 * 1024
+
+
+class CloudreveUpyunEndToEndTest(CloudrevePolicyEndToEndBase):
+    policy_type = "upyun"
 
 
 class AccessEndToEndTest(ResticEndToEndBase):
