@@ -8515,10 +8515,12 @@ class CloudrevePolicyBackendCase(CloudreveBackendCase):
             self.assertEqual(self.read(storage, ref), data)
             self.assertEqual(self.read(storage, ref, 1, len(data) - 1), data[1:])
         self.assertEqual(emu.calls[self.part_key], sum(self.parts(len(d)) for d in blobs))
+        emu.expire_download_urls()      # site links and provider links
+        self.assertEqual(self.read(storage, refs[1]), blobs[1])
         if self.part_key != CR_CHUNK:
             self.assertEqual(emu.calls[CR_CHUNK], 0)
         self.assertEqual(emu.calls[CR_SESSION], len(blobs))
-        self.assertEqual(dict(emu.rejected), {})
+        self.assertEqual(dict(emu.rejected), {(CR_CONTENT, 40005): 1})    # the expired link
         self.assertClean()
 
     def test_one_part_is_retried_not_the_object(self):
