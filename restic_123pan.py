@@ -3484,7 +3484,9 @@ class CloudreveClient(object):
         backoff = self._backoff(deadline)
         while True:
             try:
-                METRICS.inc("restic123pan_cloud_api_calls_total", endpoint="provider " + what)
+                # one label per kind of request, not per part number
+                METRICS.inc("restic123pan_cloud_api_calls_total",
+                            endpoint="provider " + what.rstrip("0123456789 "))
                 response = self.http.request(method, url, headers, data)
                 raw = response.read_all(CLOUDREVE_PROVIDER_MAX_RESPONSE)
                 if payload is not None:
