@@ -3510,7 +3510,8 @@ class CloudreveClient(object):
                 if failure is None:
                     if response.status == 429:
                         failure = _Transient.rate_limited("%s: HTTP 429" % label)
-                    elif response.status >= 500 or response.status == 408:
+                    elif 500 <= response.status < 600 or response.status == 408:
+                        # (6xx are a provider's own answers, e.g. Qiniu's 612: the flow's)
                         failure = _Transient("%s: HTTP %d%s" % (
                             label, response.status, " (a proxy timed out: raise its timeout)"
                             if response.status == 524 else ""))

@@ -8625,6 +8625,19 @@ class CloudreveQiniuPolicyTest(CloudrevePolicyBackendCase):
     policy_type, part_key = "qiniu", "PUT /qiniu/part"
 
 
+class CloudreveQiniuCompletionTest(CloudreveBackendCase):
+    def test_a_lost_answer_to_the_completion_is_not_retried_for_a_minute(self):
+        emu = self.emulator(policy_type="qiniu")
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("drop_after", endpoint="POST /qiniu/complete")
+        data = os.urandom(2500)
+        ref = self.put(storage, data)       # the retry meets 612 "no such uploadId"
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(emu.calls["POST /qiniu/complete"], 2)
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+
+
 class CloudreveUpyunPolicyTest(CloudrevePolicyBackendCase):
     policy_type, part_key = "upyun", "POST /upyun/form"
 
