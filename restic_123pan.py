@@ -3702,11 +3702,7 @@ class CloudreveClient(object):
     def _send_chunks(self, session, spool):
         """Chunks of the session's chunk_size (the whole body if 0), strictly in
         order, one at a time (spec 2.8); the last one completes the upload."""
-        chunk_size = session["chunk_size"] or max(1, spool.size)
-        count = max(1, -(-spool.size // chunk_size))
-        for index in range(count):
-            start = index * chunk_size
-            length = min(chunk_size, spool.size - start)
+        for index, start, length in _cloudreve_chunks(spool.size, session["chunk_size"]):
             # 40011 is what an expired token looks like here (spec 1.7): one fresh
             # token; if it persists, the session is gone.  "Lock expired" (40073)
             # on the last chunk is final for this session.  upload() decides what
