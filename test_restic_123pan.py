@@ -8666,6 +8666,7 @@ class CloudreveSiteSettingErrorsTest(CloudreveBackendCase):
             client.list_folder("cloudreve://my")
         self.assertIn("timed out", str(caught.exception))
         self.assertIn("proxy", str(caught.exception))
+        self.assertEqual(caught.exception.meaning, rp.TIMED_OUT)     # restic gets a 504
 
     def test_disabled_account_is_said_at_once_not_retried_as_busy(self):
         emu = self.emulator()
