@@ -21,7 +21,8 @@ The file reads top-down by layer:
      (CacheWarmUp), CloudClient (the one call loop), FolderIndex and
      CloudStorage
   6. backend: 123pan (Pan123Client, Pan123Index, Pan123Deletes, Pan123Storage)
-  7. backend: Cloudreve 4 (CloudreveClient, CloudreveIndex, CloudreveStorage)
+  7. backend: Cloudreve 4 (CloudreveClient with an upload flow per storage
+     policy, CloudreveIndex, CloudreveStorage)
   8. the repository service (verification, overwrite rule, usage and quota,
      blob metrics)
   9. access control (htpasswd users, rights, access log file)
@@ -4041,8 +4042,10 @@ class CloudreveClient(CloudClient):
     Authorization header, the token (renewed before it expires and whenever an
     answer says it has) and the retries; this class adds the {code, msg, data}
     envelope and its codes (_classify), login and refresh, and the upload
-    sessions.  Download links are fetched without credentials through the same
-    HttpClient.  Thread-safe: one client serves every request thread."""
+    sessions with a flow per storage policy, whose requests to a storage
+    provider go through call_api too (_provider_send).  Download links are
+    fetched without credentials through the same HttpClient.  Thread-safe: one
+    client serves every request thread."""
 
     label = "Cloudreve"
     error_type = CloudreveError

@@ -9486,6 +9486,7 @@ class CloudrevePolicyEndToEndBase(CloudreveEndToEndTest):
 
     # the inherited scenarios run once, in CloudreveEndToEndTest
     test_clean_run = test_faults_lose_nothing = test_objects_larger_than_one_chunk = None
+    test_graceful_restart_serves_from_the_cache_without_listing = None
 
     def test_policy_end_to_end_with_faults(self):
         emu = self.start_emulator(policy_type=self.policy_type, relay=self.relay,
