@@ -21,7 +21,8 @@ The file reads top-down by layer:
      (CacheWarmUp), CloudClient (the one call loop), FolderIndex and
      CloudStorage
   6. backend: 123pan (Pan123Client, Pan123Index, Pan123Deletes, Pan123Storage)
-  7. backend: Cloudreve 4 (CloudreveClient, CloudreveIndex, CloudreveStorage)
+  7. backend: Cloudreve 4 (CloudreveClient with an upload flow per storage
+     policy, CloudreveIndex, CloudreveStorage)
   8. the repository service (verification, overwrite rule, usage and quota,
      blob metrics)
   9. access control (htpasswd users, rights, access log file)
@@ -40,6 +41,7 @@ import base64
 import calendar
 import collections
 import contextlib
+import email.utils
 import errno
 import gzip
 import hashlib
@@ -65,6 +67,7 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from xml.sax.saxutils import escape as xml_escape
 from urllib.parse import quote, unquote, unquote_to_bytes, urlencode, urljoin, urlsplit
 
 # ssl and sqlite3 are imported when first needed (optional_module): a minimal
@@ -1562,9 +1565,9 @@ class _Transient(Exception):
         return cls(message, "rate_limited", UNAVAILABLE)
 
     @classmethod
-    def gateway(cls, message, http_status):
+    def gateway(cls, message, timed_out=False):
         """A gateway error or a mangled answer: another try may get through."""
-        return cls(message, meaning=TIMED_OUT if http_status == 504 else REFUSED)
+        return cls(message, meaning=TIMED_OUT if timed_out else REFUSED)
 
 
 def _count_retry(reason):
@@ -2412,15 +2415,19 @@ class CloudClient(object):
       _obtain_token(current, obtained_at)   a new token (log in, refresh...)
       _url(call), _headers(call)            where and with what a call goes
       _envelope(response, raw)              the decoded answer, or None
+      _answer(call, response, raw)          what _classify gets (by default the
+                                            envelope; without one, raises)
       _classify(call, envelope)             (action, value): OK with the data,
                                             RENEW the token, RETRY with a
                                             _Transient, RAISE with an error
       _new_download_url(key, fresh)         (url, seconds it may be reused)
       _check_download(key, start, length, response)
                                             None, a _Transient, or raises
+      server_time()                         now on the cloud's clock, which
+                                            its expiry times are given in
 
     A token is a namedtuple whose first field is its bearer value and which has
-    `renew_at` (time.time() after which it is renewed before use)."""
+    `renew_at` (server_time() after which it is renewed before use)."""
 
     OK, RENEW, RETRY, RAISE = "ok", "renew token", "retry", "raise"
     label = "cloud"                 # starts log lines and error messages
@@ -2428,6 +2435,7 @@ class CloudClient(object):
     unavailable_type = Unavailable  # what is left after the retries
     max_response = 16 * 1024 * 1024
     retried_statuses = (408,)       # besides 429 and 5xx, for answers without an envelope
+    timeout_statuses = (504,)       # of those, the ones that mean a gateway timed out
     stale_link_statuses = (403, 404, 410)
 
     def __init__(self, http_client, timeout, call_deadline, retry_base, retry_cap,
@@ -2539,6 +2547,11 @@ class CloudClient(object):
         except NETWORK_ERRORS as e:
             self._network_failed(call)
             raise _Transient.network(e)
+        return self._answer(call, response, raw)
+
+    def _answer(self, call, response, raw):
+        """The envelope of an answer, for _classify; an answer without one raises
+        a _Transient if another try may get through, else error_type."""
         envelope = self._envelope(response, raw)
         if envelope is not None:
             return envelope
@@ -2546,7 +2559,7 @@ class CloudClient(object):
         if response.status == 429:
             raise _Transient.rate_limited(reason)
         if response.status >= 500 or response.status in self.retried_statuses:
-            raise _Transient.gateway(reason, response.status)
+            raise _Transient.gateway(reason, response.status in self.timeout_statuses)
         raise self.error_type("%s %s: %s" % (self.label, call.endpoint, reason),
                               endpoint=call.endpoint)
 
@@ -2562,9 +2575,14 @@ class CloudClient(object):
 
     # -- the access token ------------------------------------------------------------
 
+    def server_time(self):
+        """Now on the cloud's clock, for the expiry times it hands out; the local
+        clock unless a client knows better."""
+        return time.time()
+
     def _current_token(self):
         token = self._token
-        if token is not None and time.time() < token.renew_at:
+        if token is not None and self.server_time() < token.renew_at:
             return token
         return self._renew_token(stale=token)
 
@@ -2573,9 +2591,10 @@ class CloudClient(object):
         renewal at a time across threads, so a burst of refusals costs one token."""
         with self._token_lock:
             current = self._token
-            if current is not None and current is not stale and time.time() < current.renew_at:
+            if current is not None and current is not stale \
+                    and self.server_time() < current.renew_at:
                 return current
-            obtained_at = time.time()
+            obtained_at = self.server_time()
             token = self._obtain_token(current, obtained_at)
             METRICS.inc("restic123pan_cloud_token_refreshes_total")
             if self._token_file is not None:
@@ -4049,7 +4068,8 @@ _CLOUDREVE_LOGIN_REFUSALS = {
     40026: "the site asks for a captcha at login, which a headless server cannot solve: "
            "ask the site's admin to turn the login captcha off",
     40080: "wrong email or password",
-    40017: "the account is blocked",
+    40017: "the account is disabled or blocked (its calls answered 50001 until the token "
+           "was renewed): ask the site's admin to re-enable it",
     40018: "the account is not activated",
     40001: "the site refused the login request (the user must be an email address, the "
            "password 4 to 128 characters)",
@@ -4065,6 +4085,8 @@ CLOUDREVE_TOKEN_RENEW_MARGIN = 600.0
 CLOUDREVE_LINK_MARGIN = 60.0
 # Uploads restarted from a new session when a chunk cannot be delivered.
 CLOUDREVE_UPLOAD_ATTEMPTS = 3
+# A Date header this far from the local clock means the site's clock is skewed.
+CLOUDREVE_CLOCK_TOLERANCE = 5.0
 # Warm-up threads: Cloudreve publishes no rate limit; two keep a slow site busy
 # without crowding out restic's own requests.
 CLOUDREVE_WARM_UP_WORKERS = 2
@@ -4119,6 +4141,93 @@ _CLOUDREVE_ERROR_TYPES = {
     CLOUDREVE_CODE_CREDENTIALS: CloudreveAuthError,
     CLOUDREVE_CODE_CAPACITY: CloudreveCapacityExceeded,
 }
+
+
+# -- storage policies: where an upload session sends the bytes (issue 11) -------
+# The web client's uploader per policy type (cloudreve/frontend, core/uploader/)
+# and Cloudreve 4.18's callback routes decide these.  `relay: true` on any type
+# sends the bytes through the site, as for `local`.
+CLOUDREVE_S3_LIKE_POLICIES = ("s3", "ks3", "cos", "oss", "obs")
+# Of these, the client itself calls GET /callback/<type>/{session}/{secret}
+# after CompleteMultipartUpload; OSS and OBS call the site back themselves.
+CLOUDREVE_CLIENT_CALLBACK_POLICIES = ("s3", "ks3", "cos")
+# OneDrive takes fragments of a multiple of 320 KiB (the last one excepted), at
+# most 60 MiB each.
+ONEDRIVE_FRAGMENT_UNIT = 320 * 1024
+ONEDRIVE_FRAGMENT_MAX = 60 * 1024 * 1024
+ONEDRIVE_DEFAULT_FRAGMENT = 32 * ONEDRIVE_FRAGMENT_UNIT       # 10 MiB
+
+
+def cloudreve_upload_flow(policy):
+    """'local', 'remote', 's3', 'onedrive', 'qiniu' or 'upyun': how bytes reach a
+    session's storage policy (its `type` and `relay`); None if unknown."""
+    kind = policy.get("type") if isinstance(policy, dict) else None
+    if kind == "local" or (isinstance(policy, dict) and policy.get("relay")):
+        return "local"
+    if kind in CLOUDREVE_S3_LIKE_POLICIES:
+        return "s3"
+    if kind in ("remote", "onedrive", "qiniu", "upyun"):
+        return kind
+    return None
+
+
+# Answers that are final and mean "change this on the site" (issue 11): each
+# gets one line naming the setting.
+_CLOUDREVE_POLICY_REFUSALS = {
+    40049: "the file is larger than the storage policy's maximum file size (or the "
+           "user group's): raise the policy's \"max file size\" on the site",
+    40052: "the storage policy's file name filter refuses the name; restic's names have "
+           "no extension, so an extension allow-list refuses every object: clear the "
+           "policy's allowed extensions / name rules on the site",
+    40050: "the storage policy refuses this file type: clear the policy's allowed "
+           "file types on the site",
+    40006: "the storage policy does not accept uploads this way (a non-relay policy "
+           "fed through the site): check the policy's upload relay setting",
+}
+# 50001 on every call while the access token is still valid is what a disabled
+# account looks like (a busy database looks the same once): _classify renews the
+# token once on it, and a disabled account then fails the refresh and the
+# login with a clear refusal instead of being retried as "busy" for a minute.
+_CLOUDREVE_RENEW_ONCE_CODES = frozenset((50001,))
+
+
+def cloudreve_renews_token_on(code):
+    """For _classify: a code after which the token is renewed once before the
+    answer counts as busy."""
+    return code in _CLOUDREVE_RENEW_ONCE_CODES
+
+
+def _redacted_url(url):
+    """scheme://host/path of a provider URL: its query (a signature) never logged."""
+    parts = urlsplit(url)
+    return "%s://%s%s" % (parts.scheme, parts.netloc, parts.path)
+
+
+def _cloudreve_chunks(size, chunk_size):
+    """(index, start, length) of each chunk; one empty chunk for an empty file."""
+    chunk_size = chunk_size or max(1, size)
+    count = max(1, -(-size // chunk_size))
+    return [(i, i * chunk_size, min(chunk_size, size - i * chunk_size)) for i in range(count)]
+
+
+class CloudreveUploadIncomplete(CloudreveError):
+    """Every chunk was accepted, yet the site still shows an upload placeholder:
+    Cloudreve 4.18 answers a retried chunk with success after its completion
+    failed, and never completes that session.  A new session is the fix."""
+
+
+class _BytesPayload(object):
+    """A small request body held as bytes, with what CloudClient sends of a payload."""
+
+    def __init__(self, data, content_type="application/octet-stream"):
+        self.data, self.content_length, self.content_type = data, len(data), content_type
+
+    def __iter__(self):
+        yield self.data
+
+
+# What a storage provider (or slave node) answered, for the upload flow to read.
+ProviderAnswer = collections.namedtuple("ProviderAnswer", "status header raw")
 
 
 def cloudreve_error(endpoint, envelope):
@@ -4227,14 +4336,17 @@ class CloudreveClient(CloudClient):
     Authorization header, the token (renewed before it expires and whenever an
     answer says it has) and the retries; this class adds the {code, msg, data}
     envelope and its codes (_classify), login and refresh, and the upload
-    sessions.  Download links are fetched without credentials through the same
-    HttpClient.  Thread-safe: one client serves every request thread."""
+    sessions with a flow per storage policy, whose requests to a storage
+    provider go through call_api too (_provider_send).  Download links are
+    fetched without credentials through the same HttpClient.  Thread-safe: one
+    client serves every request thread."""
 
     label = "Cloudreve"
     error_type = CloudreveError
     unavailable_type = CloudreveUnavailable
     max_response = CLOUDREVE_MAX_RESPONSE
     stale_link_statuses = (401, 403, 404, 410)
+    timeout_statuses = (504, 524)   # 524: Cloudflare's "a timeout occurred"
 
     def __init__(self, site_url, email, password, state_dir=None, http_client=None,
                  timeout=30.0, call_deadline=60.0, retry_base=0.5, retry_cap=8.0,
@@ -4253,6 +4365,7 @@ class CloudreveClient(CloudClient):
         self.login_retry_after = login_retry_after
         self.upload_attempts = upload_attempts
         self._login_refusal = None          # (error, monotonic time it holds until)
+        self._clock_offset = 0.0    # the site's clock minus ours, from its Date header
 
     def __repr__(self):     # never the password or a token
         return "CloudreveClient(%r, %r)" % (self.site_url, self.email)
@@ -4269,7 +4382,9 @@ class CloudreveClient(CloudClient):
         Content-Length.  An answer meaning "token expired" (401, 40088, 40020, a
         40081 whose items all say so, and the codes in renew_on) gets a fresh
         token and an immediate replay; if it comes again, further fresh tokens
-        with backoff.  Busy codes (409, 40073, 50001, 50004, 50007) except those in
+        with backoff.  50001 gets one fresh token first (a disabled account
+        answers it while its token is valid; its renewal then fails clearly).
+        Busy codes (409, 40073, 50001, 50004, 50007) except those in
         `final`, 429, 5xx, answers without an envelope and network failures are
         retried with jittered backoff until `deadline` (default call_deadline from
         now), then CloudreveUnavailable.  Any other code raises its CloudreveError
@@ -4277,25 +4392,83 @@ class CloudreveClient(CloudClient):
         path = CLOUDREVE_API + (template.format(**path_args) if path_args else template)
         return self.call_api(CloudCall(
             method, path, "%s %s%s" % (method, CLOUDREVE_API, template), query, body, payload,
-            auth, expected, deadline, renew_on=renew_on, final=final))
+            auth, expected, deadline, renew_on=renew_on, final=final, provider=None))
 
     def _classify(self, call, envelope):
-        """What an answer means: the one place where Cloudreve's codes become
-        actions."""
+        """What an answer means: the one place where Cloudreve's codes (and a
+        storage provider's statuses) become actions."""
+        if isinstance(envelope, ProviderAnswer):
+            return self._classify_provider(call, envelope)
         if envelope["code"] == CLOUDREVE_CODE_OK:
             return self.OK, envelope.get("data")
         error = cloudreve_error(call.endpoint, envelope)
-        if call.auth and (error.code in _CLOUDREVE_AUTH_CODES or (
-                error.code in call.renew_on and not call.renewals)):
+        if call.auth and (error.code in _CLOUDREVE_AUTH_CODES or not call.renewals and (
+                error.code in call.renew_on or cloudreve_renews_token_on(error.code))):
             return self.RENEW, error
         if error.code in _CLOUDREVE_BUSY_CODES and error.code not in call.final:
             return self.RETRY, _Transient(str(error), "server_busy")
         return self.RAISE, error
 
+    def _classify_provider(self, call, answer):
+        """A storage provider's (or slave node's) answer without an envelope:
+        408, 429 and 5xx are retried, and so is S3's InternalError inside an HTTP
+        200 (a late CompleteMultipartUpload failure); 6xx are a provider's own
+        answers (Qiniu's 612) and, like every other status, the flow's to judge.
+        A 413 is a proxy's body limit; a slave must answer with an envelope."""
+        status, label = answer.status, call.provider
+        if status == 429:
+            return self.RETRY, _Transient.rate_limited("%s: HTTP 429" % label)
+        if 500 <= status < 600 or status in self.retried_statuses:
+            return self.RETRY, _Transient.gateway("%s: HTTP %d%s" % (
+                label, status, " (a proxy timed out: raise its timeout)" * (status == 524)),
+                status in self.timeout_statuses)
+        if status == 200 and b"<Code>InternalError</Code>" in answer.raw[:4096]:
+            return self.RETRY, _Transient("%s: InternalError in an HTTP 200 answer" % label)
+        if status == 413:
+            return self.RAISE, CloudreveError(
+                "Cloudreve upload: %s: HTTP 413: a proxy in front of the storage refuses "
+                "bodies this large; raise its limit (nginx client_max_body_size) above the "
+                "policy's chunk size" % label)
+        if call.slave:
+            return self.RAISE, CloudreveError("Cloudreve upload: %s: HTTP %d without an "
+                                              "envelope" % (label, status))
+        return self.OK, answer
+
     def _url(self, call):
-        return self.site_url + call.path
+        return self.site_url + call.path if call.provider is None else call.path
+
+    def _headers(self, call):
+        return {} if call.provider is None else dict(call.headers)
 
     _envelope = staticmethod(_cloudreve_envelope)
+
+    def _answer(self, call, response, raw):
+        """The site's answers set the clock offset and are envelopes (or raise as
+        CloudClient says); a provider's answer goes to _classify as it is (a
+        slave's envelope as an envelope)."""
+        if call.provider is None:
+            self._note_server_date(response.header("Date"))
+            return CloudClient._answer(self, call, response, raw)
+        envelope = _cloudreve_envelope(response, raw) if call.slave else None
+        return envelope if envelope is not None else ProviderAnswer(
+            response.status, response.header, raw)
+
+    # -- the site's clock ----------------------------------------------------------
+    # Token and link expiries are the site's wall-clock times: compared with a
+    # skewed local clock they would make every call refresh, or use dead tokens.
+
+    def server_time(self):
+        """Now, on the site's clock (the local one until the site answered)."""
+        return time.time() + self._clock_offset
+
+    def _note_server_date(self, value):
+        """Take the offset from an answer's Date header; differences under the
+        header's one-second resolution (plus transit) are not skew."""
+        parsed = email.utils.parsedate_tz(value) if value else None
+        if parsed is None:
+            return
+        offset = email.utils.mktime_tz(parsed) - time.time()
+        self._clock_offset = offset if abs(offset) > CLOUDREVE_CLOCK_TOLERANCE else 0.0
 
     def _no_envelope_reason(self, response):
         # Cloudreve answers HTTP 200 for errors too (spec 1.3): the code decides.
@@ -4304,6 +4477,10 @@ class CloudreveClient(CloudClient):
         if response.status == 413:
             reason += (": a proxy in front of Cloudreve refuses bodies this large; its limit "
                        "(nginx client_max_body_size) must exceed the storage policy's chunk size")
+        elif response.status == 524:
+            reason += (": a proxy in front of Cloudreve (Cloudflare: 100 s) timed out the "
+                       "request; raise the proxy's timeout or lower the storage policy's "
+                       "chunk size")
         elif response.status in (200, 404):
             reason += ": is %s the address of a Cloudreve 4 site?" % self.site_url
         return reason
@@ -4450,7 +4627,7 @@ class CloudreveClient(CloudClient):
             attempt += 1
             session = self._create_session(uri, spool.size, policy_id, replace)
             try:
-                self._send_chunks(session, spool)
+                self._send_object(session, uri, spool)
             except CloudreveUnavailable:
                 self.cancel_upload(session["session_id"], uri)
                 raise
@@ -4473,6 +4650,15 @@ class CloudreveClient(CloudClient):
                 return self._verify_upload(uri, spool.size)
             except CloudreveUnavailable:
                 raise
+            except CloudreveUploadIncomplete as e:
+                # 4.18: a chunk retried after a failed completion answers success
+                # and leaves the placeholder for good: a new session.
+                self.cancel_upload(session["session_id"], uri)
+                if attempt >= self.upload_attempts:
+                    raise
+                log.info("Cloudreve: %s; starting the upload again", e)
+                _count_retry("upload_restart")
+                continue
             except CloudreveError as e:
                 # Completed with another size (or not at all): nothing that could be
                 # listed as stored may stay behind.
@@ -4495,23 +4681,27 @@ class CloudreveClient(CloudClient):
                 # an upload of this very name that will never finish.
                 session = self.call("PUT", "/file/upload", body=body,
                                     final=(CLOUDREVE_CODE_LOCKED,),
-                                    expected=(CloudreveExists, CloudreveLocked))
+                                    expected=(CloudreveExists, CloudreveLocked, CloudreveError))
                 break
+            except CloudreveUnavailable:
+                raise
             except (CloudreveExists, CloudreveLocked) as e:
                 refusals += 1
                 if refusals > 1 and not backoff.pause():
                     raise
                 _count_retry("upload_in_the_way")
                 self._clear_the_way(uri, body, e)
+            except CloudreveError as e:
+                raise self._policy_refusal(uri, e)
         policy = (session or {}).get("storage_policy") or {}
         if not isinstance(session, dict) or not session.get("session_id") \
                 or not isinstance(session.get("chunk_size"), int) or session["chunk_size"] < 0:
             raise CloudreveError("Cloudreve upload of %s: unusable session %r" % (uri, session))
-        if policy.get("type") != "local" and not policy.get("relay"):
+        if cloudreve_upload_flow(policy) is None:
             self.cancel_upload(session["session_id"], uri)
-            raise CloudreveError("Cloudreve upload of %s: the storage policy is of type %r "
-                                 "without upload relay; only local policies (or any with "
-                                 "relay on) are supported" % (uri, policy.get("type")))
+            raise CloudreveError("Cloudreve upload of %s: the storage policy is of type %r, "
+                                 "which this server cannot upload to; turn the policy's "
+                                 "upload relay on" % (uri, policy.get("type")))
         return session
 
     def _clear_the_way(self, uri, body, refusal):
@@ -4533,14 +4723,205 @@ class CloudreveClient(CloudClient):
         elif isinstance(refusal, CloudreveExists):
             body["entity_type"] = "version"
 
+    # -- upload flows per storage policy (chosen from the session's answer) ------
+
+    def _send_object(self, session, uri, spool):
+        """Deliver the spool the way the session's storage policy takes it; on
+        return the site has been told the upload is complete (upload() then
+        checks that it says so)."""
+        flow = cloudreve_upload_flow(session.get("storage_policy"))
+        if flow == "local":
+            return self._send_chunks(session, spool)
+        urls = session.get("upload_urls")
+        if not isinstance(urls, list) or not urls \
+                or not all(isinstance(u, str) and u.startswith(("http://", "https://"))
+                           for u in urls):
+            raise CloudreveError("Cloudreve upload of %s: the %s session has no usable "
+                                 "upload_urls" % (uri, flow))
+        return getattr(self, "_send_" + flow)(session, uri, spool)
+
+    def _provider_send(self, method, url, what, headers=None, payload=None, slave=False):
+        """One request to a storage provider (slave=True: a slave node, which
+        answers with the site's envelope) through call_api, so it is retried
+        alone after network failures, 408, 429 and 5xx (_classify_provider)
+        until call_deadline plus a second per MB from now.  Returns the
+        ProviderAnswer (status, header getter, body) for the flow to judge.  The
+        metrics label is the kind of request; nothing of the URL's query or of
+        the headers (signatures, credentials) reaches a log line."""
+        length = payload.content_length if payload is not None else 0
+        return self.call_api(CloudCall(
+            method, url, "provider " + what.rstrip("0123456789 "), payload=payload,
+            auth=False, expected=(CloudreveError,),
+            deadline=time.monotonic() + self.call_deadline + length / 1e6,
+            provider="%s %s" % (what, _redacted_url(url)), headers=headers or {},
+            slave=slave, renew_on=(), final=()))
+
+    @staticmethod
+    def _provider_refusal(uri, what, status, raw):
+        """A provider's 4xx as a one-line error: its error code, never the request."""
+        text = raw[:2000].decode("utf-8", "replace")
+        code = re.search(r"<Code>([^<]{1,64})</Code>", text) or \
+            re.search(r'"(?:code|error)"\s*:\s*"?([A-Za-z0-9_.-]{1,64})', text)
+        return CloudreveError("Cloudreve upload of %s: %s refused with HTTP %d%s"
+                              % (uri, what, status, " (%s)" % code.group(1) if code else ""))
+
+    def _send_remote(self, session, uri, spool):
+        """A slave node: each chunk POSTed to upload_urls[0]?chunk=N with the
+        session's credential as Authorization; the slave completes the upload
+        with the master after the last one."""
+        url, credential = session["upload_urls"][0], session.get("credential")
+        if not isinstance(credential, str) or not credential:
+            raise CloudreveError("Cloudreve upload of %s: the remote session has no "
+                                 "credential" % uri)
+        joiner = "&" if "?" in url else "?"
+        for index, start, length in _cloudreve_chunks(spool.size, session["chunk_size"]):
+            self._provider_send("POST", "%s%schunk=%d" % (url, joiner, index),
+                                "slave chunk", {"Authorization": credential},
+                                _SpoolSlice(spool, start, length), slave=True)
+
+    def _send_s3(self, session, uri, spool):
+        """S3-style multipart (s3, ks3, cos, oss, obs): each part PUT to its
+        presigned URL (its ETag kept), then CompleteMultipartUpload at
+        completeURL, then, for s3, ks3 and cos, Cloudreve's callback."""
+        policy_type = session["storage_policy"]["type"]
+        urls, complete_url = session["upload_urls"], session.get("completeURL")
+        chunks = _cloudreve_chunks(spool.size, session["chunk_size"])
+        if len(urls) != len(chunks) or not isinstance(complete_url, str):
+            raise CloudreveError("Cloudreve upload of %s: the %s session offers %d part URLs "
+                                 "for %d parts" % (uri, policy_type, len(urls), len(chunks)))
+        etags = []
+        for (index, start, length), url in zip(chunks, urls):
+            status, header, raw = self._provider_send(
+                "PUT", url, "%s part %d" % (policy_type, index + 1),
+                payload=_SpoolSlice(spool, start, length))
+            etag = header("ETag")
+            if status != 200 or not etag:
+                raise self._provider_refusal(uri, "%s part %d" % (policy_type, index + 1),
+                                             status, raw)
+            etags.append(etag)
+        headers = {}
+        if policy_type == "oss":
+            # OSS lists the parts itself; an XML body would be refused with that header
+            body = b""
+            headers.update({"x-oss-forbid-overwrite": "true", "x-oss-complete-all": "yes"})
+        else:
+            body = ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(
+                "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>"
+                % (number, xml_escape(etag)) for number, etag in enumerate(etags, 1))
+            ).encode("utf-8")
+            if policy_type == "cos":
+                headers["x-cos-forbid-overwrite"] = "true"
+        self._complete_multipart(uri, policy_type, complete_url, headers, body)
+        if policy_type in CLOUDREVE_CLIENT_CALLBACK_POLICIES:
+            self._callback(session, "GET")
+
+    def _complete_multipart(self, uri, policy_type, url, headers, body):
+        """POST the completion.  NoSuchUpload means an earlier attempt (a retry
+        after a lost answer) completed it: the callback, or the size check of
+        upload(), tells whether the object is really there."""
+        status, _, raw = self._provider_send("POST", url, "%s complete" % policy_type,
+                                             headers, _BytesPayload(body))
+        # S3 may answer 200 with an <Error> body when completion fails late
+        if status == 200 and b"<Error>" not in raw[:4096]:
+            return
+        if status == 404 and b"NoSuchUpload" in raw:
+            return
+        raise self._provider_refusal(uri, "%s CompleteMultipartUpload" % policy_type,
+                                     status, raw)
+
+    def _callback(self, session, method):
+        """Cloudreve's upload callback for this policy: it checks the object at the
+        provider and completes the file.  The secret is a path segment of the
+        route template, never in a log line."""
+        self.call(method, "/callback/{policy}/{session_id}/{key}",
+                  {"policy": session["storage_policy"]["type"],
+                   "session_id": session["session_id"],
+                   "key": session.get("callback_secret") or ""},
+                  auth=False, expected=(CloudreveError,))
+
+    def _send_onedrive(self, session, uri, spool):
+        """OneDrive: byte ranges PUT to the upload URL with Content-Range, each a
+        multiple of 320 KiB but the last; then Cloudreve's OneDrive callback."""
+        if spool.size == 0:
+            raise CloudreveError("Cloudreve upload of %s: OneDrive cannot take an empty "
+                                 "file through an upload session" % uri)
+        url = session["upload_urls"][0]
+        fragment = session["chunk_size"]
+        if not (0 < fragment <= ONEDRIVE_FRAGMENT_MAX and fragment % ONEDRIVE_FRAGMENT_UNIT == 0):
+            fragment = ONEDRIVE_DEFAULT_FRAGMENT
+        start = 0
+        while start < spool.size:
+            length = min(fragment, spool.size - start)
+            status, _, raw = self._provider_send(
+                "PUT", url, "onedrive range",
+                {"Content-Range": "bytes %d-%d/%d" % (start, start + length - 1, spool.size)},
+                _SpoolSlice(spool, start, length))
+            if status in (200, 201, 202):
+                start += length
+                continue
+            if status == 416:
+                # an earlier attempt of this range arrived with its answer lost
+                expected = self._onedrive_next(uri, url, spool.size)
+                if start < expected <= start + length:
+                    start = expected
+                    continue
+            raise self._provider_refusal(uri, "OneDrive range %d+%d" % (start, length),
+                                         status, raw)
+        self._callback(session, "POST")
+
+    def _onedrive_next(self, uri, url, size):
+        """Where the OneDrive session wants the next byte (size when it is done)."""
+        status, _, raw = self._provider_send("GET", url, "onedrive status")
+        if status == 404:
+            return size             # finished: the item exists, the session is gone
+        try:
+            ranges = json.loads(raw.decode("utf-8")).get("nextExpectedRanges") or []
+            return int(ranges[0].split("-")[0]) if ranges else size
+        except (ValueError, AttributeError, IndexError):
+            raise self._provider_refusal(uri, "OneDrive status", status, raw)
+
+    def _send_qiniu(self, session, uri, spool):
+        """Qiniu multipart v2: parts PUT to upload_urls[0]/N with the up-token,
+        then the part list POSTed to upload_urls[0]; Qiniu calls the site back."""
+        url, token = session["upload_urls"][0].rstrip("/"), session.get("credential") or ""
+        auth = {"Authorization": "UpToken " + token}
+        parts = []
+        for index, start, length in _cloudreve_chunks(spool.size, session["chunk_size"]):
+            status, _, raw = self._provider_send("PUT", "%s/%d" % (url, index + 1),
+                                                 "qiniu part %d" % (index + 1), auth,
+                                                 _SpoolSlice(spool, start, length))
+            try:
+                etag = json.loads(raw.decode("utf-8"))["etag"] if status == 200 else None
+            except (ValueError, KeyError, TypeError):
+                etag = None
+            if not isinstance(etag, str):
+                raise self._provider_refusal(uri, "qiniu part %d" % (index + 1), status, raw)
+            parts.append({"etag": etag, "partNumber": index + 1})
+        body = json.dumps({"parts": parts, "mimeType": session.get("mime_type")
+                           or "application/octet-stream"}).encode("utf-8")
+        status, _, raw = self._provider_send("POST", url, "qiniu complete", auth,
+                                             _BytesPayload(body, "application/json"))
+        if status == 612:
+            return                  # completed by an attempt whose answer was lost (upload() checks)
+        if status != 200:
+            raise self._provider_refusal(uri, "qiniu completion", status, raw)
+
+    def _send_upyun(self, session, uri, spool):
+        """Upyun form upload: the policy and credential from the session, then the
+        whole file, in one multipart POST; Upyun calls the site back."""
+        fields = [("policy", session.get("upload_policy") or ""),
+                  ("authorization", session.get("credential") or ""),
+                  ("content-type", session.get("mime_type") or "application/octet-stream")]
+        body = MultipartBody(fields, "file", uri.rsplit("/", 1)[-1], spool)
+        status, _, raw = self._provider_send("POST", session["upload_urls"][0],
+                                             "upyun form", payload=body)
+        if status != 200:
+            raise self._provider_refusal(uri, "upyun form upload", status, raw)
+
     def _send_chunks(self, session, spool):
         """Chunks of the session's chunk_size (the whole body if 0), strictly in
         order, one at a time (spec 2.8); the last one completes the upload."""
-        chunk_size = session["chunk_size"] or max(1, spool.size)
-        count = max(1, -(-spool.size // chunk_size))
-        for index in range(count):
-            start = index * chunk_size
-            length = min(chunk_size, spool.size - start)
+        for index, start, length in _cloudreve_chunks(spool.size, session["chunk_size"]):
             # 40011 is what an expired token looks like here (spec 1.7): one fresh
             # token; if it persists, the session is gone.  "Lock expired" (40073)
             # on the last chunk is final for this session.  upload() decides what
@@ -4559,13 +4940,28 @@ class CloudreveClient(CloudClient):
         except CloudreveError:
             return None
 
+    def _policy_refusal(self, uri, error):
+        """The error to raise for a refused upload session: one clear line for
+        the policy filters (logged), the error itself otherwise."""
+        reason = _CLOUDREVE_POLICY_REFUSALS.get(error.code)
+        if reason is None:
+            log.warning("%s", error)
+            return error
+        refusal = CloudreveError("Cloudreve refused the upload of %s (code %s): %s"
+                                 % (uri, error.code, reason), error.code, error.endpoint)
+        log.error("%s", refusal)
+        return refusal
+
     def _verify_upload(self, uri, size):
         info = self.info(uri)
         uploading = CLOUDREVE_UPLOAD_META in (info.get("metadata") or {})
-        if info.get("size") != size or uploading:
-            raise CloudreveError("Cloudreve upload of %s: the site reports %s bytes%s, not %d"
-                                 % (uri, info.get("size"), " (still uploading)" * uploading,
-                                    size))
+        if uploading:
+            raise CloudreveUploadIncomplete(
+                "Cloudreve upload of %s: every chunk was accepted but the site still shows "
+                "an unfinished upload" % uri)
+        if info.get("size") != size:
+            raise CloudreveError("Cloudreve upload of %s: the site reports %s bytes, not %d"
+                                 % (uri, info.get("size"), size))
         return CloudreveFile(info.get("id"), size, info.get("primary_entity"))
 
     def cancel_upload(self, session_id, uri):
@@ -4606,7 +5002,7 @@ class CloudreveClient(CloudClient):
                          expected=(CloudreveNotFound,))
         try:
             url = data["urls"][0]["url"]
-            lifetime = parse_rfc3339(data["expires"]) - time.time()
+            lifetime = parse_rfc3339(data["expires"]) - self.server_time()
         except (TypeError, KeyError, IndexError, ValueError, AttributeError):
             url, lifetime = None, 0
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):

@@ -74,6 +74,8 @@ import unittest
 import urllib.request
 import uuid
 import warnings
+import email.utils
+import xml.etree.ElementTree as ElementTree
 from unittest import mock
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -5214,16 +5216,18 @@ _CR_GO_VALID = set("!$&'()*+,;=:@[]%/-_.~")  # url.validEncoded for a path, besi
 _CR_GO_PATH_SAFE = "$&+,/:;=@"               # url.shouldEscape(encodePath) keeps these
 _CR_UPLOAD_META = "sys:upload_session_id"
 _CR_FAULT_KINDS = ("500", "502", "504", "413", "429", "drop", "drop_after", "slow", "401",
-                "409", "40073", "50001", "50004")
+                "409", "40073", "50001", "50004", "524")
 _CR_GATEWAY = {  # what an nginx in front of Cloudreve says; no envelope (1.3)
     502: "502 Bad Gateway", 504: "504 Gateway Time-out", 413: "413 Request Entity Too Large",
-    429: "429 Too Many Requests"}
+    429: "429 Too Many Requests", 524: "524 A timeout occurred"}
 _CR_MSG = {401: "Login required", 403: "Not supported action", 404: "Not found",
         409: "Object conflict", 40001: "Parameter error", 40004: "Object existed",
         40011: "Upload session not exist or expired", 40016: "Path not exist",
         40020: "Failed to issue token pair", 40049: "File too large",
         40051: "Insufficient capacity", 40073: "Lock conflict", 40077: "Entity not exist",
         40088: "Anonymous access denied", 50001: "Database operation failed",
+        40006: "Storage policy not allowed", 40012: "Chunk index out of range",
+        40052: "Illegal object name", 40055: "File meta mismatch",
         50004: "IO failed"}
 
 # (method, template, handler); "{x}" matches one raw path segment
@@ -5249,6 +5253,10 @@ _CR_ROUTES = [
     ("POST", "/file/url", "_h_url"),
     ("GET", "/file/content/{entity}/{speed}/{name}", "_h_content"),
     ("HEAD", "/file/content/{entity}/{speed}/{name}", "_h_content"),
+    # 4.18 routers/router.go: GET for s3, cos, ks3; POST for the others (the client
+    # calls only s3, cos, ks3 and onedrive; the rest are called by the provider)
+    ("GET", "/callback/{policy}/{session_id}/{key}", "_h_callback"),
+    ("POST", "/callback/{policy}/{session_id}/{key}", "_h_callback"),
 ]
 _CR_CONTENT_KEYS = ("GET " + _CR_API + "/file/content/{entity}/{speed}/{name}",
                  "HEAD " + _CR_API + "/file/content/{entity}/{speed}/{name}")
@@ -5257,9 +5265,10 @@ _CR_CONTENT_KEYS = ("GET " + _CR_API + "/file/content/{entity}/{speed}/{name}",
 class _CrApiError(Exception):
     """An answer with HTTP 200 and a non-zero `code` (1.2)."""
 
-    def __init__(self, code, msg=None, data=None, agg=None, corr=True):
+    def __init__(self, code, msg=None, data=None, agg=None, corr=True, status=200):
         Exception.__init__(self, code)
         self.code, self.msg, self.data, self.agg, self.corr = code, msg, data, agg, corr
+        self.status = status            # callbacks answer errors with 400/401 (4.18)
         if msg is None:
             self.msg = _CR_MSG.get(code, "Error")
 
@@ -5351,6 +5360,10 @@ class _CrHandler(_Handler):
     as Cloudreve."""
     server_version = "Cloudreve"
 
+    def date_time_string(self, timestamp=None):
+        # the Date header tells the site's clock (moved by advance_clock / skew_clock)
+        return email.utils.formatdate(self.server.emu.now(), usegmt=True)
+
     def setup(self):
         _Handler.setup(self)
         # Go's net/http sets TCP_NODELAY; without it the body, written after the
@@ -5366,6 +5379,426 @@ class _CrServer(_Server):
         ThreadingHTTPServer.__init__(self, ("127.0.0.1", 0), _CrHandler)
 
 
+_CR_S3_LIKE = ("s3", "ks3", "cos", "oss", "obs")
+_CR_S3_SIGNS_LENGTH = ("s3", "cos")     # their part URLs sign Content-Length (field notes)
+_CR_OD_UNIT = 320 * 1024
+_CR_OD_MAX = 60 * 1024 * 1024
+
+
+class _CrProvider(object):
+    """The storage behind a non-local policy, as one more HTTP server of the
+    emulator: a slave node (remote), an S3-style object store (s3, ks3, cos, oss,
+    obs), OneDrive's upload sessions, Qiniu's multipart v2 and Upyun's form
+    upload, plus the signed blob URLs downloads are redirected to.  Each checks
+    what the real one checks (signatures, methods, expiry, part order and ETags,
+    fragment sizes, credentials); the object reaches Cloudreve only through the
+    callback of its policy.  Runs under the emulator's lock; the emulator's
+    fault switches apply to its endpoints (keys like "PUT /s3/part")."""
+
+    def __init__(self, emu):
+        self.emu = emu
+        self._secret = os.urandom(32)
+        self._uploads = {}      # sid -> provider-side state of that upload session
+        self._objects = {}      # sid -> bytes stored at the provider, awaiting the callback
+        self.blob_epoch = 0     # bumped by expire_download_urls: older blob links are dead
+
+    # -- the emulator's side -------------------------------------------------------
+    def _sign(self, *fields):
+        raw = "\n".join(str(f) for f in fields).encode("utf-8", "surrogateescape")
+        return _cr_b64url(hmac.new(self._secret, raw, hashlib.sha256).digest())
+
+    def open(self, sid, s):
+        """The provider-specific fields of the session answer (the driver's Token)."""
+        emu, base, kind = self.emu, self.emu.provider_base, s["policy"]
+        exp = int(s["expires"])
+        up = self._uploads[sid] = {"kind": kind, "size": s["size"], "parts": {}, "exp": exp,
+                                   "token": uuid.uuid4().hex}
+        cs = s["chunk_size"]
+        count = 1 if cs == 0 else max(1, -(-s["size"] // cs))
+        if kind == "remote":
+            path = _CR_API + "/slave/upload/" + sid
+            return {"upload_urls": [base + path],
+                    "credential": "Bearer Cr %s:%d" % (self._sign("POST", path, exp), exp)}
+        if kind in _CR_S3_LIKE:
+            uid = up["token"]
+            path = "/s3/bucket/uploads/%s" % sid
+            urls = []
+            for n in range(1, count + 1):
+                length = min(cs, s["size"] - (n - 1) * cs) if cs else s["size"]
+                signed = length if kind in _CR_S3_SIGNS_LENGTH else ""
+                sig = self._sign("PUT", path, uid, n, exp, signed)
+                urls.append("%s%s?partNumber=%d&uploadId=%s&X-Amz-Expires=%d&X-Amz-Signature=%s"
+                            % (base, path, n, uid, exp, sig))
+            sig = self._sign("POST", path, uid, "", exp, "")
+            return {"upload_id": uid, "upload_urls": urls,
+                    "completeURL": "%s%s?uploadId=%s&X-Amz-Expires=%d&X-Amz-Signature=%s"
+                                   % (base, path, uid, exp, sig)}
+        if kind == "onedrive":
+            up["next"] = 0
+            return {"upload_urls": ["%s/onedrive/up/%s" % (base, up["token"])]}
+        if kind == "qiniu":
+            return {"upload_id": up["token"], "credential": "ak:%s" % self._sign("qiniu", sid),
+                    "upload_urls": ["%s/qiniu/buckets/b/objects/%s/uploads/%s"
+                                    % (base, _cr_b64url(sid.encode()), up["token"])]}
+        if kind == "upyun":
+            policy = base64.b64encode(json.dumps({"bucket": "b", "save-key": sid,
+                                                  "expiration": exp}).encode()).decode()
+            return {"upload_urls": [base + "/upyun/b"], "upload_policy": policy,
+                    "credential": "UPYUN op:%s" % self._sign("upyun", policy),
+                    "mime_type": s["mime"]}
+        raise AssertionError("unknown policy type %r" % kind)
+
+    def cancel(self, sid):
+        self._uploads.pop(sid, None)
+        self._objects.pop(sid, None)
+
+    def forget(self, sid):
+        self.cancel(sid)
+
+    def stored_object(self, sid):
+        return self._objects.get(sid)
+
+    def open_sessions(self):
+        return len(self._uploads)
+
+    def blob_url(self, eid):
+        exp = int(self.emu.now() + self.emu.download_url_ttl)
+        return "%s/blob/%d?Expires=%d&Signature=%s" % (
+            self.emu.provider_base, eid, exp, self._sign("GET", eid, exp, self.blob_epoch))
+
+    def _provider_callback(self, sid, data):
+        """The provider (or slave) calls Cloudreve back with the stored object."""
+        emu = self.emu
+        s = emu._live_session(sid)
+        if s is None:
+            raise _ProviderError(400, "callback failed: upload session gone")
+        if len(data) != s["size"]:
+            raise _ProviderError(400, "callback failed: size mismatch")
+        emu._complete_with(sid, s, data)
+
+    # -- HTTP ----------------------------------------------------------------------------
+    _ROUTES = [
+        ("POST", re.compile(r"^/api/v4/slave/upload/([^/]+)$"), "POST /slave/upload", "_slave"),
+        ("PUT", re.compile(r"^/s3/bucket/uploads/([^/]+)$"), "PUT /s3/part", "_s3_part"),
+        ("POST", re.compile(r"^/s3/bucket/uploads/([^/]+)$"), "POST /s3/complete", "_s3_complete"),
+        ("PUT", re.compile(r"^/onedrive/up/([^/]+)$"), "PUT /onedrive/range", "_od_range"),
+        ("GET", re.compile(r"^/onedrive/up/([^/]+)$"), "GET /onedrive/status", "_od_status"),
+        ("PUT", re.compile(r"^/qiniu/buckets/b/objects/[^/]+/uploads/([^/]+)/(\d+)$"),
+         "PUT /qiniu/part", "_qiniu_part"),
+        ("POST", re.compile(r"^/qiniu/buckets/b/objects/[^/]+/uploads/([^/]+)$"),
+         "POST /qiniu/complete", "_qiniu_complete"),
+        ("POST", re.compile(r"^/upyun/b$"), "POST /upyun/form", "_upyun"),
+        ("GET", re.compile(r"^/blob/(\d+)$"), "GET /blob", "_blob"),
+    ]
+
+    def handle(self, h, sp):
+        emu = self.emu
+        try:
+            body = emu._read_body(h)
+        except (ConnectionError, ValueError, socket.timeout):
+            h.close_connection = True
+            return
+        for method, pattern, key, name in self._ROUTES:
+            m = pattern.match(sp.path)
+            if m and method == h.command:
+                break
+        else:
+            return emu._send(h, "%s %s" % (h.command, sp.path), 405 if any(
+                p.match(sp.path) for _, p, _, _ in self._ROUTES) else 404,
+                b"<Error><Code>MethodNotAllowed</Code></Error>", "application/xml")
+        with emu.lock:
+            emu.calls[key] += 1
+        fault = emu._take_fault(key)
+        if fault == "slow":
+            time.sleep(emu.slow_seconds)
+        elif fault == "drop":
+            emu._record(key, "drop")
+            h.close_connection = True
+            return
+        elif fault in ("500", "502", "504", "413", "429", "524"):
+            return emu._send(h, key, int(fault), b"<Error><Code>InternalError</Code></Error>",
+                             "application/xml")
+        query = parse_qs(sp.query, keep_blank_values=True)
+        try:
+            with emu.lock:
+                status, payload, headers = getattr(self, name)(h, m, query, body)
+        except _ProviderError as e:
+            return emu._send(h, key, e.status, e.body, e.ctype)
+        except Exception:
+            emu.errors.append(traceback.format_exc())
+            sys.stderr.write("cloudreve provider emulator bug:\n" + emu.errors[-1])
+            return emu._send(h, key, 500, b"")
+        if fault == "drop_after":
+            emu._record(key, "drop")
+            h.close_connection = True
+            return
+        if name == "_blob":
+            ctype = "application/octet-stream"
+        else:
+            ctype = "application/json" if payload[:1] in (b"{", b"[") else "application/xml"
+        emu._send(h, key, status, payload, ctype, headers)
+
+    @staticmethod
+    def _q(query, name):
+        return (query.get(name) or [""])[0]
+
+    def _upload(self, sid, kind):
+        up = self._uploads.get(sid)
+        if up is None or (kind and up["kind"] not in kind):
+            return None
+        return up
+
+    # remote: the slave's chunk route (SlaveUpload, then processChunkUpload)
+    def _slave(self, h, m, query, body):
+        sid = m.group(1)
+        up = self._upload(sid, ("remote",))
+        auth = h.headers.get("Authorization") or ""
+        # the slave checks the master's signature over the path and its expiry
+        if up is None:
+            return 200, self._env(40011, "Upload session does not exist"), []
+        mac, _, exp = auth[len("Bearer Cr "):].rpartition(":") if auth.startswith("Bearer Cr ") \
+            else ("", "", "")
+        path = _CR_API + "/slave/upload/" + sid
+        if not exp.isdigit() or int(exp) < self.emu.now() or \
+                not hmac.compare_digest(mac, self._sign("POST", path, int(exp))):
+            return 200, self._env(40020, "invalid sign"), []
+        s = self.emu._live_session(sid)
+        if s is None:
+            return 200, self._env(40011, "Upload session does not exist"), []
+        idx = self._q(query, "chunk")
+        idx = int(idx) if idx.isdigit() else 0      # strconv.Atoi, error ignored
+        try:
+            self.emu._store_chunk(sid, s, idx, h.headers, body)
+        except _CrApiError as e:
+            return 200, self._env(e.code, e.msg), []
+        if sid not in self.emu._sessions:
+            self.cancel(sid)                        # completed: the slave drops its session
+        return 200, self._env(0, ""), []
+
+    def _env(self, code, msg):
+        if code:
+            self.emu._record("POST /slave/upload", code)
+        return json.dumps({"code": code, "msg": msg}).encode()
+
+    # s3-style: presigned UploadPart and CompleteMultipartUpload
+    def _check_presigned(self, h, sid, query, part, length):
+        up = self._upload(sid, _CR_S3_LIKE)
+        uid, exp = self._q(query, "uploadId"), self._q(query, "X-Amz-Expires")
+        sig = self._q(query, "X-Amz-Signature")
+        signed = length if (up and up["kind"] in _CR_S3_SIGNS_LENGTH and part) else ""
+        if not exp.isdigit() or not hmac.compare_digest(
+                sig, self._sign(h.command, "/s3/bucket/uploads/" + sid, uid, part, exp, signed)):
+            raise _ProviderError(403, _s3_error("SignatureDoesNotMatch", "The request signature "
+                                                "we calculated does not match"))
+        if int(exp) < self.emu.now():
+            raise _ProviderError(403, _s3_error("AccessDenied", "Request has expired"))
+        if up is None or up["token"] != uid:
+            raise _ProviderError(404, _s3_error("NoSuchUpload", "The specified upload does "
+                                                "not exist"))
+        return up
+
+    def _s3_part(self, h, m, query, body):
+        part = self._q(query, "partNumber")
+        declared = h.headers.get("Content-Length") or ""
+        up = self._check_presigned(h, m.group(1), query, part, declared)
+        if not declared.isdigit() or int(declared) != len(body):
+            raise _ProviderError(400, _s3_error("IncompleteBody", "short body"))
+        etag = '"%s"' % hashlib.md5(body).hexdigest()
+        up["parts"][int(part)] = (etag, bytes(body))
+        return 200, b"", [("ETag", etag)]
+
+    def _s3_complete(self, h, m, query, body):
+        sid = m.group(1)
+        up = self._check_presigned(h, sid, query, "", "")
+        kind = up["kind"]
+        if kind == "oss" and (h.headers.get("x-oss-complete-all") or "").lower() == "yes":
+            if body.strip():
+                raise _ProviderError(400, _s3_error("InvalidArgument", "body must be empty "
+                                                    "with x-oss-complete-all"))
+            order = sorted(up["parts"])
+            listed = [(n, up["parts"][n][0]) for n in order]
+        else:
+            try:
+                root = ElementTree.fromstring(body)
+                listed = [(int(p.findtext("PartNumber")), p.findtext("ETag"))
+                          for p in root.findall("Part")]
+            except (ElementTree.ParseError, TypeError, ValueError):
+                raise _ProviderError(400, _s3_error("MalformedXML", "bad XML"))
+            if root.tag != "CompleteMultipartUpload" or not listed:
+                raise _ProviderError(400, _s3_error("MalformedXML", "no parts"))
+        numbers = [n for n, _ in listed]
+        if numbers != sorted(set(numbers)):
+            raise _ProviderError(400, _s3_error("InvalidPartOrder", "parts not ascending"))
+        for n, etag in listed:
+            if n not in up["parts"] or up["parts"][n][0].strip('"') != (etag or "").strip('"'):
+                raise _ProviderError(400, _s3_error("InvalidPart", "part %d missing or ETag "
+                                                    "differs" % n))
+        data = b"".join(up["parts"][n][1] for n in numbers)
+        del self._uploads[sid]
+        self._objects[sid] = data
+        if kind in ("oss", "obs"):
+            self._provider_callback(sid, data)      # the store calls Cloudreve itself
+        result = ("<CompleteMultipartUploadResult><Key>%s</Key><ETag>\"%s-%d\"</ETag>"
+                  "</CompleteMultipartUploadResult>" % (sid, hashlib.md5(data).hexdigest(),
+                                                        len(numbers))).encode()
+        return 200, result, []
+
+    # OneDrive upload session (createUploadSession's uploadUrl)
+    def _od(self, m):
+        for sid, up in self._uploads.items():
+            if up["kind"] == "onedrive" and up["token"] == m.group(1):
+                return sid, up
+        raise _ProviderError(404, json.dumps({"error": {"code": "itemNotFound",
+                                                        "message": "upload session"}}).encode())
+
+    def _od_status(self, h, m, query, body):
+        sid, up = self._od(m)
+        return 200, json.dumps({"expirationDateTime": _cr_rfc3339(up["exp"]),
+                                "nextExpectedRanges": ["%d-" % up["next"]]}).encode(), []
+
+    def _od_range(self, h, m, query, body):
+        sid, up = self._od(m)
+        if h.headers.get("Authorization"):
+            raise _ProviderError(401, _od_error("unauthenticated", "do not send Authorization "
+                                                "to the upload URL"))
+        rng = re.match(r"^bytes (\d+)-(\d+)/(\d+)$", h.headers.get("Content-Range") or "")
+        if not rng:
+            raise _ProviderError(400, _od_error("invalidRequest", "Content-Range"))
+        a, b, total = (int(x) for x in rng.groups())
+        length = b - a + 1
+        declared = h.headers.get("Content-Length") or ""
+        if total != up["size"] or b < a or b >= total or not declared.isdigit() \
+                or int(declared) != length or len(body) != length:
+            raise _ProviderError(400, _od_error("invalidRequest", "range or length"))
+        if a != up["next"]:
+            raise _ProviderError(416, _od_error("invalidRange", "fragment overlaps",
+                                                "fragmentOverlap"))
+        if length > _CR_OD_MAX or (b != total - 1 and length % _CR_OD_UNIT):
+            raise _ProviderError(400, _od_error("invalidRequest", "fragments must be a "
+                                                "multiple of 320 KiB"))
+        up["parts"][a] = bytes(body)
+        up["next"] = b + 1
+        if up["next"] < total:
+            return 202, json.dumps({"expirationDateTime": _cr_rfc3339(up["exp"]),
+                                    "nextExpectedRanges": ["%d-" % up["next"]]}).encode(), []
+        self._objects[sid] = b"".join(up["parts"][k] for k in sorted(up["parts"]))
+        up["kind"] = "onedrive-done"                # the upload URL is gone now
+        up["token"] = None
+        return 201, json.dumps({"id": sid, "name": sid, "size": total}).encode(), []
+
+    # Qiniu multipart v2
+    def _qiniu_up(self, h, m):
+        for sid, up in self._uploads.items():
+            if up["kind"] == "qiniu" and up["token"] == m.group(1):
+                if h.headers.get("Authorization") != "UpToken ak:" + self._sign("qiniu", sid):
+                    raise _ProviderError(401, b'{"error":"bad token"}')
+                return sid, up
+        raise _ProviderError(612, b'{"error":"no such uploadId"}')
+
+    def _qiniu_part(self, h, m, query, body):
+        sid, up = self._qiniu_up(h, m)
+        n = int(m.group(2))
+        declared = h.headers.get("Content-Length") or ""
+        if not 1 <= n <= 10000 or not declared.isdigit() or int(declared) != len(body):
+            raise _ProviderError(400, b'{"error":"bad part"}')
+        etag = _cr_b64url(hashlib.sha1(body).digest())
+        up["parts"][n] = (etag, bytes(body))
+        return 200, json.dumps({"etag": etag, "md5": hashlib.md5(body).hexdigest()}).encode(), []
+
+    def _qiniu_complete(self, h, m, query, body):
+        sid, up = self._qiniu_up(h, m)
+        try:
+            parts = json.loads(body.decode())["parts"]
+            listed = [(int(p["partNumber"]), p["etag"]) for p in parts]
+        except (ValueError, KeyError, TypeError):
+            raise _ProviderError(400, b'{"error":"bad body"}')
+        numbers = [n for n, _ in listed]
+        if not numbers or numbers != sorted(set(numbers)) or any(
+                n not in up["parts"] or up["parts"][n][0] != e for n, e in listed):
+            raise _ProviderError(400, b'{"error":"invalid part order or etag"}')
+        data = b"".join(up["parts"][n][1] for n in numbers)
+        del self._uploads[sid]
+        self._objects[sid] = data
+        self._provider_callback(sid, data)
+        return 200, b'{"code":0,"msg":""}', []
+
+    # Upyun form upload
+    def _upyun(self, h, m, query, body):
+        ctype = h.headers.get("Content-Type") or ""
+        bnd = re.search(r"boundary=([^;]+)", ctype)
+        if not ctype.startswith("multipart/form-data") or not bnd:
+            raise _ProviderError(400, b'{"code":40000006,"message":"not a form"}')
+        fields, order = {}, []
+        for part in body.split(b"--" + bnd.group(1).encode())[1:-1]:
+            head, _, value = part[2:].partition(b"\r\n\r\n")
+            name = re.search(rb'name="([^"]+)"', head)
+            if name:
+                fields[name.group(1).decode()] = value[:-2]
+                order.append(name.group(1).decode())
+        policy = fields.get("policy", b"").decode()
+        if fields.get("authorization", b"").decode() != "UPYUN op:" + self._sign("upyun", policy):
+            raise _ProviderError(401, b'{"code":40100005,"message":"signature error"}')
+        if order[-1:] != ["file"]:
+            raise _ProviderError(400, b'{"code":40000006,"message":"file must come last"}')
+        try:
+            sid = json.loads(base64.b64decode(policy))["save-key"]
+        except (ValueError, KeyError, TypeError):
+            raise _ProviderError(400, b'{"code":40000006,"message":"policy"}')
+        if self._upload(sid, ("upyun",)) is None:
+            raise _ProviderError(403, b'{"code":40300011,"message":"policy expired"}')
+        data = fields["file"]
+        del self._uploads[sid]
+        self._objects[sid] = data
+        self._provider_callback(sid, data)
+        return 200, json.dumps({"code": 200, "message": "ok", "url": sid}).encode(), []
+
+    # signed blob URLs (downloads redirected from the site)
+    def _blob(self, h, m, query, body):
+        eid, exp = int(m.group(1)), self._q(query, "Expires")
+        sig = self._q(query, "Signature")
+        if not exp.isdigit() or not any(hmac.compare_digest(sig, self._sign("GET", eid, exp, e))
+                                        for e in range(self.blob_epoch + 1)):
+            raise _ProviderError(403, _s3_error("SignatureDoesNotMatch", "signature"))
+        if int(exp) < self.emu.now() or \
+                not hmac.compare_digest(sig, self._sign("GET", eid, exp, self.blob_epoch)):
+            raise _ProviderError(403, _s3_error("AccessDenied", "Request has expired"))
+        ent = self.emu._entities.get(eid)
+        if ent is None:
+            raise _ProviderError(404, _s3_error("NoSuchKey", "gone"))
+        data = ent["data"]
+        rng = h.headers.get("Range")
+        hdrs = [("Accept-Ranges", "bytes"), ("ETag", '"%s"' % hashlib.md5(data).hexdigest())]
+        if rng and data:
+            try:
+                ranges = _cr_ranges(rng, len(data))
+            except (OverflowError, ValueError):
+                raise _ProviderError(416, _s3_error("InvalidRange", "range"))
+            if ranges and len(ranges) == 1:
+                s, ln = ranges[0]
+                hdrs.append(("Content-Range", "bytes %d-%d/%d" % (s, s + ln - 1, len(data))))
+                return 206, data[s:s + ln], hdrs
+        return 200, data, hdrs
+
+
+class _ProviderError(Exception):
+    def __init__(self, status, body, ctype="application/xml"):
+        Exception.__init__(self, status)
+        self.status, self.body = status, body
+        self.ctype = "application/json" if body[:1] == b"{" else ctype
+
+
+def _s3_error(code, message):
+    return ("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>%s</Code><Message>%s"
+            "</Message></Error>" % (code, message)).encode()
+
+
+def _od_error(code, message, inner=None):
+    err = {"code": code, "message": message}
+    if inner:
+        err["innererror"] = {"code": inner}
+    return json.dumps({"error": err}).encode()
+
+
 class CloudreveEmulator(_EmulatorControls):
     """Fake Cloudreve 4 site with one user.  Tunables (plain attributes, set any time):
     slow_seconds, upload_session_ttl, max_size (policy limit, 0 = none), quota,
@@ -5377,7 +5810,7 @@ class CloudreveEmulator(_EmulatorControls):
     def __init__(self, email="me@example.com", password="secret", *, access_ttl=3600.0,
                  refresh_ttl=7 * 86400.0, chunk_size=5 * 1024 * 1024, page_size=50,
                  download_url_ttl=3600.0, captcha=False, two_factor=False,
-                 separate_download_host=False):
+                 separate_download_host=False, policy_type="local", relay=False):
         self.email, self.password = email, password
         self.access_ttl, self.refresh_ttl = access_ttl, refresh_ttl
         # page_size plays the site's max_page_size (2000 on a real site): larger requests are
@@ -5398,6 +5831,12 @@ class CloudreveEmulator(_EmulatorControls):
         self.version_retention = 10
         self.totp_secret = "JBSWY3DPEHPK3PXP"
         self.site_version = "4.0.0"
+        # the storage policy of the test user's group (issue 11): its type and relay
+        self.policy_type, self.relay = policy_type, relay
+        self.allowed_extensions = []                # policy file name filter (40052)
+        self.name_regexp = ""
+        self.proxy_max_body = 0                     # nginx client_max_body_size, 0 = none
+        self.fail_completions = 0                   # completions that fail (50001) after all chunks
 
         self.lock = threading.RLock()
         self.calls = collections.Counter()
@@ -5421,10 +5860,17 @@ class CloudreveEmulator(_EmulatorControls):
         self._signs, self._dead_signs, self._url_cache = set(), set(), {}
         self._faults, self._random_faults = [], []
         self._servers, self._conns = [], set()
+        self.provider = _CrProvider(self)
+        self.provider_base = ""
+
+    def uses_provider(self):
+        return self.policy_type != "local" and not self.relay
 
     # ------------------------------------------------------------------ lifecycle
     def start(self):
         roles = ("site", "download") if self.separate_download_host else ("site",)
+        if self.uses_provider():
+            roles += ("provider",)
         for role in roles:
             srv = _CrServer(self, role)
             t = threading.Thread(target=srv.serve_forever, args=(0.05,), name="cloudreve-" + role)
@@ -5432,8 +5878,16 @@ class CloudreveEmulator(_EmulatorControls):
             t.start()
             self._servers.append(srv)
         urls = ["http://127.0.0.1:%d" % s.server_address[1] for s in self._servers]
+        if self.uses_provider():
+            self.provider_base = urls.pop()
         self.base_url, self.download_base = urls[0], urls[-1]
         return self
+
+    def skew_clock(self, seconds):
+        """The site's clock (tokens, links, its Date header) runs `seconds` ahead
+        of the local one (behind if negative)."""
+        with self.lock:
+            self._clock = float(seconds)
 
     # ------------------------------------------------------------------ test controls
     # (stop, now, advance_clock, reset_calls, fail_next, fail_randomly, clear_faults:
@@ -5462,6 +5916,7 @@ class CloudreveEmulator(_EmulatorControls):
     def expire_download_urls(self):
         with self.lock:
             self._dead_signs |= self._signs
+            self.provider.blob_epoch += 1
             self._url_cache.clear()
 
     def expire_upload_sessions(self):
@@ -5522,8 +5977,11 @@ class CloudreveEmulator(_EmulatorControls):
                 self._hard_delete(n)
 
     def open_upload_sessions(self):
+        """Live upload sessions, the provider's (multipart uploads, OneDrive
+        sessions, slave sessions) included."""
         with self.lock:
-            return sum(1 for s in self._sessions.values() if s["expires"] > self.now())
+            return sum(1 for s in self._sessions.values() if s["expires"] > self.now()) \
+                + self.provider.open_sessions()
 
     def placeholders(self):
         """Paths of files still carrying sys:upload_session_id (abandoned or running uploads)."""
@@ -5713,8 +6171,9 @@ class CloudreveEmulator(_EmulatorControls):
                 "owned": True, "primary_entity": self._hid("entity", eid)}
 
     def _policy(self):
-        return {"id": self.policy_id, "name": "Default storage policy", "type": "local",
-                "max_size": self.max_size}
+        return {"id": self.policy_id, "name": "Default storage policy",
+                "type": self.policy_type, "max_size": self.max_size, "relay": self.relay,
+                "chunk_concurrency": 1}
 
     # ------------------------------------------------------------------ URIs
     def _parse_uri(self, raw):
@@ -5824,8 +6283,18 @@ class CloudreveEmulator(_EmulatorControls):
 
     def _handle(self, h):
         sp = urlsplit(h.path)
-        route = self._route(h.command, sp.path)
         role = h.server.role
+        if role == "provider":
+            return self.provider.handle(h, sp)
+        route = self._route(h.command, sp.path)
+        declared = h.headers.get("Content-Length") or ""
+        if self.proxy_max_body and declared.isdigit() and int(declared) > self.proxy_max_body:
+            # nginx client_max_body_size: refused from the headers, body unread
+            page = ("<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n"
+                    "<body>\r\n<center><h1>413 Request Entity Too Large</h1></center>\r\n"
+                    "<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n").encode()
+            h.close_connection = True
+            return self._send(h, "%s %s" % (h.command, sp.path), 413, page, "text/html")
         try:
             body = self._read_body(h)
         except (ConnectionError, ValueError, socket.timeout):
@@ -5849,7 +6318,7 @@ class CloudreveEmulator(_EmulatorControls):
                 return
             elif fault == "500":        # gin recovery: bare 500
                 raise _CrHttpError(500)
-            elif fault in ("502", "504", "413", "429"):
+            elif fault in ("502", "504", "413", "429", "524"):
                 st = int(fault)
                 page = "<html>\r\n<head><title>%s</title></head>\r\n<body>\r\n<center><h1>%s" \
                        "</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
@@ -5871,7 +6340,7 @@ class CloudreveEmulator(_EmulatorControls):
                 return
             self._envelope(ctx, 0, "", data)
         except _CrApiError as e:
-            self._envelope(ctx, e.code, e.msg, e.data, e.agg, e.corr)
+            self._envelope(ctx, e.code, e.msg, e.data, e.agg, e.corr, e.status)
         except _CrHttpError as e:
             self._send(h, key, e.status, e.body, e.ctype, e.headers)
         except (ConnectionError, socket.timeout):
@@ -5900,12 +6369,16 @@ class CloudreveEmulator(_EmulatorControls):
                 raise _CrApiError(40020, "Invalid token type")
             if tok not in self._dead_access and c.get("sub") == self._uid:
                 ctx.user = self._uid
+                if self.account_status == "banned":
+                    # a disabled account with a still valid token: the user lookup
+                    # of every authenticated request fails (50001), see field notes
+                    raise _CrApiError(50001, "Database operation failed")
 
     def _record(self, key, code):
         with self.lock:
             self.rejected[(key, code)] += 1
 
-    def _envelope(self, ctx, code, msg, data, agg=None, corr=True):
+    def _envelope(self, ctx, code, msg, data, agg=None, corr=True, status=200):
         env = collections.OrderedDict([("code", code)])
         if data is not None:            # Go omits a nil data
             env["data"] = data
@@ -5921,7 +6394,7 @@ class CloudreveEmulator(_EmulatorControls):
         if re.search(r"\bgzip\b(?!;q=0(\.0*)?\b)", ctx.headers.get("Accept-Encoding") or ""):
             body = gzip.compress(body)  # the gzip middleware (1.1, inferred)
             hdrs += [("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")]
-        self._send(ctx.h, None, 200, body, "application/json; charset=utf-8", hdrs)
+        self._send(ctx.h, None, status, body, "application/json; charset=utf-8", hdrs)
 
     def _send(self, h, key, status, body, ctype="text/plain; charset=utf-8", headers=(),
               partial=None):
@@ -6273,6 +6746,11 @@ class CloudreveEmulator(_EmulatorControls):
         self._check_locks(parts, False)
         if self.max_size and size > self.max_size:
             raise _CrApiError(40049)
+        name = parts[-1] if parts else ""
+        ext = name.rsplit(".", 1)[1].lower() if "." in name else ""
+        if (self.allowed_extensions and ext not in self.allowed_extensions) or \
+                (self.name_regexp and not re.search(self.name_regexp, name)):
+            raise _CrApiError(40052, "File name or extension not allowed by the storage policy")
         if self._used() + size > self.quota:
             raise _CrApiError(40051)                     # charged at once
         if n is None:
@@ -6282,14 +6760,20 @@ class CloudreveEmulator(_EmulatorControls):
         n["staged"] = {"sid": sid, "size": size, "new": not n["versions"]}
         n["metadata"][_CR_UPLOAD_META] = sid             # the visible placeholder (3.3)
         self._locks[tok] = {"parts": parts, "expires": exp}
-        self._sessions[sid] = {"nid": n["id"], "user": ctx.user, "size": size, "lock": tok,
-                               "chunk_size": self.chunk_size, "expires": exp, "buf": bytearray(),
-                               "mtime": (b["last_modified"] / 1000.0) or self.now()}
-        return {"session_id": sid, "upload_id": "", "chunk_size": self.chunk_size,
-                "expires": int(exp), "storage_policy": self._policy(), "uri": echo,
-                "callback_secret": "".join(random.choice(
-                    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
-                    for _ in range(32))}
+        secret = "".join(random.choice(
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789") for _ in range(32))
+        s = self._sessions[sid] = {
+            "nid": n["id"], "user": ctx.user, "size": size, "lock": tok,
+            "chunk_size": self.chunk_size, "expires": exp, "buf": bytearray(),
+            "mtime": (b["last_modified"] / 1000.0) or self.now(), "received": set(),
+            "policy": self.policy_type, "relay": self.relay, "secret": secret,
+            "name": parts[-1], "mime": b["mime_type"] or "application/octet-stream"}
+        answer = {"session_id": sid, "upload_id": "", "chunk_size": self.chunk_size,
+                  "expires": int(exp), "storage_policy": self._policy(), "uri": echo,
+                  "callback_secret": secret}
+        if self.uses_provider():
+            answer.update(self.provider.open(sid, s))
+        return answer
 
     def _h_chunk(self, ctx):
         idx = ctx.params["index"]
@@ -6300,27 +6784,43 @@ class CloudreveEmulator(_EmulatorControls):
         # another user's session looks missing; so does an expired token (user 0) (1.7)
         if s is None or ctx.user is None or s["user"] != ctx.user:
             raise _CrApiError(40011)
+        if s["policy"] != "local" and not s["relay"]:
+            raise _CrApiError(40006)    # the bytes belong at the provider / slave
+        self._store_chunk(sid, s, idx, ctx.headers, ctx.body)
+        return None
+
+    def _store_chunk(self, sid, s, idx, headers, body):
+        """Chunk handling shared by the site and a slave node
+        (service/explorer/upload.go processChunkUpload, 4.18)."""
         cs, size = s["chunk_size"], s["size"]
         off = idx * cs
         if (cs == 0 and idx > 0) or (off >= size and not (idx == 0 and size == 0)):
             raise _CrApiError(40012, "Chunk index out of range")
         expected = size - off if cs == 0 else min(cs, size - off)
-        declared = ctx.headers.get("Content-Length")
+        declared = headers.get("Content-Length")
         if declared is None:
-            declared = ctx.headers.get("X-Expected-Entity-Length") or "0"
+            declared = headers.get("X-Expected-Entity-Length") or "0"
         if not declared.isdigit() or int(declared) != expected:
             raise _CrApiError(40013, "Invalid Content-Length (expected: %d)" % expected)
-        if len(ctx.body) != expected:
+        if len(body) != expected:
             raise _CrApiError(50004, "IO failed: short body")
         buf = s["buf"]
         if idx == 0:
             del buf[:]                  # chunk 0 truncates the partial file
         if off > len(buf):              # strict: no pre-allocation, a gap is an IO error
             raise _CrApiError(50004, "IO failed: chunk offset %d beyond written %d" % (off, len(buf)))
-        buf[off:off + expected] = ctx.body
-        if cs == 0 or (idx + 1) * cs >= size:   # the last chunk completes the upload
+        buf[off:off + expected] = body
+        # 4.18 MarkChunkUploaded: complete when every index has arrived; only the
+        # request that makes the set complete tries, so a retry after a failed
+        # completion answers success and the placeholder stays
+        total = 1 if cs == 0 else max(1, -(-size // cs))
+        already = len(s["received"]) >= total
+        s["received"].add(idx)
+        if not already and len(s["received"]) >= total:
+            if self.fail_completions > 0:
+                self.fail_completions -= 1
+                raise _CrApiError(50001, "failed to complete upload: database is locked")
             self._complete(sid, s)
-        return None
 
     def _complete(self, sid, s):
         n = self._nodes.get(s["nid"])
@@ -6351,7 +6851,41 @@ class CloudreveEmulator(_EmulatorControls):
         if s is not None:
             self._locks.pop(s["lock"], None)
             del self._sessions[b["id"]]
+        self.provider.cancel(b["id"])   # the driver's CancelToken: abort at the provider
         return None
+
+    def _h_callback(self, ctx):
+        """/callback/<policy>/{session}/{key} (middleware.UseUploadSession, then
+        ProcessCallback): failures answer HTTP 401 from the session check, then
+        400 (200 for OneDrive) with an envelope."""
+        policy, sid = ctx.params["policy"], ctx.params["session_id"]
+        get_routes = ("s3", "cos", "ks3")
+        post_routes = ("onedrive", "obs", "remote", "oss", "upyun", "qiniu")
+        if policy not in (get_routes if ctx.method == "GET" else post_routes):
+            raise _CrHttpError(404, b"404 page not found")
+        s = self._live_session(sid)
+        if s is None:
+            raise _CrApiError(40011, "Upload session does not exist or expired", status=401)
+        if not hmac.compare_digest(s["secret"], ctx.params["key"]):
+            raise _CrApiError(40020, "Invalid callback secret", status=401)
+        if s["policy"] != policy:
+            raise _CrApiError(40006, status=401)
+        if policy in ("remote", "oss", "upyun", "qiniu"):
+            # signed by the slave / provider (RemoteCallbackAuth, OSSCallbackAuth...)
+            raise _CrApiError(40020, "callback signature required", status=401)
+        failed = 200 if policy == "onedrive" else 400
+        data = self.provider.stored_object(sid)
+        if data is None or len(data) != s["size"]:
+            raise _CrApiError(40055, "File size not match, expected: %d, actual: %s"
+                              % (s["size"], None if data is None else len(data)), status=failed)
+        self._complete_with(sid, s, data)
+        return None
+
+    def _complete_with(self, sid, s, data):
+        """The provider holds the object: the file gets it as its new version."""
+        s["buf"] = bytearray(data)
+        self._complete(sid, s)
+        self.provider.forget(sid)
 
     # ------------------------------------------------------------------ downloads (2.14)
     def _h_url(self, ctx):
@@ -6434,6 +6968,9 @@ class CloudreveEmulator(_EmulatorControls):
         ent = self._entities.get(eid)
         if ent is None:
             raise _CrApiError(40077)      # no longer referenced: hard-deleted or capped version
+        if self.uses_provider():        # the blob lives at the provider: a signed redirect
+            return _CrRaw(302, b"", "text/plain; charset=utf-8",
+                          [("Location", self.provider.blob_url(eid))])
         data, etag = ent["data"], '"%s"' % ctx.params["entity"]
         name = unquote(ctx.params["name"])
         ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
@@ -7641,11 +8178,12 @@ class CloudreveCallTest(CloudreveBackendCase):
         emu.fail_next("500", endpoint=CR_LIST)
         client.list_folder("cloudreve://my")
         after = snapshot()
-        self.assertEqual(after["token_refreshes_total"] - before["token_refreshes_total"], 1)
+        # the login, then one renewal on 50001 (a disabled account would fail it)
+        self.assertEqual(after["token_refreshes_total"] - before["token_refreshes_total"], 2)
         self.assertEqual(after["retries_total"] - before["retries_total"], 2)
         self.assertEqual(METRICS.value("restic123pan_cloud_api_calls_total", endpoint=CR_LIST)
                          - calls_before, 3)
-        self.assertEqual(after["api_calls_total"] - before["api_calls_total"], 4)
+        self.assertEqual(after["api_calls_total"] - before["api_calls_total"], 5)
 
 
 def _with_gzip(request, method, url, headers=None, body=None, **kw):
@@ -7963,14 +8501,17 @@ class CloudreveUploadsTest(CloudreveBackendCase):
         self.assertEqual(caught.exception.code, 40049)
         self.assertEqual(emu.placeholders(), [])
 
-    def test_storage_policy_without_relay_is_refused(self):
+    def test_storage_policy_of_unknown_type_is_refused(self):
         emu = self.emulator()
         storage = self.storage()
         storage.create_repository(REPO)
-        emu._policy = lambda: {"id": emu.policy_id, "name": "S3", "type": "s3", "max_size": 0}
+        # a type the web client has no uploader for either
+        emu._policy = lambda: {"id": emu.policy_id, "name": "G", "type": "googledrive",
+                               "max_size": 0}
         with self.assertRaises(CloudreveError) as caught:
             self.put(storage, b"packed")
-        self.assertIn("'s3'", str(caught.exception))
+        self.assertIn("'googledrive'", str(caught.exception))
+        self.assertIn("relay", str(caught.exception))
         self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
 
     def test_concurrent_uploads_of_one_name(self):
@@ -8221,6 +8762,482 @@ class CloudreveUnderFaultsTest(CloudreveBackendCase):
         self.check_workload(storage, (10, 2500, 5000, 100, 7000, 1, 4000, 2000))
         self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
         self.assertGreater(sum(emu.rejected.values()), 5, "the faults did not happen")
+
+
+# ---------------------------------------------------------------------------
+# Storage policies (issue 11): the emulator's provider side, then the backend
+# on every policy
+# ---------------------------------------------------------------------------
+
+class CloudrevePolicyEmulatorCase(CloudreveEmulatorCase):
+    kwargs = {"policy_type": "s3"}
+
+    def setUp(self):
+        CloudreveEmulatorCase.setUp(self)
+        self.c.login()
+
+    def open(self, path, data):
+        env = self.c.session(path, len(data))
+        self.assertCode(env, 0)
+        return env["data"]
+
+    def put_part(self, url, data, method="PUT", headers=None):
+        return self.c.raw(method, url, data, dict({"Content-Type": "application/octet-stream"},
+                                                  **(headers or {})))
+
+    def complete_xml(self, parts):
+        return ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(
+            "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>" % p for p in parts)).encode()
+
+    def placeholder(self, path):
+        return _CR_UPLOAD_META in (self.emu.resolve(path) or {}).get("metadata", {})
+
+
+class CloudreveEmulatorS3PolicyTest(CloudrevePolicyEmulatorCase):
+    def test_presigned_parts_refuse_wrong_method_tampering_and_expiry(self):
+        s = self.open("/a", b"x" * 25)                      # chunk_size 10: three parts
+        self.assertEqual(len(s["upload_urls"]), 3)
+        self.assertEqual(s["storage_policy"]["type"], "s3")
+        url = s["upload_urls"][0]
+        st, _, body = self.put_part(url, b"x" * 10, method="POST")
+        self.assertEqual(st, 403)
+        self.assertIn(b"SignatureDoesNotMatch", body)
+        st, _, body = self.put_part(url.replace("partNumber=1", "partNumber=2"), b"x" * 10)
+        self.assertEqual((st, b"SignatureDoesNotMatch" in body), (403, True))
+        st, _, body = self.put_part(url[:-2] + ("AA" if url[-2:] != "AA" else "BB"), b"x" * 10)
+        self.assertEqual(st, 403)
+        st, _, body = self.put_part(url, b"x" * 9)           # s3 signs Content-Length
+        self.assertEqual(st, 403)
+        st, hdrs, _ = self.put_part(url, b"x" * 10)
+        self.assertEqual((st, hdrs["ETag"]), (200, '"%s"' % hashlib.md5(b"x" * 10).hexdigest()))
+        self.emu.advance_clock(self.emu.upload_session_ttl + 1)
+        st, _, body = self.put_part(url, b"x" * 10)
+        self.assertEqual(st, 403)
+        self.assertIn(b"Request has expired", body)
+
+    def test_complete_checks_order_and_etags_and_the_callback_stores(self):
+        data = b"0123456789abcdefghijKLM"
+        s = self.open("/b", data)
+        etags = []
+        for i, url in enumerate(s["upload_urls"]):
+            st, hdrs, _ = self.put_part(url, data[i * 10:(i + 1) * 10])
+            self.assertEqual(st, 200)
+            etags.append(hdrs["ETag"])
+        parts = [(n + 1, e) for n, e in enumerate(etags)]
+        st, _, body = self.c.raw("POST", s["completeURL"], self.complete_xml(parts[::-1]))
+        self.assertEqual((st, b"InvalidPartOrder" in body), (400, True))
+        st, _, body = self.c.raw("POST", s["completeURL"],
+                                 self.complete_xml([(1, '"00"')] + parts[1:]))
+        self.assertEqual((st, b"InvalidPart" in body), (400, True))
+        st, _, _ = self.c.raw("PUT", s["completeURL"], self.complete_xml(parts))
+        self.assertEqual(st, 403)                           # signed for POST
+        st, _, _ = self.c.raw("POST", s["completeURL"], self.complete_xml(parts))
+        self.assertEqual(st, 200)
+        st, _, body = self.c.raw("POST", s["completeURL"], self.complete_xml(parts))
+        self.assertEqual((st, b"NoSuchUpload" in body), (404, True))
+        self.assertTrue(self.placeholder("/b"), "stored before Cloudreve's callback")
+        cb = "/callback/s3/%s/%s" % (s["session_id"], s["callback_secret"])
+        st, _, body = self.c.raw("GET", CR_API + "/callback/s3/%s/wrong" % s["session_id"])
+        self.assertEqual((st, json.loads(body)["code"]), (401, 40020))
+        st, _, body = self.c.raw("POST", CR_API + cb)       # s3 is a GET route
+        self.assertEqual(st, 404)
+        st, _, body = self.c.raw("GET", CR_API + cb.replace("/s3/", "/cos/"))
+        self.assertEqual((st, json.loads(body)["code"]), (401, 40006))
+        self.assertCode(self.c.call("GET", cb, token=False), 0)
+        self.assertEqual(self.emu.file_bytes("/b"), data)
+        self.assertFalse(self.placeholder("/b"))
+        st, _, body = self.c.raw("GET", CR_API + cb)
+        self.assertEqual((st, json.loads(body)["code"]), (401, 40011))
+        self.assertEqual(self.emu.open_upload_sessions(), 0)
+
+    def test_callback_before_complete_fails_and_chunks_to_the_site_are_refused(self):
+        s = self.open("/c", b"x" * 5)
+        self.assertCode(self.c.chunk(s["session_id"], 0, b"x" * 5), 40006)
+        st, _, body = self.c.raw("GET", CR_API + "/callback/s3/%s/%s"
+                                 % (s["session_id"], s["callback_secret"]))
+        self.assertEqual((st, json.loads(body)["code"]), (400, 40055))
+        self.assertTrue(self.placeholder("/c"))
+
+    def test_downloads_redirect_to_signed_provider_links(self):
+        self.emu.add_file("/d", b"hello world")
+        url = self.c.url(["/d"])["data"]["urls"][0]["url"]
+        st, hdrs, _ = self.c.raw("GET", url)
+        self.assertEqual(st, 302)
+        blob = hdrs["Location"]
+        self.assertTrue(blob.startswith(self.emu.provider_base))
+        st, _, body = self.c.raw("GET", blob, headers={"Range": "bytes=6-"})
+        self.assertEqual((st, body), (206, b"world"))
+        st, _, _ = self.c.raw("GET", blob.replace("Signature=", "Signature=x"))
+        self.assertEqual(st, 403)
+        self.emu.expire_download_urls()
+        st, _, body = self.c.raw("GET", blob)
+        self.assertEqual((st, b"expired" in body), (403, True))
+
+
+class CloudreveEmulatorOssPolicyTest(CloudrevePolicyEmulatorCase):
+    kwargs = {"policy_type": "oss"}
+
+    def test_complete_all_stores_without_a_client_callback(self):
+        s = self.open("/o", b"y" * 15)
+        for i, url in enumerate(s["upload_urls"]):
+            self.assertEqual(self.put_part(url, b"y" * (10 if i == 0 else 5))[0], 200)
+        st, _, _ = self.c.raw("POST", s["completeURL"], b"<x/>", {"x-oss-complete-all": "yes"})
+        self.assertEqual(st, 400)                           # a body with complete-all
+        st, _, _ = self.c.raw("POST", s["completeURL"], b"", {"x-oss-complete-all": "yes"})
+        self.assertEqual(st, 200)
+        self.assertEqual(self.emu.file_bytes("/o"), b"y" * 15)
+        st, _, body = self.c.raw("POST", CR_API + "/callback/oss/%s/%s"
+                                 % (s["session_id"], s["callback_secret"]))
+        self.assertEqual(st, 401)                           # OSS signs its own callback
+
+
+class CloudreveEmulatorRemotePolicyTest(CloudrevePolicyEmulatorCase):
+    kwargs = {"policy_type": "remote"}
+
+    def test_slave_checks_the_credential_and_completes(self):
+        s = self.open("/r", b"z" * 12)
+        url = s["upload_urls"][0]
+        self.assertTrue(url.startswith(self.emu.provider_base + CR_API + "/slave/upload/"))
+        hdr = {"Content-Type": "application/octet-stream"}
+        st, _, body = self.c.raw("POST", url + "?chunk=0", b"z" * 10,
+                                 dict(hdr, Authorization=s["credential"][:-3] + "999"))
+        self.assertEqual(json.loads(body)["code"], 40020)
+        st, _, body = self.c.raw("POST", url + "?chunk=0", b"z" * 10,
+                                 dict(hdr, Authorization="Bearer " + self.c.token))
+        self.assertEqual(json.loads(body)["code"], 40020)
+        for i, part in enumerate((b"z" * 10, b"z" * 2)):
+            st, _, body = self.c.raw("POST", url + "?chunk=%d" % i, part,
+                                     dict(hdr, Authorization=s["credential"]))
+            self.assertEqual(json.loads(body)["code"], 0)
+        self.assertEqual(self.emu.file_bytes("/r"), b"z" * 12)
+        self.assertEqual(self.emu.open_upload_sessions(), 0)
+
+
+class CloudreveEmulatorOneDrivePolicyTest(CloudrevePolicyEmulatorCase):
+    kwargs = {"policy_type": "onedrive", "chunk_size": 320 * 1024}
+
+    def test_ranges_must_be_320k_multiples_then_the_callback(self):
+        data = os.urandom(320 * 1024 + 100)
+        s = self.open("/od", data)
+        url = s["upload_urls"][0]
+
+        def put(a, b, hdr=None):
+            return self.c.raw("PUT", url, data[a:b + 1], dict(
+                {"Content-Range": "bytes %d-%d/%d" % (a, b, len(data))}, **(hdr or {})))
+        self.assertEqual(put(0, 1000)[0], 400)              # not a multiple of 320 KiB
+        self.assertEqual(put(0, 320 * 1024 - 1, {"Authorization": "Bearer x"})[0], 401)
+        st, _, body = put(0, 320 * 1024 - 1)
+        self.assertEqual(st, 202)
+        self.assertEqual(json.loads(body)["nextExpectedRanges"], ["%d-" % (320 * 1024)])
+        st, _, body = put(0, 320 * 1024 - 1)
+        self.assertEqual((st, json.loads(body)["error"]["innererror"]["code"]),
+                         (416, "fragmentOverlap"))
+        self.assertEqual(put(320 * 1024, len(data) - 1)[0], 201)   # the last may be short
+        self.assertTrue(self.placeholder("/od"))
+        self.assertEqual(self.c.raw("GET", url)[0], 404)    # the session is done
+        self.assertCode(self.c.call("POST", "/callback/onedrive/%s/%s"
+                                    % (s["session_id"], s["callback_secret"]), token=False), 0)
+        self.assertEqual(self.emu.file_bytes("/od"), data)
+
+
+class CloudreveEmulatorSiteRulesTest(CloudreveEmulatorCase):
+    def test_a_chunk_retried_after_a_failed_completion_leaves_a_placeholder(self):
+        self.c.login()
+        s = self.c.session("/p", 25)["data"]
+        self.assertCode(self.c.chunk(s["session_id"], 0, b"x" * 10), 0)
+        self.assertCode(self.c.chunk(s["session_id"], 1, b"x" * 10), 0)
+        self.emu.fail_completions = 1
+        self.assertCode(self.c.chunk(s["session_id"], 2, b"x" * 5), 50001)
+        self.assertCode(self.c.chunk(s["session_id"], 2, b"x" * 5), 0)    # "success"
+        self.assertIn(_CR_UPLOAD_META, self.emu.resolve("/p")["metadata"])
+        self.assertEqual(self.emu.resolve("/p")["size"], 0)
+
+    def test_policy_filters(self):
+        self.c.login()
+        self.emu.allowed_extensions = ["jpg"]
+        self.assertCode(self.c.session("/a0b1c2", 5), 40052)
+        self.assertCode(self.c.session("/photo.jpg", 5), 0)
+        self.emu.allowed_extensions, self.emu.max_size = [], 3
+        self.assertCode(self.c.session("/big", 5), 40049)
+
+    def test_disabled_account_answers_50001_while_its_token_lives(self):
+        self.c.login()
+        self.emu.account_status = "banned"
+        self.assertCode(self.c.call("GET", "/file", query={"uri": "cloudreve://my"}), 50001)
+        self.assertCode(self.c.call("POST", "/session/token/refresh",
+                                    {"refresh_token": self.c.refresh_token}, token=False), 40020)
+        self.assertCode(self.c.call("POST", "/session/token", {
+            "email": self.emu.email, "password": self.emu.password}, token=False), 40017)
+
+    def test_proxy_limits_and_date_header(self):
+        self.emu.proxy_max_body = 100
+        st, _, body = self.c.raw("POST", CR_API + "/session/token", b"x" * 101,
+                                 {"Content-Type": "application/json"})
+        self.assertEqual((st, b"nginx" in body), (413, True))
+        self.emu.proxy_max_body = 0
+        self.emu.fail_next("524")
+        self.assertEqual(self.c.raw("GET", CR_API + "/site/ping")[0], 524)
+        self.emu.skew_clock(-7200)
+        _, hdrs, _ = self.c.raw("GET", CR_API + "/site/ping")
+        server = email.utils.parsedate_to_datetime(hdrs["Date"]).timestamp()
+        self.assertAlmostEqual(server - time.time(), -7200, delta=5)
+
+
+class CloudrevePolicyBackendCase(CloudreveBackendCase):
+    """The backend on one storage policy; subclasses name it.  part_key is the
+    endpoint that receives the bytes (the site's chunk route, or the provider's)."""
+    policy_type, relay, chunk = "local", False, 1000
+    part_key = CR_CHUNK
+    sizes = (10, 2500, 5000, 1, 3000)
+
+    def emulator(self, **options):
+        options.setdefault("policy_type", self.policy_type)
+        options.setdefault("relay", self.relay)
+        options.setdefault("chunk_size", self.chunk)
+        return CloudreveBackendCase.emulator(self, **options)
+
+    def parts(self, size):
+        return 1 if self.part_key == "POST /upyun/form" else max(1, -(-size // self.chunk))
+
+    def assertClean(self):
+        self.assertEqual((self.emu.placeholders(), self.emu.open_upload_sessions()), ([], 0))
+        self.assertEqual(self.emu.errors, [])
+
+    def test_round_trip_through_the_policy(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.reset_calls()
+        blobs = [os.urandom(n) for n in self.sizes]
+        refs = [self.put(storage, d) for d in blobs]
+        for ref, data in zip(refs, blobs):
+            self.assertEqual(self.read(storage, ref), data)
+            self.assertEqual(self.read(storage, ref, 1, len(data) - 1), data[1:])
+        self.assertEqual(emu.calls[self.part_key], sum(self.parts(len(d)) for d in blobs))
+        emu.expire_download_urls()      # site links and provider links
+        self.assertEqual(self.read(storage, refs[1]), blobs[1])
+        if self.part_key != CR_CHUNK:
+            self.assertEqual(emu.calls[CR_CHUNK], 0)
+        self.assertEqual(emu.calls[CR_SESSION], len(blobs))
+        self.assertEqual(dict(emu.rejected), {(CR_CONTENT, 40005): 1})    # the expired link
+        self.assertClean()
+
+    def test_one_part_is_retried_not_the_object(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.reset_calls()
+        data = os.urandom(self.sizes[2])
+        for kind in ("502", "drop", "drop_after"):
+            emu.fail_next(kind, endpoint=self.part_key)
+        ref = self.put(storage, data)
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(emu.calls[self.part_key], self.parts(len(data)) + 3)
+        self.assertEqual(emu.calls[CR_SESSION], 1)
+        self.assertClean()
+
+    def test_a_failed_upload_cancels_its_session(self):
+        emu = self.emulator()
+        storage = self.storage(self.client(call_deadline=0.3))
+        storage.create_repository(REPO)
+        emu.fail_randomly("500", 1.0, endpoint=self.part_key)
+        with self.assertRaises(CloudreveUnavailable):
+            self.put(storage, os.urandom(self.sizes[1]))
+        self.assertClean()
+        self.assertEqual(storage.list(REPO, "data"), [])
+
+    def test_workload_under_faults_on_site_and_provider(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        for kind, p, seed in (("500", 0.05, 1), ("drop", 0.05, 2), ("drop_after", 0.05, 3),
+                              ("401", 0.05, 4), ("50001", 0.03, 5), ("502", 0.05, 6)):
+            emu.fail_randomly(kind, p, seed=seed)
+        with self.assertLogs("restic_123pan", "DEBUG") as logs:
+            self.check_workload(storage, self.sizes * 2)
+        self.assertClean()
+        self.assertGreater(sum(emu.rejected.values()), 5, "the faults did not happen")
+        text = "\n".join(logs.output)
+        for secret in ("Signature=", "X-Amz-Signature", "Bearer Cr", "UpToken", "UPYUN op",
+                       CR_PASSWORD):
+            self.assertNotIn(secret, text)
+
+
+class ChunkCompletionRule(object):
+    """For the policies whose last chunk completes the upload (local, relay,
+    remote): Cloudreve 4.18's placeholder case."""
+
+    def test_a_failed_completion_restarts_with_a_new_session(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.reset_calls()
+        emu.fail_completions = 1        # the completing chunk: 50001, its retry "succeeds"
+        data = os.urandom(2500)
+        with self.assertLogs("restic_123pan", "INFO") as logs:
+            ref = self.put(storage, data)
+        self.assertIn("still shows an unfinished upload", "\n".join(logs.output))
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(emu.calls[CR_SESSION], 2)
+        self.assertEqual(self.rejected_total(50001), 1)
+        self.assertClean()
+
+
+class CloudreveLocalPolicyTest(ChunkCompletionRule, CloudrevePolicyBackendCase):
+    pass
+
+
+class CloudreveRelayPolicyTest(ChunkCompletionRule, CloudrevePolicyBackendCase):
+    policy_type, relay = "s3", True
+
+
+class CloudreveRemotePolicyTest(ChunkCompletionRule, CloudrevePolicyBackendCase):
+    policy_type, part_key = "remote", "POST /slave/upload"
+
+
+class CloudreveS3PolicyTest(CloudrevePolicyBackendCase):
+    policy_type, part_key = "s3", "PUT /s3/part"
+
+
+class CloudreveKs3PolicyTest(CloudreveS3PolicyTest):
+    policy_type = "ks3"
+
+
+class CloudreveCosPolicyTest(CloudreveS3PolicyTest):
+    policy_type = "cos"
+
+
+class CloudreveOssPolicyTest(CloudreveS3PolicyTest):
+    policy_type = "oss"
+
+
+class CloudreveObsPolicyTest(CloudreveS3PolicyTest):
+    policy_type = "obs"
+
+
+class CloudreveOneDrivePolicyTest(CloudrevePolicyBackendCase):
+    policy_type, part_key, chunk = "onedrive", "PUT /onedrive/range", 320 * 1024
+    sizes = (10, 700000, 800000, 1, 327680)
+
+
+class CloudreveQiniuPolicyTest(CloudrevePolicyBackendCase):
+    policy_type, part_key = "qiniu", "PUT /qiniu/part"
+
+
+class CloudreveQiniuCompletionTest(CloudreveBackendCase):
+    def test_a_lost_answer_to_the_completion_is_not_retried_for_a_minute(self):
+        emu = self.emulator(policy_type="qiniu")
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("drop_after", endpoint="POST /qiniu/complete")
+        data = os.urandom(2500)
+        ref = self.put(storage, data)       # the retry meets 612 "no such uploadId"
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(emu.calls["POST /qiniu/complete"], 2)
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+
+
+class CloudreveUpyunPolicyTest(CloudrevePolicyBackendCase):
+    policy_type, part_key = "upyun", "POST /upyun/form"
+
+
+class CloudreveSiteSettingErrorsTest(CloudreveBackendCase):
+    """Refusals that only a change on the site (or its proxy) can fix: one line
+    naming the setting, no retrying (issue 11)."""
+
+    def refused_put(self, size, logged=True):
+        storage = self.storage()
+        storage.create_repository(REPO)
+        self.emu.reset_calls()
+        with self.assertLogs("restic_123pan", "WARNING" if logged else "DEBUG"):
+            with self.assertRaises(CloudreveError) as caught:
+                self.put(storage, os.urandom(size))
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        self.assertEqual((self.emu.placeholders(), self.emu.open_upload_sessions()), ([], 0))
+        return caught.exception, message
+
+    def test_size_filter(self):
+        self.emulator().max_size = 50
+        error, message = self.refused_put(51)
+        self.assertEqual(error.code, 40049)
+        self.assertIn("max file size", message)
+        self.assertEqual(self.emu.calls[CR_SESSION], 1)
+
+    def test_extension_allow_list_refuses_every_restic_name(self):
+        self.emulator().allowed_extensions = ["jpg", "png"]
+        error, message = self.refused_put(100)
+        self.assertEqual(error.code, 40052)
+        self.assertIn("no extension", message)
+        self.assertIn("allowed extensions", message)
+        self.assertEqual(self.emu.calls[CR_SESSION], 1)
+
+    def test_body_limit_of_a_proxy(self):
+        self.emulator().proxy_max_body = 600       # below the 1000-byte chunks
+        error, message = self.refused_put(2500, logged=False)
+        self.assertIn("client_max_body_size", message)
+        self.assertEqual(self.emu.rejected[(CR_CHUNK.replace("{session_id}/{index}", ""), 0)], 0)
+
+    def test_proxy_timeout(self):
+        emu = self.emulator()
+        client = self.client(call_deadline=0.3)
+        emu.fail_randomly("524", 1.0, endpoint=CR_LIST)
+        with self.assertRaises(CloudreveUnavailable) as caught:
+            client.list_folder("cloudreve://my")
+        self.assertIn("timed out", str(caught.exception))
+        self.assertIn("proxy", str(caught.exception))
+        self.assertEqual(caught.exception.meaning, rp.TIMED_OUT)     # restic gets a 504
+
+    def test_disabled_account_is_said_at_once_not_retried_as_busy(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.account_status = "banned"
+        emu.reset_calls()
+        with self.assertLogs("restic_123pan", "ERROR"):
+            with self.assertRaises(CloudreveAuthError) as caught:
+                client.list_folder("cloudreve://my")
+        self.assertIn("disabled", str(caught.exception))
+        self.assertEqual((emu.calls[CR_LIST], emu.calls[CR_REFRESH], emu.calls[CR_LOGIN]),
+                         (1, 1, 1))
+
+    def test_a_busy_database_is_still_retried(self):
+        emu = self.emulator()
+        client = self.client()
+        emu.fail_next("50001", count=3, endpoint=CR_LIST)
+        self.assertEqual(client.list_folder("cloudreve://my"), ([], emu.policy_id))
+        self.assertEqual(emu.calls[CR_LIST], 4)
+
+
+class CloudreveServerClockTest(CloudreveBackendCase):
+    """Token and link expiries compared on the site's clock (its Date header),
+    not the local one (issue 11, item 4)."""
+
+    def test_a_site_clock_behind_ours_does_not_refresh_on_every_call(self):
+        emu = self.emulator()
+        emu.skew_clock(-7200)           # every expiry it issues looks past to us
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = os.urandom(1500)
+        ref = self.put(storage, data)
+        for _ in range(3):
+            storage.client.list_folder("cloudreve://my")
+            self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (1, 0))
+        self.assertEqual(emu.calls[CR_URL], 1)
+        self.assertAlmostEqual(storage.client.server_time() - time.time(), -7200, delta=5)
+
+    def test_a_site_clock_ahead_of_ours_gets_no_dead_token(self):
+        emu = self.emulator(access_ttl=3600)
+        emu.skew_clock(7200)
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        real = time.time
+        # 4000 s later on both clocks: past the token's expiry on the site's
+        with mock.patch("time.time", lambda: real() + 4000):
+            client.list_folder("cloudreve://my")
+        self.assertEqual(emu.rejected[(CR_LIST, 401)], 0)      # renewed before, not after
+        self.assertEqual(emu.calls[CR_REFRESH], 1)
 
 
 # ---------------------------------------------------------------------------
@@ -8979,6 +9996,53 @@ class CloudreveEndToEndTest(ResticEndToEndBase):
         self.run_scenario("rest:" + url, total_mib=24)
         calls = self.finish(emu, "Cloudreve 256 KiB chunks")
         self.assertGreater(calls[CR_CHUNK], 4 * calls[CR_SESSION])
+
+
+class CloudrevePolicyEndToEndBase(CloudreveEndToEndTest):
+    """restic through the backend on one storage policy of the emulator, with
+    random faults on the site's and the provider's endpoints (a few MiB, small
+    chunks, so each policy's multi-part path runs)."""
+    policy_type, relay, chunk_size = "local", False, 512 * 1024
+
+    # the inherited scenarios run once, in CloudreveEndToEndTest
+    test_clean_run = test_faults_lose_nothing = test_objects_larger_than_one_chunk = None
+    test_graceful_restart_serves_from_the_cache_without_listing = None
+
+    def test_policy_end_to_end_with_faults(self):
+        emu = self.start_emulator(policy_type=self.policy_type, relay=self.relay,
+                                  chunk_size=self.chunk_size, page_size=200)
+        for i, (kind, p) in enumerate((("500", 0.02), ("502", 0.02), ("drop", 0.02),
+                                       ("drop_after", 0.02), ("401", 0.02), ("50001", 0.01))):
+            emu.fail_randomly(kind, p, seed=200 + i)
+        url = self.start_cloudreve_server(emu)
+        self.run_scenario("rest:" + url, options=["-o", "rest.connections=4"], total_mib=6)
+        calls = self.finish(emu, "Cloudreve on a %s policy%s" % (
+            self.policy_type, " with relay" if self.relay else ""))
+        self.assertGreater(sum(emu.rejected.values()), 5, "the faults did not happen")
+        if emu.uses_provider():
+            self.assertEqual(calls.get(CR_CHUNK, 0), 0)
+            self.assertGreater(sum(n for k, n in calls.items() if not k.startswith(
+                ("GET /api", "POST /api", "PUT /api", "DELETE /api", "HEAD /api"))), 0)
+
+
+class CloudreveRelayEndToEndTest(CloudrevePolicyEndToEndBase):
+    policy_type, relay = "s3", True
+
+
+class CloudreveRemoteEndToEndTest(CloudrevePolicyEndToEndBase):
+    policy_type = "remote"
+
+
+class CloudreveS3EndToEndTest(CloudrevePolicyEndToEndBase):
+    policy_type = "s3"
+
+
+class CloudreveOneDriveEndToEndTest(CloudrevePolicyEndToEndBase):
+    policy_type, chunk_size = "onedrive", 2 * 320 * 1024
+
+
+class CloudreveUpyunEndToEndTest(CloudrevePolicyEndToEndBase):
+    policy_type = "upyun"
 
 
 class AccessEndToEndTest(ResticEndToEndBase):
