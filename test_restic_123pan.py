@@ -1298,8 +1298,17 @@ MSG_BAD_TOKEN = "access_token无效或已过期"
 MSG_QPS = "操作频繁,请稍后再试"
 MSG_NOT_FOUND = "文件不存在"
 MSG_NAME_CLASH = "当前目录有重名文件"                          # observed (JR, rename)
+# Field notes items 2, 5, 7: answers the docs do not list.
+MSG_UPLOAD_QUEUE = "该任务已成功进入秒传队列,任务队列削峰中,未直接获取到文件ID,请慢一点"  # SDK fixtures
+MSG_TRAFFIC_DAY = "您今日自用下载流量已超出1GB上限"                 # download doc page
+MSG_TRAFFIC_MONTH = "本月免费流量不足，请开通会员 (代码: 5113)"     # user reports since 2025-11
+MSG_ODD_ID = "文件状态异常"                                  # nobody confirms a code: invented
+CDN_RISK_BODY = b'{"code":1010,"message":"download err: 50002"}'  # OpenList issues
+CDN_REGION_BODY = b"forbidden realc:shanghai arg_c:beijing"
 
-_FAULT_KINDS = ("429", "500", "502", "drop", "slow", "401")
+# cdn1010 / region / hangup: CDN refusals of the field notes (item 7); hangup also
+# closes an API connection before any answer.
+_FAULT_KINDS = ("429", "500", "502", "drop", "slow", "401", "cdn1010", "region", "hangup")
 _GATEWAY_HTML = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
                  b"<center><h1>502 Bad Gateway</h1></center>\r\n</body>\r\n</html>\r\n")
 
@@ -1447,6 +1456,7 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, emu, role):
         self.emu, self.role = emu, role
+        self.retired = False            # Pan123Emulator.move_upload_host()
         ThreadingHTTPServer.__init__(self, ("127.0.0.1", 0), _Handler)
 
     def server_bind(self):
@@ -1575,6 +1585,23 @@ class Pan123Emulator(_EmulatorControls):
     entries show in list v2 / search), traffic_exhausted (download_info -> 5113),
     preupload_lifetime, max_file_size, single_upload_limit, qps_overrides {path: qps}.
 
+    Real-service answers of the field notes, each off by default:
+    token_limit_window (s after a token is minted during which calls with it answer 401
+    "tokens number has exceeded the limit"), add_other_devices(n) with token_limit_mode
+    (an account over the device limit: minting logs another device out, or is refused),
+    single_throttle_every / single_throttle_stores (every n-th single-step upload answers
+    code 1 秒传队列...削峰...请慢一点, optionally having stored the file anyway),
+    verifying_seconds (download_info answers 20103 for a while after a file is stored),
+    traffic_quota / traffic_message (download bytes left; 5113 when a file needs more),
+    slow faults with slow_seconds above a client's socket timeout (stalls), the cdn1010 /
+    region / hangup / 5xx faults on "/dl" or "/obj", cdn_framing ("chunked" | "close":
+    download answers without Content-Length), trash_refused_ids (a trash batch holding one
+    is refused with an undocumented code), move_upload_host() (the old upload host hangs
+    up, the domain call names a new one), url_expiry_param ("e", "t" or None: the expiry
+    the download URL carries), developer_info ("normal" | "missing" | "null" | "odd") with
+    developer_end and space_permanent / space_used_extra for user/info.
+    Counters: calls per endpoint, tokens_issued, devices_logged_out, traffic_used.
+
     Extras beyond the agreed API: advance_clock(seconds) (expiry and QPS windows without
     sleeping), add_folder(path), log (deque of {host, method, path, status, code, token}),
     errors (tracebacks of emulator bugs; assert it stays empty), now().
@@ -1608,6 +1635,22 @@ class Pan123Emulator(_EmulatorControls):
         self.max_file_size = 10 * 1024 ** 3
         self.single_upload_limit = 1024 ** 3
         self.qps_overrides = {}             # type: Dict[str, float]
+        self.token_limit_window = 0.0
+        self.single_throttle_every = 0
+        self.single_throttle_stores = False
+        self.verifying_seconds = 0.0
+        self.traffic_quota = None           # type: Optional[int]
+        self.traffic_message = MSG_TRAFFIC_DAY
+        self.traffic_used = 0
+        self.cdn_framing = None             # None | "chunked" | "close"
+        self.trash_refused_ids = set()
+        self.url_expiry_param = "e"
+        self.developer_info = "normal"
+        self.developer_end = 365 * 86400.0
+        self.space_permanent = 2 * 1024 ** 4
+        self.space_used_extra = 0
+        self.devices_logged_out = 0
+        self.single_uploads = 0
 
         self.lock = threading.RLock()
         self.calls = collections.Counter()
@@ -1647,6 +1690,29 @@ class Pan123Emulator(_EmulatorControls):
         base = ["http://127.0.0.1:%d" % s.server_address[1] for s in self._servers]
         self.api_base, self.upload_base, self.download_base = base
         return self
+
+    def move_upload_host(self):
+        """The upload host list changes (field notes 12): a new upload server answers
+        from now on; the old one hangs up on every request, as a host taken away."""
+        old = [s for s in self._servers if s.role == "upload" and not s.retired]
+        srv = _Server(self, "upload")
+        t = threading.Thread(target=srv.serve_forever, args=(0.05,), name="pan123-upload2")
+        t.daemon = True
+        t.start()
+        with self.lock:
+            for s in old:
+                s.retired = True
+            self._servers.append(srv)
+            self.upload_base = "http://127.0.0.1:%d" % srv.server_address[1]
+        return self.upload_base
+
+    def add_other_devices(self, n):
+        """n live tokens held by the user's other devices (phone, PC client...)."""
+        with self.lock:
+            for _ in range(n):
+                self._tokens["device-" + uuid.uuid4().hex] = {
+                    "exp": self.now() + self.token_lifetime, "revoked": False,
+                    "iat": self.now() - 86400, "device": True}
 
     # ------------------------------------------------------------------ clock, accounting, faults
     # (the rest in _EmulatorControls)
@@ -1867,6 +1933,10 @@ class Pan123Emulator(_EmulatorControls):
         ctx = _Ctx(h, role, ep, path, sp.query)
         with self.lock:
             self.calls[ep] += 1
+        if h.server.retired:            # a host taken out of the upload host list
+            self._record(ctx, None, "drop")
+            h.close_connection = True
+            return
         try:
             ctx.body = self._read_body(ctx)
             if role == "cdn":
@@ -1963,10 +2033,12 @@ class Pan123Emulator(_EmulatorControls):
         if kind == "slow":
             time.sleep(self.slow_seconds)
             return False
-        if kind == "drop":       # close without answering (body was already read)
+        if kind in ("drop", "hangup"):   # close without answering (body was already read)
             self._record(ctx, None, "drop")
             ctx.h.close_connection = True
             return True
+        if kind in ("cdn1010", "region"):   # CDN-only refusals: nothing on the API
+            return False
         if kind == "500":
             raise _HttpError(500, b"Internal Server Error")
         if kind == "502":
@@ -1981,6 +2053,9 @@ class Pan123Emulator(_EmulatorControls):
             rec = self._tokens.get(tok)
             if rec is None or rec["revoked"] or rec["exp"] <= self.now():
                 raise _ApiError(401, MSG_BAD_TOKEN)
+            if self.token_limit_window and self.now() < rec["iat"] + self.token_limit_window:
+                # field notes 1: a fresh token meets "too many tokens" for a few seconds
+                raise _ApiError(401, MSG_TOKEN_LIMIT)
         ctx.token = tok
 
     def _qps_admit(self, ep):
@@ -2138,6 +2213,7 @@ class Pan123Emulator(_EmulatorControls):
                     raise _ApiError(401, MSG_TOKEN_LIMIT)
                 for t in live[:len(live) - self.max_live_tokens + 1]:
                     self._tokens[t]["revoked"] = True      # oldest goes offline (DOC-dev)
+                    self.devices_logged_out += 1
             exp = now + self.token_lifetime
             head = _b64url(b'{"alg":"HS256","typ":"JWT"}')
             payload = _b64url(json.dumps({"exp": int(exp), "iat": int(now), "id": _UID,
@@ -2145,23 +2221,34 @@ class Pan123Emulator(_EmulatorControls):
             sig = _b64url(hmac.new(self._secret, (head + "." + payload).encode("ascii"),
                                    hashlib.sha256).digest())
             tok = "%s.%s.%s" % (head, payload, sig)
-            self._tokens[tok] = {"exp": exp, "revoked": False}
+            self._tokens[tok] = {"exp": exp, "revoked": False, "iat": now}
             self.tokens_issued += 1
         return {"accessToken": tok, "expiredAt": _rfc3339(exp)}
 
     def _h_user_info(self, ctx):
         self._query(ctx, {})
         with self.lock:
-            used = sum(n["size"] for n in self._nodes.values())
+            used = sum(n["size"] for n in self._nodes.values()) + self.space_used_extra
         t0 = _fmt_time(self.now() - 86400)
         t1 = _fmt_time(self.now() + 365 * 86400)
-        return {"uid": _UID, "nickname": "emulator", "headImage": "", "passport": "13800000000",
-                "mail": "", "spaceUsed": used, "spacePermanent": 2 * 1024 ** 4, "spaceTemp": 0,
-                "spaceTempExpr": 0, "vip": self.vip, "directTraffic": 0, "isHideUID": False,
-                "httpsCount": 0,
-                "vipInfo": [{"vipLevel": 1, "vipLabel": "VIP", "startTime": t0, "endTime": t1}]
-                if self.vip else None,
-                "developerInfo": {"startTime": t0, "endTime": t1}}
+        out = {"uid": _UID, "nickname": "emulator", "headImage": "", "passport": "13800000000",
+               "mail": "", "spaceUsed": used, "spacePermanent": self.space_permanent,
+               "spaceTemp": 0, "spaceTempExpr": 0, "vip": self.vip, "directTraffic": 0,
+               "isHideUID": False, "httpsCount": 0,
+               "vipInfo": [{"vipLevel": 1, "vipLabel": "VIP", "startTime": t0, "endTime": t1}]
+               if self.vip else None}
+        # The doc page's shape: zoneless UTC+8 times (field notes 4: paid, it ends).
+        mode = self.developer_info
+        if mode == "normal":
+            out["developerInfo"] = {"startTime": t0,
+                                    "endTime": _fmt_time(self.now() + self.developer_end)}
+        elif mode == "null":
+            out["developerInfo"] = None
+        elif mode == "odd":
+            out["developerInfo"] = {"startTime": 0, "endTime": "0001-01-01 00:00:00x"}
+        elif mode != "missing":
+            raise ValueError("developer_info %r" % (mode,))
+        return out
 
     def _h_mkdir(self, ctx):
         b = self._json(ctx, {"name": ("str", True), "parentID": ("int", True)})
@@ -2231,8 +2318,14 @@ class Pan123Emulator(_EmulatorControls):
             # inferred: folders and trashed files are "not found" too
             if n is None or n["trashed"] or n["type"] != 0:
                 raise _ApiError(5066, MSG_NOT_FOUND)
+            if self.verifying_seconds and self._born[fid] + self.verifying_seconds > self.now():
+                raise _ApiError(20103, MSG_VERIFYING)      # field notes 3
             if self.traffic_exhausted:
                 raise _ApiError(5113, "今日自用下载流量已超出1GB限制")
+            if self.traffic_quota is not None and \
+                    self.traffic_quota - self.traffic_used < n["size"]:
+                # field notes 5: the link is refused unless what is left covers the file
+                raise _ApiError(5113, self.traffic_message)
             exp = self.now() + self.download_url_lifetime
             return {"downloadUrl": self._mint_url("dl", self._content_of[fid], exp)}
 
@@ -2243,6 +2336,8 @@ class Pan123Emulator(_EmulatorControls):
                 n = self._nodes.get(f)
                 if n is None:
                     raise _ApiError(5066, MSG_NOT_FOUND)
+                if f in self.trash_refused_ids:      # field notes 10: an odd id
+                    raise _ApiError(1, MSG_ODD_ID)
                 if n["trashed"]:     # strict: already trashed is an error (inferred)
                     raise _ApiError(1, "文件已在回收站")
             for f in ids:
@@ -2419,13 +2514,22 @@ class Pan123Emulator(_EmulatorControls):
                     raise _ApiError(1, "文件大小与size不一致")
                 if md5 != spec["key"][0]:
                     raise _ApiError(1, "文件MD5校验失败")
+            self.single_uploads += 1
+            if self.single_throttle_every and \
+                    self.single_uploads % self.single_throttle_every == 0:
+                # field notes 2: "queued, peak shaving, no file id"; the task may
+                # have gone through all the same
+                if self.single_throttle_stores:
+                    self._commit(spec, data)
+                raise _ApiError(1, MSG_UPLOAD_QUEUE)
             return {"fileID": self._commit(spec, data), "completed": True}
 
     # ------------------------------------------------------------------ download CDN
     def _mint_url(self, hop, key, exp):
         tok = _b64url(os.urandom(24))
-        query = "e=%d&s=%s" % (int(exp), hmac.new(self._secret, tok.encode("ascii"),
-                                                   hashlib.md5).hexdigest())
+        query = "s=%s" % hmac.new(self._secret, tok.encode("ascii"), hashlib.md5).hexdigest()
+        if self.url_expiry_param:       # signed links carry their expiry (field notes 8)
+            query = "%s=%d&%s" % (self.url_expiry_param, int(exp), query)
         self._dl[(hop, tok)] = {"key": key, "exp": exp, "query": query, "revoked": False}
         return "%s/%s/%s?%s" % (self.download_base, hop, tok, query)
 
@@ -2442,6 +2546,14 @@ class Pan123Emulator(_EmulatorControls):
             st = {"500": 500, "502": 502, "429": 429, "401": 403}[fault]
             raise _HttpError(st, _GATEWAY_HTML if st == 502 else b"error",
                              "text/html" if st == 502 else "text/plain")
+        elif fault == "cdn1010":        # risk control (field notes 7)
+            raise _HttpError(403, CDN_RISK_BODY, "application/json")
+        elif fault == "region":         # the link is bound to another city / IP
+            raise _HttpError(403, CDN_REGION_BODY)
+        elif fault == "hangup":         # connection closed before any answer
+            self._record(ctx, None, "drop")
+            ctx.h.close_connection = True
+            return
         # A client leaking API credentials to the CDN is a bug worth catching (1.2).
         if ctx.headers.get("Authorization") is not None or ctx.headers.get("Platform") is not None:
             raise _HttpError(400, b"Authorization/Platform headers are not accepted here")
@@ -2487,8 +2599,44 @@ class Pan123Emulator(_EmulatorControls):
             status = 206
             headers.append(("Content-Range", "bytes %d-%d/%d" % (start, end, size)))
         body = data[start:end + 1]
+        with self.lock:
+            self.traffic_used += len(body)      # traffic is counted per byte served (a guess)
+        if self.cdn_framing:
+            self._send_unframed(ctx, status, body, headers, len(body) // 2 if drop else None)
+            return
         self._send_raw(ctx, status, body, "application/octet-stream", headers=headers,
                        partial=len(body) // 2 if drop else None)
+
+    def _send_unframed(self, ctx, status, body, headers, partial):
+        """A download answer without Content-Length (field notes 9): chunked, or
+        delimited by closing the connection."""
+        self._record(ctx, status, "drop" if partial is not None else None)
+        h = ctx.h
+        h.send_response(status)
+        h.send_header("Content-Type", "application/octet-stream")
+        for k, v in headers:
+            h.send_header(k, v)
+        chunked = self.cdn_framing == "chunked"
+        if chunked:
+            h.send_header("Transfer-Encoding", "chunked")
+        else:
+            h.send_header("Connection", "close")
+            h.close_connection = True
+        h.end_headers()
+        if ctx.method == "HEAD":
+            return
+        data = body if partial is None else body[:partial]
+        if chunked:
+            for i in range(0, len(data), 65536):
+                piece = data[i:i + 65536]
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            if partial is None:
+                h.wfile.write(b"0\r\n\r\n")
+        else:
+            h.wfile.write(data)
+        h.wfile.flush()
+        if partial is not None:
+            h.close_connection = True
 
 
 # ---------------------------------------------------------------------------
@@ -3160,6 +3308,192 @@ class Pan123EmulatorDownloadsTest(Pan123EmulatorCase):
         self.emu.redirect_downloads = False
         r = self.get(self.url(), {"Range": "bytes=-5"})
         self.assertEqual((r.status, r.body), (206, self.data[-5:]))
+
+
+class Pan123EmulatorFieldNotesTest(Pan123EmulatorCase):
+    """Each switch of the answers the field notes list, off by default and then on."""
+
+    def info(self, fid):
+        return self.call("GET", "/api/v1/file/download_info", query={"fileId": fid})
+
+    def cdn_get(self, url, headers=None):
+        u = urlsplit(url)
+        return request("http://" + u.netloc, "GET", u.path + "?" + u.query, headers=headers)
+
+    def test_token_limit_window_after_minting(self):
+        self.assertEqual(self.list0()["code"], 0)          # off by default
+        self.emu.token_limit_window = 30.0
+        self.emu.advance_clock(31)                          # self.token is older than that
+        fresh = self.new_token()
+        env = self.call("GET", LIST, query={"parentFileId": 0, "limit": 10}, token=fresh)
+        self.assertEqual((env["code"], env["message"]), (401, MSG_TOKEN_LIMIT))
+        self.assertEqual(self.list0()["code"], 0)           # an older token is unaffected
+        self.emu.advance_clock(31)
+        env = self.call("GET", LIST, query={"parentFileId": 0, "limit": 10}, token=fresh)
+        self.assertEqual(env["code"], 0)
+        self.assertEqual(self.emu.calls["/api/v1/access_token"], 2)
+
+    def test_over_the_device_limit_minting_logs_out_or_is_refused(self):
+        self.emu.add_other_devices(2)           # with ours: 3 live, the limit
+        self.assertEqual(self.emu.devices_logged_out, 0)
+        self.new_token()                        # evict mode: the oldest goes offline
+        self.assertEqual(self.emu.devices_logged_out, 1)
+        self.emu.token_limit_mode = "refuse"
+        env = self.call("POST", "/api/v1/access_token",
+                        {"clientID": "emu-client", "clientSecret": "emu-secret"}, token=False)
+        self.assertEqual((env["code"], env["message"]), (401, MSG_TOKEN_LIMIT))
+        self.assertEqual(self.emu.tokens_issued, 2)
+        self.assertEqual(self.emu.calls["/api/v1/access_token"], 3)
+
+    def list0(self):
+        return self.call("GET", LIST, query={"parentFileId": 0, "limit": 10})
+
+    def test_single_step_throttling_with_and_without_storing(self):
+        self.emu.single_throttle_every = 2
+        self.assertEqual(self.single(0, "a", b"aaa")["code"], 0)
+        env = self.single(0, "b", b"bbb")
+        self.assertEqual((env["code"], env["message"]), (1, MSG_UPLOAD_QUEUE))
+        self.assertIsNone(env["data"])
+        self.assertIsNone(self.emu.resolve("/b"))           # refused and not stored
+        self.emu.single_throttle_stores = True
+        self.assertEqual(self.single(0, "c", b"ccc")["code"], 0)
+        env = self.single(0, "d", b"ddd")
+        self.assertEqual(env["code"], 1)
+        self.assertEqual(self.emu.file_bytes(self.emu.resolve("/d")["fileId"]), b"ddd")
+        self.assertEqual(self.emu.single_uploads, 4)
+
+    def test_download_info_20103_while_verifying(self):
+        fid = self.single(0, "v", b"verify me")["data"]["fileID"]
+        self.assertEqual(self.info(fid)["code"], 0)         # off by default
+        self.emu.verifying_seconds = 5.0
+        fid = self.single(0, "w", b"fresh file")["data"]["fileID"]
+        env = self.info(fid)
+        self.assertEqual((env["code"], env["message"]), (20103, MSG_VERIFYING))
+        self.emu.advance_clock(5.1)
+        self.assertEqual(self.info(fid)["code"], 0)
+
+    def test_traffic_quota_per_byte_and_whole_file_rule(self):
+        fid = self.single(0, "q", b"x" * 100)["data"]["fileID"]
+        self.emu.traffic_quota = 150
+        self.emu.redirect_downloads = False
+        self.assertEqual(self.cdn_get(self.info(fid)["data"]["downloadUrl"]).status, 200)
+        self.assertEqual(self.emu.traffic_used, 100)
+        env = self.info(fid)             # 50 bytes left: not enough for the whole file
+        self.assertEqual((env["code"], env["message"]), (5113, MSG_TRAFFIC_DAY))
+        self.emu.traffic_message = MSG_TRAFFIC_MONTH
+        self.assertEqual(self.info(fid)["message"], MSG_TRAFFIC_MONTH)
+        self.emu.traffic_quota = None
+        self.assertEqual(self.info(fid)["code"], 0)
+
+    def test_stall_longer_than_a_socket_timeout(self):
+        self.emu.slow_seconds = 1.0
+        self.emu.fail_next("slow", endpoint=LIST)
+        c = http.client.HTTPConnection("127.0.0.1", urlsplit(self.emu.api_base).port,
+                                       timeout=0.3)
+        with self.assertRaises(socket.timeout):
+            request(self.emu.api_base, "GET", LIST + "?parentFileId=0&limit=10",
+                    headers=self.hdrs(), conn=c)
+        c.close()
+        self.assertEqual(self.list0()["code"], 0)
+
+    def test_cdn_refusals_and_failures(self):
+        fid = self.single(0, "c", b"cdn bytes")["data"]["fileID"]
+        url = self.info(fid)["data"]["downloadUrl"]
+        self.emu.fail_next("cdn1010", endpoint="/dl")
+        r = self.cdn_get(url)
+        self.assertEqual((r.status, r.json()["code"]), (403, 1010))
+        self.emu.fail_next("region", endpoint="/dl")
+        r = self.cdn_get(url)
+        self.assertEqual(r.status, 403)
+        self.assertIn(b"realc:", r.body)
+        self.emu.fail_next("502", endpoint="/dl")
+        self.assertEqual(self.cdn_get(url).status, 502)
+        self.emu.fail_next("hangup", endpoint="/dl")
+        with self.assertRaises((http.client.HTTPException, ConnectionError)):
+            self.cdn_get(url)
+        self.assertEqual(self.cdn_get(url).status, 302)      # the link itself is fine
+        self.assertEqual(self.emu.rejected[("/dl", "drop")], 1)
+
+    def test_download_answers_without_content_length(self):
+        data = os.urandom(200000)
+        fid = self.single(0, "big", data)["data"]["fileID"]
+        self.emu.redirect_downloads = False
+        for framing in ("chunked", "close"):
+            self.emu.cdn_framing = framing
+            u = urlsplit(self.info(fid)["data"]["downloadUrl"])
+            c = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+            c.request("GET", u.path + "?" + u.query, headers={"Range": "bytes=100-150099"})
+            r = c.getresponse()
+            self.assertEqual(r.status, 206)
+            self.assertIsNone(r.getheader("Content-Length"))
+            self.assertEqual(r.getheader("Content-Range"), "bytes 100-150099/200000")
+            if framing == "chunked":
+                self.assertEqual(r.getheader("Transfer-Encoding"), "chunked")
+            else:
+                self.assertEqual(r.getheader("Connection"), "close")
+            self.assertEqual(r.read(), data[100:150100])
+            c.close()
+
+    def test_trash_batch_with_one_odd_id(self):
+        ids = [self.single(0, "t%d" % i, b"t%d" % i)["data"]["fileID"] for i in range(3)]
+        self.emu.trash_refused_ids = {ids[1]}
+        env = self.call("POST", "/api/v1/file/trash", {"fileIDs": ids})
+        self.assertEqual((env["code"], env["message"]), (1, MSG_ODD_ID))
+        self.assertEqual(len(self.emu.children(0)), 3)          # all or nothing
+        self.ok("POST", "/api/v1/file/trash", {"fileIDs": [ids[0], ids[2]]})
+        self.assertEqual([c["fileId"] for c in self.emu.children(0)], [ids[1]])
+
+    def test_mkdir_and_upload_under_a_vanished_parent(self):
+        d = self.mkdir("gone")
+        self.emu.remove_behind_back("/gone")
+        env = self.call("POST", "/upload/v1/file/mkdir", {"name": "x", "parentID": d})
+        self.assertEqual(env["code"], 1)
+        self.assertIn("不存在", env["message"])
+        self.assertEqual(self.single(d, "f", b"f")["code"], 1)
+
+    def test_upload_host_moves(self):
+        old = self.emu.upload_base
+        self.assertEqual(self.single(0, "before", b"1")["code"], 0)
+        new = self.emu.move_upload_host()
+        self.assertNotEqual(new, old)
+        self.assertEqual(self.ok("GET", "/upload/v2/file/domain"), [new])
+        with self.assertRaises((http.client.HTTPException, ConnectionError)):
+            self.upload_post("/upload/v2/file/single/create",
+                             {"parentFileID": 0, "filename": "x", "etag": md5(b"2"), "size": 1},
+                             {"file": b"2"}, base=old)
+        self.assertEqual(self.single(0, "after", b"2")["code"], 0)
+        self.assertIsNotNone(self.emu.resolve("/after"))
+        self.assertIsNone(self.emu.resolve("/x"))
+
+    def test_download_urls_carry_their_expiry(self):
+        fid = self.single(0, "e", b"expiry")["data"]["fileID"]
+        url = self.info(fid)["data"]["downloadUrl"]
+        exp = int(parse_qs(urlsplit(url).query)["e"][0])
+        self.assertAlmostEqual(exp, self.emu.now() + 7200, delta=5)
+        self.emu.url_expiry_param = "t"
+        self.assertIn("t", parse_qs(urlsplit(self.info(fid)["data"]["downloadUrl"]).query))
+        self.emu.url_expiry_param = None
+        url = self.info(fid)["data"]["downloadUrl"]
+        self.assertEqual(set(parse_qs(urlsplit(url).query)), {"s"})
+        self.assertEqual(self.cdn_get(url).status, 302)
+
+    def test_user_info_fields_and_developer_info_modes(self):
+        self.single(0, "u", b"u" * 1000)
+        self.emu.space_used_extra = 5
+        self.emu.developer_end = 10 * 86400
+        d = self.ok("GET", "/api/v1/user/info")
+        self.assertEqual((d["spaceUsed"], d["spacePermanent"], d["vip"]),
+                         (1005, 2 * 1024 ** 4, False))
+        end = datetime.strptime(d["developerInfo"]["endTime"], "%Y-%m-%d %H:%M:%S")
+        end = end.replace(tzinfo=_CN_TZ).timestamp()
+        self.assertAlmostEqual(end, self.emu.now() + 10 * 86400, delta=5)
+        self.emu.developer_info = "missing"
+        self.assertNotIn("developerInfo", self.ok("GET", "/api/v1/user/info"))
+        self.emu.developer_info = "null"
+        self.assertIsNone(self.ok("GET", "/api/v1/user/info")["developerInfo"])
+        self.emu.developer_info = "odd"
+        self.assertEqual(self.ok("GET", "/api/v1/user/info")["developerInfo"]["startTime"], 0)
+        self.assertEqual(self.emu.calls["/api/v1/user/info"], 4)
 
 
 class Pan123EmulatorFaultsTest(Pan123EmulatorCase):
