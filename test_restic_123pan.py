@@ -3933,7 +3933,8 @@ class Pan123TokenTest(Pan123BackendCase):
         emu.revoke_all_tokens()
         list(client.list_folder(0))
         self.assertEqual(emu.tokens_issued, 2)
-        self.assertEqual(emu.rejected[(LIST, 401)], 1)
+        # the same token is tried again twice first: a 401 can be passing
+        self.assertEqual(emu.rejected[(LIST, 401)], 1 + rp.PAN123_TOKEN_RETRIES_BEFORE_RENEWAL)
 
     def test_401_with_http_status_401(self):
         emu = self.emulator(http_status_errors=True)
@@ -3947,10 +3948,11 @@ class Pan123TokenTest(Pan123BackendCase):
         emu = self.emulator()
         client = self.client()
         list(client.list_folder(0))
-        emu.fail_next("401", count=2, endpoint=LIST)
+        emu.fail_next("401", count=1000, endpoint=LIST)
         with self.assertRaises(Pan123AuthError):
             list(client.list_folder(0))
-        self.assertEqual(emu.tokens_issued, 2)      # one refresh per call, no more
+        self.assertEqual(emu.tokens_issued, 2)      # one renewal a minute, no more
+        self.assertEqual(emu.rejected[(LIST, 401)], 2 + 2 * rp.PAN123_TOKEN_RETRIES_BEFORE_RENEWAL)
 
     def test_concurrent_401s_renew_once(self):
         emu = self.emulator()
@@ -3965,9 +3967,12 @@ class Pan123TokenTest(Pan123BackendCase):
         emu.token_limit_mode, emu.max_live_tokens = "refuse", 0
         with self.assertLogs("restic_123pan", "WARNING") as logs:
             with self.assertRaises(Pan123AuthError) as caught:
-                list(self.client().list_folder(0))
+                list(self.client(call_deadline=1.0).list_folder(0))
         self.assertIn("tokens number has exceeded the limit", str(caught.exception))
+        self.assertIn("too many live logins", str(caught.exception))
+        self.assertEqual(caught.exception.status, 503)
         self.assertIn("x-traceID", "\n".join(logs.output))
+        self.assertEqual(emu.calls[TOKEN], 1)       # waited; never asked again
 
     def test_secret_never_logged_or_raised(self):
         emu = self.emulator()
@@ -4358,6 +4363,7 @@ class Pan123DownloadsTest(Pan123BackendCase):
 
     def test_url_lifetime(self):
         emu, storage, ref, data = self.stored(download_url_lifetime=0)
+        emu.url_expiry_param = None         # links that do not say when they expire
         self.read(storage, ref, 0, 10)
         self.read(storage, ref, 0, 10)
         self.assertEqual(emu.calls[DOWNLOAD_INFO], 2)
@@ -4933,6 +4939,341 @@ class Pan123UnderLimitsAndFaultsTest(Pan123BackendCase):
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------
+# 123pan as the real service behaves (field notes): the product's answers
+# ---------------------------------------------------------------------------
+
+class Pan123ClassifyTest(unittest.TestCase):
+    """The small tables the retry loop asks (the cloud layer's classify hook)."""
+
+    def test_answers(self):
+        c = rp.classify_pan123_answer
+        self.assertEqual(c(200, 0, "ok", LIST)[0], "ok")
+        self.assertEqual(c(200, 401, MSG_BAD_TOKEN, LIST)[0], "renew")
+        self.assertEqual(c(401, 401, MSG_TOKEN_LIMIT, LIST)[0], "token_limit")
+        self.assertEqual(c(200, 401, MSG_TOKEN_LIMIT, TOKEN)[0], "raise")   # never churn
+        self.assertEqual(c(200, 401, "clientID或clientSecret错误", TOKEN)[0], "raise")
+        self.assertEqual(c(429, 429, MSG_QPS, LIST)[0], "retry")
+        self.assertEqual(c(200, 1, MSG_UPLOAD_QUEUE, SINGLE)[0], "retry")
+        self.assertEqual(c(200, 1, MSG_UPLOAD_QUEUE, LIST)[0], "raise")
+        self.assertEqual(c(200, 1, MSG_NO_PARENT, SINGLE)[0], "raise")       # a vanished folder
+        self.assertEqual(c(200, 20103, MSG_VERIFYING, DOWNLOAD_INFO)[0], "poll")
+        # upload_complete's 20103 stays its caller's to poll
+        self.assertEqual(c(200, 20103, MSG_VERIFYING, "/upload/v2/file/upload_complete")[0],
+                         "raise")
+        self.assertEqual(c(200, 5113, MSG_TRAFFIC_MONTH, DOWNLOAD_INFO)[0], "quota")
+        self.assertEqual(c(200, 5066, MSG_NOT_FOUND, DOWNLOAD_INFO)[0], "raise")
+
+    def test_cdn_answers(self):
+        c = rp.classify_pan123_cdn_answer
+        self.assertEqual(c(403, CDN_RISK_BODY), "new_link")
+        self.assertEqual(c(403, CDN_REGION_BODY), "new_link")
+        self.assertEqual(c(410, b""), "new_link")
+        self.assertEqual(c(502, b""), "retry_new_link")
+        self.assertEqual(c(429, b""), "retry")
+        self.assertEqual(c(400, b""), "raise")
+        self.assertIn("code 1010", rp.describe_cdn_refusal(403, CDN_RISK_BODY))
+        self.assertIn("another place", rp.describe_cdn_refusal(403, CDN_REGION_BODY))
+
+    def test_link_expiry_and_reuse(self):
+        now = 1800000000.0
+        self.assertEqual(rp.pan123_link_expiry("https://x/a?t=1800000600&s=1", now), 1800000600)
+        self.assertEqual(rp.pan123_link_expiry("https://x/a?s=1&e=1800000600", now), 1800000600)
+        self.assertIsNone(rp.pan123_link_expiry("https://x/a?t=1799999999", now))   # past
+        self.assertIsNone(rp.pan123_link_expiry("https://x/a?t=abc&sign=1", now))
+        self.assertEqual(rp.pan123_link_reuse_seconds("https://x/a?t=1800000600", 300, now),
+                         600 - rp.PAN123_LINK_EXPIRY_MARGIN)
+        self.assertEqual(rp.pan123_link_reuse_seconds("https://x/a?q=1", 300, now), 300)
+        self.assertEqual(rp.pan123_link_reuse_seconds("https://x/a?t=1900000000", 300, now),
+                         rp.PAN123_LINK_MAX_REUSE)
+
+    def test_attempt_timeout_is_shorter_than_the_call_deadline(self):
+        self.assertLess(rp.pan123_attempt_timeout(60.0), 60.0 / 2 + 0.001)
+        self.assertEqual(rp.pan123_attempt_timeout(60.0), rp.PAN123_ATTEMPT_TIMEOUT)
+        self.assertEqual(rp.pan123_attempt_timeout(10.0, 30.0), 5.0)
+        self.assertLess(Pan123Client("id", "s").http.timeout, 60.0)
+
+
+class Pan123FieldNotesTest(Pan123BackendCase):
+    """Each answer of the field notes, switched on in the emulator, survived."""
+
+    def test_token_limit_window_is_waited_out_without_a_new_token(self):
+        emu = self.emulator()
+        emu.token_limit_window = 0.4
+        client = self.client()
+        self.assertEqual(list(client.list_folder(0)), [])
+        self.assertGreaterEqual(emu.rejected[(LIST, 401)], 1)
+        self.assertEqual(emu.calls[TOKEN], 1)
+
+    def test_over_the_device_limit_one_token_and_no_more(self):
+        emu = self.emulator()
+        emu.add_other_devices(3)
+        client = self.client()
+        list(client.list_folder(0))
+        self.assertEqual(emu.devices_logged_out, 1)         # the first token costs one
+        emu.revoke_all_tokens()                 # ours logged out by yet another login...
+        emu.add_other_devices(3)
+        emu.token_limit_mode = "refuse"         # ...and the account refuses new tokens
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            with self.assertRaises(Pan123AuthError) as caught:
+                list(self.client(call_deadline=1.0).list_folder(0))
+        self.assertIn("too many live logins", str(caught.exception))
+        self.assertIn("log out of 123pan", "\n".join(logs.output))
+        self.assertEqual(emu.calls[TOKEN], 2)
+
+    def test_upload_queue_throttling_is_retried_and_one_copy_is_left(self):
+        for stores in (False, True):
+            emu = self.emulator()
+            emu.single_throttle_every, emu.single_throttle_stores = 2, stores
+            storage = self.storage()
+            storage.create_repository(REPO)
+            refs = [self.put(storage, b"object %d %d" % (i, stores)) for i in range(4)]
+            self.assertGreaterEqual(emu.rejected[(SINGLE, 1)], 2)
+            for ref in refs:
+                path = self.live_path(ref)
+                folder, name = path.rsplit("/", 1)
+                copies = [c for c in emu.children(folder, include_trashed=True)
+                          if c["filename"] == name]
+                self.assertEqual(len(copies), 1, (stores, copies))
+                folder_id = emu.resolve(folder)["fileId"]
+                self.assertEqual(storage.index.file(folder_id, name).file_id,
+                                 copies[0]["fileId"])
+                self.assertEqual(self.read(storage, ref), emu.file_bytes(copies[0]["fileId"]))
+
+    def test_download_info_20103_is_polled(self):
+        emu, storage, ref, data = self.stored()
+        emu.verifying_seconds = 0.3
+        ref2 = self.put(storage, b"just stored")
+        self.assertEqual(self.read(storage, ref2), b"just stored")
+        self.assertGreaterEqual(emu.rejected[(DOWNLOAD_INFO, 20103)], 1)
+
+    def test_traffic_quota_fails_at_once_and_is_counted(self):
+        emu, storage, ref, data = self.stored()
+        emu.traffic_quota = 10
+        before = METRICS.total("restic123pan_cloud_download_quota_refusals_total")
+        with self.assertRaises(Pan123QuotaExhausted) as caught:
+            storage.read(ref, 0, 10)
+        self.assertEqual(caught.exception.status, 503)
+        self.assertIn("5113", str(caught.exception))
+        self.assertEqual(emu.calls[DOWNLOAD_INFO], 1)            # no retries
+        self.assertEqual(METRICS.total("restic123pan_cloud_download_quota_refusals_total"),
+                         before + 1)
+
+    def test_a_stall_longer_than_the_socket_timeout_is_retried(self):
+        emu = self.emulator()
+        emu.slow_seconds = 1.0
+        client = self.client(timeout=0.3, call_deadline=5.0)
+        list(client.list_folder(0))
+        emu.reset_calls()
+        emu.fail_next("slow", endpoint=LIST)
+        self.assertEqual(list(client.list_folder(0)), [])
+        self.assertEqual(emu.calls[LIST], 2)
+
+    def test_cdn_refusals_and_failures_get_new_links(self):
+        emu, storage, ref, data = self.stored()
+        self.assertEqual(self.read(storage, ref, 0, 10), data[:10])
+        for kind, endpoint in (("cdn1010", "/dl"), ("region", "/obj"), ("502", "/obj"),
+                               ("hangup", "/dl")):
+            emu.reset_calls()
+            emu.fail_next(kind, count=2, endpoint=endpoint)
+            self.assertEqual(self.read(storage, ref, 5, 1000), data[5:1005], kind)
+            self.assertGreaterEqual(emu.calls[DOWNLOAD_INFO], 1, kind)    # the link dropped
+
+    def test_ranged_answers_without_content_length(self):
+        emu, storage, ref, data = self.stored(size=700000)
+        for framing in ("chunked", "close"):
+            emu.cdn_framing = framing
+            got = METRICS.total("restic123pan_cloud_bytes_downloaded_total")
+            self.assertEqual(self.read(storage, ref, 1000, 500000), data[1000:501000])
+            self.assertEqual(self.read(storage, ref), data)
+            self.assertEqual(METRICS.total("restic123pan_cloud_bytes_downloaded_total") - got,
+                             500000 + len(data))
+            emu.fail_next("drop", endpoint="/obj")          # cut short: resumed
+            self.assertEqual(self.read(storage, ref), data)
+
+    def test_trash_batch_with_one_odd_id_lets_the_rest_go_on(self):
+        emu = self.emulator()
+        self.existing_repo()
+        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(5)]
+        storage = self.storage(delete_retry=3600)
+        storage.list(REPO, "data")
+        odd = emu.resolve(self.live_path(refs[2]))["fileId"]
+        emu.trash_refused_ids = {odd}
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            self.assertEqual([storage.delete(r) for r in refs], [True] * 5)
+            storage.flush_deletes()
+        self.assertEqual([c["fileId"] for c in emu.children(self.live_path(refs[2])
+                                                            .rsplit("/", 1)[0])], [odd])
+        self.assertEqual(emu.total_live_files(), 1)
+        self.assertIn("1 objects failed", "\n".join(logs.output))
+        self.assertEqual([i for i, _ in storage.index.pending_deletes()], [odd])
+
+    def test_mkdir_under_a_vanished_parent_recovers(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        first = self.put(storage, b"first pack")
+        emu.remove_behind_back("/restic-backup/r/data")
+        other = b"other pack %d"
+        data = next(other % i for i in range(1000)
+                    if hashlib.sha256(other % i).hexdigest()[:2] != first.name[:2])
+        ref = self.put(storage, data)       # mkdir data/<xx> under the vanished data/
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertIsNotNone(emu.resolve(self.live_path(ref)))
+
+    def test_upload_host_moves_and_is_asked_again(self):
+        emu = self.emulator()
+        client = self.client()
+        storage = self.storage(client)
+        storage.create_repository(REPO)
+        self.put(storage, b"before")
+        self.assertEqual(emu.calls[DOMAIN], 1)
+        emu.move_upload_host()
+        ref = self.put(storage, b"after the move")
+        self.assertEqual(emu.calls[DOMAIN], 2)
+        self.assertEqual(self.read(storage, ref), b"after the move")
+        client._upload_domain_at -= rp.PAN123_UPLOAD_DOMAIN_TTL + 1     # ten minutes on
+        self.put(storage, b"later")
+        self.assertEqual(emu.calls[DOMAIN], 3)
+
+    def test_links_reused_until_their_own_expiry(self):
+        emu, storage, ref, data = self.stored(download_url_lifetime=0)
+        for _ in range(3):
+            self.read(storage, ref, 0, 10)
+        self.assertEqual(emu.calls[DOWNLOAD_INFO], 1)        # e= says two hours
+        emu.url_expiry_param = "t"
+        emu.expire_download_urls()          # refused: a new link, which says t=
+        self.read(storage, ref, 0, 10)
+        self.read(storage, ref, 0, 10)
+        self.assertEqual(emu.calls[DOWNLOAD_INFO], 2)
+
+
+DOMAIN = "/upload/v2/file/domain"
+USER_INFO = "/api/v1/user/info"
+
+
+class Pan123AccountTest(Pan123BackendCase):
+
+    def account(self, tier="auto"):
+        return rp.Pan123Account(self.client(), tier)
+
+    def test_account_logged_gauges_set_and_rate_table_chosen(self):
+        emu = self.emulator(vip=True)
+        emu.space_used_extra = 3 * 1024 ** 3
+        account = self.account()
+        with self.assertLogs("restic_123pan", "INFO") as logs:
+            info = account.refresh()
+        text = "\n".join(logs.output)
+        self.assertIn("VIP", text)
+        self.assertIn("3.0 GiB of 2048.0 GiB used", text)
+        self.assertIn("developer access until", text)
+        self.assertNotIn("WARNING", text)
+        self.assertTrue(info.vip)
+        self.assertEqual(account.client.tier, "vip")
+        self.assertEqual(account.client.limiter.qps(LIST), 10)
+        self.assertEqual(METRICS.value("restic123pan_cloud_space_total_bytes"), 2 * 1024 ** 4)
+        self.assertEqual(METRICS.value("restic123pan_cloud_space_used_bytes"), 3 * 1024 ** 3)
+        self.assertAlmostEqual(
+            METRICS.value("restic123pan_cloud_developer_access_end_timestamp_seconds"),
+            emu.now() + 365 * 86400, delta=5)
+        self.assertEqual(emu.calls[USER_INFO], 1)
+
+    def test_forced_tier_wins(self):
+        self.emulator(vip=True)
+        account = self.account("free")
+        account.refresh()
+        self.assertEqual(account.client.limiter.qps(LIST), 5)
+
+    def test_warnings_before_access_ends_and_when_space_is_nearly_full(self):
+        emu = self.emulator()
+        emu.developer_end = 5 * 86400
+        emu.space_permanent = 1000
+        emu.space_used_extra = 950
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            self.account().refresh()
+        text = "\n".join(logs.output)
+        self.assertIn("ends in 5 days", text)
+        self.assertIn("nearly full", text)
+        emu.developer_end = -86400
+        with self.assertLogs("restic_123pan", "ERROR") as logs:
+            self.account().refresh()
+        self.assertIn("ended on", "\n".join(logs.output))
+
+    def test_missing_or_odd_developer_info(self):
+        emu = self.emulator()
+        for mode in ("missing", "null", "odd"):
+            emu.developer_info = mode
+            with self.assertLogs("restic_123pan", "INFO") as logs:
+                info = self.account().refresh()
+            self.assertIsNone(info.developer_end, mode)
+            self.assertIn("developer access end unknown", "\n".join(logs.output))
+
+    def test_storage_start_reads_the_account_and_a_failure_is_not_fatal(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.index = Pan123Index(MetadataCache(os.path.join(self.state_dir, "c.sqlite3")))
+        storage.account = rp.Pan123Account(storage.client)
+        emu.fail_randomly("500", 1.0, endpoint=USER_INFO)
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            storage.start(wait=True)
+        self.assertIn("cannot read the account", "\n".join(logs.output))
+        self.assertGreaterEqual(emu.calls[USER_INFO], 1)
+
+
+class Pan123CloudAuditTest(Pan123CacheCase):
+
+    def audited(self):
+        emu, storage = self.started_with_repository()
+        self.refs = [self.put(storage, b"pack %d" % i) for i in range(30)]
+        self.put(storage, b"config", ObjectRef.config(REPO))
+        return emu, storage
+
+    def audit(self, storage):
+        with self.assertLogs("restic_123pan", "INFO") as logs:
+            result = rp.Pan123CloudAudit(storage, progress_interval=0).run()
+        return result, "\n".join(logs.output)
+
+    def test_clean_repository_costs_one_list_call_per_page(self):
+        emu, storage = self.audited()
+        emu.reset_calls()
+        result, text = self.audit(storage)
+        self.assertTrue(rp.audit_is_clean(result), text)
+        self.assertEqual(result.objects, 31)
+        pages = emulator_list_pages(emu) - 1        # the drive root is not listed
+        self.assertEqual(result.list_calls, pages)
+        self.assertEqual(emu.calls[LIST], pages)
+        self.assertEqual(sum(emu.calls.values()), pages)      # nothing else: no download
+        self.assertIn("clean: ", text)
+        self.assertIn("%d list calls" % pages, text)
+        self.assertEqual(METRICS.value("restic123pan_cloud_audit_list_calls"), pages)
+
+    def test_finds_missing_replaced_and_foreign_objects(self):
+        emu, storage = self.audited()
+        gone, replaced = self.refs[0], self.refs[1]
+        emu.remove_behind_back(self.live_path(gone))
+        emu.add_file(self.live_path(replaced), b"other bytes of the same name")
+        foreign = "/restic-backup/r/data/%s/foreign.bin" % self.refs[2].name[:2]
+        emu.add_file(foreign, b"not ours")
+        result, text = self.audit(storage)
+        self.assertFalse(rp.audit_is_clean(result))
+        self.assertEqual([p.rsplit("/", 1)[1] for p in result.missing], [gone.name])
+        self.assertEqual([p.rsplit("/", 1)[1] for p in result.changed], [replaced.name])
+        self.assertEqual(result.foreign, [foreign])
+        self.assertIn("missing in the cloud: ", text)
+        self.assertIn("changed in the cloud: ", text)
+        self.assertIn("not recorded by this server: %s" % foreign, text)
+        self.assertIn("PROBLEMS FOUND", text)
+        self.assertEqual(METRICS.value("restic123pan_cloud_audit_problems", kind="missing"), 1)
+        self.assertEqual(emu.calls["/obj"] + emu.calls["/dl"], 0)
+
+    def test_pending_deletes_are_not_foreign(self):
+        emu, storage = self.audited()
+        storage._trash.close(timeout=0)     # the remote delete stays queued
+        self.assertTrue(storage.delete(self.refs[3]))
+        result, text = self.audit(storage)
+        self.assertTrue(rp.audit_is_clean(result), text)
+
 
 class Pan123CommandLineTest(unittest.TestCase):
 
