@@ -8833,6 +8833,110 @@ class Pan123EndToEndTest(ResticEndToEndBase):
         self.assertGreater(calls.get("/upload/v2/file/upload_complete", 0), 0)
 
 
+class Pan123RealServiceEndToEndTest(ResticEndToEndBase):
+    """restic through the 123pan backend against the emulator giving the answers
+    of the field notes: each on its own, then all together with the random faults
+    of test_faults_lose_nothing.  restic must never see a failed request (its
+    stderr has no retry line) and the server asks for at most 2 tokens."""
+
+    start_emulator = Pan123EndToEndTest.start_emulator
+    start_pan123_server = Pan123EndToEndTest.start_pan123_server
+    report_calls = Pan123EndToEndTest.report_calls
+    finish = Pan123EndToEndTest.finish
+    assert_cache_matches_cloud = Pan123EndToEndTest.assert_cache_matches_cloud
+
+    # switch name -> how to turn it on in a fresh emulator
+    SWITCHES = collections.OrderedDict([
+        ("token_limit_window", lambda emu: setattr(emu, "token_limit_window", 3.0)),
+        ("over_device_limit", lambda emu: emu.add_other_devices(3)),
+        ("upload_queue", lambda emu: (setattr(emu, "single_throttle_every", 4),
+                                      setattr(emu, "single_throttle_stores", True))),
+        ("download_info_20103", lambda emu: setattr(emu, "verifying_seconds", 1.5)),
+        ("cdn_refusals", lambda emu: [emu.fail_randomly(k, p, endpoint=e, seed=i)
+                                      for i, (k, p, e) in enumerate((
+                                          ("cdn1010", 0.05, "/dl"), ("region", 0.05, "/obj"),
+                                          ("hangup", 0.03, "/obj"), ("502", 0.03, "/dl")))]),
+        ("cdn_chunked", lambda emu: setattr(emu, "cdn_framing", "chunked")),
+        ("cdn_close_delimited", lambda emu: setattr(emu, "cdn_framing", "close")),
+        ("link_expiry_t", lambda emu: setattr(emu, "url_expiry_param", "t")),
+        ("odd_developer_info", lambda emu: setattr(emu, "developer_info", "odd")),
+    ])
+
+    def restic_clean(self, repo, *args, **kw):
+        """restic_run, and restic's stderr shows no request it had to retry."""
+        cmd = [self.restic, "-r", repo] + list(kw.get("options", [])) + list(args)
+        r = subprocess.run(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=900)
+        if r.returncode != 0:
+            self.fail("%s failed (%d):\n%s\n%s\n--- server log tail ---\n%s"
+                      % (" ".join(args), r.returncode, r.stdout[-3000:], r.stderr[-3000:],
+                         self.server_log_text()[-4000:]))
+        self.assertNotRegex(r.stderr, r"(?i)returned error|retrying|Fatal",
+                            "restic saw a failed request in %s" % " ".join(args))
+        return r.stdout
+
+    def scenario(self, emu, switch, total_mib, options):
+        """backup, (the upload host moves), backup, check --read-data, restore both
+        byte-identical, forget --prune; nothing failing back to restic."""
+        self.tmp_run = tempfile.mkdtemp(prefix=switch + "-", dir=self.tmp)
+        url = self.start_pan123_server(emu, "--state-dir", os.path.join(self.tmp_run, "st"))
+        repo = "rest:" + url + switch + "/"
+        src = os.path.join(self.tmp_run, "src")
+        make_tree(src, seed=3, total_mib=total_mib)
+        first = manifest(src)
+        self.restic_clean(repo, "init", options=options)
+        self.restic_clean(repo, "backup", src, options=options)
+        emu.move_upload_host()
+        change_tree(src, seed=4)
+        second = manifest(src)
+        self.restic_clean(repo, "backup", src, options=options)
+        snaps = json.loads(self.restic_clean(repo, "snapshots", "--json", options=options))
+        snaps = [s["id"] for s in sorted(snaps, key=lambda s: s["time"])]
+        self.assertEqual(len(snaps), 2)
+        self.restic_clean(repo, "check", "--read-data", options=options)
+        for snap, expected in ((snaps[0], first), (snaps[1], second)):
+            target = os.path.join(self.tmp_run, "restore-" + snap)
+            self.restic_clean(repo, "restore", snap, "--target", target, options=options)
+            restored = manifest(os.path.join(target, os.path.relpath(src, "/")))
+            self.assertEqual(restored, expected, "%s: restored tree differs" % switch)
+        self.restic_clean(repo, "forget", "--keep-last", "1", "--prune", options=options)
+        self.restic_clean(repo, "check", options=options)
+        log_text = self.server_log_text()
+        self.assertNotIn("Traceback", log_text)
+        self.assertNotRegex(log_text, r'" 5\d\d ')
+        self.stop_server(self.server_proc)
+        self.report_calls(emu, "123pan field notes: " + switch)
+        self.assertEqual(emu.errors, [])
+        self.assertLessEqual(emu.calls["/api/v1/access_token"], 2, switch)
+        self.assertGreaterEqual(emu.calls["/upload/v2/file/domain"], 2, switch)
+
+    def test_each_answer_on_its_own(self):
+        for switch, turn_on in self.SWITCHES.items():
+            with self.subTest(switch=switch):
+                emu = self.start_emulator()
+                turn_on(emu)
+                self.scenario(emu, switch, 3, ["-o", "rest.connections=8"])
+                self.assertGreater(sum(emu.rejected.values()) + emu.devices_logged_out
+                                   + emu.traffic_used * (emu.cdn_framing is not None)
+                                   + (emu.url_expiry_param == "t")
+                                   + (emu.developer_info == "odd"), 0,
+                                   "%s did not happen" % switch)
+
+    def test_all_together_with_random_faults(self):
+        emu = self.start_emulator()
+        for switch, turn_on in self.SWITCHES.items():
+            if switch != "cdn_close_delimited":         # one framing at a time
+                turn_on(emu)
+        for kind, p in (("429", 0.05), ("500", 0.03), ("502", 0.03), ("drop", 0.03),
+                        ("401", 0.02)):
+            emu.fail_randomly(kind, p, seed=len(kind) * 7 + int(p * 100))
+        self.scenario(emu, "all", 12, ["-o", "rest.connections=8"])
+        self.assertGreater(emu.rejected[(SINGLE, 1)], 0)
+        self.assertGreater(emu.rejected[(DOWNLOAD_INFO, 20103)], 0)
+        self.assertGreater(emu.rejected[(LIST, 401)] + emu.rejected[(SINGLE, 401)], 0)
+        self.assertGreater(sum(emu.rejected.values()), 50, "the faults did not happen")
+
+
 class CloudreveEndToEndTest(ResticEndToEndBase):
     """restic -> our server (--backend cloudreve) -> the Cloudreve 4 emulator."""
 
