@@ -5280,6 +5280,60 @@ class Pan123CloudAuditTest(Pan123CacheCase):
         self.assertTrue(rp.audit_is_clean(result), text)
 
 
+class Pan123VerifyCloudCommandTest(Pan123CacheCase):
+    """--verify-cloud from the real command line, and --verify-every's wiring."""
+
+    def run_audit(self):
+        r = subprocess.run(
+            [sys.executable, SERVER_SCRIPT, "--backend", "123pan", "--api-base",
+             self.emu.api_base, "--client-id", CLIENT_ID, "--state-dir", self.state_dir,
+             "--verify-cloud"], env=dict(os.environ, PAN123_CLIENT_SECRET=SECRET),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+            timeout=120)
+        return r.returncode, r.stdout, r.stderr
+
+    def test_one_shot_exit_codes(self):
+        emu, storage = self.started_with_repository()
+        refs = [self.put(storage, b"pack %d" % i) for i in range(5)]
+        storage.close()
+        emu.reset_calls()
+        code, out, err = self.run_audit()
+        self.assertEqual(code, 0, err)
+        self.assertIn("verify-cloud: clean", out)
+        pages = emulator_list_pages(emu) - 1
+        self.assertIn("%d list calls" % pages, out)
+        self.assertEqual(emu.calls[LIST], pages)
+        self.assertEqual(emu.calls[USER_INFO], 1)           # the account, logged
+        self.assertIn("123pan account", err)
+        self.assertEqual(emu.calls["/dl"] + emu.calls["/obj"] + emu.calls[DOWNLOAD_INFO], 0)
+        emu.remove_behind_back(self.live_path(refs[0]))
+        code, out, err = self.run_audit()
+        self.assertEqual(code, 1)
+        self.assertIn("PROBLEMS FOUND", out)
+        self.assertIn("missing in the cloud: /restic-backup/r/data/%s/%s"
+                      % (refs[0].name[:2], refs[0].name), err)
+
+    def test_flags(self):
+        args = rp.parse_config(["--backend", "123pan", "--client-id", "i", "--verify-every",
+                                "2", "--state-dir", self.state_dir], {})
+        storage = build_pan123_storage(args, {"PAN123_CLIENT_SECRET": "s"})
+        self.assertEqual(storage.audit_every, 7200)
+        self.assertEqual(storage.account.tier, "auto")
+        for argv in (["--verify-cloud"], ["--verify-every", "1"]):
+            self.assertRaises(UsageError, rp.parse_config, ["--backend", "local"] + argv, {})
+        self.assertRaises(UsageError, rp.parse_config,
+                          ["--backend", "123pan", "--verify-every", "-1"], {})
+
+    def test_background_audit_reports_into_metrics(self):
+        emu, storage = self.started_with_repository()
+        ref = self.put(storage, b"a pack")
+        emu.add_file("/restic-backup/r/data/%s/stranger" % ref.name[:2], b"x")
+        storage._background_audit()
+        self.assertEqual(len(storage.last_audit.foreign), 1)
+        self.assertEqual(METRICS.value("restic123pan_cloud_audit_problems", kind="foreign"), 1)
+        self.assertIn('restic123pan_cloud_audit_problems{kind="foreign"} 1', METRICS.render())
+
+
 class Pan123CommandLineTest(unittest.TestCase):
 
     def parse(self, argv, environ=None):
