@@ -2984,8 +2984,9 @@ class Pan123Storage(Storage):
         queue meanwhile, and a restart would also pick them up)."""
         errors = dict((i, e) for i, e in errors.items() if not isinstance(e, Pan123FileNotFound))
         if errors and not self._stopping.is_set():
-            log.warning("123pan %s: %d objects failed, trying again in %ds",
-                        queue.name, len(errors), self._delete_retry)
+            log.warning("123pan %s: %d objects failed, trying again in %ds: %s",
+                        queue.name, len(errors), self._delete_retry,
+                        "; ".join("file %d: %s" % (i, e) for i, e in sorted(errors.items())[:5]))
 
             def again():
                 self._retry_timers.discard(timer)

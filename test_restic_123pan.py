@@ -5112,6 +5112,7 @@ class Pan123FieldNotesTest(Pan123BackendCase):
                                                             .rsplit("/", 1)[0])], [odd])
         self.assertEqual(emu.total_live_files(), 1)
         self.assertIn("1 objects failed", "\n".join(logs.output))
+        self.assertIn("file %d: " % odd, "\n".join(logs.output))     # the odd id, named
         self.assertEqual([i for i, _ in storage.index.pending_deletes()], [odd])
 
     def test_mkdir_under_a_vanished_parent_recovers(self):
