@@ -20,7 +20,8 @@ The file reads top-down by layer:
      (MetadataCache: sqlite3 in the state directory) and its warm-up
      (CacheWarmUp), CloudClient (the one call loop), FolderIndex and
      CloudStorage
-  6. backend: 123pan (Pan123Client, Pan123Index, Pan123Deletes, Pan123Storage)
+  6. backend: 123pan (Pan123Client, Pan123Index, Pan123Deletes, Pan123Storage,
+     the account: Pan123Account, the --verify-cloud audit: Pan123CloudAudit)
   7. backend: Cloudreve 4 (CloudreveClient, CloudreveIndex, CloudreveStorage)
   8. the repository service (verification, overwrite rule, usage and quota,
      blob metrics)
@@ -32,7 +33,8 @@ The file reads top-down by layer:
 
 Adding a backend is one new section (a Storage; for a cloud, a CloudClient and
 a CloudStorage subclass) that ends with one registry line,
-register_backend(Backend(...)): its name, options, detection and builder.
+register_backend(Backend(...)): its name, options, detection and builder (and
+a one-shot command where its options ask for one).
 """
 
 import argparse
@@ -3389,13 +3391,16 @@ class Pan123Client(CloudClient):
 
     @staticmethod
     def _token_limit_error(call, detail):
-        log.error("%s", token_limit_advice(detail))
+        """The refusal that ends a call the token limit held up (call_api logs
+        it when it is raised as an answer's refusal)."""
         return Pan123AuthError(token_limit_advice(detail), endpoint=call.path,
                                meaning=UNAVAILABLE)
 
     def _gave_up(self, call, failure):
         if failure.reason == "token_limit":
-            return self._token_limit_error(call, str(failure))
+            error = self._token_limit_error(call, str(failure))
+            log.error("%s", error)
+            return error
         return CloudClient._gave_up(self, call, failure)
 
     def _url(self, call):
