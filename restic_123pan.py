@@ -20,7 +20,8 @@ The file reads top-down by layer:
      (MetadataCache: sqlite3 in the state directory) and its warm-up
      (CacheWarmUp), CloudClient (the one call loop), FolderIndex and
      CloudStorage
-  6. backend: 123pan (Pan123Client, Pan123Index, Pan123Deletes, Pan123Storage)
+  6. backend: 123pan (Pan123Client, Pan123Index, Pan123Deletes, Pan123Storage,
+     the account: Pan123Account, the --verify-cloud audit: Pan123CloudAudit)
   7. backend: Cloudreve 4 (CloudreveClient with an upload flow per storage
      policy, CloudreveIndex, CloudreveStorage)
   8. the repository service (verification, overwrite rule, usage and quota,
@@ -33,7 +34,8 @@ The file reads top-down by layer:
 
 Adding a backend is one new section (a Storage; for a cloud, a CloudClient and
 a CloudStorage subclass) that ends with one registry line,
-register_backend(Backend(...)): its name, options, detection and builder.
+register_backend(Backend(...)): its name, options, detection and builder (and
+a one-shot command where its options ask for one).
 """
 
 import argparse
@@ -190,13 +192,13 @@ def _byte_count(text):
     return int(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " ")
 
 
-def _seconds(text):
+def _number_of(text, unit, below):
     try:
         value = float(text)
     except ValueError:
         value = -1
-    if not 0 <= value < 1e9:
-        raise argparse.ArgumentTypeError("%r is not a number of seconds" % text)
+    if not 0 <= value < below:
+        raise argparse.ArgumentTypeError("%r is not a number of %s" % (text, unit))
     return value
 
 
@@ -204,6 +206,14 @@ def _positive_int(text):
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError("%r is not a whole number above 0" % text)
     return int(text)
+
+
+def _seconds(text):
+    return _number_of(text, "seconds", 1e9)
+
+
+def _hours(text):
+    return _number_of(text, "hours", 1e6)
 
 
 def default_state_dir(environ):
@@ -1041,6 +1051,7 @@ for _what in ("read", "write", "delete"):
            "Bytes received from the cloud"))
 
 
+
 # ---------------------------------------------------------------------------
 # 3. The storage interface, what its errors mean, and the backend registry
 #    (ARCHITECTURE.md, "Storage")
@@ -1240,11 +1251,16 @@ class Backend(object):
       cloud                      keeps state in --state-dir, stores under --repo-path
       repo_path_help             for --help: what --repo-path means for it
       config_dir(args, environ)  where .htpasswd and the TLS files are by default
-                                 (the state directory of a cloud)"""
+                                 (the state directory of a cloud)
+      command(args, environ)     the exit status of a one-shot job its options
+                                 ask for instead of serving (123pan's
+                                 --verify-cloud), or None to serve; None: none"""
 
     def __init__(self, name, label, description, build, options=(), detect=None,
-                 detected_by="", cloud=True, repo_path_help="", config_dir=None):
+                 detected_by="", cloud=True, repo_path_help="", config_dir=None,
+                 command=None):
         self.name, self.label, self.description = name, label, description
+        self.command = command
         self.build, self.options = build, list(options)
         self.detect, self.detected_by = detect, detected_by
         self.cloud, self.repo_path_help = cloud, repo_path_help
@@ -1547,11 +1563,13 @@ class _SpoolSlice(object):
 
 class _Transient(Exception):
     """One failed attempt worth retrying: `reason` is the label of the retries
-    metric, `meaning` what the failure means once retries are exhausted."""
+    metric, `meaning` what the failure means once retries are exhausted.
+    retry_after: seconds the answer itself asks to wait before the next attempt
+    (a poll), instead of the backoff; None for the backoff."""
 
-    def __init__(self, message, reason="server_error", meaning=REFUSED):
+    def __init__(self, message, reason="server_error", meaning=REFUSED, retry_after=None):
         Exception.__init__(self, message)
-        self.reason, self.meaning = reason, meaning
+        self.reason, self.meaning, self.retry_after = reason, meaning, retry_after
 
     @classmethod
     def network(cls, error):
@@ -1611,7 +1629,10 @@ def _range_response_problem(response, start, length):
         # 200 is fine only for a Range covering the whole object (the server may
         # then send it all); the length check below tells.
         return "HTTP %d %s" % (response.status, response.reason)
-    if response.content_length != length:
+    # No Content-Length (chunked or close-delimited: nobody shows a CDN always
+    # sends one) is accepted: the Content-Range is right, and resumed_download
+    # counts the bytes that arrive.
+    if response.content_length is not None and response.content_length != length:
         return "HTTP %d with Content-Length %s, not %d" % (
             response.status, response.content_length, length)
     return None
@@ -2437,6 +2458,9 @@ class CloudClient(object):
     retried_statuses = (408,)       # besides 429 and 5xx, for answers without an envelope
     timeout_statuses = (504,)       # of those, the ones that mean a gateway timed out
     stale_link_statuses = (403, 404, 410)
+    # A connection to the download host failed: ask for another link before the
+    # next attempt (a link of the CDN may lead to another node).
+    new_link_after_network_error = False
 
     def __init__(self, http_client, timeout, call_deadline, retry_base, retry_cap,
                  download_resumes, token_file=None, limiter=None):
@@ -2465,15 +2489,17 @@ class CloudClient(object):
         (that error is raised, logged unless its type is in call.expected).
         RENEW gets a fresh token and an immediate replay the first time, then
         backoff; RETRY, network failures and unusable answers back off with
-        jitter until call.deadline (default call_deadline from now), then
-        unavailable_type."""
+        jitter (or wait the _Transient's retry_after) until call.deadline
+        (default call_deadline from now), then _gave_up's error.  A _Transient
+        raised while getting a token (a client that must not ask for one now)
+        is retried like a failed attempt."""
         if call.deadline is None:
             call.deadline = time.monotonic() + self.call_deadline
         backoff = self._backoff(call.deadline)
         failure = None
         while True:
-            call.token = self._current_token() if call.auth else None
             try:
+                call.token = self._current_token() if call.auth else None
                 envelope = self._attempt(call)
             except _Transient as e:
                 failure = e
@@ -2486,18 +2512,25 @@ class CloudClient(object):
                     return value
                 if action == self.RENEW:
                     call.renewals += 1
-                    self._renew_token(stale=call.token)
-                    _count_retry("token")
-                    if call.renewals == 1:
-                        continue
-                    failure = _Transient(str(value), "token")
+                    try:
+                        self._renew_token(stale=call.token)
+                    except _Transient as e:
+                        failure = e
+                    else:
+                        _count_retry("token")
+                        if call.renewals == 1:
+                            continue
+                        failure = _Transient(str(value), "token")
                 elif action == self.RETRY:
                     failure = value
                 else:
                     if not isinstance(value, call.expected):
                         log.warning("%s", value)
                     raise value
-            if not backoff.pause():
+            if failure.retry_after is not None and \
+                    time.monotonic() + failure.retry_after < call.deadline:
+                time.sleep(failure.retry_after)
+            elif not backoff.pause():
                 raise self._gave_up(call, failure)
             _count_retry(failure.reason)
             log.debug("%s %s: retrying: %s", self.label, call.endpoint, failure)
@@ -2655,6 +2688,8 @@ class CloudClient(object):
                 raise self.error_type("%s download of %s: %s"
                                       % (self.label, self._describe_file(key), e))
             except NETWORK_ERRORS as e:
+                if self.new_link_after_network_error:
+                    self.forget_download_url(key)
                 failure = _Transient.network(e)
             else:
                 failure = self._check_download(key, start, length, response)
@@ -3291,6 +3326,146 @@ _ERROR_TYPE_BY_CODE = {
 }
 
 
+# -- answers the docs leave out (shared/spec/123pan-field-notes.md) ----------------
+# Small pieces Pan123Client._classify and _check_download ask: what an answer
+# means, what to do with it.
+
+PAN123_TOKEN_ENDPOINT = "/api/v1/access_token"
+PAN123_DOWNLOAD_INFO = "/api/v1/file/download_info"
+# 401 "tokens number has exceeded the limit": too many live tokens (devices) on
+# the account.  Minting another would log out one more device: wait instead.
+PAN123_TOKEN_LIMIT_MARK = "exceeded the limit"
+# Single-step upload refused with code 1 "该任务已成功进入秒传队列,任务队列削峰中,
+# 未直接获取到文件ID,请慢一点": queued, peak shaving, slow down.  Transient.
+PAN123_UPLOAD_QUEUE_MARKS = ("秒传队列", "削峰", "请慢一点")
+PAN123_UPLOAD_ENDPOINTS = ("/upload/v2/file/single/create", "/upload/v2/file/create")
+# At most one token renewal a minute answers 401s; a 401 on a token that worked
+# is first retried this many times with the same token (a 401 can be passing).
+PAN123_RENEWAL_INTERVAL = 60.0
+PAN123_TOKEN_RETRIES_BEFORE_RENEWAL = 2
+# One attempt's socket timeout, clearly below the 60 s deadline of a call: calls
+# have been seen to stall for more than 30 s, and a stall is worth a new attempt.
+PAN123_ATTEMPT_TIMEOUT = 25.0
+# The single-step upload host is asked again this often (and after a failure).
+PAN123_UPLOAD_DOMAIN_TTL = 600.0
+# Download links are reused until their own expiry, less this margin.
+PAN123_LINK_EXPIRY_MARGIN = 60.0
+PAN123_LINK_MAX_REUSE = 86400.0
+PAN123_LINK_EXPIRY_PARAMS = ("t", "e", "expires", "Expires")
+
+
+def classify_pan123_answer(status, code, message, endpoint):
+    """What one enveloped 123pan answer asks of the retry loop: (action, reason).
+
+    action is one of
+      "ok"           success;
+      "renew"        401, the token refused: retry, and renew it (rarely);
+      "token_limit"  401 "tokens number has exceeded the limit": never mint a
+                     token for it, wait with backoff;
+      "retry"        transient (429, the single-step upload queue): back off, again;
+      "poll"         20103 from download_info, the file is being verified: ask
+                     again about 1 s later;
+      "quota"        5113, the download traffic quota: no retry, fail at once;
+      "raise"        anything else: a permanent error of its code's type.
+    `status` (the HTTP status) is not needed today: 123pan puts the meaning in
+    the envelope whatever the status (401 and 429 come either way)."""
+    message = str(message or "")
+    if code == PAN123_CODE_OK:
+        return "ok", ""
+    if code == PAN123_CODE_UNAUTHORIZED:
+        if endpoint == PAN123_TOKEN_ENDPOINT:
+            return "raise", "token refused"       # wrong credentials or the token limit
+        if PAN123_TOKEN_LIMIT_MARK in message:
+            return "token_limit", "too many live tokens on the account (code 401)"
+        return "renew", "token refused (code 401)"
+    if code == PAN123_CODE_TOO_MANY_REQUESTS:
+        return "retry", "rate limited (code 429)"
+    if code == PAN123_CODE_GENERIC and endpoint in PAN123_UPLOAD_ENDPOINTS and \
+            any(mark in message for mark in PAN123_UPLOAD_QUEUE_MARKS):
+        return "retry", "upload queue throttled (code 1: %s)" % message
+    if code == PAN123_CODE_STILL_VERIFYING and endpoint == PAN123_DOWNLOAD_INFO:
+        return "poll", "file still being verified (code 20103)"
+    if code == PAN123_CODE_TRAFFIC_QUOTA:
+        return "quota", "download traffic quota used up (code 5113)"
+    return "raise", ""
+
+
+def is_token_limit_error(error):
+    """A Pan123Error that says the account has too many live tokens."""
+    return isinstance(error, Pan123Error) and error.code == PAN123_CODE_UNAUTHORIZED and \
+        PAN123_TOKEN_LIMIT_MARK in str(error)
+
+
+def token_limit_advice(detail):
+    return ("123pan: the account has too many live logins (%s): 123pan allows 3 live "
+            "tokens per account and each new one logs out a device; log out of 123pan on "
+            "a device or app you do not use (or wait for old logins to expire), then "
+            "start this server again" % detail)
+
+
+def classify_pan123_cdn_answer(status, body):
+    """What a CDN answer that is not the asked range asks of the download loop:
+    "new_link" (a 403/404/410: expired, revoked, risk control code 1010, or a
+    link bound to another city/IP: ask for a new link), "retry_new_link" (5xx,
+    408: another link may reach another node), "retry" (429), "raise"."""
+    if status in (403, 404, 410):
+        return "new_link"
+    if status >= 500 or status == 408:
+        return "retry_new_link"
+    if status == 429:
+        return "retry"
+    return "raise"
+
+
+def describe_cdn_refusal(status, body):
+    """The reason a CDN refusal gives, for the log: code 1010 (risk control), a
+    region binding, or the first bytes of the body."""
+    text = body.decode("utf-8", "replace").strip() if body else ""
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and parsed.get("code") is not None:
+        return "HTTP %d code %s: %s" % (status, parsed.get("code"), parsed.get("message"))
+    if "realc:" in text:
+        return "HTTP %d: link bound to another place (%s)" % (status, text[:120])
+    return "HTTP %d %s" % (status, text[:120])
+
+
+def pan123_link_expiry(url, now=None):
+    """POSIX time a signed download link says it expires (a t=/e=/expires=
+    parameter holding a Unix time in the future), or None."""
+    now = time.time() if now is None else now
+    try:
+        query = urlsplit(url).query
+    except ValueError:
+        return None
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if name in PAN123_LINK_EXPIRY_PARAMS and value.isdigit() and len(value) == 10:
+            expiry = int(value)
+            if expiry > now:
+                return float(expiry)
+    return None
+
+
+def pan123_link_reuse_seconds(url, fallback, now=None):
+    """How long a download link may be reused: until its own expiry (less a
+    margin, at most a day) when the link says, else `fallback`."""
+    now = time.time() if now is None else now
+    expiry = pan123_link_expiry(url, now)
+    if expiry is None:
+        return fallback
+    return max(0.0, min(PAN123_LINK_MAX_REUSE, expiry - now - PAN123_LINK_EXPIRY_MARGIN))
+
+
+def pan123_attempt_timeout(call_deadline, timeout=None):
+    """The socket timeout of one attempt: `timeout` if given, else the default,
+    and in any case at most half the call deadline so that a stall is retried."""
+    chosen = PAN123_ATTEMPT_TIMEOUT if timeout is None else timeout
+    return min(chosen, call_deadline / 2.0)
+
+
 Pan123Entry = collections.namedtuple("Pan123Entry", "file_id name is_folder size etag")
 Pan123Token = collections.namedtuple("Pan123Token", "value expired_at obtained_at renew_at")
 
@@ -3343,67 +3518,165 @@ class Pan123Client(CloudClient):
     # 200s mangled on the way and gateway errors: worth another try.
     retried_statuses = (200, 408)
 
+    # A connection to the CDN failed: another link may reach another node.
+    new_link_after_network_error = True
+
     def __init__(self, client_id, client_secret, api_base=PAN123_DEFAULT_API_BASE,
-                 state_dir=None, tier="free", http_client=None, timeout=30.0,
+                 state_dir=None, tier="free", http_client=None, timeout=None,
                  call_deadline=60.0, retry_base=0.5, retry_cap=8.0,
                  poll_interval=1.0, complete_deadline=240.0,
                  download_url_lifetime=300.0, download_resumes=5,
-                 rate_margin=0.05):
+                 rate_margin=0.05, renewal_interval=PAN123_RENEWAL_INTERVAL,
+                 token_retries=PAN123_TOKEN_RETRIES_BEFORE_RENEWAL):
         if not client_id or not client_secret:
             raise ValueError("123pan needs a client id and a client secret")
         self.client_id = client_id
         self._client_secret = client_secret
         self.api_base = api_base.rstrip("/")
-        column = 1 if tier == "vip" else 0
         CloudClient.__init__(
-            self, http_client, timeout, call_deadline, retry_base, retry_cap, download_resumes,
-            Pan123TokenFile(state_dir, self.api_base, client_id) if state_dir else None,
-            RateLimiter(dict((path, qps[column]) for path, qps in PAN123_QPS.items()),
-                        PAN123_DEFAULT_QPS, rate_margin))
+            self, http_client, pan123_attempt_timeout(call_deadline, timeout), call_deadline,
+            retry_base, retry_cap, download_resumes,
+            Pan123TokenFile(state_dir, self.api_base, client_id) if state_dir else None)
+        self._rate_margin = rate_margin
+        self.tier = None
+        self.set_tier(tier)
+        self.renewal_interval, self.token_retries = renewal_interval, token_retries
+        self._last_renewal = None       # monotonic time of the last 401-driven renewal
+        self._token_limit_logged = False
+        self._token_refusal = None      # (monotonic time, error) of a refused new token
         self.poll_interval = poll_interval
         # The whole "upload_complete says not yet" wait; with the slices before it,
         # it stays inside restic's 5-minute window for one request.
         self.complete_deadline = complete_deadline
         self.download_url_lifetime = download_url_lifetime
         self._upload_domain = None
+        self._upload_domain_at = 0.0
         self._upload_domain_lock = threading.Lock()
 
     def __repr__(self):     # never the secret
         return "Pan123Client(%r, %r)" % (self.client_id, self.api_base)
 
+    def set_tier(self, tier):
+        """Stay within the free or the VIP request-rate table ("auto" is free
+        until user/info says VIP)."""
+        column = 1 if tier == "vip" else 0
+        if tier == self.tier:
+            return
+        self.tier = tier
+        self.limiter = RateLimiter(dict((path, qps[column]) for path, qps in PAN123_QPS.items()),
+                                   PAN123_DEFAULT_QPS, self._rate_margin)
+
     # -- the envelope and its codes ------------------------------------------------
 
     def call(self, method, path, query=None, body=None, form=None, host=None,
-             auth=True, expected=(), deadline=None):
+             auth=True, expected=(), deadline=None, notes=None):
         """One API call; returns the envelope's `data`.
 
         body: JSON-serialisable (a JSON POST/PUT); form: a MultipartBody; host: the
         base URL (default the API host) or a function returning it, asked again
-        before every attempt.  Code 401 gets one fresh token and an immediate retry;
-        429, 5xx, unparseable answers and network failures are retried with
-        jittered backoff until `deadline` (default call_deadline from now), then
-        Pan123Unavailable.  Any other non-zero code raises its Pan123Error type at
-        once, logged with code, message and x-traceID unless the caller lists that
-        type in `expected` (an answer it handles, such as "folder exists")."""
+        before every attempt.  What each answer asks for is _classify's; 429, the
+        upload queue, 5xx, unparseable answers and network failures are retried
+        with jittered backoff until `deadline` (default call_deadline from now),
+        then Pan123Unavailable.  Any other non-zero code raises its Pan123Error
+        type at once, logged with code, message and x-traceID unless the caller
+        lists that type in `expected` (an answer it handles, such as "folder
+        exists").  notes, a set, receives the reason label of every retry the
+        answers asked for (upload_queue...)."""
         return self.call_api(CloudCall(method, path, query=query, body=body, payload=form,
                                        auth=auth, expected=expected, deadline=deadline,
-                                       host=host))
+                                       host=host, notes=notes, strikes=0,
+                                       strike_token=None))
 
     def _classify(self, call, envelope):
-        """What an answer means: the one place where 123pan's codes become actions."""
+        """What an answer means: the one place where 123pan's answers become
+        actions (classify_pan123_answer names them).  A 401 is retried with the
+        same token token_retries times, then the token is renewed, at most once
+        per renewal_interval (waited for with backoff within the deadline); "too
+        many tokens" is waited out with backoff, never answered by minting;
+        20103 from download_info is polled every poll_interval; 5113 fails at
+        once, counted."""
         code = envelope["code"]
-        if code == PAN123_CODE_OK:
+        action, reason = classify_pan123_answer(None, code, envelope.get("message"), call.path)
+        if action == "ok":
             return self.OK, envelope.get("data")
-        if code == PAN123_CODE_UNAUTHORIZED and call.auth and not call.renewals:
-            return self.RENEW, None
-        if code == PAN123_CODE_TOO_MANY_REQUESTS:
-            return self.RETRY, _Transient.rate_limited("rate limited (code 429)")
-        message = str(envelope.get("message"))
-        if code == PAN123_CODE_GENERIC and PAN123_FOLDER_EXISTS_MARK in message:
+        if action == "renew" and call.auth:
+            return self._answer_401(call, envelope, reason)
+        if action == "token_limit" and call.auth:
+            return self._retry(call, self._token_limit_failure(reason))
+        if action == "retry":
+            return self._retry(call, _Transient.rate_limited(reason)
+                               if code == PAN123_CODE_TOO_MANY_REQUESTS
+                               else _Transient(reason, "upload_queue", UNAVAILABLE))
+        if action == "poll" and time.monotonic() + self.poll_interval < call.deadline:
+            return self._retry(call, _Transient(reason, "verifying", UNAVAILABLE,
+                                                retry_after=self.poll_interval))
+        if action == "quota":
+            METRICS.inc("restic123pan_cloud_download_quota_refusals_total")
+        return self.RAISE, self._refusal(call, envelope)
+
+    def _refusal(self, call, envelope):
+        """The Pan123Error of a refused call, of its code's type."""
+        if envelope["code"] == PAN123_CODE_GENERIC and \
+                PAN123_FOLDER_EXISTS_MARK in str(envelope.get("message")):
             error_type = Pan123FolderExists
         else:
-            error_type = _ERROR_TYPE_BY_CODE.get(code, Pan123Error)
-        return self.RAISE, error_type.from_envelope(call.path, envelope)
+            error_type = _ERROR_TYPE_BY_CODE.get(envelope["code"], Pan123Error)
+        return error_type.from_envelope(call.path, envelope)
+
+    def _retry(self, call, failure):
+        if call.notes is not None:
+            call.notes.add(failure.reason)
+        return self.RETRY, failure
+
+    def _answer_401(self, call, envelope, reason):
+        """A 401 on a token that worked: the same token again (a 401 can be
+        passing), then a renewal if none happened within renewal_interval, else
+        backoff until one may; past the deadline, the refusal."""
+        with self._token_lock:      # a renewal under way ends first
+            renewed = call.token is not self._token
+        if renewed:
+            return self.RENEW, reason       # another thread renewed it: no new token
+        if call.strike_token is not call.token:
+            call.strikes, call.strike_token = 0, call.token
+        call.strikes += 1
+        if call.strikes <= self.token_retries:
+            return self.RETRY, _Transient(reason, "token")
+        wait = self._renewal_wait()
+        if wait <= 0:
+            self._last_renewal = time.monotonic()
+            return self.RENEW, reason
+        if time.monotonic() + wait < call.deadline:
+            return self.RETRY, _Transient("%s; one renewal a minute at most" % reason, "token")
+        if self._token_refusal is not None:
+            return self.RAISE, self._token_limit_error(call, str(self._token_refusal[1]))
+        return self.RAISE, self._refusal(call, envelope)
+
+    def _renewal_wait(self):
+        """Seconds until a 401 may renew the token again (0: now)."""
+        if self._last_renewal is None:
+            return 0.0
+        return max(0.0, self._last_renewal + self.renewal_interval - time.monotonic())
+
+    def _token_limit_failure(self, reason):
+        if not self._token_limit_logged:
+            self._token_limit_logged = True
+            log.warning("123pan: %s; waiting instead of asking for another token (each new "
+                        "token logs out one of the account's devices)", reason)
+        return _Transient(reason, "token_limit", UNAVAILABLE)
+
+    @staticmethod
+    def _token_limit_error(call, detail):
+        """The refusal that ends a call the token limit held up (call_api logs
+        it when it is raised as an answer's refusal)."""
+        return Pan123AuthError(token_limit_advice(detail), endpoint=call.path,
+                               meaning=UNAVAILABLE)
+
+    def _gave_up(self, call, failure):
+        if failure.reason == "token_limit":
+            error = self._token_limit_error(call, str(failure))
+            log.error("%s", error)
+            return error
+        return CloudClient._gave_up(self, call, failure)
 
     def _url(self, call):
         host = call.host() if callable(call.host) else call.host
@@ -3423,9 +3696,21 @@ class Pan123Client(CloudClient):
         return json_envelope(raw)
 
     def _obtain_token(self, current, obtained_at):
-        data = self.call("POST", "/api/v1/access_token", auth=False,
-                         body={"clientID": self.client_id,
-                               "clientSecret": self._client_secret})
+        """A new token (under the token lock).  "Too many live tokens" is a
+        _Transient for call_api to wait out, and is not asked again within
+        renewal_interval: asking so soon would only churn."""
+        refused = self._token_refusal
+        if refused is not None and time.monotonic() < refused[0] + self.renewal_interval:
+            raise self._token_limit_failure("a new token was refused: %s" % refused[1])
+        try:
+            data = self.call("POST", PAN123_TOKEN_ENDPOINT, auth=False,
+                             body={"clientID": self.client_id,
+                                   "clientSecret": self._client_secret})
+        except Pan123AuthError as e:
+            if not is_token_limit_error(e):
+                raise
+            self._token_refusal = (time.monotonic(), e)
+            raise self._token_limit_failure("a new token was refused: %s" % e)
         try:
             token = _make_token(data["accessToken"], data["expiredAt"], obtained_at)
         except (TypeError, KeyError, ValueError) as e:
@@ -3460,16 +3745,11 @@ class Pan123Client(CloudClient):
         Trashed entries (list v2 returns them) and entries rejected by content
         review (status > 100) are left out.  The cursor is passed back opaque;
         -1, an empty page or a cursor that does not move ends the listing."""
-        query = {"parentFileId": parent_id, "limit": PAN123_LIST_PAGE}
-        if cursor is not None:
-            query["lastFileId"] = cursor
-        data = self.call("GET", "/api/v2/file/list", query=query) or {}
-        page = data.get("fileList") or []
+        page, next_cursor = self._list_v2(parent_id, cursor)
         entries = [Pan123Entry(item["fileId"], item["filename"], item.get("type") == 1,
                                item.get("size") or 0, (item.get("etag") or "").lower())
                    for item in page
                    if item.get("trashed") != 1 and (item.get("status") or 0) <= 100]
-        next_cursor = data.get("lastFileId", -1)
         if next_cursor == -1 or not page:
             return entries, None
         if next_cursor == cursor:
@@ -3477,18 +3757,42 @@ class Pan123Client(CloudClient):
                               % (parent_id, cursor), endpoint="/api/v2/file/list")
         return entries, next_cursor
 
+    def _list_v2(self, parent_id, cursor):
+        """One page of list v2 as 123pan sends it: (its items, lastFileId)."""
+        query = {"parentFileId": parent_id, "limit": PAN123_LIST_PAGE}
+        if cursor is not None:
+            query["lastFileId"] = cursor
+        data = self.call("GET", "/api/v2/file/list", query=query) or {}
+        return data.get("fileList") or [], data.get("lastFileId", -1)
+
+    def folder_names(self, parent_id):
+        """(file id, name, trashed) of every entry list v2 returns for a folder,
+        trashed ones included (list v2 returns them; list_page leaves them out)."""
+        out, cursor = [], None
+        while True:
+            page, next_cursor = self._list_v2(parent_id, cursor)
+            out.extend((item["fileId"], item["filename"], item.get("trashed") == 1)
+                       for item in page)
+            if next_cursor == -1 or not page or next_cursor == cursor:
+                return out
+            cursor = next_cursor
+
     # -- uploads ------------------------------------------------------------------
 
     def upload_domain(self):
-        """The single-step upload host, asked once and kept until a connection
-        to it fails."""
+        """The single-step upload host, asked again every PAN123_UPLOAD_DOMAIN_TTL
+        seconds (the host list changes) and after a connection to it failed."""
         with self._upload_domain_lock:
+            if self._upload_domain is not None and \
+                    time.monotonic() - self._upload_domain_at > PAN123_UPLOAD_DOMAIN_TTL:
+                self._upload_domain = None
             if self._upload_domain is None:
                 hosts = self.call("GET", "/upload/v2/file/domain")
                 if not isinstance(hosts, list) or not hosts or not isinstance(hosts[0], str):
                     raise Pan123Error("123pan upload domain: unusable answer %r" % (hosts,),
                                       endpoint="/upload/v2/file/domain")
                 self._upload_domain = hosts[0].rstrip("/")
+                self._upload_domain_at = time.monotonic()
             return self._upload_domain
 
     def _forget_upload_domain(self, base):
@@ -3496,14 +3800,16 @@ class Pan123Client(CloudClient):
             if self._upload_domain == base:
                 self._upload_domain = None
 
-    def upload_single(self, parent_id, name, spool):
-        """Single-step upload of the whole spool (up to 1 GB); the new file id."""
+    def upload_single(self, parent_id, name, spool, notes=None):
+        """Single-step upload of the whole spool (up to 1 GB); the new file id.
+        notes (a set) gets "upload_queue" when 123pan's upload queue refused an
+        attempt: the caller then makes sure only one copy is left."""
         form = MultipartBody([("parentFileID", parent_id), ("filename", name),
                               ("etag", spool.md5), ("size", spool.size),
                               ("duplicate", 2)],   # replace: objects are content-addressed
                              "file", name, spool)
         data = self.call("POST", "/upload/v2/file/single/create", form=form,
-                         host=self.upload_domain,
+                         host=self.upload_domain, notes=notes,
                          deadline=time.monotonic() + self._transfer_deadline(spool.size))
         if not isinstance(data, dict) or data.get("completed") is not True:
             raise Pan123Error("123pan single-step upload of %s: not completed (%r)"
@@ -3629,9 +3935,10 @@ class Pan123Client(CloudClient):
     # -- downloads --------------------------------------------------------------------
 
     def _new_download_url(self, file_id, fresh):
-        """A CDN URL for the file, reused for download_url_lifetime seconds: far
-        below the (unverified) 2 h lifetime claimed for these URLs, and a rejected
-        URL is replaced anyway."""
+        """A CDN URL for the file, reused until the expiry the signed URL carries
+        (t=/e=, less a minute), else for download_url_lifetime seconds; a refused
+        URL is replaced anyway.  20103 (still being verified) is polled by
+        _classify."""
         # A missing file is the storage's to report (it knows which object it was).
         data = self.call("GET", "/api/v1/file/download_info", query={"fileId": file_id},
                          expected=(Pan123FileNotFound,))
@@ -3639,7 +3946,33 @@ class Pan123Client(CloudClient):
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise Pan123Error("123pan download_info of file %d: no usable URL" % file_id,
                               endpoint="/api/v1/file/download_info")
-        return url, self.download_url_lifetime
+        return url, pan123_link_reuse_seconds(url, self.download_url_lifetime)
+
+    def _check_download(self, file_id, start, length, response):
+        """The CDN's refusals (classify_pan123_cdn_answer): a refused link (403:
+        expired, risk control code 1010, bound to another place) is replaced, at
+        once the first time; a 5xx also drops the link before the next attempt
+        (another link may reach another node)."""
+        if not 400 <= response.status < 600:
+            return CloudClient._check_download(self, file_id, start, length, response)
+        problem = _range_response_problem(response, start, length)
+        try:
+            body = response.read_all(4096)
+        except NETWORK_ERRORS:
+            body = b""
+        response.discard()
+        action = classify_pan123_cdn_answer(response.status, body)
+        if action == "new_link":
+            reason = describe_cdn_refusal(response.status, body)
+            log.debug("123pan download of file %d refused (%s): new link", file_id, reason)
+            return _Transient("CDN refused the link: %s" % reason, "download_url")
+        if action == "retry_new_link":
+            self.forget_download_url(file_id)
+            return _Transient(problem)
+        if action == "retry":
+            return _Transient.rate_limited(problem)
+        raise Pan123Error("123pan download of file %d bytes %d+%d: %s"
+                          % (file_id, start, length, problem))
 
     @staticmethod
     def _describe_file(file_id):
@@ -3797,8 +4130,9 @@ class Pan123Deletes(object):
         queue meanwhile, and a restart would also pick them up)."""
         errors = dict((i, e) for i, e in errors.items() if not isinstance(e, Pan123FileNotFound))
         if errors and not self._stopping.is_set():
-            log.warning("123pan %s: %d objects failed, trying again in %ds",
-                        queue.name, len(errors), self._retry)
+            log.warning("123pan %s: %d objects failed, trying again in %ds: %s",
+                        queue.name, len(errors), self._retry,
+                        "; ".join("file %d: %s" % (i, e) for i, e in sorted(errors.items())[:5]))
 
             def again():
                 self._retry_timers.discard(timer)
@@ -3846,6 +4180,9 @@ class Pan123Storage(CloudStorage):
                               refresh_seconds, warm_up_workers, progress_interval)
         self.single_upload_max = min(single_upload_max, PAN123_SINGLE_STEP_LIMIT)
         self._deletes = Pan123Deletes(client, index, delete_linger, delete_retry)
+        self.account = None             # a Pan123Account: user/info at start, then now and then
+        self.audit_every = 0            # seconds between background audits (0: none)
+        self.last_audit = None
 
     def describe(self):
         return "123pan folder /%s (client id %s, %s)" % (
@@ -3894,7 +4231,10 @@ class Pan123Storage(CloudStorage):
             folder_id = None if parent_id is None else self.index.child_folder(parent_id,
                                                                                 path[-1])
             if folder_id is None:
-                return forgot
+                if forgot:
+                    return forgot
+                path = path[:-1]    # never made (its mkdir failed): look at its parent
+                continue
             try:
                 if self.client.file_detail(folder_id).get("trashed") != 1:
                     return forgot
@@ -3921,32 +4261,65 @@ class Pan123Storage(CloudStorage):
     def put(self, ref, spool):
         path = self._folder_path(ref.repo, ref.kind, ref.name)
         with self._name_locks.hold(path + (ref.name,)):
-            folder_id = self._resolve(path, create=True)
-            if not self._stored_meanwhile(ref, self.index.file(folder_id, ref.name), spool):
-                self._put_into(folder_id, path, ref, spool)
+            try:
+                # mkdir under a vanished parent fails like an upload into one: the
+                # same recovery covers both.
+                self._put_into(self._resolve(path, create=True), ref, spool)
+            except Pan123Unavailable:
+                raise
+            except Pan123Error:
+                if not self._forget_vanished_folders(path):
+                    raise
+                self._put_into(self._resolve(path, create=True), ref, spool)
 
-    def _put_into(self, folder_id, path, ref, spool):
+    def _put_into(self, folder_id, ref, spool):
+        if self._stored_meanwhile(ref, self.index.file(folder_id, ref.name), spool):
+            return
         if self.index.pending_deletes_of(folder_id, ref.name):
             # Deleted a moment ago and stored again (restic migrate's config):
             # the old file goes to the trash first, or it might take the new one.
             self._deletes.flush_trash()
-        try:
-            file_id = self._upload(folder_id, ref.name, spool)
-        except Pan123Unavailable:
-            raise
-        except Pan123Error:
-            if not self._forget_vanished_folders(path):
-                raise
-            folder_id = self._resolve(path, create=True)
-            file_id = self._upload(folder_id, ref.name, spool)
+        file_id = self._upload(folder_id, ref.name, spool)
         self.index.record_file(folder_id, ref.name, CloudFile(file_id, spool.size, spool.md5))
 
     def _upload(self, folder_id, name, spool):
         # A zero-byte object always goes single-step (single_upload_max >= 0): how
         # the slice flow numbers zero slices is not documented.
         if spool.size <= self.single_upload_max:
-            return self.client.upload_single(folder_id, name, spool)
+            notes = set()
+            file_id = self.client.upload_single(folder_id, name, spool, notes=notes)
+            if "upload_queue" in notes:
+                self._settle_queued_upload(folder_id, name, file_id, spool)
+            return file_id
         return self.client.upload_chunked(folder_id, name, spool)
+
+    def _settle_queued_upload(self, folder_id, name, file_id, spool):
+        """After 123pan's upload queue refused an attempt ("该任务已成功进入秒传
+        队列...请慢一点": the task was queued, so it may have been stored all the
+        same): make sure the folder holds exactly one file of that name, the one
+        recorded.  The recorded id is checked by detail (a listing may lag);
+        other copies, live or overwritten into the trash, are deleted."""
+        detail = self.client.file_detail(file_id)
+        if detail.get("trashed") == 1 or detail.get("filename") != name or \
+                detail.get("size") != spool.size or \
+                str(detail.get("etag") or "").lower() != spool.md5:
+            raise Pan123Error("123pan: %s (file %d) is not the file uploaded after the "
+                              "upload queue refused it: %r" % (name, file_id, detail))
+        live, trashed = [], []
+        for entry_id, entry_name, is_trashed in self.client.folder_names(folder_id):
+            if entry_name == name and entry_id != file_id:
+                (trashed if is_trashed else live).append(entry_id)
+        if not (live or trashed):
+            return
+        log.info("123pan: %s: %d more copies left by the upload queue; deleting them",
+                 name, len(live) + len(trashed))
+        try:
+            if live:
+                self.client.trash(live)
+            self.client.delete_trashed(live + trashed)
+        except Pan123Error as e:
+            log.warning("123pan: %s: could not delete the copies %s left by the upload "
+                        "queue: %s", name, live + trashed, e)
 
     def delete(self, ref):
         folder_id, entry = self._lookup(ref)
@@ -3964,12 +4337,36 @@ class Pan123Storage(CloudStorage):
     # -- start and stop -----------------------------------------------------------
 
     def _resume(self):
+        """At start, before the warm-up: the account (its tier sets the request
+        rates), read again every PAN123_ACCOUNT_INTERVAL, --verify-every's
+        audits, and the deletes queued before a restart."""
+        if self.account is not None:
+            self.account.refresh_quietly()
+            self._every(PAN123_ACCOUNT_INTERVAL, self.account.refresh_quietly, "123pan-account")
+        if self.audit_every > 0:
+            self._every(self.audit_every, self._background_audit, "123pan-audit")
         pending = self.index.pending_deletes()
         if pending:
             log.info("123pan: %d deletes from before the restart are still to be done",
                      len(pending))
         for file_id, stage in pending:
             self._deletes.post(file_id, stage)
+
+    def _every(self, seconds, job, name):
+        """Run job() every `seconds` in a daemon thread until close()."""
+        def loop():
+            while not self._stopping.wait(seconds):
+                job()
+        threading.Thread(target=loop, daemon=True, name=name).start()
+
+    def _background_audit(self):
+        if self.warm_up is not None and not self.warm_up.finished.is_set():
+            log.info("verify-cloud: the cache warm-up is still running; audit postponed")
+            return
+        try:
+            self.last_audit = Pan123CloudAudit(self).run()
+        except (StorageError, OSError) as e:
+            log.warning("verify-cloud: the audit stopped: %s", e)
 
     def close(self):
         self._stop_warm_up()
@@ -3980,6 +4377,246 @@ class Pan123Storage(CloudStorage):
         self.client.close()
         if drained:
             self._close_cache()
+
+
+# -- the account (user/info) and the zero-traffic audit (--verify-cloud) ----------
+
+PAN123_ACCOUNT_INTERVAL = 6 * 3600.0    # user/info again this often while serving
+PAN123_DEVELOPER_WARN_DAYS = 14         # warn this long before developer access ends
+PAN123_SPACE_WARN_RATIO = 0.9           # warn when this share of the space is used
+
+# What the account, the traffic quota and the audit export (the metrics every
+# backend shares are described in section 2).
+for _name, _kind, _text in (
+        ("download_quota_refusals_total", "counter",
+         "Download links refused because the traffic quota is used up (123pan 5113)"),
+        ("space_used_bytes", "gauge", "Space used on the cloud account"),
+        ("space_total_bytes", "gauge", "Space of the cloud account"),
+        ("vip", "gauge", "1 when the 123pan account is VIP"),
+        ("developer_access_end_timestamp_seconds", "gauge",
+         "Unix time the 123pan developer access (a paid package) ends"),
+        ("audit_problems", "gauge", "Problems the last --verify-cloud audit found, by kind"),
+        ("audit_objects", "gauge", "Objects the last audit compared"),
+        ("audit_list_calls", "gauge", "List calls the last audit made"),
+        ("audit_last_run_timestamp_seconds", "gauge", "Unix time the last audit ended")):
+    METRICS.describe("restic123pan_cloud_" + _name, _kind, _text)
+
+Pan123AccountInfo = collections.namedtuple(
+    "Pan123AccountInfo", "uid nickname vip space_used space_total developer_end")
+
+
+def _number(value):
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def parse_pan123_user_info(data):
+    """user/info's data -> Pan123AccountInfo.  Space total is spacePermanent +
+    spaceTemp; developer_end (POSIX seconds) is None when developerInfo is
+    missing, null or unreadable: then nobody can say when access ends."""
+    if not isinstance(data, dict):
+        raise Pan123Error("123pan user/info: unusable answer %r" % (data,),
+                          endpoint="/api/v1/user/info")
+    used = _number(data.get("spaceUsed"))
+    total = _number(data.get("spacePermanent"))
+    if total is not None:
+        total += _number(data.get("spaceTemp")) or 0
+    developer_end = None
+    developer = data.get("developerInfo")
+    if isinstance(developer, dict) and isinstance(developer.get("endTime"), str):
+        try:
+            developer_end = float(parse_pan123_time(developer["endTime"]))
+        except ValueError:
+            developer_end = None
+    return Pan123AccountInfo(data.get("uid"), data.get("nickname") or "",
+                             data.get("vip") is True, used, total, developer_end)
+
+
+def _gib(nbytes):
+    return "%.1f GiB" % (nbytes / 1024.0 ** 3)
+
+
+class Pan123Account(object):
+    """The 123pan account as user/info shows it, read at start and every
+    PAN123_ACCOUNT_INTERVAL: logged (account, space, VIP, developer access end),
+    warned about (access ending within warn_days, space nearly full), exported
+    as gauges, and the source of the rate table unless --pan123-tier forces one."""
+
+    def __init__(self, client, tier="auto", warn_days=PAN123_DEVELOPER_WARN_DAYS,
+                 space_warn_ratio=PAN123_SPACE_WARN_RATIO):
+        self.client, self.tier = client, tier
+        self.warn_days, self.space_warn_ratio = warn_days, space_warn_ratio
+        self.info = None
+
+    def refresh(self, now=None):
+        now = time.time() if now is None else now
+        info = parse_pan123_user_info(self.client.call("GET", "/api/v1/user/info"))
+        self.info = info
+        space = "unknown"
+        if info.space_used is not None and info.space_total:
+            space = "%s of %s used (%.0f%%)" % (_gib(info.space_used), _gib(info.space_total),
+                                                100.0 * info.space_used / info.space_total)
+        if info.developer_end is None:
+            access = "developer access end unknown (user/info has no readable developerInfo)"
+        else:
+            access = "developer access until %s UTC" % time.strftime(
+                "%Y-%m-%d %H:%M", time.gmtime(info.developer_end))
+        log.info("123pan account %s (uid %s): %s, %s, %s", info.nickname or "?", info.uid,
+                 space, "VIP" if info.vip else "not VIP", access)
+        if info.developer_end is not None:
+            days = (info.developer_end - now) / 86400.0
+            if days <= 0:
+                log.error("123pan: the developer access of this account ended on %s: every "
+                          "API call will fail until it is renewed (a paid package, see "
+                          "open.123pan.com)", time.strftime("%Y-%m-%d",
+                                                            time.gmtime(info.developer_end)))
+            elif days <= self.warn_days:
+                log.warning("123pan: the developer access of this account ends in %.0f days "
+                            "(%s): renew the package at open.123pan.com, or every call "
+                            "fails from then on", days,
+                            time.strftime("%Y-%m-%d", time.gmtime(info.developer_end)))
+            METRICS.set("restic123pan_cloud_developer_access_end_timestamp_seconds",
+                        info.developer_end)
+        if info.space_used is not None and info.space_total:
+            METRICS.set("restic123pan_cloud_space_used_bytes", info.space_used)
+            METRICS.set("restic123pan_cloud_space_total_bytes", info.space_total)
+            if info.space_used >= self.space_warn_ratio * info.space_total:
+                log.warning("123pan: the account's space is nearly full: %s", space)
+        METRICS.set("restic123pan_cloud_vip", 1 if info.vip else 0)
+        if self.tier == "auto":
+            tier = "vip" if info.vip else "free"
+            if tier != self.client.tier:
+                log.info("123pan: using the %s request-rate table (from user/info)", tier)
+            self.client.set_tier(tier)
+        return info
+
+    def refresh_quietly(self):
+        """refresh(), a failure logged rather than raised (the backups go on)."""
+        try:
+            return self.refresh()
+        except (StorageError, OSError) as e:
+            log.warning("123pan: cannot read the account (user/info): %s", e)
+            return None
+
+
+Pan123AuditResult = collections.namedtuple(
+    "Pan123AuditResult", "folders objects list_calls missing changed foreign unlisted")
+
+
+class Pan123CloudAudit(object):
+    """--verify-cloud: every folder of the served repositories is listed (list
+    calls only, at the list rate limit: nothing is downloaded) and each object's
+    size and MD5 in the listing is compared with what this server recorded in
+    its metadata cache when it stored or listed it.  Reported, one log line each:
+    objects missing in the cloud, objects whose size or MD5 changed, and objects
+    (or folders) in the cloud the server never recorded.  A missing object is
+    confirmed by one detail call first (a request may have stored it while the
+    folder was being listed); ids waiting for their remote delete are not foreign."""
+
+    def __init__(self, storage, progress_interval=None):
+        self.storage, self.client, self.index = storage, storage.client, storage.index
+        self.progress_interval = WARM_UP_PROGRESS_INTERVAL if progress_interval is None \
+            else progress_interval
+
+    def _list(self, folder_id):
+        files, folders, cursor, calls = {}, {}, None, 0
+        while True:
+            entries, cursor = self.client.list_page(folder_id, cursor)
+            calls += 1
+            for entry in entries:
+                (folders if entry.is_folder else files)[entry.name] = entry
+            if cursor is None:
+                return files, folders, calls
+
+    def _gone(self, recorded):
+        try:
+            return self.client.file_detail(recorded.file_id).get("trashed") == 1
+        except Pan123FileNotFound:
+            return True
+
+    def run(self):
+        started = last_progress = time.monotonic()
+        base = self.storage._base
+        base_id = self.storage._resolve(base)
+        problems = {"missing": [], "changed": [], "foreign": [], "unlisted": []}
+        folders = objects = calls = 0
+        if base_id is None:
+            log.error("verify-cloud: the repository folder /%s is missing", "/".join(base))
+            problems["missing"].append("/" + "/".join(base))
+        pending = set(file_id for file_id, _ in self.index.pending_deletes())
+        stack = [] if base_id is None else [(base_id, "/" + "/".join(base))]
+        while stack:
+            folder_id, path = stack.pop()
+            files, subfolders, n = self._list(folder_id)
+            calls += n
+            folders += 1
+            objects += len(files)
+            if not self.index.is_loaded(folder_id):
+                problems["unlisted"].append(path)
+                log.warning("verify-cloud: %s was never listed by this server: its %d "
+                            "objects cannot be compared", path, len(files))
+                continue
+            recorded = dict(self.index.files(folder_id))
+            for name, rec in sorted(recorded.items()):
+                entry = files.get(name)
+                if entry is None:
+                    if self.index.file(folder_id, name) is not None and self._gone(rec):
+                        problems["missing"].append(path + "/" + name)
+                        log.error("verify-cloud: missing in the cloud: %s/%s (file %d, %d "
+                                  "bytes)", path, name, rec.file_id, rec.size)
+                elif entry.size != rec.size or entry.etag != rec.etag:
+                    now = self.index.file(folder_id, name)
+                    if now is not None and (now.size, now.etag) == (entry.size, entry.etag):
+                        continue        # stored again meanwhile, by this server
+                    problems["changed"].append(path + "/" + name)
+                    log.error("verify-cloud: changed in the cloud: %s/%s: size %d -> %d, MD5 "
+                              "%s -> %s (file %d -> %d)", path, name, rec.size, entry.size,
+                              rec.etag, entry.etag, rec.file_id, entry.file_id)
+            for name, entry in sorted(files.items()):
+                if name in recorded or entry.file_id in pending or \
+                        self.index.file(folder_id, name) is not None:
+                    continue
+                problems["foreign"].append(path + "/" + name)
+                log.error("verify-cloud: not recorded by this server: %s/%s (file %d, %d bytes)",
+                          path, name, entry.file_id, entry.size)
+            known = self.index.folders(folder_id)
+            for name, child_id in sorted(known.items()):
+                if name not in subfolders:
+                    lost = self.index.files(child_id)
+                    problems["missing"].append(path + "/" + name + "/")
+                    log.error("verify-cloud: missing in the cloud: folder %s/%s (%d objects "
+                              "recorded)", path, name, len(lost))
+            for name, entry in sorted(subfolders.items(), reverse=True):
+                if name in known:
+                    stack.append((entry.file_id, path + "/" + name))
+                else:
+                    problems["foreign"].append(path + "/" + name + "/")
+                    log.error("verify-cloud: folder not recorded by this server: %s/%s",
+                              path, name)
+            if self.progress_interval and time.monotonic() - last_progress >= \
+                    self.progress_interval:
+                last_progress = time.monotonic()
+                log.info("verify-cloud: %d folders, %d objects so far (%d list calls, %d "
+                         "folders to go)", folders, objects, calls, len(stack))
+        result = Pan123AuditResult(folders, objects, calls, problems["missing"],
+                                   problems["changed"], problems["foreign"],
+                                   problems["unlisted"])
+        for kind in ("missing", "changed", "foreign", "unlisted"):
+            METRICS.set("restic123pan_cloud_audit_problems", len(problems[kind]), kind=kind)
+        METRICS.set("restic123pan_cloud_audit_objects", objects)
+        METRICS.set("restic123pan_cloud_audit_list_calls", calls)
+        METRICS.set("restic123pan_cloud_audit_last_run_timestamp_seconds", time.time())
+        bad = sum(len(v) for v in problems.values())
+        (log.error if bad else log.info)(
+            "verify-cloud: %s: %d folders, %d objects compared with %d list calls in %s: "
+            "%d missing, %d changed, %d not recorded, %d folders never listed",
+            "PROBLEMS FOUND" if bad else "clean", folders, objects, calls,
+            _duration(time.monotonic() - started), len(problems["missing"]),
+            len(problems["changed"]), len(problems["foreign"]), len(problems["unlisted"]))
+        return result
+
+
+def audit_is_clean(result):
+    return not (result.missing or result.changed or result.foreign or result.unlisted)
 
 
 def pan123_credentials_given(args, environ):
@@ -4005,9 +4642,40 @@ def build_pan123_storage(args, environ=None):
     repo_path = cloud_repo_path(args, environ, "PAN123_REPO_PATH", split_pan123_path)
     client = Pan123Client(client_id, client_secret, api_base=api_base,
                           state_dir=args.state_dir, tier=args.pan123_tier)
-    return cloud_storage_from_args(
+    storage = cloud_storage_from_args(
         args, Pan123Storage, client, repo_path, pan123_cache_namespace(client.api_base, client_id),
         single_upload_max=args.pan123_single_max)
+    storage.account = Pan123Account(client, args.pan123_tier)
+    storage.audit_every = (args.verify_every or 0) * 3600.0
+    return storage
+
+
+def run_cloud_audit(args, environ):
+    """--verify-cloud: the account, then the audit; 0 when clean, 1 when not,
+    2 for a usage error.  None without --verify-cloud (the server runs)."""
+    if not args.verify_cloud:
+        return None
+    try:
+        storage = build_pan123_storage(args, environ)
+    except UsageError as e:
+        sys.stderr.write("restic_123pan.py: error: %s\n" % e)
+        return 2
+    try:
+        storage.index.cache.open()
+        storage.account.refresh_quietly()
+        result = Pan123CloudAudit(storage).run()
+    except (StorageError, OSError) + ((sqlite3.Error,) if sqlite3 else ()) as e:
+        sys.stderr.write("restic_123pan.py: error: the audit failed: %s\n" % e)
+        return 1
+    finally:
+        storage.close()
+    sys.stdout.write("verify-cloud: %s: %d folders, %d objects, %d list calls; %d missing, "
+                     "%d changed, %d not recorded, %d folders never listed\n"
+                     % ("clean" if audit_is_clean(result) else "PROBLEMS FOUND",
+                        result.folders, result.objects, result.list_calls,
+                        len(result.missing), len(result.changed), len(result.foreign),
+                        len(result.unlisted)))
+    return 0 if audit_is_clean(result) else 1
 
 
 register_backend(Backend(
@@ -4019,15 +4687,24 @@ register_backend(Backend(
                                  "read command lines)")),
         ("--api-base", dict(metavar="URL", help="Open Platform API base URL (or "
                             "PAN123_API_BASE; default %s)" % PAN123_DEFAULT_API_BASE)),
-        ("--pan123-tier", dict(choices=("free", "vip"), default="free",
-                               help="request-rate table to stay within (default free)")),
+        ("--pan123-tier", dict(choices=("auto", "free", "vip"), default="auto",
+                               help="request-rate table to stay within (default auto: VIP "
+                                    "or free as user/info says at start)")),
         ("--pan123-single-max", dict(metavar="BYTES", type=_byte_count,
                                      default=PAN123_DEFAULT_SINGLE_MAX,
                                      help="objects larger than this use the chunked slice "
                                           "upload, e.g. 64M (default 64M; single-step "
-                                          "uploads stop at 1G)"))],
+                                          "uploads stop at 1G)")),
+        ("--verify-cloud", dict(action="store_true",
+                                help="audit and exit: list every folder of the repositories "
+                                     "(no download traffic) and compare sizes and MD5s with "
+                                     "what this server recorded; exit 1 when anything is "
+                                     "missing, changed or foreign")),
+        ("--verify-every", dict(metavar="HOURS", type=_hours,
+                                help="while serving, run that audit every HOURS hours "
+                                     "(results in the log and /metrics; default: never)"))],
     detect=pan123_credentials_given, detected_by="PAN123_CLIENT_ID or --client-id",
-    repo_path_help="from the 123pan root (or PAN123_REPO_PATH)"))
+    repo_path_help="from the 123pan root (or PAN123_REPO_PATH)", command=run_cloud_audit))
 
 
 # ---------------------------------------------------------------------------
@@ -6890,6 +7567,10 @@ def main(argv=None, environ=None):
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    command = BACKENDS[args.backend].command
+    status = command(args, environ) if command else None
+    if status is not None:      # a one-shot job instead of serving (--verify-cloud)
+        return status
     tune_memory()
     storage = server = None
     try:

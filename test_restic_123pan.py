@@ -1729,8 +1729,17 @@ MSG_BAD_TOKEN = "access_token无效或已过期"
 MSG_QPS = "操作频繁,请稍后再试"
 MSG_NOT_FOUND = "文件不存在"
 MSG_NAME_CLASH = "当前目录有重名文件"                          # observed (JR, rename)
+# Field notes items 2, 5, 7: answers the docs do not list.
+MSG_UPLOAD_QUEUE = "该任务已成功进入秒传队列,任务队列削峰中,未直接获取到文件ID,请慢一点"  # SDK fixtures
+MSG_TRAFFIC_DAY = "您今日自用下载流量已超出1GB上限"                 # download doc page
+MSG_TRAFFIC_MONTH = "本月免费流量不足，请开通会员 (代码: 5113)"     # user reports since 2025-11
+MSG_ODD_ID = "文件状态异常"                                  # nobody confirms a code: invented
+CDN_RISK_BODY = b'{"code":1010,"message":"download err: 50002"}'  # OpenList issues
+CDN_REGION_BODY = b"forbidden realc:shanghai arg_c:beijing"
 
-_FAULT_KINDS = ("429", "500", "502", "drop", "slow", "401")
+# cdn1010 / region / hangup: CDN refusals of the field notes (item 7); hangup also
+# closes an API connection before any answer.
+_FAULT_KINDS = ("429", "500", "502", "drop", "slow", "401", "cdn1010", "region", "hangup")
 _GATEWAY_HTML = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
                  b"<center><h1>502 Bad Gateway</h1></center>\r\n</body>\r\n</html>\r\n")
 
@@ -1930,6 +1939,7 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, emu, role):
         self.emu, self.role = emu, role
+        self.retired = False            # Pan123Emulator.move_upload_host()
         ThreadingHTTPServer.__init__(self, ("127.0.0.1", 0), _Handler)
 
     def server_bind(self):
@@ -2066,6 +2076,23 @@ class Pan123Emulator(_EmulatorControls):
     entries show in list v2 / search), traffic_exhausted (download_info -> 5113),
     preupload_lifetime, max_file_size, single_upload_limit, qps_overrides {path: qps}.
 
+    Real-service answers of the field notes, each off by default:
+    token_limit_window (s after a token is minted during which calls with it answer 401
+    "tokens number has exceeded the limit"), add_other_devices(n) with token_limit_mode
+    (an account over the device limit: minting logs another device out, or is refused),
+    single_throttle_every / single_throttle_stores (every n-th single-step upload answers
+    code 1 秒传队列...削峰...请慢一点, optionally having stored the file anyway),
+    verifying_seconds (download_info answers 20103 for a while after a file is stored),
+    traffic_quota / traffic_message (download bytes left; 5113 when a file needs more),
+    slow faults with slow_seconds above a client's socket timeout (stalls), the cdn1010 /
+    region / hangup / 5xx faults on "/dl" or "/obj", cdn_framing ("chunked" | "close":
+    download answers without Content-Length), trash_refused_ids (a trash batch holding one
+    is refused with an undocumented code), move_upload_host() (the old upload host hangs
+    up, the domain call names a new one), url_expiry_param ("e", "t" or None: the expiry
+    the download URL carries), developer_info ("normal" | "missing" | "null" | "odd") with
+    developer_end and space_permanent / space_used_extra for user/info.
+    Counters: calls per endpoint, tokens_issued, devices_logged_out, traffic_used.
+
     Extras beyond the agreed API: advance_clock(seconds) (expiry and QPS windows without
     sleeping), add_folder(path), log (deque of {host, method, path, status, code, token}),
     errors (tracebacks of emulator bugs; assert it stays empty), now().
@@ -2099,6 +2126,23 @@ class Pan123Emulator(_EmulatorControls):
         self.max_file_size = 10 * 1024 ** 3
         self.single_upload_limit = 1024 ** 3
         self.qps_overrides = {}             # type: Dict[str, float]
+        self.token_limit_window = 0.0
+        self.single_throttle_every = 0
+        self.single_throttle_stores = False
+        self.verifying_seconds = 0.0
+        self.traffic_quota = None           # type: Optional[int]
+        self.traffic_message = MSG_TRAFFIC_DAY
+        self.traffic_used = 0
+        self.cdn_framing = None             # None | "chunked" | "close"
+        self.trash_refused_ids = set()
+        self.url_expiry_param = "e"
+        self.developer_info = "normal"
+        self.developer_end = 365 * 86400.0
+        self.space_permanent = 2 * 1024 ** 4
+        self.space_used_extra = 0
+        self.devices_logged_out = 0
+        self.single_uploads = 0
+        self.cdn_seen = collections.Counter()   # "framing:chunked", "param:t"... answered
 
         self.lock = threading.RLock()
         self.calls = collections.Counter()
@@ -2138,6 +2182,29 @@ class Pan123Emulator(_EmulatorControls):
         base = ["http://127.0.0.1:%d" % s.server_address[1] for s in self._servers]
         self.api_base, self.upload_base, self.download_base = base
         return self
+
+    def move_upload_host(self):
+        """The upload host list changes (field notes 12): a new upload server answers
+        from now on; the old one hangs up on every request, as a host taken away."""
+        old = [s for s in self._servers if s.role == "upload" and not s.retired]
+        srv = _Server(self, "upload")
+        t = threading.Thread(target=srv.serve_forever, args=(0.05,), name="pan123-upload2")
+        t.daemon = True
+        t.start()
+        with self.lock:
+            for s in old:
+                s.retired = True
+            self._servers.append(srv)
+            self.upload_base = "http://127.0.0.1:%d" % srv.server_address[1]
+        return self.upload_base
+
+    def add_other_devices(self, n):
+        """n live tokens held by the user's other devices (phone, PC client...)."""
+        with self.lock:
+            for _ in range(n):
+                self._tokens["device-" + uuid.uuid4().hex] = {
+                    "exp": self.now() + self.token_lifetime, "revoked": False,
+                    "iat": self.now() - 86400, "device": True}
 
     # ------------------------------------------------------------------ clock, accounting, faults
     # (the rest in _EmulatorControls)
@@ -2358,6 +2425,10 @@ class Pan123Emulator(_EmulatorControls):
         ctx = _Ctx(h, role, ep, path, sp.query)
         with self.lock:
             self.calls[ep] += 1
+        if h.server.retired:            # a host taken out of the upload host list
+            self._record(ctx, None, "drop")
+            h.close_connection = True
+            return
         try:
             ctx.body = self._read_body(ctx)
             if role == "cdn":
@@ -2454,10 +2525,12 @@ class Pan123Emulator(_EmulatorControls):
         if kind == "slow":
             time.sleep(self.slow_seconds)
             return False
-        if kind == "drop":       # close without answering (body was already read)
+        if kind in ("drop", "hangup"):   # close without answering (body was already read)
             self._record(ctx, None, "drop")
             ctx.h.close_connection = True
             return True
+        if kind in ("cdn1010", "region"):   # CDN-only refusals: nothing on the API
+            return False
         if kind == "500":
             raise _HttpError(500, b"Internal Server Error")
         if kind == "502":
@@ -2472,6 +2545,9 @@ class Pan123Emulator(_EmulatorControls):
             rec = self._tokens.get(tok)
             if rec is None or rec["revoked"] or rec["exp"] <= self.now():
                 raise _ApiError(401, MSG_BAD_TOKEN)
+            if self.token_limit_window and self.now() < rec["iat"] + self.token_limit_window:
+                # field notes 1: a fresh token meets "too many tokens" for a few seconds
+                raise _ApiError(401, MSG_TOKEN_LIMIT)
         ctx.token = tok
 
     def _qps_admit(self, ep):
@@ -2629,6 +2705,7 @@ class Pan123Emulator(_EmulatorControls):
                     raise _ApiError(401, MSG_TOKEN_LIMIT)
                 for t in live[:len(live) - self.max_live_tokens + 1]:
                     self._tokens[t]["revoked"] = True      # oldest goes offline (DOC-dev)
+                    self.devices_logged_out += 1
             exp = now + self.token_lifetime
             head = _b64url(b'{"alg":"HS256","typ":"JWT"}')
             payload = _b64url(json.dumps({"exp": int(exp), "iat": int(now), "id": _UID,
@@ -2636,23 +2713,34 @@ class Pan123Emulator(_EmulatorControls):
             sig = _b64url(hmac.new(self._secret, (head + "." + payload).encode("ascii"),
                                    hashlib.sha256).digest())
             tok = "%s.%s.%s" % (head, payload, sig)
-            self._tokens[tok] = {"exp": exp, "revoked": False}
+            self._tokens[tok] = {"exp": exp, "revoked": False, "iat": now}
             self.tokens_issued += 1
         return {"accessToken": tok, "expiredAt": _rfc3339(exp)}
 
     def _h_user_info(self, ctx):
         self._query(ctx, {})
         with self.lock:
-            used = sum(n["size"] for n in self._nodes.values())
+            used = sum(n["size"] for n in self._nodes.values()) + self.space_used_extra
         t0 = _fmt_time(self.now() - 86400)
         t1 = _fmt_time(self.now() + 365 * 86400)
-        return {"uid": _UID, "nickname": "emulator", "headImage": "", "passport": "13800000000",
-                "mail": "", "spaceUsed": used, "spacePermanent": 2 * 1024 ** 4, "spaceTemp": 0,
-                "spaceTempExpr": 0, "vip": self.vip, "directTraffic": 0, "isHideUID": False,
-                "httpsCount": 0,
-                "vipInfo": [{"vipLevel": 1, "vipLabel": "VIP", "startTime": t0, "endTime": t1}]
-                if self.vip else None,
-                "developerInfo": {"startTime": t0, "endTime": t1}}
+        out = {"uid": _UID, "nickname": "emulator", "headImage": "", "passport": "13800000000",
+               "mail": "", "spaceUsed": used, "spacePermanent": self.space_permanent,
+               "spaceTemp": 0, "spaceTempExpr": 0, "vip": self.vip, "directTraffic": 0,
+               "isHideUID": False, "httpsCount": 0,
+               "vipInfo": [{"vipLevel": 1, "vipLabel": "VIP", "startTime": t0, "endTime": t1}]
+               if self.vip else None}
+        # The doc page's shape: zoneless UTC+8 times (field notes 4: paid, it ends).
+        mode = self.developer_info
+        if mode == "normal":
+            out["developerInfo"] = {"startTime": t0,
+                                    "endTime": _fmt_time(self.now() + self.developer_end)}
+        elif mode == "null":
+            out["developerInfo"] = None
+        elif mode == "odd":
+            out["developerInfo"] = {"startTime": 0, "endTime": "0001-01-01 00:00:00x"}
+        elif mode != "missing":
+            raise ValueError("developer_info %r" % (mode,))
+        return out
 
     def _h_mkdir(self, ctx):
         b = self._json(ctx, {"name": ("str", True), "parentID": ("int", True)})
@@ -2722,8 +2810,14 @@ class Pan123Emulator(_EmulatorControls):
             # inferred: folders and trashed files are "not found" too
             if n is None or n["trashed"] or n["type"] != 0:
                 raise _ApiError(5066, MSG_NOT_FOUND)
+            if self.verifying_seconds and self._born[fid] + self.verifying_seconds > self.now():
+                raise _ApiError(20103, MSG_VERIFYING)      # field notes 3
             if self.traffic_exhausted:
                 raise _ApiError(5113, "今日自用下载流量已超出1GB限制")
+            if self.traffic_quota is not None and \
+                    self.traffic_quota - self.traffic_used < n["size"]:
+                # field notes 5: the link is refused unless what is left covers the file
+                raise _ApiError(5113, self.traffic_message)
             exp = self.now() + self.download_url_lifetime
             return {"downloadUrl": self._mint_url("dl", self._content_of[fid], exp)}
 
@@ -2734,6 +2828,8 @@ class Pan123Emulator(_EmulatorControls):
                 n = self._nodes.get(f)
                 if n is None:
                     raise _ApiError(5066, MSG_NOT_FOUND)
+                if f in self.trash_refused_ids:      # field notes 10: an odd id
+                    raise _ApiError(1, MSG_ODD_ID)
                 if n["trashed"]:     # strict: already trashed is an error (inferred)
                     raise _ApiError(1, "文件已在回收站")
             for f in ids:
@@ -2910,13 +3006,22 @@ class Pan123Emulator(_EmulatorControls):
                     raise _ApiError(1, "文件大小与size不一致")
                 if md5 != spec["key"][0]:
                     raise _ApiError(1, "文件MD5校验失败")
+            self.single_uploads += 1
+            if self.single_throttle_every and \
+                    self.single_uploads % self.single_throttle_every == 0:
+                # field notes 2: "queued, peak shaving, no file id"; the task may
+                # have gone through all the same
+                if self.single_throttle_stores:
+                    self._commit(spec, data)
+                raise _ApiError(1, MSG_UPLOAD_QUEUE)
             return {"fileID": self._commit(spec, data), "completed": True}
 
     # ------------------------------------------------------------------ download CDN
     def _mint_url(self, hop, key, exp):
         tok = _b64url(os.urandom(24))
-        query = "e=%d&s=%s" % (int(exp), hmac.new(self._secret, tok.encode("ascii"),
-                                                   hashlib.md5).hexdigest())
+        query = "s=%s" % hmac.new(self._secret, tok.encode("ascii"), hashlib.md5).hexdigest()
+        if self.url_expiry_param:       # signed links carry their expiry (field notes 8)
+            query = "%s=%d&%s" % (self.url_expiry_param, int(exp), query)
         self._dl[(hop, tok)] = {"key": key, "exp": exp, "query": query, "revoked": False}
         return "%s/%s/%s?%s" % (self.download_base, hop, tok, query)
 
@@ -2933,6 +3038,14 @@ class Pan123Emulator(_EmulatorControls):
             st = {"500": 500, "502": 502, "429": 429, "401": 403}[fault]
             raise _HttpError(st, _GATEWAY_HTML if st == 502 else b"error",
                              "text/html" if st == 502 else "text/plain")
+        elif fault == "cdn1010":        # risk control (field notes 7)
+            raise _HttpError(403, CDN_RISK_BODY, "application/json")
+        elif fault == "region":         # the link is bound to another city / IP
+            raise _HttpError(403, CDN_REGION_BODY)
+        elif fault == "hangup":         # connection closed before any answer
+            self._record(ctx, None, "drop")
+            ctx.h.close_connection = True
+            return
         # A client leaking API credentials to the CDN is a bug worth catching (1.2).
         if ctx.headers.get("Authorization") is not None or ctx.headers.get("Platform") is not None:
             raise _HttpError(400, b"Authorization/Platform headers are not accepted here")
@@ -2942,6 +3055,8 @@ class Pan123Emulator(_EmulatorControls):
                 raise _HttpError(403, b"signature mismatch")
             if rec["revoked"] or rec["exp"] <= self.now():
                 raise _HttpError(403, b"url expired")     # inferred status (6.2)
+            param = next((k for k in parse_qs(ctx.query) if k != "s"), "none")
+            self.cdn_seen["param:" + param] += 1
             if parts[1] == "dl" and self.redirect_downloads:
                 loc = self._mint_url("obj", rec["key"], rec["exp"])
                 redirect = True
@@ -2978,8 +3093,46 @@ class Pan123Emulator(_EmulatorControls):
             status = 206
             headers.append(("Content-Range", "bytes %d-%d/%d" % (start, end, size)))
         body = data[start:end + 1]
+        with self.lock:
+            self.traffic_used += len(body)      # traffic is counted per byte served (a guess)
+        if self.cdn_framing:
+            self._send_unframed(ctx, status, body, headers, len(body) // 2 if drop else None)
+            return
         self._send_raw(ctx, status, body, "application/octet-stream", headers=headers,
                        partial=len(body) // 2 if drop else None)
+
+    def _send_unframed(self, ctx, status, body, headers, partial):
+        """A download answer without Content-Length (field notes 9): chunked, or
+        delimited by closing the connection."""
+        self._record(ctx, status, "drop" if partial is not None else None)
+        with self.lock:
+            self.cdn_seen["framing:" + self.cdn_framing] += 1
+        h = ctx.h
+        h.send_response(status)
+        h.send_header("Content-Type", "application/octet-stream")
+        for k, v in headers:
+            h.send_header(k, v)
+        chunked = self.cdn_framing == "chunked"
+        if chunked:
+            h.send_header("Transfer-Encoding", "chunked")
+        else:
+            h.send_header("Connection", "close")
+            h.close_connection = True
+        h.end_headers()
+        if ctx.method == "HEAD":
+            return
+        data = body if partial is None else body[:partial]
+        if chunked:
+            for i in range(0, len(data), 65536):
+                piece = data[i:i + 65536]
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            if partial is None:
+                h.wfile.write(b"0\r\n\r\n")
+        else:
+            h.wfile.write(data)
+        h.wfile.flush()
+        if partial is not None:
+            h.close_connection = True
 
 
 # ---------------------------------------------------------------------------
@@ -3653,6 +3806,192 @@ class Pan123EmulatorDownloadsTest(Pan123EmulatorCase):
         self.assertEqual((r.status, r.body), (206, self.data[-5:]))
 
 
+class Pan123EmulatorFieldNotesTest(Pan123EmulatorCase):
+    """Each switch of the answers the field notes list, off by default and then on."""
+
+    def info(self, fid):
+        return self.call("GET", "/api/v1/file/download_info", query={"fileId": fid})
+
+    def cdn_get(self, url, headers=None):
+        u = urlsplit(url)
+        return request("http://" + u.netloc, "GET", u.path + "?" + u.query, headers=headers)
+
+    def test_token_limit_window_after_minting(self):
+        self.assertEqual(self.list0()["code"], 0)          # off by default
+        self.emu.token_limit_window = 30.0
+        self.emu.advance_clock(31)                          # self.token is older than that
+        fresh = self.new_token()
+        env = self.call("GET", LIST, query={"parentFileId": 0, "limit": 10}, token=fresh)
+        self.assertEqual((env["code"], env["message"]), (401, MSG_TOKEN_LIMIT))
+        self.assertEqual(self.list0()["code"], 0)           # an older token is unaffected
+        self.emu.advance_clock(31)
+        env = self.call("GET", LIST, query={"parentFileId": 0, "limit": 10}, token=fresh)
+        self.assertEqual(env["code"], 0)
+        self.assertEqual(self.emu.calls["/api/v1/access_token"], 2)
+
+    def test_over_the_device_limit_minting_logs_out_or_is_refused(self):
+        self.emu.add_other_devices(2)           # with ours: 3 live, the limit
+        self.assertEqual(self.emu.devices_logged_out, 0)
+        self.new_token()                        # evict mode: the oldest goes offline
+        self.assertEqual(self.emu.devices_logged_out, 1)
+        self.emu.token_limit_mode = "refuse"
+        env = self.call("POST", "/api/v1/access_token",
+                        {"clientID": "emu-client", "clientSecret": "emu-secret"}, token=False)
+        self.assertEqual((env["code"], env["message"]), (401, MSG_TOKEN_LIMIT))
+        self.assertEqual(self.emu.tokens_issued, 2)
+        self.assertEqual(self.emu.calls["/api/v1/access_token"], 3)
+
+    def list0(self):
+        return self.call("GET", LIST, query={"parentFileId": 0, "limit": 10})
+
+    def test_single_step_throttling_with_and_without_storing(self):
+        self.emu.single_throttle_every = 2
+        self.assertEqual(self.single(0, "a", b"aaa")["code"], 0)
+        env = self.single(0, "b", b"bbb")
+        self.assertEqual((env["code"], env["message"]), (1, MSG_UPLOAD_QUEUE))
+        self.assertIsNone(env["data"])
+        self.assertIsNone(self.emu.resolve("/b"))           # refused and not stored
+        self.emu.single_throttle_stores = True
+        self.assertEqual(self.single(0, "c", b"ccc")["code"], 0)
+        env = self.single(0, "d", b"ddd")
+        self.assertEqual(env["code"], 1)
+        self.assertEqual(self.emu.file_bytes(self.emu.resolve("/d")["fileId"]), b"ddd")
+        self.assertEqual(self.emu.single_uploads, 4)
+
+    def test_download_info_20103_while_verifying(self):
+        fid = self.single(0, "v", b"verify me")["data"]["fileID"]
+        self.assertEqual(self.info(fid)["code"], 0)         # off by default
+        self.emu.verifying_seconds = 5.0
+        fid = self.single(0, "w", b"fresh file")["data"]["fileID"]
+        env = self.info(fid)
+        self.assertEqual((env["code"], env["message"]), (20103, MSG_VERIFYING))
+        self.emu.advance_clock(5.1)
+        self.assertEqual(self.info(fid)["code"], 0)
+
+    def test_traffic_quota_per_byte_and_whole_file_rule(self):
+        fid = self.single(0, "q", b"x" * 100)["data"]["fileID"]
+        self.emu.traffic_quota = 150
+        self.emu.redirect_downloads = False
+        self.assertEqual(self.cdn_get(self.info(fid)["data"]["downloadUrl"]).status, 200)
+        self.assertEqual(self.emu.traffic_used, 100)
+        env = self.info(fid)             # 50 bytes left: not enough for the whole file
+        self.assertEqual((env["code"], env["message"]), (5113, MSG_TRAFFIC_DAY))
+        self.emu.traffic_message = MSG_TRAFFIC_MONTH
+        self.assertEqual(self.info(fid)["message"], MSG_TRAFFIC_MONTH)
+        self.emu.traffic_quota = None
+        self.assertEqual(self.info(fid)["code"], 0)
+
+    def test_stall_longer_than_a_socket_timeout(self):
+        self.emu.slow_seconds = 1.0
+        self.emu.fail_next("slow", endpoint=LIST)
+        c = http.client.HTTPConnection("127.0.0.1", urlsplit(self.emu.api_base).port,
+                                       timeout=0.3)
+        with self.assertRaises(socket.timeout):
+            request(self.emu.api_base, "GET", LIST + "?parentFileId=0&limit=10",
+                    headers=self.hdrs(), conn=c)
+        c.close()
+        self.assertEqual(self.list0()["code"], 0)
+
+    def test_cdn_refusals_and_failures(self):
+        fid = self.single(0, "c", b"cdn bytes")["data"]["fileID"]
+        url = self.info(fid)["data"]["downloadUrl"]
+        self.emu.fail_next("cdn1010", endpoint="/dl")
+        r = self.cdn_get(url)
+        self.assertEqual((r.status, r.json()["code"]), (403, 1010))
+        self.emu.fail_next("region", endpoint="/dl")
+        r = self.cdn_get(url)
+        self.assertEqual(r.status, 403)
+        self.assertIn(b"realc:", r.body)
+        self.emu.fail_next("502", endpoint="/dl")
+        self.assertEqual(self.cdn_get(url).status, 502)
+        self.emu.fail_next("hangup", endpoint="/dl")
+        with self.assertRaises((http.client.HTTPException, ConnectionError)):
+            self.cdn_get(url)
+        self.assertEqual(self.cdn_get(url).status, 302)      # the link itself is fine
+        self.assertEqual(self.emu.rejected[("/dl", "drop")], 1)
+
+    def test_download_answers_without_content_length(self):
+        data = os.urandom(200000)
+        fid = self.single(0, "big", data)["data"]["fileID"]
+        self.emu.redirect_downloads = False
+        for framing in ("chunked", "close"):
+            self.emu.cdn_framing = framing
+            u = urlsplit(self.info(fid)["data"]["downloadUrl"])
+            c = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+            c.request("GET", u.path + "?" + u.query, headers={"Range": "bytes=100-150099"})
+            r = c.getresponse()
+            self.assertEqual(r.status, 206)
+            self.assertIsNone(r.getheader("Content-Length"))
+            self.assertEqual(r.getheader("Content-Range"), "bytes 100-150099/200000")
+            if framing == "chunked":
+                self.assertEqual(r.getheader("Transfer-Encoding"), "chunked")
+            else:
+                self.assertEqual(r.getheader("Connection"), "close")
+            self.assertEqual(r.read(), data[100:150100])
+            c.close()
+
+    def test_trash_batch_with_one_odd_id(self):
+        ids = [self.single(0, "t%d" % i, b"t%d" % i)["data"]["fileID"] for i in range(3)]
+        self.emu.trash_refused_ids = {ids[1]}
+        env = self.call("POST", "/api/v1/file/trash", {"fileIDs": ids})
+        self.assertEqual((env["code"], env["message"]), (1, MSG_ODD_ID))
+        self.assertEqual(len(self.emu.children(0)), 3)          # all or nothing
+        self.ok("POST", "/api/v1/file/trash", {"fileIDs": [ids[0], ids[2]]})
+        self.assertEqual([c["fileId"] for c in self.emu.children(0)], [ids[1]])
+
+    def test_mkdir_and_upload_under_a_vanished_parent(self):
+        d = self.mkdir("gone")
+        self.emu.remove_behind_back("/gone")
+        env = self.call("POST", "/upload/v1/file/mkdir", {"name": "x", "parentID": d})
+        self.assertEqual(env["code"], 1)
+        self.assertIn("不存在", env["message"])
+        self.assertEqual(self.single(d, "f", b"f")["code"], 1)
+
+    def test_upload_host_moves(self):
+        old = self.emu.upload_base
+        self.assertEqual(self.single(0, "before", b"1")["code"], 0)
+        new = self.emu.move_upload_host()
+        self.assertNotEqual(new, old)
+        self.assertEqual(self.ok("GET", "/upload/v2/file/domain"), [new])
+        with self.assertRaises((http.client.HTTPException, ConnectionError)):
+            self.upload_post("/upload/v2/file/single/create",
+                             {"parentFileID": 0, "filename": "x", "etag": md5(b"2"), "size": 1},
+                             {"file": b"2"}, base=old)
+        self.assertEqual(self.single(0, "after", b"2")["code"], 0)
+        self.assertIsNotNone(self.emu.resolve("/after"))
+        self.assertIsNone(self.emu.resolve("/x"))
+
+    def test_download_urls_carry_their_expiry(self):
+        fid = self.single(0, "e", b"expiry")["data"]["fileID"]
+        url = self.info(fid)["data"]["downloadUrl"]
+        exp = int(parse_qs(urlsplit(url).query)["e"][0])
+        self.assertAlmostEqual(exp, self.emu.now() + 7200, delta=5)
+        self.emu.url_expiry_param = "t"
+        self.assertIn("t", parse_qs(urlsplit(self.info(fid)["data"]["downloadUrl"]).query))
+        self.emu.url_expiry_param = None
+        url = self.info(fid)["data"]["downloadUrl"]
+        self.assertEqual(set(parse_qs(urlsplit(url).query)), {"s"})
+        self.assertEqual(self.cdn_get(url).status, 302)
+
+    def test_user_info_fields_and_developer_info_modes(self):
+        self.single(0, "u", b"u" * 1000)
+        self.emu.space_used_extra = 5
+        self.emu.developer_end = 10 * 86400
+        d = self.ok("GET", "/api/v1/user/info")
+        self.assertEqual((d["spaceUsed"], d["spacePermanent"], d["vip"]),
+                         (1005, 2 * 1024 ** 4, False))
+        end = datetime.strptime(d["developerInfo"]["endTime"], "%Y-%m-%d %H:%M:%S")
+        end = end.replace(tzinfo=_CN_TZ).timestamp()
+        self.assertAlmostEqual(end, self.emu.now() + 10 * 86400, delta=5)
+        self.emu.developer_info = "missing"
+        self.assertNotIn("developerInfo", self.ok("GET", "/api/v1/user/info"))
+        self.emu.developer_info = "null"
+        self.assertIsNone(self.ok("GET", "/api/v1/user/info")["developerInfo"])
+        self.emu.developer_info = "odd"
+        self.assertEqual(self.ok("GET", "/api/v1/user/info")["developerInfo"]["startTime"], 0)
+        self.assertEqual(self.emu.calls["/api/v1/user/info"], 4)
+
+
 class Pan123EmulatorFaultsTest(Pan123EmulatorCase):
     def list0(self):
         return self.call("GET", LIST, query={"parentFileId": 0, "limit": 10})
@@ -4088,7 +4427,8 @@ class Pan123TokenTest(Pan123BackendCase):
         emu.revoke_all_tokens()
         list(client.list_folder(0))
         self.assertEqual(emu.tokens_issued, 2)
-        self.assertEqual(emu.rejected[(LIST, 401)], 1)
+        # the same token is tried again twice first: a 401 can be passing
+        self.assertEqual(emu.rejected[(LIST, 401)], 1 + rp.PAN123_TOKEN_RETRIES_BEFORE_RENEWAL)
 
     def test_401_with_http_status_401(self):
         emu = self.emulator(http_status_errors=True)
@@ -4102,10 +4442,11 @@ class Pan123TokenTest(Pan123BackendCase):
         emu = self.emulator()
         client = self.client()
         list(client.list_folder(0))
-        emu.fail_next("401", count=2, endpoint=LIST)
+        emu.fail_next("401", count=1000, endpoint=LIST)
         with self.assertRaises(Pan123AuthError):
             list(client.list_folder(0))
-        self.assertEqual(emu.tokens_issued, 2)      # one refresh per call, no more
+        self.assertEqual(emu.tokens_issued, 2)      # one renewal a minute, no more
+        self.assertEqual(emu.rejected[(LIST, 401)], 2 + 2 * rp.PAN123_TOKEN_RETRIES_BEFORE_RENEWAL)
 
     def test_concurrent_401s_renew_once(self):
         emu = self.emulator()
@@ -4120,9 +4461,12 @@ class Pan123TokenTest(Pan123BackendCase):
         emu.token_limit_mode, emu.max_live_tokens = "refuse", 0
         with self.assertLogs("restic_123pan", "WARNING") as logs:
             with self.assertRaises(Pan123AuthError) as caught:
-                list(self.client().list_folder(0))
+                list(self.client(call_deadline=1.0).list_folder(0))
         self.assertIn("tokens number has exceeded the limit", str(caught.exception))
+        self.assertIn("too many live logins", str(caught.exception))
+        self.assertEqual(rp.storage_error_status(caught.exception), 503)
         self.assertIn("x-traceID", "\n".join(logs.output))
+        self.assertEqual(emu.calls[TOKEN], 1)       # waited; never asked again
 
     def test_secret_never_logged_or_raised(self):
         emu = self.emulator()
@@ -4550,6 +4894,7 @@ class Pan123DownloadsTest(Pan123BackendCase):
 
     def test_url_lifetime(self):
         emu, storage, ref, data = self.stored(download_url_lifetime=0)
+        emu.url_expiry_param = None         # links that do not say when they expire
         self.read(storage, ref, 0, 10)
         self.read(storage, ref, 0, 10)
         self.assertEqual(emu.calls[DOWNLOAD_INFO], 2)
@@ -5117,6 +5462,399 @@ class Pan123UnderLimitsAndFaultsTest(Pan123BackendCase):
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------
+# 123pan as the real service behaves (field notes): the product's answers
+# ---------------------------------------------------------------------------
+
+class Pan123ClassifyTest(unittest.TestCase):
+    """The small tables the retry loop asks (the cloud layer's classify hook)."""
+
+    def test_answers(self):
+        c = rp.classify_pan123_answer
+        self.assertEqual(c(200, 0, "ok", LIST)[0], "ok")
+        self.assertEqual(c(200, 401, MSG_BAD_TOKEN, LIST)[0], "renew")
+        self.assertEqual(c(401, 401, MSG_TOKEN_LIMIT, LIST)[0], "token_limit")
+        self.assertEqual(c(200, 401, MSG_TOKEN_LIMIT, TOKEN)[0], "raise")   # never churn
+        self.assertEqual(c(200, 401, "clientID或clientSecret错误", TOKEN)[0], "raise")
+        self.assertEqual(c(429, 429, MSG_QPS, LIST)[0], "retry")
+        self.assertEqual(c(200, 1, MSG_UPLOAD_QUEUE, SINGLE)[0], "retry")
+        self.assertEqual(c(200, 1, MSG_UPLOAD_QUEUE, LIST)[0], "raise")
+        self.assertEqual(c(200, 1, MSG_NO_PARENT, SINGLE)[0], "raise")       # a vanished folder
+        self.assertEqual(c(200, 20103, MSG_VERIFYING, DOWNLOAD_INFO)[0], "poll")
+        # upload_complete's 20103 stays its caller's to poll
+        self.assertEqual(c(200, 20103, MSG_VERIFYING, "/upload/v2/file/upload_complete")[0],
+                         "raise")
+        self.assertEqual(c(200, 5113, MSG_TRAFFIC_MONTH, DOWNLOAD_INFO)[0], "quota")
+        self.assertEqual(c(200, 5066, MSG_NOT_FOUND, DOWNLOAD_INFO)[0], "raise")
+
+    def test_cdn_answers(self):
+        c = rp.classify_pan123_cdn_answer
+        self.assertEqual(c(403, CDN_RISK_BODY), "new_link")
+        self.assertEqual(c(403, CDN_REGION_BODY), "new_link")
+        self.assertEqual(c(410, b""), "new_link")
+        self.assertEqual(c(502, b""), "retry_new_link")
+        self.assertEqual(c(429, b""), "retry")
+        self.assertEqual(c(400, b""), "raise")
+        self.assertIn("code 1010", rp.describe_cdn_refusal(403, CDN_RISK_BODY))
+        self.assertIn("another place", rp.describe_cdn_refusal(403, CDN_REGION_BODY))
+
+    def test_link_expiry_and_reuse(self):
+        now = 1800000000.0
+        self.assertEqual(rp.pan123_link_expiry("https://x/a?t=1800000600&s=1", now), 1800000600)
+        self.assertEqual(rp.pan123_link_expiry("https://x/a?s=1&e=1800000600", now), 1800000600)
+        self.assertIsNone(rp.pan123_link_expiry("https://x/a?t=1799999999", now))   # past
+        self.assertIsNone(rp.pan123_link_expiry("https://x/a?t=abc&sign=1", now))
+        self.assertEqual(rp.pan123_link_reuse_seconds("https://x/a?t=1800000600", 300, now),
+                         600 - rp.PAN123_LINK_EXPIRY_MARGIN)
+        self.assertEqual(rp.pan123_link_reuse_seconds("https://x/a?q=1", 300, now), 300)
+        self.assertEqual(rp.pan123_link_reuse_seconds("https://x/a?t=1900000000", 300, now),
+                         rp.PAN123_LINK_MAX_REUSE)
+
+    def test_attempt_timeout_is_shorter_than_the_call_deadline(self):
+        self.assertLess(rp.pan123_attempt_timeout(60.0), 60.0 / 2 + 0.001)
+        self.assertEqual(rp.pan123_attempt_timeout(60.0), rp.PAN123_ATTEMPT_TIMEOUT)
+        self.assertEqual(rp.pan123_attempt_timeout(10.0, 30.0), 5.0)
+        self.assertLess(Pan123Client("id", "s").http.timeout, 60.0)
+
+
+class Pan123FieldNotesTest(Pan123BackendCase):
+    """Each answer of the field notes, switched on in the emulator, survived."""
+
+    def test_token_limit_window_is_waited_out_without_a_new_token(self):
+        emu = self.emulator()
+        emu.token_limit_window = 0.4
+        client = self.client()
+        self.assertEqual(list(client.list_folder(0)), [])
+        self.assertGreaterEqual(emu.rejected[(LIST, 401)], 1)
+        self.assertEqual(emu.calls[TOKEN], 1)
+
+    def test_over_the_device_limit_one_token_and_no_more(self):
+        emu = self.emulator()
+        emu.add_other_devices(3)
+        client = self.client()
+        list(client.list_folder(0))
+        self.assertEqual(emu.devices_logged_out, 1)         # the first token costs one
+        emu.revoke_all_tokens()                 # ours logged out by yet another login...
+        emu.add_other_devices(3)
+        emu.token_limit_mode = "refuse"         # ...and the account refuses new tokens
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            with self.assertRaises(Pan123AuthError) as caught:
+                list(self.client(call_deadline=1.0).list_folder(0))
+        self.assertIn("too many live logins", str(caught.exception))
+        self.assertIn("log out of 123pan", "\n".join(logs.output))
+        self.assertEqual(emu.calls[TOKEN], 2)
+
+    def test_upload_queue_throttling_is_retried_and_one_copy_is_left(self):
+        for stores in (False, True):
+            emu = self.emulator()
+            emu.single_throttle_every, emu.single_throttle_stores = 2, stores
+            storage = self.storage()
+            storage.create_repository(REPO)
+            refs = [self.put(storage, b"object %d %d" % (i, stores)) for i in range(4)]
+            self.assertGreaterEqual(emu.rejected[(SINGLE, 1)], 2)
+            for ref in refs:
+                path = self.live_path(ref)
+                folder, name = path.rsplit("/", 1)
+                copies = [c for c in emu.children(folder, include_trashed=True)
+                          if c["filename"] == name]
+                self.assertEqual(len(copies), 1, (stores, copies))
+                folder_id = emu.resolve(folder)["fileId"]
+                self.assertEqual(storage.index.file(folder_id, name).file_id,
+                                 copies[0]["fileId"])
+                self.assertEqual(self.read(storage, ref), emu.file_bytes(copies[0]["fileId"]))
+
+    def test_download_info_20103_is_polled(self):
+        emu, storage, ref, data = self.stored()
+        emu.verifying_seconds = 0.3
+        ref2 = self.put(storage, b"just stored")
+        self.assertEqual(self.read(storage, ref2), b"just stored")
+        self.assertGreaterEqual(emu.rejected[(DOWNLOAD_INFO, 20103)], 1)
+
+    def test_traffic_quota_fails_at_once_and_is_counted(self):
+        emu, storage, ref, data = self.stored()
+        emu.traffic_quota = 10
+        before = METRICS.total("restic123pan_cloud_download_quota_refusals_total")
+        with self.assertRaises(Pan123QuotaExhausted) as caught:
+            storage.read(ref, 0, 10)
+        self.assertEqual(rp.storage_error_status(caught.exception), 503)
+        self.assertIn("5113", str(caught.exception))
+        self.assertEqual(emu.calls[DOWNLOAD_INFO], 1)            # no retries
+        self.assertEqual(METRICS.total("restic123pan_cloud_download_quota_refusals_total"),
+                         before + 1)
+
+    def test_a_stall_longer_than_the_socket_timeout_is_retried(self):
+        emu = self.emulator()
+        emu.slow_seconds = 1.0
+        client = self.client(timeout=0.3, call_deadline=5.0)
+        list(client.list_folder(0))
+        emu.reset_calls()
+        emu.fail_next("slow", endpoint=LIST)
+        self.assertEqual(list(client.list_folder(0)), [])
+        self.assertEqual(emu.calls[LIST], 2)
+
+    def test_cdn_refusals_and_failures_get_new_links(self):
+        emu, storage, ref, data = self.stored()
+        self.assertEqual(self.read(storage, ref, 0, 10), data[:10])
+        for kind, endpoint in (("cdn1010", "/dl"), ("region", "/obj"), ("502", "/obj"),
+                               ("hangup", "/dl")):
+            emu.reset_calls()
+            emu.fail_next(kind, count=2, endpoint=endpoint)
+            self.assertEqual(self.read(storage, ref, 5, 1000), data[5:1005], kind)
+            self.assertGreaterEqual(emu.calls[DOWNLOAD_INFO], 1, kind)    # the link dropped
+
+    def test_ranged_answers_without_content_length(self):
+        emu, storage, ref, data = self.stored(size=700000)
+        for framing in ("chunked", "close"):
+            emu.cdn_framing = framing
+            got = METRICS.total("restic123pan_cloud_bytes_downloaded_total")
+            self.assertEqual(self.read(storage, ref, 1000, 500000), data[1000:501000])
+            self.assertEqual(self.read(storage, ref), data)
+            self.assertEqual(METRICS.total("restic123pan_cloud_bytes_downloaded_total") - got,
+                             500000 + len(data))
+            emu.fail_next("drop", endpoint="/obj")          # cut short: resumed
+            self.assertEqual(self.read(storage, ref), data)
+
+    def test_trash_batch_with_one_odd_id_lets_the_rest_go_on(self):
+        emu = self.emulator()
+        self.existing_repo()
+        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(5)]
+        storage = self.storage(delete_retry=3600)
+        storage.list(REPO, "data")
+        odd = emu.resolve(self.live_path(refs[2]))["fileId"]
+        emu.trash_refused_ids = {odd}
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            self.assertEqual([storage.delete(r) for r in refs], [True] * 5)
+            storage.flush_deletes()
+        self.assertEqual([c["fileId"] for c in emu.children(self.live_path(refs[2])
+                                                            .rsplit("/", 1)[0])], [odd])
+        self.assertEqual(emu.total_live_files(), 1)
+        self.assertIn("1 objects failed", "\n".join(logs.output))
+        self.assertIn("file %d: " % odd, "\n".join(logs.output))     # the odd id, named
+        self.assertEqual([i for i, _ in storage.index.pending_deletes()], [odd])
+
+    def test_mkdir_under_a_vanished_parent_recovers(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        first = self.put(storage, b"first pack")
+        emu.remove_behind_back("/restic-backup/r/data")
+        other = b"other pack %d"
+        data = next(other % i for i in range(1000)
+                    if hashlib.sha256(other % i).hexdigest()[:2] != first.name[:2])
+        ref = self.put(storage, data)       # mkdir data/<xx> under the vanished data/
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertIsNotNone(emu.resolve(self.live_path(ref)))
+
+    def test_upload_host_moves_and_is_asked_again(self):
+        emu = self.emulator()
+        client = self.client()
+        storage = self.storage(client)
+        storage.create_repository(REPO)
+        self.put(storage, b"before")
+        self.assertEqual(emu.calls[DOMAIN], 1)
+        emu.move_upload_host()
+        ref = self.put(storage, b"after the move")
+        self.assertEqual(emu.calls[DOMAIN], 2)
+        self.assertEqual(self.read(storage, ref), b"after the move")
+        client._upload_domain_at -= rp.PAN123_UPLOAD_DOMAIN_TTL + 1     # ten minutes on
+        self.put(storage, b"later")
+        self.assertEqual(emu.calls[DOMAIN], 3)
+
+    def test_links_reused_until_their_own_expiry(self):
+        emu, storage, ref, data = self.stored(download_url_lifetime=0)
+        for _ in range(3):
+            self.read(storage, ref, 0, 10)
+        self.assertEqual(emu.calls[DOWNLOAD_INFO], 1)        # e= says two hours
+        emu.url_expiry_param = "t"
+        emu.expire_download_urls()          # refused: a new link, which says t=
+        self.read(storage, ref, 0, 10)
+        self.read(storage, ref, 0, 10)
+        self.assertEqual(emu.calls[DOWNLOAD_INFO], 2)
+
+
+DOMAIN = "/upload/v2/file/domain"
+USER_INFO = "/api/v1/user/info"
+
+
+class Pan123AccountTest(Pan123BackendCase):
+
+    def account(self, tier="auto"):
+        return rp.Pan123Account(self.client(), tier)
+
+    def test_account_logged_gauges_set_and_rate_table_chosen(self):
+        emu = self.emulator(vip=True)
+        emu.space_used_extra = 3 * 1024 ** 3
+        account = self.account()
+        with self.assertLogs("restic_123pan", "INFO") as logs:
+            info = account.refresh()
+        text = "\n".join(logs.output)
+        self.assertIn("VIP", text)
+        self.assertIn("3.0 GiB of 2048.0 GiB used", text)
+        self.assertIn("developer access until", text)
+        self.assertNotIn("WARNING", text)
+        self.assertTrue(info.vip)
+        self.assertEqual(account.client.tier, "vip")
+        self.assertEqual(account.client.limiter.qps(LIST), 10)
+        self.assertEqual(METRICS.value("restic123pan_cloud_space_total_bytes"), 2 * 1024 ** 4)
+        self.assertEqual(METRICS.value("restic123pan_cloud_space_used_bytes"), 3 * 1024 ** 3)
+        self.assertAlmostEqual(
+            METRICS.value("restic123pan_cloud_developer_access_end_timestamp_seconds"),
+            emu.now() + 365 * 86400, delta=5)
+        self.assertEqual(emu.calls[USER_INFO], 1)
+
+    def test_forced_tier_wins(self):
+        self.emulator(vip=True)
+        account = self.account("free")
+        account.refresh()
+        self.assertEqual(account.client.limiter.qps(LIST), 5)
+
+    def test_warnings_before_access_ends_and_when_space_is_nearly_full(self):
+        emu = self.emulator()
+        emu.developer_end = 5 * 86400
+        emu.space_permanent = 1000
+        emu.space_used_extra = 950
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            self.account().refresh()
+        text = "\n".join(logs.output)
+        self.assertIn("ends in 5 days", text)
+        self.assertIn("nearly full", text)
+        emu.developer_end = -86400
+        with self.assertLogs("restic_123pan", "ERROR") as logs:
+            self.account().refresh()
+        self.assertIn("ended on", "\n".join(logs.output))
+
+    def test_missing_or_odd_developer_info(self):
+        emu = self.emulator()
+        for mode in ("missing", "null", "odd"):
+            emu.developer_info = mode
+            with self.assertLogs("restic_123pan", "INFO") as logs:
+                info = self.account().refresh()
+            self.assertIsNone(info.developer_end, mode)
+            self.assertIn("developer access end unknown", "\n".join(logs.output))
+
+    def test_storage_start_reads_the_account_and_a_failure_is_not_fatal(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.index = Pan123Index(MetadataCache(os.path.join(self.state_dir, "c.sqlite3")))
+        storage.account = rp.Pan123Account(storage.client)
+        emu.fail_randomly("500", 1.0, endpoint=USER_INFO)
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            storage.start(wait=True)
+        self.assertIn("cannot read the account", "\n".join(logs.output))
+        self.assertGreaterEqual(emu.calls[USER_INFO], 1)
+
+
+class Pan123CloudAuditTest(Pan123CacheCase):
+
+    def audited(self):
+        emu, storage = self.started_with_repository()
+        self.refs = [self.put(storage, b"pack %d" % i) for i in range(30)]
+        self.put(storage, b"config", ObjectRef.config(REPO))
+        return emu, storage
+
+    def audit(self, storage):
+        with self.assertLogs("restic_123pan", "INFO") as logs:
+            result = rp.Pan123CloudAudit(storage, progress_interval=0).run()
+        return result, "\n".join(logs.output)
+
+    def test_clean_repository_costs_one_list_call_per_page(self):
+        emu, storage = self.audited()
+        emu.reset_calls()
+        result, text = self.audit(storage)
+        self.assertTrue(rp.audit_is_clean(result), text)
+        self.assertEqual(result.objects, 31)
+        pages = emulator_list_pages(emu) - 1        # the drive root is not listed
+        self.assertEqual(result.list_calls, pages)
+        self.assertEqual(emu.calls[LIST], pages)
+        self.assertEqual(sum(emu.calls.values()), pages)      # nothing else: no download
+        self.assertIn("clean: ", text)
+        self.assertIn("%d list calls" % pages, text)
+        self.assertEqual(METRICS.value("restic123pan_cloud_audit_list_calls"), pages)
+
+    def test_finds_missing_replaced_and_foreign_objects(self):
+        emu, storage = self.audited()
+        gone, replaced = self.refs[0], self.refs[1]
+        emu.remove_behind_back(self.live_path(gone))
+        emu.add_file(self.live_path(replaced), b"other bytes of the same name")
+        foreign = "/restic-backup/r/data/%s/foreign.bin" % self.refs[2].name[:2]
+        emu.add_file(foreign, b"not ours")
+        result, text = self.audit(storage)
+        self.assertFalse(rp.audit_is_clean(result))
+        self.assertEqual([p.rsplit("/", 1)[1] for p in result.missing], [gone.name])
+        self.assertEqual([p.rsplit("/", 1)[1] for p in result.changed], [replaced.name])
+        self.assertEqual(result.foreign, [foreign])
+        self.assertIn("missing in the cloud: ", text)
+        self.assertIn("changed in the cloud: ", text)
+        self.assertIn("not recorded by this server: %s" % foreign, text)
+        self.assertIn("PROBLEMS FOUND", text)
+        self.assertEqual(METRICS.value("restic123pan_cloud_audit_problems", kind="missing"), 1)
+        self.assertEqual(emu.calls["/obj"] + emu.calls["/dl"], 0)
+
+    def test_pending_deletes_are_not_foreign(self):
+        emu, storage = self.audited()
+        storage._deletes._trash.close(timeout=0)     # the remote delete stays queued
+        self.assertTrue(storage.delete(self.refs[3]))
+        result, text = self.audit(storage)
+        self.assertTrue(rp.audit_is_clean(result), text)
+
+
+class Pan123VerifyCloudCommandTest(Pan123CacheCase):
+    """--verify-cloud from the real command line, and --verify-every's wiring."""
+
+    def run_audit(self):
+        r = subprocess.run(
+            [sys.executable, SERVER_SCRIPT, "--backend", "123pan", "--api-base",
+             self.emu.api_base, "--client-id", CLIENT_ID, "--state-dir", self.state_dir,
+             "--verify-cloud"], env=dict(os.environ, PAN123_CLIENT_SECRET=SECRET),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+            timeout=120)
+        return r.returncode, r.stdout, r.stderr
+
+    def test_one_shot_exit_codes(self):
+        emu, storage = self.started_with_repository()
+        refs = [self.put(storage, b"pack %d" % i) for i in range(5)]
+        storage.close()
+        emu.reset_calls()
+        code, out, err = self.run_audit()
+        self.assertEqual(code, 0, err)
+        self.assertIn("verify-cloud: clean", out)
+        pages = emulator_list_pages(emu) - 1
+        self.assertIn("%d list calls" % pages, out)
+        self.assertEqual(emu.calls[LIST], pages)
+        self.assertEqual(emu.calls[USER_INFO], 1)           # the account, logged
+        self.assertIn("123pan account", err)
+        self.assertEqual(emu.calls["/dl"] + emu.calls["/obj"] + emu.calls[DOWNLOAD_INFO], 0)
+        emu.remove_behind_back(self.live_path(refs[0]))
+        code, out, err = self.run_audit()
+        self.assertEqual(code, 1)
+        self.assertIn("PROBLEMS FOUND", out)
+        self.assertIn("missing in the cloud: /restic-backup/r/data/%s/%s"
+                      % (refs[0].name[:2], refs[0].name), err)
+
+    def test_flags(self):
+        args = rp.parse_config(["--backend", "123pan", "--client-id", "i", "--verify-every",
+                                "2", "--state-dir", self.state_dir], {})
+        storage = build_pan123_storage(args, {"PAN123_CLIENT_SECRET": "s"})
+        self.assertEqual(storage.audit_every, 7200)
+        self.assertEqual(storage.account.tier, "auto")
+        for argv in (["--verify-cloud"], ["--verify-every", "1"]):
+            self.assertRaises(UsageError, rp.parse_config, ["--backend", "local"] + argv, {})
+        err = io.StringIO()
+        with self.assertRaises(SystemExit):          # argparse: not a number of hours
+            with contextlib.redirect_stderr(err):
+                rp.parse_config(["--backend", "123pan", "--verify-every", "-1"], {})
+        self.assertIn("--verify-every", err.getvalue())
+
+    def test_background_audit_reports_into_metrics(self):
+        emu, storage = self.started_with_repository()
+        ref = self.put(storage, b"a pack")
+        emu.add_file("/restic-backup/r/data/%s/stranger" % ref.name[:2], b"x")
+        storage._background_audit()
+        self.assertEqual(len(storage.last_audit.foreign), 1)
+        self.assertEqual(METRICS.value("restic123pan_cloud_audit_problems", kind="foreign"), 1)
+        self.assertIn('restic123pan_cloud_audit_problems{kind="foreign"} 1', METRICS.render())
+
 
 class Pan123CommandLineTest(unittest.TestCase):
 
@@ -9887,6 +10625,123 @@ class Pan123EndToEndTest(ResticEndToEndBase):
         calls = self.finish(emu, "123pan chunked")
         self.assertGreater(calls.get("/upload/v2/file/slice", 0), 20)
         self.assertGreater(calls.get("/upload/v2/file/upload_complete", 0), 0)
+
+
+class Pan123RealServiceEndToEndTest(ResticEndToEndBase):
+    """restic through the 123pan backend against the emulator giving the answers
+    of the field notes: each on its own, then all together with the random faults
+    of test_faults_lose_nothing.  restic must never see a failed request (its
+    stderr has no retry line) and the server asks for at most 2 tokens."""
+
+    start_emulator = Pan123EndToEndTest.start_emulator
+    start_pan123_server = Pan123EndToEndTest.start_pan123_server
+    report_calls = Pan123EndToEndTest.report_calls
+    finish = Pan123EndToEndTest.finish
+    assert_cache_matches_cloud = Pan123EndToEndTest.assert_cache_matches_cloud
+
+    # switch name -> how to turn it on in a fresh emulator
+    SWITCHES = collections.OrderedDict([
+        ("token_limit_window", lambda emu: setattr(emu, "token_limit_window", 3.0)),
+        ("over_device_limit", lambda emu: emu.add_other_devices(3)),
+        ("upload_queue", lambda emu: (setattr(emu, "single_throttle_every", 4),
+                                      setattr(emu, "single_throttle_stores", True))),
+        ("download_info_20103", lambda emu: setattr(emu, "verifying_seconds", 1.5)),
+        ("cdn_refusals", lambda emu: [emu.fail_randomly(k, p, endpoint=e, seed=i)
+                                      for i, (k, p, e) in enumerate((
+                                          ("cdn1010", 0.05, "/dl"), ("region", 0.05, "/obj"),
+                                          ("hangup", 0.03, "/obj"), ("502", 0.03, "/dl")))]),
+        ("cdn_chunked", lambda emu: setattr(emu, "cdn_framing", "chunked")),
+        ("cdn_close_delimited", lambda emu: setattr(emu, "cdn_framing", "close")),
+        ("link_expiry_t", lambda emu: setattr(emu, "url_expiry_param", "t")),
+        ("odd_developer_info", lambda emu: setattr(emu, "developer_info", "odd")),
+    ])
+
+    def restic_clean(self, repo, *args, **kw):
+        """restic_run, and restic's stderr shows no request it had to retry."""
+        cmd = [self.restic, "-r", repo] + list(kw.get("options", [])) + list(args)
+        r = subprocess.run(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=900)
+        if r.returncode != 0:
+            self.fail("%s failed (%d):\n%s\n%s\n--- server log tail ---\n%s"
+                      % (" ".join(args), r.returncode, r.stdout[-3000:], r.stderr[-3000:],
+                         self.server_log_text()[-4000:]))
+        self.assertNotRegex(r.stderr, r"(?i)returned error|retrying|Fatal",
+                            "restic saw a failed request in %s" % " ".join(args))
+        return r.stdout
+
+    def scenario(self, emu, switch, total_mib, options):
+        """backup, (the upload host moves), backup, check --read-data, restore both
+        byte-identical, forget --prune; nothing failing back to restic."""
+        self.tmp_run = tempfile.mkdtemp(prefix=switch + "-", dir=self.tmp)
+        url = self.start_pan123_server(emu, "--state-dir", os.path.join(self.tmp_run, "st"))
+        repo = "rest:" + url + switch + "/"
+        src = os.path.join(self.tmp_run, "src")
+        make_tree(src, seed=3, total_mib=total_mib)
+        first = manifest(src)
+        self.restic_clean(repo, "init", options=options)
+        self.restic_clean(repo, "backup", src, options=options)
+        emu.move_upload_host()
+        change_tree(src, seed=4)
+        second = manifest(src)
+        self.restic_clean(repo, "backup", src, options=options)
+        snaps = json.loads(self.restic_clean(repo, "snapshots", "--json", options=options))
+        snaps = [s["id"] for s in sorted(snaps, key=lambda s: s["time"])]
+        self.assertEqual(len(snaps), 2)
+        self.restic_clean(repo, "check", "--read-data", options=options)
+        for snap, expected in ((snaps[0], first), (snaps[1], second)):
+            target = os.path.join(self.tmp_run, "restore-" + snap)
+            self.restic_clean(repo, "restore", snap, "--target", target, options=options)
+            restored = manifest(os.path.join(target, os.path.relpath(src, "/")))
+            self.assertEqual(restored, expected, "%s: restored tree differs" % switch)
+        self.restic_clean(repo, "forget", "--keep-last", "1", "--prune", options=options)
+        self.restic_clean(repo, "check", options=options)
+        log_text = self.server_log_text()
+        self.assertNotIn("Traceback", log_text)
+        self.assertNotRegex(log_text, r'" 5\d\d ')
+        self.stop_server(self.server_proc)
+        self.report_calls(emu, "123pan field notes: " + switch)
+        self.assertEqual(emu.errors, [])
+        self.assertLessEqual(emu.calls["/api/v1/access_token"], 2, switch)
+        self.assertGreaterEqual(emu.calls["/upload/v2/file/domain"], 2, switch)
+
+    # switch name -> evidence that the answer was given during the run
+    HAPPENED = {
+        "token_limit_window": lambda self, emu: sum(
+            n for (ep, code), n in emu.rejected.items() if code == 401),
+        "over_device_limit": lambda self, emu: emu.devices_logged_out == 1,
+        "upload_queue": lambda self, emu: emu.rejected[(SINGLE, 1)],
+        "download_info_20103": lambda self, emu: emu.rejected[(DOWNLOAD_INFO, 20103)],
+        "cdn_refusals": lambda self, emu: emu.rejected[("/dl", "http403")]
+        + emu.rejected[("/obj", "http403")],
+        "cdn_chunked": lambda self, emu: emu.cdn_seen["framing:chunked"],
+        "cdn_close_delimited": lambda self, emu: emu.cdn_seen["framing:close"],
+        "link_expiry_t": lambda self, emu: emu.cdn_seen["param:t"] and not emu.cdn_seen[
+            "param:e"],
+        "odd_developer_info": lambda self, emu: "developer access end unknown"
+        in self.server_log_text(),
+    }
+
+    def test_each_answer_on_its_own(self):
+        for switch, turn_on in self.SWITCHES.items():
+            with self.subTest(switch=switch):
+                emu = self.start_emulator()
+                turn_on(emu)
+                self.scenario(emu, switch, 3, ["-o", "rest.connections=8"])
+                self.assertTrue(self.HAPPENED[switch](self, emu), "%s did not happen" % switch)
+
+    def test_all_together_with_random_faults(self):
+        emu = self.start_emulator()
+        for switch, turn_on in self.SWITCHES.items():
+            if switch != "cdn_close_delimited":         # one framing at a time
+                turn_on(emu)
+        for kind, p in (("429", 0.05), ("500", 0.03), ("502", 0.03), ("drop", 0.03),
+                        ("401", 0.02)):
+            emu.fail_randomly(kind, p, seed=len(kind) * 7 + int(p * 100))
+        self.scenario(emu, "all", 12, ["-o", "rest.connections=8"])
+        self.assertGreater(emu.rejected[(SINGLE, 1)], 0)
+        self.assertGreater(emu.rejected[(DOWNLOAD_INFO, 20103)], 0)
+        self.assertGreater(sum(n for (ep, code), n in emu.rejected.items() if code == 401), 0)
+        self.assertGreater(sum(emu.rejected.values()), 25, "the faults did not happen")
 
 
 class CloudreveEndToEndTest(ResticEndToEndBase):
