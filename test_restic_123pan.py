@@ -11149,6 +11149,8 @@ class SlowClientTest(unittest.TestCase):
         reply, took = read_until_closed(first)
         self.assertEqual(reply, b"")
         self.assertLess(took, 10)
+        # the handler gives its slot back just after it closed the socket
+        wait_until(lambda: server.slots.open == 0, what="the slot given back")
         conn = UnixHTTPConnection(path)
         conn.request("GET", "/keys/")
         self.assertEqual(conn.getresponse().status, 200)
