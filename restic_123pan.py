@@ -1051,6 +1051,14 @@ for _what in ("read", "write", "delete"):
            "Bytes received from the cloud"))
 
 
+def remove_if_present(path):
+    """Remove a file we made, if it is still there: cleaning up must not hide the
+    error (or the success) that led to it."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
 
 # ---------------------------------------------------------------------------
 # 3. The storage interface, what its errors mean, and the backend registry
@@ -1343,10 +1351,7 @@ class FolderSpool(HashingSpool):
     def close(self):
         self._file.close()
         if not self.committed:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+            remove_if_present(self.path)
 
 
 class LocalFileChunks(object):
@@ -1501,10 +1506,7 @@ class LocalStorage(Storage):
                 os.fsync(f.fileno())
             os.replace(tmp, final)
         except BaseException as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            remove_if_present(tmp)
             if isinstance(e, OSError):
                 raise self._os_error(e, ref)
             raise
@@ -7136,10 +7138,7 @@ class ResticUnixServer(_ResticServerMixin, socketserver.ThreadingMixIn,
     def server_close(self):
         socketserver.UnixStreamServer.server_close(self)
         if self.owns_socket_file:
-            try:
-                os.unlink(self.server_address)
-            except OSError:
-                pass
+            remove_if_present(self.server_address)
 
     def base_url(self):
         return "http+unix://%s:/" % self.server_address
@@ -7433,6 +7432,22 @@ def _alternating_rounds(new_hash, password, salt, digest, rounds):
     return digest
 
 
+def _per_length_bit(context, length, for_one, for_zero):
+    """The MD5- and SHA-crypt step that walks the password length bit by bit (lowest
+    first), adding for_one or for_zero to the hash context; its digest."""
+    while length:
+        context.update(for_one if length & 1 else for_zero)
+        length >>= 1
+    return context.digest()
+
+
+def _crypt_digest_matches(digest, byte_order, encoded):
+    """Whether the final digest, in crypt's base64 and byte order, is `encoded`
+    (compared in constant time)."""
+    computed = _crypt_base64(digest, byte_order).encode("ascii")
+    return hmac.compare_digest(computed, encoded.encode("ascii"))
+
+
 def apr1_verify(password, hashed):
     """Check bytes against Apache's $apr1$ or its origin, FreeBSD's MD5-crypt $1$: the same
     algorithm, with the magic string mixed into the first digest."""
@@ -7444,14 +7459,10 @@ def apr1_verify(password, hashed):
     alternate = hashlib.md5(password + salt + password).digest()
     context = hashlib.md5(password + magic + salt
                           + (alternate * (len(password) // 16 + 1))[:len(password)])
-    length = len(password)
-    while length:  # one byte per bit of the length: NUL for a 1 bit, the first password byte for 0
-        context.update(b"\0" if length & 1 else password[:1])
-        length >>= 1
-    digest = context.digest()
+    # one byte per bit of the length: NUL for a 1 bit, the first password byte for 0
+    digest = _per_length_bit(context, len(password), b"\0", password[:1])
     digest = _alternating_rounds(hashlib.md5, password, salt, digest, 1000)
-    computed = _crypt_base64(digest, _MD5_CRYPT_BYTE_ORDER).encode("ascii")
-    return hmac.compare_digest(computed, match.group(3).encode("ascii"))
+    return _crypt_digest_matches(digest, _MD5_CRYPT_BYTE_ORDER, match.group(3))
 
 
 _SHA_CRYPT_RE = re.compile(r"\$([56])\$(?:rounds=([0-9]{1,12})\$)?([^$]{0,16})\$([./0-9A-Za-z]+)")
@@ -7473,17 +7484,13 @@ def sha_crypt_verify(password, hashed):
 
     alternate = hash_function(password + salt + password).digest()
     context = hash_function(password + salt + repeated(alternate, len(password)))
-    length = len(password)
-    while length:  # one addition per bit of the length: the alternate digest for 1, password for 0
-        context.update(alternate if length & 1 else password)
-        length >>= 1
-    digest = context.digest()
+    # one addition per bit of the length: the alternate digest for 1, password for 0
+    digest = _per_length_bit(context, len(password), alternate, password)
     password_bytes = repeated(hash_function(password * len(password)).digest(), len(password))
     salt_bytes = repeated(hash_function(salt * (16 + digest[0])).digest(), len(salt))
     digest = _alternating_rounds(hash_function, password_bytes, salt_bytes, digest, rounds)
     byte_order = _SHA256_CRYPT_BYTE_ORDER if is_sha256 else _SHA512_CRYPT_BYTE_ORDER
-    computed = _crypt_base64(digest, byte_order).encode("ascii")
-    return hmac.compare_digest(computed, match.group(4).encode("ascii"))
+    return _crypt_digest_matches(digest, byte_order, match.group(4))
 
 
 _SHA1_RE = re.compile(r"\{SHA\}([A-Za-z0-9+/]{27}=)")
