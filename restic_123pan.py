@@ -1060,6 +1060,22 @@ def remove_if_present(path):
         pass
 
 
+def replace_with_temp_file(fd, tmp, final, chunks, mode="wb", encoding=None):
+    """Write `chunks` into the new temporary file `tmp` (open as fd), fsync it and
+    rename it over `final`; on any failure the temporary file is removed and the
+    error raised."""
+    try:
+        with os.fdopen(fd, mode, encoding=encoding) as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        remove_if_present(tmp)
+        raise
+
+
 # ---------------------------------------------------------------------------
 # 3. The storage interface, what its errors mean, and the backend registry
 #    (ARCHITECTURE.md, "Storage")
@@ -1499,17 +1515,9 @@ class LocalStorage(Storage):
             return
         fd, tmp = self._temp_file(ref, folder)
         try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in spool.iter_range():
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException as e:
-            remove_if_present(tmp)
-            if isinstance(e, OSError):
-                raise self._os_error(e, ref)
-            raise
+            replace_with_temp_file(fd, tmp, final, spool.iter_range())
+        except OSError as e:
+            raise self._os_error(e, ref)
         fsync_directory(folder)
 
     @staticmethod
@@ -1679,15 +1687,7 @@ def write_private_file(path, text, tmp_prefix):
     folder = os.path.dirname(path)
     os.makedirs(folder, mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    replace_with_temp_file(fd, tmp, path, (text,), mode="w", encoding="utf-8")
 
 
 class TokenFile(object):
@@ -2397,6 +2397,15 @@ def cloud_repo_path(args, environ, variable, split):
     except ValueError as e:
         raise UsageError("--repo-path: %s" % e)
     return repo_path
+
+
+def check_cloud_url(url, complaint, https_needed_for, need_host=False):
+    """UsageError(complaint % url) unless `url` is an http(s) address (with a host
+    name, where need_host); over https the ssl module must be there."""
+    if not url.startswith(("https://", "http://")) or (need_host and not urlsplit(url).hostname):
+        raise UsageError(complaint % url)
+    if url.startswith("https://"):
+        optional_module("ssl", https_needed_for)
 
 
 def cloud_storage_from_args(args, storage_type, client, repo_path, namespace, **options):
@@ -4637,10 +4646,8 @@ def build_pan123_storage(args, environ=None):
         raise UsageError("the 123pan backend needs --client-id and --client-secret "
                          "(or PAN123_CLIENT_ID and PAN123_CLIENT_SECRET)")
     api_base = args.api_base or environ.get("PAN123_API_BASE") or PAN123_DEFAULT_API_BASE
-    if not api_base.startswith(("https://", "http://")):
-        raise UsageError("--api-base %r: expected an http(s) URL" % api_base)
-    if api_base.startswith("https://"):
-        optional_module("ssl", "the 123pan backend (https)")
+    check_cloud_url(api_base, "--api-base %r: expected an http(s) URL",
+                    "the 123pan backend (https)")
     repo_path = cloud_repo_path(args, environ, "PAN123_REPO_PATH", split_pan123_path)
     client = Pan123Client(client_id, client_secret, api_base=api_base,
                           state_dir=args.state_dir, tier=args.pan123_tier)
@@ -5923,10 +5930,8 @@ def build_cloudreve_storage(args, environ=None):
                                          "CLOUDREVE_PASSWORD_FILE)", password)) if not value]
     if missing:
         raise UsageError("the Cloudreve backend needs %s" % ", ".join(missing))
-    if not url.startswith(("https://", "http://")) or not urlsplit(url).hostname:
-        raise UsageError("--cloudreve-url %r: expected the site's http(s) address" % url)
-    if url.startswith("https://"):
-        optional_module("ssl", "a Cloudreve site over https")
+    check_cloud_url(url, "--cloudreve-url %r: expected the site's http(s) address",
+                    "a Cloudreve site over https", need_host=True)
     repo_path = cloud_repo_path(args, environ, "CLOUDREVE_REPO_PATH", split_cloudreve_path)
     client = CloudreveClient(url, user, password, state_dir=args.state_dir)
     return cloud_storage_from_args(args, CloudreveStorage, client, repo_path,
