@@ -1076,6 +1076,22 @@ def replace_with_temp_file(fd, tmp, final, chunks, mode="wb", encoding=None):
         raise
 
 
+class Throttle(object):
+    """Lets something happen at most once per interval (on the time.monotonic()
+    clock), counting from `last`; the interval is given on each call, so the
+    caller's setting may change between calls."""
+
+    def __init__(self, last=0.0):
+        self.last = last
+
+    def ready(self, now, interval):
+        """True, and `now` noted as the last time, when `interval` seconds have passed."""
+        if now - self.last < interval:
+            return False
+        self.last = now
+        return True
+
+
 # ---------------------------------------------------------------------------
 # 3. The storage interface, what its errors mean, and the backend registry
 #    (ARCHITECTURE.md, "Storage")
@@ -2260,7 +2276,8 @@ class CacheWarmUp(object):
         self.pages = 0
         self.failures = 0
         self.finished = threading.Event()
-        self._started = self._last_log = time.monotonic()
+        self._started = time.monotonic()
+        self._progress_log = Throttle(self._started)
 
     def run(self, roots):
         """Walk from roots [(priority, key, path)] until done or stopped."""
@@ -2338,9 +2355,8 @@ class CacheWarmUp(object):
             self.listed_objects += objects
             self._open_objects += objects
             now = time.monotonic()
-            if now - self._last_log < self._interval:
+            if not self._progress_log.ready(now, self._interval):
                 return
-            self._last_log = now
             message = self.progress(now)
         log.info("%s", message)
 
@@ -6162,7 +6178,7 @@ class HtpasswdFile(object):
         self._lock = threading.Lock()
         self._users = {}
         self._signature = None
-        self._checked_at = 0.0
+        self._check = Throttle()
         self._verified = {}
         self._key = os.urandom(32)
         self.reload()           # an unreadable file at start is the caller's error
@@ -6197,10 +6213,8 @@ class HtpasswdFile(object):
         return True
 
     def _reload_if_changed(self):
-        now = time.monotonic()
-        if now - self._checked_at < self.CHECK_INTERVAL:
+        if not self._check.ready(time.monotonic(), self.CHECK_INTERVAL):
             return
-        self._checked_at = now
         try:
             self.reload()
         except OSError as e:
