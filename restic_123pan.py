@@ -6376,16 +6376,12 @@ def parse_route(raw_target):
     return Route(repo, kind, name)
 
 
-class ConnectionLimits(object):
+class ConnectionLimits(collections.namedtuple(
+        "ConnectionLimits", "header_timeout idle_timeout io_timeout max_connections",
+        defaults=(DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_IO_TIMEOUT,
+                  DEFAULT_MAX_CONNECTIONS))):
     """How long and how many: see DEFAULT_HEADER_TIMEOUT and its neighbours."""
-
-    def __init__(self, header_timeout=DEFAULT_HEADER_TIMEOUT,
-                 idle_timeout=DEFAULT_IDLE_TIMEOUT, io_timeout=DEFAULT_IO_TIMEOUT,
-                 max_connections=DEFAULT_MAX_CONNECTIONS):
-        self.header_timeout = header_timeout
-        self.idle_timeout = idle_timeout
-        self.io_timeout = io_timeout
-        self.max_connections = max_connections
+    __slots__ = ()
 
 
 class ConnectionSlots(object):
