@@ -1713,11 +1713,12 @@ class TokenFile(object):
     say how a token becomes a record and back."""
 
     label = "cloud"
+    kind = None     # the file name's prefix: each subclass names its own
 
-    def __init__(self, state_dir, kind, *identity):
+    def __init__(self, state_dir, *identity):
         key = hashlib.sha256("\0".join(identity).encode("utf-8"))
-        self.kind = kind
-        self.path = os.path.join(state_dir, "%s-token-%s.json" % (kind, key.hexdigest()[:16]))
+        self.path = os.path.join(state_dir,
+                                 "%s-token-%s.json" % (self.kind, key.hexdigest()[:16]))
 
     def from_record(self, saved):
         raise NotImplementedError
@@ -3503,9 +3504,7 @@ class Pan123TokenFile(TokenFile):
     out the user's other devices.  One file per (API base, client id)."""
 
     label = "123pan"
-
-    def __init__(self, state_dir, api_base, client_id):
-        TokenFile.__init__(self, state_dir, "pan123", api_base, client_id)
+    kind = "pan123"
 
     def from_record(self, saved):
         return _make_token(saved["accessToken"], saved["expiredAt"], saved["obtainedAt"])
@@ -5006,9 +5005,7 @@ class CloudreveTokenFile(TokenFile):
     rather than logs in again.  One file per (site, user)."""
 
     label = "Cloudreve"
-
-    def __init__(self, state_dir, site, email):
-        TokenFile.__init__(self, state_dir, "cloudreve", site, email)
+    kind = "cloudreve"
 
     def from_record(self, saved):
         return _make_cloudreve_token(saved, saved["obtained_at"])
