@@ -1051,6 +1051,46 @@ for _what in ("read", "write", "delete"):
            "Bytes received from the cloud"))
 
 
+def remove_if_present(path):
+    """Remove a file we made, if it is still there: cleaning up must not hide the
+    error (or the success) that led to it."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def replace_with_temp_file(fd, tmp, final, chunks, mode="wb", encoding=None):
+    """Write `chunks` into the new temporary file `tmp` (open as fd), fsync it and
+    rename it over `final`; on any failure the temporary file is removed and the
+    error raised."""
+    try:
+        with os.fdopen(fd, mode, encoding=encoding) as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        remove_if_present(tmp)
+        raise
+
+
+class Throttle(object):
+    """Lets something happen at most once per interval (on the time.monotonic()
+    clock), counting from `last`; the interval is given on each call, so the
+    caller's setting may change between calls."""
+
+    def __init__(self, last=0.0):
+        self.last = last
+
+    def ready(self, now, interval):
+        """True, and `now` noted as the last time, when `interval` seconds have passed."""
+        if now - self.last < interval:
+            return False
+        self.last = now
+        return True
+
 
 # ---------------------------------------------------------------------------
 # 3. The storage interface, what its errors mean, and the backend registry
@@ -1343,10 +1383,7 @@ class FolderSpool(HashingSpool):
     def close(self):
         self._file.close()
         if not self.committed:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+            remove_if_present(self.path)
 
 
 class LocalFileChunks(object):
@@ -1494,20 +1531,9 @@ class LocalStorage(Storage):
             return
         fd, tmp = self._temp_file(ref, folder)
         try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in spool.iter_range():
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if isinstance(e, OSError):
-                raise self._os_error(e, ref)
-            raise
+            replace_with_temp_file(fd, tmp, final, spool.iter_range())
+        except OSError as e:
+            raise self._os_error(e, ref)
         fsync_directory(folder)
 
     @staticmethod
@@ -1677,15 +1703,7 @@ def write_private_file(path, text, tmp_prefix):
     folder = os.path.dirname(path)
     os.makedirs(folder, mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    replace_with_temp_file(fd, tmp, path, (text,), mode="w", encoding="utf-8")
 
 
 class TokenFile(object):
@@ -1695,11 +1713,12 @@ class TokenFile(object):
     say how a token becomes a record and back."""
 
     label = "cloud"
+    kind = None     # the file name's prefix: each subclass names its own
 
-    def __init__(self, state_dir, kind, *identity):
+    def __init__(self, state_dir, *identity):
         key = hashlib.sha256("\0".join(identity).encode("utf-8"))
-        self.kind = kind
-        self.path = os.path.join(state_dir, "%s-token-%s.json" % (kind, key.hexdigest()[:16]))
+        self.path = os.path.join(state_dir,
+                                 "%s-token-%s.json" % (self.kind, key.hexdigest()[:16]))
 
     def from_record(self, saved):
         raise NotImplementedError
@@ -2258,7 +2277,8 @@ class CacheWarmUp(object):
         self.pages = 0
         self.failures = 0
         self.finished = threading.Event()
-        self._started = self._last_log = time.monotonic()
+        self._started = time.monotonic()
+        self._progress_log = Throttle(self._started)
 
     def run(self, roots):
         """Walk from roots [(priority, key, path)] until done or stopped."""
@@ -2336,9 +2356,8 @@ class CacheWarmUp(object):
             self.listed_objects += objects
             self._open_objects += objects
             now = time.monotonic()
-            if now - self._last_log < self._interval:
+            if not self._progress_log.ready(now, self._interval):
                 return
-            self._last_log = now
             message = self.progress(now)
         log.info("%s", message)
 
@@ -2395,6 +2414,15 @@ def cloud_repo_path(args, environ, variable, split):
     except ValueError as e:
         raise UsageError("--repo-path: %s" % e)
     return repo_path
+
+
+def check_cloud_url(url, complaint, https_needed_for, need_host=False):
+    """UsageError(complaint % url) unless `url` is an http(s) address (with a host
+    name, where need_host); over https the ssl module must be there."""
+    if not url.startswith(("https://", "http://")) or (need_host and not urlsplit(url).hostname):
+        raise UsageError(complaint % url)
+    if url.startswith("https://"):
+        optional_module("ssl", https_needed_for)
 
 
 def cloud_storage_from_args(args, storage_type, client, repo_path, namespace, **options):
@@ -3476,9 +3504,7 @@ class Pan123TokenFile(TokenFile):
     out the user's other devices.  One file per (API base, client id)."""
 
     label = "123pan"
-
-    def __init__(self, state_dir, api_base, client_id):
-        TokenFile.__init__(self, state_dir, "pan123", api_base, client_id)
+    kind = "pan123"
 
     def from_record(self, saved):
         return _make_token(saved["accessToken"], saved["expiredAt"], saved["obtainedAt"])
@@ -4635,10 +4661,8 @@ def build_pan123_storage(args, environ=None):
         raise UsageError("the 123pan backend needs --client-id and --client-secret "
                          "(or PAN123_CLIENT_ID and PAN123_CLIENT_SECRET)")
     api_base = args.api_base or environ.get("PAN123_API_BASE") or PAN123_DEFAULT_API_BASE
-    if not api_base.startswith(("https://", "http://")):
-        raise UsageError("--api-base %r: expected an http(s) URL" % api_base)
-    if api_base.startswith("https://"):
-        optional_module("ssl", "the 123pan backend (https)")
+    check_cloud_url(api_base, "--api-base %r: expected an http(s) URL",
+                    "the 123pan backend (https)")
     repo_path = cloud_repo_path(args, environ, "PAN123_REPO_PATH", split_pan123_path)
     client = Pan123Client(client_id, client_secret, api_base=api_base,
                           state_dir=args.state_dir, tier=args.pan123_tier)
@@ -4981,9 +5005,7 @@ class CloudreveTokenFile(TokenFile):
     rather than logs in again.  One file per (site, user)."""
 
     label = "Cloudreve"
-
-    def __init__(self, state_dir, site, email):
-        TokenFile.__init__(self, state_dir, "cloudreve", site, email)
+    kind = "cloudreve"
 
     def from_record(self, saved):
         return _make_cloudreve_token(saved, saved["obtained_at"])
@@ -5921,10 +5943,8 @@ def build_cloudreve_storage(args, environ=None):
                                          "CLOUDREVE_PASSWORD_FILE)", password)) if not value]
     if missing:
         raise UsageError("the Cloudreve backend needs %s" % ", ".join(missing))
-    if not url.startswith(("https://", "http://")) or not urlsplit(url).hostname:
-        raise UsageError("--cloudreve-url %r: expected the site's http(s) address" % url)
-    if url.startswith("https://"):
-        optional_module("ssl", "a Cloudreve site over https")
+    check_cloud_url(url, "--cloudreve-url %r: expected the site's http(s) address",
+                    "a Cloudreve site over https", need_host=True)
     repo_path = cloud_repo_path(args, environ, "CLOUDREVE_REPO_PATH", split_cloudreve_path)
     client = CloudreveClient(url, user, password, state_dir=args.state_dir)
     return cloud_storage_from_args(args, CloudreveStorage, client, repo_path,
@@ -6155,7 +6175,7 @@ class HtpasswdFile(object):
         self._lock = threading.Lock()
         self._users = {}
         self._signature = None
-        self._checked_at = 0.0
+        self._check = Throttle()
         self._verified = {}
         self._key = os.urandom(32)
         self.reload()           # an unreadable file at start is the caller's error
@@ -6190,10 +6210,8 @@ class HtpasswdFile(object):
         return True
 
     def _reload_if_changed(self):
-        now = time.monotonic()
-        if now - self._checked_at < self.CHECK_INTERVAL:
+        if not self._check.ready(time.monotonic(), self.CHECK_INTERVAL):
             return
-        self._checked_at = now
         try:
             self.reload()
         except OSError as e:
@@ -6355,16 +6373,12 @@ def parse_route(raw_target):
     return Route(repo, kind, name)
 
 
-class ConnectionLimits(object):
+class ConnectionLimits(collections.namedtuple(
+        "ConnectionLimits", "header_timeout idle_timeout io_timeout max_connections",
+        defaults=(DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_IO_TIMEOUT,
+                  DEFAULT_MAX_CONNECTIONS))):
     """How long and how many: see DEFAULT_HEADER_TIMEOUT and its neighbours."""
-
-    def __init__(self, header_timeout=DEFAULT_HEADER_TIMEOUT,
-                 idle_timeout=DEFAULT_IDLE_TIMEOUT, io_timeout=DEFAULT_IO_TIMEOUT,
-                 max_connections=DEFAULT_MAX_CONNECTIONS):
-        self.header_timeout = header_timeout
-        self.idle_timeout = idle_timeout
-        self.io_timeout = io_timeout
-        self.max_connections = max_connections
+    __slots__ = ()
 
 
 class ConnectionSlots(object):
@@ -7136,10 +7150,7 @@ class ResticUnixServer(_ResticServerMixin, socketserver.ThreadingMixIn,
     def server_close(self):
         socketserver.UnixStreamServer.server_close(self)
         if self.owns_socket_file:
-            try:
-                os.unlink(self.server_address)
-            except OSError:
-                pass
+            remove_if_present(self.server_address)
 
     def base_url(self):
         return "http+unix://%s:/" % self.server_address
@@ -7433,6 +7444,22 @@ def _alternating_rounds(new_hash, password, salt, digest, rounds):
     return digest
 
 
+def _per_length_bit(context, length, for_one, for_zero):
+    """The MD5- and SHA-crypt step that walks the password length bit by bit (lowest
+    first), adding for_one or for_zero to the hash context; its digest."""
+    while length:
+        context.update(for_one if length & 1 else for_zero)
+        length >>= 1
+    return context.digest()
+
+
+def _crypt_digest_matches(digest, byte_order, encoded):
+    """Whether the final digest, in crypt's base64 and byte order, is `encoded`
+    (compared in constant time)."""
+    computed = _crypt_base64(digest, byte_order).encode("ascii")
+    return hmac.compare_digest(computed, encoded.encode("ascii"))
+
+
 def apr1_verify(password, hashed):
     """Check bytes against Apache's $apr1$ or its origin, FreeBSD's MD5-crypt $1$: the same
     algorithm, with the magic string mixed into the first digest."""
@@ -7444,14 +7471,10 @@ def apr1_verify(password, hashed):
     alternate = hashlib.md5(password + salt + password).digest()
     context = hashlib.md5(password + magic + salt
                           + (alternate * (len(password) // 16 + 1))[:len(password)])
-    length = len(password)
-    while length:  # one byte per bit of the length: NUL for a 1 bit, the first password byte for 0
-        context.update(b"\0" if length & 1 else password[:1])
-        length >>= 1
-    digest = context.digest()
+    # one byte per bit of the length: NUL for a 1 bit, the first password byte for 0
+    digest = _per_length_bit(context, len(password), b"\0", password[:1])
     digest = _alternating_rounds(hashlib.md5, password, salt, digest, 1000)
-    computed = _crypt_base64(digest, _MD5_CRYPT_BYTE_ORDER).encode("ascii")
-    return hmac.compare_digest(computed, match.group(3).encode("ascii"))
+    return _crypt_digest_matches(digest, _MD5_CRYPT_BYTE_ORDER, match.group(3))
 
 
 _SHA_CRYPT_RE = re.compile(r"\$([56])\$(?:rounds=([0-9]{1,12})\$)?([^$]{0,16})\$([./0-9A-Za-z]+)")
@@ -7473,17 +7496,13 @@ def sha_crypt_verify(password, hashed):
 
     alternate = hash_function(password + salt + password).digest()
     context = hash_function(password + salt + repeated(alternate, len(password)))
-    length = len(password)
-    while length:  # one addition per bit of the length: the alternate digest for 1, password for 0
-        context.update(alternate if length & 1 else password)
-        length >>= 1
-    digest = context.digest()
+    # one addition per bit of the length: the alternate digest for 1, password for 0
+    digest = _per_length_bit(context, len(password), alternate, password)
     password_bytes = repeated(hash_function(password * len(password)).digest(), len(password))
     salt_bytes = repeated(hash_function(salt * (16 + digest[0])).digest(), len(salt))
     digest = _alternating_rounds(hash_function, password_bytes, salt_bytes, digest, rounds)
     byte_order = _SHA256_CRYPT_BYTE_ORDER if is_sha256 else _SHA512_CRYPT_BYTE_ORDER
-    computed = _crypt_base64(digest, byte_order).encode("ascii")
-    return hmac.compare_digest(computed, match.group(4).encode("ascii"))
+    return _crypt_digest_matches(digest, byte_order, match.group(4))
 
 
 _SHA1_RE = re.compile(r"\{SHA\}([A-Za-z0-9+/]{27}=)")
