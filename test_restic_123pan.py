@@ -8,34 +8,85 @@ Environment switches (used by .ci/run):
   RESTIC_123PAN_REQUIRE_E2E=1  a missing restic binary is a failure, not a skip
   RESTIC_123PAN_UNIT_ONLY=1    skip the end-to-end tests (other interpreters in CI)
 
-Where each section of restic_123pan.py is tested:
+The file has two parts, each group under a banner `# Part ...`, then the runner.
+
+Part I: the tests of the product, in the order of its sections (the banners
+`# N. ...` of restic_123pan.py).  First the plumbing the tests share (sha256_hex,
+ServerThread, wait_for_line, read_server_url, parse_prometheus, and the cloud
+backend cases CloudStorageHelpers, Pan123BackendCase, CloudreveBackendCase, which
+run the product's client and storage against an emulator of Part II), then:
   1 configuration, command line   ConfigTest, Pan123CommandLineTest,
                                   CloudreveCommandLineTest (the registry's options)
   2 shared helpers                ParseRangeTest, HashingSpoolTest, CloudHelpersTest
                                   (rate limiter, backoff, multipart), HttpClientTest
-  3 the storage interface         the StorageContract suite: LocalStorageContractTest,
-                                  Pan123StorageContractTest, CloudreveStorageContractTest
-  4 local backend                 LocalStorageTest (layout, temporary files, disk full)
+  3 the storage interface         the one storage contract suite StorageContract
+                                  (CloudStorageContract for the clouds), run by
+                                  LocalStorageContractTest, Pan123StorageContractTest,
+                                  CloudreveStorageContractTest
+  4 local backend                 LocalStorageTest (layout, temporary files),
+                                  LocalWriteOnceTest, LocalSendfileTest (one write,
+                                  zero-copy reads), FullDiskTest (a full disk: 507)
   5 what the clouds share         MetadataCacheTest, Pan123CacheTest (warm-up, restart,
-                                  own writes over listings), CloudHelpersTest, and
-                                  through both clients: Pan123CallRetriesTest,
-                                  CloudreveCallTest, Pan123TokenTest, CloudreveTokenTest,
-                                  Pan123DownloadsTest, CloudreveDownloadsTest
+                                  own writes over listings), and through both
+                                  clients: Pan123TokenTest, Pan123CallRetriesTest,
+                                  Pan123DownloadsTest, CloudreveTokenTest,
+                                  CloudreveCallTest, CloudreveDownloadsTest
   6 123pan                        Pan123ListingTest, Pan123UploadsTest,
-                                  Pan123StorageFoldersTest, Pan123DeletesTest,
-                                  Pan123UnderLimitsAndFaultsTest, Pan123EndToEndTest
+                                  Pan123ParallelSlicesTest, Pan123StorageFoldersTest,
+                                  Pan123DeletesTest, Pan123UnderLimitsAndFaultsTest,
+                                  Pan123ClassifyTest; the real service's field notes,
+                                  account and audit: Pan123FieldNotesTest,
+                                  Pan123AccountTest, Pan123CloudAuditTest,
+                                  Pan123VerifyCloudCommandTest
   7 Cloudreve                     CloudreveUnitTest, CloudreveListingTest,
                                   CloudreveUploadsTest, CloudreveStorageFoldersTest,
                                   CloudreveDeletesTest, CloudreveUnderFaultsTest,
-                                  CloudreveEndToEndTest
+                                  CloudreveSiteSettingErrorsTest,
+                                  CloudreveServerClockTest; per storage policy (on
+                                  CloudrevePolicyBackendCase): CloudreveLocalPolicyTest,
+                                  CloudreveRelayPolicyTest, CloudreveRemotePolicyTest,
+                                  CloudreveS3PolicyTest, CloudreveKs3PolicyTest,
+                                  CloudreveCosPolicyTest, CloudreveOssPolicyTest,
+                                  CloudreveObsPolicyTest, CloudreveOneDrivePolicyTest,
+                                  CloudreveQiniuPolicyTest, CloudreveQiniuCompletionTest,
+                                  CloudreveUpyunPolicyTest
   8 repository service            RestProtocolTest (verification, overwrite rule, quota)
-  9, 11 access control, hashes    AccessControlTest, FixedVectorTest,
-                                  HtpasswdGeneratedTest, OpensslGeneratedTest
- 10 REST handler and servers      ParseRouteTest, RestProtocolTest, TransportTest,
-                                  GracefulShutdownTest, AccessEndToEndTest
- 12 main()                        LocalEndToEndTest and the other end-to-end classes
-The emulators and their own tests: Pan123Emulator (Pan123Emulator*Test) and
-CloudreveEmulator (CloudreveEmulator*Test), strict models written from the specs.
+  9 access control                AccessControlTest
+ 10 REST handler and servers      ParseRouteTest, TransportTest, GracefulShutdownTest,
+                                  StreamingListingTest; hostile input: SlowClientTest,
+                                  StrictFramingTest, RangeFormsTest,
+                                  HostileInputFuzzTest, HalfOpenFloodTest
+ 11 htpasswd hash verifiers       FixedVectorTest, HtpasswdGeneratedTest,
+                                  OpensslGeneratedTest
+ 12 main(), end to end            on ResticEndToEndBase: LocalEndToEndTest,
+                                  Pan123EndToEndTest, Pan123RealServiceEndToEndTest,
+                                  CloudreveEndToEndTest, CloudreveRelayEndToEndTest,
+                                  CloudreveRemoteEndToEndTest, CloudreveS3EndToEndTest,
+                                  CloudreveOneDriveEndToEndTest,
+                                  CloudreveUpyunEndToEndTest, AccessEndToEndTest,
+                                  KilledServerEndToEndTest; and MinimalPythonTest (no
+                                  ssl, no sqlite3), SoakTest, ResticRestBackendSuiteTest
+                                  (restic's own REST backend tests)
+
+Part II: the emulators, strict models written from the specs, each followed by
+its own tests (a fake that is not strict proves nothing):
+  123pan        Pan123Emulator, with the plumbing both emulators share (_Server,
+                _Handler, _EmulatorControls, WanLink, _PacedFile); its tests:
+                Pan123EmulatorProtocolTest, Pan123EmulatorTokensTest,
+                Pan123EmulatorQpsTest, Pan123EmulatorTreeTest,
+                Pan123EmulatorUploadsTest, Pan123EmulatorDownloadsTest,
+                Pan123EmulatorFieldNotesTest, Pan123EmulatorFaultsTest,
+                Pan123EmulatorHttpStatusErrorsTest, Pan123EmulatorOptionsTest
+  Cloudreve     CloudreveEmulator, with its storage-policy providers (_CrProvider);
+                its tests: CloudreveEmulatorEnvelopeAndAuthTest,
+                CloudreveEmulatorCaptchaAnd2FATest, CloudreveEmulatorNamespaceTest,
+                CloudreveEmulatorUploadTest, CloudreveEmulatorDownloadAndDeleteTest,
+                CloudreveEmulatorSeparateDownloadHostTest, CloudreveEmulatorFaultsTest,
+                CloudreveEmulatorStateHelpersTest, CloudreveEmulatorSiteRulesTest, and
+                per policy CloudreveEmulatorS3PolicyTest, CloudreveEmulatorOssPolicyTest,
+                CloudreveEmulatorRemotePolicyTest, CloudreveEmulatorOneDrivePolicyTest
+
+Last, the runner: run_all(), whose closing line says "N passed, N failed, N skipped".
 """
 
 import base64
@@ -103,54 +154,501 @@ UNIT_ONLY = os.environ.get("RESTIC_123PAN_UNIT_ONLY") == "1"
 V2 = rp.MEDIA_V2
 
 
+# ---------------------------------------------------------------------------
+# Part I, test plumbing: helpers and servers in threads, the cloud backend cases
+# (each runs the product's client and storage against an emulator of Part II)
+# ---------------------------------------------------------------------------
+
 def sha256_hex(data):
     return hashlib.sha256(data).hexdigest()
 
 
-# ---------------------------------------------------------------------------
-# Unit tests: routing, names, Range, spool, configuration
-# ---------------------------------------------------------------------------
+class ServerThread(object):
+    """A ResticServer on an ephemeral loopback port, in this process."""
 
-class ParseRouteTest(unittest.TestCase):
-    ID = "ab" * 32
+    def __init__(self, storage, server_args=None, **service_args):
+        self.service = rp.RepositoryService(storage, **service_args)
+        self.server = rp.ResticServer(("127.0.0.1", 0), self.service, **(server_args or {}))
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
+        self.thread.daemon = True
+        self.thread.start()
 
-    def status_of(self, target):
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+    def request(self, method, path, body=None, headers=None):
+        conn = self.connection()
         try:
-            rp.parse_route(target)
-        except rp.RequestError as e:
-            return e.status
-        return 200
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, dict((k.lower(), v) for k, v in resp.getheaders()), resp.read()
+        finally:
+            conn.close()
 
-    def test_valid_routes(self):
-        R = rp.Route
-        self.assertEqual(rp.parse_route("/"), R((), None, None))
-        self.assertEqual(rp.parse_route("/?create=true"), R((), None, None))
-        self.assertEqual(rp.parse_route("/alice/laptop/"), R(("alice", "laptop"), None, None))
-        self.assertEqual(rp.parse_route("/alice/laptop"), R(("alice", "laptop"), None, None))
-        self.assertEqual(rp.parse_route("/config"), R((), "config", "config"))
-        self.assertEqual(rp.parse_route("/a/config"), R(("a",), "config", "config"))
-        for kind in rp.OBJECT_TYPES:
-            self.assertEqual(rp.parse_route("/%s/" % kind), R((), kind, None))
-            self.assertEqual(rp.parse_route("/u/%s/%s" % (kind, self.ID)), R(("u",), kind, self.ID))
-        # percent-escapes of ordinary characters decode to the same route
-        self.assertEqual(rp.parse_route("/%61lice/config"), R(("alice",), "config", "config"))
-        self.assertEqual(rp.parse_route("/h%C3%A9/keys/"), R(("h\u00e9",), "keys", None))
+    def connection(self):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
 
-    def test_impossible_names_are_404(self):
-        for target in ["/data/" + self.ID.upper(), "/data/" + self.ID[:-1], "/data/" + self.ID + "0",
-                       "/data/foobar", "/data", "/keys", "/config/", "/data/%s/" % self.ID,
-                       "/data/%s/x" % self.ID, "/config/x", "/a/b/c/d/e/f/g/h/i/config",
-                       "/.hidden/config", "/a:b/config", "/a*b/", "/a%3Fb/config", "/a%7Cb/"]:
-            self.assertEqual(self.status_of(target), 404, target)
+    def raw(self, data):
+        """Send raw bytes (one request, or several on one connection) and read until
+        the server closes; the last request should say Connection: close."""
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        try:
+            s.sendall(data)
+            chunks = []
+            while True:
+                c = s.recv(65536)
+                if not c:
+                    break
+                chunks.append(c)
+        finally:
+            s.close()
+        return b"".join(chunks)
 
-    def test_traversal_and_encoding_tricks_are_400(self):
-        for target in ["/../config", "/a/../config", "/%2e%2e/config", "/%2E%2E/%2e%2e/config",
-                       "/a%2fb/config", "/a%2Fb/config", "/..%2fconfig", "/a%5cb/config",
-                       "/a%00/config", "/a\x00/config", "/%0a/config", "/a%zz/config", "/a%/config",
-                       "/%ff/config", "//config", "/a//config", "/./config", "/a/./keys/",
-                       "config", "http://evil/config"]:
-            self.assertEqual(self.status_of(target), 400, repr(target))
 
+def wait_for_line(stream, needle, proc=None, timeout=120):
+    """Read until a line holds `needle`.  With `proc`, a watchdog kills the process
+    after `timeout` seconds, so a line that never comes fails the test instead of
+    hanging it."""
+    watchdog = threading.Timer(timeout, proc.kill) if proc is not None else None
+    if watchdog:
+        watchdog.daemon = True
+        watchdog.start()
+    try:
+        for line in stream:
+            if needle in line:
+                return line
+    finally:
+        if watchdog:
+            watchdog.cancel()
+    raise AssertionError("stream ended before %r" % needle)
+
+
+def read_server_url(proc):
+    line = wait_for_line(proc.stdout, "restic -r rest:", proc)
+    return re.search(r"rest:(\S+)", line).group(1)
+
+
+def parse_prometheus(text):
+    """{(name, sorted label pairs): value}; fails on any malformed line."""
+    samples = {}
+    line_re = re.compile(r'\A([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)\Z')
+    label_re = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|\Z)')
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            if line.startswith("# TYPE"):
+                assert line.split()[3] in ("counter", "gauge"), line
+            continue
+        m = line_re.match(line)
+        assert m, "bad metrics line %r" % line
+        labels = tuple(sorted(label_re.findall(m.group(2) or "")))
+        samples[(m.group(1), labels)] = float(m.group(3))
+    return samples
+
+
+CLIENT_ID = "emu-client"
+SECRET = "emu-secret-never-log-me"
+LIST = "/api/v2/file/list"
+MKDIR = "/upload/v1/file/mkdir"
+SINGLE = "/upload/v2/file/single/create"
+SLICE = "/upload/v2/file/slice"
+COMPLETE = "/upload/v2/file/upload_complete"
+TRASH = "/api/v1/file/trash"
+DELETE = "/api/v1/file/delete"
+DOWNLOAD_INFO = "/api/v1/file/download_info"
+TOKEN = "/api/v1/access_token"
+
+REPO = ("r",)
+
+
+def data_ref(data, repo=REPO):
+    return ObjectRef(repo, "data", hashlib.sha256(data).hexdigest())
+
+
+def run_threads(target, args_list):
+    """Run target(*args) in one thread each, started together; results in order."""
+    results = [None] * len(args_list)
+    errors = []
+    barrier = threading.Barrier(len(args_list))
+
+    def run(i, args):
+        barrier.wait()
+        try:
+            results[i] = target(*args)
+        except Exception as e:          # reported by the caller's assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, a)) for i, a in enumerate(args_list)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+class CloudStorageHelpers(object):
+    """Helpers of the cloud backends' test cases, which have emulator(**options)
+    (setting self.emu), client(**options), storage(client) and live_path(ref), the
+    object's path in the emulator."""
+
+    emulator_defaults = {}
+    state_prefix = "state-"
+
+    def setUp(self):
+        self.state_dir = tempfile.mkdtemp(prefix=self.state_prefix)
+        self.addCleanup(shutil.rmtree, self.state_dir, True)
+        self.emu = None
+
+    def tearDown(self):
+        if self.emu is not None:
+            self.assertEqual(self.emu.errors, [], "the emulator reported bugs")
+
+    def stored(self, size=300000, emulator=None, **client_options):
+        """A repository holding one random object, and the emulator's counts reset."""
+        emu = self.emulator(**dict(self.emulator_defaults, **(emulator or {})))
+        storage = self.storage(self.client(**client_options))
+        storage.create_repository(REPO)
+        data = os.urandom(size)
+        ref = self.put(storage, data)
+        emu.reset_calls()
+        return emu, storage, ref, data
+
+    def stored_elsewhere(self, data, ref=None):
+        """An object uploaded earlier (by another process)."""
+        ref = ref or data_ref(data)
+        self.emu.add_file(self.live_path(ref), data)
+        return ref
+
+    def check_workload(self, storage, sizes):
+        """Objects of these sizes uploaded from concurrent threads (faults on, as the
+        caller set them), read back whole, listed, three deleted; then, faults off,
+        a fresh storage lists exactly the others."""
+        blobs = [os.urandom(n) for n in sizes]
+        refs = run_threads(lambda d: self.put(storage, d), [(d,) for d in blobs])
+        for ref, data in zip(refs, blobs):
+            self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(sorted(storage.list(REPO, "data")),
+                         sorted((r.name, len(d)) for r, d in zip(refs, blobs)))
+        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs[:3]]), [True] * 3)
+        storage.flush_deletes()     # 123pan: DELETE answers before the trash call
+        self.emu.clear_faults()
+        fresh = self.storage(self.client())
+        self.assertEqual(sorted(n for n, _ in fresh.list(REPO, "data")),
+                         sorted(r.name for r in refs[3:]))
+
+    def spool(self, data):
+        spool = HashingSpool.from_bytes(data)
+        self.addCleanup(spool.close)
+        return spool
+
+    def put(self, storage, data, ref=None):
+        ref = ref or data_ref(data)
+        storage.put(ref, self.spool(data))
+        return ref
+
+    def read(self, storage, ref, start=0, length=None):
+        if length is None:
+            length = storage.stat(ref)
+        return b"".join(storage.read(ref, start, length))
+
+
+class Pan123BackendCase(CloudStorageHelpers, unittest.TestCase):
+    state_prefix = "pan123-state-"
+
+    def emulator(self, **options):
+        self.emu = Pan123Emulator(CLIENT_ID, SECRET, **options).start()
+        self.addCleanup(self.emu.stop)
+        return self.emu
+
+    def client(self, **options):
+        """A client of self.emu with millisecond retries (and the real limiter:
+        the emulator enforces the free tier in every test)."""
+        settings = dict(api_base=self.emu.api_base, state_dir=self.state_dir,
+                        call_deadline=10.0, retry_base=0.01, retry_cap=0.05,
+                        poll_interval=0.01, timeout=5.0)
+        settings.update(options)
+        client = Pan123Client(CLIENT_ID, SECRET, **settings)
+        self.addCleanup(client.close)
+        return client
+
+    def storage(self, client=None, **options):
+        storage = Pan123Storage(client or self.client(), "/restic-backup", **options)
+        self.addCleanup(storage.close)
+        return storage
+
+    def existing_repo(self, repo=REPO):
+        """A repository made earlier (by another process): set up in the emulator."""
+        for kind in ("data", "index", "keys", "locks", "snapshots"):
+            self.emu.add_folder("/restic-backup/%s/%s" % ("/".join(repo), kind))
+
+
+    def live_path(self, ref):
+        name = ref.name
+        sub = "data/%s/%s" % (name[:2], name) if ref.kind == "data" else ref.relpath
+        return "/restic-backup/%s/%s" % ("/".join(ref.repo), sub)
+
+
+CR_EMAIL = "backup@example.com"
+CR_PASSWORD = "cr-password-never-log-me"
+CR_LOGIN = "POST /api/v4/session/token"
+CR_REFRESH = "POST /api/v4/session/token/refresh"
+CR_LIST = "GET /api/v4/file"
+CR_INFO = "GET /api/v4/file/info"
+CR_CREATE = "POST /api/v4/file/create"
+CR_SESSION = "PUT /api/v4/file/upload"
+CR_CHUNK = "POST /api/v4/file/upload/{session_id}/{index}"
+CR_CANCEL = "DELETE /api/v4/file/upload"
+CR_URL = "POST /api/v4/file/url"
+CR_CONTENT = "GET /api/v4/file/content/{entity}/{speed}/{name}"
+CR_DELETE = "DELETE /api/v4/file"
+CR_BASE = "/restic-backup"
+
+
+class CloudreveBackendCase(CloudStorageHelpers, unittest.TestCase):
+    state_prefix = "cloudreve-state-"
+
+    def emulator(self, **options):
+        options.setdefault("chunk_size", 1000)
+        self.emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD, **options).start()
+        self.addCleanup(self.emu.stop)
+        return self.emu
+
+    def client(self, **options):
+        """A client of self.emu with millisecond retries."""
+        settings = dict(state_dir=self.state_dir, call_deadline=10.0, retry_base=0.01,
+                        retry_cap=0.05, timeout=5.0)
+        settings.update(options)
+        client = CloudreveClient(self.emu.base_url, settings.pop("email", CR_EMAIL),
+                                 settings.pop("password", CR_PASSWORD), **settings)
+        self.addCleanup(client.close)
+        return client
+
+    def storage(self, client=None, repo_path=CR_BASE):
+        storage = CloudreveStorage(client or self.client(), repo_path)
+        self.addCleanup(storage.close)
+        return storage
+
+    def live_path(self, ref, base=CR_BASE):
+        name = ref.name
+        sub = "data/%s/%s" % (name[:2], name) if ref.kind == "data" else ref.relpath
+        return "%s/%s/%s" % (base, "/".join(ref.repo), sub)
+
+    def existing_repo(self, repo=REPO):
+        for kind in ("data", "index", "keys", "locks", "snapshots"):
+            self.emu.add_file("%s/%s/%s/.keep" % (CR_BASE, "/".join(repo), kind), b"")
+            self.emu.remove_behind_back("%s/%s/%s/.keep" % (CR_BASE, "/".join(repo), kind))
+
+    def session_raw(self, client, path, size):
+        """An upload session opened by hand (a crashed earlier run): its id."""
+        return client.call("PUT", "/file/upload",
+                           body={"uri": cloudreve_uri(tuple(p for p in path.split("/") if p)),
+                                 "size": size, "policy_id": self.emu.policy_id})["session_id"]
+
+    def rejected_total(self, code):
+        return sum(n for (ep, c), n in self.emu.rejected.items() if c == code)
+
+
+# ---------------------------------------------------------------------------
+# Part I, section 1: configuration and command line (the registry's options)
+# ---------------------------------------------------------------------------
+
+class ConfigTest(unittest.TestCase):
+    def test_listen_addresses(self):
+        f = rp.parse_listen_address
+        self.assertEqual(f("127.0.0.1:8000"), ("127.0.0.1", 8000))
+        self.assertEqual(f(":9000"), ("", 9000))
+        self.assertEqual(f("[::1]:8000"), ("::1", 8000))
+        self.assertEqual(f("8080"), ("", 8080))
+        for bad in ["localhost", "host:port", "1.2.3.4:99999", "[::1]8000"]:
+            self.assertRaises(rp.UsageError, f, bad)
+
+    def test_listen_environment(self):
+        f = rp.default_listen
+        self.assertEqual(f({}), "127.0.0.1:8000")
+        self.assertEqual(f({"LISTEN_ADDR": "0.0.0.0:9000"}), "0.0.0.0:9000")
+        self.assertEqual(f({"LISTEN_ADDR": "0.0.0.0"}), "0.0.0.0:8000")
+        self.assertEqual(f({"LISTEN_PORT": "9001"}), "127.0.0.1:9001")
+        self.assertEqual(f({"LISTEN_ADDR": "10.0.0.1", "LISTEN_PORT": "81"}), "10.0.0.1:81")
+        self.assertEqual(f({"LISTEN_ADDR": "::1", "LISTEN_PORT": "81"}), "[::1]:81")
+        args = rp.parse_config([], {"LISTEN_PORT": "9002"})
+        self.assertEqual((args.listen_host, args.listen_port, args.backend, args.path),
+                         ("127.0.0.1", 9002, "local", rp.DEFAULT_LOCAL_PATH))
+        args = rp.parse_config(["--listen", ":1234", "--path", "/x"], {"LISTEN_PORT": "9002"})
+        self.assertEqual((args.listen_host, args.listen_port, args.path), ("", 1234, "/x"))
+
+    def run_cli(self, *argv):
+        return subprocess.run([sys.executable, SERVER_SCRIPT] + list(argv), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+
+    def test_command_line_errors_exit_2_with_one_line(self):
+        for argv in (["--bogus"], ["--listen", "nonsense"], ["--backend", "ftp"], ["positional"]):
+            r = self.run_cli(*argv)
+            self.assertEqual(r.returncode, 2, argv)
+            self.assertEqual(len(r.stderr.strip().splitlines()), 1, (argv, r.stderr))
+            self.assertTrue(r.stderr.startswith("restic_123pan.py: error: "), r.stderr)
+
+    def test_help_and_version(self):
+        r = self.run_cli("--help")
+        self.assertEqual(r.returncode, 0)
+        for flag in ("--listen", "--path", "--backend", "--no-verify-upload", "--debug"):
+            self.assertIn(flag, r.stdout)
+        r = self.run_cli("--version")
+        self.assertEqual((r.returncode, r.stdout.strip()), (0, "restic-123pan " + rp.__version__))
+
+
+class Pan123CommandLineTest(unittest.TestCase):
+
+    def parse(self, argv, environ=None):
+        """The real command line, as main() parses it, for the 123pan backend."""
+        return rp.parse_config(["--backend", "123pan"] + argv, environ or {})
+
+    def test_environment_and_defaults(self):
+        environ = {"PAN123_CLIENT_ID": "id", "PAN123_CLIENT_SECRET": "sec",
+                   "XDG_STATE_HOME": "/tmp/xdg"}
+        storage = build_pan123_storage(self.parse([], environ), environ)
+        self.assertEqual(storage.client.client_id, "id")
+        self.assertEqual(storage.client.api_base, "https://open-api.123pan.com")
+        self.assertIn("/restic-backup ", storage.describe())
+        self.assertNotIn("sec", storage.describe())
+        self.assertEqual(storage.single_upload_max, PAN123_DEFAULT_SINGLE_MAX)
+        self.assertTrue(storage.client._token_file.path.startswith("/tmp/xdg/restic-123pan/"))
+        self.assertEqual(default_state_dir({"HOME": "/h"}).split(os.sep)[-3:],
+                         [".local", "state", "restic-123pan"])
+
+    def test_credentials_given(self):
+        self.assertFalse(pan123_credentials_given(self.parse([]), {}))
+        self.assertTrue(pan123_credentials_given(self.parse([]), {"PAN123_CLIENT_ID": "id"}))
+        self.assertEqual(rp.parse_config([], {"PAN123_CLIENT_ID": "id"}).backend, "123pan")
+        self.assertEqual(rp.parse_config([], {}).backend, "local")
+        for argv in (["--client-id", "x", "--backend", "local"], ["--state-dir", "/s"],
+                     ["--backend", "123pan", "--path", "/p"]):
+            self.assertRaises(UsageError, rp.parse_config, argv, {})
+        self.assertTrue(pan123_credentials_given(self.parse(["--client-id", "id"]), {}))
+
+    def test_flags_override_environment(self):
+        environ = {"PAN123_CLIENT_ID": "id", "PAN123_CLIENT_SECRET": "sec",
+                   "PAN123_REPO_PATH": "/env", "PAN123_API_BASE": "http://env"}
+        args = self.parse(["--client-id", "flag", "--repo-path", "/a/b",
+                           "--api-base", "http://127.0.0.1:1/", "--state-dir", "/tmp/s",
+                           "--pan123-tier", "vip", "--pan123-single-max", "1K"])
+        storage = build_pan123_storage(args, environ)
+        self.assertEqual(storage.client.client_id, "flag")
+        self.assertEqual(storage.client.api_base, "http://127.0.0.1:1")
+        self.assertIn("/a/b ", storage.describe())
+        self.assertEqual(storage.single_upload_max, 1024)
+        self.assertEqual(storage.client.limiter.qps("/api/v1/file/delete"), 10)
+
+    def test_usage_errors(self):
+        with self.assertRaises(UsageError) as caught:
+            build_pan123_storage(self.parse([]), {"PAN123_CLIENT_SECRET": "sec"})
+        self.assertNotIn("sec", str(caught.exception).replace("secret", ""))
+        base = {"PAN123_CLIENT_ID": "id", "PAN123_CLIENT_SECRET": "sec"}
+        for argv in (["--repo-path", "/a:b"], ["--api-base", "ftp://x"]):
+            with self.assertRaises(UsageError):
+                build_pan123_storage(self.parse(argv), base)
+        with self.assertRaises(SystemExit):          # argparse: not a size
+            with contextlib.redirect_stderr(io.StringIO()):
+                self.parse(["--pan123-single-max", "-1"])
+
+
+class CloudreveCommandLineTest(unittest.TestCase):
+
+    def parse(self, argv, environ=None):
+        """The real command line, as main() parses it, for the Cloudreve backend."""
+        return rp.parse_config(["--backend", "cloudreve"] + argv, environ or {})
+
+    def build(self, argv, environ):
+        return build_cloudreve_storage(self.parse(argv, environ), environ)
+
+    def test_environment_and_defaults(self):
+        environ = {"CLOUDREVE_URL": "https://drive.example.com/", "CLOUDREVE_USER": "me@x.org",
+                   "CLOUDREVE_PASSWORD": "pw-secret", "XDG_STATE_HOME": "/tmp/xdg"}
+        storage = self.build([], environ)
+        self.assertEqual(storage.client.site_url, "https://drive.example.com")
+        self.assertEqual(storage.client.email, "me@x.org")
+        self.assertEqual(storage.describe(), "Cloudreve folder cloudreve://my/restic-backup "
+                                             "(me@x.org at https://drive.example.com)")
+        self.assertTrue(storage.client._token_file.path.startswith("/tmp/xdg/restic-123pan/"))
+        self.assertNotIn("pw-secret", repr(storage.client))
+        self.assertEqual(rp.parse_config([], environ).backend, "cloudreve")
+
+    def test_flags_override_environment_and_password_file(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder, True)
+        password_file = os.path.join(folder, "pw")
+        with open(password_file, "w") as f:
+            f.write("from-file\nsecond line ignored\n")
+        environ = {"CLOUDREVE_URL": "https://env.example", "CLOUDREVE_USER": "env@x.org",
+                   "CLOUDREVE_PASSWORD": "env-pw", "CLOUDREVE_REPO_PATH": "/env"}
+        storage = self.build(["--cloudreve-url", "http://127.0.0.1:1/api/v4",
+                              "--cloudreve-user", "flag@x.org", "--repo-path", "/a b/c",
+                              "--cloudreve-password-file", password_file,
+                              "--state-dir", folder], environ)
+        self.assertEqual(storage.client.site_url, "http://127.0.0.1:1")
+        self.assertEqual(storage.client.email, "flag@x.org")
+        self.assertEqual(storage.client._password, "from-file")
+        self.assertIn("cloudreve://my/a%20b/c ", storage.describe())
+        self.assertEqual(os.path.dirname(storage.client._token_file.path), folder)
+        self.assertEqual(self.build([], environ).client._password, "env-pw")
+        self.assertIn("cloudreve://my/env ", self.build([], environ).describe())
+        environ = dict(environ, CLOUDREVE_PASSWORD="", CLOUDREVE_PASSWORD_FILE=password_file)
+        self.assertEqual(self.build([], environ).client._password, "from-file")
+
+    def test_usage_errors_never_show_the_password(self):
+        full = {"CLOUDREVE_URL": "https://d.example", "CLOUDREVE_USER": "me@x.org",
+                "CLOUDREVE_PASSWORD": "pw-secret"}
+        for drop in ("CLOUDREVE_URL", "CLOUDREVE_USER", "CLOUDREVE_PASSWORD"):
+            environ = dict(full)
+            del environ[drop]
+            with self.assertRaises(UsageError) as caught:
+                self.build([], environ)
+            self.assertIn(drop, str(caught.exception))
+            self.assertNotIn("pw-secret", str(caught.exception))
+        for argv in (["--repo-path", "/a:b"], ["--cloudreve-url", "ftp://x"],
+                     ["--cloudreve-password", "p", "--cloudreve-password-file", "/f"],
+                     ["--cloudreve-password-file", "/nonexistent/pw"]):
+            with self.assertRaises(UsageError) as caught:
+                self.build(argv, full)
+            self.assertNotIn("pw-secret", str(caught.exception))
+        empty = tempfile.NamedTemporaryFile(delete=False)
+        empty.close()
+        self.addCleanup(os.unlink, empty.name)
+        with self.assertRaises(UsageError):
+            self.build(["--cloudreve-password-file", empty.name], full)
+
+    def test_backend_choice_and_foreign_flags(self):
+        both = {"CLOUDREVE_URL": "https://d.example", "PAN123_CLIENT_ID": "id"}
+        self.assertRaises(UsageError, rp.parse_config, [], both)
+        self.assertEqual(rp.parse_config(["--backend", "123pan"], both).backend, "123pan")
+        self.assertEqual(rp.parse_config(["--cloudreve-url", "https://d"], {}).backend,
+                         "cloudreve")
+        for argv in (["--backend", "cloudreve", "--client-id", "x"],
+                     ["--backend", "cloudreve", "--api-base", "http://x"],
+                     ["--backend", "123pan", "--cloudreve-user", "me@x.org"],
+                     ["--backend", "local", "--cloudreve-url", "https://d"],
+                     ["--backend", "local", "--repo-path", "/x"],
+                     ["--backend", "cloudreve", "--path", "/p"]):
+            self.assertRaises(UsageError, rp.parse_config, argv, {})
+
+    def test_main_reports_one_line_without_the_password(self):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), mock.patch.object(logging, "basicConfig"):
+            status = rp.main(["--backend", "cloudreve", "--cloudreve-url", "https://d",
+                              "--cloudreve-password", "pw-secret"], {})
+        self.assertEqual(status, 2)
+        self.assertEqual(len(err.getvalue().splitlines()), 1)
+        self.assertIn("CLOUDREVE_USER", err.getvalue())
+        self.assertNotIn("pw-secret", err.getvalue())
+
+
+# ---------------------------------------------------------------------------
+# Part I, section 2: shared helpers (Range, hashing spool, rate limiter, backoff,
+# multipart, the HTTP client)
+# ---------------------------------------------------------------------------
 
 class ParseRangeTest(unittest.TestCase):
     def test_ranges(self):
@@ -209,53 +707,4881 @@ class HashingSpoolTest(unittest.TestCase):
         self.assertRaises(rp.ShortBody, rp.HashingSpool.from_stream, io.BytesIO(b"abc"), 4)
 
 
-class ConfigTest(unittest.TestCase):
-    def test_listen_addresses(self):
-        f = rp.parse_listen_address
-        self.assertEqual(f("127.0.0.1:8000"), ("127.0.0.1", 8000))
-        self.assertEqual(f(":9000"), ("", 9000))
-        self.assertEqual(f("[::1]:8000"), ("::1", 8000))
-        self.assertEqual(f("8080"), ("", 8080))
-        for bad in ["localhost", "host:port", "1.2.3.4:99999", "[::1]8000"]:
-            self.assertRaises(rp.UsageError, f, bad)
+class CloudHelpersTest(unittest.TestCase):
 
-    def test_listen_environment(self):
-        f = rp.default_listen
-        self.assertEqual(f({}), "127.0.0.1:8000")
-        self.assertEqual(f({"LISTEN_ADDR": "0.0.0.0:9000"}), "0.0.0.0:9000")
-        self.assertEqual(f({"LISTEN_ADDR": "0.0.0.0"}), "0.0.0.0:8000")
-        self.assertEqual(f({"LISTEN_PORT": "9001"}), "127.0.0.1:9001")
-        self.assertEqual(f({"LISTEN_ADDR": "10.0.0.1", "LISTEN_PORT": "81"}), "10.0.0.1:81")
-        self.assertEqual(f({"LISTEN_ADDR": "::1", "LISTEN_PORT": "81"}), "[::1]:81")
-        args = rp.parse_config([], {"LISTEN_PORT": "9002"})
-        self.assertEqual((args.listen_host, args.listen_port, args.backend, args.path),
-                         ("127.0.0.1", 9002, "local", rp.DEFAULT_LOCAL_PATH))
-        args = rp.parse_config(["--listen", ":1234", "--path", "/x"], {"LISTEN_PORT": "9002"})
-        self.assertEqual((args.listen_host, args.listen_port, args.path), ("", 1234, "/x"))
+    def test_rate_limiter_blocks_past_the_budget(self):
+        limiter = RateLimiter({"/x": 2}, 1000)
+        for _ in range(2):
+            with limiter.slot("/x"):
+                pass
+        # Both slots are in their 1 s window: a third request must wait.
+        with self.assertRaises(RateLimitTimeout):
+            with limiter.slot("/x", deadline=time.monotonic() + 0.05):
+                pass
+        with limiter.slot("/other", deadline=time.monotonic() + 0.05):
+            pass    # endpoints have separate budgets
 
-    def run_cli(self, *argv):
-        return subprocess.run([sys.executable, SERVER_SCRIPT] + list(argv), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    def test_rate_limiter_holds_slot_while_in_flight(self):
+        limiter = RateLimiter({"/x": 1}, 1000)
+        with limiter.slot("/x"):
+            with self.assertRaises(RateLimitTimeout):
+                with limiter.slot("/x", deadline=time.monotonic() + 0.05):
+                    pass
 
-    def test_command_line_errors_exit_2_with_one_line(self):
-        for argv in (["--bogus"], ["--listen", "nonsense"], ["--backend", "ftp"], ["positional"]):
-            r = self.run_cli(*argv)
-            self.assertEqual(r.returncode, 2, argv)
-            self.assertEqual(len(r.stderr.strip().splitlines()), 1, (argv, r.stderr))
-            self.assertTrue(r.stderr.startswith("restic_123pan.py: error: "), r.stderr)
+    def test_rate_limiter_fractional_qps(self):
+        limiter = RateLimiter({"/slow": 0.2}, 1000)
+        with limiter.slot("/slow"):
+            pass
+        with self.assertRaises(RateLimitTimeout):     # next one only after 5 s
+            with limiter.slot("/slow", deadline=time.monotonic() + 0.2):
+                pass
 
-    def test_help_and_version(self):
-        r = self.run_cli("--help")
-        self.assertEqual(r.returncode, 0)
-        for flag in ("--listen", "--path", "--backend", "--no-verify-upload", "--debug"):
-            self.assertIn(flag, r.stdout)
-        r = self.run_cli("--version")
-        self.assertEqual((r.returncode, r.stdout.strip()), (0, "restic-123pan " + rp.__version__))
+    def test_parse_pan123_time(self):
+        epoch = 1742716117             # 2025-03-23T07:48:37Z
+        for text in ("2025-03-23T15:48:37+08:00", "2025-03-23T07:48:37Z",
+                     "2025-03-23T07:48:37.5z", "2025-03-23T15:48:37.123456789+0800",
+                     "2025-03-23 15:48:37", "2025-03-23T02:48:37-05:00"):
+            self.assertEqual(parse_pan123_time(text), epoch, text)
+        with self.assertRaises(ValueError):
+            parse_pan123_time("tomorrow")
+
+    def test_backoff_respects_deadline(self):
+        self.assertFalse(Backoff(time.monotonic(), base=0.01).pause())
+        backoff = Backoff(time.monotonic() + 5, base=0.001, cap=0.002)
+        self.assertTrue(backoff.pause())
+        self.assertEqual(backoff.attempts, 1)
+
+    def test_multipart_body_exact_length_and_reiterable(self):
+        spool = HashingSpool.from_bytes(bytes(range(256)) * 10)
+        self.addCleanup(spool.close)
+        body = MultipartBody([("a", 1), ("name", "x")], "file", 'we"ird\r\n', spool, 100, 1000)
+        first = b"".join(body)
+        self.assertEqual(len(first), body.content_length)
+        self.assertEqual(first, b"".join(body))
+        boundary = body.content_type.split("boundary=")[1].encode()
+        self.assertTrue(first.startswith(b"--" + boundary + b"\r\n"))
+        self.assertTrue(first.endswith(b"\r\n--" + boundary + b"--\r\n"))
+        self.assertIn(spool.read_all()[100:1100], first)
+        self.assertIn(b'filename="we%22ird"', first)
+
+    def test_index_own_writes_win_over_a_lagging_listing(self):
+        index = Pan123Index()
+        index.record_file(7, "new", Pan123File(70, 1, "m"))      # uploaded while listing
+        index.record_file(7, "gone", Pan123File(71, 1, "m"))
+        index.drop_file(7, "gone", 71)                           # deleted while listing
+        index.merge_listing(7, {"old": Pan123File(60, 2, "m"),
+                                "gone": Pan123File(71, 1, "m")}, {"sub": 8})
+        self.assertTrue(index.is_loaded(7))
+        self.assertEqual(sorted(n for n, _ in index.files(7)), ["new", "old"])
+        self.assertEqual(index.child_folder(7, "sub"), 8)
+
+    def test_index_drop_keeps_a_newer_upload(self):
+        index = Pan123Index()
+        index.record_file(1, "config", Pan123File(10, 1, "m"))
+        index.record_file(1, "config", Pan123File(11, 2, "n"))
+        index.drop_file(1, "config", 10)        # a stale file id: not the current one
+        self.assertEqual(index.file(1, "config").file_id, 11)
+
+
+class _Redirector(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with a 302 to `target`, recording the request headers."""
+    target = None
+    seen = []
+
+    def do_GET(self):
+        type(self).seen.append(dict(self.headers))
+        self.send_response(302)
+        self.send_header("Location", self.target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+class HttpClientTest(Pan123BackendCase):
+
+    def test_redirect_drops_credentials_and_keeps_range(self):
+        emu = self.emulator()
+        file_id = emu.add_file("/f.bin", bytes(range(200)))
+        url = self.client().download_url(file_id)
+        server = http.server.HTTPServer(("127.0.0.1", 0), _Redirector)
+        self.addCleanup(server.server_close)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.shutdown)
+        _Redirector.target, _Redirector.seen = url, []
+        http_client = HttpClient(timeout=5)
+        self.addCleanup(http_client.close)
+        response = http_client.request(
+            "GET", "http://127.0.0.1:%d/x" % server.server_address[1],
+            {"Authorization": "Bearer secret", "Platform": "open_platform",
+             "Range": "bytes=10-19"}, follow_redirects=True)
+        # The emulator's CDN answers 400 to any Authorization/Platform header.
+        self.assertEqual(response.status, 206)
+        self.assertEqual(response.read_all(1000), bytes(range(10, 20)))
+        self.assertIn("Authorization", _Redirector.seen[0])
+        self.assertEqual(emu.calls["/dl"], 1)
+        self.assertEqual(emu.calls["/obj"], 1)
+
+    def test_keep_alive_connection_reused(self):
+        self.emulator()
+        client = self.client()
+        for _ in range(5):
+            list(client.list_folder(0))
+        # One connection (token + 5 listings) is all the emulator has open.
+        # (_conns is the emulator's private set of live connections.)
+        self.assertEqual(len(self.emu._conns), 1)
 
 
 # ---------------------------------------------------------------------------
-# htpasswd hashes: published vectors always, freshly generated ones from htpasswd
-# (apache2-utils) and openssl passwd
+# Part I, section 3: the storage interface: the one storage contract suite, run
+# against local, 123pan and Cloudreve
+# ---------------------------------------------------------------------------
+
+class StorageContract(object):
+    """What every Storage promises (section 3 of the product), checked the same
+    way for the local folder, 123pan and Cloudreve.  A subclass provides
+    open_storage() (a storage on the same place and state each time: a second
+    call is a restart), remove_behind_back(ref), corrupt(ref, data) (other bytes
+    of the same length, or None where the backend passes bytes through
+    unchecked) and list_calls() (folder listings made so far)."""
+
+    def open_repository(self):
+        self.st = self.start(self.open_storage())
+        self.st.create_repository(REPO)
+
+    def start(self, storage):
+        storage.start()
+        return storage
+
+    def restart(self):
+        self.st.close()
+        self.st = self.start(self.open_storage())
+        return self.st
+
+    def put(self, storage, data, ref=None):
+        ref = ref or data_ref(data)
+        with HashingSpool.from_bytes(data) as spool:
+            storage.put(ref, spool)
+        return ref
+
+    def read(self, ref, start=0, length=None):
+        if length is None:
+            length = self.st.stat(ref)
+        return b"".join(self.st.read(ref, start, length))
+
+    def test_create_stat_list(self):
+        data, key = os.urandom(3000), b"key material"
+        pack = self.put(self.st, data)
+        key_ref = self.put(self.st, key, ObjectRef(REPO, "keys", sha256_hex(key)))
+        config = self.put(self.st, b"cfg", ObjectRef.config(REPO))
+        self.assertEqual((self.st.stat(pack), self.st.stat(key_ref), self.st.stat(config)),
+                         (3000, len(key), 3))
+        self.assertEqual(list(self.st.list(REPO, "data")), [(pack.name, 3000)])
+        self.assertEqual(list(self.st.list(REPO, "keys")), [(key_ref.name, len(key))])
+        self.assertEqual(list(self.st.list(REPO, "index")), [])
+        self.assertIsNone(self.st.stat(data_ref(b"never stored")))
+        missing = ("nope",)
+        self.assertIsNone(self.st.stat(ObjectRef.config(missing)))
+        self.assertEqual(list(self.st.list(missing, "data")), [])
+        self.assertEqual(list(self.st.list(missing, "keys")), [])
+        with self.assertRaises(NotFound):
+            self.st.read(ObjectRef.config(missing), 0, 1)
+        self.assertFalse(self.st.delete(data_ref(b"x", missing)))
+
+    def test_ranged_and_full_reads(self):
+        data = os.urandom(70000)
+        ref = self.put(self.st, data)
+        self.assertEqual(self.read(ref), data)
+        self.assertEqual(self.read(ref, 5, 100), data[5:105])
+        self.assertEqual(self.read(ref, 69999, 1), data[-1:])
+        self.assertEqual(self.read(ref, 1000, 0), b"")
+        empty = self.put(self.st, b"")
+        self.assertEqual((self.st.stat(empty), self.read(empty)), (0, b""))
+
+    def test_identical_reput_and_replaced_config(self):
+        data = os.urandom(2000)
+        ref = self.put(self.st, data)
+        self.put(self.st, data)
+        self.assertEqual(list(self.st.list(REPO, "data")), [(ref.name, 2000)])
+        self.assertEqual(self.read(ref), data)
+        config = self.put(self.st, b"first", ObjectRef.config(REPO))
+        self.put(self.st, b"second one", config)
+        self.assertEqual((self.st.stat(config), self.read(config)), (10, b"second one"))
+
+    def test_idempotent_delete(self):
+        ref = self.put(self.st, b"to be deleted")
+        self.assertTrue(self.st.delete(ref))
+        self.assertFalse(self.st.delete(ref))
+        self.assertIsNone(self.st.stat(ref))
+        self.assertEqual(list(self.st.list(REPO, "data")), [])
+        with self.assertRaises(NotFound):
+            self.st.read(ref, 0, 1)
+        self.st.flush_deletes()
+        self.assertIsNone(self.restart().stat(ref))
+
+    def test_concurrent_puts_of_one_name(self):
+        data = os.urandom(5000)
+        refs = run_threads(lambda: self.put(self.st, data), [()] * 4)
+        self.assertEqual(len(set(refs)), 1)
+        self.assertEqual(list(self.st.list(REPO, "data")), [(refs[0].name, 5000)])
+        self.assertEqual(self.read(refs[0]), data)
+
+    def test_removed_behind_our_back_answers_missing(self):
+        ref = self.put(self.st, os.urandom(1000))
+        self.remove_behind_back(ref)
+        with self.assertRaises(NotFound):
+            self.st.read(ref, 0, 10)
+        self.assertIsNone(self.st.stat(ref))
+        self.assertFalse(self.st.delete(ref))
+
+    def test_full_read_with_other_bytes_never_yields_them(self):
+        data = os.urandom(5000)
+        ref = self.put(self.st, data)
+        if not self.corrupt(ref, data):
+            # The local folder passes bytes through as restic's local backend reads
+            # them; restic checks what it reads itself.
+            self.assertEqual(self.st.name, "local")
+            self.assertNotEqual(self.read(ref), data)
+            return
+        received = []
+        with self.assertLogs("restic_123pan", "ERROR") as logs:
+            with self.assertRaises(rp.StorageError):
+                for chunk in self.st.read(ref, 0, 5000):
+                    received.append(chunk)
+        self.assertEqual(received, [])             # the last chunk was held back
+        self.assertIn(ref.name, logs.output[0])
+        # A partial read cannot be checked here (restic checks each blob itself).
+        self.assertEqual(self.read(ref, 0, 64), bytes(64))
+
+    def test_restart_keeps_what_was_stored(self):
+        blobs = [os.urandom(n) for n in (10, 3000, 70000)]
+        refs = [self.put(self.st, d) for d in blobs]
+        config = self.put(self.st, b"cfg", ObjectRef.config(REPO))
+        listed = self.list_calls()
+        again = self.restart()
+        self.assertEqual(sorted(again.list(REPO, "data")),
+                         sorted((r.name, len(d)) for r, d in zip(refs, blobs)))
+        self.assertEqual(again.stat(config), 3)
+        for ref, data in zip(refs, blobs):
+            self.assertEqual(self.read(ref), data)
+        self.assertEqual(self.list_calls(), listed, "a restart listed folders again")
+
+
+class LocalStorageContractTest(StorageContract, unittest.TestCase):
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="r123-contract-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.open_repository()
+
+    def open_storage(self):
+        return rp.LocalStorage(self.root)
+
+    def remove_behind_back(self, ref):
+        os.unlink(self.st.path_of(ref))
+
+    def corrupt(self, ref, data):
+        with open(self.st.path_of(ref), "wb") as f:
+            f.write(bytes(len(data)))
+        return False
+
+    def list_calls(self):
+        return 0
+
+
+class CloudStorageContract(StorageContract):
+    """The cloud side: one emulator per test, storages with a persistent metadata
+    cache in the state directory, as main() builds them."""
+
+    def setUp(self):
+        CloudStorageHelpers.setUp(self)
+        self.emulator()
+        self.open_repository()
+
+    def cache(self):
+        cache = MetadataCache(os.path.join(self.state_dir, rp.METADATA_CACHE_FILE))
+        self.addCleanup(cache.close)
+        return cache
+
+    def open_storage(self):
+        storage = self.cloud_storage(self.client())
+        self.addCleanup(storage.close)
+        return storage
+
+    def start(self, storage):
+        storage.start(wait=True)        # the warm-up done before the test goes on
+        return storage
+
+    def remove_behind_back(self, ref):
+        self.emu.remove_behind_back(self.live_path(ref))
+
+
+class Pan123StorageContractTest(CloudStorageContract, Pan123BackendCase):
+
+    def cloud_storage(self, client):
+        index = Pan123Index(self.cache(), pan123_cache_namespace(client.api_base, CLIENT_ID))
+        return Pan123Storage(client, "/restic-backup", index=index)
+
+    def corrupt(self, ref, data):
+        file_id = self.emu.resolve(self.live_path(ref))["fileId"]
+        self.emu._blobs[self.emu._content_of[file_id]] = bytes(len(data))
+        return True
+
+    def list_calls(self):
+        return self.emu.calls[LIST]
+
+
+class CloudreveStorageContractTest(CloudStorageContract, CloudreveBackendCase):
+
+    def cloud_storage(self, client):
+        index = rp.CloudreveIndex(self.cache(), rp.cloudreve_cache_namespace(
+            client.site_url, CR_EMAIL))
+        return CloudreveStorage(client, CR_BASE, index=index)
+
+    def corrupt(self, ref, data):
+        node = self.emu.resolve(self.live_path(ref))
+        entity = self.emu._unhid("entity", node["primary_entity"])
+        self.emu._entities[entity]["data"] = bytes(len(data))
+        return True
+
+    def list_calls(self):
+        return self.emu.calls[CR_LIST]
+
+
+# ---------------------------------------------------------------------------
+# Part I, section 4: the local backend
+# ---------------------------------------------------------------------------
+
+class FailingSpool(object):
+    """Looks like a spool but breaks half-way, like a disk error during a write."""
+    size = 10
+
+    def iter_range(self, start=0, length=None):
+        yield b"12345"
+        raise OSError(5, "simulated I/O error")
+
+
+class LocalStorageTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-local-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.st = rp.LocalStorage(self.tmp)
+
+    def put(self, kind, data, repo=()):
+        ref = rp.ObjectRef(repo, kind, sha256_hex(data)) if kind != "config" else rp.ObjectRef.config(repo)
+        with rp.HashingSpool.from_bytes(data) as s:
+            self.st.put(ref, s)
+        return ref
+
+    def test_layout_matches_restic_local_repository(self):
+        self.st.create_repository(("alice", "laptop"))
+        base = os.path.join(self.tmp, "alice", "laptop")
+        for kind in rp.OBJECT_TYPES:
+            self.assertTrue(os.path.isdir(os.path.join(base, kind)))
+        self.assertEqual(len(os.listdir(os.path.join(base, "data"))), 256)
+        ref = self.put("data", b"pack", ("alice", "laptop"))
+        self.assertTrue(os.path.isfile(os.path.join(base, "data", ref.name[:2], ref.name)))
+        ref = self.put("keys", b"key", ("alice", "laptop"))
+        self.assertTrue(os.path.isfile(os.path.join(base, "keys", ref.name)))
+        self.put("config", b"cfg", ("alice", "laptop"))
+        with open(os.path.join(base, "config"), "rb") as f:
+            self.assertEqual(f.read(), b"cfg")
+
+    def test_listing_skips_temporary_and_foreign_files(self):
+        self.st.create_repository(())
+        ref = self.put("index", b"idx")
+        for junk in ("README", "." + ref.name, ref.name + ".rest-server-temp123", ref.name.upper()):
+            open(os.path.join(self.tmp, "index", junk), "w").close()
+        open(os.path.join(self.tmp, "data", "stray-file"), "w").close()
+        os.mkdir(os.path.join(self.tmp, "index", "a" * 64))     # a folder is not an object
+        self.assertEqual(list(self.st.list((), "index")), [(ref.name, 3)])
+        self.assertEqual(list(self.st.list((), "data")), [])
+
+    def test_failed_write_leaves_nothing_behind(self):
+        ref = rp.ObjectRef((), "data", "cd" * 32)
+        self.assertRaises(rp.StorageError, self.st.put, ref, FailingSpool())
+        folder = os.path.join(self.tmp, "data", "cd")
+        self.assertEqual(os.listdir(folder), [])
+        self.assertIsNone(self.st.stat(ref))
+
+    def test_write_goes_through_a_temporary_file_and_rename(self):
+        ref = rp.ObjectRef((), "data", "ef" * 32)
+        final = self.st.path_of(ref)
+        seen = []
+        real_replace = os.replace
+
+        def spying_replace(src, dst):
+            # at the moment of the rename the final name must not exist yet and the
+            # temporary file must already hold every byte
+            seen.append((os.path.exists(dst), os.path.getsize(src), os.path.basename(src)))
+            return real_replace(src, dst)
+
+        os.replace = spying_replace
+        try:
+            with rp.HashingSpool.from_bytes(b"x" * 5000) as s:
+                self.st.put(ref, s)
+        finally:
+            os.replace = real_replace
+        self.assertEqual(len(seen), 1)
+        exists_before, tmp_size, tmp_name = seen[0]
+        self.assertFalse(exists_before)
+        self.assertEqual(tmp_size, 5000)
+        self.assertFalse(rp.is_object_id(tmp_name))
+        self.assertEqual(os.path.getsize(final), 5000)
+
+    def test_disk_full_is_507(self):
+        ref = rp.ObjectRef((), "data", "01" * 32)
+
+        class FullSpool(FailingSpool):
+            def iter_range(self, start=0, length=None):
+                raise OSError(28, "No space left on device")
+                yield b""
+
+        with self.assertRaises(rp.QuotaExceeded) as cm:
+            self.st.put(ref, FullSpool())
+        self.assertEqual(rp.storage_error_status(cm.exception), 507)
+
+
+class LocalWriteOnceTest(unittest.TestCase):
+    """The local backend writes an upload's bytes once, straight into a temporary
+    file in the object's own folder, computing SHA-256 only; whatever is refused
+    leaves nothing behind."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-once-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.root = os.path.join(self.tmp, "repos")
+        self.spool_dir = os.path.join(self.tmp, "spool")
+        os.mkdir(self.spool_dir)
+        self.srv = ServerThread(rp.LocalStorage(self.root),
+                                server_args={"spool_dir": self.spool_dir})
+        self.addCleanup(self.srv.stop)
+        self.assertEqual(self.srv.request("POST", "/r/?create=true")[0], 200)
+
+    def folder(self, name):
+        return os.path.join(self.root, "r", "data", name[:2])
+
+    def test_upload_goes_straight_to_the_target_folder_without_md5(self):
+        data = os.urandom(3 * rp.SPOOL_MEMORY_LIMIT + 5)
+        name = sha256_hex(data)
+        seen = []
+        real_replace = os.replace
+
+        def spying_replace(src, dst):
+            seen.append((os.path.dirname(src), os.path.getsize(src)))
+            return real_replace(src, dst)
+
+        def refuse(*a, **kw):
+            raise AssertionError("no MD5 and no spool outside the target folder")
+
+        with mock.patch.object(rp.hashlib, "md5", refuse), \
+                mock.patch.object(rp.tempfile, "SpooledTemporaryFile", refuse), \
+                mock.patch.object(rp.os, "replace", spying_replace):
+            self.assertEqual(self.srv.request("POST", "/r/data/" + name, data)[0], 200)
+        self.assertEqual(seen, [(self.folder(name), len(data))])
+        self.assertEqual(os.listdir(self.folder(name)), [name])
+        self.assertEqual(os.listdir(self.spool_dir), [])
+        self.assertEqual(self.srv.request("GET", "/r/data/" + name)[2], data)
+
+    def test_mismatch_short_body_and_reputs_leave_nothing_behind(self):
+        data = os.urandom(300000)
+        name = sha256_hex(data)
+        wrong = sha256_hex(b"something else")
+        self.assertEqual(self.srv.request("POST", "/r/data/" + wrong, data)[0], 400)
+        self.assertEqual(os.listdir(self.folder(wrong)), [])
+        # a body that ends early: 400, no temporary file left in the folder
+        s = socket.create_connection(("127.0.0.1", self.srv.port), timeout=30)
+        s.sendall(b"POST /r/data/" + name.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(data) + data[:1000])
+        s.shutdown(socket.SHUT_WR)
+        reply = s.recv(65536)
+        s.close()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:60])
+        self.assertEqual(os.listdir(self.folder(name)), [])
+        self.assertEqual(self.srv.request("POST", "/r/data/" + name, data)[0], 200)
+        self.assertEqual(self.srv.request("POST", "/r/data/" + name, data)[0], 200)  # a retry
+        self.assertEqual(os.listdir(self.folder(name)), [name])
+        self.assertEqual(self.srv.request("POST", "/r/config", b"one")[0], 200)
+        self.assertEqual(self.srv.request("POST", "/r/config", b"one")[0], 200)
+        self.assertEqual(self.srv.request("POST", "/r/config", b"two")[0], 403)
+        self.assertEqual(sorted(n for n in os.listdir(os.path.join(self.root, "r"))
+                                if not os.path.isdir(os.path.join(self.root, "r", n))),
+                         ["config"])
+        self.assertEqual(self.srv.request("GET", "/r/config")[2], b"one")
+
+    def test_disk_full_while_receiving_is_507_and_removes_the_file(self):
+        st = rp.LocalStorage(self.root)
+        ref = rp.ObjectRef(("r",), "data", "ee" * 32)
+        spool = st.new_spool(ref)
+        path = spool.path
+        self.assertEqual(os.path.dirname(path), self.folder(ref.name))
+
+        class FullFile(object):
+            def __init__(self, real):
+                self.real = real
+
+            def write(self, data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            def __getattr__(self, name):
+                return getattr(self.real, name)
+
+        spool._file = FullFile(spool._file)
+        with self.assertRaises(rp.QuotaExceeded):
+            rp.HashingSpool.from_stream(io.BytesIO(b"x" * 100), 100, spool=spool)
+        self.assertFalse(os.path.exists(path))
+
+    def test_only_the_digests_a_backend_declares_are_computed(self):
+        ref = rp.ObjectRef((), "data", "00" * 32)
+        self.assertIn("md5", rp.Pan123Storage.digests)
+        self.assertNotIn("md5", rp.CloudreveStorage.digests)
+        self.assertNotIn("md5", rp.LocalStorage.digests)
+
+        class NeedsMd5(rp.Storage):
+            digests = ("md5",)
+
+        for storage, md5 in ((rp.Storage(), None), (NeedsMd5(), hashlib.md5(b"abc").hexdigest())):
+            with rp.HashingSpool.from_stream(io.BytesIO(b"abc"), 3,
+                                             spool=storage.new_spool(ref)) as s:
+                self.assertEqual((s.md5, s.sha256, s.read_all()), (md5, sha256_hex(b"abc"), b"abc"))
+
+    def test_bodies_are_read_into_one_reused_buffer(self):
+        data = os.urandom(3 * rp.BODY_BUFFER + 3)
+
+        class OnlyReadinto(io.RawIOBase):
+            def __init__(self):
+                self.src = io.BytesIO(data)
+                self.buffers = set()
+
+            def readable(self):
+                return True
+
+            def readinto(self, b):
+                self.buffers.add(id(b.obj))
+                return self.src.readinto(b)
+
+            def read(self, n=-1):
+                raise AssertionError("read() makes a new bytes object per chunk")
+
+        stream = OnlyReadinto()
+        with rp.HashingSpool.from_stream(stream, len(data)) as s:
+            self.assertEqual((s.sha256, s.read_all()), (sha256_hex(data), data))
+        self.assertEqual(len(stream.buffers), 1)
+
+
+class LocalSendfileTest(unittest.TestCase):
+    """Plain-HTTP GETs of a local object go out with socket.sendfile, counted in the
+    metrics exactly as copied ones are."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-sendfile-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.srv = ServerThread(rp.LocalStorage(self.tmp))
+        self.addCleanup(self.srv.stop)
+
+    def test_get_and_ranges_use_sendfile_and_are_counted(self):
+        data = os.urandom(700000)
+        path = "/sf/data/" + sha256_hex(data)
+        self.assertEqual(self.srv.request("POST", path, data)[0], 200)
+        calls = []
+        real = socket.socket.sendfile
+
+        def spy(sock, file, offset=0, count=None):
+            calls.append((offset, count))
+            return real(sock, file, offset, count)
+
+        before = rp.METRICS.total("rest_server_blob_read_bytes_total", repo="sf")
+        with mock.patch.object(socket.socket, "sendfile", spy):
+            self.assertEqual(self.srv.request("GET", path)[2], data)
+            status, _, body = self.srv.request("GET", path, headers={"Range": "bytes=1000-1999"})
+            self.assertEqual((status, body), (206, data[1000:2000]))
+            conn = self.srv.connection()        # keep-alive goes on after a sendfile
+            for _ in range(2):
+                conn.request("GET", path, headers={"Range": "bytes=-10"})
+                self.assertEqual(conn.getresponse().read(), data[-10:])
+            conn.close()
+        self.assertEqual(calls, [(0, 700000), (1000, 1000), (699990, 10), (699990, 10)])
+        self.assertEqual(rp.METRICS.total("rest_server_blob_read_bytes_total", repo="sf")
+                         - before, 700000 + 1000 + 20)
+
+
+class _FullAfter(object):
+    """A spool file on a disk that fills up after `room` bytes: write() then fails
+    with ENOSPC, as a real full disk makes it fail."""
+
+    def __init__(self, real, room):
+        self._real, self._room = real, room
+
+    def write(self, data):
+        import errno
+        if len(data) > self._room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._room -= len(data)
+        return self._real.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def start_server_process(test, *argv, **kw):
+    """The server as its own process on an ephemeral port -> (process, port)."""
+    proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--listen", "127.0.0.1:0"] + list(argv),
+                            stdout=subprocess.PIPE, stderr=kw.get("stderr", subprocess.DEVNULL),
+                            universal_newlines=True, env=dict(os.environ, **kw.get("env", {})),
+                            preexec_fn=kw.get("preexec_fn"))
+
+    def stop():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            test.assertEqual(proc.wait(timeout=60), 0)
+        proc.stdout.close()
+    test.addCleanup(stop)
+    url = read_server_url(proc)
+    return proc, int(url.rsplit(":", 1)[1].strip("/"))
+
+
+def process_status(pid):
+    """Threads and resident memory (bytes) of a process, from /proc."""
+    with open("/proc/%d/status" % pid) as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(fields["Threads"]), int(fields["VmRSS"].split()[0]) * 1024
+
+
+def http_call(port, method, path, body=None, headers=None, conn=None):
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict((k.lower(), v) for k, v in resp.getheaders()), resp.read()
+    finally:
+        if own:
+            conn.close()
+
+
+class FullDiskTest(unittest.TestCase):
+    """A full spool or repository disk: 507, nothing partial left, reads and deletes
+    go on.  The first two inject ENOSPC into the real write path; the others run
+    the server under a real file size limit (RLIMIT_FSIZE: the kernel refuses the
+    write with EFBIG), no root needed."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-full-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.root = os.path.join(self.tmp, "repos")
+        self.spool = os.path.join(self.tmp, "spool")
+        os.makedirs(self.spool)
+
+    def serve(self, storage_type=None):
+        storage_type = storage_type or rp.LocalStorage
+        srv = ServerThread(storage_type(self.root), dict(spool_dir=self.spool))
+        self.addCleanup(srv.stop)
+        self.assertEqual(srv.request("POST", "/?create=true")[0], 200)
+        return srv
+
+    def test_a_full_spool_answers_507_and_the_connection_goes_on(self):
+        # the local backend writes into its own folder and needs no spool: a storage
+        # that spools like the cloud backends do (the Storage default)
+        class SpoolingStorage(rp.LocalStorage):
+            new_spool = rp.Storage.new_spool
+        srv = self.serve(SpoolingStorage)
+        small = os.urandom(1000)
+        self.assertEqual(srv.request("POST", "/data/" + sha256_hex(small), small)[0], 200)
+        before = stored_files(self.root)
+        real_temporary_file = tempfile.TemporaryFile
+        spool_dirs = []
+
+        def on_a_full_disk(*args, **kw):
+            spool_dirs.append(kw.get("dir"))
+            return _FullAfter(real_temporary_file(*args, **kw), room=1536 * 1024)
+        big = os.urandom(3 * 1024 * 1024)
+        with mock.patch("tempfile.TemporaryFile", on_a_full_disk):
+            conn = srv.connection()
+            status, _, body = http_call(srv.port, "POST", "/data/" + sha256_hex(big), big,
+                                        conn=conn)
+            self.assertEqual(status, 507, body)
+            # the body was read to its end: the same connection serves on
+            self.assertEqual(http_call(srv.port, "GET", "/data/" + sha256_hex(small),
+                                       conn=conn)[2], small)
+            self.assertEqual(http_call(srv.port, "DELETE", "/data/" + sha256_hex(small),
+                                       conn=conn)[0], 200)
+            conn.close()
+        self.assertEqual(spool_dirs, [self.spool])      # --spool-dir is where it spooled
+        self.assertEqual(os.listdir(self.spool), [])
+        self.assertEqual(stored_files(self.root),
+                         [f for f in before if not f.endswith(sha256_hex(small))])
+        # room again: the same upload goes through
+        self.assertEqual(srv.request("POST", "/data/" + sha256_hex(big), big)[0], 200)
+
+    def test_a_full_repository_disk_answers_507_and_leaves_no_partial_file(self):
+        import errno
+        srv = self.serve()
+        kept = os.urandom(2000)
+        self.assertEqual(srv.request("POST", "/keys/" + sha256_hex(kept), kept)[0], 200)
+        before = stored_files(self.root)
+        data = os.urandom(200000)
+        full = OSError(errno.ENOSPC, "No space left on device")
+        with mock.patch.object(rp.os, "fsync", side_effect=full):     # as NFS or ext4 may
+            self.assertEqual(srv.request("POST", "/data/" + sha256_hex(data), data)[0], 507)
+            self.assertEqual(stored_files(self.root), before)
+            self.assertEqual(srv.request("GET", "/keys/" + sha256_hex(kept))[2], kept)
+            self.assertEqual(srv.request("DELETE", "/keys/" + sha256_hex(kept))[0], 200)
+        self.assertEqual(srv.request("POST", "/data/" + sha256_hex(data), data)[0], 200)
+
+    def limited_server(self, *argv, **kw):
+        import resource
+        limit = 2 * 1024 * 1024
+
+        def file_size_limit():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        return start_server_process(self, "--spool-dir", self.spool, *argv,
+                                    preexec_fn=file_size_limit, **kw)[1]
+
+    def check_full_disk_behaviour(self, port, stored):
+        """An upload over the limit: 507; one under it is stored; reads and deletes
+        work; nothing is left in the spool."""
+        self.assertEqual(http_call(port, "POST", "/?create=true")[0], 200)
+        fits = os.urandom(1536 * 1024)
+        too_big = os.urandom(3 * 1024 * 1024)
+        status, _, body = http_call(port, "POST", "/data/" + sha256_hex(too_big), too_big)
+        self.assertEqual(status, 507, body)
+        self.assertIn(b"upload spool", body)
+        self.assertEqual(os.listdir(self.spool), [])
+        self.assertEqual(http_call(port, "POST", "/data/" + sha256_hex(fits), fits)[0], 200)
+        self.assertEqual(http_call(port, "GET", "/data/" + sha256_hex(fits))[2], fits)
+        self.assertEqual(stored(), [sha256_hex(fits)])
+        self.assertEqual(http_call(port, "DELETE", "/data/" + sha256_hex(fits))[0], 200)
+        self.assertEqual(http_call(port, "HEAD", "/data/" + sha256_hex(too_big))[0], 404)
+        self.assertEqual(os.listdir(self.spool), [])
+
+    def test_local_backend_under_a_real_file_size_limit(self):
+        port = self.limited_server("--path", self.root)
+        self.check_full_disk_behaviour(
+            port, lambda: [os.path.basename(f) for f in stored_files(os.path.join(self.root, "data"))])
+        self.assertEqual(stored_files(os.path.join(self.root, "data")), [])
+
+    def test_cloud_backend_under_a_real_file_size_limit(self):
+        emu = Pan123Emulator().start()
+        self.addCleanup(emu.stop)
+        port = self.limited_server("--backend", "123pan", "--api-base", emu.api_base,
+                                   "--client-id", "emu-client", "--state-dir",
+                                   os.path.join(self.tmp, "state"),
+                                   env={"PAN123_CLIENT_SECRET": "emu-secret"})
+        self.check_full_disk_behaviour(
+            port, lambda: sorted(json.loads(http_call(port, "GET", "/data/")[2].decode())))
+        self.assertEqual(emu.errors, [])
+
+
+# ---------------------------------------------------------------------------
+# Part I, section 5: what the cloud backends share: metadata cache, warm-up and
+# restart, and through both clients token renewal, the retry loop, downloads
+# ---------------------------------------------------------------------------
+
+NS = "123pan|test"
+
+
+class MetadataCacheTest(unittest.TestCase):
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp(prefix="cache-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.path = os.path.join(self.folder, "state", "cache.sqlite3")
+
+    def open(self):
+        cache = MetadataCache(self.path).open()
+        self.addCleanup(cache.close)
+        return cache
+
+    def test_file_wal_mode_and_permissions(self):
+        cache = self.open()
+        self.assertEqual(cache._query("PRAGMA journal_mode")[0][0], "wal")
+        self.assertEqual(cache._query("PRAGMA synchronous")[0][0], 2)      # FULL
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(self.path)).st_mode), 0o700)
+
+    def test_survives_reopening_and_keeps_namespaces_apart(self):
+        cache = self.open()
+        cache.record(NS, 7, "config", 70, 155, "aa")
+        cache.record(NS, 7, "keys", 8, is_dir=True, created=True)
+        cache.record("cloudreve|https://drive|alice", "cloudreve://my/restic",
+                     "config", "file-uri-id", 155, "")       # string keys and ids
+        cache.close()
+        again = self.open()
+        self.assertEqual(again.entry(NS, 7, "config"), (70, 155, "aa"))
+        self.assertEqual(again.entry(NS, 7, "keys", is_dir=True), (8, 0, ""))
+        self.assertTrue(again.folder(NS, 8).complete)
+        self.assertFalse(again.folder(NS, 7).complete)
+        self.assertIsNone(again.entry("123pan|other", 7, "config"))
+        self.assertEqual(again.entries("cloudreve|https://drive|alice", "cloudreve://my/restic"),
+                         [("config", "file-uri-id", 155, "")])
+
+    def test_a_broken_file_is_moved_aside(self):
+        os.makedirs(os.path.dirname(self.path))
+        with open(self.path, "wb") as f:
+            f.write(b"not a database" * 100)
+        cache = self.open()
+        cache.record(NS, 1, "x", 2)
+        self.assertEqual(cache.entry(NS, 1, "x"), (2, 0, ""))
+        self.assertTrue([n for n in os.listdir(os.path.dirname(self.path)) if ".broken-" in n])
+
+    def test_listing_rules(self):
+        cache = self.open()
+        cache.record(NS, 1, "mine", 10, 1, "m")                  # our write, just now
+        cache.merge_page(NS, 1, [CacheEntry("old", False, 5, 2, "o"),
+                                 CacheEntry("mine", False, 4, 9, "x")],
+                         time.time() - 600, next_cursor=5, seen=set())
+        self.assertEqual(cache.folder(NS, 1), (False, 5, None))   # resumable from 5
+        self.assertEqual(cache.entry(NS, 1, "mine"), (10, 1, "m"))   # own write won
+        # Later, the same folder listed from the start again after the grace period:
+        # the listing is the truth for everything written before it.
+        seen = set()
+        cache.merge_page(NS, 1, [CacheEntry("mine", False, 11, 1, "m")], time.time() + 1,
+                         next_cursor=None, seen=seen)
+        self.assertEqual(cache.entries(NS, 1), [("mine", 11, 1, "m")])
+        self.assertTrue(cache.folder(NS, 1).complete)
+        # A pending delete keeps its id out of listings.
+        cache.drop(NS, 1, "mine", 11, pending_stage="trash")
+        cache.merge_page(NS, 1, [CacheEntry("mine", False, 11, 1, "m")], 0, None)
+        self.assertIsNone(cache.entry(NS, 1, "mine"))
+        self.assertEqual(cache.pending_deletes(NS), [(11, "trash")])
+        cache.set_pending_stage(NS, [11], "purge")
+        self.assertEqual(cache.pending_deletes(NS), [(11, "purge")])
+        cache.clear_pending(NS, [11])
+        self.assertEqual(cache.pending_deletes(NS), [])
+
+    def test_dropping_a_folder_forgets_what_is_below(self):
+        cache = self.open()
+        cache.record(NS, 1, "a", 2, is_dir=True, created=True)
+        cache.record(NS, 2, "b", 3, is_dir=True, created=True)
+        cache.record(NS, 3, "f", 4)
+        self.assertTrue(cache.drop(NS, 1, "a", 2, is_dir=True))
+        self.assertEqual(cache.dump(NS), {})
+
+    def test_many_threads_one_cache(self):
+        cache = self.open()
+
+        def work(i):
+            for j in range(20):
+                cache.record(NS, i, "f%d" % j, i * 100 + j, j)
+                if j % 2:
+                    cache.drop(NS, i, "f%d" % j, i * 100 + j, pending_stage="trash")
+            return len(cache.entries(NS, i))
+
+        self.assertEqual(run_threads(work, [(i,) for i in range(8)]), [10] * 8)
+        self.assertEqual(len(cache.pending_deletes(NS)), 80)
+
+    def test_index_keeps_own_writes_across_restarts(self):
+        index = Pan123Index(self.open(), NS)
+        index.record_file(7, "new", Pan123File(70, 1, "m"))
+        index.cache.close()
+        index = Pan123Index(self.open(), NS)
+        index.merge_listing(7, {"old": Pan123File(60, 2, "m")}, {})
+        self.assertEqual(sorted(n for n, _ in index.files(7)), ["new", "old"])
+
+
+class ServerKilled(BaseException):
+    """Raised in the middle of the server's work: nothing of it catches this."""
+
+
+def emulator_list_pages(emu, top="/restic-backup"):
+    """The list v2 pages that listing the drive root and every folder from `top`
+    down costs (trashed entries take room in pages too)."""
+    pages = 1                                   # the drive root
+    folders = [top]
+    while folders:
+        folder = folders.pop()
+        kids = emu.children(folder, include_trashed=True)
+        pages += max(1, -(-len(kids) // 100))
+        folders.extend(folder + "/" + k["filename"] for k in kids if k["type"] == 1)
+    return pages
+
+
+class Pan123CacheCase(Pan123BackendCase):
+    """A Pan123Storage with a persistent metadata cache, as main() builds it;
+    cached() again is the same server after a restart."""
+
+    def cached(self, **options):
+        cache = MetadataCache(os.path.join(self.state_dir, rp.METADATA_CACHE_FILE))
+        index = Pan123Index(cache, pan123_cache_namespace(self.emu.api_base, CLIENT_ID))
+        options.setdefault("progress_interval", 0)
+        client = self.client()
+        # A restart here comes within the same second: the new process must not
+        # spend the request budget the old one used (in real life time passes).
+        if getattr(self, "limiter", None) is None:
+            self.limiter = client.limiter
+        client.limiter = self.limiter
+        storage = Pan123Storage(client, "/restic-backup", index=index, **options)
+        self.addCleanup(storage.close)
+        return storage
+
+    def started_with_repository(self, **options):
+        """The emulator, and a started server's storage that made REPO."""
+        emu = self.emulator()
+        storage = self.cached(**options)
+        storage.start(wait=True)
+        storage.create_repository(REPO)
+        return emu, storage
+
+    def repository_with_packs(self, packs, folders=None):
+        """An existing repository: config, a key, and `packs` data objects spread
+        over `folders` data/<xx> folders (all 256 by default)."""
+        self.existing_repo()
+        self.stored_elsewhere(b"config", ObjectRef.config(REPO))
+        self.stored_elsewhere(b"key", ObjectRef(REPO, "keys", "ab" * 32))
+        refs = []
+        for i in range(packs):
+            data = b"pack %d" % i
+            name = hashlib.sha256(data).hexdigest()
+            if folders is not None:
+                name = "%02x%s" % (i % folders, name[2:])
+            refs.append(self.stored_elsewhere(data, ObjectRef(REPO, "data", name)))
+        return refs
+
+    def cloud_pages(self):
+        return emulator_list_pages(self.emu)
+
+
+class Pan123CacheTest(Pan123CacheCase):
+
+    def test_restart_serves_from_the_cache_without_listing(self):
+        emu, storage = self.started_with_repository()
+        refs = [self.put(storage, b"pack %d" % i) for i in range(5)]
+        config = self.put(storage, b"config", ObjectRef.config(REPO))
+        self.assertTrue(storage.delete(refs[0]))
+        storage.close()                          # the server stops ...
+        emu.reset_calls()
+        again = self.cached()                    # ... and starts again
+        warm_up = again.start(wait=True)
+        self.assertEqual(warm_up.pages, 0)
+        self.assertEqual(sorted(again.list(REPO, "data")),
+                         sorted((r.name, len(b"pack 1")) for r in refs[1:]))
+        self.assertEqual(again.stat(config), 6)
+        self.assertIsNone(again.stat(refs[0]))
+        self.assertEqual(again.list(REPO, "keys"), [])
+        self.assertEqual(self.read(again, refs[1]), b"pack 1")
+        self.assertEqual(emu.calls[LIST], 0)
+        self.assertEqual(emu.calls[TOKEN], 0)
+        self.assertEqual(emu.total_live_files(), 5)
+
+    def test_cold_warm_up_lists_each_page_once_small_folders_first(self):
+        emu = self.emulator()
+        self.repository_with_packs(300, folders=20)
+        emu.reset_calls()
+        storage = self.cached()
+        with self.assertLogs("restic_123pan", "INFO") as logs:
+            warm_up = storage.start(wait=True)
+        self.assertEqual(emu.calls[LIST], self.cloud_pages())
+        self.assertEqual(warm_up.pages, emu.calls[LIST])
+        self.assertEqual(dict(emu.calls), {LIST: emu.calls[LIST], TOKEN: 1})
+        self.assertEqual(warm_up.objects, 302)
+        text = "\n".join(logs.output)
+        self.assertRegex(text, r"warm-up: \d+ objects so far \(\d+/s\), \d+ folders done")
+        self.assertRegex(text, r"about \d+ objects and \d+s to go")
+        self.assertIn("warm-up done", text)
+        emu.reset_calls()
+        self.assertEqual(len(list(storage.list(REPO, "data"))), 300)
+        self.assertEqual(storage.stat(ObjectRef.config(REPO)), 6)
+        self.assertEqual(emu.calls[LIST], 0)
+
+    def test_small_folders_are_answered_before_the_data_folder_is_done(self):
+        emu = self.emulator()
+        refs = self.repository_with_packs(2000, folders=1)      # data/00: 20 pages
+        storage = self.cached()
+        warm_up = storage.start()
+        self.assertEqual(storage.stat(ObjectRef.config(REPO)), 6)
+        self.assertEqual([n for n, _ in storage.list(REPO, "keys")], ["ab" * 32])
+        self.assertEqual(storage.list(REPO, "snapshots"), [])
+        self.assertFalse(warm_up.finished.is_set())
+        data_xx = emu.resolve("/restic-backup/r/data/00")["fileId"]
+        self.assertFalse(storage.index.is_loaded(data_xx))
+        self.assertEqual(storage.stat(refs[-1]), len(b"pack 1999"))     # waits for it
+        warm_up.finished.wait(60)
+        self.assertEqual(emu.calls[LIST], self.cloud_pages())
+
+    def test_interrupted_warm_up_resumes_where_it_stopped(self):
+        emu = self.emulator()
+        self.repository_with_packs(450, folders=1)              # data/00: 5 pages
+        full = self.cloud_pages()
+        storage = self.cached(warm_up_workers=1)
+        pages = []
+        real_list_page = storage.client.list_page
+
+        def crash_after_two_data_pages(folder_id, cursor=None):
+            if len(pages) == full - 3:        # 2 of data/00's 5 pages done
+                raise ServerKilled()
+            pages.append(folder_id)
+            return real_list_page(folder_id, cursor)
+
+        storage.client.list_page = crash_after_two_data_pages
+        with self.assertRaises(ServerKilled):
+            storage.start(wait=True)
+        data_xx = emu.resolve("/restic-backup/r/data/00")["fileId"]
+        self.assertEqual(pages[-2:], [data_xx, data_xx])
+        emu.reset_calls()
+        again = self.cached()
+        with self.assertLogs("restic_123pan", "INFO") as logs:
+            warm_up = again.start(wait=True)
+        self.assertIn("warm-up done", "\n".join(logs.output))
+        self.assertEqual(emu.calls[LIST], 3)                      # the other 3 pages
+        self.assertEqual(warm_up.pages, 3)
+        self.assertEqual(len(list(again.list(REPO, "data"))), 450)
+        self.assertEqual(emu.calls[LIST], 3)
+
+    def test_a_refused_saved_cursor_lists_the_folder_from_the_start(self):
+        emu = self.emulator()
+        self.repository_with_packs(150, folders=1)
+        storage = self.cached()
+        storage.start(wait=True)
+        data_xx = emu.resolve("/restic-backup/r/data/00")["fileId"]
+        # As if a listing had stopped half-way, with a cursor 123pan no longer takes.
+        with storage.index.cache._transaction() as db:
+            db.execute("UPDATE folders SET complete=0, cursor=-5 WHERE folder=?", (data_xx,))
+        emu.reset_calls()
+        self.assertEqual(len(list(storage.list(REPO, "data"))), 150)
+        self.assertEqual(emu.rejected[(LIST, 1)], 1)
+        self.assertEqual(emu.calls[LIST], 3)      # the refused page, then 2 from the start
+        self.assertTrue(storage.index.is_loaded(data_xx))
+
+    def test_warm_up_stops_with_the_server_and_continues_at_the_next_start(self):
+        emu = self.emulator()
+        self.repository_with_packs(800, folders=1)
+        storage = self.cached()
+        warm_up = storage.start()
+        storage.stat(ObjectRef.config(REPO))     # after a few small folders ...
+        storage.close()                          # ... the server stops
+        self.assertTrue(warm_up.finished.is_set())
+        before = emu.calls[LIST]
+        self.assertLess(before, self.cloud_pages())
+        again = self.cached()
+        again.start(wait=True)
+        self.assertEqual(emu.calls[LIST], self.cloud_pages())
+        self.assertEqual(len(list(again.list(REPO, "data"))), 800)
+
+    def test_object_removed_behind_our_back_is_404_not_500(self):
+        emu = self.emulator()
+        storage = self.cached()
+        storage.start(wait=True)
+        server = ServerThread(storage)
+        self.addCleanup(server.stop)
+        self.assertEqual(server.request("POST", "/r/?create=true")[0], 200)
+        data = b"soon gone"
+        ref = data_ref(data)
+        path = "/r/data/" + ref.name
+        self.assertEqual(server.request("POST", path, data)[0], 200)
+        kept = b"kept in the cache after a restart"
+        kept_ref = data_ref(kept)
+        self.assertEqual(server.request("POST", "/r/data/" + kept_ref.name, kept)[0], 200)
+        emu.remove_behind_back(self.live_path(ref))
+        emu.remove_behind_back(self.live_path(kept_ref))
+        self.assertEqual(server.request("HEAD", path)[0], 200)       # the cache believes it
+        self.assertEqual(server.request("GET", path)[0], 404)        # 123pan says 5066
+        self.assertEqual(server.request("HEAD", path)[0], 404)       # forgotten
+        self.assertNotIn(ref.name, [n for n, _ in storage.list(REPO, "data")])
+        self.assertEqual(server.request("DELETE", path)[0], 200)
+        server.stop()
+        storage.close()
+        again = self.cached()                                        # a restart
+        again.start(wait=True)
+        server = ServerThread(again)
+        self.addCleanup(server.stop)
+        kept_path = "/r/data/" + kept_ref.name
+        self.assertEqual(server.request("HEAD", kept_path)[0], 200)
+        self.assertEqual(server.request("GET", kept_path)[0], 404)
+        self.assertEqual(server.request("HEAD", kept_path)[0], 404)
+        self.assertEqual(emu.rejected[(DOWNLOAD_INFO, 5066)], 2)
+
+    def test_deletes_are_committed_in_the_cache_and_survive_a_crash(self):
+        # delete_linger: the crash comes before any trash call.
+        emu, storage = self.started_with_repository(delete_linger=3600)
+        refs = [self.put(storage, b"pack %d" % i) for i in range(3)]
+        for ref in refs[:2]:
+            self.assertTrue(storage.delete(ref))
+        self.assertEqual(emu.calls[TRASH], 0)
+        self.assertEqual(emu.total_live_files(), 3)
+        again = self.cached()                         # started after the crash
+        again.start(wait=True)
+        self.assertEqual(list(again.list(REPO, "data")), [(refs[2].name, 6)])
+        again.flush_deletes()
+        self.assertEqual(emu.total_live_files(), 1)
+        self.assertEqual(again.index.pending_deletes(), [])
+        self.assertEqual((emu.calls[TRASH], emu.calls[DELETE]), (1, 1))
+
+    def test_failed_remote_deletes_are_tried_again(self):
+        emu, storage = self.started_with_repository(delete_retry=0.01)
+        ref = self.put(storage, b"doomed")
+        file_id = emu.resolve(self.live_path(ref))["fileId"]
+        storage.client.call_deadline = 0.2
+        emu.fail_next("500", count=10 ** 6, endpoint=TRASH)     # 123pan down for a while
+        self.assertTrue(storage.delete(ref))
+        storage.flush_deletes()
+        self.assertEqual(storage.index.pending_deletes(), [(file_id, "trash")])
+        self.assertIsNone(storage.stat(ref))
+        emu.clear_faults()
+        deadline = time.monotonic() + 30
+        while storage.index.pending_deletes() and time.monotonic() < deadline:
+            storage.flush_deletes()             # the retry comes from a timer thread
+            time.sleep(0.01)
+        self.assertEqual(storage.index.pending_deletes(), [])
+        self.assertEqual(emu.total_live_files(), 0)
+
+    def test_rebuild_finds_what_changed_behind_our_back_and_keeps_recent_writes(self):
+        emu, storage = self.started_with_repository()
+        old = self.put(storage, b"old")
+        added = self.stored_elsewhere(b"added elsewhere")     # behind our back
+        emu.advance_clock(120)
+        emu.list_lag = 60.0         # what follows is not in listings yet (spec 4.2)
+        mark = time.time()
+        recent = self.put(storage, b"recent")
+        storage.close()
+        emu.remove_behind_back(self.live_path(old))           # behind our back
+        # All that the cache learned before `recent` is older than the grace period:
+        cache = MetadataCache(os.path.join(self.state_dir, rp.METADATA_CACHE_FILE))
+        with cache._transaction() as db:
+            db.execute("UPDATE entries SET written_at = written_at - 3600 "
+                       "WHERE written_at < ?", (mark,))
+        cache.close()
+        again = self.cached()
+        self.assertIsNotNone(again.stat(old))        # not rebuilt: the cache is trusted
+        self.assertIsNone(again.stat(added))
+        again.close()
+        emu.reset_calls()
+        rebuilt = self.cached()
+        rebuilt.start(rebuild=True, wait=True)
+        self.assertGreater(emu.calls[LIST], 0)
+        names = sorted(n for n, _ in rebuilt.list(REPO, "data"))
+        self.assertEqual(names, sorted([added.name, recent.name]))
+
+    def test_cache_refresh_finds_small_objects_added_elsewhere(self):
+        emu, storage = self.started_with_repository(refresh_seconds=300)
+        lock = self.stored_elsewhere(b"another server's lock", ObjectRef(REPO, "locks", "cd" * 32))
+        pack = self.stored_elsewhere(b"another server's pack")
+        self.assertEqual(storage.list(REPO, "locks"), [])     # listed (created) just now
+        self.assertIsNone(storage.stat(pack))                 # HEAD never lists data
+        emu.reset_calls()
+        with storage.index.cache._transaction() as db:        # five minutes later
+            db.execute("UPDATE folders SET listed_at = listed_at - 301")
+        self.assertEqual([n for n, _ in storage.list(REPO, "locks")], [lock.name])
+        self.assertEqual(emu.calls[LIST], 1)
+        self.assertEqual(storage.stat(pack), 21)              # a miss: data/<xx> listed
+        self.assertEqual(emu.calls[LIST], 3)                  # data/ and data/<xx>
+        self.assertEqual(self.read(storage, pack), b"another server's pack")
+        self.assertEqual(storage.list(REPO, "locks"), [(lock.name, 21)])
+        self.assertEqual(emu.calls[LIST], 3)
+
+    def test_upload_into_a_folder_removed_behind_our_back(self):
+        emu, storage = self.started_with_repository()
+        first = self.put(storage, b"first")
+        emu.remove_behind_back("/restic-backup/r/data/" + first.name[:2])
+        second = next(b"second %d" % i for i in itertools.count()
+                      if data_ref(b"second %d" % i).name[:2] == first.name[:2])
+        second = self.put(storage, second)
+        self.assertEqual(self.read(storage, second)[:7], b"second ")
+        self.assertIsNotNone(emu.resolve(self.live_path(second)))
+        self.assertIsNone(storage.stat(first))
+
+    def test_unusable_state_directory_is_one_error_line(self):
+        blocker = os.path.join(self.state_dir, "a-file")
+        with open(blocker, "w"):
+            pass
+        r = subprocess.run([sys.executable, SERVER_SCRIPT, "--backend", "123pan", "--client-id",
+                            "id", "--state-dir", os.path.join(blocker, "state"), "--no-auth",
+                            "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                           env=dict(os.environ, PAN123_CLIENT_SECRET="sec"))
+        self.assertEqual(r.returncode, 1)
+        self.assertEqual(r.stderr.splitlines()[-1],
+                         "restic_123pan.py: error: cannot start the 123pan backend: [Errno 20] "
+                         "Not a directory: %r" % os.path.join(blocker, "state"))
+
+    def test_rebuild_and_refresh_flags(self):
+        args = rp.parse_config(["--backend", "123pan", "--rebuild-cache", "--cache-refresh",
+                                "60", "--state-dir", self.state_dir], {})
+        self.assertTrue(args.rebuild_cache)
+        self.assertEqual(args.cache_refresh, 60)
+        storage = build_pan123_storage(args, {"PAN123_CLIENT_ID": "id",
+                                              "PAN123_CLIENT_SECRET": "sec"})
+        self.addCleanup(storage.close)
+        self.assertEqual(storage.refresh_seconds, 60)
+        self.assertEqual(storage.index.cache.path,
+                         os.path.join(self.state_dir, rp.METADATA_CACHE_FILE))
+        self.assertEqual(storage.index.ns, "123pan|https://open-api.123pan.com|id")
+        self.assertFalse(os.path.exists(storage.index.cache.path))    # opened by start()
+        for argv in (["--rebuild-cache"], ["--cache-refresh", "5"]):
+            self.assertRaises(UsageError, rp.parse_config, argv, {})
+        with self.assertRaises(SystemExit):
+            with contextlib.redirect_stderr(io.StringIO()):
+                rp.parse_config(["--backend", "123pan", "--cache-refresh", "-1"], {})
+
+
+class Pan123TokenTest(Pan123BackendCase):
+
+    def test_token_saved_0600_and_reused_after_restart(self):
+        emu = self.emulator()
+        list(self.client().list_folder(0))
+        self.assertEqual(emu.tokens_issued, 1)
+        files = os.listdir(self.state_dir)
+        self.assertEqual(len(files), 1)
+        path = os.path.join(self.state_dir, files[0])
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path) as f:
+            text = f.read()
+        saved = json.loads(text)
+        self.assertIn("accessToken", saved)
+        self.assertIn("expiredAt", saved)
+        self.assertNotIn(SECRET, text)
+        # A restart (a new client on the same state dir) uses the saved token.
+        list(self.client().list_folder(0))
+        list(self.client().list_folder(0))
+        self.assertEqual(emu.tokens_issued, 1)
+        self.assertEqual(emu.calls[TOKEN], 1)
+
+    def test_token_renewed_before_expiry(self):
+        emu = self.emulator()
+        list(self.client().list_folder(0))
+        path = os.path.join(self.state_dir, os.listdir(self.state_dir)[0])
+        with open(path) as f:
+            saved = json.load(f)
+        # Still valid for 2 minutes of a 30-day life: inside the 5-minute margin.
+        soon = time.time() + 120
+        saved["expiredAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(soon))
+        saved["obtainedAt"] = soon - 30 * 86400
+        with open(path, "w") as f:
+            json.dump(saved, f)
+        list(self.client().list_folder(0))
+        self.assertEqual(emu.tokens_issued, 2)
+        self.assertEqual(emu.rejected[(LIST, 401)], 0)   # renewed before, not after, a 401
+
+    def test_401_refreshes_once_and_retries(self):
+        emu = self.emulator()
+        client = self.client()
+        list(client.list_folder(0))
+        emu.revoke_all_tokens()
+        list(client.list_folder(0))
+        self.assertEqual(emu.tokens_issued, 2)
+        # the same token is tried again twice first: a 401 can be passing
+        self.assertEqual(emu.rejected[(LIST, 401)], 1 + rp.PAN123_TOKEN_RETRIES_BEFORE_RENEWAL)
+
+    def test_401_with_http_status_401(self):
+        emu = self.emulator(http_status_errors=True)
+        client = self.client()
+        list(client.list_folder(0))
+        emu.advance_clock(31 * 86400)       # every token expired
+        list(client.list_folder(0))
+        self.assertEqual(emu.tokens_issued, 2)
+
+    def test_second_401_is_an_error(self):
+        emu = self.emulator()
+        client = self.client()
+        list(client.list_folder(0))
+        emu.fail_next("401", count=1000, endpoint=LIST)
+        with self.assertRaises(Pan123AuthError):
+            list(client.list_folder(0))
+        self.assertEqual(emu.tokens_issued, 2)      # one renewal a minute, no more
+        self.assertEqual(emu.rejected[(LIST, 401)], 2 + 2 * rp.PAN123_TOKEN_RETRIES_BEFORE_RENEWAL)
+
+    def test_concurrent_401s_renew_once(self):
+        emu = self.emulator()
+        client = self.client()
+        list(client.list_folder(0))
+        emu.revoke_all_tokens()
+        run_threads(lambda: list(client.list_folder(0)), [()] * 8)
+        self.assertEqual(emu.tokens_issued, 2)
+
+    def test_token_limit_refusal_is_a_clear_error(self):
+        emu = self.emulator()
+        emu.token_limit_mode, emu.max_live_tokens = "refuse", 0
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            with self.assertRaises(Pan123AuthError) as caught:
+                list(self.client(call_deadline=1.0).list_folder(0))
+        self.assertIn("tokens number has exceeded the limit", str(caught.exception))
+        self.assertIn("too many live logins", str(caught.exception))
+        self.assertEqual(rp.storage_error_status(caught.exception), 503)
+        self.assertIn("x-traceID", "\n".join(logs.output))
+        self.assertEqual(emu.calls[TOKEN], 1)       # waited; never asked again
+
+    def test_secret_never_logged_or_raised(self):
+        emu = self.emulator()
+        with self.assertLogs("restic_123pan", "DEBUG") as logs:
+            logging.getLogger("restic_123pan").debug("capture starts")
+            storage = self.storage()
+            storage.create_repository(REPO)
+            ref = self.put(storage, b"x" * 100)
+            self.read(storage, ref)
+            wrong = Pan123Client(CLIENT_ID, "wrong-" + SECRET, api_base=emu.api_base,
+                                 retry_base=0.01)
+            self.addCleanup(wrong.close)
+            with self.assertRaises(Pan123AuthError) as caught:
+                list(wrong.list_folder(0))
+        self.assertNotIn(SECRET, str(caught.exception))
+        self.assertNotIn(SECRET, repr(wrong))
+        for line in logs.output:
+            self.assertNotIn(SECRET, line)
+
+
+class Pan123CallRetriesTest(Pan123BackendCase):
+
+    def test_429_is_retried(self):
+        emu = self.emulator()
+        client = self.client()
+        emu.fail_next("429", count=3, endpoint=LIST)
+        self.assertEqual(list(client.list_folder(0)), [])
+        self.assertEqual(emu.rejected[(LIST, 429)], 3)
+
+    def test_429_with_http_status_429(self):
+        emu = self.emulator(http_status_errors=True)
+        client = self.client()
+        emu.fail_next("429", count=2, endpoint=LIST)
+        self.assertEqual(list(client.list_folder(0)), [])
+        self.assertEqual(emu.rejected[(LIST, 429)], 2)
+
+    def test_5xx_without_envelope_are_retried(self):
+        emu = self.emulator()
+        client = self.client()
+        emu.fail_next("500", endpoint=MKDIR)
+        emu.fail_next("502", endpoint=MKDIR)
+        self.assertGreater(client.mkdir(0, "a"), 0)
+        self.assertEqual(emu.rejected[(MKDIR, "http500")], 1)
+        self.assertEqual(emu.rejected[(MKDIR, "http502")], 1)
+        self.assertIsNotNone(emu.resolve("/a"))
+
+    def test_dropped_connection_is_retried(self):
+        emu = self.emulator()
+        client = self.client()
+        list(client.list_folder(0))
+        emu.fail_next("drop", count=2, endpoint=LIST)
+        self.assertEqual(list(client.list_folder(0)), [])
+        self.assertEqual(emu.rejected[(LIST, "drop")], 2)
+
+    def test_slow_answer_times_out_and_is_retried(self):
+        emu = self.emulator()
+        emu.slow_seconds = 1.0
+        client = self.client(timeout=0.3)
+        emu.fail_next("slow", endpoint=LIST)
+        self.assertEqual(list(client.list_folder(0)), [])
+        self.assertEqual(emu.calls[LIST], 2)
+
+    def test_gives_up_at_the_deadline(self):
+        emu = self.emulator()
+        client = self.client(call_deadline=0.3)
+        list(client.list_folder(0))
+        emu.fail_next("502", count=10000, endpoint=LIST)
+        with self.assertRaises(Pan123Unavailable) as caught:
+            list(client.list_folder(0))
+        self.assertEqual(rp.storage_error_status(caught.exception), 502)
+        self.assertIn("HTTP 502", str(caught.exception))
+        self.assertIsInstance(caught.exception, UpstreamError)
+
+    def test_permanent_error_logged_with_code_and_trace(self):
+        self.emulator()
+        client = self.client()
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            with self.assertRaises(Pan123Error) as caught:
+                client.mkdir(0, "bad*name")
+        self.assertEqual(caught.exception.code, 1)
+        self.assertTrue(caught.exception.trace_id)
+        self.assertIn("code 1", logs.output[0])
+        self.assertIn(caught.exception.trace_id, logs.output[0])
+
+    def test_metrics(self):
+        emu = self.emulator()
+        client = self.client()
+
+        def snapshot():
+            return dict((name, METRICS.total("restic123pan_cloud_" + name)) for name in (
+                "api_calls_total", "retries_total", "rate_limited_total",
+                "token_refreshes_total"))
+
+        before = snapshot()
+        calls_before = METRICS.value("restic123pan_cloud_api_calls_total", endpoint=LIST)
+        emu.fail_next("429", endpoint=LIST)
+        emu.fail_next("500", endpoint=LIST)
+        list(client.list_folder(0))
+        after = snapshot()
+        self.assertEqual(after["token_refreshes_total"] - before["token_refreshes_total"], 1)
+        self.assertEqual(after["rate_limited_total"] - before["rate_limited_total"], 1)
+        self.assertEqual(after["retries_total"] - before["retries_total"], 2)
+        self.assertEqual(METRICS.value("restic123pan_cloud_api_calls_total", endpoint=LIST)
+                         - calls_before, 3)
+        self.assertEqual(after["api_calls_total"] - before["api_calls_total"], 4)
+
+    def test_rate_limiter_keeps_the_server_from_answering_429(self):
+        # The emulator enforces the free tier; the client's own limiter must keep
+        # every burst inside it.
+        emu = self.emulator()
+        client = self.client()
+        run_threads(lambda: list(client.list_folder(0)), [()] * 12)
+        run_threads(lambda i: client.mkdir(0, "d%d" % i), [(i,) for i in range(8)])
+        self.assertEqual(sum(n for (ep, code), n in emu.rejected.items() if code == 429), 0)
+        self.assertEqual(emu.calls[LIST], 12)
+
+
+class Pan123DownloadsTest(Pan123BackendCase):
+
+    def test_ranges_and_url_reuse(self):
+        emu, storage, ref, data = self.stored()
+        downloaded = METRICS.total("restic123pan_cloud_bytes_downloaded_total")
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(METRICS.total("restic123pan_cloud_bytes_downloaded_total")
+                         - downloaded, len(data))
+        self.assertEqual(self.read(storage, ref, 1000, 5000), data[1000:6000])
+        self.assertEqual(self.read(storage, ref, len(data) - 1, 1), data[-1:])
+        self.assertEqual(emu.calls[DOWNLOAD_INFO], 1)
+        self.assertEqual(emu.calls["/obj"], 3)
+
+    def test_url_lifetime(self):
+        emu, storage, ref, data = self.stored(download_url_lifetime=0)
+        emu.url_expiry_param = None         # links that do not say when they expire
+        self.read(storage, ref, 0, 10)
+        self.read(storage, ref, 0, 10)
+        self.assertEqual(emu.calls[DOWNLOAD_INFO], 2)
+
+    def test_expired_url_replaced_once(self):
+        emu, storage, ref, data = self.stored()
+        self.read(storage, ref, 0, 10)
+        emu.expire_download_urls()
+        self.assertEqual(self.read(storage, ref, 5, 10), data[5:15])
+        self.assertEqual(emu.calls[DOWNLOAD_INFO], 2)
+        self.assertEqual(emu.rejected[("/dl", "http403")], 1)
+
+    def test_dropped_download_resumed(self):
+        emu, storage, ref, data = self.stored()
+        emu.fail_next("drop", endpoint="/obj")
+        self.assertEqual(self.read(storage, ref), data)
+        emu.fail_next("drop", endpoint="/obj")
+        self.assertEqual(self.read(storage, ref, 100, 200000), data[100:200100])
+        self.assertEqual(emu.rejected[("/obj", "drop")], 2)
+        self.assertEqual(emu.calls["/obj"], 4)
+
+    def test_cdn_errors_retried(self):
+        emu, storage, ref, data = self.stored()
+        emu.fail_next("502", endpoint="/obj")
+        emu.fail_next("500", endpoint="/dl")
+        self.assertEqual(self.read(storage, ref), data)
+
+    def test_traffic_quota_is_503(self):
+        emu, storage, ref, data = self.stored()
+        emu.traffic_exhausted = True
+        with self.assertRaises(Pan123QuotaExhausted) as caught:
+            storage.read(ref, 0, 10)
+        self.assertEqual(rp.storage_error_status(caught.exception), 503)
+        self.assertIsInstance(caught.exception, UpstreamError)
+
+    def test_md5_collision_detected_on_full_read(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        first = self.put(storage, COLL_A)
+        aliased = self.put(storage, COLL_B)   # 123pan keeps A's bytes (instant upload)
+        self.assertEqual(self.read(storage, first), COLL_A)
+        received = []
+        with self.assertLogs("restic_123pan", "ERROR") as logs:
+            with self.assertRaises(UpstreamError):
+                for chunk in storage.read(aliased, 0, 128):
+                    received.append(chunk)
+        self.assertEqual(received, [])             # the last chunk was held back
+        self.assertIn(aliased.name, logs.output[0])
+        # A partial read cannot be checked here (restic checks each blob itself).
+        self.assertEqual(self.read(storage, aliased, 0, 64), COLL_A[:64])
+
+
+class CloudreveTokenTest(CloudreveBackendCase):
+
+    def test_login_once_and_tokens_saved_0600_reused_after_restart(self):
+        emu = self.emulator()
+        self.client().list_folder("cloudreve://my")
+        self.assertEqual(emu.calls[CR_LOGIN], 1)
+        files = os.listdir(self.state_dir)
+        self.assertEqual(len(files), 1)
+        path = os.path.join(self.state_dir, files[0])
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path) as f:
+            text = f.read()
+        self.assertIn("refresh_token", json.loads(text))
+        self.assertNotIn(CR_PASSWORD, text)
+        # a restart (a new client on the same state dir) uses the saved tokens
+        self.client().list_folder("cloudreve://my")
+        self.client().list_folder("cloudreve://my")
+        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (1, 0))
+
+    def test_refreshed_before_expiry(self):
+        emu = self.emulator()
+        self.client().list_folder("cloudreve://my")
+        path = os.path.join(self.state_dir, os.listdir(self.state_dir)[0])
+        with open(path) as f:
+            saved = json.load(f)
+        # valid for one more minute of an hour's life: inside the 10-minute margin
+        saved["access_expires"] = time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                time.gmtime(time.time() + 60))
+        saved["obtained_at"] = time.time() - 3540
+        with open(path, "w") as f:
+            json.dump(saved, f)
+        self.client().list_folder("cloudreve://my")
+        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (1, 1))
+        self.assertEqual(emu.rejected[(CR_LIST, 401)], 0)   # before, not after, a 401
+
+    def test_expired_token_401_refreshes_and_replays(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.expire_access_tokens()
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.rejected[(CR_LIST, 401)], 1)
+        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (1, 1))
+        emu.advance_clock(3601)             # the access token's hour is over
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.rejected[(CR_LIST, 401)], 2)
+        self.assertEqual(emu.calls[CR_REFRESH], 2)
+
+    def test_later_servers_40088(self):
+        emu = self.emulator()
+        emu.anonymous_code = 40088
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.expire_access_tokens()
+        client.list_folder("cloudreve://my")
+        self.assertEqual((emu.rejected[(CR_LIST, 40088)], emu.calls[CR_REFRESH]), (1, 1))
+
+    def test_expired_token_inside_a_batch_answer(self):
+        emu = self.emulator()
+        emu.add_file("/f", b"abc")
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.expire_access_tokens()
+        self.assertTrue(client.download_url("cloudreve://my/f"))
+        self.assertEqual(emu.rejected[(CR_URL, 40081)], 1)      # its item said 401
+        emu.expire_access_tokens()
+        client.delete(["cloudreve://my/f"])
+        self.assertEqual(emu.rejected[(CR_DELETE, 40081)], 1)
+        self.assertIsNone(emu.resolve("/f"))
+        self.assertEqual(emu.calls[CR_REFRESH], 2)
+
+    def test_expired_token_on_a_chunk_is_40011(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("401", endpoint=CR_CHUNK)       # this chunk's token has expired
+        data = os.urandom(2500)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.rejected[(CR_CHUNK, 40011)], 1)
+        self.assertEqual(emu.calls[CR_REFRESH], 1)
+        self.assertEqual(emu.calls[CR_SESSION], 1)     # the same session went on
+        self.assertEqual(emu.calls[CR_CHUNK], 4)
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+
+    def test_refresh_refused_falls_back_to_password_login(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.revoke_refresh_tokens()
+        emu.expire_access_tokens()
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.rejected[(CR_REFRESH, 40020)], 1)
+        self.assertEqual(emu.calls[CR_LOGIN], 2)
+
+    def test_refresh_token_expired_logs_in_without_trying_it(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        token = client._token
+        client._token = token._replace(renew_at=0, refresh_until=0)   # both spent
+        client.list_folder("cloudreve://my")
+        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (2, 0))
+
+    def test_concurrent_401s_refresh_once(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.expire_access_tokens()
+        run_threads(lambda: client.list_folder("cloudreve://my"), [()] * 8)
+        self.assertEqual(emu.calls[CR_REFRESH], 1)
+
+    def test_repeated_401_keeps_refreshing_with_backoff(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.fail_next("401", count=3, endpoint=CR_LIST)
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.rejected[(CR_LIST, 401)], 3)
+        self.assertEqual(emu.calls[CR_REFRESH], 3)
+
+    def login_refused(self, **options):
+        emu = self.emulator(**options)
+        client = self.client()
+        with self.assertLogs("restic_123pan", "ERROR") as logs:
+            with self.assertRaises(CloudreveAuthError) as caught:
+                client.list_folder("cloudreve://my")
+        self.assertEqual(len(logs.output), 1)
+        # not tried again at once: a site may ban an address that keeps failing
+        with self.assertRaises(CloudreveAuthError):
+            client.list_folder("cloudreve://my")
+        self.assertEqual(emu.calls[CR_LOGIN], 1)
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        self.assertIn(CR_EMAIL, message)
+        return emu, message
+
+    def test_captcha_site_is_one_clear_line(self):
+        emu, message = self.login_refused(captcha=True)
+        self.assertIn("captcha", message)
+        self.assertEqual(emu.rejected[(CR_LOGIN, 40026)], 1)
+
+    def test_two_factor_account_is_one_clear_line(self):
+        emu, message = self.login_refused(two_factor=True)
+        self.assertIn("two-factor authentication", message)
+
+    def test_wrong_password_blocked_and_inactive_accounts(self):
+        for status, words in (("banned", "blocked"), ("inactive", "not activated")):
+            emu = self.emulator()
+            emu.account_status = status
+            with self.assertLogs("restic_123pan", "ERROR"):
+                with self.assertRaises(CloudreveAuthError) as caught:
+                    self.client().list_folder("cloudreve://my")
+            self.assertIn(words, str(caught.exception))
+        emu = self.emulator()
+        with self.assertLogs("restic_123pan", "ERROR"):
+            with self.assertRaises(CloudreveAuthError) as caught:
+                self.client(password="wrong-one").list_folder("cloudreve://my")
+        self.assertIn("wrong email or password", str(caught.exception))
+
+    def test_password_never_logged_or_raised(self):
+        emu = self.emulator()
+        with self.assertLogs("restic_123pan", "DEBUG") as logs:
+            logging.getLogger("restic_123pan").debug("capture starts")
+            storage = self.storage()
+            storage.create_repository(REPO)
+            ref = self.put(storage, b"x" * 2100)
+            self.read(storage, ref)
+            emu.expire_access_tokens()
+            emu.revoke_refresh_tokens()
+            storage.client.list_folder("cloudreve://my")       # refresh refused: login
+            self.assertEqual(emu.calls[CR_LOGIN], 2)
+            wrong = self.client(password="wrong-" + CR_PASSWORD, state_dir=None)
+            with self.assertRaises(CloudreveAuthError) as caught:
+                wrong.list_folder("cloudreve://my")
+        self.assertNotIn(CR_PASSWORD, str(caught.exception))
+        self.assertNotIn(CR_PASSWORD, repr(wrong))
+        self.assertNotIn(CR_PASSWORD, storage.describe())
+        for line in logs.output:
+            self.assertNotIn(CR_PASSWORD, line)
+        for name in os.listdir(self.state_dir):
+            with open(os.path.join(self.state_dir, name)) as f:
+                self.assertNotIn(CR_PASSWORD, f.read())
+
+
+class CloudreveCallTest(CloudreveBackendCase):
+
+    def test_proxy_and_server_errors_are_retried(self):
+        emu = self.emulator()
+        client = self.client()
+        for kind in ("500", "502", "504", "429", "drop"):
+            emu.fail_next(kind, endpoint=CR_LIST)
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.calls[CR_LIST], 6)
+        for status in (500, 502, 504, 429):
+            self.assertEqual(emu.rejected[(CR_LIST, "http%d" % status)], 1)
+        self.assertEqual(emu.rejected[(CR_LIST, "drop")], 1)
+
+    def test_busy_codes_are_retried(self):
+        emu = self.emulator()
+        client = self.client()
+        for kind in ("409", "40073", "50001", "50004"):
+            emu.fail_next(kind, endpoint=CR_CREATE)
+        self.assertTrue(client.create_folder("cloudreve://my/a/b"))
+        for code in (409, 40073, 50001, 50004):
+            self.assertEqual(emu.rejected[(CR_CREATE, code)], 1)
+        self.assertEqual(emu.resolve("/a/b")["type"], 1)
+
+    def test_answer_lost_after_the_work_was_done(self):
+        emu = self.emulator()
+        client = self.client()
+        emu.fail_next("drop_after", endpoint=CR_CREATE)
+        # the retry finds the folder made: "existed already", not an error
+        self.assertFalse(client.create_folder("cloudreve://my/a"))
+        self.assertEqual(emu.resolve("/a")["type"], 1)
+
+    def test_slow_answer_times_out_and_is_retried(self):
+        emu = self.emulator()
+        emu.slow_seconds = 1.0
+        client = self.client(timeout=0.3)
+        client.list_folder("cloudreve://my")
+        emu.fail_next("slow", endpoint=CR_LIST)
+        client.list_folder("cloudreve://my")
+        self.assertEqual(emu.calls[CR_LIST], 3)
+
+    def test_gives_up_at_the_deadline(self):
+        emu = self.emulator()
+        client = self.client(call_deadline=0.3)
+        client.list_folder("cloudreve://my")
+        emu.fail_next("502", count=10000, endpoint=CR_LIST)
+        with self.assertRaises(CloudreveUnavailable) as caught:
+            client.list_folder("cloudreve://my")
+        self.assertEqual(rp.storage_error_status(caught.exception), 502)
+        self.assertIn("HTTP 502", str(caught.exception))
+        self.assertIsInstance(caught.exception, UpstreamError)
+
+    def test_permanent_error_logged_with_code_and_correlation_id(self):
+        self.emulator()
+        client = self.client()
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            with self.assertRaises(CloudreveError) as caught:
+                client.create_folder("cloudreve://my/bad%7Cname")      # '|'
+        self.assertEqual(caught.exception.code, 40052)
+        self.assertIn("code 40052", logs.output[0])
+        self.assertIn("correlation_id", logs.output[0])
+
+    def test_not_a_cloudreve_site(self):
+        emu = self.emulator(separate_download_host=True)
+        # the download host answers 404 without an envelope to every API route
+        client = CloudreveClient(emu.download_base, CR_EMAIL, CR_PASSWORD, retry_base=0.01)
+        self.addCleanup(client.close)
+        with self.assertRaises(CloudreveError) as caught:
+            client.list_folder("cloudreve://my")
+        self.assertIn("HTTP 404", str(caught.exception))
+        self.assertIn("Cloudreve 4 site", str(caught.exception))
+
+    def test_gzip_answers_are_read(self):
+        emu = self.emulator()
+        client = self.client()
+        client.http.request = functools.partial(_with_gzip, client.http.request)
+        self.assertEqual(client.list_folder("cloudreve://my"), ([], emu.policy_id))
+
+    def test_metrics(self):
+        emu = self.emulator()
+        client = self.client()
+
+        def snapshot():
+            return dict((name, METRICS.total("restic123pan_cloud_" + name)) for name in (
+                "api_calls_total", "retries_total", "token_refreshes_total"))
+
+        before = snapshot()
+        calls_before = METRICS.value("restic123pan_cloud_api_calls_total", endpoint=CR_LIST)
+        emu.fail_next("50001", endpoint=CR_LIST)
+        emu.fail_next("500", endpoint=CR_LIST)
+        client.list_folder("cloudreve://my")
+        after = snapshot()
+        # the login, then one renewal on 50001 (a disabled account would fail it)
+        self.assertEqual(after["token_refreshes_total"] - before["token_refreshes_total"], 2)
+        self.assertEqual(after["retries_total"] - before["retries_total"], 2)
+        self.assertEqual(METRICS.value("restic123pan_cloud_api_calls_total", endpoint=CR_LIST)
+                         - calls_before, 3)
+        self.assertEqual(after["api_calls_total"] - before["api_calls_total"], 5)
+
+
+class CloudreveDownloadsTest(CloudreveBackendCase):
+
+    emulator_defaults = {"chunk_size": 65536}
+
+    def test_ranges_and_link_reuse(self):
+        emu, storage, ref, data = self.stored()
+        downloaded = METRICS.total("restic123pan_cloud_bytes_downloaded_total")
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(METRICS.total("restic123pan_cloud_bytes_downloaded_total")
+                         - downloaded, len(data))
+        self.assertEqual(self.read(storage, ref, 1000, 5000), data[1000:6000])
+        self.assertEqual(self.read(storage, ref, len(data) - 1, 1), data[-1:])
+        self.assertEqual((emu.calls[CR_URL], emu.calls[CR_CONTENT]), (1, 3))
+
+    def test_link_not_reused_close_to_its_expiry(self):
+        emu, storage, ref, data = self.stored(emulator={"download_url_ttl": 30.0})
+        self.read(storage, ref, 0, 10)
+        self.read(storage, ref, 0, 10)
+        self.assertEqual(emu.calls[CR_URL], 2)
+
+    def test_expired_link_answers_json_which_never_reaches_the_reader(self):
+        emu, storage, ref, data = self.stored()
+        self.read(storage, ref, 0, 10)
+        emu.expire_download_urls()
+        self.assertEqual(self.read(storage, ref, 5, 10), data[5:15])
+        self.assertEqual(emu.rejected[(CR_CONTENT, 40005)], 1)
+        self.assertEqual(emu.calls[CR_URL], 2)
+        emu.advance_clock(7200)             # links (and the access token) expired by time
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(emu.rejected[(CR_CONTENT, 40005)], 2)
+
+    def test_link_refused_again_and_again_gives_up(self):
+        emu, storage, ref, data = self.stored(call_deadline=0.3)
+        emu.fail_next("401", count=10000, endpoint=CR_CONTENT)    # content: 40005
+        with self.assertRaises(CloudreveUnavailable) as caught:
+            storage.read(ref, 0, 10)
+        self.assertIn("code 40005", str(caught.exception))
+
+    def test_dropped_download_resumed(self):
+        emu, storage, ref, data = self.stored()
+        emu.fail_next("drop", endpoint=CR_CONTENT)
+        self.assertEqual(self.read(storage, ref), data)
+        emu.fail_next("drop", endpoint=CR_CONTENT)
+        self.assertEqual(self.read(storage, ref, 100, 200000), data[100:200100])
+        self.assertEqual(emu.rejected[(CR_CONTENT, "drop")], 2)
+        self.assertEqual(emu.calls[CR_CONTENT], 4)
+
+    def test_errors_of_the_content_route_retried(self):
+        emu, storage, ref, data = self.stored()
+        for kind in ("502", "500", "50001"):
+            emu.fail_next(kind, endpoint=CR_CONTENT)
+        emu.fail_next("500", endpoint=CR_URL)
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(emu.calls[CR_CONTENT], 4)
+
+    def test_removed_behind_our_back_is_not_found(self):
+        emu, storage, ref, data = self.stored()
+        self.read(storage, ref, 0, 10)
+        emu.remove_behind_back(self.live_path(ref))
+        with self.assertLogs("restic_123pan", "WARNING"):
+            with self.assertRaises(NotFound):
+                storage.read(ref, 0, 10)
+        self.assertEqual(emu.rejected[(CR_CONTENT, 40077)], 1)   # the link's blob is gone
+        self.assertIsNone(storage.stat(ref))
+        self.assertFalse(storage.delete(ref))
+
+    def test_link_to_another_host_is_fetched_from_the_site(self):
+        emu, storage, ref, data = self.stored(emulator={"separate_download_host": True})
+        uri = cloudreve_uri(tuple(p for p in self.live_path(ref).split("/") if p))
+        self.assertTrue(storage.client.download_url(uri).startswith(emu.base_url + "/api/v4/"))
+        self.assertEqual(self.read(storage, ref), data)
+
+
+# ---------------------------------------------------------------------------
+# Part I, section 6: the 123pan backend
+# ---------------------------------------------------------------------------
+
+class Pan123ListingTest(Pan123BackendCase):
+
+    def test_pages_and_trashed_entries(self):
+        emu = self.emulator()
+        folder = emu.add_folder("/big")
+        ids = [emu.add_file("/big/f%03d" % i, b"%d" % i) for i in range(250)]
+        emu.add_folder("/big/sub")
+        client = self.client()
+        client.trash(ids[:10])
+        entries = list(client.list_folder(folder))
+        self.assertEqual(len(entries), 241)
+        self.assertEqual(sum(1 for e in entries if e.is_folder), 1)
+        self.assertNotIn("f000", [e.name for e in entries])
+        self.assertEqual(emu.calls[LIST], 3)
+
+    def test_full_last_page_followed_by_empty_page(self):
+        emu = self.emulator(full_last_page_cursor=True)
+        folder = emu.add_folder("/big")
+        for i in range(200):
+            emu.add_file("/big/f%03d" % i, b"%d" % i)
+        self.assertEqual(len(list(self.client().list_folder(folder))), 200)
+        self.assertEqual(emu.calls[LIST], 3)
+
+
+class Pan123UploadsTest(Pan123BackendCase):
+
+    def test_single_step_upload_and_domain_cached(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        uploaded = METRICS.total("restic123pan_cloud_bytes_uploaded_total")
+        refs = [self.put(storage, os.urandom(n)) for n in (1, 1000, 70000)]
+        self.assertGreater(METRICS.total("restic123pan_cloud_bytes_uploaded_total") - uploaded,
+                           71001)
+        self.assertEqual(emu.calls[SINGLE], 3)
+        self.assertEqual(emu.calls["/upload/v2/file/domain"], 1)
+        for ref in refs:
+            node = emu.resolve(self.live_path(ref))
+            self.assertEqual(hashlib.sha256(emu.file_bytes(node["fileId"])).hexdigest(),
+                             ref.name)
+
+    def test_zero_byte_object(self):
+        emu = self.emulator(slice_size=1000)
+        self.existing_repo()
+        for single_max in (PAN123_DEFAULT_SINGLE_MAX, 0):
+            storage = self.storage(single_upload_max=single_max)
+            ref = self.put(storage, b"")
+            self.assertEqual(storage.stat(ref), 0)
+            self.assertEqual(list(storage.read(ref, 0, 0)), [])
+        self.assertEqual(emu.resolve(self.live_path(ref))["size"], 0)
+
+    def test_upload_domain_fetched_again_after_connection_failure(self):
+        emu = self.emulator()
+        client = self.client()
+        storage = self.storage(client)
+        storage.create_repository(REPO)
+        self.put(storage, b"first")
+        # The cached upload host stops answering (a closed port).
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = "http://127.0.0.1:%d" % s.getsockname()[1]
+        client._upload_domain = dead
+        self.put(storage, b"second")
+        self.assertEqual(emu.calls["/upload/v2/file/domain"], 2)
+        self.assertEqual(client.upload_domain(), emu.upload_base)
+
+    def test_chunked_upload_with_slices_and_pending_completion(self):
+        emu = self.emulator(slice_size=1000, complete_pending_polls=3)
+        storage = self.storage(single_upload_max=0)
+        storage.create_repository(REPO)
+        data = os.urandom(4500)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.calls[SLICE], 5)
+        # "mixed": completed:false and code 20103 both mean "not yet".
+        self.assertEqual(emu.calls[COMPLETE], 4)
+        self.assertEqual(emu.rejected[(COMPLETE, 20103)], 1)
+        self.assertEqual(emu.calls[SINGLE], 0)
+        node = emu.resolve(self.live_path(ref))
+        self.assertEqual(emu.file_bytes(node["fileId"]), data)
+        self.assertEqual(storage.stat(ref), 4500)
+        self.assertEqual(self.read(storage, ref), data)
+
+    def test_chunked_exact_multiple_of_slice_size(self):
+        emu = self.emulator(slice_size=1000)
+        storage = self.storage(single_upload_max=0)
+        storage.create_repository(REPO)
+        data = os.urandom(3000)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.calls[SLICE], 3)
+        self.assertEqual(self.read(storage, ref), data)
+
+    def test_failed_slice_retried_alone(self):
+        emu = self.emulator(slice_size=1000)
+        storage = self.storage(single_upload_max=0)
+        storage.create_repository(REPO)
+        emu.fail_next("500", endpoint=SLICE)
+        emu.fail_next("drop", endpoint=SLICE)
+        data = os.urandom(3500)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.calls[SLICE], 6)
+        self.assertEqual(self.read(storage, ref), data)
+
+    def test_instant_upload(self):
+        emu = self.emulator(slice_size=1000)
+        data = os.urandom(5000)
+        emu.add_file("/elsewhere/copy", data)
+        storage = self.storage(single_upload_max=0)
+        storage.create_repository(REPO)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.calls["/upload/v2/file/create"], 1)
+        self.assertEqual(emu.calls[SLICE], 0)
+        self.assertEqual(emu.calls[COMPLETE], 0)
+        self.assertEqual(storage.stat(ref), 5000)
+        self.assertEqual(self.read(storage, ref), data)
+
+    def test_config_replaced(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        config = ObjectRef.config(REPO)
+        self.put(storage, b"one", config)
+        self.put(storage, b"second", config)
+        self.assertEqual(storage.stat(config), 6)
+        self.assertEqual(self.read(storage, config), b"second")
+        fresh = self.storage(self.client())
+        self.assertEqual(self.read(fresh, config), b"second")
+        self.assertEqual(len(emu.children("/restic-backup/r")), 6)   # config + 5 folders
+
+
+class Pan123ParallelSlicesTest(Pan123BackendCase):
+    """The V2 slice flow sends up to Pan123Client.SLICE_CONCURRENCY (3) slices of a
+    file at once."""
+
+    def test_three_slices_are_in_flight_together(self):
+        emu = self.emulator(slice_size=1000)
+        storage = self.storage(single_upload_max=0)
+        storage.create_repository(REPO)
+        together = threading.Barrier(3, timeout=20)    # sequential slices would break it
+        real = emu._h_slice
+
+        def slice_meeting_the_others(ctx):
+            if together.n_waiting < 3 and not together.broken and emu.calls[SLICE] <= 3:
+                together.wait()
+            return real(ctx)
+
+        emu._h_slice = slice_meeting_the_others
+        data = os.urandom(7500)
+        ref = self.put(storage, data)
+        self.assertFalse(together.broken)
+        self.assertEqual(emu.calls[SLICE], 8)
+        self.assertEqual(self.read(storage, ref), data)
+
+    def test_a_refused_slice_fails_the_upload_and_no_new_one_starts(self):
+        emu = self.emulator(slice_size=1000)
+        storage = self.storage(single_upload_max=0)
+        storage.create_repository(REPO)
+        real = emu._h_slice
+        seen = []
+
+        def refuse_the_first(ctx):
+            with emu.lock:
+                seen.append(1)
+                first = len(seen) == 1
+            if first:
+                raise _ApiError(1, "分片MD5校验失败")      # final: not retried
+            return real(ctx)
+
+        emu._h_slice = refuse_the_first
+        data = os.urandom(20000)                            # 20 slices
+        with self.assertRaises(rp.StorageError):
+            self.put(storage, data)
+        # only the slices already in flight went on after the refusal
+        self.assertLess(len(seen), 8)
+        self.assertIsNone(storage.stat(data_ref(data)))
+
+
+class Pan123StorageFoldersTest(Pan123BackendCase):
+
+    def test_create_repository_costs_mkdirs_only(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        self.assertEqual(emu.calls[MKDIR], 7)          # restic-backup, r, 5 types
+        self.assertEqual(emu.calls[LIST], 0)
+        self.assertEqual(sorted(c["filename"] for c in emu.children("/restic-backup/r")),
+                         ["data", "index", "keys", "locks", "snapshots"])
+        # No data/xx folders until something is uploaded there.
+        self.assertEqual(emu.children("/restic-backup/r/data"), [])
+        storage.create_repository(REPO)                # idempotent, known: no calls
+        self.assertEqual(emu.calls[MKDIR], 7)
+
+    def test_create_existing_repository(self):
+        emu = self.emulator()
+        self.storage().create_repository(REPO)
+        again = self.storage(self.client())
+        again.create_repository(REPO)
+        again.create_repository(("r", "sub"))
+        self.assertEqual(len(emu.children("/restic-backup")), 1)
+        self.assertEqual(len(emu.children("/restic-backup/r/sub")), 5)
+
+    def test_stat_and_list_answered_from_memory(self):
+        emu = self.emulator()
+        self.existing_repo()
+        refs = [self.stored_elsewhere(os.urandom(100)) for _ in range(6)]
+        key = self.stored_elsewhere(b"key", ObjectRef(REPO, "keys", "ab" * 32))
+        storage = self.storage()
+        # stat of data/<id> lists root, restic-backup, r, data and data/<xx> only.
+        self.assertEqual(storage.stat(refs[0]), 100)
+        self.assertEqual(emu.calls[LIST], 5)
+        for ref in refs[:1] * 10:
+            self.assertEqual(storage.stat(ref), 100)
+        self.assertIsNone(storage.stat(data_ref(b"absent")))
+        self.assertEqual(storage.list(REPO, "keys"), [(key.name, 3)])
+        expected = sorted((r.name, 100) for r in refs)
+        self.assertEqual(sorted(storage.list(REPO, "data")), expected)
+        listed = emu.calls[LIST]
+        for _ in range(5):
+            self.assertEqual(sorted(storage.list(REPO, "data")), expected)
+            for ref in refs:
+                self.assertEqual(storage.stat(ref), 100)
+        self.assertEqual(emu.calls[LIST], listed)
+        # Folders seen in listings: one listing each, data/xx included.
+        data_folders = len(emu.children("/restic-backup/r/data"))
+        self.assertEqual(listed, 5 + 1 + data_folders - 1)
+
+    def test_folder_made_behind_our_back_is_found(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = b"packed"
+        ref = data_ref(data)
+        emu.add_folder("/restic-backup/r/data/" + ref.name[:2])
+        self.put(storage, data)           # mkdir says "exists": found by listing data/
+        self.assertEqual(emu.rejected[(MKDIR, 1)], 1)
+        self.assertEqual(emu.calls[LIST], 1)
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertIsNotNone(emu.resolve(self.live_path(ref)))
+
+    def test_uploads_into_existing_repository_list_instead_of_mkdir(self):
+        emu = self.emulator()
+        self.existing_repo()
+        storage = self.storage()
+        self.put(storage, b"pack")
+        self.put(storage, b"key", ObjectRef(REPO, "keys", "cd" * 32))
+        # Listings of root, restic-backup, r, data; keys/ is found in r's listing;
+        # only data/<xx>, absent from the listed data/, needs a mkdir.
+        self.assertEqual(emu.calls[LIST], 4)
+        self.assertEqual(emu.calls[MKDIR], 1)
+        self.assertEqual(emu.rejected[(MKDIR, 1)], 0)
+
+    def test_concurrent_uploads_create_a_data_folder_once(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        names = ["ab%062x" % i for i in range(8)]
+        run_threads(lambda n: self.put(storage, n.encode(), ObjectRef(REPO, "data", n)),
+                    [(n,) for n in names])
+        self.assertEqual(emu.calls[MKDIR], 8)      # 7 at init + data/ab once
+        self.assertEqual(emu.rejected[(MKDIR, 1)], 0)
+        self.assertEqual(sorted(n for n, _ in storage.list(REPO, "data")), names)
+
+    def test_uploads_survive_listing_lag_and_concurrent_listing(self):
+        emu = self.emulator()
+        self.existing_repo()
+        emu.list_lag = 60.0            # list v2 shows nothing younger than a minute...
+        emu.advance_clock(120)         # ...and the repository is older than that
+        storage = self.storage()
+        refs = []
+
+        def upload(i):
+            refs.append(self.put(storage, b"key %d" % i, ObjectRef(REPO, "keys", "%064x" % i)))
+
+        def listing(_):
+            storage.list(REPO, "keys")
+
+        run_threads(lambda f, i: f(i), [(upload, i) for i in range(6)] +
+                    [(listing, i) for i in range(3)])
+        self.assertEqual(sorted(n for n, _ in storage.list(REPO, "keys")),
+                         sorted(r.name for r in refs))
+        for ref in refs:
+            self.assertEqual(storage.stat(ref), len(b"key 0"))
+
+
+class Pan123DeletesTest(Pan123BackendCase):
+
+    def test_concurrent_deletes_are_batched_then_purged(self):
+        emu = self.emulator()
+        self.existing_repo()
+        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(24)]
+        storage = Pan123Storage(self.client(), "/restic-backup")
+        self.assertEqual(len(list(storage.list(REPO, "data"))), 24)
+        emu.reset_calls()
+        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 24)
+        # Gone for restic at once; the remote deletes follow in the background.
+        self.assertEqual(list(storage.list(REPO, "data")), [])
+        self.assertIsNone(storage.stat(refs[0]))
+        self.assertFalse(storage.delete(refs[0]))
+        storage.close()            # flushes the queued deletes
+        # The deletes gather for a moment, then go up to 100 to a trash call and
+        # to a permanent delete call.
+        self.assertLessEqual(emu.calls[TRASH], 2)
+        self.assertLessEqual(emu.calls[DELETE], 2)
+        self.assertEqual(emu.total_live_files(), 0)
+        for folder in emu.children("/restic-backup/r/data"):
+            self.assertEqual(emu.children(folder["fileId"], include_trashed=True), [])
+
+    def test_already_trashed_counts_as_deleted(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        ref = self.put(storage, b"doomed")
+        keep = self.put(storage, b"kept")
+        # As if our trash call had succeeded but its answer was lost.
+        self.client().trash([emu.resolve(self.live_path(ref))["fileId"]])
+        self.assertTrue(storage.delete(ref))
+        self.assertIsNone(storage.stat(ref))
+        self.assertEqual(storage.stat(keep), 4)
+
+    def test_trash_batch_with_one_bad_id(self):
+        emu = self.emulator()
+        self.existing_repo()
+        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(6)]
+        storage = self.storage()
+        list(storage.list(REPO, "data"))
+        emu.remove_behind_back(self.live_path(refs[0]))     # trash of its id: 5066
+        # DELETE returns before the trash call, so it cannot tell the gone one.
+        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 6)
+        self.assertEqual(list(storage.list(REPO, "data")), [])
+        storage.flush_deletes()
+        self.assertEqual(storage.index.pending_deletes(), [])
+        self.assertEqual(emu.total_live_files(), 0)
+        self.assertEqual(emu.rejected[(DELETE, 5066)], 0)   # the gone id was not purged
+
+
+class Pan123UnderLimitsAndFaultsTest(Pan123BackendCase):
+
+    def test_workload_without_429_or_lost_objects(self):
+        emu = self.emulator(slice_size=2000)
+        storage = self.storage(single_upload_max=3000)
+        storage.create_repository(REPO)
+        emu.fail_randomly("500", 0.05, seed=1)
+        emu.fail_randomly("drop", 0.05, seed=2)
+        self.check_workload(storage, (10, 2500, 5000, 100, 7000, 1))
+        self.assertEqual(sum(n for (ep, code), n in emu.rejected.items() if code == 429), 0)
+
+
+class Pan123ClassifyTest(unittest.TestCase):
+    """The small tables the retry loop asks (the cloud layer's classify hook)."""
+
+    def test_answers(self):
+        c = rp.classify_pan123_answer
+        self.assertEqual(c(200, 0, "ok", LIST)[0], "ok")
+        self.assertEqual(c(200, 401, MSG_BAD_TOKEN, LIST)[0], "renew")
+        self.assertEqual(c(401, 401, MSG_TOKEN_LIMIT, LIST)[0], "token_limit")
+        self.assertEqual(c(200, 401, MSG_TOKEN_LIMIT, TOKEN)[0], "raise")   # never churn
+        self.assertEqual(c(200, 401, "clientID或clientSecret错误", TOKEN)[0], "raise")
+        self.assertEqual(c(429, 429, MSG_QPS, LIST)[0], "retry")
+        self.assertEqual(c(200, 1, MSG_UPLOAD_QUEUE, SINGLE)[0], "retry")
+        self.assertEqual(c(200, 1, MSG_UPLOAD_QUEUE, LIST)[0], "raise")
+        self.assertEqual(c(200, 1, MSG_NO_PARENT, SINGLE)[0], "raise")       # a vanished folder
+        self.assertEqual(c(200, 20103, MSG_VERIFYING, DOWNLOAD_INFO)[0], "poll")
+        # upload_complete's 20103 stays its caller's to poll
+        self.assertEqual(c(200, 20103, MSG_VERIFYING, "/upload/v2/file/upload_complete")[0],
+                         "raise")
+        self.assertEqual(c(200, 5113, MSG_TRAFFIC_MONTH, DOWNLOAD_INFO)[0], "quota")
+        self.assertEqual(c(200, 5066, MSG_NOT_FOUND, DOWNLOAD_INFO)[0], "raise")
+
+    def test_cdn_answers(self):
+        c = rp.classify_pan123_cdn_answer
+        self.assertEqual(c(403, CDN_RISK_BODY), "new_link")
+        self.assertEqual(c(403, CDN_REGION_BODY), "new_link")
+        self.assertEqual(c(410, b""), "new_link")
+        self.assertEqual(c(502, b""), "retry_new_link")
+        self.assertEqual(c(429, b""), "retry")
+        self.assertEqual(c(400, b""), "raise")
+        self.assertIn("code 1010", rp.describe_cdn_refusal(403, CDN_RISK_BODY))
+        self.assertIn("another place", rp.describe_cdn_refusal(403, CDN_REGION_BODY))
+
+    def test_link_expiry_and_reuse(self):
+        now = 1800000000.0
+        self.assertEqual(rp.pan123_link_expiry("https://x/a?t=1800000600&s=1", now), 1800000600)
+        self.assertEqual(rp.pan123_link_expiry("https://x/a?s=1&e=1800000600", now), 1800000600)
+        self.assertIsNone(rp.pan123_link_expiry("https://x/a?t=1799999999", now))   # past
+        self.assertIsNone(rp.pan123_link_expiry("https://x/a?t=abc&sign=1", now))
+        self.assertEqual(rp.pan123_link_reuse_seconds("https://x/a?t=1800000600", 300, now),
+                         600 - rp.PAN123_LINK_EXPIRY_MARGIN)
+        self.assertEqual(rp.pan123_link_reuse_seconds("https://x/a?q=1", 300, now), 300)
+        self.assertEqual(rp.pan123_link_reuse_seconds("https://x/a?t=1900000000", 300, now),
+                         rp.PAN123_LINK_MAX_REUSE)
+
+    def test_attempt_timeout_is_shorter_than_the_call_deadline(self):
+        self.assertLess(rp.pan123_attempt_timeout(60.0), 60.0 / 2 + 0.001)
+        self.assertEqual(rp.pan123_attempt_timeout(60.0), rp.PAN123_ATTEMPT_TIMEOUT)
+        self.assertEqual(rp.pan123_attempt_timeout(10.0, 30.0), 5.0)
+        self.assertLess(Pan123Client("id", "s").http.timeout, 60.0)
+
+
+class Pan123FieldNotesTest(Pan123BackendCase):
+    """Each answer of the field notes, switched on in the emulator, survived."""
+
+    def test_token_limit_window_is_waited_out_without_a_new_token(self):
+        emu = self.emulator()
+        emu.token_limit_window = 0.4
+        client = self.client()
+        self.assertEqual(list(client.list_folder(0)), [])
+        self.assertGreaterEqual(emu.rejected[(LIST, 401)], 1)
+        self.assertEqual(emu.calls[TOKEN], 1)
+
+    def test_over_the_device_limit_one_token_and_no_more(self):
+        emu = self.emulator()
+        emu.add_other_devices(3)
+        client = self.client()
+        list(client.list_folder(0))
+        self.assertEqual(emu.devices_logged_out, 1)         # the first token costs one
+        emu.revoke_all_tokens()                 # ours logged out by yet another login...
+        emu.add_other_devices(3)
+        emu.token_limit_mode = "refuse"         # ...and the account refuses new tokens
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            with self.assertRaises(Pan123AuthError) as caught:
+                list(self.client(call_deadline=1.0).list_folder(0))
+        self.assertIn("too many live logins", str(caught.exception))
+        self.assertIn("log out of 123pan", "\n".join(logs.output))
+        self.assertEqual(emu.calls[TOKEN], 2)
+
+    def test_upload_queue_throttling_is_retried_and_one_copy_is_left(self):
+        for stores in (False, True):
+            emu = self.emulator()
+            emu.single_throttle_every, emu.single_throttle_stores = 2, stores
+            storage = self.storage()
+            storage.create_repository(REPO)
+            refs = [self.put(storage, b"object %d %d" % (i, stores)) for i in range(4)]
+            self.assertGreaterEqual(emu.rejected[(SINGLE, 1)], 2)
+            for ref in refs:
+                path = self.live_path(ref)
+                folder, name = path.rsplit("/", 1)
+                copies = [c for c in emu.children(folder, include_trashed=True)
+                          if c["filename"] == name]
+                self.assertEqual(len(copies), 1, (stores, copies))
+                folder_id = emu.resolve(folder)["fileId"]
+                self.assertEqual(storage.index.file(folder_id, name).file_id,
+                                 copies[0]["fileId"])
+                self.assertEqual(self.read(storage, ref), emu.file_bytes(copies[0]["fileId"]))
+
+    def test_download_info_20103_is_polled(self):
+        emu, storage, ref, data = self.stored()
+        emu.verifying_seconds = 0.3
+        ref2 = self.put(storage, b"just stored")
+        self.assertEqual(self.read(storage, ref2), b"just stored")
+        self.assertGreaterEqual(emu.rejected[(DOWNLOAD_INFO, 20103)], 1)
+
+    def test_traffic_quota_fails_at_once_and_is_counted(self):
+        emu, storage, ref, data = self.stored()
+        emu.traffic_quota = 10
+        before = METRICS.total("restic123pan_cloud_download_quota_refusals_total")
+        with self.assertRaises(Pan123QuotaExhausted) as caught:
+            storage.read(ref, 0, 10)
+        self.assertEqual(rp.storage_error_status(caught.exception), 503)
+        self.assertIn("5113", str(caught.exception))
+        self.assertEqual(emu.calls[DOWNLOAD_INFO], 1)            # no retries
+        self.assertEqual(METRICS.total("restic123pan_cloud_download_quota_refusals_total"),
+                         before + 1)
+
+    def test_a_stall_longer_than_the_socket_timeout_is_retried(self):
+        emu = self.emulator()
+        emu.slow_seconds = 1.0
+        client = self.client(timeout=0.3, call_deadline=5.0)
+        list(client.list_folder(0))
+        emu.reset_calls()
+        emu.fail_next("slow", endpoint=LIST)
+        self.assertEqual(list(client.list_folder(0)), [])
+        self.assertEqual(emu.calls[LIST], 2)
+
+    def test_cdn_refusals_and_failures_get_new_links(self):
+        emu, storage, ref, data = self.stored()
+        self.assertEqual(self.read(storage, ref, 0, 10), data[:10])
+        for kind, endpoint in (("cdn1010", "/dl"), ("region", "/obj"), ("502", "/obj"),
+                               ("hangup", "/dl")):
+            emu.reset_calls()
+            emu.fail_next(kind, count=2, endpoint=endpoint)
+            self.assertEqual(self.read(storage, ref, 5, 1000), data[5:1005], kind)
+            self.assertGreaterEqual(emu.calls[DOWNLOAD_INFO], 1, kind)    # the link dropped
+
+    def test_ranged_answers_without_content_length(self):
+        emu, storage, ref, data = self.stored(size=700000)
+        for framing in ("chunked", "close"):
+            emu.cdn_framing = framing
+            got = METRICS.total("restic123pan_cloud_bytes_downloaded_total")
+            self.assertEqual(self.read(storage, ref, 1000, 500000), data[1000:501000])
+            self.assertEqual(self.read(storage, ref), data)
+            self.assertEqual(METRICS.total("restic123pan_cloud_bytes_downloaded_total") - got,
+                             500000 + len(data))
+            emu.fail_next("drop", endpoint="/obj")          # cut short: resumed
+            self.assertEqual(self.read(storage, ref), data)
+
+    def test_trash_batch_with_one_odd_id_lets_the_rest_go_on(self):
+        emu = self.emulator()
+        self.existing_repo()
+        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(5)]
+        storage = self.storage(delete_retry=3600)
+        storage.list(REPO, "data")
+        odd = emu.resolve(self.live_path(refs[2]))["fileId"]
+        emu.trash_refused_ids = {odd}
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            self.assertEqual([storage.delete(r) for r in refs], [True] * 5)
+            storage.flush_deletes()
+        self.assertEqual([c["fileId"] for c in emu.children(self.live_path(refs[2])
+                                                            .rsplit("/", 1)[0])], [odd])
+        self.assertEqual(emu.total_live_files(), 1)
+        self.assertIn("1 objects failed", "\n".join(logs.output))
+        self.assertIn("file %d: " % odd, "\n".join(logs.output))     # the odd id, named
+        self.assertEqual([i for i, _ in storage.index.pending_deletes()], [odd])
+
+    def test_mkdir_under_a_vanished_parent_recovers(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        first = self.put(storage, b"first pack")
+        emu.remove_behind_back("/restic-backup/r/data")
+        other = b"other pack %d"
+        data = next(other % i for i in range(1000)
+                    if hashlib.sha256(other % i).hexdigest()[:2] != first.name[:2])
+        ref = self.put(storage, data)       # mkdir data/<xx> under the vanished data/
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertIsNotNone(emu.resolve(self.live_path(ref)))
+
+    def test_upload_host_moves_and_is_asked_again(self):
+        emu = self.emulator()
+        client = self.client()
+        storage = self.storage(client)
+        storage.create_repository(REPO)
+        self.put(storage, b"before")
+        self.assertEqual(emu.calls[DOMAIN], 1)
+        emu.move_upload_host()
+        ref = self.put(storage, b"after the move")
+        self.assertEqual(emu.calls[DOMAIN], 2)
+        self.assertEqual(self.read(storage, ref), b"after the move")
+        client._upload_domain_at -= rp.PAN123_UPLOAD_DOMAIN_TTL + 1     # ten minutes on
+        self.put(storage, b"later")
+        self.assertEqual(emu.calls[DOMAIN], 3)
+
+    def test_links_reused_until_their_own_expiry(self):
+        emu, storage, ref, data = self.stored(download_url_lifetime=0)
+        for _ in range(3):
+            self.read(storage, ref, 0, 10)
+        self.assertEqual(emu.calls[DOWNLOAD_INFO], 1)        # e= says two hours
+        emu.url_expiry_param = "t"
+        emu.expire_download_urls()          # refused: a new link, which says t=
+        self.read(storage, ref, 0, 10)
+        self.read(storage, ref, 0, 10)
+        self.assertEqual(emu.calls[DOWNLOAD_INFO], 2)
+
+
+DOMAIN = "/upload/v2/file/domain"
+USER_INFO = "/api/v1/user/info"
+
+
+class Pan123AccountTest(Pan123BackendCase):
+
+    def account(self, tier="auto"):
+        return rp.Pan123Account(self.client(), tier)
+
+    def test_account_logged_gauges_set_and_rate_table_chosen(self):
+        emu = self.emulator(vip=True)
+        emu.space_used_extra = 3 * 1024 ** 3
+        account = self.account()
+        with self.assertLogs("restic_123pan", "INFO") as logs:
+            info = account.refresh()
+        text = "\n".join(logs.output)
+        self.assertIn("VIP", text)
+        self.assertIn("3.0 GiB of 2048.0 GiB used", text)
+        self.assertIn("developer access until", text)
+        self.assertNotIn("WARNING", text)
+        self.assertTrue(info.vip)
+        self.assertEqual(account.client.tier, "vip")
+        self.assertEqual(account.client.limiter.qps(LIST), 10)
+        self.assertEqual(METRICS.value("restic123pan_cloud_space_total_bytes"), 2 * 1024 ** 4)
+        self.assertEqual(METRICS.value("restic123pan_cloud_space_used_bytes"), 3 * 1024 ** 3)
+        self.assertAlmostEqual(
+            METRICS.value("restic123pan_cloud_developer_access_end_timestamp_seconds"),
+            emu.now() + 365 * 86400, delta=5)
+        self.assertEqual(emu.calls[USER_INFO], 1)
+
+    def test_forced_tier_wins(self):
+        self.emulator(vip=True)
+        account = self.account("free")
+        account.refresh()
+        self.assertEqual(account.client.limiter.qps(LIST), 5)
+
+    def test_warnings_before_access_ends_and_when_space_is_nearly_full(self):
+        emu = self.emulator()
+        emu.developer_end = 5 * 86400
+        emu.space_permanent = 1000
+        emu.space_used_extra = 950
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            self.account().refresh()
+        text = "\n".join(logs.output)
+        self.assertIn("ends in 5 days", text)
+        self.assertIn("nearly full", text)
+        emu.developer_end = -86400
+        with self.assertLogs("restic_123pan", "ERROR") as logs:
+            self.account().refresh()
+        self.assertIn("ended on", "\n".join(logs.output))
+
+    def test_missing_or_odd_developer_info(self):
+        emu = self.emulator()
+        for mode in ("missing", "null", "odd"):
+            emu.developer_info = mode
+            with self.assertLogs("restic_123pan", "INFO") as logs:
+                info = self.account().refresh()
+            self.assertIsNone(info.developer_end, mode)
+            self.assertIn("developer access end unknown", "\n".join(logs.output))
+
+    def test_storage_start_reads_the_account_and_a_failure_is_not_fatal(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.index = Pan123Index(MetadataCache(os.path.join(self.state_dir, "c.sqlite3")))
+        storage.account = rp.Pan123Account(storage.client)
+        emu.fail_randomly("500", 1.0, endpoint=USER_INFO)
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            storage.start(wait=True)
+        self.assertIn("cannot read the account", "\n".join(logs.output))
+        self.assertGreaterEqual(emu.calls[USER_INFO], 1)
+
+
+class Pan123CloudAuditTest(Pan123CacheCase):
+
+    def audited(self):
+        emu, storage = self.started_with_repository()
+        self.refs = [self.put(storage, b"pack %d" % i) for i in range(30)]
+        self.put(storage, b"config", ObjectRef.config(REPO))
+        return emu, storage
+
+    def audit(self, storage):
+        with self.assertLogs("restic_123pan", "INFO") as logs:
+            result = rp.Pan123CloudAudit(storage, progress_interval=0).run()
+        return result, "\n".join(logs.output)
+
+    def test_clean_repository_costs_one_list_call_per_page(self):
+        emu, storage = self.audited()
+        emu.reset_calls()
+        result, text = self.audit(storage)
+        self.assertTrue(rp.audit_is_clean(result), text)
+        self.assertEqual(result.objects, 31)
+        pages = emulator_list_pages(emu) - 1        # the drive root is not listed
+        self.assertEqual(result.list_calls, pages)
+        self.assertEqual(emu.calls[LIST], pages)
+        self.assertEqual(sum(emu.calls.values()), pages)      # nothing else: no download
+        self.assertIn("clean: ", text)
+        self.assertIn("%d list calls" % pages, text)
+        self.assertEqual(METRICS.value("restic123pan_cloud_audit_list_calls"), pages)
+
+    def test_finds_missing_replaced_and_foreign_objects(self):
+        emu, storage = self.audited()
+        gone, replaced = self.refs[0], self.refs[1]
+        emu.remove_behind_back(self.live_path(gone))
+        emu.add_file(self.live_path(replaced), b"other bytes of the same name")
+        foreign = "/restic-backup/r/data/%s/foreign.bin" % self.refs[2].name[:2]
+        emu.add_file(foreign, b"not ours")
+        result, text = self.audit(storage)
+        self.assertFalse(rp.audit_is_clean(result))
+        self.assertEqual([p.rsplit("/", 1)[1] for p in result.missing], [gone.name])
+        self.assertEqual([p.rsplit("/", 1)[1] for p in result.changed], [replaced.name])
+        self.assertEqual(result.foreign, [foreign])
+        self.assertIn("missing in the cloud: ", text)
+        self.assertIn("changed in the cloud: ", text)
+        self.assertIn("not recorded by this server: %s" % foreign, text)
+        self.assertIn("PROBLEMS FOUND", text)
+        self.assertEqual(METRICS.value("restic123pan_cloud_audit_problems", kind="missing"), 1)
+        self.assertEqual(emu.calls["/obj"] + emu.calls["/dl"], 0)
+
+    def test_pending_deletes_are_not_foreign(self):
+        emu, storage = self.audited()
+        storage._deletes._trash.close(timeout=0)     # the remote delete stays queued
+        self.assertTrue(storage.delete(self.refs[3]))
+        result, text = self.audit(storage)
+        self.assertTrue(rp.audit_is_clean(result), text)
+
+
+class Pan123VerifyCloudCommandTest(Pan123CacheCase):
+    """--verify-cloud from the real command line, and --verify-every's wiring."""
+
+    def run_audit(self):
+        r = subprocess.run(
+            [sys.executable, SERVER_SCRIPT, "--backend", "123pan", "--api-base",
+             self.emu.api_base, "--client-id", CLIENT_ID, "--state-dir", self.state_dir,
+             "--verify-cloud"], env=dict(os.environ, PAN123_CLIENT_SECRET=SECRET),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+            timeout=120)
+        return r.returncode, r.stdout, r.stderr
+
+    def test_one_shot_exit_codes(self):
+        emu, storage = self.started_with_repository()
+        refs = [self.put(storage, b"pack %d" % i) for i in range(5)]
+        storage.close()
+        emu.reset_calls()
+        code, out, err = self.run_audit()
+        self.assertEqual(code, 0, err)
+        self.assertIn("verify-cloud: clean", out)
+        pages = emulator_list_pages(emu) - 1
+        self.assertIn("%d list calls" % pages, out)
+        self.assertEqual(emu.calls[LIST], pages)
+        self.assertEqual(emu.calls[USER_INFO], 1)           # the account, logged
+        self.assertIn("123pan account", err)
+        self.assertEqual(emu.calls["/dl"] + emu.calls["/obj"] + emu.calls[DOWNLOAD_INFO], 0)
+        emu.remove_behind_back(self.live_path(refs[0]))
+        code, out, err = self.run_audit()
+        self.assertEqual(code, 1)
+        self.assertIn("PROBLEMS FOUND", out)
+        self.assertIn("missing in the cloud: /restic-backup/r/data/%s/%s"
+                      % (refs[0].name[:2], refs[0].name), err)
+
+    def test_flags(self):
+        args = rp.parse_config(["--backend", "123pan", "--client-id", "i", "--verify-every",
+                                "2", "--state-dir", self.state_dir], {})
+        storage = build_pan123_storage(args, {"PAN123_CLIENT_SECRET": "s"})
+        self.assertEqual(storage.audit_every, 7200)
+        self.assertEqual(storage.account.tier, "auto")
+        for argv in (["--verify-cloud"], ["--verify-every", "1"]):
+            self.assertRaises(UsageError, rp.parse_config, ["--backend", "local"] + argv, {})
+        err = io.StringIO()
+        with self.assertRaises(SystemExit):          # argparse: not a number of hours
+            with contextlib.redirect_stderr(err):
+                rp.parse_config(["--backend", "123pan", "--verify-every", "-1"], {})
+        self.assertIn("--verify-every", err.getvalue())
+
+    def test_background_audit_reports_into_metrics(self):
+        emu, storage = self.started_with_repository()
+        ref = self.put(storage, b"a pack")
+        emu.add_file("/restic-backup/r/data/%s/stranger" % ref.name[:2], b"x")
+        storage._background_audit()
+        self.assertEqual(len(storage.last_audit.foreign), 1)
+        self.assertEqual(METRICS.value("restic123pan_cloud_audit_problems", kind="foreign"), 1)
+        self.assertIn('restic123pan_cloud_audit_problems{kind="foreign"} 1', METRICS.render())
+
+
+# ---------------------------------------------------------------------------
+# Part I, section 7: the Cloudreve backend, and its storage policies one by one
+# ---------------------------------------------------------------------------
+
+class CloudreveUnitTest(unittest.TestCase):
+
+    def test_uri_encoding_follows_the_spec(self):
+        self.assertEqual(cloudreve_uri(()), "cloudreve://my")
+        self.assertEqual(cloudreve_uri(("restic-backup", "data", "ab")),
+                         "cloudreve://my/restic-backup/data/ab")
+        # encodeURIComponent: space %20, '+' %2B, '%' %25, '#' %23, '@' %40, non-ASCII as
+        # UTF-8; !*'()~ kept
+        self.assertEqual(cloudreve_uri(("a b+c", "100%", "#1@x", "\u5907\u4efd", "(x)!*'~")),
+                         "cloudreve://my/a%20b%2Bc/100%25/%231%40x/%E5%A4%87%E4%BB%BD/(x)!*'~")
+
+    def test_split_path(self):
+        self.assertEqual(split_cloudreve_path("/a//b/"), ("a", "b"))
+        self.assertEqual(split_cloudreve_path("/"), ())
+        for bad in ("/a:b", "/a?", "/..", "/x/./y", "/" + "x" * 256, '/a"b', "/a|b"):
+            with self.assertRaises(ValueError):
+                split_cloudreve_path(bad)
+
+    def test_error_of_a_batch_answer_takes_the_items_code(self):
+        error = cloudreve_error("DELETE /api/v4/file", {
+            "code": 40081, "msg": "Path not exist", "correlation_id": "c-1",
+            "aggregated_error": {"cloudreve://my/a": {"code": 40016, "msg": "Path not exist"}}})
+        self.assertIsInstance(error, CloudreveNotFound)
+        self.assertEqual((error.code, error.items), (40016, {"cloudreve://my/a": 40016}))
+        self.assertIn("c-1", str(error))
+        mixed = cloudreve_error("x", {"code": 40081, "msg": "m", "aggregated_error": {
+            "u1": {"code": 40016}, "u2": {"code": 403}}})
+        self.assertEqual(type(mixed), CloudreveError)
+        self.assertEqual(mixed.code, 40081)
+        self.assertEqual(rp.storage_error_status(
+            cloudreve_error("x", {"code": 40051, "msg": "full"})), 507)
+
+
+def _with_gzip(request, method, url, headers=None, body=None, **kw):
+    headers = dict(headers or {}, **{"Accept-Encoding": "gzip"})
+    return request(method, url, headers, body, **kw)
+
+
+class CloudreveListingTest(CloudreveBackendCase):
+
+    def test_cursor_pages_with_tokens_that_need_encoding(self):
+        emu = self.emulator(page_size=4)        # the site clamps page_size to 4
+        for i in range(3):
+            emu.add_file("/p/dir%d/keep" % i, b"")
+        for i in range(10):
+            emu.add_file("/p/f%02d" % i, b"x" * i)
+        entries, policy_id = self.client().list_folder("cloudreve://my/p")
+        self.assertEqual([e.name for e in entries],
+                         ["dir0", "dir1", "dir2"] + ["f%02d" % i for i in range(10)])
+        self.assertEqual([e.is_folder for e in entries], [True] * 3 + [False] * 10)
+        self.assertEqual(entries[-1].size, 9)
+        self.assertEqual(policy_id, emu.policy_id)
+        self.assertEqual(emu.calls[CR_LIST], 4)
+        self.assertEqual(emu.rejected[(CR_LIST, 40001)], 0)     # every token arrived intact
+
+    def test_short_pages_and_offset_mode(self):
+        emu = self.emulator(page_size=4)
+        for i in range(9):
+            emu.add_file("/p/f%d" % i, b"")
+        emu.short_pages = True
+        self.assertEqual(len(self.client().list_folder("cloudreve://my/p")[0]), 9)
+        emu.short_pages, emu.cursor_pagination = False, False
+        emu.reset_calls()
+        self.assertEqual([e.name for e in self.client().list_folder("cloudreve://my/p")[0]],
+                         ["f%d" % i for i in range(9)])
+        self.assertEqual(emu.calls[CR_LIST], 3)
+
+    def test_missing_folder_and_file_are_not_found(self):
+        emu = self.emulator()
+        emu.add_file("/f", b"1")
+        client = self.client()
+        for uri in ("cloudreve://my/none", "cloudreve://my/f"):
+            with self.assertRaises(CloudreveNotFound):
+                client.list_folder(uri)
+
+    def test_names_that_need_encoding_round_trip(self):
+        emu = self.emulator()
+        base = "/\u5907\u4efd 100% a+b #1 (x)@home=&"
+        storage = self.storage(repo_path=base)
+        storage.create_repository(REPO)
+        data = os.urandom(1500)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.file_bytes(self.live_path(ref, base)), data)
+        fresh = self.storage(self.client(), repo_path=base)
+        self.assertEqual(list(fresh.list(REPO, "data")), [(ref.name, 1500)])
+        self.assertEqual(self.read(fresh, ref), data)
+        self.assertTrue(fresh.delete(ref))
+        self.assertEqual(emu.children(base + "/r/data/" + ref.name[:2]), [])
+        self.assertEqual(self.rejected_total(40001) + self.rejected_total(40016), 0)
+
+
+class CloudreveUploadsTest(CloudreveBackendCase):
+
+    def test_chunks_of_the_sessions_size_in_order_with_exact_lengths(self):
+        emu = self.emulator(chunk_size=1000)
+        storage = self.storage()
+        storage.create_repository(REPO)
+        uploaded = METRICS.total("restic123pan_cloud_bytes_uploaded_total")
+        sizes = (1, 999, 1000, 1001, 4500)
+        refs = [self.put(storage, os.urandom(n)) for n in sizes]
+        self.assertEqual(METRICS.total("restic123pan_cloud_bytes_uploaded_total") - uploaded,
+                         sum(sizes))
+        self.assertEqual(emu.calls[CR_SESSION], 5)
+        self.assertEqual(emu.calls[CR_CHUNK], 1 + 1 + 1 + 2 + 5)
+        self.assertEqual(dict(emu.rejected), {})    # no 40013 length or 50004 order refusal
+        for ref, size in zip(refs, sizes):
+            self.assertEqual(storage.stat(ref), size)
+            self.assertEqual(hashlib.sha256(emu.file_bytes(self.live_path(ref))).hexdigest(),
+                             ref.name)
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+
+    def test_spool_on_disk_is_streamed(self):
+        emu = self.emulator(chunk_size=300000)
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = os.urandom(1000000)
+        spool = HashingSpool.from_stream(io.BytesIO(data), len(data), memory_limit=1000)
+        self.addCleanup(spool.close)
+        self.assertFalse(spool.in_memory)
+        storage.put(data_ref(data), spool)
+        self.assertEqual(emu.calls[CR_CHUNK], 4)
+        self.assertEqual(emu.file_bytes(self.live_path(data_ref(data))), data)
+
+    def test_whole_body_when_chunk_size_is_0_and_empty_objects(self):
+        emu = self.emulator(chunk_size=0)
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = os.urandom(5000)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.calls[CR_CHUNK], 1)
+        self.assertEqual(self.read(storage, ref), data)
+        empty = self.put(storage, b"")
+        self.assertEqual(storage.stat(empty), 0)
+        self.assertEqual(list(storage.read(empty, 0, 0)), [])
+        self.assertEqual(emu.resolve(self.live_path(empty))["size"], 0)
+
+    def test_failed_upload_leaves_no_placeholder(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("413", count=100, endpoint=CR_CHUNK)
+        data = os.urandom(2500)
+        with self.assertRaises(CloudreveError) as caught:
+            self.put(storage, data)
+        self.assertIn("client_max_body_size", str(caught.exception))
+        self.assertEqual(emu.calls[CR_SESSION], 3)        # upload_attempts
+        self.assertEqual(emu.calls[CR_CANCEL], 3)
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+        self.assertIsNone(storage.stat(data_ref(data)))
+        self.assertEqual(emu.used_bytes(), 0)
+        emu.clear_faults()
+        self.put(storage, data)
+        self.assertEqual(self.read(storage, data_ref(data)), data)
+
+    def test_unreachable_site_mid_upload_cancels_the_session(self):
+        emu = self.emulator()
+        storage = self.storage(self.client(call_deadline=0.3))
+        storage.create_repository(REPO)
+        emu.fail_next("502", count=10000, endpoint=CR_CHUNK)
+        with self.assertRaises(CloudreveUnavailable):
+            self.put(storage, os.urandom(2500))
+        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (1, 1))
+        self.assertEqual(emu.placeholders(), [])
+
+    def test_lock_expired_on_a_chunk_starts_a_new_session(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("40073", endpoint=CR_CHUNK)
+        data = os.urandom(2500)
+        ref = self.put(storage, data)
+        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (2, 1))
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+        self.assertEqual(emu.placeholders(), [])
+
+    def test_expired_session_or_restarted_site_starts_a_new_one(self):
+        for lose_sessions in ("expire_upload_sessions", "restart"):
+            emu = self.emulator()
+            storage = self.storage()
+            storage.create_repository(REPO)
+            client = storage.client
+            original = client._send_chunks
+
+            def lose_the_first_session(session, spool):
+                if emu.calls[CR_SESSION] == 1:
+                    getattr(emu, lose_sessions)()
+                return original(session, spool)
+
+            client._send_chunks = lose_the_first_session
+            data = os.urandom(2500)
+            ref = self.put(storage, data)
+            self.assertEqual(emu.rejected[(CR_CHUNK, 40011)], 2)      # before and after a refresh
+            self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (2, 1))
+            self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+            self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+
+    def test_answer_of_the_last_chunk_lost(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("drop_after", endpoint=CR_CHUNK)
+        ref = self.put(storage, b"one chunk")
+        # the retry finds the session completed (40011 even after a refresh); the
+        # file is there with its size: stored, nothing cancelled
+        self.assertEqual(emu.rejected[(CR_CHUNK, 40011)], 2)
+        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (1, 0))
+        self.assertEqual(storage.stat(ref), 9)
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), b"one chunk")
+
+    def test_answer_of_a_middle_chunk_lost(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("drop_after", endpoint=CR_CHUNK)
+        emu.fail_next("drop", endpoint=CR_CHUNK)
+        data = os.urandom(3500)
+        ref = self.put(storage, data)
+        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CHUNK]), (1, 6))
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+
+    def test_placeholder_of_a_crashed_run_is_replaced(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = os.urandom(1500)
+        ref = data_ref(data)
+        # a previous run died after opening a session: a locked 0-byte placeholder
+        self.session_raw(storage.client, self.live_path(ref), len(data))
+        self.assertIsNone(storage.stat(ref))            # a placeholder is not an object
+        self.put(storage, data, ref)
+        self.assertEqual(emu.rejected[(CR_SESSION, 40004)], 1)
+        self.assertEqual(emu.calls[CR_CANCEL], 1)
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+        # the same after the stale session has expired (placeholder unlocked)
+        other = os.urandom(1200)
+        self.session_raw(storage.client, self.live_path(data_ref(other)), len(other))
+        emu.expire_upload_sessions()
+        self.put(storage, other)
+        self.assertEqual(emu.file_bytes(self.live_path(data_ref(other))), other)
+        self.assertEqual(emu.placeholders(), [])
+
+    def test_answers_of_session_calls_lost(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        # the 1st and 3rd session calls are done but their answers lost: each retry
+        # finds our own placeholder (40004), which is cancelled before a new try
+        take_fault, sessions = emu._take_fault, []
+
+        def lose_answers(key):
+            if key == CR_SESSION:
+                sessions.append(key)
+                if len(sessions) in (1, 3):
+                    return "drop_after"
+            return take_fault(key)
+
+        emu._take_fault = lose_answers
+        data = os.urandom(1500)
+        ref = self.put(storage, data)
+        self.assertEqual(emu.rejected[(CR_SESSION, 40004)], 2)
+        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (5, 2))
+        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+        # replacing config: the retry of a lost versioned session call meets its lock
+        config = ObjectRef.config(REPO)
+        self.put(storage, b"one", config)
+        del sessions[:]
+        self.put(storage, b"second", config)
+        self.assertEqual(emu.rejected[(CR_SESSION, 40073)], 2)
+        self.assertEqual(self.read(storage, config), b"second")
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+
+    def test_staged_version_of_a_crashed_run_is_cancelled(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        config = ObjectRef.config(REPO)
+        self.put(storage, b"one", config)
+        storage.client.call("PUT", "/file/upload", body={
+            "uri": cloudreve_uri(("restic-backup", "r", "config")), "size": 9,
+            "policy_id": emu.policy_id, "entity_type": "version"})    # then a crash
+        self.put(storage, b"replaced", config)
+        self.assertEqual(emu.rejected[(CR_SESSION, 40073)], 1)
+        self.assertEqual(emu.file_bytes(self.live_path(config)), b"replaced")
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+
+    def test_file_unknown_to_the_index_is_replaced_atomically(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        config = ObjectRef.config(REPO)
+        self.assertIsNone(storage.stat(config))
+        emu.add_file(self.live_path(config), b"written by someone else")
+        self.put(storage, b"ours", config)
+        self.assertEqual(emu.rejected[(CR_SESSION, 40004)], 1)
+        self.assertEqual(emu.file_bytes(self.live_path(config)), b"ours")
+
+    def test_config_replaced_as_a_new_version(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        config = ObjectRef.config(REPO)
+        self.put(storage, b"one", config)
+        first = self.read(storage, config)
+        self.put(storage, b"second", config)
+        self.assertEqual((first, self.read(storage, config)), (b"one", b"second"))
+        self.assertEqual(storage.stat(config), 6)
+        self.assertEqual(emu.rejected[(CR_SESSION, 40004)], 0)
+        fresh = self.storage(self.client())
+        self.assertEqual(self.read(fresh, config), b"second")
+        self.assertEqual(len(emu.children(CR_BASE + "/r")), 6)   # config + 5 folders
+
+    def test_wrong_size_after_completion_is_not_stored(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        add_version = emu._add_version
+        emu._add_version = lambda n, data, mtime: add_version(n, data[:-1], mtime)
+        data = os.urandom(1500)
+        with self.assertLogs("restic_123pan", "WARNING"):
+            with self.assertRaises(CloudreveError) as caught:
+                self.put(storage, data)
+        self.assertIn("reports 1499 bytes", str(caught.exception))
+        self.assertIsNone(emu.resolve(self.live_path(data_ref(data))))
+        self.assertIsNone(storage.stat(data_ref(data)))
+
+    def test_quota_exceeded_is_507_and_file_too_large(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.quota = 100
+        with self.assertLogs("restic_123pan", "WARNING"):
+            with self.assertRaises(CloudreveError) as caught:
+                self.put(storage, os.urandom(101))
+        self.assertEqual((caught.exception.code, rp.storage_error_status(caught.exception)),
+                         (40051, 507))
+        emu.quota, emu.max_size = 10 ** 9, 50
+        with self.assertLogs("restic_123pan", "WARNING"):
+            with self.assertRaises(CloudreveError) as caught:
+                self.put(storage, os.urandom(51))
+        self.assertEqual(caught.exception.code, 40049)
+        self.assertEqual(emu.placeholders(), [])
+
+    def test_storage_policy_of_unknown_type_is_refused(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        # a type the web client has no uploader for either
+        emu._policy = lambda: {"id": emu.policy_id, "name": "G", "type": "googledrive",
+                               "max_size": 0}
+        with self.assertRaises(CloudreveError) as caught:
+            self.put(storage, b"packed")
+        self.assertIn("'googledrive'", str(caught.exception))
+        self.assertIn("relay", str(caught.exception))
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+
+    def test_concurrent_uploads_of_one_name(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = os.urandom(3000)
+        run_threads(lambda: self.put(storage, data), [()] * 4)
+        # one upload; the others find it stored when their turn comes
+        self.assertEqual(emu.calls[CR_SESSION], 1)
+        self.assertEqual(self.rejected_total(40004) + self.rejected_total(40073), 0)
+        self.assertEqual(list(storage.list(REPO, "data")), [(data_ref(data).name, 3000)])
+
+
+class CloudreveStorageFoldersTest(CloudreveBackendCase):
+
+    def test_new_repository_costs_five_creates(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        self.assertEqual((emu.calls[CR_CREATE], emu.calls[CR_LIST]), (5, 0))
+        self.assertEqual(sorted(c["name"] for c in emu.children(CR_BASE + "/r")),
+                         ["data", "index", "keys", "locks", "snapshots"])
+        storage.create_repository(REPO)                 # idempotent
+        self.assertEqual(emu.rejected[(CR_CREATE, 40004)], 5)
+
+    def test_uploads_into_a_new_repository_list_nothing(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        refs = [self.put(storage, os.urandom(100)) for _ in range(10)]
+        key = self.put(storage, b"key", ObjectRef(REPO, "keys", "cd" * 32))
+        for ref in refs:
+            self.assertEqual(storage.stat(ref), 100)
+        self.assertEqual(sorted(storage.list(REPO, "data")),
+                         sorted((r.name, 100) for r in refs))
+        self.assertEqual(storage.list(REPO, "keys"), [(key.name, 3)])
+        # one listing only: for the policy id the upload sessions need
+        self.assertEqual(emu.calls[CR_LIST], 1)
+        self.assertEqual(storage._policy_id, emu.policy_id)
+        self.assertEqual(len(emu.children(CR_BASE + "/r/data")), len({r.name[:2] for r in refs}))
+
+    def test_existing_repository_listed_once_per_folder(self):
+        emu = self.emulator(page_size=7)
+        self.existing_repo()
+        refs = [self.stored_elsewhere(os.urandom(100)) for _ in range(30)]
+        storage = self.storage()
+        self.assertEqual(storage.stat(refs[0]), 100)
+        self.assertEqual(emu.calls[CR_LIST], 1)        # data/<xx> only
+        self.assertIsNone(storage.stat(data_ref(b"absent")))
+        expected = sorted((r.name, 100) for r in refs)
+        self.assertEqual(sorted(storage.list(REPO, "data")), expected)
+        listed = emu.calls[CR_LIST]
+        for _ in range(3):
+            self.assertEqual(sorted(storage.list(REPO, "data")), expected)
+            for ref in refs:
+                self.assertEqual(storage.stat(ref), 100)
+        self.assertEqual(emu.calls[CR_LIST], listed)
+        self.assertEqual(storage._policy_id, emu.policy_id)   # from a listing
+        # uploads there need no more listing, nor a policy lookup
+        self.put(storage, os.urandom(10))
+        self.assertEqual(emu.calls[CR_LIST], listed)
+
+    def test_placeholders_and_foreign_names_are_not_listed(self):
+        emu = self.emulator()
+        self.existing_repo()
+        keep = self.stored_elsewhere(b"kept", ObjectRef(REPO, "keys", "ab" * 32))
+        emu.add_file(CR_BASE + "/r/keys/not-an-id", b"x")
+        client = self.client()
+        self.session_raw(client, CR_BASE + "/r/keys/" + "cd" * 32, 10)
+        storage = self.storage(client)
+        self.assertEqual(storage.list(REPO, "keys"), [(keep.name, 4)])
+        self.assertIsNone(storage.stat(ObjectRef(REPO, "keys", "cd" * 32)))
+
+    def test_repositories_directly_under_my(self):
+        emu = self.emulator()
+        storage = self.storage(repo_path="/")
+        storage.create_repository(())
+        config = ObjectRef.config(())
+        self.put(storage, b"cfg", config)
+        self.assertEqual(emu.file_bytes("/config"), b"cfg")
+        self.assertEqual(self.read(self.storage(self.client(), "/"), config), b"cfg")
+
+
+class CloudreveDeletesTest(CloudreveBackendCase):
+
+    def test_delete_skips_the_trash(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        ref = self.put(storage, os.urandom(5000))
+        self.assertEqual(emu.used_bytes(), 5000)
+        self.assertTrue(storage.delete(ref))
+        self.assertEqual(emu.used_bytes(), 0)       # no copy kept in the trash
+        self.assertIsNone(storage.stat(ref))
+        self.assertFalse(storage.delete(ref))
+        self.assertEqual(emu.calls[CR_DELETE], 1)
+
+    def test_concurrent_deletes_are_batched(self):
+        emu = self.emulator()
+        self.existing_repo()
+        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(24)]
+        storage = self.storage()
+        self.assertEqual(len(list(storage.list(REPO, "data"))), 24)
+        emu.reset_calls()
+        # The first call takes a while, so the other deletes queue up behind it
+        # however the threads are scheduled (the machine may be busy).
+        emu.slow_seconds = 1.0
+        emu.fail_next("slow", endpoint=CR_DELETE)
+        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 24)
+        self.assertLess(emu.calls[CR_DELETE], 12)
+        self.assertEqual(list(storage.list(REPO, "data")), [])
+        self.assertEqual(emu.used_bytes(), 0)
+
+    def test_batch_with_objects_already_gone(self):
+        emu = self.emulator()
+        self.existing_repo()
+        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(6)]
+        storage = self.storage()
+        list(storage.list(REPO, "data"))
+        emu.remove_behind_back(self.live_path(refs[0]))
+        emu.remove_behind_back(self.live_path(refs[1]))
+        # as far as this server knew they existed, and they are gone now
+        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 6)
+        self.assertEqual(list(storage.list(REPO, "data")), [])
+        self.assertEqual(emu.used_bytes(), 0)
+
+    def test_answer_lost_and_object_locked(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        ref = self.put(storage, b"doomed")
+        emu.fail_next("drop_after", endpoint=CR_DELETE)
+        emu.fail_next("40073", endpoint=CR_DELETE)
+        self.assertTrue(storage.delete(ref))
+        self.assertIsNone(emu.resolve(self.live_path(ref)))
+
+    def test_items_that_failed_otherwise_are_reported(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        folder = cloudreve_uri(("restic-backup", "r", "data"))
+        errors = storage._delete_batch([folder, "cloudreve://my", "cloudreve://my/none"])
+        self.assertEqual(dict((uri, (type(e), e.code)) for uri, e in errors.items()),
+                         {"cloudreve://my": (CloudreveError, 403),
+                          "cloudreve://my/none": (CloudreveNotFound, 40016)})
+        self.assertIsNone(emu.resolve(CR_BASE + "/r/data"))     # the others were done
+        with self.assertRaises(CloudreveError) as caught:      # refused as a whole
+            storage._delete_batch(["cloudreve://my/%zz"])
+        self.assertEqual(caught.exception.code, 40001)
+
+
+class CloudreveUnderFaultsTest(CloudreveBackendCase):
+
+    def test_workload_without_lost_objects(self):
+        emu = self.emulator(chunk_size=2000)
+        storage = self.storage()
+        storage.create_repository(REPO)
+        for kind, p, seed in (("500", 0.05, 1), ("drop", 0.05, 2), ("drop_after", 0.05, 3),
+                              ("401", 0.05, 4), ("50001", 0.05, 5), ("409", 0.05, 6)):
+            emu.fail_randomly(kind, p, seed=seed)
+        self.check_workload(storage, (10, 2500, 5000, 100, 7000, 1, 4000, 2000))
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+        self.assertGreater(sum(emu.rejected.values()), 5, "the faults did not happen")
+
+
+class CloudrevePolicyBackendCase(CloudreveBackendCase):
+    """The backend on one storage policy; subclasses name it.  part_key is the
+    endpoint that receives the bytes (the site's chunk route, or the provider's)."""
+    policy_type, relay, chunk = "local", False, 1000
+    part_key = CR_CHUNK
+    sizes = (10, 2500, 5000, 1, 3000)
+
+    def emulator(self, **options):
+        options.setdefault("policy_type", self.policy_type)
+        options.setdefault("relay", self.relay)
+        options.setdefault("chunk_size", self.chunk)
+        return CloudreveBackendCase.emulator(self, **options)
+
+    def parts(self, size):
+        return 1 if self.part_key == "POST /upyun/form" else max(1, -(-size // self.chunk))
+
+    def assertClean(self):
+        self.assertEqual((self.emu.placeholders(), self.emu.open_upload_sessions()), ([], 0))
+        self.assertEqual(self.emu.errors, [])
+
+    def test_round_trip_through_the_policy(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.reset_calls()
+        blobs = [os.urandom(n) for n in self.sizes]
+        refs = [self.put(storage, d) for d in blobs]
+        for ref, data in zip(refs, blobs):
+            self.assertEqual(self.read(storage, ref), data)
+            self.assertEqual(self.read(storage, ref, 1, len(data) - 1), data[1:])
+        self.assertEqual(emu.calls[self.part_key], sum(self.parts(len(d)) for d in blobs))
+        emu.expire_download_urls()      # site links and provider links
+        self.assertEqual(self.read(storage, refs[1]), blobs[1])
+        if self.part_key != CR_CHUNK:
+            self.assertEqual(emu.calls[CR_CHUNK], 0)
+        self.assertEqual(emu.calls[CR_SESSION], len(blobs))
+        self.assertEqual(dict(emu.rejected), {(CR_CONTENT, 40005): 1})    # the expired link
+        self.assertClean()
+
+    def test_one_part_is_retried_not_the_object(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.reset_calls()
+        data = os.urandom(self.sizes[2])
+        for kind in ("502", "drop", "drop_after"):
+            emu.fail_next(kind, endpoint=self.part_key)
+        ref = self.put(storage, data)
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(emu.calls[self.part_key], self.parts(len(data)) + 3)
+        self.assertEqual(emu.calls[CR_SESSION], 1)
+        self.assertClean()
+
+    def test_a_failed_upload_cancels_its_session(self):
+        emu = self.emulator()
+        storage = self.storage(self.client(call_deadline=0.3))
+        storage.create_repository(REPO)
+        emu.fail_randomly("500", 1.0, endpoint=self.part_key)
+        with self.assertRaises(CloudreveUnavailable):
+            self.put(storage, os.urandom(self.sizes[1]))
+        self.assertClean()
+        self.assertEqual(storage.list(REPO, "data"), [])
+
+    def test_workload_under_faults_on_site_and_provider(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        for kind, p, seed in (("500", 0.05, 1), ("drop", 0.05, 2), ("drop_after", 0.05, 3),
+                              ("401", 0.05, 4), ("50001", 0.03, 5), ("502", 0.05, 6)):
+            emu.fail_randomly(kind, p, seed=seed)
+        with self.assertLogs("restic_123pan", "DEBUG") as logs:
+            self.check_workload(storage, self.sizes * 2)
+        self.assertClean()
+        self.assertGreater(sum(emu.rejected.values()), 5, "the faults did not happen")
+        text = "\n".join(logs.output)
+        for secret in ("Signature=", "X-Amz-Signature", "Bearer Cr", "UpToken", "UPYUN op",
+                       CR_PASSWORD):
+            self.assertNotIn(secret, text)
+
+
+class ChunkCompletionRule(object):
+    """For the policies whose last chunk completes the upload (local, relay,
+    remote): Cloudreve 4.18's placeholder case."""
+
+    def test_a_failed_completion_restarts_with_a_new_session(self):
+        emu = self.emulator()
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.reset_calls()
+        emu.fail_completions = 1        # the completing chunk: 50001, its retry "succeeds"
+        data = os.urandom(2500)
+        with self.assertLogs("restic_123pan", "INFO") as logs:
+            ref = self.put(storage, data)
+        self.assertIn("still shows an unfinished upload", "\n".join(logs.output))
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(emu.calls[CR_SESSION], 2)
+        self.assertEqual(self.rejected_total(50001), 1)
+        self.assertClean()
+
+
+class CloudreveLocalPolicyTest(ChunkCompletionRule, CloudrevePolicyBackendCase):
+    pass
+
+
+class CloudreveRelayPolicyTest(ChunkCompletionRule, CloudrevePolicyBackendCase):
+    policy_type, relay = "s3", True
+
+
+class CloudreveRemotePolicyTest(ChunkCompletionRule, CloudrevePolicyBackendCase):
+    policy_type, part_key = "remote", "POST /slave/upload"
+
+
+class CloudreveS3PolicyTest(CloudrevePolicyBackendCase):
+    policy_type, part_key = "s3", "PUT /s3/part"
+
+
+class CloudreveKs3PolicyTest(CloudreveS3PolicyTest):
+    policy_type = "ks3"
+
+
+class CloudreveCosPolicyTest(CloudreveS3PolicyTest):
+    policy_type = "cos"
+
+
+class CloudreveOssPolicyTest(CloudreveS3PolicyTest):
+    policy_type = "oss"
+
+
+class CloudreveObsPolicyTest(CloudreveS3PolicyTest):
+    policy_type = "obs"
+
+
+class CloudreveOneDrivePolicyTest(CloudrevePolicyBackendCase):
+    policy_type, part_key, chunk = "onedrive", "PUT /onedrive/range", 320 * 1024
+    sizes = (10, 700000, 800000, 1, 327680)
+
+
+class CloudreveQiniuPolicyTest(CloudrevePolicyBackendCase):
+    policy_type, part_key = "qiniu", "PUT /qiniu/part"
+
+
+class CloudreveQiniuCompletionTest(CloudreveBackendCase):
+    def test_a_lost_answer_to_the_completion_is_not_retried_for_a_minute(self):
+        emu = self.emulator(policy_type="qiniu")
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.fail_next("drop_after", endpoint="POST /qiniu/complete")
+        data = os.urandom(2500)
+        ref = self.put(storage, data)       # the retry meets 612 "no such uploadId"
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(emu.calls["POST /qiniu/complete"], 2)
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+
+
+class CloudreveUpyunPolicyTest(CloudrevePolicyBackendCase):
+    policy_type, part_key = "upyun", "POST /upyun/form"
+
+
+class CloudreveSiteSettingErrorsTest(CloudreveBackendCase):
+    """Refusals that only a change on the site (or its proxy) can fix: one line
+    naming the setting, no retrying (issue 11)."""
+
+    def refused_put(self, size, logged=True):
+        storage = self.storage()
+        storage.create_repository(REPO)
+        self.emu.reset_calls()
+        with self.assertLogs("restic_123pan", "WARNING" if logged else "DEBUG"):
+            with self.assertRaises(CloudreveError) as caught:
+                self.put(storage, os.urandom(size))
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        self.assertEqual((self.emu.placeholders(), self.emu.open_upload_sessions()), ([], 0))
+        return caught.exception, message
+
+    def test_size_filter(self):
+        self.emulator().max_size = 50
+        error, message = self.refused_put(51)
+        self.assertEqual(error.code, 40049)
+        self.assertIn("max file size", message)
+        self.assertEqual(self.emu.calls[CR_SESSION], 1)
+
+    def test_extension_allow_list_refuses_every_restic_name(self):
+        self.emulator().allowed_extensions = ["jpg", "png"]
+        error, message = self.refused_put(100)
+        self.assertEqual(error.code, 40052)
+        self.assertIn("no extension", message)
+        self.assertIn("allowed extensions", message)
+        self.assertEqual(self.emu.calls[CR_SESSION], 1)
+
+    def test_body_limit_of_a_proxy(self):
+        self.emulator().proxy_max_body = 600       # below the 1000-byte chunks
+        error, message = self.refused_put(2500, logged=False)
+        self.assertIn("client_max_body_size", message)
+        self.assertEqual(self.emu.rejected[(CR_CHUNK.replace("{session_id}/{index}", ""), 0)], 0)
+
+    def test_proxy_timeout(self):
+        emu = self.emulator()
+        client = self.client(call_deadline=0.3)
+        emu.fail_randomly("524", 1.0, endpoint=CR_LIST)
+        with self.assertRaises(CloudreveUnavailable) as caught:
+            client.list_folder("cloudreve://my")
+        self.assertIn("timed out", str(caught.exception))
+        self.assertIn("proxy", str(caught.exception))
+        self.assertEqual(caught.exception.meaning, rp.TIMED_OUT)     # restic gets a 504
+
+    def test_disabled_account_is_said_at_once_not_retried_as_busy(self):
+        emu = self.emulator()
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        emu.account_status = "banned"
+        emu.reset_calls()
+        with self.assertLogs("restic_123pan", "ERROR"):
+            with self.assertRaises(CloudreveAuthError) as caught:
+                client.list_folder("cloudreve://my")
+        self.assertIn("disabled", str(caught.exception))
+        self.assertEqual((emu.calls[CR_LIST], emu.calls[CR_REFRESH], emu.calls[CR_LOGIN]),
+                         (1, 1, 1))
+
+    def test_a_busy_database_is_still_retried(self):
+        emu = self.emulator()
+        client = self.client()
+        emu.fail_next("50001", count=3, endpoint=CR_LIST)
+        self.assertEqual(client.list_folder("cloudreve://my"), ([], emu.policy_id))
+        self.assertEqual(emu.calls[CR_LIST], 4)
+
+
+class CloudreveServerClockTest(CloudreveBackendCase):
+    """Token and link expiries compared on the site's clock (its Date header),
+    not the local one (issue 11, item 4)."""
+
+    def test_a_site_clock_behind_ours_does_not_refresh_on_every_call(self):
+        emu = self.emulator()
+        emu.skew_clock(-7200)           # every expiry it issues looks past to us
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = os.urandom(1500)
+        ref = self.put(storage, data)
+        for _ in range(3):
+            storage.client.list_folder("cloudreve://my")
+            self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (1, 0))
+        self.assertEqual(emu.calls[CR_URL], 1)
+        self.assertAlmostEqual(storage.client.server_time() - time.time(), -7200, delta=5)
+
+    def test_a_site_clock_ahead_of_ours_gets_no_dead_token(self):
+        emu = self.emulator(access_ttl=3600)
+        emu.skew_clock(7200)
+        client = self.client()
+        client.list_folder("cloudreve://my")
+        real = time.time
+        # 4000 s later on both clocks: past the token's expiry on the site's
+        with mock.patch("time.time", lambda: real() + 4000):
+            client.list_folder("cloudreve://my")
+        self.assertEqual(emu.rejected[(CR_LIST, 401)], 0)      # renewed before, not after
+        self.assertEqual(emu.calls[CR_REFRESH], 1)
+
+
+# ---------------------------------------------------------------------------
+# Part I, section 8: the repository service (verification, overwrite rule, quota,
+# over real HTTP)
+# ---------------------------------------------------------------------------
+
+class RestProtocolTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-http-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.root = os.path.join(self.tmp, "repos")
+        self.srv = ServerThread(rp.LocalStorage(self.root))
+        self.addCleanup(self.srv.stop)
+        self.req = self.srv.request
+
+    def upload(self, path, data):
+        return self.req("POST", path, data, {"Content-Type": "application/octet-stream"})[0]
+
+    def test_repository_creation_is_idempotent(self):
+        self.assertEqual(self.req("POST", "/r/?create=true")[0], 200)
+        self.assertEqual(self.req("POST", "/r/?create=true")[0], 200)
+        self.assertEqual(len(os.listdir(os.path.join(self.root, "r", "data"))), 256)
+        self.assertEqual(self.req("POST", "/r/")[0], 400)
+        status, headers, _ = self.req("GET", "/r/")
+        self.assertEqual((status, headers["allow"]), (405, "POST"))
+        self.assertEqual(self.req("DELETE", "/r/")[0], 405)
+
+    def test_config_lifecycle(self):
+        self.assertEqual(self.req("HEAD", "/config")[0], 404)
+        self.assertEqual(self.req("GET", "/config")[0], 404)
+        self.assertEqual(self.upload("/config", b"CONFIG"), 200)
+        status, headers, body = self.req("HEAD", "/config")
+        self.assertEqual((status, headers["content-length"], body), (200, "6", b""))
+        self.assertEqual(self.req("GET", "/config")[2], b"CONFIG")
+        self.assertEqual(self.upload("/config", b"CONFIG"), 200)      # same bytes: a retry
+        self.assertEqual(self.upload("/config", b"OTHER!"), 403)      # never replaced silently
+        self.assertEqual(self.req("GET", "/config")[2], b"CONFIG")
+        self.assertEqual(self.req("DELETE", "/config")[0], 200)
+        self.assertEqual(self.req("DELETE", "/config")[0], 200)
+        self.assertEqual(self.upload("/config", b"OTHER!"), 200)      # delete + post = migration
+        self.assertEqual(self.req("GET", "/config")[2], b"OTHER!")
+
+    def test_listing_v1_v2_and_missing_folder(self):
+        for kind in rp.OBJECT_TYPES:
+            status, headers, body = self.req("GET", "/fresh/%s/" % kind, headers={"Accept": V2})
+            self.assertEqual((status, body), (200, b"[]"))
+            self.assertEqual(headers["content-type"], V2)
+        blobs = [os.urandom(n) for n in (1, 100, 5000)]
+        for b in blobs:
+            self.assertEqual(self.upload("/data/" + sha256_hex(b), b), 200)
+        status, headers, body = self.req("GET", "/data/", headers={"Accept": V2})
+        self.assertEqual(headers["content-type"], V2)
+        self.assertEqual(sorted((e["name"], e["size"]) for e in json.loads(body.decode())),
+                         sorted((sha256_hex(b), len(b)) for b in blobs))
+        status, headers, body = self.req("GET", "/data/")
+        self.assertEqual(headers["content-type"], rp.MEDIA_V1)
+        self.assertEqual(sorted(json.loads(body.decode())), sorted(sha256_hex(b) for b in blobs))
+        self.assertEqual(self.req("POST", "/data/")[0], 405)
+
+    def test_object_lifecycle_and_ranges(self):
+        data = os.urandom(10000)
+        path = "/u/h/snapshots/" + sha256_hex(data)
+        self.assertEqual(self.req("HEAD", path)[0], 404)
+        self.assertEqual(self.upload(path, data), 200)
+        status, headers, _ = self.req("HEAD", path)
+        self.assertEqual((status, headers["content-length"]), (200, "10000"))
+        status, headers, body = self.req("GET", path)
+        self.assertEqual((status, body), (200, data))
+        status, headers, body = self.req("GET", path, headers={"Range": "bytes=100-199"})
+        self.assertEqual((status, body, headers["content-range"], headers["content-length"]),
+                         (206, data[100:200], "bytes 100-199/10000", "100"))
+        status, headers, body = self.req("GET", path, headers={"Range": "bytes=9990-"})
+        self.assertEqual((status, body), (206, data[9990:]))
+        status, headers, _ = self.req("GET", path, headers={"Range": "bytes=10000-"})
+        self.assertEqual((status, headers["content-range"]), (416, "bytes */10000"))
+        # RFC 9110: several ranges and unknown units are ignored: the whole object
+        for ignored in ("bytes=1-2,4-5", "lines=1-2"):
+            status, headers, body = self.req("GET", path, headers={"Range": ignored})
+            self.assertEqual((status, body), (200, data), ignored)
+        self.assertEqual(self.req("DELETE", path)[0], 200)
+        self.assertEqual(self.req("DELETE", path)[0], 200)          # idempotent
+        self.assertEqual(self.req("GET", path)[0], 404)
+        self.assertEqual(self.req("PUT", path, b"x")[0], 405)
+
+    def test_empty_object(self):
+        path = "/locks/" + sha256_hex(b"")
+        self.assertEqual(self.upload(path, b""), 200)
+        status, headers, body = self.req("GET", path, headers={"Range": "bytes=0-"})
+        self.assertEqual((status, body, headers["content-length"]), (200, b"", "0"))
+
+    def test_upload_verification(self):
+        data = b"some bytes"
+        wrong = "/keys/" + sha256_hex(b"other bytes")
+        self.assertEqual(self.upload(wrong, data), 400)
+        self.assertEqual(self.req("HEAD", wrong)[0], 404)
+        right = "/keys/" + sha256_hex(data)
+        self.assertEqual(self.upload(right, data), 200)
+        self.assertEqual(self.upload(right, data), 200)              # retry after a lost answer
+
+    def test_existing_object_is_never_replaced_silently(self):
+        st = rp.LocalStorage(os.path.join(self.tmp, "noverify"))
+        srv = ServerThread(st, verify_uploads=False)
+        self.addCleanup(srv.stop)
+        path = "/data/" + "ab" * 32
+        self.assertEqual(srv.request("POST", path, b"first")[0], 200)
+        self.assertEqual(srv.request("POST", path, b"first")[0], 200)
+        self.assertEqual(srv.request("POST", path, b"other")[0], 403)
+        self.assertEqual(srv.request("POST", path, b"longer body")[0], 403)
+        self.assertEqual(srv.request("GET", path)[2], b"first")
+
+    def test_content_length_rules(self):
+        path = "/data/" + sha256_hex(b"abc")
+        reply = self.srv.raw(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 411"), reply[:40])
+        reply = self.srv.raw(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 3x\r\n"
+                             b"Connection: close\r\n\r\nabc")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:40])
+        reply = self.srv.raw(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 411"), reply[:40])
+        self.assertEqual(self.req("HEAD", path)[0], 404)
+
+    def test_short_body_stores_nothing(self):
+        data = os.urandom(2000)
+        path = "/data/" + sha256_hex(data)
+        s = socket.create_connection(("127.0.0.1", self.srv.port), timeout=30)
+        s.sendall(("POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path, len(data))).encode()
+                  + data[:1500])
+        s.shutdown(socket.SHUT_WR)      # the client gives up half-way
+        reply = s.recv(1000)
+        s.close()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:60])
+        self.assertEqual(self.req("HEAD", path)[0], 404)
+        folder = os.path.join(self.root, "data", path[6:8])
+        self.assertEqual(os.listdir(folder) if os.path.isdir(folder) else [], [])
+
+    def test_long_body_is_refused(self):
+        data = b"exact"
+        path = "/data/" + sha256_hex(data)
+        # Only the announced bytes are the body; they do not hash to the name, so the
+        # upload is refused and the extra byte is never taken for part of it.
+        reply = self.srv.raw(("POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                              "Connection: close\r\n\r\n" % path).encode() + data)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:40])
+        self.assertEqual(self.req("HEAD", path)[0], 404)
+
+    def test_traversal_attempts_never_leave_the_root(self):
+        # A file next to the served folder that a traversal would reach.
+        secret = os.path.join(self.tmp, "config")
+        with open(secret, "wb") as f:
+            f.write(b"SECRET")
+        os.makedirs(self.root)
+        targets = [b"/../config", b"/%2e%2e/config", b"/..%2fconfig", b"/%2e%2e%2fconfig",
+                   b"/repos/../../config", b"/./../config", b"/a/%2E%2E/%2E%2E/config",
+                   b"/..\\config", b"/%5c..%5cconfig", b"/a%00/../config", b"/%c0%ae%c0%ae/config",
+                   b"/\x00/config", b"/..;/config"]
+        for target in targets:
+            for method in (b"GET", b"HEAD", b"POST", b"DELETE"):
+                body = b"" if method != b"POST" else b"PWNED"
+                reply = self.srv.raw(method + b" " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                status = int(reply.split(b" ", 2)[1])
+                self.assertIn(status, (400, 404), (method, target, reply[:80]))
+                self.assertNotIn(b"SECRET", reply)
+        with open(secret, "rb") as f:
+            self.assertEqual(f.read(), b"SECRET")
+        for dirpath, _, files in os.walk(self.tmp):
+            if dirpath.startswith(self.root):
+                continue
+            for name in files:
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    self.assertNotEqual(f.read(), b"PWNED", os.path.join(dirpath, name))
+
+    def test_keep_alive_serves_many_requests_on_one_connection(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=30)
+        self.addCleanup(conn.close)
+        for i in range(20):
+            data = ("object %d" % i).encode()
+            conn.request("POST", "/data/" + sha256_hex(data), body=data)
+            r = conn.getresponse()
+            r.read()
+            self.assertEqual(r.status, 200)
+            conn.request("GET", "/data/", headers={"Accept": V2})
+            r = conn.getresponse()
+            self.assertEqual(len(json.loads(r.read().decode())), i + 1)
+        conn.request("GET", "/data/" + "00" * 32)
+        r = conn.getresponse()
+        self.assertEqual((r.status, r.getheader("Content-Length")), (404, str(len(r.read()))))
+
+    def test_storage_failure_is_5xx_not_404(self):
+        class BrokenStorage(rp.LocalStorage):
+            def list(self, repo, kind):
+                raise rp.Unavailable("cloud is down")
+
+        srv = ServerThread(BrokenStorage(self.root))
+        self.addCleanup(srv.stop)
+        self.assertEqual(srv.request("GET", "/data/")[0], 503)
+
+
+# ---------------------------------------------------------------------------
+# Part I, section 9: access control (users, rights, access log, metrics)
+# ---------------------------------------------------------------------------
+
+def sha1_htpasswd(password):
+    import base64
+    return "{SHA}" + base64.b64encode(hashlib.sha1(password.encode()).digest()).decode()
+
+
+def basic(user, password):
+    import base64
+    return {"Authorization": "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()}
+
+
+class AccessControlTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-auth-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.htpasswd_path = os.path.join(self.tmp, "htpasswd")
+        self.write_users({"alice": "wonderland", "bob": "builder", "maint": "tenance",
+                          "metrics": "scrape"})
+        self.users = rp.HtpasswdFile(self.htpasswd_path)
+        self.users.CHECK_INTERVAL = 0       # look at the file on every login
+
+    def write_users(self, users, extra=""):
+        with open(self.htpasswd_path, "w") as f:
+            f.write("# users\n" + extra)
+            for user, password in users.items():
+                f.write("%s:%s\n" % (user, sha1_htpasswd(password)))
+
+    def serve(self, rules=None, options=None, **service_args):
+        srv = ServerThread(rp.LocalStorage(os.path.join(self.tmp, "repos")),
+                           dict(htpasswd=self.users, rules=rules, options=options), **service_args)
+        self.addCleanup(srv.stop)
+        return srv
+
+    def test_login_required_and_reasons_logged(self):
+        srv = self.serve()
+        status, headers, _ = srv.request("GET", "/keys/")
+        self.assertEqual(status, 401)
+        self.assertEqual(headers["www-authenticate"], 'Basic realm="restic"')
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            self.assertEqual(srv.request("GET", "/keys/", headers=basic("alice", "wrong"))[0], 401)
+            self.assertEqual(srv.request("GET", "/keys/", headers=basic("nobody", "x"))[0], 401)
+            self.assertEqual(srv.request("GET", "/keys/", headers={"Authorization": "Basic !!"})[0], 401)
+        text = "\n".join(logs.output)
+        self.assertIn("'alice': wrong password", text)
+        self.assertIn("'nobody': unknown user", text)
+        self.assertIn("malformed Basic credentials", text)
+        self.assertNotIn("wrong\n", text)
+        self.assertEqual(srv.request("GET", "/keys/", headers=basic("alice", "wonderland"))[0], 200)
+
+    def test_every_hash_format_over_http(self):
+        """One user per format, from the published vectors: the right password gets
+        in, a wrong one gets 401."""
+        vectors = [BCRYPT_VECTORS[0], MD5_CRYPT_VECTORS[0], MD5_CRYPT_VECTORS[-1],
+                   SHA_CRYPT_VECTORS[0], SHA_CRYPT_VECTORS[-1], SHA1_VECTORS[0]]
+        users = {}
+        with open(self.htpasswd_path, "w") as f:
+            for i, (password, hashed) in enumerate(vectors):
+                f.write("user%d:%s\n" % (i, hashed))
+                users["user%d" % i] = (password.decode("utf-8"), rp.hash_kind(hashed))
+        self.assertEqual(sorted(set(kind for _, kind in users.values())),
+                         ["apr1", "bcrypt", "md5-crypt", "sha1", "sha256-crypt", "sha512-crypt"])
+        srv = self.serve()
+        for user, (password, kind) in sorted(users.items()):
+            self.assertEqual(srv.request("GET", "/keys/", headers=basic(user, password))[0], 200, kind)
+            self.assertEqual(srv.request("GET", "/keys/", headers=basic(user, password + "x"))[0], 401, kind)
+
+    def test_unsupported_hash_is_logged_as_such(self):
+        self.write_users({}, extra="plain:secret\n")
+        srv = self.serve()
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            self.assertEqual(srv.request("GET", "/keys/", headers=basic("plain", "secret"))[0], 401)
+        self.assertIn("unsupported hash", "\n".join(logs.output))
+
+    def test_file_changes_are_picked_up_and_bad_lines_skipped(self):
+        srv = self.serve()
+        self.assertEqual(srv.request("GET", "/keys/", headers=basic("carol", "c"))[0], 401)
+        self.write_users({"carol": "c"}, extra="bad/name:{SHA}x\nno-colon-line\n")
+        os.utime(self.htpasswd_path, (time.time() + 5, time.time() + 5))
+        self.assertEqual(srv.request("GET", "/keys/", headers=basic("carol", "c"))[0], 200)
+        self.assertEqual(srv.request("GET", "/keys/", headers=basic("alice", "wonderland"))[0], 401)
+        # a file that disappears keeps the users that were loaded
+        os.unlink(self.htpasswd_path)
+        self.assertEqual(srv.request("GET", "/keys/", headers=basic("carol", "c"))[0], 200)
+        # SIGHUP reload (what the signal handler calls)
+        self.write_users({"dave": "d"})
+        srv.server.reload()
+        self.assertEqual(srv.request("GET", "/keys/", headers=basic("dave", "d"))[0], 200)
+
+    def test_verified_logins_are_remembered_without_the_password(self):
+        calls = []
+        real = rp.verify_password
+
+        def counting(password, hashed):
+            calls.append(1)
+            return real(password, hashed)
+
+        rp.verify_password = counting
+        try:
+            srv = self.serve()
+            for _ in range(5):
+                self.assertEqual(srv.request("GET", "/keys/", headers=basic("bob", "builder"))[0], 200)
+        finally:
+            rp.verify_password = real
+        self.assertEqual(len(calls), 1)
+        self.assertNotIn(b"builder", repr(self.users._verified).encode())
+
+    def test_private_repos(self):
+        srv = self.serve(rules=rp.AccessRules(private_repos=True))
+        alice = basic("alice", "wonderland")
+        self.assertEqual(srv.request("POST", "/alice/laptop/?create=true", headers=alice)[0], 200)
+        self.assertEqual(srv.request("GET", "/alice/laptop/keys/", headers=alice)[0], 200)
+        for path in ("/bob/keys/", "/keys/", "/alicex/keys/", "/bob/alice/keys/"):
+            self.assertEqual(srv.request("GET", path, headers=alice)[0], 403, path)
+        self.assertEqual(srv.request("POST", "/bob/?create=true", headers=alice)[0], 403)
+        # the check is made on the decoded path, the same one storage uses
+        self.assertEqual(srv.request("GET", "/%62ob/keys/", headers=alice)[0], 403)
+        self.assertEqual(srv.request("GET", "/alice/../bob/keys/", headers=alice)[0], 400)
+
+    def test_append_only_and_per_user_rights(self):
+        rules = rp.AccessRules(append_only=True, full_access_users=["maint"])
+        srv = self.serve(rules=rules)
+        alice, maint = basic("alice", "wonderland"), basic("maint", "tenance")
+        data = os.urandom(3000)
+        path = "/data/" + sha256_hex(data)
+        lock = b"a lock"
+        lock_path = "/locks/" + sha256_hex(lock)
+        self.assertEqual(srv.request("POST", "/config", b"cfg", alice)[0], 200)
+        self.assertEqual(srv.request("POST", path, data, alice)[0], 200)
+        self.assertEqual(srv.request("POST", path, data, alice)[0], 200)     # same-bytes retry
+        self.assertEqual(srv.request("POST", "/config", b"cfg", alice)[0], 200)
+        self.assertEqual(srv.request("POST", "/config", b"new", alice)[0], 403)
+        self.assertEqual(srv.request("POST", lock_path, lock, alice)[0], 200)
+        for p in (path, "/config", "/keys/" + "0" * 64, "/index/" + "0" * 64, "/snapshots/" + "0" * 64):
+            self.assertEqual(srv.request("DELETE", p, headers=alice)[0], 403, p)
+        self.assertEqual(srv.request("DELETE", lock_path, headers=alice)[0], 200)
+        self.assertEqual(srv.request("GET", path, headers=alice)[2], data)
+        self.assertEqual(srv.request("DELETE", path, headers=maint)[0], 200)
+        self.assertEqual(srv.request("HEAD", path, headers=maint)[0], 404)
+        # the other way round: only bob is append-only
+        rules = rp.AccessRules(append_only_users=["bob"])
+        self.assertTrue(rules.is_append_only("bob"))
+        self.assertFalse(rules.is_append_only("alice"))
+        self.assertTrue(rules.may_delete("bob", "locks"))
+        self.assertFalse(rules.may_delete("bob", "snapshots"))
+
+    def test_quota_per_repository(self):
+        srv = self.serve(max_size=10000)
+        alice = basic("alice", "wonderland")
+        blobs = [os.urandom(4000) for _ in range(3)]
+        self.assertEqual(srv.request("POST", "/r1/data/" + sha256_hex(blobs[0]), blobs[0], alice)[0], 200)
+        self.assertEqual(srv.request("POST", "/r1/data/" + sha256_hex(blobs[1]), blobs[1], alice)[0], 200)
+        status, _, body = srv.request("POST", "/r1/data/" + sha256_hex(blobs[2]), blobs[2], alice)
+        self.assertEqual(status, 507, body)
+        self.assertEqual(srv.request("HEAD", "/r1/data/" + sha256_hex(blobs[2]), headers=alice)[0], 404)
+        # another repository has its own quota
+        self.assertEqual(srv.request("POST", "/r2/data/" + sha256_hex(blobs[2]), blobs[2], alice)[0], 200)
+        # deleting gives the room back
+        self.assertEqual(srv.request("DELETE", "/r1/data/" + sha256_hex(blobs[0]), headers=alice)[0], 200)
+        self.assertEqual(srv.request("POST", "/r1/data/" + sha256_hex(blobs[2]), blobs[2], alice)[0], 200)
+
+    def test_quota_counts_what_is_already_stored(self):
+        st = rp.LocalStorage(os.path.join(self.tmp, "repos"))
+        big = os.urandom(9000)
+        with rp.HashingSpool.from_bytes(big) as s:
+            st.put(rp.ObjectRef(("r",), "data", sha256_hex(big)), s)
+        srv = self.serve(max_size=10000)
+        small = os.urandom(2000)
+        status = srv.request("POST", "/r/data/" + sha256_hex(small), small, basic("bob", "builder"))[0]
+        self.assertEqual(status, 507)
+
+    def test_metrics(self):
+        opts = rp.ServerOptions(prometheus=True)
+        srv = self.serve(options=opts, track_usage=True)
+        alice = basic("alice", "wonderland")
+        self.assertEqual(srv.request("GET", "/metrics")[0], 401)
+        before = rp.METRICS.value("rest_server_blob_write_total", user="alice", repo="m", type="snapshots")
+        snap = b"snapshot bytes"
+        self.assertEqual(srv.request("POST", "/m/?create=true", headers=alice)[0], 200)
+        self.assertEqual(srv.request("POST", "/m/snapshots/" + sha256_hex(snap), snap, alice)[0], 200)
+        self.assertEqual(srv.request("GET", "/m/snapshots/" + sha256_hex(snap), headers=alice)[0], 200)
+        status, headers, body = srv.request("GET", "/metrics", headers=alice)
+        self.assertEqual(status, 200)
+        samples = parse_prometheus(body.decode())
+        key = ('rest_server_blob_write_total', (("repo", "m"), ("type", "snapshots"), ("user", "alice")))
+        self.assertEqual(samples[key], before + 1)
+        self.assertEqual(samples[("restic123pan_repository_bytes", (("repo", "m"),))], len(snap))
+        self.assertEqual(samples[("restic123pan_repository_objects", (("repo", "m"), ("type", "snapshots")))], 1)
+        self.assertIn(("restic123pan_repository_last_snapshot_timestamp_seconds", (("repo", "m"),)), samples)
+        # with --private-repos only the user "metrics" may read it
+        srv2 = self.serve(rules=rp.AccessRules(private_repos=True),
+                          options=rp.ServerOptions(prometheus=True, private_repos=True))
+        self.assertEqual(srv2.request("GET", "/metrics", headers=alice)[0], 403)
+        self.assertEqual(srv2.request("GET", "/metrics", headers=basic("metrics", "scrape"))[0], 200)
+        srv3 = self.serve(options=rp.ServerOptions(prometheus=True, prometheus_no_auth=True))
+        self.assertEqual(srv3.request("GET", "/metrics")[0], 200)
+        # without --prometheus, /metrics is just a repository called "metrics"
+        srv4 = self.serve()
+        self.assertEqual(srv4.request("GET", "/metrics", headers=alice)[0], 405)
+
+
+# ---------------------------------------------------------------------------
+# Part I, section 10: the REST handler and the servers: routes, TLS, unix sockets,
+# systemd, shutdown, streamed listings, and hostile clients
+# ---------------------------------------------------------------------------
+
+class ParseRouteTest(unittest.TestCase):
+    ID = "ab" * 32
+
+    def status_of(self, target):
+        try:
+            rp.parse_route(target)
+        except rp.RequestError as e:
+            return e.status
+        return 200
+
+    def test_valid_routes(self):
+        R = rp.Route
+        self.assertEqual(rp.parse_route("/"), R((), None, None))
+        self.assertEqual(rp.parse_route("/?create=true"), R((), None, None))
+        self.assertEqual(rp.parse_route("/alice/laptop/"), R(("alice", "laptop"), None, None))
+        self.assertEqual(rp.parse_route("/alice/laptop"), R(("alice", "laptop"), None, None))
+        self.assertEqual(rp.parse_route("/config"), R((), "config", "config"))
+        self.assertEqual(rp.parse_route("/a/config"), R(("a",), "config", "config"))
+        for kind in rp.OBJECT_TYPES:
+            self.assertEqual(rp.parse_route("/%s/" % kind), R((), kind, None))
+            self.assertEqual(rp.parse_route("/u/%s/%s" % (kind, self.ID)), R(("u",), kind, self.ID))
+        # percent-escapes of ordinary characters decode to the same route
+        self.assertEqual(rp.parse_route("/%61lice/config"), R(("alice",), "config", "config"))
+        self.assertEqual(rp.parse_route("/h%C3%A9/keys/"), R(("h\u00e9",), "keys", None))
+
+    def test_impossible_names_are_404(self):
+        for target in ["/data/" + self.ID.upper(), "/data/" + self.ID[:-1], "/data/" + self.ID + "0",
+                       "/data/foobar", "/data", "/keys", "/config/", "/data/%s/" % self.ID,
+                       "/data/%s/x" % self.ID, "/config/x", "/a/b/c/d/e/f/g/h/i/config",
+                       "/.hidden/config", "/a:b/config", "/a*b/", "/a%3Fb/config", "/a%7Cb/"]:
+            self.assertEqual(self.status_of(target), 404, target)
+
+    def test_traversal_and_encoding_tricks_are_400(self):
+        for target in ["/../config", "/a/../config", "/%2e%2e/config", "/%2E%2E/%2e%2e/config",
+                       "/a%2fb/config", "/a%2Fb/config", "/..%2fconfig", "/a%5cb/config",
+                       "/a%00/config", "/a\x00/config", "/%0a/config", "/a%zz/config", "/a%/config",
+                       "/%ff/config", "//config", "/a//config", "/./config", "/a/./keys/",
+                       "config", "http://evil/config"]:
+            self.assertEqual(self.status_of(target), 400, repr(target))
+
+
+def make_certificate(folder):
+    """A self-signed certificate for 127.0.0.1 made with the openssl command."""
+    require_tool("openssl", "openssl")
+    openssl = shutil.which("openssl")
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-keyout", key, "-out", cert], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=120)
+    return cert, key
+
+
+class TransportTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-net-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def test_tls_minimum_version_and_certificate_reload(self):
+        import ssl
+        cert, key = make_certificate(self.tmp)
+        srv = ServerThread(rp.LocalStorage(os.path.join(self.tmp, "repos")),
+                           dict(tls=(cert, key, "1.2")))
+        self.addCleanup(srv.stop)
+        ctx = ssl.create_default_context(cafile=cert)
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx, timeout=30)
+        conn.request("GET", "/keys/")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+        self.assertEqual(srv.server.base_url()[:8], "https://")
+        # plain HTTP on the TLS port gets nowhere
+        reply = srv.raw(b"GET /keys/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertNotIn(b"200 OK", reply)
+        old = ssl.create_default_context(cafile=cert)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old.maximum_version = ssl.TLSVersion.TLSv1_1
+            old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=old, timeout=30)
+        self.assertRaises((ssl.SSLError, OSError), conn.request, "GET", "/keys/")
+        conn.close()
+        # SIGHUP loads a new certificate for new connections
+        new_dir = os.path.join(self.tmp, "new")
+        os.mkdir(new_dir)
+        cert2, key2 = make_certificate(new_dir)
+        shutil.copy(cert2, cert)
+        shutil.copy(key2, key)
+        srv.server.reload()
+        ctx2 = ssl.create_default_context(cafile=cert2)
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx2, timeout=30)
+        conn.request("GET", "/keys/")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+
+    def test_unix_socket(self):
+        path = os.path.join(self.tmp, "restic.sock")
+        service = rp.RepositoryService(rp.LocalStorage(os.path.join(self.tmp, "repos")))
+        server = rp.ResticUnixServer(path, service)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        try:
+            data = b"over a unix socket"
+            conn = UnixHTTPConnection(path)
+            conn.request("POST", "/u/keys/" + sha256_hex(data), body=data)
+            self.assertEqual(conn.getresponse().status, 200)
+            conn.close()
+            conn = UnixHTTPConnection(path)
+            conn.request("GET", "/u/keys/" + sha256_hex(data))
+            self.assertEqual(conn.getresponse().read(), data)
+            conn.close()
+            self.assertEqual(server.base_url(), "http+unix://%s:/" % path)
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join()
+        self.assertFalse(os.path.exists(path))
+
+    def test_systemd_socket_activation(self):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        fd = listener.fileno()
+        env = dict(os.environ, LISTEN_FDS="1")
+        env.pop("LISTEN_PID", None)
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--path", os.path.join(self.tmp, "r"),
+                                 "--listen", "127.0.0.1:1"],   # ignored: the passed socket wins
+                                env=env, pass_fds=(fd,), preexec_fn=lambda: os.dup2(fd, 3),
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        listener.close()
+        self.assertIn(":%d/" % port, read_server_url(proc))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/keys/")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=60), 0)
+        proc.stdout.close()
+
+    def test_refuses_open_server_on_public_address(self):
+        r = subprocess.run([sys.executable, SERVER_SCRIPT, "--listen", "0.0.0.0:0", "--path", self.tmp],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                           timeout=60)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("refusing to serve", r.stderr)
+        self.assertIn("--no-auth", r.stderr)
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--listen", "0.0.0.0:0", "--path", self.tmp,
+                                 "--no-auth"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                universal_newlines=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        read_server_url(proc)
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=60), 0)
+        proc.stdout.close()
+
+    def test_sighup_reloads_the_users(self):
+        data = os.path.join(self.tmp, "repos")
+        os.makedirs(data)
+        users = os.path.join(data, ".htpasswd")
+        with open(users, "w") as f:
+            f.write("alice:%s\n" % sha1_htpasswd("a"))
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--listen", "127.0.0.1:0", "--path", data],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        wait_for_line(proc.stderr, "htpasswd %s: 1 users" % users, proc)
+        port = int(read_server_url(proc).rsplit(":", 1)[1].strip("/"))
+
+        def status(user, password):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/keys/", headers=basic(user, password))
+            result = conn.getresponse().status
+            conn.close()
+            return result
+
+        self.assertEqual(status("bob", "b"), 401)
+        with open(users, "w") as f:
+            f.write("alice:%s\nbob:%s\n" % (sha1_htpasswd("a"), sha1_htpasswd("b")))
+        proc.send_signal(signal.SIGHUP)
+        # the reload is logged before any login could have triggered one
+        wait_for_line(proc.stderr, "htpasswd %s: 2 users" % users, proc)
+        self.assertEqual(status("bob", "b"), 200)
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=60), 0)
+        proc.stdout.close()
+        proc.stderr.close()
+
+    def test_contradictory_options(self):
+        for argv in (["--no-auth", "--private-repos"], ["--tls-cert", "x"],
+                     ["--prometheus-no-auth"], ["--append-only-users", "a", "--full-access-users", "a"],
+                     ["--max-size", "lots"], ["--append-only-users", "a/b"],
+                     ["--htpasswd-file", os.path.join(self.tmp, "missing")],
+                     ["--private-repos", "--path", self.tmp]):
+            r = subprocess.run([sys.executable, SERVER_SCRIPT, "--listen", "127.0.0.1:0"] + argv,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                               timeout=60)
+            self.assertEqual(r.returncode, 2, (argv, r.stderr))
+            self.assertEqual(len(r.stderr.strip().splitlines()), 1, (argv, r.stderr))
+
+    def test_access_log_file_in_combined_format(self):
+        log_path = os.path.join(self.tmp, "access.log")
+        access_log = rp.AccessLogFile(log_path)
+        srv = ServerThread(rp.LocalStorage(os.path.join(self.tmp, "repos")), dict(access_log=access_log))
+        self.addCleanup(srv.stop)
+        srv.request("GET", "/keys/", headers={"User-Agent": "restic/0.14.0", "Referer": "x"})
+        srv.request("HEAD", "/config")
+        # the client may read the answer before the server wrote its log line
+        self.assertTrue(srv.server.tracker.wait_idle(30))
+        access_log.close()
+        with open(log_path) as f:
+            lines = f.read().splitlines()
+        combined = re.compile(r'\A127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] '
+                              r'"(\S+) (\S+) HTTP/1\.1" (\d{3}) (\d+) "([^"]*)" "([^"]*)"\Z')
+        m = [combined.match(l) for l in lines]
+        self.assertTrue(all(m), lines)
+        # each line is written after its answer went out: either may come first
+        self.assertEqual(sorted(x.groups() for x in m),
+                         [("GET", "/keys/", "200", "2", "x", "restic/0.14.0"),
+                          ("HEAD", "/config", "404", "0", "-", "-")])
+
+    def test_byte_counts(self):
+        self.assertEqual(rp._byte_count("1000"), 1000)
+        self.assertEqual(rp._byte_count("2K"), 2048)
+        self.assertEqual(rp._byte_count("500M"), 500 * 1024 ** 2)
+        self.assertEqual(rp._byte_count("1GiB"), 1024 ** 3)
+        self.assertEqual(rp._byte_count("3t"), 3 * 1024 ** 4)
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path):
+        http.client.HTTPConnection.__init__(self, "localhost", timeout=30)
+        self.unix_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(self.unix_path)
+
+
+class GracefulShutdownTest(unittest.TestCase):
+    def test_sigterm_lets_a_running_upload_finish_then_exits_0(self):
+        tmp = tempfile.mkdtemp(prefix="r123-stop-")
+        self.addCleanup(shutil.rmtree, tmp)
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--listen", "127.0.0.1:0",
+                                 "--path", tmp], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        url = read_server_url(proc)
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        data = os.urandom(100000)
+        path = "/data/" + sha256_hex(data)
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(("POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path, len(data))).encode()
+                  + data[:50000])
+        # The kernel hands connections to accept() in the order they were made, so
+        # once a second connection has been answered the first one was accepted.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/keys/")
+        conn.getresponse().read()
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        wait_for_line(proc.stderr, "no new connections", proc)
+        s.sendall(data[50000:])
+        reply = s.recv(1000)
+        s.close()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:60])
+        self.assertEqual(proc.wait(timeout=60), 0)
+        with open(os.path.join(tmp, "data", path[6:8], path[6:]), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+
+class _ListingStorage(rp.LocalStorage):
+    """A local storage whose data/ listing is a generator of made-up entries that
+    may fail after `fail_after` of them."""
+
+    def __init__(self, root, count, fail_after=None):
+        rp.LocalStorage.__init__(self, root)
+        self.count = count
+        self.fail_after = fail_after
+
+    def list(self, repo, kind):
+        if kind != "data":
+            return rp.LocalStorage.list(self, repo, kind)
+        return self._entries()
+
+    def _entries(self):
+        for i in range(self.count):
+            if i == self.fail_after:
+                raise rp.StorageError("the listing broke off")
+            yield "%064x" % i, i
+
+
+class StreamingListingTest(unittest.TestCase):
+    """Listings are produced while the storage yields them: chunked (HTTP/1.1) or
+    close-delimited (HTTP/1.0), memory flat, and a failure midway cuts the
+    connection instead of ending a shorter list."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-list-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def serve(self, count, fail_after=None):
+        srv = ServerThread(_ListingStorage(self.tmp, count, fail_after))
+        self.addCleanup(srv.stop)
+        return srv
+
+    def expected(self, count):
+        return [{"name": "%064x" % i, "size": i} for i in range(count)]
+
+    def test_local_listing_is_lazy(self):
+        st = rp.LocalStorage(self.tmp)
+        st.create_repository(())
+        for kind in ("data", "keys"):
+            entries = st.list((), kind)
+            self.assertIs(iter(entries), entries)   # an iterator, not a built list
+            self.assertEqual(list(entries), [])
+
+    def test_cloud_listings_read_one_folder_at_a_time(self):
+        read = []
+
+        def list_folder(folder):
+            read.append(folder)
+            if folder == "bad":
+                raise rp.StorageError("cannot list")
+            return [(folder, 1)]
+
+        entries = rp.folder_by_folder(["a", "b", "c"], list_folder)
+        self.assertEqual(read, ["a"])           # the first one before returning
+        self.assertEqual(next(entries), ("a", 1))
+        self.assertEqual(read, ["a"])
+        self.assertEqual(list(entries), [("b", 1), ("c", 1)])
+        self.assertEqual(read, ["a", "b", "c"])
+        self.assertRaises(rp.StorageError, rp.folder_by_folder, ["bad", "a"], list_folder)
+        self.assertEqual(list(rp.folder_by_folder([], list_folder)), [])
+
+    def test_long_listing_is_chunked_and_complete(self):
+        srv = self.serve(5000)
+        status, headers, body = srv.request("GET", "/data/", headers={"Accept": V2})
+        self.assertEqual((status, headers.get("transfer-encoding")), (200, "chunked"))
+        self.assertNotIn("content-length", headers)
+        self.assertEqual(json.loads(body.decode()), self.expected(5000))
+        status, headers, body = srv.request("GET", "/data/")
+        self.assertEqual(headers["content-type"], rp.MEDIA_V1)
+        self.assertEqual(json.loads(body.decode()), ["%064x" % i for i in range(5000)])
+        # a short listing still has its Content-Length
+        status, headers, body = self.serve(3).request("GET", "/data/", headers={"Accept": V2})
+        self.assertEqual((headers.get("content-length"), json.loads(body.decode())),
+                         (str(len(body)), self.expected(3)))
+
+    def test_http10_listing_is_close_delimited(self):
+        srv = self.serve(5000)
+        reply = srv.raw(b"GET /data/ HTTP/1.0\r\nAccept: " + V2.encode() + b"\r\n\r\n")
+        head, _, body = reply.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head[:40])
+        self.assertNotIn(b"content-length", head.lower())
+        self.assertNotIn(b"transfer-encoding", head.lower())
+        self.assertEqual(json.loads(body.decode()), self.expected(5000))
+
+    def test_failure_midway_cuts_the_connection(self):
+        srv = self.serve(10000, fail_after=7000)
+        conn = srv.connection()
+        conn.request("GET", "/data/", headers={"Accept": V2})
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200)
+        self.assertRaises(http.client.IncompleteRead, resp.read)
+        conn.close()
+        reply = srv.raw(b"GET /data/ HTTP/1.1\r\nHost: x\r\n\r\n")   # read to the cut
+        self.assertFalse(reply.endswith(b"0\r\n\r\n"))
+        self.assertFalse(reply.rstrip().endswith(b"]"))
+        reply = srv.raw(b"GET /data/ HTTP/1.0\r\n\r\n")      # close-delimited: no "]"
+        self.assertFalse(reply.rstrip().endswith(b"]"))
+
+    def test_failure_before_anything_was_sent_is_an_error_status(self):
+        srv = self.serve(10000, fail_after=10)
+        status, _, body = srv.request("GET", "/data/", headers={"Accept": V2})
+        self.assertEqual(status, 502)
+        self.assertIn(b"broke off", body)
+
+    def test_memory_stays_flat(self):
+        import tracemalloc
+        srv = self.serve(100000)
+        tracemalloc.start()
+        try:
+            conn = srv.connection()
+            conn.request("GET", "/data/", headers={"Accept": V2})
+            resp = conn.getresponse()
+            received = 0
+            while True:
+                piece = resp.read(65536)
+                if not piece:
+                    break
+                received += len(piece)
+            conn.close()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        # 100,000 entries are almost 9 MB of JSON; a listing built in memory needs
+        # several times that, a streamed one a batch or two.
+        self.assertGreater(received, 8000000)
+        self.assertLess(peak, 3 * 1024 * 1024)
+
+
+def read_until_closed(sock, timeout=30):
+    """Everything the server sends until it closes the connection, and how many
+    seconds that took; AssertionError if it is still open after `timeout`."""
+    sock.settimeout(timeout)
+    started = time.monotonic()
+    chunks = []
+    try:
+        while True:
+            c = sock.recv(65536)
+            if not c:
+                break
+            chunks.append(c)
+    except socket.timeout:
+        raise AssertionError("the server left the connection open for %ds" % timeout)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks), time.monotonic() - started
+
+
+def stored_files(root):
+    """Every file below root (temporary ones included), relative."""
+    return sorted(os.path.relpath(os.path.join(d, n), root)
+                  for d, _, names in os.walk(root) for n in names)
+
+
+def wait_until(predicate, timeout=30, what="condition"):
+    """Poll a condition another thread makes true (no fixed sleep decides anything)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("%s not reached in %ds" % (what, timeout))
+        time.sleep(0.01)
+
+
+def tight_limits(**kw):
+    values = dict(header_timeout=1.0, idle_timeout=1.0, io_timeout=1.0, max_connections=8)
+    values.update(kw)
+    return rp.ConnectionLimits(**values)
+
+
+class SlowClientTest(unittest.TestCase):
+    """Half-open requests, trickles, idle keep-alive, stalled bodies and the cap on
+    connections, over raw TCP, TLS and unix sockets (small limits, so nothing waits
+    long; every wait ends on the server's own action)."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-slow-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.root = os.path.join(self.tmp, "repos")
+
+    def serve(self, **limits):
+        srv = ServerThread(rp.LocalStorage(self.root), dict(limits=tight_limits(**limits)))
+        self.addCleanup(srv.stop)
+        return srv
+
+    def connect(self, srv):
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        self.addCleanup(s.close)
+        return s
+
+    def assert_serves(self, srv):
+        self.assertEqual(srv.request("GET", "/keys/")[0], 200)
+
+    def test_half_open_request_is_closed_within_the_header_timeout(self):
+        srv = self.serve(header_timeout=1, io_timeout=30)
+        s = self.connect(srv)
+        s.sendall(b"GET /keys/ HTTP/1.1\r\nHost: x\r\n")        # no empty line, ever
+        reply, took = read_until_closed(s)
+        self.assertEqual(reply, b"")
+        self.assertGreater(took, 0.5)       # it was the timeout, not a refusal
+        self.assertLess(took, 10)
+        self.assert_serves(srv)
+
+    def test_a_trickled_head_is_cut_at_the_deadline(self):
+        # each byte comes well within the 30 s io timeout: only a deadline for the
+        # whole head ends this
+        srv = self.serve(header_timeout=1, io_timeout=30)
+        s = self.connect(srv)
+        sent = [0]
+
+        def trickle():
+            try:
+                s.sendall(b"GET /keys/ HTTP/1.1\r\n")
+                while True:
+                    s.sendall(b"X")
+                    sent[0] += 1
+                    time.sleep(0.05)
+            except OSError:
+                pass
+        t = threading.Thread(target=trickle, daemon=True)
+        t.start()
+        reply, took = read_until_closed(s)
+        self.assertEqual(reply, b"")
+        self.assertLess(took, 10)
+        self.assertGreater(sent[0], 5)
+        self.assert_serves(srv)
+
+    def test_an_idle_keep_alive_connection_is_closed(self):
+        srv = self.serve(idle_timeout=1, header_timeout=30, io_timeout=30)
+        s = self.connect(srv)
+        s.sendall(b"GET /keys/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply, took = read_until_closed(s)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:40])
+        self.assertGreater(took, 0.5)
+        self.assertLess(took, 10)
+
+    def test_keep_alive_requests_within_the_idle_timeout_are_served(self):
+        srv = self.serve(idle_timeout=30, header_timeout=30)
+        conn = srv.connection()
+        for _ in range(3):
+            conn.request("GET", "/keys/")
+            self.assertEqual(conn.getresponse().read(), b"[]")
+        conn.close()
+
+    def test_a_stalled_body_is_refused_with_408_and_nothing_is_stored(self):
+        srv = self.serve(io_timeout=1, header_timeout=30)
+        self.assertEqual(srv.request("POST", "/?create=true")[0], 200)
+        before = stored_files(self.root)
+        for size in (5000, 3 * 1024 * 1024):        # in memory, and rolled to a file
+            data = os.urandom(size)
+            s = self.connect(srv)
+            s.sendall(("POST /data/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                       % (sha256_hex(data), size)).encode() + data[:size // 2])
+            reply, took = read_until_closed(s)
+            self.assertTrue(reply.startswith(b"HTTP/1.1 408"), reply[:40])
+            self.assertIn(b"Connection: close", reply)
+            self.assertLess(took, 10)
+            self.assertEqual(stored_files(self.root), before)
+        self.assert_serves(srv)
+
+    def test_the_connection_cap_turns_away_then_admits_again(self):
+        srv = self.serve(max_connections=3, header_timeout=30, idle_timeout=30)
+        holders = []
+        for _ in range(3):
+            s = self.connect(srv)
+            s.sendall(b"GET /keys/ HTTP/1.1\r\n")
+            holders.append(s)
+        wait_until(lambda: srv.server.slots.open == 3, what="three connections accepted")
+        threads = threading.active_count()
+        for _ in range(20):
+            s = self.connect(srv)
+            reply, took = read_until_closed(s)
+            self.assertTrue(reply.startswith(b"HTTP/1.1 503"), reply[:40])
+            self.assertIn(b"\r\nRetry-After: 5\r\n", reply)
+            self.assertLess(took, 5)
+            s.close()
+        self.assertLessEqual(threading.active_count(), threads)   # no thread per refusal
+        self.assertEqual(srv.server.slots.open, 3)
+        holders[0].close()
+        wait_until(lambda: srv.server.slots.open == 2, what="a slot given back")
+        self.assert_serves(srv)
+        for s in holders[1:]:
+            s.close()
+        wait_until(lambda: srv.server.slots.open == 0, what="every slot given back")
+
+    def test_tls_handshake_counts_against_the_header_timeout(self):
+        cert, key = make_certificate(self.tmp)
+        srv = ServerThread(rp.LocalStorage(self.root),
+                           dict(tls=(cert, key, "1.2"), limits=tight_limits(io_timeout=30)))
+        self.addCleanup(srv.stop)
+        for opening in (b"", b"\x16\x03\x01"):      # nothing, or the start of a ClientHello
+            s = self.connect(srv)
+            s.sendall(opening)
+            reply, took = read_until_closed(s)
+            self.assertLess(took, 10)
+        # over the cap a TLS connection is closed (no handshake in the accept loop)
+        holders = [self.connect(srv) for _ in range(8)]
+        wait_until(lambda: srv.server.slots.open == 8, what="eight TLS connections accepted")
+        reply, took = read_until_closed(self.connect(srv))
+        self.assertEqual(reply, b"")
+        for s in holders:
+            s.close()
+        wait_until(lambda: srv.server.slots.open == 0, what="every slot given back")
+        import ssl
+        ctx = ssl.create_default_context(cafile=cert)
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx, timeout=30)
+        conn.request("GET", "/keys/")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+
+    def test_unix_socket_has_the_same_limits(self):
+        path = os.path.join(self.tmp, "restic.sock")
+        service = rp.RepositoryService(rp.LocalStorage(self.root))
+        server = rp.ResticUnixServer(path, service, limits=tight_limits(max_connections=1,
+                                                                        io_timeout=30))
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(first.close)
+        first.connect(path)
+        first.sendall(b"GET /keys/ HTTP/1.1\r\n")
+        wait_until(lambda: server.slots.open == 1, what="the connection accepted")
+        second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(second.close)
+        second.connect(path)
+        reply, _ = read_until_closed(second)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 503"), reply[:40])
+        reply, took = read_until_closed(first)
+        self.assertEqual(reply, b"")
+        self.assertLess(took, 10)
+        # the handler gives its slot back just after it closed the socket
+        wait_until(lambda: server.slots.open == 0, what="the slot given back")
+        conn = UnixHTTPConnection(path)
+        conn.request("GET", "/keys/")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+
+    def test_command_line_limits(self):
+        args = rp.parse_config(["--max-connections", "7", "--header-timeout", "3",
+                                "--idle-timeout", "4", "--io-timeout", "5", "--spool-dir",
+                                self.tmp], {})
+        self.assertEqual((args.max_connections, args.header_timeout, args.idle_timeout,
+                          args.io_timeout, args.spool_dir), (7, 3, 4, 5, self.tmp))
+        defaults = rp.parse_config([], {})
+        self.assertEqual((defaults.max_connections, defaults.header_timeout,
+                          defaults.idle_timeout, defaults.io_timeout, defaults.spool_dir),
+                         (128, 20, 120, 60, None))
+        self.assertRaises(UsageError, rp.parse_config,
+                          ["--spool-dir", os.path.join(self.tmp, "missing")], {})
+        self.assertRaises(UsageError, rp.parse_config, ["--header-timeout", "0"], {})
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.assertRaises(SystemExit, rp.parse_config, ["--max-connections", "0"], {})
+
+
+class StrictFramingTest(unittest.TestCase):
+    """Heads a proxy could read differently are refused with 400 before anything is
+    stored, and nothing after them is taken for a next request."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-frame-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.root = os.path.join(self.tmp, "repos")
+        self.srv = ServerThread(rp.LocalStorage(self.root))
+        self.addCleanup(self.srv.stop)
+        self.assertEqual(self.srv.request("POST", "/?create=true")[0], 200)
+        self.before = stored_files(self.root)
+        # a body that is also a whole request: answered twice if it were smuggled
+        self.smuggled = b"GET /keys/ HTTP/1.1\r\nHost: x\r\n\r\n"
+        self.path = "/keys/" + sha256_hex(self.smuggled)
+
+    def head(self, *fields, **kw):
+        line = kw.get("line", "POST %s HTTP/1.1" % self.path)
+        return ("\r\n".join((line, "Host: x") + fields) + "\r\n\r\n").encode("latin-1")
+
+    def assert_refused(self, raw, why):
+        reply = self.srv.raw(raw)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), "%s: %r" % (why, reply[:80]))
+        self.assertEqual(reply.count(b"HTTP/1.1 "), 1, "%s: a second response" % why)
+        self.assertIn(b"Connection: close", reply)
+        self.assertEqual(stored_files(self.root), self.before, why)
+
+    def test_conflicting_content_lengths(self):
+        n = len(self.smuggled)
+        self.assert_refused(self.head("Content-Length: 0", "Content-Length: %d" % n)
+                            + self.smuggled, "two Content-Length headers")
+        self.assert_refused(self.head("Content-Length: %d" % n, "Content-Length: 0")
+                            + self.smuggled, "two Content-Length headers, other order")
+        self.assert_refused(self.head("Content-Length: 0, %d" % n) + self.smuggled,
+                            "a Content-Length list")
+
+    def test_identical_duplicate_content_lengths_are_one_length(self):
+        n = len(self.smuggled)
+        reply = self.srv.raw(self.head("Content-Length: %d" % n, "Content-Length: %d" % n,
+                                       "Connection: close") + self.smuggled)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:60])
+        self.assertEqual(reply.count(b"HTTP/1.1 "), 1)
+        self.assertIn(os.path.join("keys", self.path[6:]), stored_files(self.root))
+
+    def test_content_length_with_transfer_encoding(self):
+        self.assert_refused(self.head("Content-Length: %d" % len(self.smuggled),
+                                      "Transfer-Encoding: chunked") + self.smuggled, "CL + TE")
+        self.assert_refused(self.head("Transfer-Encoding: chunked",
+                                      "Content-Length: 0") + self.smuggled, "TE + CL")
+
+    def test_bad_content_length_values(self):
+        for value in ("-1", "+5", "5 5", "0x10", "\xb2", "1e3", ""):
+            self.assert_refused(self.head("Content-Length: " + value) + self.smuggled, value)
+
+    def test_obsolete_line_folding(self):
+        self.assert_refused(self.head("X-Note: one", " two", "Content-Length: 0")
+                            + self.smuggled, "space fold")
+        self.assert_refused(self.head("Content-Length: 0", "\t%d" % len(self.smuggled))
+                            + self.smuggled, "tab fold into Content-Length")
+
+    def test_malformed_header_lines(self):
+        n = len(self.smuggled)
+        for field in ("Content-Length : %d" % n, "No colon here", ": empty name",
+                      "Bad Name: x", "Content-Length\t: %d" % n):
+            self.assert_refused(self.head(field) + self.smuggled, field)
+        self.assert_refused(self.head("Host: y", "Content-Length: 0") + self.smuggled,
+                            "two Host headers")
+
+    def test_heads_over_the_limits(self):
+        long_path = "/keys/" + "a" * rp.MAX_REQUEST_LINE
+        self.assert_refused(self.head(line="GET %s HTTP/1.1" % long_path), "long request line")
+        self.assert_refused(self.head("X-Big: " + "b" * rp.MAX_REQUEST_LINE), "long header")
+        many = tuple("X-%d: v" % i for i in range(rp.MAX_HEADER_FIELDS + 1))
+        self.assert_refused(self.head(*many), "too many headers")
+        big = tuple("X-%d: %s" % (i, "c" * 8000) for i in range(10))
+        self.assert_refused(self.head(*big), "head too large")
+        # just within the limits is fine
+        reply = self.srv.raw(self.head(*(("X-%d: v" % i for i in range(90))),
+                                       line="GET /keys/ HTTP/1.1") [:-2]
+                             + b"Connection: close\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:60])
+
+    def test_pipelined_requests_are_still_served_in_order(self):
+        data = b"pipelined"
+        raw = (("POST /keys/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                % (sha256_hex(data), len(data))).encode() + data
+               + b"GET /keys/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = self.srv.raw(raw)
+        self.assertEqual(reply.count(b"HTTP/1.1 200"), 2, reply)
+        self.assertIn(sha256_hex(data).encode(), reply)
+
+
+class RangeFormsTest(unittest.TestCase):
+    """Every form of Range over HTTP, as RFC 9110 section 14 has it."""
+
+    def setUp(self):
+        tmp = tempfile.mkdtemp(prefix="r123-range-")
+        self.addCleanup(shutil.rmtree, tmp)
+        self.srv = ServerThread(rp.LocalStorage(os.path.join(tmp, "repos")))
+        self.addCleanup(self.srv.stop)
+        self.data = os.urandom(100)
+        self.path = "/data/" + sha256_hex(self.data)
+        self.assertEqual(self.srv.request("POST", self.path, self.data)[0], 200)
+
+    def get(self, value, path=None):
+        return self.srv.request("GET", path or self.path, headers={"Range": value})
+
+    def test_one_satisfiable_range_is_206(self):
+        d = self.data
+        for value, start, end in (("bytes=10-19", 10, 19), ("bytes=-5", 95, 99),
+                                  ("bytes=90-200", 90, 99), ("bytes=0-", 0, 99),
+                                  ("bytes=99-99", 99, 99), ("BYTES=10-19", 10, 19),
+                                  ("bytes=" + "0" * 40 + "7-" + "9" * 40, 7, 99)):
+            status, headers, body = self.get(value)
+            self.assertEqual((status, body), (206, d[start:end + 1]), value)
+            self.assertEqual(headers["content-range"], "bytes %d-%d/100" % (start, end), value)
+
+    def test_unknown_units_and_several_ranges_are_ignored(self):
+        for value in ("items=0-5", "lines=1-2", "0-5", "bytes=0-1,5-6", "bytes=0-1, 500-600",
+                      "bytes=500-600,700-"):
+            status, headers, body = self.get(value)
+            self.assertEqual((status, body), (200, self.data), value)
+            self.assertNotIn("content-range", headers)
+
+    def test_nothing_satisfiable_is_416_with_the_size(self):
+        for value in ("bytes=100-", "bytes=100-200", "bytes=-0", "bytes=5-3", "bytes=abc",
+                      "bytes=", "bytes=--1", "bytes=" + "9" * 5000 + "-"):
+            status, headers, body = self.get(value)
+            self.assertEqual((status, headers.get("content-range")), (416, "bytes */100"),
+                             value[:40])
+
+    def test_empty_object_ignores_range(self):
+        path = "/data/" + sha256_hex(b"")
+        self.assertEqual(self.srv.request("POST", path, b"")[0], 200)
+        status, _, body = self.get("bytes=0-10", path)
+        self.assertEqual((status, body), (200, b""))
+
+
+class HostileInputFuzzTest(unittest.TestCase):
+    """Seeded random and mutated inputs for the parsers that meet the network or a
+    file: each input works, or fails with that parser's own error; nothing else."""
+
+    ROUNDS = 3000
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-fuzz-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    @staticmethod
+    def mutate(rnd, text, alphabet):
+        chars = list(text)
+        for _ in range(rnd.randint(1, 4)):
+            op = rnd.randrange(4)
+            pos = rnd.randint(0, len(chars))
+            if op == 0:
+                chars.insert(pos, rnd.choice(alphabet))
+            elif op == 1 and chars:
+                del chars[min(pos, len(chars) - 1)]
+            elif op == 2 and chars:
+                chars[min(pos, len(chars) - 1)] = rnd.choice(alphabet)
+            else:
+                chars[pos:pos] = chars[rnd.randint(0, len(chars)):][:rnd.randint(0, 8)]
+        return "".join(chars)
+
+    def test_request_path_parser_never_leaves_the_repository_folder(self):
+        rnd = random.Random(1301)
+        root = os.path.join(self.tmp, "repos")
+        os.makedirs(root)
+        storage = rp.LocalStorage(root)
+        oid = sha256_hex(b"fuzz")
+        pieces = ["/", "//", ".", "..", "%2e", "%2E%2e", "%2f", "%2F", "%5c", "%00", "%",
+                  "%zz", "%c0%af", "%ff", "%e2%80%ae", "data", "keys", "locks", "snapshots",
+                  "index", "config", oid, oid[:10], "a", "repo", "\\", "~", "?", "?create=true",
+                  "#", " ", "\t", "é", ":", "*", '"', "<", "|", "\x00", "\x7f", "-", ".hidden"]
+        valid = ["/", "/config", "/data/", "/data/" + oid, "/a/b/keys/" + oid, "/a/locks/",
+                 "/r/?create=true", "/a/b/c/d/e/f/g/h/index/" + oid]
+        alphabet = "/.%2e5cfF0a\\\x00:?#" + oid[:4]
+        statuses = collections.Counter()
+        for _ in range(self.ROUNDS):
+            if rnd.random() < 0.4:
+                target = self.mutate(rnd, rnd.choice(valid), alphabet)
+            else:
+                target = "/" + "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 12)))
+            try:
+                route = rp.parse_route(target)
+            except rp.RequestError as e:
+                self.assertIn(e.status, (400, 404), target)
+                statuses[e.status] += 1
+                continue
+            statuses[200] += 1
+            if route.kind is None:
+                path = storage._repo_dir(route.repo)
+            elif route.name is None:
+                path = storage._dir_of(route.repo, route.kind)
+            else:
+                path = storage.path_of(ObjectRef(route.repo, route.kind, route.name))
+            real = os.path.realpath(path)
+            self.assertTrue(real == root or real.startswith(root + os.sep), (target, real))
+        # every outcome happened, so the generator reaches all of them
+        self.assertTrue(all(statuses[s] > 50 for s in (200, 400, 404)), statuses)
+
+    def test_request_paths_over_http_never_fail_the_server(self):
+        rnd = random.Random(1302)
+        srv = ServerThread(rp.LocalStorage(os.path.join(self.tmp, "repos")))
+        self.addCleanup(srv.stop)
+        alphabet = "/.%2e5cfF0a\\:?#é \x01" + sha256_hex(b"x")[:6]
+        seen = collections.Counter()
+        for _ in range(300):
+            target = self.mutate(rnd, rnd.choice(["/", "/data/", "/config", "/a/keys/"]), alphabet)
+            raw = ("GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
+            reply = srv.raw(raw.encode("utf-8"))
+            status = int(reply[9:12])
+            self.assertLess(status, 500, target)
+            seen[status] += 1
+        self.assertGreater(len(seen), 2, seen)
+
+    def test_range_parser(self):
+        rnd = random.Random(1303)
+        alphabet = "0123456789" * 3 + "bytes=-, ;=aBYTES\t"
+        valid = ["bytes=0-", "bytes=10-19", "bytes=-5", "bytes=5-3", "bytes=0-1,5-6", "items=1-2",
+                 "bytes=4000-5000", "bytes=99-"]
+        outcomes = collections.Counter()
+        for _ in range(self.ROUNDS * 2):
+            size = rnd.choice([0, 1, 100, 4096, 2 ** 40])
+            if rnd.random() < 0.5:
+                header = self.mutate(rnd, rnd.choice(valid), alphabet)
+            elif rnd.random() < 0.5:
+                header = "bytes=%s-%s" % tuple("".join(rnd.choice("0123456789") for _ in
+                                                       range(rnd.randint(0, 14))) for _ in "ab")
+            else:
+                header = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 30)))
+            try:
+                start, length, partial = rp.parse_range(header, size)
+            except rp.RangeNotSatisfiable:
+                outcomes["416"] += 1
+                continue
+            self.assertTrue(0 <= start and 0 <= length and start + length <= size, header)
+            if partial:
+                self.assertGreater(length, 0, header)
+                outcomes["206"] += 1
+            else:
+                self.assertEqual((start, length), (0, size), header)
+                outcomes["200"] += 1
+        self.assertTrue(all(outcomes[k] > 100 for k in ("200", "206", "416")), outcomes)
+
+    def test_htpasswd_file_parser(self):
+        rnd = random.Random(1304)
+        cheap = [sha1_htpasswd("pw"), "$apr1$salt1234$" + "A" * 22, "$5$rounds=1000$salt$" + "b" * 43,
+                 "$6$salt$" + "c" * 86, "$2y$04$" + "d" * 53, "plaintext", "", "$1$abc$def"]
+        names = ["alice", "bob", "metrics", "a.b-c_d@e", "", "x/y", "../etc", "名前", "#c", " sp"]
+        alphabet = ":#$\n\r\t \x00\xff/\\.{SHA}" + "aZ09"
+        lines = 0
+        for i in range(300):
+            body = []
+            for _ in range(rnd.randint(0, 12)):
+                line = "%s:%s" % (rnd.choice(names), rnd.choice(cheap))
+                if rnd.random() < 0.5:
+                    line = self.mutate(rnd, line, alphabet)
+                body.append(line)
+                lines += 1
+            raw = "\n".join(body).encode("utf-8", "surrogatepass")
+            if rnd.random() < 0.2:
+                raw += bytes(rnd.randrange(256) for _ in range(rnd.randint(1, 20)))
+            path = os.path.join(self.tmp, "htpasswd-%d" % i)
+            with open(path, "wb") as f:
+                f.write(raw)
+            users = rp.HtpasswdFile(path)
+            for user, hashed in list(users._users.items()):
+                self.assertRegex(user, r"\A[\w@.\-]+\Z")
+                if self.costly(hashed):
+                    continue
+                reason = users.check(user, rnd.choice(["pw", "", "wrong", "é\x00"]))
+                self.assertTrue(reason is None or isinstance(reason, str), reason)
+            self.assertEqual(users.check("nobody-here", "pw"), "unknown user")
+        self.assertGreater(lines, 1500)
+
+    @staticmethod
+    def costly(hashed):
+        """A mutation may have made a hash slow to check (bcrypt cost, SHA-crypt
+        rounds); those are the file owner's choice, not the parser's problem."""
+        bcrypt = re.match(r"\$2[aby]\$(\d\d)\$", hashed)
+        rounds = re.match(r"\$[56]\$rounds=(\d+)\$", hashed)
+        return bool(bcrypt and int(bcrypt.group(1)) > 5 or rounds and int(rounds.group(1)) > 5000)
+
+    def test_multipart_builder(self):
+        rnd = random.Random(1305)
+        text = "aé名\"\\\r\n;=%-_. \t\x00" + "xyz019"
+        for _ in range(self.ROUNDS):
+            data = bytes(rnd.randrange(256) for _ in range(rnd.randint(0, 300)))
+            spool = HashingSpool.from_bytes(data)
+            start = rnd.randint(0, len(data))
+            length = rnd.randint(0, len(data) - start)
+            fields = [("field%d" % i, "".join(rnd.choice(text) for _ in range(rnd.randint(0, 20))))
+                      for i in range(rnd.randint(0, 4))]
+            fields += [("size", rnd.randint(0, 2 ** 40))]
+            filename = "".join(rnd.choice(text) for _ in range(rnd.randint(0, 30)))
+            body = MultipartBody(fields, "file", filename, spool, start, length)
+            raw = b"".join(body)
+            self.assertEqual(len(raw), body.content_length)
+            self.assertEqual(b"".join(body), raw)           # a retry streams the same bytes
+            boundary = body.content_type.split("boundary=", 1)[1].encode()
+            sep = b"--" + boundary
+            self.assertTrue(raw.startswith(sep + b"\r\n") and raw.endswith(b"\r\n" + sep + b"--\r\n"))
+            parts = raw[len(sep) + 2:-(len(sep) + 6)].split(b"\r\n" + sep + b"\r\n")
+            self.assertEqual(len(parts), len(fields) + 1)
+            for (name, value), part in zip(fields, parts):
+                head, _, content = part.partition(b"\r\n\r\n")
+                self.assertEqual(head.decode(), 'Content-Disposition: form-data; name="%s"' % name)
+                self.assertEqual(content.decode("utf-8"), str(value))
+            head, _, content = parts[-1].partition(b"\r\n\r\n")
+            disposition, content_type = head.decode("utf-8").split("\r\n")
+            quoted = re.match(r'\AContent-Disposition: form-data; name="file"; filename="([^"\r\n]*)"\Z',
+                              disposition)
+            self.assertTrue(quoted, disposition)
+            self.assertEqual(content_type, "Content-Type: application/octet-stream")
+            self.assertEqual(content, data[start:start + length])
+            spool.close()
+
+    def test_request_head_reader_and_framing(self):
+        rnd = random.Random(1306)
+        valid = [b"GET /keys/ HTTP/1.1\r\nHost: x\r\n\r\n",
+                 b"POST /data/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+                 b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"]
+        alphabet = [b"\r", b"\n", b" ", b"\t", b":", b",", b"0", b"9", b"\xff", b"\x00", b"a",
+                    b"Content-Length: 1\r\n", b"Transfer-Encoding: x\r\n", b"Host: y\r\n"]
+        outcomes = collections.Counter()
+        for _ in range(self.ROUNDS):
+            chunks = [valid[rnd.randrange(len(valid))]]
+            raw = bytearray(chunks[0])
+            for _ in range(rnd.randint(0, 5)):
+                pos = rnd.randint(0, len(raw))
+                if rnd.random() < 0.5:
+                    raw[pos:pos] = rnd.choice(alphabet)
+                elif raw:
+                    del raw[pos:pos + rnd.randint(1, 3)]
+            try:
+                head = rp.read_request_head(io.BufferedReader(io.BytesIO(bytes(raw))),
+                                            max_line=200, max_fields=8, max_bytes=400)
+            except rp.MalformedHead:
+                outcomes["malformed"] += 1
+                continue
+            except ConnectionError:
+                outcomes["cut short"] += 1
+                continue
+            if head is None:
+                outcomes["empty"] += 1
+                continue
+            try:
+                problem = rp.framing_problem(http.client.parse_headers(io.BytesIO(head[1])))
+            except http.client.HTTPException:
+                problem = "unreadable"
+            self.assertTrue(problem is None or isinstance(problem, str))
+            outcomes["refused" if problem else "accepted"] += 1
+        self.assertTrue(all(outcomes[k] > 50 for k in ("malformed", "refused", "accepted")),
+                        outcomes)
+
+
+class ProcessSampler(object):
+    """Samples a process's threads and resident memory from /proc in a thread, for
+    the peak figures (measurement only: no test decision waits on it)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.peak_threads, self.peak_rss = process_status(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            try:
+                threads, rss = process_status(self.pid)
+            except (OSError, KeyError, ValueError):
+                return
+            self.peak_threads = max(self.peak_threads, threads)
+            self.peak_rss = max(self.peak_rss, rss)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+class HalfOpenFloodTest(unittest.TestCase):
+    """1,500 clients each send half a request head and wait: the server holds at
+    most --max-connections of them (a thread each), answers the rest 503 at once,
+    closes every held one at the header timeout, then serves normally."""
+
+    CLIENTS = 1500
+    MAX_CONNECTIONS = 100
+    HEADER_TIMEOUT = 2
+
+    def test_1500_half_open_requests(self):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = self.CLIENTS + 200
+        if soft < wanted:
+            if hard != resource.RLIM_INFINITY and hard < wanted:
+                self.fail("RLIMIT_NOFILE %d is too low for %d sockets" % (hard, self.CLIENTS))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        tmp = tempfile.mkdtemp(prefix="r123-flood-")
+        self.addCleanup(shutil.rmtree, tmp)
+        proc, port = start_server_process(
+            self, "--path", tmp, "--max-connections", str(self.MAX_CONNECTIONS),
+            "--header-timeout", str(self.HEADER_TIMEOUT), "--io-timeout", "60",
+            "--idle-timeout", "60")
+        self.assertEqual(http_call(port, "GET", "/keys/")[0], 200)
+        threads_before, rss_before = process_status(proc.pid)
+        sampler = ProcessSampler(proc.pid)
+        started = time.monotonic()
+        clients = []
+        try:
+            for _ in range(self.CLIENTS):
+                s = socket.create_connection(("127.0.0.1", port), timeout=60)
+                s.sendall(b"GET /keys/ HTTP/1.1\r\nHost: x\r\n")
+                clients.append((s, time.monotonic()))
+            opened = time.monotonic() - started
+            turned_away = timed_out = 0
+            slowest = 0.0
+            for reply, took in self.wait_for_every_close(clients, timeout=60):
+                slowest = max(slowest, took)
+                if reply.startswith(b"HTTP/1.1 503"):
+                    self.assertIn(b"Retry-After:", reply)
+                    turned_away += 1
+                else:
+                    self.assertEqual(reply, b"")
+                    timed_out += 1
+        finally:
+            for s, _ in clients:
+                s.close()
+            sampler.stop()
+        total = time.monotonic() - started
+        self.assertEqual(turned_away + timed_out, self.CLIENTS)
+        self.assertGreaterEqual(timed_out, self.MAX_CONNECTIONS)   # the cap was reached
+        self.assertGreater(turned_away, 0)
+        # the accept thread, the handler threads, nothing per refused client
+        self.assertLessEqual(sampler.peak_threads, self.MAX_CONNECTIONS + 3)
+        # each held client was closed at the header timeout (plus scheduling slack)
+        self.assertLess(slowest, self.HEADER_TIMEOUT + 15)
+        self.assertEqual(http_call(port, "GET", "/keys/")[0], 200)
+        threads_after, rss_after = process_status(proc.pid)
+        sys.stderr.write(
+            "\n%d half-open clients (opened in %.1fs), --max-connections %d, --header-timeout %ds: "
+            "%d answered 503, %d closed at the timeout; slowest close %.1fs, all done in %.1fs; "
+            "threads %d -> peak %d -> %d; RSS %.1f -> peak %.1f -> %.1f MiB\n"
+            % (self.CLIENTS, opened, self.MAX_CONNECTIONS, self.HEADER_TIMEOUT, turned_away,
+               timed_out, slowest, total, threads_before, sampler.peak_threads, threads_after,
+               rss_before / 2.0 ** 20, sampler.peak_rss / 2.0 ** 20, rss_after / 2.0 ** 20))
+
+
+    @staticmethod
+    def wait_for_every_close(clients, timeout):
+        """[(what the server sent, seconds from the connection to its close)] for
+        every (socket, opened at) at once: a close is seen when it happens."""
+        import selectors
+        selector = selectors.DefaultSelector()
+        for s, since in clients:
+            s.setblocking(False)
+            selector.register(s, selectors.EVENT_READ, [since, b""])
+        closed = []
+        deadline = time.monotonic() + timeout
+        while len(closed) < len(clients):
+            events = selector.select(max(0, deadline - time.monotonic()))
+            if not events:
+                raise AssertionError("%d connections still open after %ds"
+                                     % (len(clients) - len(closed), timeout))
+            for key, _ in events:
+                try:
+                    chunk = key.fileobj.recv(65536)
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    chunk = b""
+                if chunk:
+                    key.data[1] += chunk
+                    continue
+                selector.unregister(key.fileobj)
+                closed.append((key.data[1], time.monotonic() - key.data[0]))
+        selector.close()
+        return closed
+
+
+# ---------------------------------------------------------------------------
+# Part I, section 11: the htpasswd hash verifiers: published vectors always, freshly
+# generated ones from htpasswd (apache2-utils) and openssl passwd
 # ---------------------------------------------------------------------------
 
 def require_tool(name, package):
@@ -496,1111 +5822,658 @@ class OpensslGeneratedTest(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# Local storage
+# Part I, section 12: main(), end to end with the real restic through all three
+# backends, a Python without ssl or sqlite3, soak, a killed server, restic's own
+# REST backend suite
 # ---------------------------------------------------------------------------
 
-class FailingSpool(object):
-    """Looks like a spool but breaks half-way, like a disk error during a write."""
-    size = 10
+def make_tree(root, seed, total_mib=52):
+    """Deterministic tree: many small files, some medium, a few of several MiB, and
+    empty ones; at least `total_mib` MiB in all."""
+    rnd = random.Random(seed)
+    sizes = [0] * 5 + [rnd.randint(1, 4096) for _ in range(400)] \
+        + [rnd.randint(10000, 900000) for _ in range(30)]
+    while sum(sizes) < total_mib * 1024 * 1024:
+        sizes.append(rnd.randint(3, 9) * 1024 * 1024 + rnd.randint(0, 4095))
+    for i, size in enumerate(sizes):
+        folder = os.path.join(root, "d%02d" % (i % 17), "s%d" % (i % 3))
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "f%04d.bin" % i), "wb") as f:
+            f.write(rnd.getrandbits(8 * size).to_bytes(size, "little") if size else b"")
 
-    def iter_range(self, start=0, length=None):
-        yield b"12345"
-        raise OSError(5, "simulated I/O error")
+
+def change_tree(root, seed):
+    """Add, rewrite and remove some files, as a second day of work would."""
+    rnd = random.Random(seed)
+    files = sorted(os.path.join(d, n) for d, _, ns in os.walk(root) for n in ns)
+    for path in rnd.sample(files, 20):
+        os.unlink(path)
+    for path in rnd.sample([p for p in files if os.path.exists(p)], 10):
+        with open(path, "ab") as f:
+            f.write(b"changed %d" % rnd.getrandbits(32))
+    os.makedirs(os.path.join(root, "new"), exist_ok=True)
+    for i in range(30):
+        size = rnd.choice([0, 10, 5000, 300000, 2 * 1024 * 1024])
+        with open(os.path.join(root, "new", "n%02d" % i), "wb") as f:
+            f.write(rnd.getrandbits(8 * size).to_bytes(size, "little") if size else b"")
 
 
-class LocalStorageTest(unittest.TestCase):
+def manifest(root):
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+class ResticEndToEndBase(unittest.TestCase):
+    """Runs the real restic against a server process started from the command line."""
+
+    @classmethod
+    def setUpClass(cls):
+        if UNIT_ONLY:
+            raise unittest.SkipTest("RESTIC_123PAN_UNIT_ONLY=1")
+        cls.restic = shutil.which("restic")
+        if not cls.restic:
+            if REQUIRE_E2E:
+                raise AssertionError("restic is not installed but RESTIC_123PAN_REQUIRE_E2E=1")
+            raise unittest.SkipTest("restic not installed (apt-get install -y restic)")
+
     def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="r123-local-")
-        self.addCleanup(shutil.rmtree, self.tmp)
-        self.st = rp.LocalStorage(self.tmp)
+        self.tmp = tempfile.mkdtemp(prefix="r123-e2e-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.env = dict(os.environ, RESTIC_PASSWORD="correct horse battery staple",
+                        RESTIC_CACHE_DIR=os.path.join(self.tmp, "cache"))
 
-    def put(self, kind, data, repo=()):
-        ref = rp.ObjectRef(repo, kind, sha256_hex(data)) if kind != "config" else rp.ObjectRef.config(repo)
-        with rp.HashingSpool.from_bytes(data) as s:
-            self.st.put(ref, s)
-        return ref
+    def start_server(self, *argv, **kw):
+        log_path = os.path.join(self.tmp, "server.log")
+        self.server_log = open(log_path, "w+")
+        self.addCleanup(self.server_log.close)
+        env = dict(os.environ, **kw.get("env", {}))
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--listen", "127.0.0.1:0"] + list(argv),
+                                stdout=subprocess.PIPE, stderr=self.server_log, universal_newlines=True,
+                                env=env)
+        self.addCleanup(self.stop_server, proc)
+        self.server_proc = proc
+        return read_server_url(proc)
 
-    def test_layout_matches_restic_local_repository(self):
-        self.st.create_repository(("alice", "laptop"))
-        base = os.path.join(self.tmp, "alice", "laptop")
-        for kind in rp.OBJECT_TYPES:
-            self.assertTrue(os.path.isdir(os.path.join(base, kind)))
-        self.assertEqual(len(os.listdir(os.path.join(base, "data"))), 256)
-        ref = self.put("data", b"pack", ("alice", "laptop"))
-        self.assertTrue(os.path.isfile(os.path.join(base, "data", ref.name[:2], ref.name)))
-        ref = self.put("keys", b"key", ("alice", "laptop"))
-        self.assertTrue(os.path.isfile(os.path.join(base, "keys", ref.name)))
-        self.put("config", b"cfg", ("alice", "laptop"))
-        with open(os.path.join(base, "config"), "rb") as f:
-            self.assertEqual(f.read(), b"cfg")
+    def stop_server(self, proc):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            self.assertEqual(proc.wait(timeout=60), 0)
+        proc.stdout.close()
 
-    def test_listing_skips_temporary_and_foreign_files(self):
-        self.st.create_repository(())
-        ref = self.put("index", b"idx")
-        for junk in ("README", "." + ref.name, ref.name + ".rest-server-temp123", ref.name.upper()):
-            open(os.path.join(self.tmp, "index", junk), "w").close()
-        open(os.path.join(self.tmp, "data", "stray-file"), "w").close()
-        os.mkdir(os.path.join(self.tmp, "index", "a" * 64))     # a folder is not an object
-        self.assertEqual(list(self.st.list((), "index")), [(ref.name, 3)])
-        self.assertEqual(list(self.st.list((), "data")), [])
+    def server_log_text(self):
+        self.server_log.flush()
+        with open(self.server_log.name) as f:
+            return f.read()
 
-    def test_failed_write_leaves_nothing_behind(self):
-        ref = rp.ObjectRef((), "data", "cd" * 32)
-        self.assertRaises(rp.StorageError, self.st.put, ref, FailingSpool())
-        folder = os.path.join(self.tmp, "data", "cd")
-        self.assertEqual(os.listdir(folder), [])
-        self.assertIsNone(self.st.stat(ref))
+    def restic_run(self, repo, *args, **kw):
+        cmd = [self.restic, "-r", repo] + list(kw.get("options", [])) + list(args)
+        r = subprocess.run(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=kw.get("timeout", 900))
+        if kw.get("expect_failure"):
+            self.assertNotEqual(r.returncode, 0, "%s should have failed" % " ".join(args))
+            return r.stderr
+        if r.returncode != 0:
+            self.fail("%s failed (%d):\n%s\n%s\n--- server log tail ---\n%s"
+                      % (" ".join(args), r.returncode, r.stdout[-3000:], r.stderr[-3000:],
+                         self.server_log_text()[-4000:]))
+        return r.stdout
 
-    def test_write_goes_through_a_temporary_file_and_rename(self):
-        ref = rp.ObjectRef((), "data", "ef" * 32)
-        final = self.st.path_of(ref)
-        seen = []
-        real_replace = os.replace
+    def snapshot_ids(self, repo, options):
+        snaps = json.loads(self.restic_run(repo, "snapshots", "--json", options=options))
+        return [s["id"] for s in sorted(snaps, key=lambda s: s["time"])]
 
-        def spying_replace(src, dst):
-            # at the moment of the rename the final name must not exist yet and the
-            # temporary file must already hold every byte
-            seen.append((os.path.exists(dst), os.path.getsize(src), os.path.basename(src)))
-            return real_replace(src, dst)
+    def run_scenario(self, repo, options=(), direct_path=None, total_mib=52):
+        """init, backup, change, backup, check --read-data, restore both snapshots and
+        compare bytes, forget --keep-last 1 --prune, check again."""
+        options = list(options)
+        src = os.path.join(self.tmp, "src")
+        make_tree(src, seed=1, total_mib=total_mib)
+        first = manifest(src)
+        total = sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(src) for n in ns)
+        self.assertGreaterEqual(total, total_mib * 1024 * 1024)
+        self.restic_run(repo, "init", options=options)
+        self.restic_run(repo, "backup", src, options=options)
+        change_tree(src, seed=2)
+        second = manifest(src)
+        self.assertNotEqual(first, second)
+        self.restic_run(repo, "backup", src, options=options)
+        snaps = self.snapshot_ids(repo, options)
+        self.assertEqual(len(snaps), 2)
+        self.restic_run(repo, "check", "--read-data", options=options)
+        for snap, expected in ((snaps[0], first), (snaps[1], second)):
+            target = os.path.join(self.tmp, "restore-" + snap)
+            self.restic_run(repo, "restore", snap, "--target", target, options=options)
+            restored = manifest(os.path.join(target, os.path.relpath(src, "/")))
+            self.assertEqual(restored, expected, "restored tree of %s differs" % snap)
+        self.restic_run(repo, "forget", "--keep-last", "1", "--prune", options=options)
+        self.assertEqual(self.snapshot_ids(repo, options), [snaps[1]])
+        self.restic_run(repo, "check", "--read-data", options=options)
+        if direct_path:
+            # the server's folder is a plain restic repository
+            self.restic_run(direct_path, "check", options=[])
+            self.assertEqual(self.snapshot_ids(direct_path, []), [snaps[1]])
+        log_text = self.server_log_text()
+        self.assertNotIn("Traceback", log_text)
+        self.assertNotRegex(log_text, r'" 5\d\d ')
 
-        os.replace = spying_replace
+
+class LocalEndToEndTest(ResticEndToEndBase):
+    def test_local_backend_default_connections(self):
+        data = os.path.join(self.tmp, "repos")
+        url = self.start_server("--path", data)
+        self.run_scenario("rest:" + url + "alice/laptop/",
+                          direct_path=os.path.join(data, "alice", "laptop"))
+
+    def test_every_other_command(self):
+        """The commands that need no FUSE mount, beyond the main scenario."""
+        data = os.path.join(self.tmp, "repos")
+        url = self.start_server("--path", data)
+        repo, copy = "rest:" + url + "v1repo/", "rest:" + url + "copy/"
+        src = os.path.join(self.tmp, "src")
+        make_tree(src, seed=5, total_mib=3)
+        # a version-1 repository, upgraded: DELETE config then POST config
+        self.restic_run(repo, "init", "--repository-version", "1")
+        self.restic_run(repo, "backup", src)
+        self.restic_run(repo, "migrate", "upgrade_repo_v2")
+        self.assertIn('"version":2', self.restic_run(repo, "cat", "config").replace(" ", ""))
+        with open(os.path.join(src, "d00", "s0", "f0000.bin"), "ab") as f:
+            f.write(b"second")
+        self.restic_run(repo, "backup", src, "--tag", "two")
+        first, second = self.snapshot_ids(repo, [])
+        self.assertIn("f0000.bin", self.restic_run(repo, "diff", first, second))
+        listing = self.restic_run(repo, "ls", "latest")
+        self.assertIn("f0001.bin", listing)
+        inner = os.path.join(src, "d01", "s1", "f0001.bin")
+        dumped = subprocess.run([self.restic, "-r", repo, "dump", "latest", inner], env=self.env,
+                                stdout=subprocess.PIPE, check=True, timeout=300).stdout
+        with open(inner, "rb") as f:
+            self.assertEqual(dumped, f.read())
+        self.assertIn("f0001.bin", self.restic_run(repo, "find", "f0001.bin"))
+        self.restic_run(repo, "stats", "--mode", "raw-data")
+        self.restic_run(repo, "tag", "--add", "kept", first)
+        # keys: add a second password, use it, remove it
+        pw2 = os.path.join(self.tmp, "pw2")
+        with open(pw2, "w") as f:
+            f.write("second password")
+        self.restic_run(repo, "key", "add", "--new-password-file", pw2)
+        keys = json.loads(self.restic_run(repo, "key", "list", "--json"))
+        self.assertEqual(len(keys), 2)
+        other = [k["id"] for k in keys if not k["current"]][0]
+        self.restic_run(repo, "snapshots", "--password-file", pw2)
+        self.restic_run(repo, "key", "remove", other)
+        self.assertEqual(len(json.loads(self.restic_run(repo, "key", "list", "--json"))), 1)
+        self.restic_run(repo, "rebuild-index")
+        self.restic_run(repo, "unlock", "--remove-all")
+        # copy every snapshot into a second repository on the same server
+        self.env["RESTIC_FROM_PASSWORD"] = self.env["RESTIC_PASSWORD"]
+        self.restic_run(copy, "init", "--from-repo", repo, "--copy-chunker-params")
+        self.restic_run(copy, "copy", "--from-repo", repo)
+        self.assertEqual(len(self.snapshot_ids(copy, [])), 2)
+        self.restic_run(copy, "check", "--read-data")
+        self.restic_run(repo, "check", "--read-data")
+        self.assertNotRegex(self.server_log_text(), r'" 5\d\d ')
+
+    def test_local_backend_eight_connections_root_repository(self):
+        data = os.path.join(self.tmp, "repos")
+        url = self.start_server("--path", data)
+        self.run_scenario("rest:" + url, options=["-o", "rest.connections=8"], direct_path=data)
+
+
+class Pan123EndToEndTest(ResticEndToEndBase):
+    """restic -> our server (--backend 123pan) -> the 123pan emulator, which enforces
+    the free-tier request rates."""
+
+    def start_emulator(self, **kw):
+        emu = Pan123Emulator(**kw).start()
+        self.addCleanup(emu.stop)
+        return emu
+
+    def start_pan123_server(self, emu, *extra):
+        # the secret travels in the environment, as the README recommends
+        return self.start_server(
+            "--backend", "123pan", "--api-base", emu.api_base, "--client-id", "emu-client",
+            "--state-dir", os.path.join(self.tmp, "state"), *extra,
+            env={"PAN123_CLIENT_SECRET": "emu-secret"})
+
+    def report_calls(self, emu, title):
+        calls = dict(sorted(emu.calls.items()))
+        rejected = dict(sorted(emu.rejected.items(), key=str))
+        sys.stderr.write("\n%s: 123pan API calls by endpoint %s\n  refused or faulted: %s\n"
+                         % (title, json.dumps(calls), rejected))
+        return calls
+
+    def finish(self, emu, title, extra_tokens=0):
+        """Stop the server (it flushes queued permanent deletes), then check that the
+        cloud folder holds no trash and the emulator saw no bug of its own."""
+        self.stop_server(self.server_proc)
+        calls = self.report_calls(emu, title)
+        self.assertEqual(emu.errors, [])
+        trashed = []
+        folders = ["/restic-backup"]
+        while folders:
+            folder = folders.pop()
+            for node in emu.children(folder, include_trashed=True):
+                if node["trashed"]:
+                    trashed.append(node["filename"])
+                elif node["type"] == 1:
+                    folders.append(folder + "/" + node["filename"])
+        self.assertEqual(trashed, [], "prune left trashed files behind")
+        # a new token only when one was refused (123pan allows 3 live tokens per client)
+        refused = sum(n for (ep, code), n in emu.rejected.items() if code == 401)
+        self.assertGreaterEqual(emu.tokens_issued, 1)
+        self.assertLessEqual(emu.tokens_issued, 1 + refused + extra_tokens)
+        self.assert_cache_matches_cloud(emu)
+        return calls
+
+    def assert_cache_matches_cloud(self, emu):
+        """After a stop: every folder below /restic-backup is in the metadata cache,
+        listed completely, with exactly the files and sub-folders (names, ids,
+        sizes, MD5s) that 123pan holds, and no delete is left queued."""
+        cache = MetadataCache(os.path.join(self.tmp, "state", rp.METADATA_CACHE_FILE))
         try:
-            with rp.HashingSpool.from_bytes(b"x" * 5000) as s:
-                self.st.put(ref, s)
+            ns = pan123_cache_namespace(emu.api_base, "emu-client")
+            cached = cache.dump(ns)
+            self.assertEqual(cache.pending_deletes(ns), [])
         finally:
-            os.replace = real_replace
-        self.assertEqual(len(seen), 1)
-        exists_before, tmp_size, tmp_name = seen[0]
-        self.assertFalse(exists_before)
-        self.assertEqual(tmp_size, 5000)
-        self.assertFalse(rp.is_object_id(tmp_name))
-        self.assertEqual(os.path.getsize(final), 5000)
+            cache.close()
+        folders = [(emu.resolve("/restic-backup")["fileId"], "/restic-backup")]
+        files = 0
+        while folders:
+            folder_id, path = folders.pop()
+            live = emu.children(folder_id)
+            cloud = dict(((c["type"] == 1, c["filename"]), (c["fileId"], c["size"], c["etag"]))
+                         for c in live)
+            complete, known = cached.get(folder_id, (False, {}))
+            self.assertTrue(complete, "%s is not listed completely in the cache" % path)
+            self.assertEqual(known, cloud, "the cache and 123pan disagree on %s" % path)
+            files += sum(1 for c in live if c["type"] == 0)
+            folders.extend((c["fileId"], path + "/" + c["filename"]) for c in live
+                           if c["type"] == 1)
+        self.assertGreater(files, 0)
 
-    def test_disk_full_is_507(self):
-        ref = rp.ObjectRef((), "data", "01" * 32)
+    def test_clean_run_under_free_tier_limits(self):
+        emu = self.start_emulator()
+        url = self.start_pan123_server(emu)
+        self.run_scenario("rest:" + url + "home/laptop/")
+        calls = self.finish(emu, "123pan clean")
+        self.assertEqual(emu.tokens_issued, 1)
+        self.assertEqual(sum(n for (ep, code), n in emu.rejected.items() if code == 429), 0,
+                         "the server itself caused a 429")
+        self.assertGreater(calls.get("/upload/v2/file/single/create", 0), 0)
+        self.assertGreater(calls.get("/api/v1/file/delete", 0), 0)
 
-        class FullSpool(FailingSpool):
-            def iter_range(self, start=0, length=None):
-                raise OSError(28, "No space left on device")
-                yield b""
+    def test_faults_lose_nothing(self):
+        emu = self.start_emulator()
+        for kind, p in (("429", 0.05), ("500", 0.03), ("502", 0.03), ("drop", 0.03), ("401", 0.02)):
+            emu.fail_randomly(kind, p, seed=len(kind) * 7 + int(p * 100))
+        url = self.start_pan123_server(emu)
+        repo = "rest:" + url
+        options = ["-o", "rest.connections=8"]
+        self.run_scenario(repo, options=options, total_mib=24)
+        # a revoked token and expired download URLs in the middle of a restore
+        emu.revoke_all_tokens()
+        emu.expire_download_urls()
+        self.restic_run(repo, "check", "--read-data", options=options)
+        self.finish(emu, "123pan with faults", extra_tokens=1)
+        self.assertGreater(sum(emu.rejected.values()), 20, "the faults did not happen")
 
-        with self.assertRaises(rp.QuotaExceeded) as cm:
-            self.st.put(ref, FullSpool())
-        self.assertEqual(rp.storage_error_status(cm.exception), 507)
+    def test_cache_survives_a_killed_server(self):
+        emu = self.start_emulator()
+        url = self.start_pan123_server(emu)
+        src = os.path.join(self.tmp, "src")
+        make_tree(src, seed=5, total_mib=4)
+        self.restic_run("rest:" + url, "init")
+        self.restic_run("rest:" + url, "backup", src)
+        self.server_proc.kill()                 # no chance to flush anything
+        self.server_proc.wait()
+        emu.reset_calls()
+        repo = "rest:" + self.start_pan123_server(emu)      # the same state directory
+        self.assertEqual(len(self.snapshot_ids(repo, [])), 1)
+        self.restic_run(repo, "check")
+        change_tree(src, seed=6)
+        self.restic_run(repo, "backup", src, options=["-o", "rest.connections=8"])
+        self.assertEqual(len(self.snapshot_ids(repo, [])), 2)
+        self.assertEqual(emu.calls["/api/v2/file/list"], 0)
+        log_text = self.server_log_text()
+        self.assertRegex(log_text, r"warm-up done in [0-9.]+s: \d+ objects in \d+ folders, "
+                                   r"0 folders listed with 0 list calls")
+        self.assertNotIn("Traceback", log_text)
+        self.assertNotRegex(log_text, r'" 5\d\d ')
+        self.finish(emu, "123pan after a killed server")
+        self.assertEqual(emu.tokens_issued, 1)
 
+    def test_eight_connections_leave_cache_and_cloud_in_agreement(self):
+        emu = self.start_emulator()
+        url = self.start_pan123_server(emu)
+        self.run_scenario("rest:" + url + "eight/", options=["-o", "rest.connections=8"],
+                          total_mib=12)
+        self.finish(emu, "123pan with 8 connections")      # compares cache and cloud
 
-# ---------------------------------------------------------------------------
-# The REST protocol over real HTTP
-# ---------------------------------------------------------------------------
-
-class ServerThread(object):
-    """A ResticServer on an ephemeral loopback port, in this process."""
-
-    def __init__(self, storage, server_args=None, **service_args):
-        self.service = rp.RepositoryService(storage, **service_args)
-        self.server = rp.ResticServer(("127.0.0.1", 0), self.service, **(server_args or {}))
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
-        self.thread.daemon = True
-        self.thread.start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
-
-    def request(self, method, path, body=None, headers=None):
-        conn = self.connection()
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, dict((k.lower(), v) for k, v in resp.getheaders()), resp.read()
-        finally:
-            conn.close()
-
-    def connection(self):
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-
-    def raw(self, data):
-        """Send raw bytes (one request, or several on one connection) and read until
-        the server closes; the last request should say Connection: close."""
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=30)
-        try:
-            s.sendall(data)
-            chunks = []
-            while True:
-                c = s.recv(65536)
-                if not c:
-                    break
-                chunks.append(c)
-        finally:
-            s.close()
-        return b"".join(chunks)
-
-
-class RestProtocolTest(unittest.TestCase):
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="r123-http-")
-        self.addCleanup(shutil.rmtree, self.tmp)
-        self.root = os.path.join(self.tmp, "repos")
-        self.srv = ServerThread(rp.LocalStorage(self.root))
-        self.addCleanup(self.srv.stop)
-        self.req = self.srv.request
-
-    def upload(self, path, data):
-        return self.req("POST", path, data, {"Content-Type": "application/octet-stream"})[0]
-
-    def test_repository_creation_is_idempotent(self):
-        self.assertEqual(self.req("POST", "/r/?create=true")[0], 200)
-        self.assertEqual(self.req("POST", "/r/?create=true")[0], 200)
-        self.assertEqual(len(os.listdir(os.path.join(self.root, "r", "data"))), 256)
-        self.assertEqual(self.req("POST", "/r/")[0], 400)
-        status, headers, _ = self.req("GET", "/r/")
-        self.assertEqual((status, headers["allow"]), (405, "POST"))
-        self.assertEqual(self.req("DELETE", "/r/")[0], 405)
-
-    def test_config_lifecycle(self):
-        self.assertEqual(self.req("HEAD", "/config")[0], 404)
-        self.assertEqual(self.req("GET", "/config")[0], 404)
-        self.assertEqual(self.upload("/config", b"CONFIG"), 200)
-        status, headers, body = self.req("HEAD", "/config")
-        self.assertEqual((status, headers["content-length"], body), (200, "6", b""))
-        self.assertEqual(self.req("GET", "/config")[2], b"CONFIG")
-        self.assertEqual(self.upload("/config", b"CONFIG"), 200)      # same bytes: a retry
-        self.assertEqual(self.upload("/config", b"OTHER!"), 403)      # never replaced silently
-        self.assertEqual(self.req("GET", "/config")[2], b"CONFIG")
-        self.assertEqual(self.req("DELETE", "/config")[0], 200)
-        self.assertEqual(self.req("DELETE", "/config")[0], 200)
-        self.assertEqual(self.upload("/config", b"OTHER!"), 200)      # delete + post = migration
-        self.assertEqual(self.req("GET", "/config")[2], b"OTHER!")
-
-    def test_listing_v1_v2_and_missing_folder(self):
-        for kind in rp.OBJECT_TYPES:
-            status, headers, body = self.req("GET", "/fresh/%s/" % kind, headers={"Accept": V2})
-            self.assertEqual((status, body), (200, b"[]"))
-            self.assertEqual(headers["content-type"], V2)
-        blobs = [os.urandom(n) for n in (1, 100, 5000)]
-        for b in blobs:
-            self.assertEqual(self.upload("/data/" + sha256_hex(b), b), 200)
-        status, headers, body = self.req("GET", "/data/", headers={"Accept": V2})
-        self.assertEqual(headers["content-type"], V2)
-        self.assertEqual(sorted((e["name"], e["size"]) for e in json.loads(body.decode())),
-                         sorted((sha256_hex(b), len(b)) for b in blobs))
-        status, headers, body = self.req("GET", "/data/")
-        self.assertEqual(headers["content-type"], rp.MEDIA_V1)
-        self.assertEqual(sorted(json.loads(body.decode())), sorted(sha256_hex(b) for b in blobs))
-        self.assertEqual(self.req("POST", "/data/")[0], 405)
-
-    def test_object_lifecycle_and_ranges(self):
-        data = os.urandom(10000)
-        path = "/u/h/snapshots/" + sha256_hex(data)
-        self.assertEqual(self.req("HEAD", path)[0], 404)
-        self.assertEqual(self.upload(path, data), 200)
-        status, headers, _ = self.req("HEAD", path)
-        self.assertEqual((status, headers["content-length"]), (200, "10000"))
-        status, headers, body = self.req("GET", path)
-        self.assertEqual((status, body), (200, data))
-        status, headers, body = self.req("GET", path, headers={"Range": "bytes=100-199"})
-        self.assertEqual((status, body, headers["content-range"], headers["content-length"]),
-                         (206, data[100:200], "bytes 100-199/10000", "100"))
-        status, headers, body = self.req("GET", path, headers={"Range": "bytes=9990-"})
-        self.assertEqual((status, body), (206, data[9990:]))
-        status, headers, _ = self.req("GET", path, headers={"Range": "bytes=10000-"})
-        self.assertEqual((status, headers["content-range"]), (416, "bytes */10000"))
-        # RFC 9110: several ranges and unknown units are ignored: the whole object
-        for ignored in ("bytes=1-2,4-5", "lines=1-2"):
-            status, headers, body = self.req("GET", path, headers={"Range": ignored})
-            self.assertEqual((status, body), (200, data), ignored)
-        self.assertEqual(self.req("DELETE", path)[0], 200)
-        self.assertEqual(self.req("DELETE", path)[0], 200)          # idempotent
-        self.assertEqual(self.req("GET", path)[0], 404)
-        self.assertEqual(self.req("PUT", path, b"x")[0], 405)
-
-    def test_empty_object(self):
-        path = "/locks/" + sha256_hex(b"")
-        self.assertEqual(self.upload(path, b""), 200)
-        status, headers, body = self.req("GET", path, headers={"Range": "bytes=0-"})
-        self.assertEqual((status, body, headers["content-length"]), (200, b"", "0"))
-
-    def test_upload_verification(self):
-        data = b"some bytes"
-        wrong = "/keys/" + sha256_hex(b"other bytes")
-        self.assertEqual(self.upload(wrong, data), 400)
-        self.assertEqual(self.req("HEAD", wrong)[0], 404)
-        right = "/keys/" + sha256_hex(data)
-        self.assertEqual(self.upload(right, data), 200)
-        self.assertEqual(self.upload(right, data), 200)              # retry after a lost answer
-
-    def test_existing_object_is_never_replaced_silently(self):
-        st = rp.LocalStorage(os.path.join(self.tmp, "noverify"))
-        srv = ServerThread(st, verify_uploads=False)
-        self.addCleanup(srv.stop)
-        path = "/data/" + "ab" * 32
-        self.assertEqual(srv.request("POST", path, b"first")[0], 200)
-        self.assertEqual(srv.request("POST", path, b"first")[0], 200)
-        self.assertEqual(srv.request("POST", path, b"other")[0], 403)
-        self.assertEqual(srv.request("POST", path, b"longer body")[0], 403)
-        self.assertEqual(srv.request("GET", path)[2], b"first")
-
-    def test_content_length_rules(self):
-        path = "/data/" + sha256_hex(b"abc")
-        reply = self.srv.raw(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        self.assertTrue(reply.startswith(b"HTTP/1.1 411"), reply[:40])
-        reply = self.srv.raw(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 3x\r\n"
-                             b"Connection: close\r\n\r\nabc")
-        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:40])
-        reply = self.srv.raw(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
-                             b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
-        self.assertTrue(reply.startswith(b"HTTP/1.1 411"), reply[:40])
-        self.assertEqual(self.req("HEAD", path)[0], 404)
-
-    def test_short_body_stores_nothing(self):
-        data = os.urandom(2000)
-        path = "/data/" + sha256_hex(data)
-        s = socket.create_connection(("127.0.0.1", self.srv.port), timeout=30)
-        s.sendall(("POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path, len(data))).encode()
-                  + data[:1500])
-        s.shutdown(socket.SHUT_WR)      # the client gives up half-way
-        reply = s.recv(1000)
-        s.close()
-        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:60])
-        self.assertEqual(self.req("HEAD", path)[0], 404)
-        folder = os.path.join(self.root, "data", path[6:8])
-        self.assertEqual(os.listdir(folder) if os.path.isdir(folder) else [], [])
-
-    def test_long_body_is_refused(self):
-        data = b"exact"
-        path = "/data/" + sha256_hex(data)
-        # Only the announced bytes are the body; they do not hash to the name, so the
-        # upload is refused and the extra byte is never taken for part of it.
-        reply = self.srv.raw(("POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
-                              "Connection: close\r\n\r\n" % path).encode() + data)
-        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:40])
-        self.assertEqual(self.req("HEAD", path)[0], 404)
-
-    def test_traversal_attempts_never_leave_the_root(self):
-        # A file next to the served folder that a traversal would reach.
-        secret = os.path.join(self.tmp, "config")
-        with open(secret, "wb") as f:
-            f.write(b"SECRET")
-        os.makedirs(self.root)
-        targets = [b"/../config", b"/%2e%2e/config", b"/..%2fconfig", b"/%2e%2e%2fconfig",
-                   b"/repos/../../config", b"/./../config", b"/a/%2E%2E/%2E%2E/config",
-                   b"/..\\config", b"/%5c..%5cconfig", b"/a%00/../config", b"/%c0%ae%c0%ae/config",
-                   b"/\x00/config", b"/..;/config"]
-        for target in targets:
-            for method in (b"GET", b"HEAD", b"POST", b"DELETE"):
-                body = b"" if method != b"POST" else b"PWNED"
-                reply = self.srv.raw(method + b" " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
-                status = int(reply.split(b" ", 2)[1])
-                self.assertIn(status, (400, 404), (method, target, reply[:80]))
-                self.assertNotIn(b"SECRET", reply)
-        with open(secret, "rb") as f:
-            self.assertEqual(f.read(), b"SECRET")
-        for dirpath, _, files in os.walk(self.tmp):
-            if dirpath.startswith(self.root):
-                continue
-            for name in files:
-                with open(os.path.join(dirpath, name), "rb") as f:
-                    self.assertNotEqual(f.read(), b"PWNED", os.path.join(dirpath, name))
-
-    def test_keep_alive_serves_many_requests_on_one_connection(self):
-        conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=30)
-        self.addCleanup(conn.close)
-        for i in range(20):
-            data = ("object %d" % i).encode()
-            conn.request("POST", "/data/" + sha256_hex(data), body=data)
-            r = conn.getresponse()
-            r.read()
-            self.assertEqual(r.status, 200)
-            conn.request("GET", "/data/", headers={"Accept": V2})
-            r = conn.getresponse()
-            self.assertEqual(len(json.loads(r.read().decode())), i + 1)
-        conn.request("GET", "/data/" + "00" * 32)
-        r = conn.getresponse()
-        self.assertEqual((r.status, r.getheader("Content-Length")), (404, str(len(r.read()))))
-
-    def test_storage_failure_is_5xx_not_404(self):
-        class BrokenStorage(rp.LocalStorage):
-            def list(self, repo, kind):
-                raise rp.Unavailable("cloud is down")
-
-        srv = ServerThread(BrokenStorage(self.root))
-        self.addCleanup(srv.stop)
-        self.assertEqual(srv.request("GET", "/data/")[0], 503)
+    def test_chunked_upload_path(self):
+        emu = self.start_emulator(slice_size=1024 * 1024)
+        url = self.start_pan123_server(emu, "--pan123-single-max", "1M")
+        self.run_scenario("rest:" + url, total_mib=24)
+        calls = self.finish(emu, "123pan chunked")
+        self.assertGreater(calls.get("/upload/v2/file/slice", 0), 20)
+        self.assertGreater(calls.get("/upload/v2/file/upload_complete", 0), 0)
 
 
-# ---------------------------------------------------------------------------
-# Access control, quota, metrics, TLS, unix sockets, systemd (over real HTTP)
-# ---------------------------------------------------------------------------
+class Pan123RealServiceEndToEndTest(ResticEndToEndBase):
+    """restic through the 123pan backend against the emulator giving the answers
+    of the field notes: each on its own, then all together with the random faults
+    of test_faults_lose_nothing.  restic must never see a failed request (its
+    stderr has no retry line) and the server asks for at most 2 tokens."""
 
-def sha1_htpasswd(password):
-    import base64
-    return "{SHA}" + base64.b64encode(hashlib.sha1(password.encode()).digest()).decode()
+    start_emulator = Pan123EndToEndTest.start_emulator
+    start_pan123_server = Pan123EndToEndTest.start_pan123_server
+    report_calls = Pan123EndToEndTest.report_calls
+    finish = Pan123EndToEndTest.finish
+    assert_cache_matches_cloud = Pan123EndToEndTest.assert_cache_matches_cloud
 
+    # switch name -> how to turn it on in a fresh emulator
+    SWITCHES = collections.OrderedDict([
+        ("token_limit_window", lambda emu: setattr(emu, "token_limit_window", 3.0)),
+        ("over_device_limit", lambda emu: emu.add_other_devices(3)),
+        ("upload_queue", lambda emu: (setattr(emu, "single_throttle_every", 4),
+                                      setattr(emu, "single_throttle_stores", True))),
+        ("download_info_20103", lambda emu: setattr(emu, "verifying_seconds", 1.5)),
+        ("cdn_refusals", lambda emu: [emu.fail_randomly(k, p, endpoint=e, seed=i)
+                                      for i, (k, p, e) in enumerate((
+                                          ("cdn1010", 0.05, "/dl"), ("region", 0.05, "/obj"),
+                                          ("hangup", 0.03, "/obj"), ("502", 0.03, "/dl")))]),
+        ("cdn_chunked", lambda emu: setattr(emu, "cdn_framing", "chunked")),
+        ("cdn_close_delimited", lambda emu: setattr(emu, "cdn_framing", "close")),
+        ("link_expiry_t", lambda emu: setattr(emu, "url_expiry_param", "t")),
+        ("odd_developer_info", lambda emu: setattr(emu, "developer_info", "odd")),
+    ])
 
-def basic(user, password):
-    import base64
-    return {"Authorization": "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()}
+    def restic_clean(self, repo, *args, **kw):
+        """restic_run, and restic's stderr shows no request it had to retry."""
+        cmd = [self.restic, "-r", repo] + list(kw.get("options", [])) + list(args)
+        r = subprocess.run(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=900)
+        if r.returncode != 0:
+            self.fail("%s failed (%d):\n%s\n%s\n--- server log tail ---\n%s"
+                      % (" ".join(args), r.returncode, r.stdout[-3000:], r.stderr[-3000:],
+                         self.server_log_text()[-4000:]))
+        self.assertNotRegex(r.stderr, r"(?i)returned error|retrying|Fatal",
+                            "restic saw a failed request in %s" % " ".join(args))
+        return r.stdout
 
+    def scenario(self, emu, switch, total_mib, options):
+        """backup, (the upload host moves), backup, check --read-data, restore both
+        byte-identical, forget --prune; nothing failing back to restic."""
+        self.tmp_run = tempfile.mkdtemp(prefix=switch + "-", dir=self.tmp)
+        url = self.start_pan123_server(emu, "--state-dir", os.path.join(self.tmp_run, "st"))
+        repo = "rest:" + url + switch + "/"
+        src = os.path.join(self.tmp_run, "src")
+        make_tree(src, seed=3, total_mib=total_mib)
+        first = manifest(src)
+        self.restic_clean(repo, "init", options=options)
+        self.restic_clean(repo, "backup", src, options=options)
+        emu.move_upload_host()
+        change_tree(src, seed=4)
+        second = manifest(src)
+        self.restic_clean(repo, "backup", src, options=options)
+        snaps = json.loads(self.restic_clean(repo, "snapshots", "--json", options=options))
+        snaps = [s["id"] for s in sorted(snaps, key=lambda s: s["time"])]
+        self.assertEqual(len(snaps), 2)
+        self.restic_clean(repo, "check", "--read-data", options=options)
+        for snap, expected in ((snaps[0], first), (snaps[1], second)):
+            target = os.path.join(self.tmp_run, "restore-" + snap)
+            self.restic_clean(repo, "restore", snap, "--target", target, options=options)
+            restored = manifest(os.path.join(target, os.path.relpath(src, "/")))
+            self.assertEqual(restored, expected, "%s: restored tree differs" % switch)
+        self.restic_clean(repo, "forget", "--keep-last", "1", "--prune", options=options)
+        self.restic_clean(repo, "check", options=options)
+        log_text = self.server_log_text()
+        self.assertNotIn("Traceback", log_text)
+        self.assertNotRegex(log_text, r'" 5\d\d ')
+        self.stop_server(self.server_proc)
+        self.report_calls(emu, "123pan field notes: " + switch)
+        self.assertEqual(emu.errors, [])
+        self.assertLessEqual(emu.calls["/api/v1/access_token"], 2, switch)
+        self.assertGreaterEqual(emu.calls["/upload/v2/file/domain"], 2, switch)
 
-class AccessControlTest(unittest.TestCase):
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="r123-auth-")
-        self.addCleanup(shutil.rmtree, self.tmp)
-        self.htpasswd_path = os.path.join(self.tmp, "htpasswd")
-        self.write_users({"alice": "wonderland", "bob": "builder", "maint": "tenance",
-                          "metrics": "scrape"})
-        self.users = rp.HtpasswdFile(self.htpasswd_path)
-        self.users.CHECK_INTERVAL = 0       # look at the file on every login
+    # switch name -> evidence that the answer was given during the run
+    HAPPENED = {
+        "token_limit_window": lambda self, emu: sum(
+            n for (ep, code), n in emu.rejected.items() if code == 401),
+        "over_device_limit": lambda self, emu: emu.devices_logged_out == 1,
+        "upload_queue": lambda self, emu: emu.rejected[(SINGLE, 1)],
+        "download_info_20103": lambda self, emu: emu.rejected[(DOWNLOAD_INFO, 20103)],
+        "cdn_refusals": lambda self, emu: emu.rejected[("/dl", "http403")]
+        + emu.rejected[("/obj", "http403")],
+        "cdn_chunked": lambda self, emu: emu.cdn_seen["framing:chunked"],
+        "cdn_close_delimited": lambda self, emu: emu.cdn_seen["framing:close"],
+        "link_expiry_t": lambda self, emu: emu.cdn_seen["param:t"] and not emu.cdn_seen[
+            "param:e"],
+        "odd_developer_info": lambda self, emu: "developer access end unknown"
+        in self.server_log_text(),
+    }
 
-    def write_users(self, users, extra=""):
-        with open(self.htpasswd_path, "w") as f:
-            f.write("# users\n" + extra)
-            for user, password in users.items():
-                f.write("%s:%s\n" % (user, sha1_htpasswd(password)))
+    def test_each_answer_on_its_own(self):
+        for switch, turn_on in self.SWITCHES.items():
+            with self.subTest(switch=switch):
+                emu = self.start_emulator()
+                turn_on(emu)
+                self.scenario(emu, switch, 3, ["-o", "rest.connections=8"])
+                self.assertTrue(self.HAPPENED[switch](self, emu), "%s did not happen" % switch)
 
-    def serve(self, rules=None, options=None, **service_args):
-        srv = ServerThread(rp.LocalStorage(os.path.join(self.tmp, "repos")),
-                           dict(htpasswd=self.users, rules=rules, options=options), **service_args)
-        self.addCleanup(srv.stop)
-        return srv
-
-    def test_login_required_and_reasons_logged(self):
-        srv = self.serve()
-        status, headers, _ = srv.request("GET", "/keys/")
-        self.assertEqual(status, 401)
-        self.assertEqual(headers["www-authenticate"], 'Basic realm="restic"')
-        with self.assertLogs("restic_123pan", "WARNING") as logs:
-            self.assertEqual(srv.request("GET", "/keys/", headers=basic("alice", "wrong"))[0], 401)
-            self.assertEqual(srv.request("GET", "/keys/", headers=basic("nobody", "x"))[0], 401)
-            self.assertEqual(srv.request("GET", "/keys/", headers={"Authorization": "Basic !!"})[0], 401)
-        text = "\n".join(logs.output)
-        self.assertIn("'alice': wrong password", text)
-        self.assertIn("'nobody': unknown user", text)
-        self.assertIn("malformed Basic credentials", text)
-        self.assertNotIn("wrong\n", text)
-        self.assertEqual(srv.request("GET", "/keys/", headers=basic("alice", "wonderland"))[0], 200)
-
-    def test_every_hash_format_over_http(self):
-        """One user per format, from the published vectors: the right password gets
-        in, a wrong one gets 401."""
-        vectors = [BCRYPT_VECTORS[0], MD5_CRYPT_VECTORS[0], MD5_CRYPT_VECTORS[-1],
-                   SHA_CRYPT_VECTORS[0], SHA_CRYPT_VECTORS[-1], SHA1_VECTORS[0]]
-        users = {}
-        with open(self.htpasswd_path, "w") as f:
-            for i, (password, hashed) in enumerate(vectors):
-                f.write("user%d:%s\n" % (i, hashed))
-                users["user%d" % i] = (password.decode("utf-8"), rp.hash_kind(hashed))
-        self.assertEqual(sorted(set(kind for _, kind in users.values())),
-                         ["apr1", "bcrypt", "md5-crypt", "sha1", "sha256-crypt", "sha512-crypt"])
-        srv = self.serve()
-        for user, (password, kind) in sorted(users.items()):
-            self.assertEqual(srv.request("GET", "/keys/", headers=basic(user, password))[0], 200, kind)
-            self.assertEqual(srv.request("GET", "/keys/", headers=basic(user, password + "x"))[0], 401, kind)
-
-    def test_unsupported_hash_is_logged_as_such(self):
-        self.write_users({}, extra="plain:secret\n")
-        srv = self.serve()
-        with self.assertLogs("restic_123pan", "WARNING") as logs:
-            self.assertEqual(srv.request("GET", "/keys/", headers=basic("plain", "secret"))[0], 401)
-        self.assertIn("unsupported hash", "\n".join(logs.output))
-
-    def test_file_changes_are_picked_up_and_bad_lines_skipped(self):
-        srv = self.serve()
-        self.assertEqual(srv.request("GET", "/keys/", headers=basic("carol", "c"))[0], 401)
-        self.write_users({"carol": "c"}, extra="bad/name:{SHA}x\nno-colon-line\n")
-        os.utime(self.htpasswd_path, (time.time() + 5, time.time() + 5))
-        self.assertEqual(srv.request("GET", "/keys/", headers=basic("carol", "c"))[0], 200)
-        self.assertEqual(srv.request("GET", "/keys/", headers=basic("alice", "wonderland"))[0], 401)
-        # a file that disappears keeps the users that were loaded
-        os.unlink(self.htpasswd_path)
-        self.assertEqual(srv.request("GET", "/keys/", headers=basic("carol", "c"))[0], 200)
-        # SIGHUP reload (what the signal handler calls)
-        self.write_users({"dave": "d"})
-        srv.server.reload()
-        self.assertEqual(srv.request("GET", "/keys/", headers=basic("dave", "d"))[0], 200)
-
-    def test_verified_logins_are_remembered_without_the_password(self):
-        calls = []
-        real = rp.verify_password
-
-        def counting(password, hashed):
-            calls.append(1)
-            return real(password, hashed)
-
-        rp.verify_password = counting
-        try:
-            srv = self.serve()
-            for _ in range(5):
-                self.assertEqual(srv.request("GET", "/keys/", headers=basic("bob", "builder"))[0], 200)
-        finally:
-            rp.verify_password = real
-        self.assertEqual(len(calls), 1)
-        self.assertNotIn(b"builder", repr(self.users._verified).encode())
-
-    def test_private_repos(self):
-        srv = self.serve(rules=rp.AccessRules(private_repos=True))
-        alice = basic("alice", "wonderland")
-        self.assertEqual(srv.request("POST", "/alice/laptop/?create=true", headers=alice)[0], 200)
-        self.assertEqual(srv.request("GET", "/alice/laptop/keys/", headers=alice)[0], 200)
-        for path in ("/bob/keys/", "/keys/", "/alicex/keys/", "/bob/alice/keys/"):
-            self.assertEqual(srv.request("GET", path, headers=alice)[0], 403, path)
-        self.assertEqual(srv.request("POST", "/bob/?create=true", headers=alice)[0], 403)
-        # the check is made on the decoded path, the same one storage uses
-        self.assertEqual(srv.request("GET", "/%62ob/keys/", headers=alice)[0], 403)
-        self.assertEqual(srv.request("GET", "/alice/../bob/keys/", headers=alice)[0], 400)
-
-    def test_append_only_and_per_user_rights(self):
-        rules = rp.AccessRules(append_only=True, full_access_users=["maint"])
-        srv = self.serve(rules=rules)
-        alice, maint = basic("alice", "wonderland"), basic("maint", "tenance")
-        data = os.urandom(3000)
-        path = "/data/" + sha256_hex(data)
-        lock = b"a lock"
-        lock_path = "/locks/" + sha256_hex(lock)
-        self.assertEqual(srv.request("POST", "/config", b"cfg", alice)[0], 200)
-        self.assertEqual(srv.request("POST", path, data, alice)[0], 200)
-        self.assertEqual(srv.request("POST", path, data, alice)[0], 200)     # same-bytes retry
-        self.assertEqual(srv.request("POST", "/config", b"cfg", alice)[0], 200)
-        self.assertEqual(srv.request("POST", "/config", b"new", alice)[0], 403)
-        self.assertEqual(srv.request("POST", lock_path, lock, alice)[0], 200)
-        for p in (path, "/config", "/keys/" + "0" * 64, "/index/" + "0" * 64, "/snapshots/" + "0" * 64):
-            self.assertEqual(srv.request("DELETE", p, headers=alice)[0], 403, p)
-        self.assertEqual(srv.request("DELETE", lock_path, headers=alice)[0], 200)
-        self.assertEqual(srv.request("GET", path, headers=alice)[2], data)
-        self.assertEqual(srv.request("DELETE", path, headers=maint)[0], 200)
-        self.assertEqual(srv.request("HEAD", path, headers=maint)[0], 404)
-        # the other way round: only bob is append-only
-        rules = rp.AccessRules(append_only_users=["bob"])
-        self.assertTrue(rules.is_append_only("bob"))
-        self.assertFalse(rules.is_append_only("alice"))
-        self.assertTrue(rules.may_delete("bob", "locks"))
-        self.assertFalse(rules.may_delete("bob", "snapshots"))
-
-    def test_quota_per_repository(self):
-        srv = self.serve(max_size=10000)
-        alice = basic("alice", "wonderland")
-        blobs = [os.urandom(4000) for _ in range(3)]
-        self.assertEqual(srv.request("POST", "/r1/data/" + sha256_hex(blobs[0]), blobs[0], alice)[0], 200)
-        self.assertEqual(srv.request("POST", "/r1/data/" + sha256_hex(blobs[1]), blobs[1], alice)[0], 200)
-        status, _, body = srv.request("POST", "/r1/data/" + sha256_hex(blobs[2]), blobs[2], alice)
-        self.assertEqual(status, 507, body)
-        self.assertEqual(srv.request("HEAD", "/r1/data/" + sha256_hex(blobs[2]), headers=alice)[0], 404)
-        # another repository has its own quota
-        self.assertEqual(srv.request("POST", "/r2/data/" + sha256_hex(blobs[2]), blobs[2], alice)[0], 200)
-        # deleting gives the room back
-        self.assertEqual(srv.request("DELETE", "/r1/data/" + sha256_hex(blobs[0]), headers=alice)[0], 200)
-        self.assertEqual(srv.request("POST", "/r1/data/" + sha256_hex(blobs[2]), blobs[2], alice)[0], 200)
-
-    def test_quota_counts_what_is_already_stored(self):
-        st = rp.LocalStorage(os.path.join(self.tmp, "repos"))
-        big = os.urandom(9000)
-        with rp.HashingSpool.from_bytes(big) as s:
-            st.put(rp.ObjectRef(("r",), "data", sha256_hex(big)), s)
-        srv = self.serve(max_size=10000)
-        small = os.urandom(2000)
-        status = srv.request("POST", "/r/data/" + sha256_hex(small), small, basic("bob", "builder"))[0]
-        self.assertEqual(status, 507)
-
-    def test_metrics(self):
-        opts = rp.ServerOptions(prometheus=True)
-        srv = self.serve(options=opts, track_usage=True)
-        alice = basic("alice", "wonderland")
-        self.assertEqual(srv.request("GET", "/metrics")[0], 401)
-        before = rp.METRICS.value("rest_server_blob_write_total", user="alice", repo="m", type="snapshots")
-        snap = b"snapshot bytes"
-        self.assertEqual(srv.request("POST", "/m/?create=true", headers=alice)[0], 200)
-        self.assertEqual(srv.request("POST", "/m/snapshots/" + sha256_hex(snap), snap, alice)[0], 200)
-        self.assertEqual(srv.request("GET", "/m/snapshots/" + sha256_hex(snap), headers=alice)[0], 200)
-        status, headers, body = srv.request("GET", "/metrics", headers=alice)
-        self.assertEqual(status, 200)
-        samples = parse_prometheus(body.decode())
-        key = ('rest_server_blob_write_total', (("repo", "m"), ("type", "snapshots"), ("user", "alice")))
-        self.assertEqual(samples[key], before + 1)
-        self.assertEqual(samples[("restic123pan_repository_bytes", (("repo", "m"),))], len(snap))
-        self.assertEqual(samples[("restic123pan_repository_objects", (("repo", "m"), ("type", "snapshots")))], 1)
-        self.assertIn(("restic123pan_repository_last_snapshot_timestamp_seconds", (("repo", "m"),)), samples)
-        # with --private-repos only the user "metrics" may read it
-        srv2 = self.serve(rules=rp.AccessRules(private_repos=True),
-                          options=rp.ServerOptions(prometheus=True, private_repos=True))
-        self.assertEqual(srv2.request("GET", "/metrics", headers=alice)[0], 403)
-        self.assertEqual(srv2.request("GET", "/metrics", headers=basic("metrics", "scrape"))[0], 200)
-        srv3 = self.serve(options=rp.ServerOptions(prometheus=True, prometheus_no_auth=True))
-        self.assertEqual(srv3.request("GET", "/metrics")[0], 200)
-        # without --prometheus, /metrics is just a repository called "metrics"
-        srv4 = self.serve()
-        self.assertEqual(srv4.request("GET", "/metrics", headers=alice)[0], 405)
+    def test_all_together_with_random_faults(self):
+        emu = self.start_emulator()
+        for switch, turn_on in self.SWITCHES.items():
+            if switch != "cdn_close_delimited":         # one framing at a time
+                turn_on(emu)
+        for kind, p in (("429", 0.05), ("500", 0.03), ("502", 0.03), ("drop", 0.03),
+                        ("401", 0.02)):
+            emu.fail_randomly(kind, p, seed=len(kind) * 7 + int(p * 100))
+        self.scenario(emu, "all", 12, ["-o", "rest.connections=8"])
+        self.assertGreater(emu.rejected[(SINGLE, 1)], 0)
+        self.assertGreater(emu.rejected[(DOWNLOAD_INFO, 20103)], 0)
+        self.assertGreater(sum(n for (ep, code), n in emu.rejected.items() if code == 401), 0)
+        self.assertGreater(sum(emu.rejected.values()), 25, "the faults did not happen")
 
 
-def parse_prometheus(text):
-    """{(name, sorted label pairs): value}; fails on any malformed line."""
-    samples = {}
-    line_re = re.compile(r'\A([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)\Z')
-    label_re = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|\Z)')
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            if line.startswith("# TYPE"):
-                assert line.split()[3] in ("counter", "gauge"), line
-            continue
-        m = line_re.match(line)
-        assert m, "bad metrics line %r" % line
-        labels = tuple(sorted(label_re.findall(m.group(2) or "")))
-        samples[(m.group(1), labels)] = float(m.group(3))
-    return samples
+class CloudreveEndToEndTest(ResticEndToEndBase):
+    """restic -> our server (--backend cloudreve) -> the Cloudreve 4 emulator."""
+
+    def start_emulator(self, **kw):
+        emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD, **kw).start()
+        self.addCleanup(emu.stop)
+        return emu
+
+    def start_cloudreve_server(self, emu, *extra, **kw):
+        # the password in the environment, as the README recommends (or in a file)
+        return self.start_server(
+            "--backend", "cloudreve", "--cloudreve-url", emu.base_url,
+            "--cloudreve-user", CR_EMAIL, "--state-dir", os.path.join(self.tmp, "state"),
+            *extra, env=kw.get("env", {"CLOUDREVE_PASSWORD": CR_PASSWORD}))
+
+    def finish(self, emu, title):
+        """Stop the server, print the calls per endpoint, then check what is left on
+        the site: no placeholder or open upload session, nothing in the trash or in
+        old versions (every byte the site counts belongs to a live file), and no
+        bug of the emulator's own."""
+        self.stop_server(self.server_proc)
+        calls = dict(sorted(emu.calls.items()))
+        rejected = dict(sorted(emu.rejected.items(), key=str))
+        sys.stderr.write("\n%s: Cloudreve API calls by endpoint %s\n  refused or faulted: %s\n"
+                         % (title, json.dumps(calls), rejected))
+        self.assertEqual(emu.errors, [])
+        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
+        live, folders = 0, ["/"]
+        while folders:
+            folder = folders.pop()
+            for node in emu.children(folder):
+                if node["type"] == 1:
+                    folders.append(folder.rstrip("/") + "/" + node["name"])
+                else:
+                    live += node["size"]
+        self.assertEqual(emu.used_bytes(), live, "trash or stale versions left behind")
+        log_text = self.server_log_text()
+        self.assertNotIn(CR_PASSWORD, log_text)
+        return calls
+
+    def test_clean_run(self):
+        emu = self.start_emulator()
+        url = self.start_cloudreve_server(emu)
+        self.run_scenario("rest:" + url + "home/laptop/")
+        calls = self.finish(emu, "Cloudreve clean")
+        self.assertEqual(calls[CR_LOGIN], 1)
+        # nothing refused but the listing of the repository before `init` made it
+        self.assertEqual(dict(emu.rejected), {(CR_LIST, 40016): 1})
+        self.assertGreater(calls[CR_DELETE], 0)
+
+    def test_faults_lose_nothing(self):
+        emu = self.start_emulator(chunk_size=1024 * 1024)
+        for i, (kind, p) in enumerate((("500", 0.02), ("502", 0.02), ("504", 0.01),
+                                       ("429", 0.01), ("drop", 0.02), ("drop_after", 0.02),
+                                       ("401", 0.02), ("409", 0.01), ("40073", 0.01),
+                                       ("50001", 0.01), ("50004", 0.01))):
+            emu.fail_randomly(kind, p, seed=100 + i)
+        password_file = os.path.join(self.tmp, "cloudreve-password")
+        with open(password_file, "w") as f:
+            f.write(CR_PASSWORD + "\n")
+        url = self.start_cloudreve_server(emu, "--cloudreve-password-file", password_file,
+                                          env={})
+        repo = "rest:" + url
+        options = ["-o", "rest.connections=8"]
+        self.run_scenario(repo, options=options, total_mib=24)
+        # expired tokens and download links before a last full read
+        emu.expire_access_tokens()
+        emu.expire_download_urls()
+        self.restic_run(repo, "check", "--read-data", options=options)
+        self.finish(emu, "Cloudreve with faults")
+        self.assertGreater(sum(emu.rejected.values()), 25, "the faults did not happen")
+
+    def test_graceful_restart_serves_from_the_cache_without_listing(self):
+        """After a graceful restart, snapshots, a backup of changed files, check and
+        a restore make no folder listing on the site: the metadata cache in
+        --state-dir knows every folder (and the storage policy)."""
+        emu = self.start_emulator()
+        url = self.start_cloudreve_server(emu)
+        src = os.path.join(self.tmp, "src")
+        make_tree(src, seed=7, total_mib=4)
+        self.restic_run("rest:" + url, "init")
+        self.restic_run("rest:" + url, "backup", src)
+        self.stop_server(self.server_proc)
+        emu.reset_calls()
+        repo = "rest:" + self.start_cloudreve_server(emu)     # the same state directory
+        self.assertEqual(len(self.snapshot_ids(repo, [])), 1)
+        change_tree(src, seed=8)
+        changed = manifest(src)
+        self.restic_run(repo, "backup", src)
+        self.restic_run(repo, "check")
+        target = os.path.join(self.tmp, "restore")
+        self.restic_run(repo, "restore", "latest", "--target", target)
+        self.assertEqual(manifest(os.path.join(target, os.path.relpath(src, "/"))), changed)
+        self.assertGreater(emu.calls[CR_SESSION], 0)
+        self.assertEqual(emu.calls[CR_LIST], 0)
+        self.assertRegex(self.server_log_text(),
+                         r"Cloudreve cache warm-up done in [0-9.]+s: \d+ objects in \d+ "
+                         r"folders, 0 folders listed with 0 list calls")
+        self.finish(emu, "Cloudreve after a graceful restart")
+        self.assertEqual(emu.calls[CR_LOGIN], 0)
+
+    def test_objects_larger_than_one_chunk(self):
+        emu = self.start_emulator(chunk_size=256 * 1024, page_size=100)
+        url = self.start_cloudreve_server(emu)
+        self.run_scenario("rest:" + url, total_mib=24)
+        calls = self.finish(emu, "Cloudreve 256 KiB chunks")
+        self.assertGreater(calls[CR_CHUNK], 4 * calls[CR_SESSION])
 
 
-def make_certificate(folder):
-    """A self-signed certificate for 127.0.0.1 made with the openssl command."""
-    require_tool("openssl", "openssl")
-    openssl = shutil.which("openssl")
-    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                    "-keyout", key, "-out", cert], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, timeout=120)
-    return cert, key
+class CloudrevePolicyEndToEndBase(CloudreveEndToEndTest):
+    """restic through the backend on one storage policy of the emulator, with
+    random faults on the site's and the provider's endpoints (a few MiB, small
+    chunks, so each policy's multi-part path runs)."""
+    policy_type, relay, chunk_size = "local", False, 512 * 1024
+
+    # the inherited scenarios run once, in CloudreveEndToEndTest
+    test_clean_run = test_faults_lose_nothing = test_objects_larger_than_one_chunk = None
+    test_graceful_restart_serves_from_the_cache_without_listing = None
+
+    def test_policy_end_to_end_with_faults(self):
+        emu = self.start_emulator(policy_type=self.policy_type, relay=self.relay,
+                                  chunk_size=self.chunk_size, page_size=200)
+        for i, (kind, p) in enumerate((("500", 0.02), ("502", 0.02), ("drop", 0.02),
+                                       ("drop_after", 0.02), ("401", 0.02), ("50001", 0.01))):
+            emu.fail_randomly(kind, p, seed=200 + i)
+        url = self.start_cloudreve_server(emu)
+        self.run_scenario("rest:" + url, options=["-o", "rest.connections=4"], total_mib=6)
+        calls = self.finish(emu, "Cloudreve on a %s policy%s" % (
+            self.policy_type, " with relay" if self.relay else ""))
+        self.assertGreater(sum(emu.rejected.values()), 5, "the faults did not happen")
+        if emu.uses_provider():
+            self.assertEqual(calls.get(CR_CHUNK, 0), 0)
+            self.assertGreater(sum(n for k, n in calls.items() if not k.startswith(
+                ("GET /api", "POST /api", "PUT /api", "DELETE /api", "HEAD /api"))), 0)
 
 
-class TransportTest(unittest.TestCase):
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="r123-net-")
-        self.addCleanup(shutil.rmtree, self.tmp)
+class CloudreveRelayEndToEndTest(CloudrevePolicyEndToEndBase):
+    policy_type, relay = "s3", True
 
-    def test_tls_minimum_version_and_certificate_reload(self):
-        import ssl
+
+class CloudreveRemoteEndToEndTest(CloudrevePolicyEndToEndBase):
+    policy_type = "remote"
+
+
+class CloudreveS3EndToEndTest(CloudrevePolicyEndToEndBase):
+    policy_type = "s3"
+
+
+class CloudreveOneDriveEndToEndTest(CloudrevePolicyEndToEndBase):
+    policy_type, chunk_size = "onedrive", 2 * 320 * 1024
+
+
+class CloudreveUpyunEndToEndTest(CloudrevePolicyEndToEndBase):
+    policy_type = "upyun"
+
+
+class AccessEndToEndTest(ResticEndToEndBase):
+    def test_tls_users_and_append_only_with_real_restic(self):
         cert, key = make_certificate(self.tmp)
-        srv = ServerThread(rp.LocalStorage(os.path.join(self.tmp, "repos")),
-                           dict(tls=(cert, key, "1.2")))
-        self.addCleanup(srv.stop)
-        ctx = ssl.create_default_context(cafile=cert)
-        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx, timeout=30)
-        conn.request("GET", "/keys/")
-        self.assertEqual(conn.getresponse().status, 200)
-        conn.close()
-        self.assertEqual(srv.server.base_url()[:8], "https://")
-        # plain HTTP on the TLS port gets nowhere
-        reply = srv.raw(b"GET /keys/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        self.assertNotIn(b"200 OK", reply)
-        old = ssl.create_default_context(cafile=cert)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            old.maximum_version = ssl.TLSVersion.TLSv1_1
-            old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
-        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=old, timeout=30)
-        self.assertRaises((ssl.SSLError, OSError), conn.request, "GET", "/keys/")
-        conn.close()
-        # SIGHUP loads a new certificate for new connections
-        new_dir = os.path.join(self.tmp, "new")
-        os.mkdir(new_dir)
-        cert2, key2 = make_certificate(new_dir)
-        shutil.copy(cert2, cert)
-        shutil.copy(key2, key)
-        srv.server.reload()
-        ctx2 = ssl.create_default_context(cafile=cert2)
-        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx2, timeout=30)
-        conn.request("GET", "/keys/")
-        self.assertEqual(conn.getresponse().status, 200)
-        conn.close()
-
-    def test_unix_socket(self):
-        path = os.path.join(self.tmp, "restic.sock")
-        service = rp.RepositoryService(rp.LocalStorage(os.path.join(self.tmp, "repos")))
-        server = rp.ResticUnixServer(path, service)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-        thread.start()
-        try:
-            data = b"over a unix socket"
-            conn = UnixHTTPConnection(path)
-            conn.request("POST", "/u/keys/" + sha256_hex(data), body=data)
-            self.assertEqual(conn.getresponse().status, 200)
-            conn.close()
-            conn = UnixHTTPConnection(path)
-            conn.request("GET", "/u/keys/" + sha256_hex(data))
-            self.assertEqual(conn.getresponse().read(), data)
-            conn.close()
-            self.assertEqual(server.base_url(), "http+unix://%s:/" % path)
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join()
-        self.assertFalse(os.path.exists(path))
-
-    def test_systemd_socket_activation(self):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        port = listener.getsockname()[1]
-        fd = listener.fileno()
-        env = dict(os.environ, LISTEN_FDS="1")
-        env.pop("LISTEN_PID", None)
-        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--path", os.path.join(self.tmp, "r"),
-                                 "--listen", "127.0.0.1:1"],   # ignored: the passed socket wins
-                                env=env, pass_fds=(fd,), preexec_fn=lambda: os.dup2(fd, 3),
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
-        listener.close()
-        self.assertIn(":%d/" % port, read_server_url(proc))
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.request("GET", "/keys/")
-        self.assertEqual(conn.getresponse().status, 200)
-        conn.close()
-        proc.send_signal(signal.SIGTERM)
-        self.assertEqual(proc.wait(timeout=60), 0)
-        proc.stdout.close()
-
-    def test_refuses_open_server_on_public_address(self):
-        r = subprocess.run([sys.executable, SERVER_SCRIPT, "--listen", "0.0.0.0:0", "--path", self.tmp],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-                           timeout=60)
-        self.assertEqual(r.returncode, 2)
-        self.assertIn("refusing to serve", r.stderr)
-        self.assertIn("--no-auth", r.stderr)
-        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--listen", "0.0.0.0:0", "--path", self.tmp,
-                                 "--no-auth"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                universal_newlines=True)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
-        read_server_url(proc)
-        proc.send_signal(signal.SIGTERM)
-        self.assertEqual(proc.wait(timeout=60), 0)
-        proc.stdout.close()
-
-    def test_sighup_reloads_the_users(self):
         data = os.path.join(self.tmp, "repos")
         os.makedirs(data)
-        users = os.path.join(data, ".htpasswd")
-        with open(users, "w") as f:
-            f.write("alice:%s\n" % sha1_htpasswd("a"))
-        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--listen", "127.0.0.1:0", "--path", data],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
-        wait_for_line(proc.stderr, "htpasswd %s: 1 users" % users, proc)
-        port = int(read_server_url(proc).rsplit(":", 1)[1].strip("/"))
-
-        def status(user, password):
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            conn.request("GET", "/keys/", headers=basic(user, password))
-            result = conn.getresponse().status
-            conn.close()
-            return result
-
-        self.assertEqual(status("bob", "b"), 401)
-        with open(users, "w") as f:
-            f.write("alice:%s\nbob:%s\n" % (sha1_htpasswd("a"), sha1_htpasswd("b")))
-        proc.send_signal(signal.SIGHUP)
-        # the reload is logged before any login could have triggered one
-        wait_for_line(proc.stderr, "htpasswd %s: 2 users" % users, proc)
-        self.assertEqual(status("bob", "b"), 200)
-        proc.send_signal(signal.SIGTERM)
-        self.assertEqual(proc.wait(timeout=60), 0)
-        proc.stdout.close()
-        proc.stderr.close()
-
-    def test_contradictory_options(self):
-        for argv in (["--no-auth", "--private-repos"], ["--tls-cert", "x"],
-                     ["--prometheus-no-auth"], ["--append-only-users", "a", "--full-access-users", "a"],
-                     ["--max-size", "lots"], ["--append-only-users", "a/b"],
-                     ["--htpasswd-file", os.path.join(self.tmp, "missing")],
-                     ["--private-repos", "--path", self.tmp]):
-            r = subprocess.run([sys.executable, SERVER_SCRIPT, "--listen", "127.0.0.1:0"] + argv,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-                               timeout=60)
-            self.assertEqual(r.returncode, 2, (argv, r.stderr))
-            self.assertEqual(len(r.stderr.strip().splitlines()), 1, (argv, r.stderr))
-
-    def test_access_log_file_in_combined_format(self):
-        log_path = os.path.join(self.tmp, "access.log")
-        access_log = rp.AccessLogFile(log_path)
-        srv = ServerThread(rp.LocalStorage(os.path.join(self.tmp, "repos")), dict(access_log=access_log))
-        self.addCleanup(srv.stop)
-        srv.request("GET", "/keys/", headers={"User-Agent": "restic/0.14.0", "Referer": "x"})
-        srv.request("HEAD", "/config")
-        # the client may read the answer before the server wrote its log line
-        self.assertTrue(srv.server.tracker.wait_idle(30))
-        access_log.close()
-        with open(log_path) as f:
-            lines = f.read().splitlines()
-        combined = re.compile(r'\A127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] '
-                              r'"(\S+) (\S+) HTTP/1\.1" (\d{3}) (\d+) "([^"]*)" "([^"]*)"\Z')
-        m = [combined.match(l) for l in lines]
-        self.assertTrue(all(m), lines)
-        # each line is written after its answer went out: either may come first
-        self.assertEqual(sorted(x.groups() for x in m),
-                         [("GET", "/keys/", "200", "2", "x", "restic/0.14.0"),
-                          ("HEAD", "/config", "404", "0", "-", "-")])
-
-    def test_byte_counts(self):
-        self.assertEqual(rp._byte_count("1000"), 1000)
-        self.assertEqual(rp._byte_count("2K"), 2048)
-        self.assertEqual(rp._byte_count("500M"), 500 * 1024 ** 2)
-        self.assertEqual(rp._byte_count("1GiB"), 1024 ** 3)
-        self.assertEqual(rp._byte_count("3t"), 3 * 1024 ** 4)
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path):
-        http.client.HTTPConnection.__init__(self, "localhost", timeout=30)
-        self.unix_path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(self.unix_path)
-
-
-class GracefulShutdownTest(unittest.TestCase):
-    def test_sigterm_lets_a_running_upload_finish_then_exits_0(self):
-        tmp = tempfile.mkdtemp(prefix="r123-stop-")
-        self.addCleanup(shutil.rmtree, tmp)
-        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--listen", "127.0.0.1:0",
-                                 "--path", tmp], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                universal_newlines=True)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
-        url = read_server_url(proc)
-        port = int(url.rsplit(":", 1)[1].strip("/"))
-        data = os.urandom(100000)
-        path = "/data/" + sha256_hex(data)
-        s = socket.create_connection(("127.0.0.1", port), timeout=30)
-        s.sendall(("POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path, len(data))).encode()
-                  + data[:50000])
-        # The kernel hands connections to accept() in the order they were made, so
-        # once a second connection has been answered the first one was accepted.
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.request("GET", "/keys/")
-        conn.getresponse().read()
-        conn.close()
-        proc.send_signal(signal.SIGTERM)
-        wait_for_line(proc.stderr, "no new connections", proc)
-        s.sendall(data[50000:])
-        reply = s.recv(1000)
-        s.close()
-        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:60])
-        self.assertEqual(proc.wait(timeout=60), 0)
-        with open(os.path.join(tmp, "data", path[6:8], path[6:]), "rb") as f:
-            self.assertEqual(f.read(), data)
-
-
-def wait_for_line(stream, needle, proc=None, timeout=120):
-    """Read until a line holds `needle`.  With `proc`, a watchdog kills the process
-    after `timeout` seconds, so a line that never comes fails the test instead of
-    hanging it."""
-    watchdog = threading.Timer(timeout, proc.kill) if proc is not None else None
-    if watchdog:
-        watchdog.daemon = True
-        watchdog.start()
-    try:
-        for line in stream:
-            if needle in line:
-                return line
-    finally:
-        if watchdog:
-            watchdog.cancel()
-    raise AssertionError("stream ended before %r" % needle)
-
-
-def read_server_url(proc):
-    line = wait_for_line(proc.stdout, "restic -r rest:", proc)
-    return re.search(r"rest:(\S+)", line).group(1)
-
-
-# ---------------------------------------------------------------------------
-# Performance and scale (issue 12): write once, zero-copy reads, streamed
-# listings, a Python without ssl or sqlite3
-# ---------------------------------------------------------------------------
-
-class LocalWriteOnceTest(unittest.TestCase):
-    """The local backend writes an upload's bytes once, straight into a temporary
-    file in the object's own folder, computing SHA-256 only; whatever is refused
-    leaves nothing behind."""
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="r123-once-")
-        self.addCleanup(shutil.rmtree, self.tmp)
-        self.root = os.path.join(self.tmp, "repos")
-        self.spool_dir = os.path.join(self.tmp, "spool")
-        os.mkdir(self.spool_dir)
-        self.srv = ServerThread(rp.LocalStorage(self.root),
-                                server_args={"spool_dir": self.spool_dir})
-        self.addCleanup(self.srv.stop)
-        self.assertEqual(self.srv.request("POST", "/r/?create=true")[0], 200)
-
-    def folder(self, name):
-        return os.path.join(self.root, "r", "data", name[:2])
-
-    def test_upload_goes_straight_to_the_target_folder_without_md5(self):
-        data = os.urandom(3 * rp.SPOOL_MEMORY_LIMIT + 5)
-        name = sha256_hex(data)
-        seen = []
-        real_replace = os.replace
-
-        def spying_replace(src, dst):
-            seen.append((os.path.dirname(src), os.path.getsize(src)))
-            return real_replace(src, dst)
-
-        def refuse(*a, **kw):
-            raise AssertionError("no MD5 and no spool outside the target folder")
-
-        with mock.patch.object(rp.hashlib, "md5", refuse), \
-                mock.patch.object(rp.tempfile, "SpooledTemporaryFile", refuse), \
-                mock.patch.object(rp.os, "replace", spying_replace):
-            self.assertEqual(self.srv.request("POST", "/r/data/" + name, data)[0], 200)
-        self.assertEqual(seen, [(self.folder(name), len(data))])
-        self.assertEqual(os.listdir(self.folder(name)), [name])
-        self.assertEqual(os.listdir(self.spool_dir), [])
-        self.assertEqual(self.srv.request("GET", "/r/data/" + name)[2], data)
-
-    def test_mismatch_short_body_and_reputs_leave_nothing_behind(self):
-        data = os.urandom(300000)
-        name = sha256_hex(data)
-        wrong = sha256_hex(b"something else")
-        self.assertEqual(self.srv.request("POST", "/r/data/" + wrong, data)[0], 400)
-        self.assertEqual(os.listdir(self.folder(wrong)), [])
-        # a body that ends early: 400, no temporary file left in the folder
-        s = socket.create_connection(("127.0.0.1", self.srv.port), timeout=30)
-        s.sendall(b"POST /r/data/" + name.encode() + b" HTTP/1.1\r\nHost: x\r\n"
-                  b"Content-Length: %d\r\n\r\n" % len(data) + data[:1000])
-        s.shutdown(socket.SHUT_WR)
-        reply = s.recv(65536)
-        s.close()
-        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:60])
-        self.assertEqual(os.listdir(self.folder(name)), [])
-        self.assertEqual(self.srv.request("POST", "/r/data/" + name, data)[0], 200)
-        self.assertEqual(self.srv.request("POST", "/r/data/" + name, data)[0], 200)  # a retry
-        self.assertEqual(os.listdir(self.folder(name)), [name])
-        self.assertEqual(self.srv.request("POST", "/r/config", b"one")[0], 200)
-        self.assertEqual(self.srv.request("POST", "/r/config", b"one")[0], 200)
-        self.assertEqual(self.srv.request("POST", "/r/config", b"two")[0], 403)
-        self.assertEqual(sorted(n for n in os.listdir(os.path.join(self.root, "r"))
-                                if not os.path.isdir(os.path.join(self.root, "r", n))),
-                         ["config"])
-        self.assertEqual(self.srv.request("GET", "/r/config")[2], b"one")
-
-    def test_disk_full_while_receiving_is_507_and_removes_the_file(self):
-        st = rp.LocalStorage(self.root)
-        ref = rp.ObjectRef(("r",), "data", "ee" * 32)
-        spool = st.new_spool(ref)
-        path = spool.path
-        self.assertEqual(os.path.dirname(path), self.folder(ref.name))
-
-        class FullFile(object):
-            def __init__(self, real):
-                self.real = real
-
-            def write(self, data):
-                raise OSError(errno.ENOSPC, "No space left on device")
-
-            def __getattr__(self, name):
-                return getattr(self.real, name)
-
-        spool._file = FullFile(spool._file)
-        with self.assertRaises(rp.QuotaExceeded):
-            rp.HashingSpool.from_stream(io.BytesIO(b"x" * 100), 100, spool=spool)
-        self.assertFalse(os.path.exists(path))
-
-    def test_only_the_digests_a_backend_declares_are_computed(self):
-        ref = rp.ObjectRef((), "data", "00" * 32)
-        self.assertIn("md5", rp.Pan123Storage.digests)
-        self.assertNotIn("md5", rp.CloudreveStorage.digests)
-        self.assertNotIn("md5", rp.LocalStorage.digests)
-
-        class NeedsMd5(rp.Storage):
-            digests = ("md5",)
-
-        for storage, md5 in ((rp.Storage(), None), (NeedsMd5(), hashlib.md5(b"abc").hexdigest())):
-            with rp.HashingSpool.from_stream(io.BytesIO(b"abc"), 3,
-                                             spool=storage.new_spool(ref)) as s:
-                self.assertEqual((s.md5, s.sha256, s.read_all()), (md5, sha256_hex(b"abc"), b"abc"))
-
-    def test_bodies_are_read_into_one_reused_buffer(self):
-        data = os.urandom(3 * rp.BODY_BUFFER + 3)
-
-        class OnlyReadinto(io.RawIOBase):
-            def __init__(self):
-                self.src = io.BytesIO(data)
-                self.buffers = set()
-
-            def readable(self):
-                return True
-
-            def readinto(self, b):
-                self.buffers.add(id(b.obj))
-                return self.src.readinto(b)
-
-            def read(self, n=-1):
-                raise AssertionError("read() makes a new bytes object per chunk")
-
-        stream = OnlyReadinto()
-        with rp.HashingSpool.from_stream(stream, len(data)) as s:
-            self.assertEqual((s.sha256, s.read_all()), (sha256_hex(data), data))
-        self.assertEqual(len(stream.buffers), 1)
-
-
-class LocalSendfileTest(unittest.TestCase):
-    """Plain-HTTP GETs of a local object go out with socket.sendfile, counted in the
-    metrics exactly as copied ones are."""
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="r123-sendfile-")
-        self.addCleanup(shutil.rmtree, self.tmp)
-        self.srv = ServerThread(rp.LocalStorage(self.tmp))
-        self.addCleanup(self.srv.stop)
-
-    def test_get_and_ranges_use_sendfile_and_are_counted(self):
-        data = os.urandom(700000)
-        path = "/sf/data/" + sha256_hex(data)
-        self.assertEqual(self.srv.request("POST", path, data)[0], 200)
-        calls = []
-        real = socket.socket.sendfile
-
-        def spy(sock, file, offset=0, count=None):
-            calls.append((offset, count))
-            return real(sock, file, offset, count)
-
-        before = rp.METRICS.total("rest_server_blob_read_bytes_total", repo="sf")
-        with mock.patch.object(socket.socket, "sendfile", spy):
-            self.assertEqual(self.srv.request("GET", path)[2], data)
-            status, _, body = self.srv.request("GET", path, headers={"Range": "bytes=1000-1999"})
-            self.assertEqual((status, body), (206, data[1000:2000]))
-            conn = self.srv.connection()        # keep-alive goes on after a sendfile
-            for _ in range(2):
-                conn.request("GET", path, headers={"Range": "bytes=-10"})
-                self.assertEqual(conn.getresponse().read(), data[-10:])
-            conn.close()
-        self.assertEqual(calls, [(0, 700000), (1000, 1000), (699990, 10), (699990, 10)])
-        self.assertEqual(rp.METRICS.total("rest_server_blob_read_bytes_total", repo="sf")
-                         - before, 700000 + 1000 + 20)
-
-
-class _ListingStorage(rp.LocalStorage):
-    """A local storage whose data/ listing is a generator of made-up entries that
-    may fail after `fail_after` of them."""
-
-    def __init__(self, root, count, fail_after=None):
-        rp.LocalStorage.__init__(self, root)
-        self.count = count
-        self.fail_after = fail_after
-
-    def list(self, repo, kind):
-        if kind != "data":
-            return rp.LocalStorage.list(self, repo, kind)
-        return self._entries()
-
-    def _entries(self):
-        for i in range(self.count):
-            if i == self.fail_after:
-                raise rp.StorageError("the listing broke off")
-            yield "%064x" % i, i
-
-
-class StreamingListingTest(unittest.TestCase):
-    """Listings are produced while the storage yields them: chunked (HTTP/1.1) or
-    close-delimited (HTTP/1.0), memory flat, and a failure midway cuts the
-    connection instead of ending a shorter list."""
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="r123-list-")
-        self.addCleanup(shutil.rmtree, self.tmp)
-
-    def serve(self, count, fail_after=None):
-        srv = ServerThread(_ListingStorage(self.tmp, count, fail_after))
-        self.addCleanup(srv.stop)
-        return srv
-
-    def expected(self, count):
-        return [{"name": "%064x" % i, "size": i} for i in range(count)]
-
-    def test_local_listing_is_lazy(self):
-        st = rp.LocalStorage(self.tmp)
-        st.create_repository(())
-        for kind in ("data", "keys"):
-            entries = st.list((), kind)
-            self.assertIs(iter(entries), entries)   # an iterator, not a built list
-            self.assertEqual(list(entries), [])
-
-    def test_cloud_listings_read_one_folder_at_a_time(self):
-        read = []
-
-        def list_folder(folder):
-            read.append(folder)
-            if folder == "bad":
-                raise rp.StorageError("cannot list")
-            return [(folder, 1)]
-
-        entries = rp.folder_by_folder(["a", "b", "c"], list_folder)
-        self.assertEqual(read, ["a"])           # the first one before returning
-        self.assertEqual(next(entries), ("a", 1))
-        self.assertEqual(read, ["a"])
-        self.assertEqual(list(entries), [("b", 1), ("c", 1)])
-        self.assertEqual(read, ["a", "b", "c"])
-        self.assertRaises(rp.StorageError, rp.folder_by_folder, ["bad", "a"], list_folder)
-        self.assertEqual(list(rp.folder_by_folder([], list_folder)), [])
-
-    def test_long_listing_is_chunked_and_complete(self):
-        srv = self.serve(5000)
-        status, headers, body = srv.request("GET", "/data/", headers={"Accept": V2})
-        self.assertEqual((status, headers.get("transfer-encoding")), (200, "chunked"))
-        self.assertNotIn("content-length", headers)
-        self.assertEqual(json.loads(body.decode()), self.expected(5000))
-        status, headers, body = srv.request("GET", "/data/")
-        self.assertEqual(headers["content-type"], rp.MEDIA_V1)
-        self.assertEqual(json.loads(body.decode()), ["%064x" % i for i in range(5000)])
-        # a short listing still has its Content-Length
-        status, headers, body = self.serve(3).request("GET", "/data/", headers={"Accept": V2})
-        self.assertEqual((headers.get("content-length"), json.loads(body.decode())),
-                         (str(len(body)), self.expected(3)))
-
-    def test_http10_listing_is_close_delimited(self):
-        srv = self.serve(5000)
-        reply = srv.raw(b"GET /data/ HTTP/1.0\r\nAccept: " + V2.encode() + b"\r\n\r\n")
-        head, _, body = reply.partition(b"\r\n\r\n")
-        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head[:40])
-        self.assertNotIn(b"content-length", head.lower())
-        self.assertNotIn(b"transfer-encoding", head.lower())
-        self.assertEqual(json.loads(body.decode()), self.expected(5000))
-
-    def test_failure_midway_cuts_the_connection(self):
-        srv = self.serve(10000, fail_after=7000)
-        conn = srv.connection()
-        conn.request("GET", "/data/", headers={"Accept": V2})
-        resp = conn.getresponse()
-        self.assertEqual(resp.status, 200)
-        self.assertRaises(http.client.IncompleteRead, resp.read)
-        conn.close()
-        reply = srv.raw(b"GET /data/ HTTP/1.1\r\nHost: x\r\n\r\n")   # read to the cut
-        self.assertFalse(reply.endswith(b"0\r\n\r\n"))
-        self.assertFalse(reply.rstrip().endswith(b"]"))
-        reply = srv.raw(b"GET /data/ HTTP/1.0\r\n\r\n")      # close-delimited: no "]"
-        self.assertFalse(reply.rstrip().endswith(b"]"))
-
-    def test_failure_before_anything_was_sent_is_an_error_status(self):
-        srv = self.serve(10000, fail_after=10)
-        status, _, body = srv.request("GET", "/data/", headers={"Accept": V2})
-        self.assertEqual(status, 502)
-        self.assertIn(b"broke off", body)
-
-    def test_memory_stays_flat(self):
-        import tracemalloc
-        srv = self.serve(100000)
-        tracemalloc.start()
-        try:
-            conn = srv.connection()
-            conn.request("GET", "/data/", headers={"Accept": V2})
-            resp = conn.getresponse()
-            received = 0
-            while True:
-                piece = resp.read(65536)
-                if not piece:
-                    break
-                received += len(piece)
-            conn.close()
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-        # 100,000 entries are almost 9 MB of JSON; a listing built in memory needs
-        # several times that, a streamed one a batch or two.
-        self.assertGreater(received, 8000000)
-        self.assertLess(peak, 3 * 1024 * 1024)
+        require_tool("htpasswd", "apache2-utils")
+        alice_line = subprocess.run(["htpasswd", "-nbB", "-C", "5", "alice", "wonderland"],
+                                    stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
+        with open(os.path.join(data, ".htpasswd"), "w") as f:      # the default location
+            f.write("%s\nmaint:%s\n" % (alice_line.strip(), sha1_htpasswd("tenance")))
+        url = self.start_server("--path", data, "--tls", "--tls-cert", cert, "--tls-key", key,
+                                "--append-only", "--full-access-users", "maint")
+        self.assertTrue(url.startswith("https://127.0.0.1:"), url)
+        hostport = url[len("https://"):].rstrip("/")
+        alice = "rest:https://alice:wonderland@%s/home/" % hostport
+        maint = "rest:https://maint:tenance@%s/home/" % hostport
+        opts = ["--cacert", cert]
+        src = os.path.join(self.tmp, "src")
+        make_tree(src, seed=3, total_mib=3)
+        self.restic_run(alice, "init", options=opts)
+        self.restic_run(alice, "backup", src, options=opts)
+        change_tree(src, seed=4)
+        self.restic_run(alice, "backup", src, options=opts)
+        self.assertEqual(len(self.snapshot_ids(alice, opts)), 2)
+        # a wrong password and an unknown CA are refused
+        self.restic_run("rest:https://alice:nope@%s/home/" % hostport, "snapshots", options=opts,
+                        expect_failure=True)
+        self.restic_run(alice, "snapshots", expect_failure=True)
+        # append-only: the backup client cannot forget ...
+        self.restic_run(alice, "forget", "--keep-last", "1", options=opts, expect_failure=True)
+        self.assertEqual(len(self.snapshot_ids(alice, opts)), 2)
+        # ... the maintenance identity can, and prunes
+        self.restic_run(maint, "forget", "--keep-last", "1", "--prune", options=opts)
+        self.assertEqual(len(self.snapshot_ids(alice, opts)), 1)
+        self.restic_run(alice, "check", "--read-data", options=opts)
+        restored = os.path.join(self.tmp, "restored")
+        self.restic_run(alice, "restore", "latest", "--target", restored, options=opts)
+        self.assertEqual(manifest(os.path.join(restored, os.path.relpath(src, "/"))), manifest(src))
 
 
 _BLOCKING_WRAPPER = r"""
@@ -1707,9 +6580,292 @@ class MinimalPythonTest(unittest.TestCase):
                                       "--listen", "127.0.0.1:0"], "ssl")
 
 
+class SoakTest(unittest.TestCase):
+    """64 connections at once mixing uploads, ranged reads, listings and deletes
+    for a fixed number of requests; the server's memory at the start and the end;
+    then every object is checked."""
+
+    CONNECTIONS = 64
+    REQUESTS_EACH = 40
+
+    def test_soak(self):
+        if UNIT_ONLY:
+            raise unittest.SkipTest("RESTIC_123PAN_UNIT_ONLY=1 (the soak runs once, in the full suite)")
+        tmp = tempfile.mkdtemp(prefix="r123-soak-")
+        self.addCleanup(shutil.rmtree, tmp)
+        log_path = os.path.join(tmp, "server.log")
+        log_file = open(log_path, "w")
+        self.addCleanup(log_file.close)
+        proc, port = start_server_process(self, "--path", os.path.join(tmp, "repos"),
+                                          stderr=log_file)
+        self.assertEqual(http_call(port, "POST", "/soak/?create=true")[0], 200)
+        lock = threading.Lock()
+        live, gone, problems = {}, set(), []
+
+        def worker(index, rounds, seed):
+            rnd = random.Random(seed)
+            mine = []
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            try:
+                for _ in range(rounds):
+                    op = rnd.random()
+                    if op < 0.45 or not mine:
+                        data = os.urandom(rnd.choice([100, 5000, 70000, 300000, 1200000]))
+                        name = sha256_hex(data)
+                        kind = rnd.choice(["data", "data", "index", "snapshots"])
+                        status = http_call(port, "POST", "/soak/%s/%s" % (kind, name), data,
+                                           conn=conn)[0]
+                        if status != 200:
+                            problems.append(("POST", status))
+                            continue
+                        mine.append((kind, name, data))
+                        with lock:
+                            live[(kind, name)] = data
+                    elif op < 0.7:
+                        kind, name, data = rnd.choice(mine)
+                        start = rnd.randrange(len(data))
+                        end = min(len(data) - 1, start + rnd.randrange(100000))
+                        status, _, body = http_call(port, "GET", "/soak/%s/%s" % (kind, name),
+                                                    headers={"Range": "bytes=%d-%d" % (start, end)},
+                                                    conn=conn)
+                        if (status, body) != (206, data[start:end + 1]):
+                            problems.append(("range", status, len(body)))
+                    elif op < 0.85:
+                        kind = rnd.choice(["data", "index", "snapshots"])
+                        status, headers, body = http_call(port, "GET", "/soak/%s/" % kind,
+                                                          headers={"Accept": V2}, conn=conn)
+                        listed = dict((e["name"], e["size"]) for e in json.loads(body.decode()))
+                        for k, n, d in mine:
+                            if k == kind and listed.get(n) != len(d):
+                                problems.append(("listing misses", kind, n))
+                    else:
+                        kind, name, data = mine.pop(rnd.randrange(len(mine)))
+                        status = http_call(port, "DELETE", "/soak/%s/%s" % (kind, name),
+                                           conn=conn)[0]
+                        if status != 200:
+                            problems.append(("DELETE", status))
+                        with lock:
+                            live.pop((kind, name), None)
+                            gone.add((kind, name))
+            except Exception as e:
+                problems.append(("exception", index, repr(e)))
+            finally:
+                conn.close()
+
+        def run_round(rounds, seed):
+            threads = [threading.Thread(target=worker, args=(i, rounds, seed * 1000 + i))
+                       for i in range(self.CONNECTIONS)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        started = time.monotonic()
+        run_round(5, 1)                 # warm-up: every thread and buffer exists once
+        _, rss_start = process_status(proc.pid)
+        sampler = ProcessSampler(proc.pid)
+        run_round(self.REQUESTS_EACH, 2)
+        sampler.stop()
+        _, rss_end = process_status(proc.pid)
+        took = time.monotonic() - started
+        self.assertEqual(problems, [])
+        # every object: listed with its size and read back whole; deleted ones gone
+        for kind in ("data", "index", "snapshots"):
+            body = http_call(port, "GET", "/soak/%s/" % kind, headers={"Accept": V2})[2]
+            listed = dict((e["name"], e["size"]) for e in json.loads(body.decode()))
+            expected = dict((n, len(d)) for (k, n), d in live.items() if k == kind)
+            self.assertEqual(listed, expected, kind)
+        for (kind, name), data in live.items():
+            self.assertEqual(sha256_hex(http_call(port, "GET", "/soak/%s/%s" % (kind, name))[2]), name)
+        for kind, name in gone - set(live):
+            self.assertEqual(http_call(port, "HEAD", "/soak/%s/%s" % (kind, name))[0], 404)
+        requests = self.CONNECTIONS * (self.REQUESTS_EACH + 5)
+        sys.stderr.write("\nsoak: %d connections, %d requests in %.1fs; server RSS %.1f MiB at the "
+                         "start, %.1f at the end (peak %.1f); %d objects checked\n"
+                         % (self.CONNECTIONS, requests, took, rss_start / 2.0 ** 20,
+                            rss_end / 2.0 ** 20, sampler.peak_rss / 2.0 ** 20, len(live)))
+        # flat: bodies are spooled and streamed, never gathered
+        self.assertLess(rss_end - rss_start, 48 * 1024 * 1024)
+        log_file.flush()
+        with open(log_path) as f:
+            text = f.read()
+        self.assertNotIn("Traceback", text)
+        self.assertNotRegex(text, r'" 5\d\d ')
+
+
+class KilledServerEndToEndTest(ResticEndToEndBase):
+    """kill -9 of the server in the middle of a backup, a restart on the same
+    address (the running restic retries into it), then unlock, another backup and
+    check --read-data: for each backend."""
+
+    def scenario(self, start):
+        url = start("127.0.0.1:0")
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        repo = "rest:" + url
+        src = os.path.join(self.tmp, "src")
+        make_tree(src, seed=11, total_mib=24)
+        self.restic_run(repo, "init")
+        backup = subprocess.Popen([self.restic, "-r", repo, "backup", src, "-o",
+                                   "rest.connections=4"], env=self.env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  universal_newlines=True)
+        self.addCleanup(lambda: backup.poll() is None and backup.kill())
+        wait_until(lambda: len(re.findall(r'"POST /data/[0-9a-f]{64}" 200',
+                                          self.server_log_text())) >= 2,
+                   timeout=300, what="two packs uploaded")
+        self.assertIsNone(backup.poll(), "the backup ended before the server was killed")
+        self.server_proc.kill()                 # mid-backup, no chance to clean up
+        self.server_proc.wait()
+        start("127.0.0.1:%d" % port)
+        try:
+            backup.communicate(timeout=600)     # it retries into the new server, or gives up
+        except subprocess.TimeoutExpired:
+            backup.kill()
+            backup.communicate()
+        sys.stderr.write("\nthe backup running through the kill -9 exited with %d\n"
+                         % backup.returncode)
+        self.restic_run(repo, "unlock")
+        change_tree(src, seed=12)
+        self.restic_run(repo, "backup", src)
+        self.restic_run(repo, "check", "--read-data")
+        self.assertGreaterEqual(len(self.snapshot_ids(repo, [])), 1)
+        restored = os.path.join(self.tmp, "restored")
+        self.restic_run(repo, "restore", "latest", "--target", restored)
+        self.assertEqual(manifest(os.path.join(restored, os.path.relpath(src, "/"))), manifest(src))
+        return backup.returncode
+
+    def test_local(self):
+        data = os.path.join(self.tmp, "repos")
+        self.scenario(lambda listen: self.start_server("--path", data, "--listen", listen))
+
+    def test_123pan(self):
+        emu = Pan123Emulator().start()
+        self.addCleanup(emu.stop)
+        state = os.path.join(self.tmp, "state")
+        self.scenario(lambda listen: self.start_server(
+            "--backend", "123pan", "--api-base", emu.api_base, "--client-id", "emu-client",
+            "--state-dir", state, "--listen", listen, env={"PAN123_CLIENT_SECRET": "emu-secret"}))
+        self.assertEqual(emu.errors, [])
+
+    def test_cloudreve(self):
+        emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD).start()
+        self.addCleanup(emu.stop)
+        state = os.path.join(self.tmp, "state")
+        self.scenario(lambda listen: self.start_server(
+            "--backend", "cloudreve", "--cloudreve-url", emu.base_url, "--cloudreve-user",
+            CR_EMAIL, "--state-dir", state, "--listen", listen,
+            env={"CLOUDREVE_PASSWORD": CR_PASSWORD}))
+        self.assertEqual(emu.errors, [])
+
+
+REST_SERVER_STAND_IN = os.path.join(HERE, ".ci", "rest-server")
+
+
+def restic_rest_test_binary():
+    """The test binary of restic's internal/backend/rest package: the path in
+    RESTIC_123PAN_REST_TEST (set by .ci/run, which builds it with
+    .ci/build-restic-rest-test), else the newest one that script left in its cache."""
+    binary = os.environ.get("RESTIC_123PAN_REST_TEST")
+    if binary:
+        return binary
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "restic-123pan")
+    try:
+        found = sorted(n for n in os.listdir(cache) if re.match(r"rest\.test-[^.]", n)
+                       and not n.endswith(".new"))
+    except OSError:
+        found = []
+    return os.path.join(cache, found[-1]) if found else None
+
+
+class ResticRestBackendSuiteTest(unittest.TestCase):
+    """restic's own REST backend tests (TestBackendREST: save, load with offsets and
+    lengths, list, delete, wrong hashes, ...), built from Debian's restic source
+    package, against this server started through .ci/rest-server exactly as they
+    start rest-server: on the local backend and on both clouds' emulators."""
+
+    @classmethod
+    def setUpClass(cls):
+        if UNIT_ONLY:
+            raise unittest.SkipTest("RESTIC_123PAN_UNIT_ONLY=1")
+        cls.binary = restic_rest_test_binary()
+        if not cls.binary or not os.access(cls.binary, os.X_OK):
+            message = ("restic's REST backend test binary is missing (%s); build it with "
+                       ".ci/build-restic-rest-test" % cls.binary)
+            if REQUIRE_E2E:
+                raise AssertionError(message)
+            raise unittest.SkipTest(message)
+        m = re.search(r"rest\.test-(?:\d+:)?(([0-9.]+)\S*)$", cls.binary)
+        cls.version = "restic %s (Debian %s)" % (m.group(2), m.group(1)) if m else cls.binary
+        cls.numeric_version = tuple(int(p) for p in m.group(2).strip(".").split(".")) if m else (0,)
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-gosuite-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def run_suite(self, label, env=None):
+        if self.numeric_version < (0, 17):
+            # restic before 0.17 dials localhost:8000; later ones pass --listen :0 and
+            # read the address from the "start server on" line
+            probe = socket.socket()
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server
+            try:
+                probe.bind(("127.0.0.1", 8000))
+            except OSError as e:
+                self.fail("port 8000, which restic's REST tests use, is taken: %s" % e)
+            finally:
+                probe.close()
+        bindir = os.path.join(self.tmp, "bin")
+        os.makedirs(bindir)
+        os.symlink(REST_SERVER_STAND_IN, os.path.join(bindir, "rest-server"))
+        run_env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
+                       PYTHON=sys.executable, TMPDIR=self.tmp,
+                       RESTIC_TEST_DISALLOW_SKIP="restic/backend/rest.TestBackendREST")
+        run_env.update(env or {})
+        started = time.monotonic()
+        r = subprocess.run([self.binary, "-test.run", "^TestBackendREST$", "-test.v",
+                            "-test.timeout", "600s"], cwd=self.tmp, env=run_env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           universal_newlines=True, timeout=900)
+        passed = re.findall(r"--- PASS: (\S+)", r.stdout)
+        failed = re.findall(r"--- FAIL: (\S+)", r.stdout)
+        skipped = re.findall(r"--- SKIP: (\S+)", r.stdout)
+        sys.stderr.write("\nrestic's REST backend tests from %s on %s: %d passed, %d failed, "
+                         "%d skipped in %.1fs\n" % (self.version, label, len(passed), len(failed),
+                                                    len(skipped), time.monotonic() - started))
+        self.assertEqual(r.returncode, 0, "%s\n%s" % (failed, r.stdout[-6000:]))
+        self.assertIn("TestBackendREST", passed)
+        self.assertGreater(len(passed), 10)
+        self.assertEqual((failed, skipped), ([], []))
+
+    def test_local_backend(self):
+        self.run_suite("the local backend")
+
+    def test_123pan_emulator(self):
+        emu = Pan123Emulator().start()
+        self.addCleanup(emu.stop)
+        self.run_suite("123pan (emulator)", {
+            "RESTIC_123PAN_BACKEND": "123pan", "PAN123_API_BASE": emu.api_base,
+            "PAN123_CLIENT_ID": "emu-client", "PAN123_CLIENT_SECRET": "emu-secret",
+            "RESTIC_123PAN_STATE_DIR": os.path.join(self.tmp, "state")})
+        self.assertEqual(emu.errors, [])
+        self.assertGreater(sum(emu.calls.values()), 50)    # it was the cloud that served
+
+    def test_cloudreve_emulator(self):
+        emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD).start()
+        self.addCleanup(emu.stop)
+        self.run_suite("Cloudreve (emulator)", {
+            "RESTIC_123PAN_BACKEND": "cloudreve", "CLOUDREVE_URL": emu.base_url,
+            "CLOUDREVE_USER": CR_EMAIL, "CLOUDREVE_PASSWORD": CR_PASSWORD,
+            "RESTIC_123PAN_STATE_DIR": os.path.join(self.tmp, "state")})
+        self.assertEqual(emu.errors, [])
+        self.assertGreater(sum(emu.calls.values()), 50)    # it was the cloud that served
+
+
 # ---------------------------------------------------------------------------
-# The 123pan Open Platform emulator: a strict fake of the open API host, the
-# upload host and the download CDN, written from ../shared/spec/123pan-open-api.md
+# Part II, 123pan: the 123pan Open Platform emulator, a strict fake of the open API
+# host, the upload host and the download CDN, written from
+# ../shared/spec/123pan-open-api.md; with the plumbing both emulators share
+# (_Server, _Handler, _EmulatorControls, WanLink, _PacedFile)
 # ---------------------------------------------------------------------------
 
 _CN_TZ = timezone(timedelta(hours=8))
@@ -3136,7 +8292,7 @@ class Pan123Emulator(_EmulatorControls):
 
 
 # ---------------------------------------------------------------------------
-# Tests of the 123pan emulator itself: a fake that is not strict proves nothing
+# Part II, 123pan: the emulator's own tests (a fake that is not strict proves nothing)
 # ---------------------------------------------------------------------------
 
 ENV_KEYS = {"code", "message", "data", "x-traceID"}
@@ -4101,1817 +9257,10 @@ class Pan123EmulatorOptionsTest(Pan123EmulatorCase):
 
 
 # ---------------------------------------------------------------------------
-# The 123pan client and storage against the emulator
+# Part II, Cloudreve: the Cloudreve 4 emulator, with its storage-policy providers
+# (_CrProvider and the S3/OneDrive error shapes)
 # ---------------------------------------------------------------------------
 
-CLIENT_ID = "emu-client"
-SECRET = "emu-secret-never-log-me"
-LIST = "/api/v2/file/list"
-MKDIR = "/upload/v1/file/mkdir"
-SINGLE = "/upload/v2/file/single/create"
-SLICE = "/upload/v2/file/slice"
-COMPLETE = "/upload/v2/file/upload_complete"
-TRASH = "/api/v1/file/trash"
-DELETE = "/api/v1/file/delete"
-DOWNLOAD_INFO = "/api/v1/file/download_info"
-TOKEN = "/api/v1/access_token"
-
-REPO = ("r",)
-
-
-def data_ref(data, repo=REPO):
-    return ObjectRef(repo, "data", hashlib.sha256(data).hexdigest())
-
-
-def run_threads(target, args_list):
-    """Run target(*args) in one thread each, started together; results in order."""
-    results = [None] * len(args_list)
-    errors = []
-    barrier = threading.Barrier(len(args_list))
-
-    def run(i, args):
-        barrier.wait()
-        try:
-            results[i] = target(*args)
-        except Exception as e:          # reported by the caller's assertion
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i, a)) for i, a in enumerate(args_list)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    if errors:
-        raise errors[0]
-    return results
-
-
-class CloudStorageHelpers(object):
-    """Helpers of the cloud backends' test cases, which have emulator(**options)
-    (setting self.emu), client(**options), storage(client) and live_path(ref), the
-    object's path in the emulator."""
-
-    emulator_defaults = {}
-    state_prefix = "state-"
-
-    def setUp(self):
-        self.state_dir = tempfile.mkdtemp(prefix=self.state_prefix)
-        self.addCleanup(shutil.rmtree, self.state_dir, True)
-        self.emu = None
-
-    def tearDown(self):
-        if self.emu is not None:
-            self.assertEqual(self.emu.errors, [], "the emulator reported bugs")
-
-    def stored(self, size=300000, emulator=None, **client_options):
-        """A repository holding one random object, and the emulator's counts reset."""
-        emu = self.emulator(**dict(self.emulator_defaults, **(emulator or {})))
-        storage = self.storage(self.client(**client_options))
-        storage.create_repository(REPO)
-        data = os.urandom(size)
-        ref = self.put(storage, data)
-        emu.reset_calls()
-        return emu, storage, ref, data
-
-    def stored_elsewhere(self, data, ref=None):
-        """An object uploaded earlier (by another process)."""
-        ref = ref or data_ref(data)
-        self.emu.add_file(self.live_path(ref), data)
-        return ref
-
-    def check_workload(self, storage, sizes):
-        """Objects of these sizes uploaded from concurrent threads (faults on, as the
-        caller set them), read back whole, listed, three deleted; then, faults off,
-        a fresh storage lists exactly the others."""
-        blobs = [os.urandom(n) for n in sizes]
-        refs = run_threads(lambda d: self.put(storage, d), [(d,) for d in blobs])
-        for ref, data in zip(refs, blobs):
-            self.assertEqual(self.read(storage, ref), data)
-        self.assertEqual(sorted(storage.list(REPO, "data")),
-                         sorted((r.name, len(d)) for r, d in zip(refs, blobs)))
-        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs[:3]]), [True] * 3)
-        storage.flush_deletes()     # 123pan: DELETE answers before the trash call
-        self.emu.clear_faults()
-        fresh = self.storage(self.client())
-        self.assertEqual(sorted(n for n, _ in fresh.list(REPO, "data")),
-                         sorted(r.name for r in refs[3:]))
-
-    def spool(self, data):
-        spool = HashingSpool.from_bytes(data)
-        self.addCleanup(spool.close)
-        return spool
-
-    def put(self, storage, data, ref=None):
-        ref = ref or data_ref(data)
-        storage.put(ref, self.spool(data))
-        return ref
-
-    def read(self, storage, ref, start=0, length=None):
-        if length is None:
-            length = storage.stat(ref)
-        return b"".join(storage.read(ref, start, length))
-
-
-class Pan123BackendCase(CloudStorageHelpers, unittest.TestCase):
-    state_prefix = "pan123-state-"
-
-    def emulator(self, **options):
-        self.emu = Pan123Emulator(CLIENT_ID, SECRET, **options).start()
-        self.addCleanup(self.emu.stop)
-        return self.emu
-
-    def client(self, **options):
-        """A client of self.emu with millisecond retries (and the real limiter:
-        the emulator enforces the free tier in every test)."""
-        settings = dict(api_base=self.emu.api_base, state_dir=self.state_dir,
-                        call_deadline=10.0, retry_base=0.01, retry_cap=0.05,
-                        poll_interval=0.01, timeout=5.0)
-        settings.update(options)
-        client = Pan123Client(CLIENT_ID, SECRET, **settings)
-        self.addCleanup(client.close)
-        return client
-
-    def storage(self, client=None, **options):
-        storage = Pan123Storage(client or self.client(), "/restic-backup", **options)
-        self.addCleanup(storage.close)
-        return storage
-
-    def existing_repo(self, repo=REPO):
-        """A repository made earlier (by another process): set up in the emulator."""
-        for kind in ("data", "index", "keys", "locks", "snapshots"):
-            self.emu.add_folder("/restic-backup/%s/%s" % ("/".join(repo), kind))
-
-
-    def live_path(self, ref):
-        name = ref.name
-        sub = "data/%s/%s" % (name[:2], name) if ref.kind == "data" else ref.relpath
-        return "/restic-backup/%s/%s" % ("/".join(ref.repo), sub)
-
-
-# ---------------------------------------------------------------------------
-# Shared helpers without a server
-# ---------------------------------------------------------------------------
-
-class CloudHelpersTest(unittest.TestCase):
-
-    def test_rate_limiter_blocks_past_the_budget(self):
-        limiter = RateLimiter({"/x": 2}, 1000)
-        for _ in range(2):
-            with limiter.slot("/x"):
-                pass
-        # Both slots are in their 1 s window: a third request must wait.
-        with self.assertRaises(RateLimitTimeout):
-            with limiter.slot("/x", deadline=time.monotonic() + 0.05):
-                pass
-        with limiter.slot("/other", deadline=time.monotonic() + 0.05):
-            pass    # endpoints have separate budgets
-
-    def test_rate_limiter_holds_slot_while_in_flight(self):
-        limiter = RateLimiter({"/x": 1}, 1000)
-        with limiter.slot("/x"):
-            with self.assertRaises(RateLimitTimeout):
-                with limiter.slot("/x", deadline=time.monotonic() + 0.05):
-                    pass
-
-    def test_rate_limiter_fractional_qps(self):
-        limiter = RateLimiter({"/slow": 0.2}, 1000)
-        with limiter.slot("/slow"):
-            pass
-        with self.assertRaises(RateLimitTimeout):     # next one only after 5 s
-            with limiter.slot("/slow", deadline=time.monotonic() + 0.2):
-                pass
-
-    def test_parse_pan123_time(self):
-        epoch = 1742716117             # 2025-03-23T07:48:37Z
-        for text in ("2025-03-23T15:48:37+08:00", "2025-03-23T07:48:37Z",
-                     "2025-03-23T07:48:37.5z", "2025-03-23T15:48:37.123456789+0800",
-                     "2025-03-23 15:48:37", "2025-03-23T02:48:37-05:00"):
-            self.assertEqual(parse_pan123_time(text), epoch, text)
-        with self.assertRaises(ValueError):
-            parse_pan123_time("tomorrow")
-
-    def test_backoff_respects_deadline(self):
-        self.assertFalse(Backoff(time.monotonic(), base=0.01).pause())
-        backoff = Backoff(time.monotonic() + 5, base=0.001, cap=0.002)
-        self.assertTrue(backoff.pause())
-        self.assertEqual(backoff.attempts, 1)
-
-    def test_multipart_body_exact_length_and_reiterable(self):
-        spool = HashingSpool.from_bytes(bytes(range(256)) * 10)
-        self.addCleanup(spool.close)
-        body = MultipartBody([("a", 1), ("name", "x")], "file", 'we"ird\r\n', spool, 100, 1000)
-        first = b"".join(body)
-        self.assertEqual(len(first), body.content_length)
-        self.assertEqual(first, b"".join(body))
-        boundary = body.content_type.split("boundary=")[1].encode()
-        self.assertTrue(first.startswith(b"--" + boundary + b"\r\n"))
-        self.assertTrue(first.endswith(b"\r\n--" + boundary + b"--\r\n"))
-        self.assertIn(spool.read_all()[100:1100], first)
-        self.assertIn(b'filename="we%22ird"', first)
-
-    def test_index_own_writes_win_over_a_lagging_listing(self):
-        index = Pan123Index()
-        index.record_file(7, "new", Pan123File(70, 1, "m"))      # uploaded while listing
-        index.record_file(7, "gone", Pan123File(71, 1, "m"))
-        index.drop_file(7, "gone", 71)                           # deleted while listing
-        index.merge_listing(7, {"old": Pan123File(60, 2, "m"),
-                                "gone": Pan123File(71, 1, "m")}, {"sub": 8})
-        self.assertTrue(index.is_loaded(7))
-        self.assertEqual(sorted(n for n, _ in index.files(7)), ["new", "old"])
-        self.assertEqual(index.child_folder(7, "sub"), 8)
-
-    def test_index_drop_keeps_a_newer_upload(self):
-        index = Pan123Index()
-        index.record_file(1, "config", Pan123File(10, 1, "m"))
-        index.record_file(1, "config", Pan123File(11, 2, "n"))
-        index.drop_file(1, "config", 10)        # a stale file id: not the current one
-        self.assertEqual(index.file(1, "config").file_id, 11)
-
-
-class _Redirector(http.server.BaseHTTPRequestHandler):
-    """Answers every GET with a 302 to `target`, recording the request headers."""
-    target = None
-    seen = []
-
-    def do_GET(self):
-        type(self).seen.append(dict(self.headers))
-        self.send_response(302)
-        self.send_header("Location", self.target)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-class HttpClientTest(Pan123BackendCase):
-
-    def test_redirect_drops_credentials_and_keeps_range(self):
-        emu = self.emulator()
-        file_id = emu.add_file("/f.bin", bytes(range(200)))
-        url = self.client().download_url(file_id)
-        server = http.server.HTTPServer(("127.0.0.1", 0), _Redirector)
-        self.addCleanup(server.server_close)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        self.addCleanup(server.shutdown)
-        _Redirector.target, _Redirector.seen = url, []
-        http_client = HttpClient(timeout=5)
-        self.addCleanup(http_client.close)
-        response = http_client.request(
-            "GET", "http://127.0.0.1:%d/x" % server.server_address[1],
-            {"Authorization": "Bearer secret", "Platform": "open_platform",
-             "Range": "bytes=10-19"}, follow_redirects=True)
-        # The emulator's CDN answers 400 to any Authorization/Platform header.
-        self.assertEqual(response.status, 206)
-        self.assertEqual(response.read_all(1000), bytes(range(10, 20)))
-        self.assertIn("Authorization", _Redirector.seen[0])
-        self.assertEqual(emu.calls["/dl"], 1)
-        self.assertEqual(emu.calls["/obj"], 1)
-
-    def test_keep_alive_connection_reused(self):
-        self.emulator()
-        client = self.client()
-        for _ in range(5):
-            list(client.list_folder(0))
-        # One connection (token + 5 listings) is all the emulator has open.
-        # (_conns is the emulator's private set of live connections.)
-        self.assertEqual(len(self.emu._conns), 1)
-
-
-# ---------------------------------------------------------------------------
-# The client: token, envelope, retries
-# ---------------------------------------------------------------------------
-
-class Pan123TokenTest(Pan123BackendCase):
-
-    def test_token_saved_0600_and_reused_after_restart(self):
-        emu = self.emulator()
-        list(self.client().list_folder(0))
-        self.assertEqual(emu.tokens_issued, 1)
-        files = os.listdir(self.state_dir)
-        self.assertEqual(len(files), 1)
-        path = os.path.join(self.state_dir, files[0])
-        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
-        with open(path) as f:
-            text = f.read()
-        saved = json.loads(text)
-        self.assertIn("accessToken", saved)
-        self.assertIn("expiredAt", saved)
-        self.assertNotIn(SECRET, text)
-        # A restart (a new client on the same state dir) uses the saved token.
-        list(self.client().list_folder(0))
-        list(self.client().list_folder(0))
-        self.assertEqual(emu.tokens_issued, 1)
-        self.assertEqual(emu.calls[TOKEN], 1)
-
-    def test_token_renewed_before_expiry(self):
-        emu = self.emulator()
-        list(self.client().list_folder(0))
-        path = os.path.join(self.state_dir, os.listdir(self.state_dir)[0])
-        with open(path) as f:
-            saved = json.load(f)
-        # Still valid for 2 minutes of a 30-day life: inside the 5-minute margin.
-        soon = time.time() + 120
-        saved["expiredAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(soon))
-        saved["obtainedAt"] = soon - 30 * 86400
-        with open(path, "w") as f:
-            json.dump(saved, f)
-        list(self.client().list_folder(0))
-        self.assertEqual(emu.tokens_issued, 2)
-        self.assertEqual(emu.rejected[(LIST, 401)], 0)   # renewed before, not after, a 401
-
-    def test_401_refreshes_once_and_retries(self):
-        emu = self.emulator()
-        client = self.client()
-        list(client.list_folder(0))
-        emu.revoke_all_tokens()
-        list(client.list_folder(0))
-        self.assertEqual(emu.tokens_issued, 2)
-        # the same token is tried again twice first: a 401 can be passing
-        self.assertEqual(emu.rejected[(LIST, 401)], 1 + rp.PAN123_TOKEN_RETRIES_BEFORE_RENEWAL)
-
-    def test_401_with_http_status_401(self):
-        emu = self.emulator(http_status_errors=True)
-        client = self.client()
-        list(client.list_folder(0))
-        emu.advance_clock(31 * 86400)       # every token expired
-        list(client.list_folder(0))
-        self.assertEqual(emu.tokens_issued, 2)
-
-    def test_second_401_is_an_error(self):
-        emu = self.emulator()
-        client = self.client()
-        list(client.list_folder(0))
-        emu.fail_next("401", count=1000, endpoint=LIST)
-        with self.assertRaises(Pan123AuthError):
-            list(client.list_folder(0))
-        self.assertEqual(emu.tokens_issued, 2)      # one renewal a minute, no more
-        self.assertEqual(emu.rejected[(LIST, 401)], 2 + 2 * rp.PAN123_TOKEN_RETRIES_BEFORE_RENEWAL)
-
-    def test_concurrent_401s_renew_once(self):
-        emu = self.emulator()
-        client = self.client()
-        list(client.list_folder(0))
-        emu.revoke_all_tokens()
-        run_threads(lambda: list(client.list_folder(0)), [()] * 8)
-        self.assertEqual(emu.tokens_issued, 2)
-
-    def test_token_limit_refusal_is_a_clear_error(self):
-        emu = self.emulator()
-        emu.token_limit_mode, emu.max_live_tokens = "refuse", 0
-        with self.assertLogs("restic_123pan", "WARNING") as logs:
-            with self.assertRaises(Pan123AuthError) as caught:
-                list(self.client(call_deadline=1.0).list_folder(0))
-        self.assertIn("tokens number has exceeded the limit", str(caught.exception))
-        self.assertIn("too many live logins", str(caught.exception))
-        self.assertEqual(rp.storage_error_status(caught.exception), 503)
-        self.assertIn("x-traceID", "\n".join(logs.output))
-        self.assertEqual(emu.calls[TOKEN], 1)       # waited; never asked again
-
-    def test_secret_never_logged_or_raised(self):
-        emu = self.emulator()
-        with self.assertLogs("restic_123pan", "DEBUG") as logs:
-            logging.getLogger("restic_123pan").debug("capture starts")
-            storage = self.storage()
-            storage.create_repository(REPO)
-            ref = self.put(storage, b"x" * 100)
-            self.read(storage, ref)
-            wrong = Pan123Client(CLIENT_ID, "wrong-" + SECRET, api_base=emu.api_base,
-                                 retry_base=0.01)
-            self.addCleanup(wrong.close)
-            with self.assertRaises(Pan123AuthError) as caught:
-                list(wrong.list_folder(0))
-        self.assertNotIn(SECRET, str(caught.exception))
-        self.assertNotIn(SECRET, repr(wrong))
-        for line in logs.output:
-            self.assertNotIn(SECRET, line)
-
-
-class Pan123CallRetriesTest(Pan123BackendCase):
-
-    def test_429_is_retried(self):
-        emu = self.emulator()
-        client = self.client()
-        emu.fail_next("429", count=3, endpoint=LIST)
-        self.assertEqual(list(client.list_folder(0)), [])
-        self.assertEqual(emu.rejected[(LIST, 429)], 3)
-
-    def test_429_with_http_status_429(self):
-        emu = self.emulator(http_status_errors=True)
-        client = self.client()
-        emu.fail_next("429", count=2, endpoint=LIST)
-        self.assertEqual(list(client.list_folder(0)), [])
-        self.assertEqual(emu.rejected[(LIST, 429)], 2)
-
-    def test_5xx_without_envelope_are_retried(self):
-        emu = self.emulator()
-        client = self.client()
-        emu.fail_next("500", endpoint=MKDIR)
-        emu.fail_next("502", endpoint=MKDIR)
-        self.assertGreater(client.mkdir(0, "a"), 0)
-        self.assertEqual(emu.rejected[(MKDIR, "http500")], 1)
-        self.assertEqual(emu.rejected[(MKDIR, "http502")], 1)
-        self.assertIsNotNone(emu.resolve("/a"))
-
-    def test_dropped_connection_is_retried(self):
-        emu = self.emulator()
-        client = self.client()
-        list(client.list_folder(0))
-        emu.fail_next("drop", count=2, endpoint=LIST)
-        self.assertEqual(list(client.list_folder(0)), [])
-        self.assertEqual(emu.rejected[(LIST, "drop")], 2)
-
-    def test_slow_answer_times_out_and_is_retried(self):
-        emu = self.emulator()
-        emu.slow_seconds = 1.0
-        client = self.client(timeout=0.3)
-        emu.fail_next("slow", endpoint=LIST)
-        self.assertEqual(list(client.list_folder(0)), [])
-        self.assertEqual(emu.calls[LIST], 2)
-
-    def test_gives_up_at_the_deadline(self):
-        emu = self.emulator()
-        client = self.client(call_deadline=0.3)
-        list(client.list_folder(0))
-        emu.fail_next("502", count=10000, endpoint=LIST)
-        with self.assertRaises(Pan123Unavailable) as caught:
-            list(client.list_folder(0))
-        self.assertEqual(rp.storage_error_status(caught.exception), 502)
-        self.assertIn("HTTP 502", str(caught.exception))
-        self.assertIsInstance(caught.exception, UpstreamError)
-
-    def test_permanent_error_logged_with_code_and_trace(self):
-        self.emulator()
-        client = self.client()
-        with self.assertLogs("restic_123pan", "WARNING") as logs:
-            with self.assertRaises(Pan123Error) as caught:
-                client.mkdir(0, "bad*name")
-        self.assertEqual(caught.exception.code, 1)
-        self.assertTrue(caught.exception.trace_id)
-        self.assertIn("code 1", logs.output[0])
-        self.assertIn(caught.exception.trace_id, logs.output[0])
-
-    def test_metrics(self):
-        emu = self.emulator()
-        client = self.client()
-
-        def snapshot():
-            return dict((name, METRICS.total("restic123pan_cloud_" + name)) for name in (
-                "api_calls_total", "retries_total", "rate_limited_total",
-                "token_refreshes_total"))
-
-        before = snapshot()
-        calls_before = METRICS.value("restic123pan_cloud_api_calls_total", endpoint=LIST)
-        emu.fail_next("429", endpoint=LIST)
-        emu.fail_next("500", endpoint=LIST)
-        list(client.list_folder(0))
-        after = snapshot()
-        self.assertEqual(after["token_refreshes_total"] - before["token_refreshes_total"], 1)
-        self.assertEqual(after["rate_limited_total"] - before["rate_limited_total"], 1)
-        self.assertEqual(after["retries_total"] - before["retries_total"], 2)
-        self.assertEqual(METRICS.value("restic123pan_cloud_api_calls_total", endpoint=LIST)
-                         - calls_before, 3)
-        self.assertEqual(after["api_calls_total"] - before["api_calls_total"], 4)
-
-    def test_rate_limiter_keeps_the_server_from_answering_429(self):
-        # The emulator enforces the free tier; the client's own limiter must keep
-        # every burst inside it.
-        emu = self.emulator()
-        client = self.client()
-        run_threads(lambda: list(client.list_folder(0)), [()] * 12)
-        run_threads(lambda i: client.mkdir(0, "d%d" % i), [(i,) for i in range(8)])
-        self.assertEqual(sum(n for (ep, code), n in emu.rejected.items() if code == 429), 0)
-        self.assertEqual(emu.calls[LIST], 12)
-
-
-class Pan123ListingTest(Pan123BackendCase):
-
-    def test_pages_and_trashed_entries(self):
-        emu = self.emulator()
-        folder = emu.add_folder("/big")
-        ids = [emu.add_file("/big/f%03d" % i, b"%d" % i) for i in range(250)]
-        emu.add_folder("/big/sub")
-        client = self.client()
-        client.trash(ids[:10])
-        entries = list(client.list_folder(folder))
-        self.assertEqual(len(entries), 241)
-        self.assertEqual(sum(1 for e in entries if e.is_folder), 1)
-        self.assertNotIn("f000", [e.name for e in entries])
-        self.assertEqual(emu.calls[LIST], 3)
-
-    def test_full_last_page_followed_by_empty_page(self):
-        emu = self.emulator(full_last_page_cursor=True)
-        folder = emu.add_folder("/big")
-        for i in range(200):
-            emu.add_file("/big/f%03d" % i, b"%d" % i)
-        self.assertEqual(len(list(self.client().list_folder(folder))), 200)
-        self.assertEqual(emu.calls[LIST], 3)
-
-
-# ---------------------------------------------------------------------------
-# Uploads
-# ---------------------------------------------------------------------------
-
-class Pan123UploadsTest(Pan123BackendCase):
-
-    def test_single_step_upload_and_domain_cached(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        uploaded = METRICS.total("restic123pan_cloud_bytes_uploaded_total")
-        refs = [self.put(storage, os.urandom(n)) for n in (1, 1000, 70000)]
-        self.assertGreater(METRICS.total("restic123pan_cloud_bytes_uploaded_total") - uploaded,
-                           71001)
-        self.assertEqual(emu.calls[SINGLE], 3)
-        self.assertEqual(emu.calls["/upload/v2/file/domain"], 1)
-        for ref in refs:
-            node = emu.resolve(self.live_path(ref))
-            self.assertEqual(hashlib.sha256(emu.file_bytes(node["fileId"])).hexdigest(),
-                             ref.name)
-
-    def test_zero_byte_object(self):
-        emu = self.emulator(slice_size=1000)
-        self.existing_repo()
-        for single_max in (PAN123_DEFAULT_SINGLE_MAX, 0):
-            storage = self.storage(single_upload_max=single_max)
-            ref = self.put(storage, b"")
-            self.assertEqual(storage.stat(ref), 0)
-            self.assertEqual(list(storage.read(ref, 0, 0)), [])
-        self.assertEqual(emu.resolve(self.live_path(ref))["size"], 0)
-
-    def test_upload_domain_fetched_again_after_connection_failure(self):
-        emu = self.emulator()
-        client = self.client()
-        storage = self.storage(client)
-        storage.create_repository(REPO)
-        self.put(storage, b"first")
-        # The cached upload host stops answering (a closed port).
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            dead = "http://127.0.0.1:%d" % s.getsockname()[1]
-        client._upload_domain = dead
-        self.put(storage, b"second")
-        self.assertEqual(emu.calls["/upload/v2/file/domain"], 2)
-        self.assertEqual(client.upload_domain(), emu.upload_base)
-
-    def test_chunked_upload_with_slices_and_pending_completion(self):
-        emu = self.emulator(slice_size=1000, complete_pending_polls=3)
-        storage = self.storage(single_upload_max=0)
-        storage.create_repository(REPO)
-        data = os.urandom(4500)
-        ref = self.put(storage, data)
-        self.assertEqual(emu.calls[SLICE], 5)
-        # "mixed": completed:false and code 20103 both mean "not yet".
-        self.assertEqual(emu.calls[COMPLETE], 4)
-        self.assertEqual(emu.rejected[(COMPLETE, 20103)], 1)
-        self.assertEqual(emu.calls[SINGLE], 0)
-        node = emu.resolve(self.live_path(ref))
-        self.assertEqual(emu.file_bytes(node["fileId"]), data)
-        self.assertEqual(storage.stat(ref), 4500)
-        self.assertEqual(self.read(storage, ref), data)
-
-    def test_chunked_exact_multiple_of_slice_size(self):
-        emu = self.emulator(slice_size=1000)
-        storage = self.storage(single_upload_max=0)
-        storage.create_repository(REPO)
-        data = os.urandom(3000)
-        ref = self.put(storage, data)
-        self.assertEqual(emu.calls[SLICE], 3)
-        self.assertEqual(self.read(storage, ref), data)
-
-    def test_failed_slice_retried_alone(self):
-        emu = self.emulator(slice_size=1000)
-        storage = self.storage(single_upload_max=0)
-        storage.create_repository(REPO)
-        emu.fail_next("500", endpoint=SLICE)
-        emu.fail_next("drop", endpoint=SLICE)
-        data = os.urandom(3500)
-        ref = self.put(storage, data)
-        self.assertEqual(emu.calls[SLICE], 6)
-        self.assertEqual(self.read(storage, ref), data)
-
-    def test_instant_upload(self):
-        emu = self.emulator(slice_size=1000)
-        data = os.urandom(5000)
-        emu.add_file("/elsewhere/copy", data)
-        storage = self.storage(single_upload_max=0)
-        storage.create_repository(REPO)
-        ref = self.put(storage, data)
-        self.assertEqual(emu.calls["/upload/v2/file/create"], 1)
-        self.assertEqual(emu.calls[SLICE], 0)
-        self.assertEqual(emu.calls[COMPLETE], 0)
-        self.assertEqual(storage.stat(ref), 5000)
-        self.assertEqual(self.read(storage, ref), data)
-
-    def test_config_replaced(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        config = ObjectRef.config(REPO)
-        self.put(storage, b"one", config)
-        self.put(storage, b"second", config)
-        self.assertEqual(storage.stat(config), 6)
-        self.assertEqual(self.read(storage, config), b"second")
-        fresh = self.storage(self.client())
-        self.assertEqual(self.read(fresh, config), b"second")
-        self.assertEqual(len(emu.children("/restic-backup/r")), 6)   # config + 5 folders
-
-
-# ---------------------------------------------------------------------------
-# The storage: folders and what is known
-# ---------------------------------------------------------------------------
-
-class Pan123ParallelSlicesTest(Pan123BackendCase):
-    """The V2 slice flow sends up to Pan123Client.SLICE_CONCURRENCY (3) slices of a
-    file at once."""
-
-    def test_three_slices_are_in_flight_together(self):
-        emu = self.emulator(slice_size=1000)
-        storage = self.storage(single_upload_max=0)
-        storage.create_repository(REPO)
-        together = threading.Barrier(3, timeout=20)    # sequential slices would break it
-        real = emu._h_slice
-
-        def slice_meeting_the_others(ctx):
-            if together.n_waiting < 3 and not together.broken and emu.calls[SLICE] <= 3:
-                together.wait()
-            return real(ctx)
-
-        emu._h_slice = slice_meeting_the_others
-        data = os.urandom(7500)
-        ref = self.put(storage, data)
-        self.assertFalse(together.broken)
-        self.assertEqual(emu.calls[SLICE], 8)
-        self.assertEqual(self.read(storage, ref), data)
-
-    def test_a_refused_slice_fails_the_upload_and_no_new_one_starts(self):
-        emu = self.emulator(slice_size=1000)
-        storage = self.storage(single_upload_max=0)
-        storage.create_repository(REPO)
-        real = emu._h_slice
-        seen = []
-
-        def refuse_the_first(ctx):
-            with emu.lock:
-                seen.append(1)
-                first = len(seen) == 1
-            if first:
-                raise _ApiError(1, "分片MD5校验失败")      # final: not retried
-            return real(ctx)
-
-        emu._h_slice = refuse_the_first
-        data = os.urandom(20000)                            # 20 slices
-        with self.assertRaises(rp.StorageError):
-            self.put(storage, data)
-        # only the slices already in flight went on after the refusal
-        self.assertLess(len(seen), 8)
-        self.assertIsNone(storage.stat(data_ref(data)))
-
-
-class Pan123StorageFoldersTest(Pan123BackendCase):
-
-    def test_create_repository_costs_mkdirs_only(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        self.assertEqual(emu.calls[MKDIR], 7)          # restic-backup, r, 5 types
-        self.assertEqual(emu.calls[LIST], 0)
-        self.assertEqual(sorted(c["filename"] for c in emu.children("/restic-backup/r")),
-                         ["data", "index", "keys", "locks", "snapshots"])
-        # No data/xx folders until something is uploaded there.
-        self.assertEqual(emu.children("/restic-backup/r/data"), [])
-        storage.create_repository(REPO)                # idempotent, known: no calls
-        self.assertEqual(emu.calls[MKDIR], 7)
-
-    def test_create_existing_repository(self):
-        emu = self.emulator()
-        self.storage().create_repository(REPO)
-        again = self.storage(self.client())
-        again.create_repository(REPO)
-        again.create_repository(("r", "sub"))
-        self.assertEqual(len(emu.children("/restic-backup")), 1)
-        self.assertEqual(len(emu.children("/restic-backup/r/sub")), 5)
-
-    def test_stat_and_list_answered_from_memory(self):
-        emu = self.emulator()
-        self.existing_repo()
-        refs = [self.stored_elsewhere(os.urandom(100)) for _ in range(6)]
-        key = self.stored_elsewhere(b"key", ObjectRef(REPO, "keys", "ab" * 32))
-        storage = self.storage()
-        # stat of data/<id> lists root, restic-backup, r, data and data/<xx> only.
-        self.assertEqual(storage.stat(refs[0]), 100)
-        self.assertEqual(emu.calls[LIST], 5)
-        for ref in refs[:1] * 10:
-            self.assertEqual(storage.stat(ref), 100)
-        self.assertIsNone(storage.stat(data_ref(b"absent")))
-        self.assertEqual(storage.list(REPO, "keys"), [(key.name, 3)])
-        expected = sorted((r.name, 100) for r in refs)
-        self.assertEqual(sorted(storage.list(REPO, "data")), expected)
-        listed = emu.calls[LIST]
-        for _ in range(5):
-            self.assertEqual(sorted(storage.list(REPO, "data")), expected)
-            for ref in refs:
-                self.assertEqual(storage.stat(ref), 100)
-        self.assertEqual(emu.calls[LIST], listed)
-        # Folders seen in listings: one listing each, data/xx included.
-        data_folders = len(emu.children("/restic-backup/r/data"))
-        self.assertEqual(listed, 5 + 1 + data_folders - 1)
-
-    def test_folder_made_behind_our_back_is_found(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        data = b"packed"
-        ref = data_ref(data)
-        emu.add_folder("/restic-backup/r/data/" + ref.name[:2])
-        self.put(storage, data)           # mkdir says "exists": found by listing data/
-        self.assertEqual(emu.rejected[(MKDIR, 1)], 1)
-        self.assertEqual(emu.calls[LIST], 1)
-        self.assertEqual(self.read(storage, ref), data)
-        self.assertIsNotNone(emu.resolve(self.live_path(ref)))
-
-    def test_uploads_into_existing_repository_list_instead_of_mkdir(self):
-        emu = self.emulator()
-        self.existing_repo()
-        storage = self.storage()
-        self.put(storage, b"pack")
-        self.put(storage, b"key", ObjectRef(REPO, "keys", "cd" * 32))
-        # Listings of root, restic-backup, r, data; keys/ is found in r's listing;
-        # only data/<xx>, absent from the listed data/, needs a mkdir.
-        self.assertEqual(emu.calls[LIST], 4)
-        self.assertEqual(emu.calls[MKDIR], 1)
-        self.assertEqual(emu.rejected[(MKDIR, 1)], 0)
-
-    def test_concurrent_uploads_create_a_data_folder_once(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        names = ["ab%062x" % i for i in range(8)]
-        run_threads(lambda n: self.put(storage, n.encode(), ObjectRef(REPO, "data", n)),
-                    [(n,) for n in names])
-        self.assertEqual(emu.calls[MKDIR], 8)      # 7 at init + data/ab once
-        self.assertEqual(emu.rejected[(MKDIR, 1)], 0)
-        self.assertEqual(sorted(n for n, _ in storage.list(REPO, "data")), names)
-
-    def test_uploads_survive_listing_lag_and_concurrent_listing(self):
-        emu = self.emulator()
-        self.existing_repo()
-        emu.list_lag = 60.0            # list v2 shows nothing younger than a minute...
-        emu.advance_clock(120)         # ...and the repository is older than that
-        storage = self.storage()
-        refs = []
-
-        def upload(i):
-            refs.append(self.put(storage, b"key %d" % i, ObjectRef(REPO, "keys", "%064x" % i)))
-
-        def listing(_):
-            storage.list(REPO, "keys")
-
-        run_threads(lambda f, i: f(i), [(upload, i) for i in range(6)] +
-                    [(listing, i) for i in range(3)])
-        self.assertEqual(sorted(n for n, _ in storage.list(REPO, "keys")),
-                         sorted(r.name for r in refs))
-        for ref in refs:
-            self.assertEqual(storage.stat(ref), len(b"key 0"))
-
-
-# ---------------------------------------------------------------------------
-# Downloads
-# ---------------------------------------------------------------------------
-
-class Pan123DownloadsTest(Pan123BackendCase):
-
-    def test_ranges_and_url_reuse(self):
-        emu, storage, ref, data = self.stored()
-        downloaded = METRICS.total("restic123pan_cloud_bytes_downloaded_total")
-        self.assertEqual(self.read(storage, ref), data)
-        self.assertEqual(METRICS.total("restic123pan_cloud_bytes_downloaded_total")
-                         - downloaded, len(data))
-        self.assertEqual(self.read(storage, ref, 1000, 5000), data[1000:6000])
-        self.assertEqual(self.read(storage, ref, len(data) - 1, 1), data[-1:])
-        self.assertEqual(emu.calls[DOWNLOAD_INFO], 1)
-        self.assertEqual(emu.calls["/obj"], 3)
-
-    def test_url_lifetime(self):
-        emu, storage, ref, data = self.stored(download_url_lifetime=0)
-        emu.url_expiry_param = None         # links that do not say when they expire
-        self.read(storage, ref, 0, 10)
-        self.read(storage, ref, 0, 10)
-        self.assertEqual(emu.calls[DOWNLOAD_INFO], 2)
-
-    def test_expired_url_replaced_once(self):
-        emu, storage, ref, data = self.stored()
-        self.read(storage, ref, 0, 10)
-        emu.expire_download_urls()
-        self.assertEqual(self.read(storage, ref, 5, 10), data[5:15])
-        self.assertEqual(emu.calls[DOWNLOAD_INFO], 2)
-        self.assertEqual(emu.rejected[("/dl", "http403")], 1)
-
-    def test_dropped_download_resumed(self):
-        emu, storage, ref, data = self.stored()
-        emu.fail_next("drop", endpoint="/obj")
-        self.assertEqual(self.read(storage, ref), data)
-        emu.fail_next("drop", endpoint="/obj")
-        self.assertEqual(self.read(storage, ref, 100, 200000), data[100:200100])
-        self.assertEqual(emu.rejected[("/obj", "drop")], 2)
-        self.assertEqual(emu.calls["/obj"], 4)
-
-    def test_cdn_errors_retried(self):
-        emu, storage, ref, data = self.stored()
-        emu.fail_next("502", endpoint="/obj")
-        emu.fail_next("500", endpoint="/dl")
-        self.assertEqual(self.read(storage, ref), data)
-
-    def test_traffic_quota_is_503(self):
-        emu, storage, ref, data = self.stored()
-        emu.traffic_exhausted = True
-        with self.assertRaises(Pan123QuotaExhausted) as caught:
-            storage.read(ref, 0, 10)
-        self.assertEqual(rp.storage_error_status(caught.exception), 503)
-        self.assertIsInstance(caught.exception, UpstreamError)
-
-    def test_md5_collision_detected_on_full_read(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        first = self.put(storage, COLL_A)
-        aliased = self.put(storage, COLL_B)   # 123pan keeps A's bytes (instant upload)
-        self.assertEqual(self.read(storage, first), COLL_A)
-        received = []
-        with self.assertLogs("restic_123pan", "ERROR") as logs:
-            with self.assertRaises(UpstreamError):
-                for chunk in storage.read(aliased, 0, 128):
-                    received.append(chunk)
-        self.assertEqual(received, [])             # the last chunk was held back
-        self.assertIn(aliased.name, logs.output[0])
-        # A partial read cannot be checked here (restic checks each blob itself).
-        self.assertEqual(self.read(storage, aliased, 0, 64), COLL_A[:64])
-
-
-# ---------------------------------------------------------------------------
-# Deletes
-# ---------------------------------------------------------------------------
-
-class Pan123DeletesTest(Pan123BackendCase):
-
-    def test_concurrent_deletes_are_batched_then_purged(self):
-        emu = self.emulator()
-        self.existing_repo()
-        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(24)]
-        storage = Pan123Storage(self.client(), "/restic-backup")
-        self.assertEqual(len(list(storage.list(REPO, "data"))), 24)
-        emu.reset_calls()
-        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 24)
-        # Gone for restic at once; the remote deletes follow in the background.
-        self.assertEqual(list(storage.list(REPO, "data")), [])
-        self.assertIsNone(storage.stat(refs[0]))
-        self.assertFalse(storage.delete(refs[0]))
-        storage.close()            # flushes the queued deletes
-        # The deletes gather for a moment, then go up to 100 to a trash call and
-        # to a permanent delete call.
-        self.assertLessEqual(emu.calls[TRASH], 2)
-        self.assertLessEqual(emu.calls[DELETE], 2)
-        self.assertEqual(emu.total_live_files(), 0)
-        for folder in emu.children("/restic-backup/r/data"):
-            self.assertEqual(emu.children(folder["fileId"], include_trashed=True), [])
-
-    def test_already_trashed_counts_as_deleted(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        ref = self.put(storage, b"doomed")
-        keep = self.put(storage, b"kept")
-        # As if our trash call had succeeded but its answer was lost.
-        self.client().trash([emu.resolve(self.live_path(ref))["fileId"]])
-        self.assertTrue(storage.delete(ref))
-        self.assertIsNone(storage.stat(ref))
-        self.assertEqual(storage.stat(keep), 4)
-
-    def test_trash_batch_with_one_bad_id(self):
-        emu = self.emulator()
-        self.existing_repo()
-        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(6)]
-        storage = self.storage()
-        list(storage.list(REPO, "data"))
-        emu.remove_behind_back(self.live_path(refs[0]))     # trash of its id: 5066
-        # DELETE returns before the trash call, so it cannot tell the gone one.
-        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 6)
-        self.assertEqual(list(storage.list(REPO, "data")), [])
-        storage.flush_deletes()
-        self.assertEqual(storage.index.pending_deletes(), [])
-        self.assertEqual(emu.total_live_files(), 0)
-        self.assertEqual(emu.rejected[(DELETE, 5066)], 0)   # the gone id was not purged
-
-
-# ---------------------------------------------------------------------------
-# The metadata cache (sqlite3) and the warm-up
-# ---------------------------------------------------------------------------
-
-NS = "123pan|test"
-
-
-class MetadataCacheTest(unittest.TestCase):
-
-    def setUp(self):
-        self.folder = tempfile.mkdtemp(prefix="cache-")
-        self.addCleanup(shutil.rmtree, self.folder, True)
-        self.path = os.path.join(self.folder, "state", "cache.sqlite3")
-
-    def open(self):
-        cache = MetadataCache(self.path).open()
-        self.addCleanup(cache.close)
-        return cache
-
-    def test_file_wal_mode_and_permissions(self):
-        cache = self.open()
-        self.assertEqual(cache._query("PRAGMA journal_mode")[0][0], "wal")
-        self.assertEqual(cache._query("PRAGMA synchronous")[0][0], 2)      # FULL
-        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
-        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(self.path)).st_mode), 0o700)
-
-    def test_survives_reopening_and_keeps_namespaces_apart(self):
-        cache = self.open()
-        cache.record(NS, 7, "config", 70, 155, "aa")
-        cache.record(NS, 7, "keys", 8, is_dir=True, created=True)
-        cache.record("cloudreve|https://drive|alice", "cloudreve://my/restic",
-                     "config", "file-uri-id", 155, "")       # string keys and ids
-        cache.close()
-        again = self.open()
-        self.assertEqual(again.entry(NS, 7, "config"), (70, 155, "aa"))
-        self.assertEqual(again.entry(NS, 7, "keys", is_dir=True), (8, 0, ""))
-        self.assertTrue(again.folder(NS, 8).complete)
-        self.assertFalse(again.folder(NS, 7).complete)
-        self.assertIsNone(again.entry("123pan|other", 7, "config"))
-        self.assertEqual(again.entries("cloudreve|https://drive|alice", "cloudreve://my/restic"),
-                         [("config", "file-uri-id", 155, "")])
-
-    def test_a_broken_file_is_moved_aside(self):
-        os.makedirs(os.path.dirname(self.path))
-        with open(self.path, "wb") as f:
-            f.write(b"not a database" * 100)
-        cache = self.open()
-        cache.record(NS, 1, "x", 2)
-        self.assertEqual(cache.entry(NS, 1, "x"), (2, 0, ""))
-        self.assertTrue([n for n in os.listdir(os.path.dirname(self.path)) if ".broken-" in n])
-
-    def test_listing_rules(self):
-        cache = self.open()
-        cache.record(NS, 1, "mine", 10, 1, "m")                  # our write, just now
-        cache.merge_page(NS, 1, [CacheEntry("old", False, 5, 2, "o"),
-                                 CacheEntry("mine", False, 4, 9, "x")],
-                         time.time() - 600, next_cursor=5, seen=set())
-        self.assertEqual(cache.folder(NS, 1), (False, 5, None))   # resumable from 5
-        self.assertEqual(cache.entry(NS, 1, "mine"), (10, 1, "m"))   # own write won
-        # Later, the same folder listed from the start again after the grace period:
-        # the listing is the truth for everything written before it.
-        seen = set()
-        cache.merge_page(NS, 1, [CacheEntry("mine", False, 11, 1, "m")], time.time() + 1,
-                         next_cursor=None, seen=seen)
-        self.assertEqual(cache.entries(NS, 1), [("mine", 11, 1, "m")])
-        self.assertTrue(cache.folder(NS, 1).complete)
-        # A pending delete keeps its id out of listings.
-        cache.drop(NS, 1, "mine", 11, pending_stage="trash")
-        cache.merge_page(NS, 1, [CacheEntry("mine", False, 11, 1, "m")], 0, None)
-        self.assertIsNone(cache.entry(NS, 1, "mine"))
-        self.assertEqual(cache.pending_deletes(NS), [(11, "trash")])
-        cache.set_pending_stage(NS, [11], "purge")
-        self.assertEqual(cache.pending_deletes(NS), [(11, "purge")])
-        cache.clear_pending(NS, [11])
-        self.assertEqual(cache.pending_deletes(NS), [])
-
-    def test_dropping_a_folder_forgets_what_is_below(self):
-        cache = self.open()
-        cache.record(NS, 1, "a", 2, is_dir=True, created=True)
-        cache.record(NS, 2, "b", 3, is_dir=True, created=True)
-        cache.record(NS, 3, "f", 4)
-        self.assertTrue(cache.drop(NS, 1, "a", 2, is_dir=True))
-        self.assertEqual(cache.dump(NS), {})
-
-    def test_many_threads_one_cache(self):
-        cache = self.open()
-
-        def work(i):
-            for j in range(20):
-                cache.record(NS, i, "f%d" % j, i * 100 + j, j)
-                if j % 2:
-                    cache.drop(NS, i, "f%d" % j, i * 100 + j, pending_stage="trash")
-            return len(cache.entries(NS, i))
-
-        self.assertEqual(run_threads(work, [(i,) for i in range(8)]), [10] * 8)
-        self.assertEqual(len(cache.pending_deletes(NS)), 80)
-
-    def test_index_keeps_own_writes_across_restarts(self):
-        index = Pan123Index(self.open(), NS)
-        index.record_file(7, "new", Pan123File(70, 1, "m"))
-        index.cache.close()
-        index = Pan123Index(self.open(), NS)
-        index.merge_listing(7, {"old": Pan123File(60, 2, "m")}, {})
-        self.assertEqual(sorted(n for n, _ in index.files(7)), ["new", "old"])
-
-
-class ServerKilled(BaseException):
-    """Raised in the middle of the server's work: nothing of it catches this."""
-
-
-def emulator_list_pages(emu, top="/restic-backup"):
-    """The list v2 pages that listing the drive root and every folder from `top`
-    down costs (trashed entries take room in pages too)."""
-    pages = 1                                   # the drive root
-    folders = [top]
-    while folders:
-        folder = folders.pop()
-        kids = emu.children(folder, include_trashed=True)
-        pages += max(1, -(-len(kids) // 100))
-        folders.extend(folder + "/" + k["filename"] for k in kids if k["type"] == 1)
-    return pages
-
-
-class Pan123CacheCase(Pan123BackendCase):
-    """A Pan123Storage with a persistent metadata cache, as main() builds it;
-    cached() again is the same server after a restart."""
-
-    def cached(self, **options):
-        cache = MetadataCache(os.path.join(self.state_dir, rp.METADATA_CACHE_FILE))
-        index = Pan123Index(cache, pan123_cache_namespace(self.emu.api_base, CLIENT_ID))
-        options.setdefault("progress_interval", 0)
-        client = self.client()
-        # A restart here comes within the same second: the new process must not
-        # spend the request budget the old one used (in real life time passes).
-        if getattr(self, "limiter", None) is None:
-            self.limiter = client.limiter
-        client.limiter = self.limiter
-        storage = Pan123Storage(client, "/restic-backup", index=index, **options)
-        self.addCleanup(storage.close)
-        return storage
-
-    def started_with_repository(self, **options):
-        """The emulator, and a started server's storage that made REPO."""
-        emu = self.emulator()
-        storage = self.cached(**options)
-        storage.start(wait=True)
-        storage.create_repository(REPO)
-        return emu, storage
-
-    def repository_with_packs(self, packs, folders=None):
-        """An existing repository: config, a key, and `packs` data objects spread
-        over `folders` data/<xx> folders (all 256 by default)."""
-        self.existing_repo()
-        self.stored_elsewhere(b"config", ObjectRef.config(REPO))
-        self.stored_elsewhere(b"key", ObjectRef(REPO, "keys", "ab" * 32))
-        refs = []
-        for i in range(packs):
-            data = b"pack %d" % i
-            name = hashlib.sha256(data).hexdigest()
-            if folders is not None:
-                name = "%02x%s" % (i % folders, name[2:])
-            refs.append(self.stored_elsewhere(data, ObjectRef(REPO, "data", name)))
-        return refs
-
-    def cloud_pages(self):
-        return emulator_list_pages(self.emu)
-
-
-class Pan123CacheTest(Pan123CacheCase):
-
-    def test_restart_serves_from_the_cache_without_listing(self):
-        emu, storage = self.started_with_repository()
-        refs = [self.put(storage, b"pack %d" % i) for i in range(5)]
-        config = self.put(storage, b"config", ObjectRef.config(REPO))
-        self.assertTrue(storage.delete(refs[0]))
-        storage.close()                          # the server stops ...
-        emu.reset_calls()
-        again = self.cached()                    # ... and starts again
-        warm_up = again.start(wait=True)
-        self.assertEqual(warm_up.pages, 0)
-        self.assertEqual(sorted(again.list(REPO, "data")),
-                         sorted((r.name, len(b"pack 1")) for r in refs[1:]))
-        self.assertEqual(again.stat(config), 6)
-        self.assertIsNone(again.stat(refs[0]))
-        self.assertEqual(again.list(REPO, "keys"), [])
-        self.assertEqual(self.read(again, refs[1]), b"pack 1")
-        self.assertEqual(emu.calls[LIST], 0)
-        self.assertEqual(emu.calls[TOKEN], 0)
-        self.assertEqual(emu.total_live_files(), 5)
-
-    def test_cold_warm_up_lists_each_page_once_small_folders_first(self):
-        emu = self.emulator()
-        self.repository_with_packs(300, folders=20)
-        emu.reset_calls()
-        storage = self.cached()
-        with self.assertLogs("restic_123pan", "INFO") as logs:
-            warm_up = storage.start(wait=True)
-        self.assertEqual(emu.calls[LIST], self.cloud_pages())
-        self.assertEqual(warm_up.pages, emu.calls[LIST])
-        self.assertEqual(dict(emu.calls), {LIST: emu.calls[LIST], TOKEN: 1})
-        self.assertEqual(warm_up.objects, 302)
-        text = "\n".join(logs.output)
-        self.assertRegex(text, r"warm-up: \d+ objects so far \(\d+/s\), \d+ folders done")
-        self.assertRegex(text, r"about \d+ objects and \d+s to go")
-        self.assertIn("warm-up done", text)
-        emu.reset_calls()
-        self.assertEqual(len(list(storage.list(REPO, "data"))), 300)
-        self.assertEqual(storage.stat(ObjectRef.config(REPO)), 6)
-        self.assertEqual(emu.calls[LIST], 0)
-
-    def test_small_folders_are_answered_before_the_data_folder_is_done(self):
-        emu = self.emulator()
-        refs = self.repository_with_packs(2000, folders=1)      # data/00: 20 pages
-        storage = self.cached()
-        warm_up = storage.start()
-        self.assertEqual(storage.stat(ObjectRef.config(REPO)), 6)
-        self.assertEqual([n for n, _ in storage.list(REPO, "keys")], ["ab" * 32])
-        self.assertEqual(storage.list(REPO, "snapshots"), [])
-        self.assertFalse(warm_up.finished.is_set())
-        data_xx = emu.resolve("/restic-backup/r/data/00")["fileId"]
-        self.assertFalse(storage.index.is_loaded(data_xx))
-        self.assertEqual(storage.stat(refs[-1]), len(b"pack 1999"))     # waits for it
-        warm_up.finished.wait(60)
-        self.assertEqual(emu.calls[LIST], self.cloud_pages())
-
-    def test_interrupted_warm_up_resumes_where_it_stopped(self):
-        emu = self.emulator()
-        self.repository_with_packs(450, folders=1)              # data/00: 5 pages
-        full = self.cloud_pages()
-        storage = self.cached(warm_up_workers=1)
-        pages = []
-        real_list_page = storage.client.list_page
-
-        def crash_after_two_data_pages(folder_id, cursor=None):
-            if len(pages) == full - 3:        # 2 of data/00's 5 pages done
-                raise ServerKilled()
-            pages.append(folder_id)
-            return real_list_page(folder_id, cursor)
-
-        storage.client.list_page = crash_after_two_data_pages
-        with self.assertRaises(ServerKilled):
-            storage.start(wait=True)
-        data_xx = emu.resolve("/restic-backup/r/data/00")["fileId"]
-        self.assertEqual(pages[-2:], [data_xx, data_xx])
-        emu.reset_calls()
-        again = self.cached()
-        with self.assertLogs("restic_123pan", "INFO") as logs:
-            warm_up = again.start(wait=True)
-        self.assertIn("warm-up done", "\n".join(logs.output))
-        self.assertEqual(emu.calls[LIST], 3)                      # the other 3 pages
-        self.assertEqual(warm_up.pages, 3)
-        self.assertEqual(len(list(again.list(REPO, "data"))), 450)
-        self.assertEqual(emu.calls[LIST], 3)
-
-    def test_a_refused_saved_cursor_lists_the_folder_from_the_start(self):
-        emu = self.emulator()
-        self.repository_with_packs(150, folders=1)
-        storage = self.cached()
-        storage.start(wait=True)
-        data_xx = emu.resolve("/restic-backup/r/data/00")["fileId"]
-        # As if a listing had stopped half-way, with a cursor 123pan no longer takes.
-        with storage.index.cache._transaction() as db:
-            db.execute("UPDATE folders SET complete=0, cursor=-5 WHERE folder=?", (data_xx,))
-        emu.reset_calls()
-        self.assertEqual(len(list(storage.list(REPO, "data"))), 150)
-        self.assertEqual(emu.rejected[(LIST, 1)], 1)
-        self.assertEqual(emu.calls[LIST], 3)      # the refused page, then 2 from the start
-        self.assertTrue(storage.index.is_loaded(data_xx))
-
-    def test_warm_up_stops_with_the_server_and_continues_at_the_next_start(self):
-        emu = self.emulator()
-        self.repository_with_packs(800, folders=1)
-        storage = self.cached()
-        warm_up = storage.start()
-        storage.stat(ObjectRef.config(REPO))     # after a few small folders ...
-        storage.close()                          # ... the server stops
-        self.assertTrue(warm_up.finished.is_set())
-        before = emu.calls[LIST]
-        self.assertLess(before, self.cloud_pages())
-        again = self.cached()
-        again.start(wait=True)
-        self.assertEqual(emu.calls[LIST], self.cloud_pages())
-        self.assertEqual(len(list(again.list(REPO, "data"))), 800)
-
-    def test_object_removed_behind_our_back_is_404_not_500(self):
-        emu = self.emulator()
-        storage = self.cached()
-        storage.start(wait=True)
-        server = ServerThread(storage)
-        self.addCleanup(server.stop)
-        self.assertEqual(server.request("POST", "/r/?create=true")[0], 200)
-        data = b"soon gone"
-        ref = data_ref(data)
-        path = "/r/data/" + ref.name
-        self.assertEqual(server.request("POST", path, data)[0], 200)
-        kept = b"kept in the cache after a restart"
-        kept_ref = data_ref(kept)
-        self.assertEqual(server.request("POST", "/r/data/" + kept_ref.name, kept)[0], 200)
-        emu.remove_behind_back(self.live_path(ref))
-        emu.remove_behind_back(self.live_path(kept_ref))
-        self.assertEqual(server.request("HEAD", path)[0], 200)       # the cache believes it
-        self.assertEqual(server.request("GET", path)[0], 404)        # 123pan says 5066
-        self.assertEqual(server.request("HEAD", path)[0], 404)       # forgotten
-        self.assertNotIn(ref.name, [n for n, _ in storage.list(REPO, "data")])
-        self.assertEqual(server.request("DELETE", path)[0], 200)
-        server.stop()
-        storage.close()
-        again = self.cached()                                        # a restart
-        again.start(wait=True)
-        server = ServerThread(again)
-        self.addCleanup(server.stop)
-        kept_path = "/r/data/" + kept_ref.name
-        self.assertEqual(server.request("HEAD", kept_path)[0], 200)
-        self.assertEqual(server.request("GET", kept_path)[0], 404)
-        self.assertEqual(server.request("HEAD", kept_path)[0], 404)
-        self.assertEqual(emu.rejected[(DOWNLOAD_INFO, 5066)], 2)
-
-    def test_deletes_are_committed_in_the_cache_and_survive_a_crash(self):
-        # delete_linger: the crash comes before any trash call.
-        emu, storage = self.started_with_repository(delete_linger=3600)
-        refs = [self.put(storage, b"pack %d" % i) for i in range(3)]
-        for ref in refs[:2]:
-            self.assertTrue(storage.delete(ref))
-        self.assertEqual(emu.calls[TRASH], 0)
-        self.assertEqual(emu.total_live_files(), 3)
-        again = self.cached()                         # started after the crash
-        again.start(wait=True)
-        self.assertEqual(list(again.list(REPO, "data")), [(refs[2].name, 6)])
-        again.flush_deletes()
-        self.assertEqual(emu.total_live_files(), 1)
-        self.assertEqual(again.index.pending_deletes(), [])
-        self.assertEqual((emu.calls[TRASH], emu.calls[DELETE]), (1, 1))
-
-    def test_failed_remote_deletes_are_tried_again(self):
-        emu, storage = self.started_with_repository(delete_retry=0.01)
-        ref = self.put(storage, b"doomed")
-        file_id = emu.resolve(self.live_path(ref))["fileId"]
-        storage.client.call_deadline = 0.2
-        emu.fail_next("500", count=10 ** 6, endpoint=TRASH)     # 123pan down for a while
-        self.assertTrue(storage.delete(ref))
-        storage.flush_deletes()
-        self.assertEqual(storage.index.pending_deletes(), [(file_id, "trash")])
-        self.assertIsNone(storage.stat(ref))
-        emu.clear_faults()
-        deadline = time.monotonic() + 30
-        while storage.index.pending_deletes() and time.monotonic() < deadline:
-            storage.flush_deletes()             # the retry comes from a timer thread
-            time.sleep(0.01)
-        self.assertEqual(storage.index.pending_deletes(), [])
-        self.assertEqual(emu.total_live_files(), 0)
-
-    def test_rebuild_finds_what_changed_behind_our_back_and_keeps_recent_writes(self):
-        emu, storage = self.started_with_repository()
-        old = self.put(storage, b"old")
-        added = self.stored_elsewhere(b"added elsewhere")     # behind our back
-        emu.advance_clock(120)
-        emu.list_lag = 60.0         # what follows is not in listings yet (spec 4.2)
-        mark = time.time()
-        recent = self.put(storage, b"recent")
-        storage.close()
-        emu.remove_behind_back(self.live_path(old))           # behind our back
-        # All that the cache learned before `recent` is older than the grace period:
-        cache = MetadataCache(os.path.join(self.state_dir, rp.METADATA_CACHE_FILE))
-        with cache._transaction() as db:
-            db.execute("UPDATE entries SET written_at = written_at - 3600 "
-                       "WHERE written_at < ?", (mark,))
-        cache.close()
-        again = self.cached()
-        self.assertIsNotNone(again.stat(old))        # not rebuilt: the cache is trusted
-        self.assertIsNone(again.stat(added))
-        again.close()
-        emu.reset_calls()
-        rebuilt = self.cached()
-        rebuilt.start(rebuild=True, wait=True)
-        self.assertGreater(emu.calls[LIST], 0)
-        names = sorted(n for n, _ in rebuilt.list(REPO, "data"))
-        self.assertEqual(names, sorted([added.name, recent.name]))
-
-    def test_cache_refresh_finds_small_objects_added_elsewhere(self):
-        emu, storage = self.started_with_repository(refresh_seconds=300)
-        lock = self.stored_elsewhere(b"another server's lock", ObjectRef(REPO, "locks", "cd" * 32))
-        pack = self.stored_elsewhere(b"another server's pack")
-        self.assertEqual(storage.list(REPO, "locks"), [])     # listed (created) just now
-        self.assertIsNone(storage.stat(pack))                 # HEAD never lists data
-        emu.reset_calls()
-        with storage.index.cache._transaction() as db:        # five minutes later
-            db.execute("UPDATE folders SET listed_at = listed_at - 301")
-        self.assertEqual([n for n, _ in storage.list(REPO, "locks")], [lock.name])
-        self.assertEqual(emu.calls[LIST], 1)
-        self.assertEqual(storage.stat(pack), 21)              # a miss: data/<xx> listed
-        self.assertEqual(emu.calls[LIST], 3)                  # data/ and data/<xx>
-        self.assertEqual(self.read(storage, pack), b"another server's pack")
-        self.assertEqual(storage.list(REPO, "locks"), [(lock.name, 21)])
-        self.assertEqual(emu.calls[LIST], 3)
-
-    def test_upload_into_a_folder_removed_behind_our_back(self):
-        emu, storage = self.started_with_repository()
-        first = self.put(storage, b"first")
-        emu.remove_behind_back("/restic-backup/r/data/" + first.name[:2])
-        second = next(b"second %d" % i for i in itertools.count()
-                      if data_ref(b"second %d" % i).name[:2] == first.name[:2])
-        second = self.put(storage, second)
-        self.assertEqual(self.read(storage, second)[:7], b"second ")
-        self.assertIsNotNone(emu.resolve(self.live_path(second)))
-        self.assertIsNone(storage.stat(first))
-
-    def test_unusable_state_directory_is_one_error_line(self):
-        blocker = os.path.join(self.state_dir, "a-file")
-        with open(blocker, "w"):
-            pass
-        r = subprocess.run([sys.executable, SERVER_SCRIPT, "--backend", "123pan", "--client-id",
-                            "id", "--state-dir", os.path.join(blocker, "state"), "--no-auth",
-                            "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
-                           env=dict(os.environ, PAN123_CLIENT_SECRET="sec"))
-        self.assertEqual(r.returncode, 1)
-        self.assertEqual(r.stderr.splitlines()[-1],
-                         "restic_123pan.py: error: cannot start the 123pan backend: [Errno 20] "
-                         "Not a directory: %r" % os.path.join(blocker, "state"))
-
-    def test_rebuild_and_refresh_flags(self):
-        args = rp.parse_config(["--backend", "123pan", "--rebuild-cache", "--cache-refresh",
-                                "60", "--state-dir", self.state_dir], {})
-        self.assertTrue(args.rebuild_cache)
-        self.assertEqual(args.cache_refresh, 60)
-        storage = build_pan123_storage(args, {"PAN123_CLIENT_ID": "id",
-                                              "PAN123_CLIENT_SECRET": "sec"})
-        self.addCleanup(storage.close)
-        self.assertEqual(storage.refresh_seconds, 60)
-        self.assertEqual(storage.index.cache.path,
-                         os.path.join(self.state_dir, rp.METADATA_CACHE_FILE))
-        self.assertEqual(storage.index.ns, "123pan|https://open-api.123pan.com|id")
-        self.assertFalse(os.path.exists(storage.index.cache.path))    # opened by start()
-        for argv in (["--rebuild-cache"], ["--cache-refresh", "5"]):
-            self.assertRaises(UsageError, rp.parse_config, argv, {})
-        with self.assertRaises(SystemExit):
-            with contextlib.redirect_stderr(io.StringIO()):
-                rp.parse_config(["--backend", "123pan", "--cache-refresh", "-1"], {})
-
-
-# ---------------------------------------------------------------------------
-# The whole path under the emulator's free-tier limits, with faults
-# ---------------------------------------------------------------------------
-
-class Pan123UnderLimitsAndFaultsTest(Pan123BackendCase):
-
-    def test_workload_without_429_or_lost_objects(self):
-        emu = self.emulator(slice_size=2000)
-        storage = self.storage(single_upload_max=3000)
-        storage.create_repository(REPO)
-        emu.fail_randomly("500", 0.05, seed=1)
-        emu.fail_randomly("drop", 0.05, seed=2)
-        self.check_workload(storage, (10, 2500, 5000, 100, 7000, 1))
-        self.assertEqual(sum(n for (ep, code), n in emu.rejected.items() if code == 429), 0)
-
-
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
-
-# ---------------------------------------------------------------------------
-# 123pan as the real service behaves (field notes): the product's answers
-# ---------------------------------------------------------------------------
-
-class Pan123ClassifyTest(unittest.TestCase):
-    """The small tables the retry loop asks (the cloud layer's classify hook)."""
-
-    def test_answers(self):
-        c = rp.classify_pan123_answer
-        self.assertEqual(c(200, 0, "ok", LIST)[0], "ok")
-        self.assertEqual(c(200, 401, MSG_BAD_TOKEN, LIST)[0], "renew")
-        self.assertEqual(c(401, 401, MSG_TOKEN_LIMIT, LIST)[0], "token_limit")
-        self.assertEqual(c(200, 401, MSG_TOKEN_LIMIT, TOKEN)[0], "raise")   # never churn
-        self.assertEqual(c(200, 401, "clientID或clientSecret错误", TOKEN)[0], "raise")
-        self.assertEqual(c(429, 429, MSG_QPS, LIST)[0], "retry")
-        self.assertEqual(c(200, 1, MSG_UPLOAD_QUEUE, SINGLE)[0], "retry")
-        self.assertEqual(c(200, 1, MSG_UPLOAD_QUEUE, LIST)[0], "raise")
-        self.assertEqual(c(200, 1, MSG_NO_PARENT, SINGLE)[0], "raise")       # a vanished folder
-        self.assertEqual(c(200, 20103, MSG_VERIFYING, DOWNLOAD_INFO)[0], "poll")
-        # upload_complete's 20103 stays its caller's to poll
-        self.assertEqual(c(200, 20103, MSG_VERIFYING, "/upload/v2/file/upload_complete")[0],
-                         "raise")
-        self.assertEqual(c(200, 5113, MSG_TRAFFIC_MONTH, DOWNLOAD_INFO)[0], "quota")
-        self.assertEqual(c(200, 5066, MSG_NOT_FOUND, DOWNLOAD_INFO)[0], "raise")
-
-    def test_cdn_answers(self):
-        c = rp.classify_pan123_cdn_answer
-        self.assertEqual(c(403, CDN_RISK_BODY), "new_link")
-        self.assertEqual(c(403, CDN_REGION_BODY), "new_link")
-        self.assertEqual(c(410, b""), "new_link")
-        self.assertEqual(c(502, b""), "retry_new_link")
-        self.assertEqual(c(429, b""), "retry")
-        self.assertEqual(c(400, b""), "raise")
-        self.assertIn("code 1010", rp.describe_cdn_refusal(403, CDN_RISK_BODY))
-        self.assertIn("another place", rp.describe_cdn_refusal(403, CDN_REGION_BODY))
-
-    def test_link_expiry_and_reuse(self):
-        now = 1800000000.0
-        self.assertEqual(rp.pan123_link_expiry("https://x/a?t=1800000600&s=1", now), 1800000600)
-        self.assertEqual(rp.pan123_link_expiry("https://x/a?s=1&e=1800000600", now), 1800000600)
-        self.assertIsNone(rp.pan123_link_expiry("https://x/a?t=1799999999", now))   # past
-        self.assertIsNone(rp.pan123_link_expiry("https://x/a?t=abc&sign=1", now))
-        self.assertEqual(rp.pan123_link_reuse_seconds("https://x/a?t=1800000600", 300, now),
-                         600 - rp.PAN123_LINK_EXPIRY_MARGIN)
-        self.assertEqual(rp.pan123_link_reuse_seconds("https://x/a?q=1", 300, now), 300)
-        self.assertEqual(rp.pan123_link_reuse_seconds("https://x/a?t=1900000000", 300, now),
-                         rp.PAN123_LINK_MAX_REUSE)
-
-    def test_attempt_timeout_is_shorter_than_the_call_deadline(self):
-        self.assertLess(rp.pan123_attempt_timeout(60.0), 60.0 / 2 + 0.001)
-        self.assertEqual(rp.pan123_attempt_timeout(60.0), rp.PAN123_ATTEMPT_TIMEOUT)
-        self.assertEqual(rp.pan123_attempt_timeout(10.0, 30.0), 5.0)
-        self.assertLess(Pan123Client("id", "s").http.timeout, 60.0)
-
-
-class Pan123FieldNotesTest(Pan123BackendCase):
-    """Each answer of the field notes, switched on in the emulator, survived."""
-
-    def test_token_limit_window_is_waited_out_without_a_new_token(self):
-        emu = self.emulator()
-        emu.token_limit_window = 0.4
-        client = self.client()
-        self.assertEqual(list(client.list_folder(0)), [])
-        self.assertGreaterEqual(emu.rejected[(LIST, 401)], 1)
-        self.assertEqual(emu.calls[TOKEN], 1)
-
-    def test_over_the_device_limit_one_token_and_no_more(self):
-        emu = self.emulator()
-        emu.add_other_devices(3)
-        client = self.client()
-        list(client.list_folder(0))
-        self.assertEqual(emu.devices_logged_out, 1)         # the first token costs one
-        emu.revoke_all_tokens()                 # ours logged out by yet another login...
-        emu.add_other_devices(3)
-        emu.token_limit_mode = "refuse"         # ...and the account refuses new tokens
-        with self.assertLogs("restic_123pan", "WARNING") as logs:
-            with self.assertRaises(Pan123AuthError) as caught:
-                list(self.client(call_deadline=1.0).list_folder(0))
-        self.assertIn("too many live logins", str(caught.exception))
-        self.assertIn("log out of 123pan", "\n".join(logs.output))
-        self.assertEqual(emu.calls[TOKEN], 2)
-
-    def test_upload_queue_throttling_is_retried_and_one_copy_is_left(self):
-        for stores in (False, True):
-            emu = self.emulator()
-            emu.single_throttle_every, emu.single_throttle_stores = 2, stores
-            storage = self.storage()
-            storage.create_repository(REPO)
-            refs = [self.put(storage, b"object %d %d" % (i, stores)) for i in range(4)]
-            self.assertGreaterEqual(emu.rejected[(SINGLE, 1)], 2)
-            for ref in refs:
-                path = self.live_path(ref)
-                folder, name = path.rsplit("/", 1)
-                copies = [c for c in emu.children(folder, include_trashed=True)
-                          if c["filename"] == name]
-                self.assertEqual(len(copies), 1, (stores, copies))
-                folder_id = emu.resolve(folder)["fileId"]
-                self.assertEqual(storage.index.file(folder_id, name).file_id,
-                                 copies[0]["fileId"])
-                self.assertEqual(self.read(storage, ref), emu.file_bytes(copies[0]["fileId"]))
-
-    def test_download_info_20103_is_polled(self):
-        emu, storage, ref, data = self.stored()
-        emu.verifying_seconds = 0.3
-        ref2 = self.put(storage, b"just stored")
-        self.assertEqual(self.read(storage, ref2), b"just stored")
-        self.assertGreaterEqual(emu.rejected[(DOWNLOAD_INFO, 20103)], 1)
-
-    def test_traffic_quota_fails_at_once_and_is_counted(self):
-        emu, storage, ref, data = self.stored()
-        emu.traffic_quota = 10
-        before = METRICS.total("restic123pan_cloud_download_quota_refusals_total")
-        with self.assertRaises(Pan123QuotaExhausted) as caught:
-            storage.read(ref, 0, 10)
-        self.assertEqual(rp.storage_error_status(caught.exception), 503)
-        self.assertIn("5113", str(caught.exception))
-        self.assertEqual(emu.calls[DOWNLOAD_INFO], 1)            # no retries
-        self.assertEqual(METRICS.total("restic123pan_cloud_download_quota_refusals_total"),
-                         before + 1)
-
-    def test_a_stall_longer_than_the_socket_timeout_is_retried(self):
-        emu = self.emulator()
-        emu.slow_seconds = 1.0
-        client = self.client(timeout=0.3, call_deadline=5.0)
-        list(client.list_folder(0))
-        emu.reset_calls()
-        emu.fail_next("slow", endpoint=LIST)
-        self.assertEqual(list(client.list_folder(0)), [])
-        self.assertEqual(emu.calls[LIST], 2)
-
-    def test_cdn_refusals_and_failures_get_new_links(self):
-        emu, storage, ref, data = self.stored()
-        self.assertEqual(self.read(storage, ref, 0, 10), data[:10])
-        for kind, endpoint in (("cdn1010", "/dl"), ("region", "/obj"), ("502", "/obj"),
-                               ("hangup", "/dl")):
-            emu.reset_calls()
-            emu.fail_next(kind, count=2, endpoint=endpoint)
-            self.assertEqual(self.read(storage, ref, 5, 1000), data[5:1005], kind)
-            self.assertGreaterEqual(emu.calls[DOWNLOAD_INFO], 1, kind)    # the link dropped
-
-    def test_ranged_answers_without_content_length(self):
-        emu, storage, ref, data = self.stored(size=700000)
-        for framing in ("chunked", "close"):
-            emu.cdn_framing = framing
-            got = METRICS.total("restic123pan_cloud_bytes_downloaded_total")
-            self.assertEqual(self.read(storage, ref, 1000, 500000), data[1000:501000])
-            self.assertEqual(self.read(storage, ref), data)
-            self.assertEqual(METRICS.total("restic123pan_cloud_bytes_downloaded_total") - got,
-                             500000 + len(data))
-            emu.fail_next("drop", endpoint="/obj")          # cut short: resumed
-            self.assertEqual(self.read(storage, ref), data)
-
-    def test_trash_batch_with_one_odd_id_lets_the_rest_go_on(self):
-        emu = self.emulator()
-        self.existing_repo()
-        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(5)]
-        storage = self.storage(delete_retry=3600)
-        storage.list(REPO, "data")
-        odd = emu.resolve(self.live_path(refs[2]))["fileId"]
-        emu.trash_refused_ids = {odd}
-        with self.assertLogs("restic_123pan", "WARNING") as logs:
-            self.assertEqual([storage.delete(r) for r in refs], [True] * 5)
-            storage.flush_deletes()
-        self.assertEqual([c["fileId"] for c in emu.children(self.live_path(refs[2])
-                                                            .rsplit("/", 1)[0])], [odd])
-        self.assertEqual(emu.total_live_files(), 1)
-        self.assertIn("1 objects failed", "\n".join(logs.output))
-        self.assertIn("file %d: " % odd, "\n".join(logs.output))     # the odd id, named
-        self.assertEqual([i for i, _ in storage.index.pending_deletes()], [odd])
-
-    def test_mkdir_under_a_vanished_parent_recovers(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        first = self.put(storage, b"first pack")
-        emu.remove_behind_back("/restic-backup/r/data")
-        other = b"other pack %d"
-        data = next(other % i for i in range(1000)
-                    if hashlib.sha256(other % i).hexdigest()[:2] != first.name[:2])
-        ref = self.put(storage, data)       # mkdir data/<xx> under the vanished data/
-        self.assertEqual(self.read(storage, ref), data)
-        self.assertIsNotNone(emu.resolve(self.live_path(ref)))
-
-    def test_upload_host_moves_and_is_asked_again(self):
-        emu = self.emulator()
-        client = self.client()
-        storage = self.storage(client)
-        storage.create_repository(REPO)
-        self.put(storage, b"before")
-        self.assertEqual(emu.calls[DOMAIN], 1)
-        emu.move_upload_host()
-        ref = self.put(storage, b"after the move")
-        self.assertEqual(emu.calls[DOMAIN], 2)
-        self.assertEqual(self.read(storage, ref), b"after the move")
-        client._upload_domain_at -= rp.PAN123_UPLOAD_DOMAIN_TTL + 1     # ten minutes on
-        self.put(storage, b"later")
-        self.assertEqual(emu.calls[DOMAIN], 3)
-
-    def test_links_reused_until_their_own_expiry(self):
-        emu, storage, ref, data = self.stored(download_url_lifetime=0)
-        for _ in range(3):
-            self.read(storage, ref, 0, 10)
-        self.assertEqual(emu.calls[DOWNLOAD_INFO], 1)        # e= says two hours
-        emu.url_expiry_param = "t"
-        emu.expire_download_urls()          # refused: a new link, which says t=
-        self.read(storage, ref, 0, 10)
-        self.read(storage, ref, 0, 10)
-        self.assertEqual(emu.calls[DOWNLOAD_INFO], 2)
-
-
-DOMAIN = "/upload/v2/file/domain"
-USER_INFO = "/api/v1/user/info"
-
-
-class Pan123AccountTest(Pan123BackendCase):
-
-    def account(self, tier="auto"):
-        return rp.Pan123Account(self.client(), tier)
-
-    def test_account_logged_gauges_set_and_rate_table_chosen(self):
-        emu = self.emulator(vip=True)
-        emu.space_used_extra = 3 * 1024 ** 3
-        account = self.account()
-        with self.assertLogs("restic_123pan", "INFO") as logs:
-            info = account.refresh()
-        text = "\n".join(logs.output)
-        self.assertIn("VIP", text)
-        self.assertIn("3.0 GiB of 2048.0 GiB used", text)
-        self.assertIn("developer access until", text)
-        self.assertNotIn("WARNING", text)
-        self.assertTrue(info.vip)
-        self.assertEqual(account.client.tier, "vip")
-        self.assertEqual(account.client.limiter.qps(LIST), 10)
-        self.assertEqual(METRICS.value("restic123pan_cloud_space_total_bytes"), 2 * 1024 ** 4)
-        self.assertEqual(METRICS.value("restic123pan_cloud_space_used_bytes"), 3 * 1024 ** 3)
-        self.assertAlmostEqual(
-            METRICS.value("restic123pan_cloud_developer_access_end_timestamp_seconds"),
-            emu.now() + 365 * 86400, delta=5)
-        self.assertEqual(emu.calls[USER_INFO], 1)
-
-    def test_forced_tier_wins(self):
-        self.emulator(vip=True)
-        account = self.account("free")
-        account.refresh()
-        self.assertEqual(account.client.limiter.qps(LIST), 5)
-
-    def test_warnings_before_access_ends_and_when_space_is_nearly_full(self):
-        emu = self.emulator()
-        emu.developer_end = 5 * 86400
-        emu.space_permanent = 1000
-        emu.space_used_extra = 950
-        with self.assertLogs("restic_123pan", "WARNING") as logs:
-            self.account().refresh()
-        text = "\n".join(logs.output)
-        self.assertIn("ends in 5 days", text)
-        self.assertIn("nearly full", text)
-        emu.developer_end = -86400
-        with self.assertLogs("restic_123pan", "ERROR") as logs:
-            self.account().refresh()
-        self.assertIn("ended on", "\n".join(logs.output))
-
-    def test_missing_or_odd_developer_info(self):
-        emu = self.emulator()
-        for mode in ("missing", "null", "odd"):
-            emu.developer_info = mode
-            with self.assertLogs("restic_123pan", "INFO") as logs:
-                info = self.account().refresh()
-            self.assertIsNone(info.developer_end, mode)
-            self.assertIn("developer access end unknown", "\n".join(logs.output))
-
-    def test_storage_start_reads_the_account_and_a_failure_is_not_fatal(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.index = Pan123Index(MetadataCache(os.path.join(self.state_dir, "c.sqlite3")))
-        storage.account = rp.Pan123Account(storage.client)
-        emu.fail_randomly("500", 1.0, endpoint=USER_INFO)
-        with self.assertLogs("restic_123pan", "WARNING") as logs:
-            storage.start(wait=True)
-        self.assertIn("cannot read the account", "\n".join(logs.output))
-        self.assertGreaterEqual(emu.calls[USER_INFO], 1)
-
-
-class Pan123CloudAuditTest(Pan123CacheCase):
-
-    def audited(self):
-        emu, storage = self.started_with_repository()
-        self.refs = [self.put(storage, b"pack %d" % i) for i in range(30)]
-        self.put(storage, b"config", ObjectRef.config(REPO))
-        return emu, storage
-
-    def audit(self, storage):
-        with self.assertLogs("restic_123pan", "INFO") as logs:
-            result = rp.Pan123CloudAudit(storage, progress_interval=0).run()
-        return result, "\n".join(logs.output)
-
-    def test_clean_repository_costs_one_list_call_per_page(self):
-        emu, storage = self.audited()
-        emu.reset_calls()
-        result, text = self.audit(storage)
-        self.assertTrue(rp.audit_is_clean(result), text)
-        self.assertEqual(result.objects, 31)
-        pages = emulator_list_pages(emu) - 1        # the drive root is not listed
-        self.assertEqual(result.list_calls, pages)
-        self.assertEqual(emu.calls[LIST], pages)
-        self.assertEqual(sum(emu.calls.values()), pages)      # nothing else: no download
-        self.assertIn("clean: ", text)
-        self.assertIn("%d list calls" % pages, text)
-        self.assertEqual(METRICS.value("restic123pan_cloud_audit_list_calls"), pages)
-
-    def test_finds_missing_replaced_and_foreign_objects(self):
-        emu, storage = self.audited()
-        gone, replaced = self.refs[0], self.refs[1]
-        emu.remove_behind_back(self.live_path(gone))
-        emu.add_file(self.live_path(replaced), b"other bytes of the same name")
-        foreign = "/restic-backup/r/data/%s/foreign.bin" % self.refs[2].name[:2]
-        emu.add_file(foreign, b"not ours")
-        result, text = self.audit(storage)
-        self.assertFalse(rp.audit_is_clean(result))
-        self.assertEqual([p.rsplit("/", 1)[1] for p in result.missing], [gone.name])
-        self.assertEqual([p.rsplit("/", 1)[1] for p in result.changed], [replaced.name])
-        self.assertEqual(result.foreign, [foreign])
-        self.assertIn("missing in the cloud: ", text)
-        self.assertIn("changed in the cloud: ", text)
-        self.assertIn("not recorded by this server: %s" % foreign, text)
-        self.assertIn("PROBLEMS FOUND", text)
-        self.assertEqual(METRICS.value("restic123pan_cloud_audit_problems", kind="missing"), 1)
-        self.assertEqual(emu.calls["/obj"] + emu.calls["/dl"], 0)
-
-    def test_pending_deletes_are_not_foreign(self):
-        emu, storage = self.audited()
-        storage._deletes._trash.close(timeout=0)     # the remote delete stays queued
-        self.assertTrue(storage.delete(self.refs[3]))
-        result, text = self.audit(storage)
-        self.assertTrue(rp.audit_is_clean(result), text)
-
-
-class Pan123VerifyCloudCommandTest(Pan123CacheCase):
-    """--verify-cloud from the real command line, and --verify-every's wiring."""
-
-    def run_audit(self):
-        r = subprocess.run(
-            [sys.executable, SERVER_SCRIPT, "--backend", "123pan", "--api-base",
-             self.emu.api_base, "--client-id", CLIENT_ID, "--state-dir", self.state_dir,
-             "--verify-cloud"], env=dict(os.environ, PAN123_CLIENT_SECRET=SECRET),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-            timeout=120)
-        return r.returncode, r.stdout, r.stderr
-
-    def test_one_shot_exit_codes(self):
-        emu, storage = self.started_with_repository()
-        refs = [self.put(storage, b"pack %d" % i) for i in range(5)]
-        storage.close()
-        emu.reset_calls()
-        code, out, err = self.run_audit()
-        self.assertEqual(code, 0, err)
-        self.assertIn("verify-cloud: clean", out)
-        pages = emulator_list_pages(emu) - 1
-        self.assertIn("%d list calls" % pages, out)
-        self.assertEqual(emu.calls[LIST], pages)
-        self.assertEqual(emu.calls[USER_INFO], 1)           # the account, logged
-        self.assertIn("123pan account", err)
-        self.assertEqual(emu.calls["/dl"] + emu.calls["/obj"] + emu.calls[DOWNLOAD_INFO], 0)
-        emu.remove_behind_back(self.live_path(refs[0]))
-        code, out, err = self.run_audit()
-        self.assertEqual(code, 1)
-        self.assertIn("PROBLEMS FOUND", out)
-        self.assertIn("missing in the cloud: /restic-backup/r/data/%s/%s"
-                      % (refs[0].name[:2], refs[0].name), err)
-
-    def test_flags(self):
-        args = rp.parse_config(["--backend", "123pan", "--client-id", "i", "--verify-every",
-                                "2", "--state-dir", self.state_dir], {})
-        storage = build_pan123_storage(args, {"PAN123_CLIENT_SECRET": "s"})
-        self.assertEqual(storage.audit_every, 7200)
-        self.assertEqual(storage.account.tier, "auto")
-        for argv in (["--verify-cloud"], ["--verify-every", "1"]):
-            self.assertRaises(UsageError, rp.parse_config, ["--backend", "local"] + argv, {})
-        err = io.StringIO()
-        with self.assertRaises(SystemExit):          # argparse: not a number of hours
-            with contextlib.redirect_stderr(err):
-                rp.parse_config(["--backend", "123pan", "--verify-every", "-1"], {})
-        self.assertIn("--verify-every", err.getvalue())
-
-    def test_background_audit_reports_into_metrics(self):
-        emu, storage = self.started_with_repository()
-        ref = self.put(storage, b"a pack")
-        emu.add_file("/restic-backup/r/data/%s/stranger" % ref.name[:2], b"x")
-        storage._background_audit()
-        self.assertEqual(len(storage.last_audit.foreign), 1)
-        self.assertEqual(METRICS.value("restic123pan_cloud_audit_problems", kind="foreign"), 1)
-        self.assertIn('restic123pan_cloud_audit_problems{kind="foreign"} 1', METRICS.render())
-
-
-class Pan123CommandLineTest(unittest.TestCase):
-
-    def parse(self, argv, environ=None):
-        """The real command line, as main() parses it, for the 123pan backend."""
-        return rp.parse_config(["--backend", "123pan"] + argv, environ or {})
-
-    def test_environment_and_defaults(self):
-        environ = {"PAN123_CLIENT_ID": "id", "PAN123_CLIENT_SECRET": "sec",
-                   "XDG_STATE_HOME": "/tmp/xdg"}
-        storage = build_pan123_storage(self.parse([], environ), environ)
-        self.assertEqual(storage.client.client_id, "id")
-        self.assertEqual(storage.client.api_base, "https://open-api.123pan.com")
-        self.assertIn("/restic-backup ", storage.describe())
-        self.assertNotIn("sec", storage.describe())
-        self.assertEqual(storage.single_upload_max, PAN123_DEFAULT_SINGLE_MAX)
-        self.assertTrue(storage.client._token_file.path.startswith("/tmp/xdg/restic-123pan/"))
-        self.assertEqual(default_state_dir({"HOME": "/h"}).split(os.sep)[-3:],
-                         [".local", "state", "restic-123pan"])
-
-    def test_credentials_given(self):
-        self.assertFalse(pan123_credentials_given(self.parse([]), {}))
-        self.assertTrue(pan123_credentials_given(self.parse([]), {"PAN123_CLIENT_ID": "id"}))
-        self.assertEqual(rp.parse_config([], {"PAN123_CLIENT_ID": "id"}).backend, "123pan")
-        self.assertEqual(rp.parse_config([], {}).backend, "local")
-        for argv in (["--client-id", "x", "--backend", "local"], ["--state-dir", "/s"],
-                     ["--backend", "123pan", "--path", "/p"]):
-            self.assertRaises(UsageError, rp.parse_config, argv, {})
-        self.assertTrue(pan123_credentials_given(self.parse(["--client-id", "id"]), {}))
-
-    def test_flags_override_environment(self):
-        environ = {"PAN123_CLIENT_ID": "id", "PAN123_CLIENT_SECRET": "sec",
-                   "PAN123_REPO_PATH": "/env", "PAN123_API_BASE": "http://env"}
-        args = self.parse(["--client-id", "flag", "--repo-path", "/a/b",
-                           "--api-base", "http://127.0.0.1:1/", "--state-dir", "/tmp/s",
-                           "--pan123-tier", "vip", "--pan123-single-max", "1K"])
-        storage = build_pan123_storage(args, environ)
-        self.assertEqual(storage.client.client_id, "flag")
-        self.assertEqual(storage.client.api_base, "http://127.0.0.1:1")
-        self.assertIn("/a/b ", storage.describe())
-        self.assertEqual(storage.single_upload_max, 1024)
-        self.assertEqual(storage.client.limiter.qps("/api/v1/file/delete"), 10)
-
-    def test_usage_errors(self):
-        with self.assertRaises(UsageError) as caught:
-            build_pan123_storage(self.parse([]), {"PAN123_CLIENT_SECRET": "sec"})
-        self.assertNotIn("sec", str(caught.exception).replace("secret", ""))
-        base = {"PAN123_CLIENT_ID": "id", "PAN123_CLIENT_SECRET": "sec"}
-        for argv in (["--repo-path", "/a:b"], ["--api-base", "ftp://x"]):
-            with self.assertRaises(UsageError):
-                build_pan123_storage(self.parse(argv), base)
-        with self.assertRaises(SystemExit):          # argparse: not a size
-            with contextlib.redirect_stderr(io.StringIO()):
-                self.parse(["--pan123-single-max", "-1"])
-
-
-# ---------------------------------------------------------------------------
 # The Cloudreve 4 emulator: a strict in-memory fake of the parts of /api/v4 the
 # backend uses, written from ../shared/spec/cloudreve-v4-api.md (section numbers
 # below refer to it): the user's "my" file system with a local storage policy,
@@ -5943,8 +9292,6 @@ class Pan123CommandLineTest(unittest.TestCase):
 #   * after expire_download_urls(), a link signed anew within the same second
 #     (same expiry, so the same signature) stayed "expired": a client asking for a
 #     fresh link was refused 40005 for up to a second.
-# ---------------------------------------------------------------------------
-
 _CR_TZ = timezone(timedelta(hours=8))      # Go prints the server's local offset; non-UTC on purpose
 _CR_API = "/api/v4"
 _CR_FORBIDDEN = set('\\/:*?"<>|')           # dbfs/validator.go
@@ -7748,7 +11095,7 @@ class CloudreveEmulator(_EmulatorControls):
 
 
 # ---------------------------------------------------------------------------
-# Tests of the Cloudreve emulator itself: a fake that is not strict proves nothing
+# Part II, Cloudreve: the emulator's own tests, site and per storage policy
 # ---------------------------------------------------------------------------
 
 CR_API = _CR_API
@@ -8540,973 +11887,6 @@ class CloudreveEmulatorStateHelpersTest(CloudreveEmulatorCase):
         self.assertEqual(self.emu.calls, {})      # no accounting for direct state access
 
 
-# ---------------------------------------------------------------------------
-# The Cloudreve client and storage against the emulator
-# ---------------------------------------------------------------------------
-
-CR_EMAIL = "backup@example.com"
-CR_PASSWORD = "cr-password-never-log-me"
-CR_LOGIN = "POST /api/v4/session/token"
-CR_REFRESH = "POST /api/v4/session/token/refresh"
-CR_LIST = "GET /api/v4/file"
-CR_INFO = "GET /api/v4/file/info"
-CR_CREATE = "POST /api/v4/file/create"
-CR_SESSION = "PUT /api/v4/file/upload"
-CR_CHUNK = "POST /api/v4/file/upload/{session_id}/{index}"
-CR_CANCEL = "DELETE /api/v4/file/upload"
-CR_URL = "POST /api/v4/file/url"
-CR_CONTENT = "GET /api/v4/file/content/{entity}/{speed}/{name}"
-CR_DELETE = "DELETE /api/v4/file"
-CR_BASE = "/restic-backup"
-
-
-class CloudreveBackendCase(CloudStorageHelpers, unittest.TestCase):
-    state_prefix = "cloudreve-state-"
-
-    def emulator(self, **options):
-        options.setdefault("chunk_size", 1000)
-        self.emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD, **options).start()
-        self.addCleanup(self.emu.stop)
-        return self.emu
-
-    def client(self, **options):
-        """A client of self.emu with millisecond retries."""
-        settings = dict(state_dir=self.state_dir, call_deadline=10.0, retry_base=0.01,
-                        retry_cap=0.05, timeout=5.0)
-        settings.update(options)
-        client = CloudreveClient(self.emu.base_url, settings.pop("email", CR_EMAIL),
-                                 settings.pop("password", CR_PASSWORD), **settings)
-        self.addCleanup(client.close)
-        return client
-
-    def storage(self, client=None, repo_path=CR_BASE):
-        storage = CloudreveStorage(client or self.client(), repo_path)
-        self.addCleanup(storage.close)
-        return storage
-
-    def live_path(self, ref, base=CR_BASE):
-        name = ref.name
-        sub = "data/%s/%s" % (name[:2], name) if ref.kind == "data" else ref.relpath
-        return "%s/%s/%s" % (base, "/".join(ref.repo), sub)
-
-    def existing_repo(self, repo=REPO):
-        for kind in ("data", "index", "keys", "locks", "snapshots"):
-            self.emu.add_file("%s/%s/%s/.keep" % (CR_BASE, "/".join(repo), kind), b"")
-            self.emu.remove_behind_back("%s/%s/%s/.keep" % (CR_BASE, "/".join(repo), kind))
-
-    def session_raw(self, client, path, size):
-        """An upload session opened by hand (a crashed earlier run): its id."""
-        return client.call("PUT", "/file/upload",
-                           body={"uri": cloudreve_uri(tuple(p for p in path.split("/") if p)),
-                                 "size": size, "policy_id": self.emu.policy_id})["session_id"]
-
-    def rejected_total(self, code):
-        return sum(n for (ep, c), n in self.emu.rejected.items() if c == code)
-
-
-class CloudreveUnitTest(unittest.TestCase):
-
-    def test_uri_encoding_follows_the_spec(self):
-        self.assertEqual(cloudreve_uri(()), "cloudreve://my")
-        self.assertEqual(cloudreve_uri(("restic-backup", "data", "ab")),
-                         "cloudreve://my/restic-backup/data/ab")
-        # encodeURIComponent: space %20, '+' %2B, '%' %25, '#' %23, '@' %40, non-ASCII as
-        # UTF-8; !*'()~ kept
-        self.assertEqual(cloudreve_uri(("a b+c", "100%", "#1@x", "\u5907\u4efd", "(x)!*'~")),
-                         "cloudreve://my/a%20b%2Bc/100%25/%231%40x/%E5%A4%87%E4%BB%BD/(x)!*'~")
-
-    def test_split_path(self):
-        self.assertEqual(split_cloudreve_path("/a//b/"), ("a", "b"))
-        self.assertEqual(split_cloudreve_path("/"), ())
-        for bad in ("/a:b", "/a?", "/..", "/x/./y", "/" + "x" * 256, '/a"b', "/a|b"):
-            with self.assertRaises(ValueError):
-                split_cloudreve_path(bad)
-
-    def test_error_of_a_batch_answer_takes_the_items_code(self):
-        error = cloudreve_error("DELETE /api/v4/file", {
-            "code": 40081, "msg": "Path not exist", "correlation_id": "c-1",
-            "aggregated_error": {"cloudreve://my/a": {"code": 40016, "msg": "Path not exist"}}})
-        self.assertIsInstance(error, CloudreveNotFound)
-        self.assertEqual((error.code, error.items), (40016, {"cloudreve://my/a": 40016}))
-        self.assertIn("c-1", str(error))
-        mixed = cloudreve_error("x", {"code": 40081, "msg": "m", "aggregated_error": {
-            "u1": {"code": 40016}, "u2": {"code": 403}}})
-        self.assertEqual(type(mixed), CloudreveError)
-        self.assertEqual(mixed.code, 40081)
-        self.assertEqual(rp.storage_error_status(
-            cloudreve_error("x", {"code": 40051, "msg": "full"})), 507)
-
-
-# ---------------------------------------------------------------------------
-# The Cloudreve client: login, tokens, envelope, retries
-# ---------------------------------------------------------------------------
-
-class CloudreveTokenTest(CloudreveBackendCase):
-
-    def test_login_once_and_tokens_saved_0600_reused_after_restart(self):
-        emu = self.emulator()
-        self.client().list_folder("cloudreve://my")
-        self.assertEqual(emu.calls[CR_LOGIN], 1)
-        files = os.listdir(self.state_dir)
-        self.assertEqual(len(files), 1)
-        path = os.path.join(self.state_dir, files[0])
-        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
-        with open(path) as f:
-            text = f.read()
-        self.assertIn("refresh_token", json.loads(text))
-        self.assertNotIn(CR_PASSWORD, text)
-        # a restart (a new client on the same state dir) uses the saved tokens
-        self.client().list_folder("cloudreve://my")
-        self.client().list_folder("cloudreve://my")
-        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (1, 0))
-
-    def test_refreshed_before_expiry(self):
-        emu = self.emulator()
-        self.client().list_folder("cloudreve://my")
-        path = os.path.join(self.state_dir, os.listdir(self.state_dir)[0])
-        with open(path) as f:
-            saved = json.load(f)
-        # valid for one more minute of an hour's life: inside the 10-minute margin
-        saved["access_expires"] = time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                time.gmtime(time.time() + 60))
-        saved["obtained_at"] = time.time() - 3540
-        with open(path, "w") as f:
-            json.dump(saved, f)
-        self.client().list_folder("cloudreve://my")
-        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (1, 1))
-        self.assertEqual(emu.rejected[(CR_LIST, 401)], 0)   # before, not after, a 401
-
-    def test_expired_token_401_refreshes_and_replays(self):
-        emu = self.emulator()
-        client = self.client()
-        client.list_folder("cloudreve://my")
-        emu.expire_access_tokens()
-        client.list_folder("cloudreve://my")
-        self.assertEqual(emu.rejected[(CR_LIST, 401)], 1)
-        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (1, 1))
-        emu.advance_clock(3601)             # the access token's hour is over
-        client.list_folder("cloudreve://my")
-        self.assertEqual(emu.rejected[(CR_LIST, 401)], 2)
-        self.assertEqual(emu.calls[CR_REFRESH], 2)
-
-    def test_later_servers_40088(self):
-        emu = self.emulator()
-        emu.anonymous_code = 40088
-        client = self.client()
-        client.list_folder("cloudreve://my")
-        emu.expire_access_tokens()
-        client.list_folder("cloudreve://my")
-        self.assertEqual((emu.rejected[(CR_LIST, 40088)], emu.calls[CR_REFRESH]), (1, 1))
-
-    def test_expired_token_inside_a_batch_answer(self):
-        emu = self.emulator()
-        emu.add_file("/f", b"abc")
-        client = self.client()
-        client.list_folder("cloudreve://my")
-        emu.expire_access_tokens()
-        self.assertTrue(client.download_url("cloudreve://my/f"))
-        self.assertEqual(emu.rejected[(CR_URL, 40081)], 1)      # its item said 401
-        emu.expire_access_tokens()
-        client.delete(["cloudreve://my/f"])
-        self.assertEqual(emu.rejected[(CR_DELETE, 40081)], 1)
-        self.assertIsNone(emu.resolve("/f"))
-        self.assertEqual(emu.calls[CR_REFRESH], 2)
-
-    def test_expired_token_on_a_chunk_is_40011(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        emu.fail_next("401", endpoint=CR_CHUNK)       # this chunk's token has expired
-        data = os.urandom(2500)
-        ref = self.put(storage, data)
-        self.assertEqual(emu.rejected[(CR_CHUNK, 40011)], 1)
-        self.assertEqual(emu.calls[CR_REFRESH], 1)
-        self.assertEqual(emu.calls[CR_SESSION], 1)     # the same session went on
-        self.assertEqual(emu.calls[CR_CHUNK], 4)
-        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
-
-    def test_refresh_refused_falls_back_to_password_login(self):
-        emu = self.emulator()
-        client = self.client()
-        client.list_folder("cloudreve://my")
-        emu.revoke_refresh_tokens()
-        emu.expire_access_tokens()
-        client.list_folder("cloudreve://my")
-        self.assertEqual(emu.rejected[(CR_REFRESH, 40020)], 1)
-        self.assertEqual(emu.calls[CR_LOGIN], 2)
-
-    def test_refresh_token_expired_logs_in_without_trying_it(self):
-        emu = self.emulator()
-        client = self.client()
-        client.list_folder("cloudreve://my")
-        token = client._token
-        client._token = token._replace(renew_at=0, refresh_until=0)   # both spent
-        client.list_folder("cloudreve://my")
-        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (2, 0))
-
-    def test_concurrent_401s_refresh_once(self):
-        emu = self.emulator()
-        client = self.client()
-        client.list_folder("cloudreve://my")
-        emu.expire_access_tokens()
-        run_threads(lambda: client.list_folder("cloudreve://my"), [()] * 8)
-        self.assertEqual(emu.calls[CR_REFRESH], 1)
-
-    def test_repeated_401_keeps_refreshing_with_backoff(self):
-        emu = self.emulator()
-        client = self.client()
-        client.list_folder("cloudreve://my")
-        emu.fail_next("401", count=3, endpoint=CR_LIST)
-        client.list_folder("cloudreve://my")
-        self.assertEqual(emu.rejected[(CR_LIST, 401)], 3)
-        self.assertEqual(emu.calls[CR_REFRESH], 3)
-
-    def login_refused(self, **options):
-        emu = self.emulator(**options)
-        client = self.client()
-        with self.assertLogs("restic_123pan", "ERROR") as logs:
-            with self.assertRaises(CloudreveAuthError) as caught:
-                client.list_folder("cloudreve://my")
-        self.assertEqual(len(logs.output), 1)
-        # not tried again at once: a site may ban an address that keeps failing
-        with self.assertRaises(CloudreveAuthError):
-            client.list_folder("cloudreve://my")
-        self.assertEqual(emu.calls[CR_LOGIN], 1)
-        message = str(caught.exception)
-        self.assertNotIn("\n", message)
-        self.assertIn(CR_EMAIL, message)
-        return emu, message
-
-    def test_captcha_site_is_one_clear_line(self):
-        emu, message = self.login_refused(captcha=True)
-        self.assertIn("captcha", message)
-        self.assertEqual(emu.rejected[(CR_LOGIN, 40026)], 1)
-
-    def test_two_factor_account_is_one_clear_line(self):
-        emu, message = self.login_refused(two_factor=True)
-        self.assertIn("two-factor authentication", message)
-
-    def test_wrong_password_blocked_and_inactive_accounts(self):
-        for status, words in (("banned", "blocked"), ("inactive", "not activated")):
-            emu = self.emulator()
-            emu.account_status = status
-            with self.assertLogs("restic_123pan", "ERROR"):
-                with self.assertRaises(CloudreveAuthError) as caught:
-                    self.client().list_folder("cloudreve://my")
-            self.assertIn(words, str(caught.exception))
-        emu = self.emulator()
-        with self.assertLogs("restic_123pan", "ERROR"):
-            with self.assertRaises(CloudreveAuthError) as caught:
-                self.client(password="wrong-one").list_folder("cloudreve://my")
-        self.assertIn("wrong email or password", str(caught.exception))
-
-    def test_password_never_logged_or_raised(self):
-        emu = self.emulator()
-        with self.assertLogs("restic_123pan", "DEBUG") as logs:
-            logging.getLogger("restic_123pan").debug("capture starts")
-            storage = self.storage()
-            storage.create_repository(REPO)
-            ref = self.put(storage, b"x" * 2100)
-            self.read(storage, ref)
-            emu.expire_access_tokens()
-            emu.revoke_refresh_tokens()
-            storage.client.list_folder("cloudreve://my")       # refresh refused: login
-            self.assertEqual(emu.calls[CR_LOGIN], 2)
-            wrong = self.client(password="wrong-" + CR_PASSWORD, state_dir=None)
-            with self.assertRaises(CloudreveAuthError) as caught:
-                wrong.list_folder("cloudreve://my")
-        self.assertNotIn(CR_PASSWORD, str(caught.exception))
-        self.assertNotIn(CR_PASSWORD, repr(wrong))
-        self.assertNotIn(CR_PASSWORD, storage.describe())
-        for line in logs.output:
-            self.assertNotIn(CR_PASSWORD, line)
-        for name in os.listdir(self.state_dir):
-            with open(os.path.join(self.state_dir, name)) as f:
-                self.assertNotIn(CR_PASSWORD, f.read())
-
-
-class CloudreveCallTest(CloudreveBackendCase):
-
-    def test_proxy_and_server_errors_are_retried(self):
-        emu = self.emulator()
-        client = self.client()
-        for kind in ("500", "502", "504", "429", "drop"):
-            emu.fail_next(kind, endpoint=CR_LIST)
-        client.list_folder("cloudreve://my")
-        self.assertEqual(emu.calls[CR_LIST], 6)
-        for status in (500, 502, 504, 429):
-            self.assertEqual(emu.rejected[(CR_LIST, "http%d" % status)], 1)
-        self.assertEqual(emu.rejected[(CR_LIST, "drop")], 1)
-
-    def test_busy_codes_are_retried(self):
-        emu = self.emulator()
-        client = self.client()
-        for kind in ("409", "40073", "50001", "50004"):
-            emu.fail_next(kind, endpoint=CR_CREATE)
-        self.assertTrue(client.create_folder("cloudreve://my/a/b"))
-        for code in (409, 40073, 50001, 50004):
-            self.assertEqual(emu.rejected[(CR_CREATE, code)], 1)
-        self.assertEqual(emu.resolve("/a/b")["type"], 1)
-
-    def test_answer_lost_after_the_work_was_done(self):
-        emu = self.emulator()
-        client = self.client()
-        emu.fail_next("drop_after", endpoint=CR_CREATE)
-        # the retry finds the folder made: "existed already", not an error
-        self.assertFalse(client.create_folder("cloudreve://my/a"))
-        self.assertEqual(emu.resolve("/a")["type"], 1)
-
-    def test_slow_answer_times_out_and_is_retried(self):
-        emu = self.emulator()
-        emu.slow_seconds = 1.0
-        client = self.client(timeout=0.3)
-        client.list_folder("cloudreve://my")
-        emu.fail_next("slow", endpoint=CR_LIST)
-        client.list_folder("cloudreve://my")
-        self.assertEqual(emu.calls[CR_LIST], 3)
-
-    def test_gives_up_at_the_deadline(self):
-        emu = self.emulator()
-        client = self.client(call_deadline=0.3)
-        client.list_folder("cloudreve://my")
-        emu.fail_next("502", count=10000, endpoint=CR_LIST)
-        with self.assertRaises(CloudreveUnavailable) as caught:
-            client.list_folder("cloudreve://my")
-        self.assertEqual(rp.storage_error_status(caught.exception), 502)
-        self.assertIn("HTTP 502", str(caught.exception))
-        self.assertIsInstance(caught.exception, UpstreamError)
-
-    def test_permanent_error_logged_with_code_and_correlation_id(self):
-        self.emulator()
-        client = self.client()
-        with self.assertLogs("restic_123pan", "WARNING") as logs:
-            with self.assertRaises(CloudreveError) as caught:
-                client.create_folder("cloudreve://my/bad%7Cname")      # '|'
-        self.assertEqual(caught.exception.code, 40052)
-        self.assertIn("code 40052", logs.output[0])
-        self.assertIn("correlation_id", logs.output[0])
-
-    def test_not_a_cloudreve_site(self):
-        emu = self.emulator(separate_download_host=True)
-        # the download host answers 404 without an envelope to every API route
-        client = CloudreveClient(emu.download_base, CR_EMAIL, CR_PASSWORD, retry_base=0.01)
-        self.addCleanup(client.close)
-        with self.assertRaises(CloudreveError) as caught:
-            client.list_folder("cloudreve://my")
-        self.assertIn("HTTP 404", str(caught.exception))
-        self.assertIn("Cloudreve 4 site", str(caught.exception))
-
-    def test_gzip_answers_are_read(self):
-        emu = self.emulator()
-        client = self.client()
-        client.http.request = functools.partial(_with_gzip, client.http.request)
-        self.assertEqual(client.list_folder("cloudreve://my"), ([], emu.policy_id))
-
-    def test_metrics(self):
-        emu = self.emulator()
-        client = self.client()
-
-        def snapshot():
-            return dict((name, METRICS.total("restic123pan_cloud_" + name)) for name in (
-                "api_calls_total", "retries_total", "token_refreshes_total"))
-
-        before = snapshot()
-        calls_before = METRICS.value("restic123pan_cloud_api_calls_total", endpoint=CR_LIST)
-        emu.fail_next("50001", endpoint=CR_LIST)
-        emu.fail_next("500", endpoint=CR_LIST)
-        client.list_folder("cloudreve://my")
-        after = snapshot()
-        # the login, then one renewal on 50001 (a disabled account would fail it)
-        self.assertEqual(after["token_refreshes_total"] - before["token_refreshes_total"], 2)
-        self.assertEqual(after["retries_total"] - before["retries_total"], 2)
-        self.assertEqual(METRICS.value("restic123pan_cloud_api_calls_total", endpoint=CR_LIST)
-                         - calls_before, 3)
-        self.assertEqual(after["api_calls_total"] - before["api_calls_total"], 5)
-
-
-def _with_gzip(request, method, url, headers=None, body=None, **kw):
-    headers = dict(headers or {}, **{"Accept-Encoding": "gzip"})
-    return request(method, url, headers, body, **kw)
-
-
-class CloudreveListingTest(CloudreveBackendCase):
-
-    def test_cursor_pages_with_tokens_that_need_encoding(self):
-        emu = self.emulator(page_size=4)        # the site clamps page_size to 4
-        for i in range(3):
-            emu.add_file("/p/dir%d/keep" % i, b"")
-        for i in range(10):
-            emu.add_file("/p/f%02d" % i, b"x" * i)
-        entries, policy_id = self.client().list_folder("cloudreve://my/p")
-        self.assertEqual([e.name for e in entries],
-                         ["dir0", "dir1", "dir2"] + ["f%02d" % i for i in range(10)])
-        self.assertEqual([e.is_folder for e in entries], [True] * 3 + [False] * 10)
-        self.assertEqual(entries[-1].size, 9)
-        self.assertEqual(policy_id, emu.policy_id)
-        self.assertEqual(emu.calls[CR_LIST], 4)
-        self.assertEqual(emu.rejected[(CR_LIST, 40001)], 0)     # every token arrived intact
-
-    def test_short_pages_and_offset_mode(self):
-        emu = self.emulator(page_size=4)
-        for i in range(9):
-            emu.add_file("/p/f%d" % i, b"")
-        emu.short_pages = True
-        self.assertEqual(len(self.client().list_folder("cloudreve://my/p")[0]), 9)
-        emu.short_pages, emu.cursor_pagination = False, False
-        emu.reset_calls()
-        self.assertEqual([e.name for e in self.client().list_folder("cloudreve://my/p")[0]],
-                         ["f%d" % i for i in range(9)])
-        self.assertEqual(emu.calls[CR_LIST], 3)
-
-    def test_missing_folder_and_file_are_not_found(self):
-        emu = self.emulator()
-        emu.add_file("/f", b"1")
-        client = self.client()
-        for uri in ("cloudreve://my/none", "cloudreve://my/f"):
-            with self.assertRaises(CloudreveNotFound):
-                client.list_folder(uri)
-
-    def test_names_that_need_encoding_round_trip(self):
-        emu = self.emulator()
-        base = "/\u5907\u4efd 100% a+b #1 (x)@home=&"
-        storage = self.storage(repo_path=base)
-        storage.create_repository(REPO)
-        data = os.urandom(1500)
-        ref = self.put(storage, data)
-        self.assertEqual(emu.file_bytes(self.live_path(ref, base)), data)
-        fresh = self.storage(self.client(), repo_path=base)
-        self.assertEqual(list(fresh.list(REPO, "data")), [(ref.name, 1500)])
-        self.assertEqual(self.read(fresh, ref), data)
-        self.assertTrue(fresh.delete(ref))
-        self.assertEqual(emu.children(base + "/r/data/" + ref.name[:2]), [])
-        self.assertEqual(self.rejected_total(40001) + self.rejected_total(40016), 0)
-
-
-# ---------------------------------------------------------------------------
-# Cloudreve uploads
-# ---------------------------------------------------------------------------
-
-class CloudreveUploadsTest(CloudreveBackendCase):
-
-    def test_chunks_of_the_sessions_size_in_order_with_exact_lengths(self):
-        emu = self.emulator(chunk_size=1000)
-        storage = self.storage()
-        storage.create_repository(REPO)
-        uploaded = METRICS.total("restic123pan_cloud_bytes_uploaded_total")
-        sizes = (1, 999, 1000, 1001, 4500)
-        refs = [self.put(storage, os.urandom(n)) for n in sizes]
-        self.assertEqual(METRICS.total("restic123pan_cloud_bytes_uploaded_total") - uploaded,
-                         sum(sizes))
-        self.assertEqual(emu.calls[CR_SESSION], 5)
-        self.assertEqual(emu.calls[CR_CHUNK], 1 + 1 + 1 + 2 + 5)
-        self.assertEqual(dict(emu.rejected), {})    # no 40013 length or 50004 order refusal
-        for ref, size in zip(refs, sizes):
-            self.assertEqual(storage.stat(ref), size)
-            self.assertEqual(hashlib.sha256(emu.file_bytes(self.live_path(ref))).hexdigest(),
-                             ref.name)
-        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
-
-    def test_spool_on_disk_is_streamed(self):
-        emu = self.emulator(chunk_size=300000)
-        storage = self.storage()
-        storage.create_repository(REPO)
-        data = os.urandom(1000000)
-        spool = HashingSpool.from_stream(io.BytesIO(data), len(data), memory_limit=1000)
-        self.addCleanup(spool.close)
-        self.assertFalse(spool.in_memory)
-        storage.put(data_ref(data), spool)
-        self.assertEqual(emu.calls[CR_CHUNK], 4)
-        self.assertEqual(emu.file_bytes(self.live_path(data_ref(data))), data)
-
-    def test_whole_body_when_chunk_size_is_0_and_empty_objects(self):
-        emu = self.emulator(chunk_size=0)
-        storage = self.storage()
-        storage.create_repository(REPO)
-        data = os.urandom(5000)
-        ref = self.put(storage, data)
-        self.assertEqual(emu.calls[CR_CHUNK], 1)
-        self.assertEqual(self.read(storage, ref), data)
-        empty = self.put(storage, b"")
-        self.assertEqual(storage.stat(empty), 0)
-        self.assertEqual(list(storage.read(empty, 0, 0)), [])
-        self.assertEqual(emu.resolve(self.live_path(empty))["size"], 0)
-
-    def test_failed_upload_leaves_no_placeholder(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        emu.fail_next("413", count=100, endpoint=CR_CHUNK)
-        data = os.urandom(2500)
-        with self.assertRaises(CloudreveError) as caught:
-            self.put(storage, data)
-        self.assertIn("client_max_body_size", str(caught.exception))
-        self.assertEqual(emu.calls[CR_SESSION], 3)        # upload_attempts
-        self.assertEqual(emu.calls[CR_CANCEL], 3)
-        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
-        self.assertIsNone(storage.stat(data_ref(data)))
-        self.assertEqual(emu.used_bytes(), 0)
-        emu.clear_faults()
-        self.put(storage, data)
-        self.assertEqual(self.read(storage, data_ref(data)), data)
-
-    def test_unreachable_site_mid_upload_cancels_the_session(self):
-        emu = self.emulator()
-        storage = self.storage(self.client(call_deadline=0.3))
-        storage.create_repository(REPO)
-        emu.fail_next("502", count=10000, endpoint=CR_CHUNK)
-        with self.assertRaises(CloudreveUnavailable):
-            self.put(storage, os.urandom(2500))
-        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (1, 1))
-        self.assertEqual(emu.placeholders(), [])
-
-    def test_lock_expired_on_a_chunk_starts_a_new_session(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        emu.fail_next("40073", endpoint=CR_CHUNK)
-        data = os.urandom(2500)
-        ref = self.put(storage, data)
-        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (2, 1))
-        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
-        self.assertEqual(emu.placeholders(), [])
-
-    def test_expired_session_or_restarted_site_starts_a_new_one(self):
-        for lose_sessions in ("expire_upload_sessions", "restart"):
-            emu = self.emulator()
-            storage = self.storage()
-            storage.create_repository(REPO)
-            client = storage.client
-            original = client._send_chunks
-
-            def lose_the_first_session(session, spool):
-                if emu.calls[CR_SESSION] == 1:
-                    getattr(emu, lose_sessions)()
-                return original(session, spool)
-
-            client._send_chunks = lose_the_first_session
-            data = os.urandom(2500)
-            ref = self.put(storage, data)
-            self.assertEqual(emu.rejected[(CR_CHUNK, 40011)], 2)      # before and after a refresh
-            self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (2, 1))
-            self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
-            self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
-
-    def test_answer_of_the_last_chunk_lost(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        emu.fail_next("drop_after", endpoint=CR_CHUNK)
-        ref = self.put(storage, b"one chunk")
-        # the retry finds the session completed (40011 even after a refresh); the
-        # file is there with its size: stored, nothing cancelled
-        self.assertEqual(emu.rejected[(CR_CHUNK, 40011)], 2)
-        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (1, 0))
-        self.assertEqual(storage.stat(ref), 9)
-        self.assertEqual(emu.file_bytes(self.live_path(ref)), b"one chunk")
-
-    def test_answer_of_a_middle_chunk_lost(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        emu.fail_next("drop_after", endpoint=CR_CHUNK)
-        emu.fail_next("drop", endpoint=CR_CHUNK)
-        data = os.urandom(3500)
-        ref = self.put(storage, data)
-        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CHUNK]), (1, 6))
-        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
-
-    def test_placeholder_of_a_crashed_run_is_replaced(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        data = os.urandom(1500)
-        ref = data_ref(data)
-        # a previous run died after opening a session: a locked 0-byte placeholder
-        self.session_raw(storage.client, self.live_path(ref), len(data))
-        self.assertIsNone(storage.stat(ref))            # a placeholder is not an object
-        self.put(storage, data, ref)
-        self.assertEqual(emu.rejected[(CR_SESSION, 40004)], 1)
-        self.assertEqual(emu.calls[CR_CANCEL], 1)
-        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
-        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
-        # the same after the stale session has expired (placeholder unlocked)
-        other = os.urandom(1200)
-        self.session_raw(storage.client, self.live_path(data_ref(other)), len(other))
-        emu.expire_upload_sessions()
-        self.put(storage, other)
-        self.assertEqual(emu.file_bytes(self.live_path(data_ref(other))), other)
-        self.assertEqual(emu.placeholders(), [])
-
-    def test_answers_of_session_calls_lost(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        # the 1st and 3rd session calls are done but their answers lost: each retry
-        # finds our own placeholder (40004), which is cancelled before a new try
-        take_fault, sessions = emu._take_fault, []
-
-        def lose_answers(key):
-            if key == CR_SESSION:
-                sessions.append(key)
-                if len(sessions) in (1, 3):
-                    return "drop_after"
-            return take_fault(key)
-
-        emu._take_fault = lose_answers
-        data = os.urandom(1500)
-        ref = self.put(storage, data)
-        self.assertEqual(emu.rejected[(CR_SESSION, 40004)], 2)
-        self.assertEqual((emu.calls[CR_SESSION], emu.calls[CR_CANCEL]), (5, 2))
-        self.assertEqual(emu.file_bytes(self.live_path(ref)), data)
-        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
-        # replacing config: the retry of a lost versioned session call meets its lock
-        config = ObjectRef.config(REPO)
-        self.put(storage, b"one", config)
-        del sessions[:]
-        self.put(storage, b"second", config)
-        self.assertEqual(emu.rejected[(CR_SESSION, 40073)], 2)
-        self.assertEqual(self.read(storage, config), b"second")
-        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
-
-    def test_staged_version_of_a_crashed_run_is_cancelled(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        config = ObjectRef.config(REPO)
-        self.put(storage, b"one", config)
-        storage.client.call("PUT", "/file/upload", body={
-            "uri": cloudreve_uri(("restic-backup", "r", "config")), "size": 9,
-            "policy_id": emu.policy_id, "entity_type": "version"})    # then a crash
-        self.put(storage, b"replaced", config)
-        self.assertEqual(emu.rejected[(CR_SESSION, 40073)], 1)
-        self.assertEqual(emu.file_bytes(self.live_path(config)), b"replaced")
-        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
-
-    def test_file_unknown_to_the_index_is_replaced_atomically(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        config = ObjectRef.config(REPO)
-        self.assertIsNone(storage.stat(config))
-        emu.add_file(self.live_path(config), b"written by someone else")
-        self.put(storage, b"ours", config)
-        self.assertEqual(emu.rejected[(CR_SESSION, 40004)], 1)
-        self.assertEqual(emu.file_bytes(self.live_path(config)), b"ours")
-
-    def test_config_replaced_as_a_new_version(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        config = ObjectRef.config(REPO)
-        self.put(storage, b"one", config)
-        first = self.read(storage, config)
-        self.put(storage, b"second", config)
-        self.assertEqual((first, self.read(storage, config)), (b"one", b"second"))
-        self.assertEqual(storage.stat(config), 6)
-        self.assertEqual(emu.rejected[(CR_SESSION, 40004)], 0)
-        fresh = self.storage(self.client())
-        self.assertEqual(self.read(fresh, config), b"second")
-        self.assertEqual(len(emu.children(CR_BASE + "/r")), 6)   # config + 5 folders
-
-    def test_wrong_size_after_completion_is_not_stored(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        add_version = emu._add_version
-        emu._add_version = lambda n, data, mtime: add_version(n, data[:-1], mtime)
-        data = os.urandom(1500)
-        with self.assertLogs("restic_123pan", "WARNING"):
-            with self.assertRaises(CloudreveError) as caught:
-                self.put(storage, data)
-        self.assertIn("reports 1499 bytes", str(caught.exception))
-        self.assertIsNone(emu.resolve(self.live_path(data_ref(data))))
-        self.assertIsNone(storage.stat(data_ref(data)))
-
-    def test_quota_exceeded_is_507_and_file_too_large(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        emu.quota = 100
-        with self.assertLogs("restic_123pan", "WARNING"):
-            with self.assertRaises(CloudreveError) as caught:
-                self.put(storage, os.urandom(101))
-        self.assertEqual((caught.exception.code, rp.storage_error_status(caught.exception)),
-                         (40051, 507))
-        emu.quota, emu.max_size = 10 ** 9, 50
-        with self.assertLogs("restic_123pan", "WARNING"):
-            with self.assertRaises(CloudreveError) as caught:
-                self.put(storage, os.urandom(51))
-        self.assertEqual(caught.exception.code, 40049)
-        self.assertEqual(emu.placeholders(), [])
-
-    def test_storage_policy_of_unknown_type_is_refused(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        # a type the web client has no uploader for either
-        emu._policy = lambda: {"id": emu.policy_id, "name": "G", "type": "googledrive",
-                               "max_size": 0}
-        with self.assertRaises(CloudreveError) as caught:
-            self.put(storage, b"packed")
-        self.assertIn("'googledrive'", str(caught.exception))
-        self.assertIn("relay", str(caught.exception))
-        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
-
-    def test_concurrent_uploads_of_one_name(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        data = os.urandom(3000)
-        run_threads(lambda: self.put(storage, data), [()] * 4)
-        # one upload; the others find it stored when their turn comes
-        self.assertEqual(emu.calls[CR_SESSION], 1)
-        self.assertEqual(self.rejected_total(40004) + self.rejected_total(40073), 0)
-        self.assertEqual(list(storage.list(REPO, "data")), [(data_ref(data).name, 3000)])
-
-
-# ---------------------------------------------------------------------------
-# The Cloudreve storage: folders and what is known
-# ---------------------------------------------------------------------------
-
-class CloudreveStorageFoldersTest(CloudreveBackendCase):
-
-    def test_new_repository_costs_five_creates(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        self.assertEqual((emu.calls[CR_CREATE], emu.calls[CR_LIST]), (5, 0))
-        self.assertEqual(sorted(c["name"] for c in emu.children(CR_BASE + "/r")),
-                         ["data", "index", "keys", "locks", "snapshots"])
-        storage.create_repository(REPO)                 # idempotent
-        self.assertEqual(emu.rejected[(CR_CREATE, 40004)], 5)
-
-    def test_uploads_into_a_new_repository_list_nothing(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        refs = [self.put(storage, os.urandom(100)) for _ in range(10)]
-        key = self.put(storage, b"key", ObjectRef(REPO, "keys", "cd" * 32))
-        for ref in refs:
-            self.assertEqual(storage.stat(ref), 100)
-        self.assertEqual(sorted(storage.list(REPO, "data")),
-                         sorted((r.name, 100) for r in refs))
-        self.assertEqual(storage.list(REPO, "keys"), [(key.name, 3)])
-        # one listing only: for the policy id the upload sessions need
-        self.assertEqual(emu.calls[CR_LIST], 1)
-        self.assertEqual(storage._policy_id, emu.policy_id)
-        self.assertEqual(len(emu.children(CR_BASE + "/r/data")), len({r.name[:2] for r in refs}))
-
-    def test_existing_repository_listed_once_per_folder(self):
-        emu = self.emulator(page_size=7)
-        self.existing_repo()
-        refs = [self.stored_elsewhere(os.urandom(100)) for _ in range(30)]
-        storage = self.storage()
-        self.assertEqual(storage.stat(refs[0]), 100)
-        self.assertEqual(emu.calls[CR_LIST], 1)        # data/<xx> only
-        self.assertIsNone(storage.stat(data_ref(b"absent")))
-        expected = sorted((r.name, 100) for r in refs)
-        self.assertEqual(sorted(storage.list(REPO, "data")), expected)
-        listed = emu.calls[CR_LIST]
-        for _ in range(3):
-            self.assertEqual(sorted(storage.list(REPO, "data")), expected)
-            for ref in refs:
-                self.assertEqual(storage.stat(ref), 100)
-        self.assertEqual(emu.calls[CR_LIST], listed)
-        self.assertEqual(storage._policy_id, emu.policy_id)   # from a listing
-        # uploads there need no more listing, nor a policy lookup
-        self.put(storage, os.urandom(10))
-        self.assertEqual(emu.calls[CR_LIST], listed)
-
-    def test_placeholders_and_foreign_names_are_not_listed(self):
-        emu = self.emulator()
-        self.existing_repo()
-        keep = self.stored_elsewhere(b"kept", ObjectRef(REPO, "keys", "ab" * 32))
-        emu.add_file(CR_BASE + "/r/keys/not-an-id", b"x")
-        client = self.client()
-        self.session_raw(client, CR_BASE + "/r/keys/" + "cd" * 32, 10)
-        storage = self.storage(client)
-        self.assertEqual(storage.list(REPO, "keys"), [(keep.name, 4)])
-        self.assertIsNone(storage.stat(ObjectRef(REPO, "keys", "cd" * 32)))
-
-    def test_repositories_directly_under_my(self):
-        emu = self.emulator()
-        storage = self.storage(repo_path="/")
-        storage.create_repository(())
-        config = ObjectRef.config(())
-        self.put(storage, b"cfg", config)
-        self.assertEqual(emu.file_bytes("/config"), b"cfg")
-        self.assertEqual(self.read(self.storage(self.client(), "/"), config), b"cfg")
-
-
-# ---------------------------------------------------------------------------
-# Cloudreve downloads
-# ---------------------------------------------------------------------------
-
-class CloudreveDownloadsTest(CloudreveBackendCase):
-
-    emulator_defaults = {"chunk_size": 65536}
-
-    def test_ranges_and_link_reuse(self):
-        emu, storage, ref, data = self.stored()
-        downloaded = METRICS.total("restic123pan_cloud_bytes_downloaded_total")
-        self.assertEqual(self.read(storage, ref), data)
-        self.assertEqual(METRICS.total("restic123pan_cloud_bytes_downloaded_total")
-                         - downloaded, len(data))
-        self.assertEqual(self.read(storage, ref, 1000, 5000), data[1000:6000])
-        self.assertEqual(self.read(storage, ref, len(data) - 1, 1), data[-1:])
-        self.assertEqual((emu.calls[CR_URL], emu.calls[CR_CONTENT]), (1, 3))
-
-    def test_link_not_reused_close_to_its_expiry(self):
-        emu, storage, ref, data = self.stored(emulator={"download_url_ttl": 30.0})
-        self.read(storage, ref, 0, 10)
-        self.read(storage, ref, 0, 10)
-        self.assertEqual(emu.calls[CR_URL], 2)
-
-    def test_expired_link_answers_json_which_never_reaches_the_reader(self):
-        emu, storage, ref, data = self.stored()
-        self.read(storage, ref, 0, 10)
-        emu.expire_download_urls()
-        self.assertEqual(self.read(storage, ref, 5, 10), data[5:15])
-        self.assertEqual(emu.rejected[(CR_CONTENT, 40005)], 1)
-        self.assertEqual(emu.calls[CR_URL], 2)
-        emu.advance_clock(7200)             # links (and the access token) expired by time
-        self.assertEqual(self.read(storage, ref), data)
-        self.assertEqual(emu.rejected[(CR_CONTENT, 40005)], 2)
-
-    def test_link_refused_again_and_again_gives_up(self):
-        emu, storage, ref, data = self.stored(call_deadline=0.3)
-        emu.fail_next("401", count=10000, endpoint=CR_CONTENT)    # content: 40005
-        with self.assertRaises(CloudreveUnavailable) as caught:
-            storage.read(ref, 0, 10)
-        self.assertIn("code 40005", str(caught.exception))
-
-    def test_dropped_download_resumed(self):
-        emu, storage, ref, data = self.stored()
-        emu.fail_next("drop", endpoint=CR_CONTENT)
-        self.assertEqual(self.read(storage, ref), data)
-        emu.fail_next("drop", endpoint=CR_CONTENT)
-        self.assertEqual(self.read(storage, ref, 100, 200000), data[100:200100])
-        self.assertEqual(emu.rejected[(CR_CONTENT, "drop")], 2)
-        self.assertEqual(emu.calls[CR_CONTENT], 4)
-
-    def test_errors_of_the_content_route_retried(self):
-        emu, storage, ref, data = self.stored()
-        for kind in ("502", "500", "50001"):
-            emu.fail_next(kind, endpoint=CR_CONTENT)
-        emu.fail_next("500", endpoint=CR_URL)
-        self.assertEqual(self.read(storage, ref), data)
-        self.assertEqual(emu.calls[CR_CONTENT], 4)
-
-    def test_removed_behind_our_back_is_not_found(self):
-        emu, storage, ref, data = self.stored()
-        self.read(storage, ref, 0, 10)
-        emu.remove_behind_back(self.live_path(ref))
-        with self.assertLogs("restic_123pan", "WARNING"):
-            with self.assertRaises(NotFound):
-                storage.read(ref, 0, 10)
-        self.assertEqual(emu.rejected[(CR_CONTENT, 40077)], 1)   # the link's blob is gone
-        self.assertIsNone(storage.stat(ref))
-        self.assertFalse(storage.delete(ref))
-
-    def test_link_to_another_host_is_fetched_from_the_site(self):
-        emu, storage, ref, data = self.stored(emulator={"separate_download_host": True})
-        uri = cloudreve_uri(tuple(p for p in self.live_path(ref).split("/") if p))
-        self.assertTrue(storage.client.download_url(uri).startswith(emu.base_url + "/api/v4/"))
-        self.assertEqual(self.read(storage, ref), data)
-
-
-
-# ---------------------------------------------------------------------------
-# Cloudreve deletes
-# ---------------------------------------------------------------------------
-
-class CloudreveDeletesTest(CloudreveBackendCase):
-
-    def test_delete_skips_the_trash(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        ref = self.put(storage, os.urandom(5000))
-        self.assertEqual(emu.used_bytes(), 5000)
-        self.assertTrue(storage.delete(ref))
-        self.assertEqual(emu.used_bytes(), 0)       # no copy kept in the trash
-        self.assertIsNone(storage.stat(ref))
-        self.assertFalse(storage.delete(ref))
-        self.assertEqual(emu.calls[CR_DELETE], 1)
-
-    def test_concurrent_deletes_are_batched(self):
-        emu = self.emulator()
-        self.existing_repo()
-        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(24)]
-        storage = self.storage()
-        self.assertEqual(len(list(storage.list(REPO, "data"))), 24)
-        emu.reset_calls()
-        # The first call takes a while, so the other deletes queue up behind it
-        # however the threads are scheduled (the machine may be busy).
-        emu.slow_seconds = 1.0
-        emu.fail_next("slow", endpoint=CR_DELETE)
-        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 24)
-        self.assertLess(emu.calls[CR_DELETE], 12)
-        self.assertEqual(list(storage.list(REPO, "data")), [])
-        self.assertEqual(emu.used_bytes(), 0)
-
-    def test_batch_with_objects_already_gone(self):
-        emu = self.emulator()
-        self.existing_repo()
-        refs = [self.stored_elsewhere(b"pack %d" % i) for i in range(6)]
-        storage = self.storage()
-        list(storage.list(REPO, "data"))
-        emu.remove_behind_back(self.live_path(refs[0]))
-        emu.remove_behind_back(self.live_path(refs[1]))
-        # as far as this server knew they existed, and they are gone now
-        self.assertEqual(run_threads(storage.delete, [(r,) for r in refs]), [True] * 6)
-        self.assertEqual(list(storage.list(REPO, "data")), [])
-        self.assertEqual(emu.used_bytes(), 0)
-
-    def test_answer_lost_and_object_locked(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        ref = self.put(storage, b"doomed")
-        emu.fail_next("drop_after", endpoint=CR_DELETE)
-        emu.fail_next("40073", endpoint=CR_DELETE)
-        self.assertTrue(storage.delete(ref))
-        self.assertIsNone(emu.resolve(self.live_path(ref)))
-
-    def test_items_that_failed_otherwise_are_reported(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        folder = cloudreve_uri(("restic-backup", "r", "data"))
-        errors = storage._delete_batch([folder, "cloudreve://my", "cloudreve://my/none"])
-        self.assertEqual(dict((uri, (type(e), e.code)) for uri, e in errors.items()),
-                         {"cloudreve://my": (CloudreveError, 403),
-                          "cloudreve://my/none": (CloudreveNotFound, 40016)})
-        self.assertIsNone(emu.resolve(CR_BASE + "/r/data"))     # the others were done
-        with self.assertRaises(CloudreveError) as caught:      # refused as a whole
-            storage._delete_batch(["cloudreve://my/%zz"])
-        self.assertEqual(caught.exception.code, 40001)
-
-
-class CloudreveUnderFaultsTest(CloudreveBackendCase):
-
-    def test_workload_without_lost_objects(self):
-        emu = self.emulator(chunk_size=2000)
-        storage = self.storage()
-        storage.create_repository(REPO)
-        for kind, p, seed in (("500", 0.05, 1), ("drop", 0.05, 2), ("drop_after", 0.05, 3),
-                              ("401", 0.05, 4), ("50001", 0.05, 5), ("409", 0.05, 6)):
-            emu.fail_randomly(kind, p, seed=seed)
-        self.check_workload(storage, (10, 2500, 5000, 100, 7000, 1, 4000, 2000))
-        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
-        self.assertGreater(sum(emu.rejected.values()), 5, "the faults did not happen")
-
-
-# ---------------------------------------------------------------------------
-# Storage policies (issue 11): the emulator's provider side, then the backend
-# on every policy
-# ---------------------------------------------------------------------------
-
 class CloudrevePolicyEmulatorCase(CloudreveEmulatorCase):
     kwargs = {"policy_type": "s3"}
 
@@ -9721,2390 +12101,8 @@ class CloudreveEmulatorSiteRulesTest(CloudreveEmulatorCase):
         self.assertAlmostEqual(server - time.time(), -7200, delta=5)
 
 
-class CloudrevePolicyBackendCase(CloudreveBackendCase):
-    """The backend on one storage policy; subclasses name it.  part_key is the
-    endpoint that receives the bytes (the site's chunk route, or the provider's)."""
-    policy_type, relay, chunk = "local", False, 1000
-    part_key = CR_CHUNK
-    sizes = (10, 2500, 5000, 1, 3000)
-
-    def emulator(self, **options):
-        options.setdefault("policy_type", self.policy_type)
-        options.setdefault("relay", self.relay)
-        options.setdefault("chunk_size", self.chunk)
-        return CloudreveBackendCase.emulator(self, **options)
-
-    def parts(self, size):
-        return 1 if self.part_key == "POST /upyun/form" else max(1, -(-size // self.chunk))
-
-    def assertClean(self):
-        self.assertEqual((self.emu.placeholders(), self.emu.open_upload_sessions()), ([], 0))
-        self.assertEqual(self.emu.errors, [])
-
-    def test_round_trip_through_the_policy(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        emu.reset_calls()
-        blobs = [os.urandom(n) for n in self.sizes]
-        refs = [self.put(storage, d) for d in blobs]
-        for ref, data in zip(refs, blobs):
-            self.assertEqual(self.read(storage, ref), data)
-            self.assertEqual(self.read(storage, ref, 1, len(data) - 1), data[1:])
-        self.assertEqual(emu.calls[self.part_key], sum(self.parts(len(d)) for d in blobs))
-        emu.expire_download_urls()      # site links and provider links
-        self.assertEqual(self.read(storage, refs[1]), blobs[1])
-        if self.part_key != CR_CHUNK:
-            self.assertEqual(emu.calls[CR_CHUNK], 0)
-        self.assertEqual(emu.calls[CR_SESSION], len(blobs))
-        self.assertEqual(dict(emu.rejected), {(CR_CONTENT, 40005): 1})    # the expired link
-        self.assertClean()
-
-    def test_one_part_is_retried_not_the_object(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        emu.reset_calls()
-        data = os.urandom(self.sizes[2])
-        for kind in ("502", "drop", "drop_after"):
-            emu.fail_next(kind, endpoint=self.part_key)
-        ref = self.put(storage, data)
-        self.assertEqual(self.read(storage, ref), data)
-        self.assertEqual(emu.calls[self.part_key], self.parts(len(data)) + 3)
-        self.assertEqual(emu.calls[CR_SESSION], 1)
-        self.assertClean()
-
-    def test_a_failed_upload_cancels_its_session(self):
-        emu = self.emulator()
-        storage = self.storage(self.client(call_deadline=0.3))
-        storage.create_repository(REPO)
-        emu.fail_randomly("500", 1.0, endpoint=self.part_key)
-        with self.assertRaises(CloudreveUnavailable):
-            self.put(storage, os.urandom(self.sizes[1]))
-        self.assertClean()
-        self.assertEqual(storage.list(REPO, "data"), [])
-
-    def test_workload_under_faults_on_site_and_provider(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        for kind, p, seed in (("500", 0.05, 1), ("drop", 0.05, 2), ("drop_after", 0.05, 3),
-                              ("401", 0.05, 4), ("50001", 0.03, 5), ("502", 0.05, 6)):
-            emu.fail_randomly(kind, p, seed=seed)
-        with self.assertLogs("restic_123pan", "DEBUG") as logs:
-            self.check_workload(storage, self.sizes * 2)
-        self.assertClean()
-        self.assertGreater(sum(emu.rejected.values()), 5, "the faults did not happen")
-        text = "\n".join(logs.output)
-        for secret in ("Signature=", "X-Amz-Signature", "Bearer Cr", "UpToken", "UPYUN op",
-                       CR_PASSWORD):
-            self.assertNotIn(secret, text)
-
-
-class ChunkCompletionRule(object):
-    """For the policies whose last chunk completes the upload (local, relay,
-    remote): Cloudreve 4.18's placeholder case."""
-
-    def test_a_failed_completion_restarts_with_a_new_session(self):
-        emu = self.emulator()
-        storage = self.storage()
-        storage.create_repository(REPO)
-        emu.reset_calls()
-        emu.fail_completions = 1        # the completing chunk: 50001, its retry "succeeds"
-        data = os.urandom(2500)
-        with self.assertLogs("restic_123pan", "INFO") as logs:
-            ref = self.put(storage, data)
-        self.assertIn("still shows an unfinished upload", "\n".join(logs.output))
-        self.assertEqual(self.read(storage, ref), data)
-        self.assertEqual(emu.calls[CR_SESSION], 2)
-        self.assertEqual(self.rejected_total(50001), 1)
-        self.assertClean()
-
-
-class CloudreveLocalPolicyTest(ChunkCompletionRule, CloudrevePolicyBackendCase):
-    pass
-
-
-class CloudreveRelayPolicyTest(ChunkCompletionRule, CloudrevePolicyBackendCase):
-    policy_type, relay = "s3", True
-
-
-class CloudreveRemotePolicyTest(ChunkCompletionRule, CloudrevePolicyBackendCase):
-    policy_type, part_key = "remote", "POST /slave/upload"
-
-
-class CloudreveS3PolicyTest(CloudrevePolicyBackendCase):
-    policy_type, part_key = "s3", "PUT /s3/part"
-
-
-class CloudreveKs3PolicyTest(CloudreveS3PolicyTest):
-    policy_type = "ks3"
-
-
-class CloudreveCosPolicyTest(CloudreveS3PolicyTest):
-    policy_type = "cos"
-
-
-class CloudreveOssPolicyTest(CloudreveS3PolicyTest):
-    policy_type = "oss"
-
-
-class CloudreveObsPolicyTest(CloudreveS3PolicyTest):
-    policy_type = "obs"
-
-
-class CloudreveOneDrivePolicyTest(CloudrevePolicyBackendCase):
-    policy_type, part_key, chunk = "onedrive", "PUT /onedrive/range", 320 * 1024
-    sizes = (10, 700000, 800000, 1, 327680)
-
-
-class CloudreveQiniuPolicyTest(CloudrevePolicyBackendCase):
-    policy_type, part_key = "qiniu", "PUT /qiniu/part"
-
-
-class CloudreveQiniuCompletionTest(CloudreveBackendCase):
-    def test_a_lost_answer_to_the_completion_is_not_retried_for_a_minute(self):
-        emu = self.emulator(policy_type="qiniu")
-        storage = self.storage()
-        storage.create_repository(REPO)
-        emu.fail_next("drop_after", endpoint="POST /qiniu/complete")
-        data = os.urandom(2500)
-        ref = self.put(storage, data)       # the retry meets 612 "no such uploadId"
-        self.assertEqual(self.read(storage, ref), data)
-        self.assertEqual(emu.calls["POST /qiniu/complete"], 2)
-        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
-
-
-class CloudreveUpyunPolicyTest(CloudrevePolicyBackendCase):
-    policy_type, part_key = "upyun", "POST /upyun/form"
-
-
-class CloudreveSiteSettingErrorsTest(CloudreveBackendCase):
-    """Refusals that only a change on the site (or its proxy) can fix: one line
-    naming the setting, no retrying (issue 11)."""
-
-    def refused_put(self, size, logged=True):
-        storage = self.storage()
-        storage.create_repository(REPO)
-        self.emu.reset_calls()
-        with self.assertLogs("restic_123pan", "WARNING" if logged else "DEBUG"):
-            with self.assertRaises(CloudreveError) as caught:
-                self.put(storage, os.urandom(size))
-        message = str(caught.exception)
-        self.assertNotIn("\n", message)
-        self.assertEqual((self.emu.placeholders(), self.emu.open_upload_sessions()), ([], 0))
-        return caught.exception, message
-
-    def test_size_filter(self):
-        self.emulator().max_size = 50
-        error, message = self.refused_put(51)
-        self.assertEqual(error.code, 40049)
-        self.assertIn("max file size", message)
-        self.assertEqual(self.emu.calls[CR_SESSION], 1)
-
-    def test_extension_allow_list_refuses_every_restic_name(self):
-        self.emulator().allowed_extensions = ["jpg", "png"]
-        error, message = self.refused_put(100)
-        self.assertEqual(error.code, 40052)
-        self.assertIn("no extension", message)
-        self.assertIn("allowed extensions", message)
-        self.assertEqual(self.emu.calls[CR_SESSION], 1)
-
-    def test_body_limit_of_a_proxy(self):
-        self.emulator().proxy_max_body = 600       # below the 1000-byte chunks
-        error, message = self.refused_put(2500, logged=False)
-        self.assertIn("client_max_body_size", message)
-        self.assertEqual(self.emu.rejected[(CR_CHUNK.replace("{session_id}/{index}", ""), 0)], 0)
-
-    def test_proxy_timeout(self):
-        emu = self.emulator()
-        client = self.client(call_deadline=0.3)
-        emu.fail_randomly("524", 1.0, endpoint=CR_LIST)
-        with self.assertRaises(CloudreveUnavailable) as caught:
-            client.list_folder("cloudreve://my")
-        self.assertIn("timed out", str(caught.exception))
-        self.assertIn("proxy", str(caught.exception))
-        self.assertEqual(caught.exception.meaning, rp.TIMED_OUT)     # restic gets a 504
-
-    def test_disabled_account_is_said_at_once_not_retried_as_busy(self):
-        emu = self.emulator()
-        client = self.client()
-        client.list_folder("cloudreve://my")
-        emu.account_status = "banned"
-        emu.reset_calls()
-        with self.assertLogs("restic_123pan", "ERROR"):
-            with self.assertRaises(CloudreveAuthError) as caught:
-                client.list_folder("cloudreve://my")
-        self.assertIn("disabled", str(caught.exception))
-        self.assertEqual((emu.calls[CR_LIST], emu.calls[CR_REFRESH], emu.calls[CR_LOGIN]),
-                         (1, 1, 1))
-
-    def test_a_busy_database_is_still_retried(self):
-        emu = self.emulator()
-        client = self.client()
-        emu.fail_next("50001", count=3, endpoint=CR_LIST)
-        self.assertEqual(client.list_folder("cloudreve://my"), ([], emu.policy_id))
-        self.assertEqual(emu.calls[CR_LIST], 4)
-
-
-class CloudreveServerClockTest(CloudreveBackendCase):
-    """Token and link expiries compared on the site's clock (its Date header),
-    not the local one (issue 11, item 4)."""
-
-    def test_a_site_clock_behind_ours_does_not_refresh_on_every_call(self):
-        emu = self.emulator()
-        emu.skew_clock(-7200)           # every expiry it issues looks past to us
-        storage = self.storage()
-        storage.create_repository(REPO)
-        data = os.urandom(1500)
-        ref = self.put(storage, data)
-        for _ in range(3):
-            storage.client.list_folder("cloudreve://my")
-            self.assertEqual(self.read(storage, ref), data)
-        self.assertEqual((emu.calls[CR_LOGIN], emu.calls[CR_REFRESH]), (1, 0))
-        self.assertEqual(emu.calls[CR_URL], 1)
-        self.assertAlmostEqual(storage.client.server_time() - time.time(), -7200, delta=5)
-
-    def test_a_site_clock_ahead_of_ours_gets_no_dead_token(self):
-        emu = self.emulator(access_ttl=3600)
-        emu.skew_clock(7200)
-        client = self.client()
-        client.list_folder("cloudreve://my")
-        real = time.time
-        # 4000 s later on both clocks: past the token's expiry on the site's
-        with mock.patch("time.time", lambda: real() + 4000):
-            client.list_folder("cloudreve://my")
-        self.assertEqual(emu.rejected[(CR_LIST, 401)], 0)      # renewed before, not after
-        self.assertEqual(emu.calls[CR_REFRESH], 1)
-
-
 # ---------------------------------------------------------------------------
-# Cloudreve command line
-# ---------------------------------------------------------------------------
-
-class CloudreveCommandLineTest(unittest.TestCase):
-
-    def parse(self, argv, environ=None):
-        """The real command line, as main() parses it, for the Cloudreve backend."""
-        return rp.parse_config(["--backend", "cloudreve"] + argv, environ or {})
-
-    def build(self, argv, environ):
-        return build_cloudreve_storage(self.parse(argv, environ), environ)
-
-    def test_environment_and_defaults(self):
-        environ = {"CLOUDREVE_URL": "https://drive.example.com/", "CLOUDREVE_USER": "me@x.org",
-                   "CLOUDREVE_PASSWORD": "pw-secret", "XDG_STATE_HOME": "/tmp/xdg"}
-        storage = self.build([], environ)
-        self.assertEqual(storage.client.site_url, "https://drive.example.com")
-        self.assertEqual(storage.client.email, "me@x.org")
-        self.assertEqual(storage.describe(), "Cloudreve folder cloudreve://my/restic-backup "
-                                             "(me@x.org at https://drive.example.com)")
-        self.assertTrue(storage.client._token_file.path.startswith("/tmp/xdg/restic-123pan/"))
-        self.assertNotIn("pw-secret", repr(storage.client))
-        self.assertEqual(rp.parse_config([], environ).backend, "cloudreve")
-
-    def test_flags_override_environment_and_password_file(self):
-        folder = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, folder, True)
-        password_file = os.path.join(folder, "pw")
-        with open(password_file, "w") as f:
-            f.write("from-file\nsecond line ignored\n")
-        environ = {"CLOUDREVE_URL": "https://env.example", "CLOUDREVE_USER": "env@x.org",
-                   "CLOUDREVE_PASSWORD": "env-pw", "CLOUDREVE_REPO_PATH": "/env"}
-        storage = self.build(["--cloudreve-url", "http://127.0.0.1:1/api/v4",
-                              "--cloudreve-user", "flag@x.org", "--repo-path", "/a b/c",
-                              "--cloudreve-password-file", password_file,
-                              "--state-dir", folder], environ)
-        self.assertEqual(storage.client.site_url, "http://127.0.0.1:1")
-        self.assertEqual(storage.client.email, "flag@x.org")
-        self.assertEqual(storage.client._password, "from-file")
-        self.assertIn("cloudreve://my/a%20b/c ", storage.describe())
-        self.assertEqual(os.path.dirname(storage.client._token_file.path), folder)
-        self.assertEqual(self.build([], environ).client._password, "env-pw")
-        self.assertIn("cloudreve://my/env ", self.build([], environ).describe())
-        environ = dict(environ, CLOUDREVE_PASSWORD="", CLOUDREVE_PASSWORD_FILE=password_file)
-        self.assertEqual(self.build([], environ).client._password, "from-file")
-
-    def test_usage_errors_never_show_the_password(self):
-        full = {"CLOUDREVE_URL": "https://d.example", "CLOUDREVE_USER": "me@x.org",
-                "CLOUDREVE_PASSWORD": "pw-secret"}
-        for drop in ("CLOUDREVE_URL", "CLOUDREVE_USER", "CLOUDREVE_PASSWORD"):
-            environ = dict(full)
-            del environ[drop]
-            with self.assertRaises(UsageError) as caught:
-                self.build([], environ)
-            self.assertIn(drop, str(caught.exception))
-            self.assertNotIn("pw-secret", str(caught.exception))
-        for argv in (["--repo-path", "/a:b"], ["--cloudreve-url", "ftp://x"],
-                     ["--cloudreve-password", "p", "--cloudreve-password-file", "/f"],
-                     ["--cloudreve-password-file", "/nonexistent/pw"]):
-            with self.assertRaises(UsageError) as caught:
-                self.build(argv, full)
-            self.assertNotIn("pw-secret", str(caught.exception))
-        empty = tempfile.NamedTemporaryFile(delete=False)
-        empty.close()
-        self.addCleanup(os.unlink, empty.name)
-        with self.assertRaises(UsageError):
-            self.build(["--cloudreve-password-file", empty.name], full)
-
-    def test_backend_choice_and_foreign_flags(self):
-        both = {"CLOUDREVE_URL": "https://d.example", "PAN123_CLIENT_ID": "id"}
-        self.assertRaises(UsageError, rp.parse_config, [], both)
-        self.assertEqual(rp.parse_config(["--backend", "123pan"], both).backend, "123pan")
-        self.assertEqual(rp.parse_config(["--cloudreve-url", "https://d"], {}).backend,
-                         "cloudreve")
-        for argv in (["--backend", "cloudreve", "--client-id", "x"],
-                     ["--backend", "cloudreve", "--api-base", "http://x"],
-                     ["--backend", "123pan", "--cloudreve-user", "me@x.org"],
-                     ["--backend", "local", "--cloudreve-url", "https://d"],
-                     ["--backend", "local", "--repo-path", "/x"],
-                     ["--backend", "cloudreve", "--path", "/p"]):
-            self.assertRaises(UsageError, rp.parse_config, argv, {})
-
-    def test_main_reports_one_line_without_the_password(self):
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), mock.patch.object(logging, "basicConfig"):
-            status = rp.main(["--backend", "cloudreve", "--cloudreve-url", "https://d",
-                              "--cloudreve-password", "pw-secret"], {})
-        self.assertEqual(status, 2)
-        self.assertEqual(len(err.getvalue().splitlines()), 1)
-        self.assertIn("CLOUDREVE_USER", err.getvalue())
-        self.assertNotIn("pw-secret", err.getvalue())
-
-
-# ---------------------------------------------------------------------------
-# The storage contract: one suite, run against every backend
-# ---------------------------------------------------------------------------
-
-class StorageContract(object):
-    """What every Storage promises (section 3 of the product), checked the same
-    way for the local folder, 123pan and Cloudreve.  A subclass provides
-    open_storage() (a storage on the same place and state each time: a second
-    call is a restart), remove_behind_back(ref), corrupt(ref, data) (other bytes
-    of the same length, or None where the backend passes bytes through
-    unchecked) and list_calls() (folder listings made so far)."""
-
-    def open_repository(self):
-        self.st = self.start(self.open_storage())
-        self.st.create_repository(REPO)
-
-    def start(self, storage):
-        storage.start()
-        return storage
-
-    def restart(self):
-        self.st.close()
-        self.st = self.start(self.open_storage())
-        return self.st
-
-    def put(self, storage, data, ref=None):
-        ref = ref or data_ref(data)
-        with HashingSpool.from_bytes(data) as spool:
-            storage.put(ref, spool)
-        return ref
-
-    def read(self, ref, start=0, length=None):
-        if length is None:
-            length = self.st.stat(ref)
-        return b"".join(self.st.read(ref, start, length))
-
-    def test_create_stat_list(self):
-        data, key = os.urandom(3000), b"key material"
-        pack = self.put(self.st, data)
-        key_ref = self.put(self.st, key, ObjectRef(REPO, "keys", sha256_hex(key)))
-        config = self.put(self.st, b"cfg", ObjectRef.config(REPO))
-        self.assertEqual((self.st.stat(pack), self.st.stat(key_ref), self.st.stat(config)),
-                         (3000, len(key), 3))
-        self.assertEqual(list(self.st.list(REPO, "data")), [(pack.name, 3000)])
-        self.assertEqual(list(self.st.list(REPO, "keys")), [(key_ref.name, len(key))])
-        self.assertEqual(list(self.st.list(REPO, "index")), [])
-        self.assertIsNone(self.st.stat(data_ref(b"never stored")))
-        missing = ("nope",)
-        self.assertIsNone(self.st.stat(ObjectRef.config(missing)))
-        self.assertEqual(list(self.st.list(missing, "data")), [])
-        self.assertEqual(list(self.st.list(missing, "keys")), [])
-        with self.assertRaises(NotFound):
-            self.st.read(ObjectRef.config(missing), 0, 1)
-        self.assertFalse(self.st.delete(data_ref(b"x", missing)))
-
-    def test_ranged_and_full_reads(self):
-        data = os.urandom(70000)
-        ref = self.put(self.st, data)
-        self.assertEqual(self.read(ref), data)
-        self.assertEqual(self.read(ref, 5, 100), data[5:105])
-        self.assertEqual(self.read(ref, 69999, 1), data[-1:])
-        self.assertEqual(self.read(ref, 1000, 0), b"")
-        empty = self.put(self.st, b"")
-        self.assertEqual((self.st.stat(empty), self.read(empty)), (0, b""))
-
-    def test_identical_reput_and_replaced_config(self):
-        data = os.urandom(2000)
-        ref = self.put(self.st, data)
-        self.put(self.st, data)
-        self.assertEqual(list(self.st.list(REPO, "data")), [(ref.name, 2000)])
-        self.assertEqual(self.read(ref), data)
-        config = self.put(self.st, b"first", ObjectRef.config(REPO))
-        self.put(self.st, b"second one", config)
-        self.assertEqual((self.st.stat(config), self.read(config)), (10, b"second one"))
-
-    def test_idempotent_delete(self):
-        ref = self.put(self.st, b"to be deleted")
-        self.assertTrue(self.st.delete(ref))
-        self.assertFalse(self.st.delete(ref))
-        self.assertIsNone(self.st.stat(ref))
-        self.assertEqual(list(self.st.list(REPO, "data")), [])
-        with self.assertRaises(NotFound):
-            self.st.read(ref, 0, 1)
-        self.st.flush_deletes()
-        self.assertIsNone(self.restart().stat(ref))
-
-    def test_concurrent_puts_of_one_name(self):
-        data = os.urandom(5000)
-        refs = run_threads(lambda: self.put(self.st, data), [()] * 4)
-        self.assertEqual(len(set(refs)), 1)
-        self.assertEqual(list(self.st.list(REPO, "data")), [(refs[0].name, 5000)])
-        self.assertEqual(self.read(refs[0]), data)
-
-    def test_removed_behind_our_back_answers_missing(self):
-        ref = self.put(self.st, os.urandom(1000))
-        self.remove_behind_back(ref)
-        with self.assertRaises(NotFound):
-            self.st.read(ref, 0, 10)
-        self.assertIsNone(self.st.stat(ref))
-        self.assertFalse(self.st.delete(ref))
-
-    def test_full_read_with_other_bytes_never_yields_them(self):
-        data = os.urandom(5000)
-        ref = self.put(self.st, data)
-        if not self.corrupt(ref, data):
-            # The local folder passes bytes through as restic's local backend reads
-            # them; restic checks what it reads itself.
-            self.assertEqual(self.st.name, "local")
-            self.assertNotEqual(self.read(ref), data)
-            return
-        received = []
-        with self.assertLogs("restic_123pan", "ERROR") as logs:
-            with self.assertRaises(rp.StorageError):
-                for chunk in self.st.read(ref, 0, 5000):
-                    received.append(chunk)
-        self.assertEqual(received, [])             # the last chunk was held back
-        self.assertIn(ref.name, logs.output[0])
-        # A partial read cannot be checked here (restic checks each blob itself).
-        self.assertEqual(self.read(ref, 0, 64), bytes(64))
-
-    def test_restart_keeps_what_was_stored(self):
-        blobs = [os.urandom(n) for n in (10, 3000, 70000)]
-        refs = [self.put(self.st, d) for d in blobs]
-        config = self.put(self.st, b"cfg", ObjectRef.config(REPO))
-        listed = self.list_calls()
-        again = self.restart()
-        self.assertEqual(sorted(again.list(REPO, "data")),
-                         sorted((r.name, len(d)) for r, d in zip(refs, blobs)))
-        self.assertEqual(again.stat(config), 3)
-        for ref, data in zip(refs, blobs):
-            self.assertEqual(self.read(ref), data)
-        self.assertEqual(self.list_calls(), listed, "a restart listed folders again")
-
-
-class LocalStorageContractTest(StorageContract, unittest.TestCase):
-
-    def setUp(self):
-        self.root = tempfile.mkdtemp(prefix="r123-contract-")
-        self.addCleanup(shutil.rmtree, self.root, True)
-        self.open_repository()
-
-    def open_storage(self):
-        return rp.LocalStorage(self.root)
-
-    def remove_behind_back(self, ref):
-        os.unlink(self.st.path_of(ref))
-
-    def corrupt(self, ref, data):
-        with open(self.st.path_of(ref), "wb") as f:
-            f.write(bytes(len(data)))
-        return False
-
-    def list_calls(self):
-        return 0
-
-
-class CloudStorageContract(StorageContract):
-    """The cloud side: one emulator per test, storages with a persistent metadata
-    cache in the state directory, as main() builds them."""
-
-    def setUp(self):
-        CloudStorageHelpers.setUp(self)
-        self.emulator()
-        self.open_repository()
-
-    def cache(self):
-        cache = MetadataCache(os.path.join(self.state_dir, rp.METADATA_CACHE_FILE))
-        self.addCleanup(cache.close)
-        return cache
-
-    def open_storage(self):
-        storage = self.cloud_storage(self.client())
-        self.addCleanup(storage.close)
-        return storage
-
-    def start(self, storage):
-        storage.start(wait=True)        # the warm-up done before the test goes on
-        return storage
-
-    def remove_behind_back(self, ref):
-        self.emu.remove_behind_back(self.live_path(ref))
-
-
-class Pan123StorageContractTest(CloudStorageContract, Pan123BackendCase):
-
-    def cloud_storage(self, client):
-        index = Pan123Index(self.cache(), pan123_cache_namespace(client.api_base, CLIENT_ID))
-        return Pan123Storage(client, "/restic-backup", index=index)
-
-    def corrupt(self, ref, data):
-        file_id = self.emu.resolve(self.live_path(ref))["fileId"]
-        self.emu._blobs[self.emu._content_of[file_id]] = bytes(len(data))
-        return True
-
-    def list_calls(self):
-        return self.emu.calls[LIST]
-
-
-class CloudreveStorageContractTest(CloudStorageContract, CloudreveBackendCase):
-
-    def cloud_storage(self, client):
-        index = rp.CloudreveIndex(self.cache(), rp.cloudreve_cache_namespace(
-            client.site_url, CR_EMAIL))
-        return CloudreveStorage(client, CR_BASE, index=index)
-
-    def corrupt(self, ref, data):
-        node = self.emu.resolve(self.live_path(ref))
-        entity = self.emu._unhid("entity", node["primary_entity"])
-        self.emu._entities[entity]["data"] = bytes(len(data))
-        return True
-
-    def list_calls(self):
-        return self.emu.calls[CR_LIST]
-
-
-# ---------------------------------------------------------------------------
-# End to end with the real restic
-# ---------------------------------------------------------------------------
-
-def make_tree(root, seed, total_mib=52):
-    """Deterministic tree: many small files, some medium, a few of several MiB, and
-    empty ones; at least `total_mib` MiB in all."""
-    rnd = random.Random(seed)
-    sizes = [0] * 5 + [rnd.randint(1, 4096) for _ in range(400)] \
-        + [rnd.randint(10000, 900000) for _ in range(30)]
-    while sum(sizes) < total_mib * 1024 * 1024:
-        sizes.append(rnd.randint(3, 9) * 1024 * 1024 + rnd.randint(0, 4095))
-    for i, size in enumerate(sizes):
-        folder = os.path.join(root, "d%02d" % (i % 17), "s%d" % (i % 3))
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "f%04d.bin" % i), "wb") as f:
-            f.write(rnd.getrandbits(8 * size).to_bytes(size, "little") if size else b"")
-
-
-def change_tree(root, seed):
-    """Add, rewrite and remove some files, as a second day of work would."""
-    rnd = random.Random(seed)
-    files = sorted(os.path.join(d, n) for d, _, ns in os.walk(root) for n in ns)
-    for path in rnd.sample(files, 20):
-        os.unlink(path)
-    for path in rnd.sample([p for p in files if os.path.exists(p)], 10):
-        with open(path, "ab") as f:
-            f.write(b"changed %d" % rnd.getrandbits(32))
-    os.makedirs(os.path.join(root, "new"), exist_ok=True)
-    for i in range(30):
-        size = rnd.choice([0, 10, 5000, 300000, 2 * 1024 * 1024])
-        with open(os.path.join(root, "new", "n%02d" % i), "wb") as f:
-            f.write(rnd.getrandbits(8 * size).to_bytes(size, "little") if size else b"")
-
-
-def manifest(root):
-    out = {}
-    for d, _, names in os.walk(root):
-        for n in names:
-            p = os.path.join(d, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
-
-
-class ResticEndToEndBase(unittest.TestCase):
-    """Runs the real restic against a server process started from the command line."""
-
-    @classmethod
-    def setUpClass(cls):
-        if UNIT_ONLY:
-            raise unittest.SkipTest("RESTIC_123PAN_UNIT_ONLY=1")
-        cls.restic = shutil.which("restic")
-        if not cls.restic:
-            if REQUIRE_E2E:
-                raise AssertionError("restic is not installed but RESTIC_123PAN_REQUIRE_E2E=1")
-            raise unittest.SkipTest("restic not installed (apt-get install -y restic)")
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="r123-e2e-")
-        self.addCleanup(shutil.rmtree, self.tmp, True)
-        self.env = dict(os.environ, RESTIC_PASSWORD="correct horse battery staple",
-                        RESTIC_CACHE_DIR=os.path.join(self.tmp, "cache"))
-
-    def start_server(self, *argv, **kw):
-        log_path = os.path.join(self.tmp, "server.log")
-        self.server_log = open(log_path, "w+")
-        self.addCleanup(self.server_log.close)
-        env = dict(os.environ, **kw.get("env", {}))
-        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--listen", "127.0.0.1:0"] + list(argv),
-                                stdout=subprocess.PIPE, stderr=self.server_log, universal_newlines=True,
-                                env=env)
-        self.addCleanup(self.stop_server, proc)
-        self.server_proc = proc
-        return read_server_url(proc)
-
-    def stop_server(self, proc):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            self.assertEqual(proc.wait(timeout=60), 0)
-        proc.stdout.close()
-
-    def server_log_text(self):
-        self.server_log.flush()
-        with open(self.server_log.name) as f:
-            return f.read()
-
-    def restic_run(self, repo, *args, **kw):
-        cmd = [self.restic, "-r", repo] + list(kw.get("options", [])) + list(args)
-        r = subprocess.run(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           universal_newlines=True, timeout=kw.get("timeout", 900))
-        if kw.get("expect_failure"):
-            self.assertNotEqual(r.returncode, 0, "%s should have failed" % " ".join(args))
-            return r.stderr
-        if r.returncode != 0:
-            self.fail("%s failed (%d):\n%s\n%s\n--- server log tail ---\n%s"
-                      % (" ".join(args), r.returncode, r.stdout[-3000:], r.stderr[-3000:],
-                         self.server_log_text()[-4000:]))
-        return r.stdout
-
-    def snapshot_ids(self, repo, options):
-        snaps = json.loads(self.restic_run(repo, "snapshots", "--json", options=options))
-        return [s["id"] for s in sorted(snaps, key=lambda s: s["time"])]
-
-    def run_scenario(self, repo, options=(), direct_path=None, total_mib=52):
-        """init, backup, change, backup, check --read-data, restore both snapshots and
-        compare bytes, forget --keep-last 1 --prune, check again."""
-        options = list(options)
-        src = os.path.join(self.tmp, "src")
-        make_tree(src, seed=1, total_mib=total_mib)
-        first = manifest(src)
-        total = sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(src) for n in ns)
-        self.assertGreaterEqual(total, total_mib * 1024 * 1024)
-        self.restic_run(repo, "init", options=options)
-        self.restic_run(repo, "backup", src, options=options)
-        change_tree(src, seed=2)
-        second = manifest(src)
-        self.assertNotEqual(first, second)
-        self.restic_run(repo, "backup", src, options=options)
-        snaps = self.snapshot_ids(repo, options)
-        self.assertEqual(len(snaps), 2)
-        self.restic_run(repo, "check", "--read-data", options=options)
-        for snap, expected in ((snaps[0], first), (snaps[1], second)):
-            target = os.path.join(self.tmp, "restore-" + snap)
-            self.restic_run(repo, "restore", snap, "--target", target, options=options)
-            restored = manifest(os.path.join(target, os.path.relpath(src, "/")))
-            self.assertEqual(restored, expected, "restored tree of %s differs" % snap)
-        self.restic_run(repo, "forget", "--keep-last", "1", "--prune", options=options)
-        self.assertEqual(self.snapshot_ids(repo, options), [snaps[1]])
-        self.restic_run(repo, "check", "--read-data", options=options)
-        if direct_path:
-            # the server's folder is a plain restic repository
-            self.restic_run(direct_path, "check", options=[])
-            self.assertEqual(self.snapshot_ids(direct_path, []), [snaps[1]])
-        log_text = self.server_log_text()
-        self.assertNotIn("Traceback", log_text)
-        self.assertNotRegex(log_text, r'" 5\d\d ')
-
-
-class LocalEndToEndTest(ResticEndToEndBase):
-    def test_local_backend_default_connections(self):
-        data = os.path.join(self.tmp, "repos")
-        url = self.start_server("--path", data)
-        self.run_scenario("rest:" + url + "alice/laptop/",
-                          direct_path=os.path.join(data, "alice", "laptop"))
-
-    def test_every_other_command(self):
-        """The commands that need no FUSE mount, beyond the main scenario."""
-        data = os.path.join(self.tmp, "repos")
-        url = self.start_server("--path", data)
-        repo, copy = "rest:" + url + "v1repo/", "rest:" + url + "copy/"
-        src = os.path.join(self.tmp, "src")
-        make_tree(src, seed=5, total_mib=3)
-        # a version-1 repository, upgraded: DELETE config then POST config
-        self.restic_run(repo, "init", "--repository-version", "1")
-        self.restic_run(repo, "backup", src)
-        self.restic_run(repo, "migrate", "upgrade_repo_v2")
-        self.assertIn('"version":2', self.restic_run(repo, "cat", "config").replace(" ", ""))
-        with open(os.path.join(src, "d00", "s0", "f0000.bin"), "ab") as f:
-            f.write(b"second")
-        self.restic_run(repo, "backup", src, "--tag", "two")
-        first, second = self.snapshot_ids(repo, [])
-        self.assertIn("f0000.bin", self.restic_run(repo, "diff", first, second))
-        listing = self.restic_run(repo, "ls", "latest")
-        self.assertIn("f0001.bin", listing)
-        inner = os.path.join(src, "d01", "s1", "f0001.bin")
-        dumped = subprocess.run([self.restic, "-r", repo, "dump", "latest", inner], env=self.env,
-                                stdout=subprocess.PIPE, check=True, timeout=300).stdout
-        with open(inner, "rb") as f:
-            self.assertEqual(dumped, f.read())
-        self.assertIn("f0001.bin", self.restic_run(repo, "find", "f0001.bin"))
-        self.restic_run(repo, "stats", "--mode", "raw-data")
-        self.restic_run(repo, "tag", "--add", "kept", first)
-        # keys: add a second password, use it, remove it
-        pw2 = os.path.join(self.tmp, "pw2")
-        with open(pw2, "w") as f:
-            f.write("second password")
-        self.restic_run(repo, "key", "add", "--new-password-file", pw2)
-        keys = json.loads(self.restic_run(repo, "key", "list", "--json"))
-        self.assertEqual(len(keys), 2)
-        other = [k["id"] for k in keys if not k["current"]][0]
-        self.restic_run(repo, "snapshots", "--password-file", pw2)
-        self.restic_run(repo, "key", "remove", other)
-        self.assertEqual(len(json.loads(self.restic_run(repo, "key", "list", "--json"))), 1)
-        self.restic_run(repo, "rebuild-index")
-        self.restic_run(repo, "unlock", "--remove-all")
-        # copy every snapshot into a second repository on the same server
-        self.env["RESTIC_FROM_PASSWORD"] = self.env["RESTIC_PASSWORD"]
-        self.restic_run(copy, "init", "--from-repo", repo, "--copy-chunker-params")
-        self.restic_run(copy, "copy", "--from-repo", repo)
-        self.assertEqual(len(self.snapshot_ids(copy, [])), 2)
-        self.restic_run(copy, "check", "--read-data")
-        self.restic_run(repo, "check", "--read-data")
-        self.assertNotRegex(self.server_log_text(), r'" 5\d\d ')
-
-    def test_local_backend_eight_connections_root_repository(self):
-        data = os.path.join(self.tmp, "repos")
-        url = self.start_server("--path", data)
-        self.run_scenario("rest:" + url, options=["-o", "rest.connections=8"], direct_path=data)
-
-
-class Pan123EndToEndTest(ResticEndToEndBase):
-    """restic -> our server (--backend 123pan) -> the 123pan emulator, which enforces
-    the free-tier request rates."""
-
-    def start_emulator(self, **kw):
-        emu = Pan123Emulator(**kw).start()
-        self.addCleanup(emu.stop)
-        return emu
-
-    def start_pan123_server(self, emu, *extra):
-        # the secret travels in the environment, as the README recommends
-        return self.start_server(
-            "--backend", "123pan", "--api-base", emu.api_base, "--client-id", "emu-client",
-            "--state-dir", os.path.join(self.tmp, "state"), *extra,
-            env={"PAN123_CLIENT_SECRET": "emu-secret"})
-
-    def report_calls(self, emu, title):
-        calls = dict(sorted(emu.calls.items()))
-        rejected = dict(sorted(emu.rejected.items(), key=str))
-        sys.stderr.write("\n%s: 123pan API calls by endpoint %s\n  refused or faulted: %s\n"
-                         % (title, json.dumps(calls), rejected))
-        return calls
-
-    def finish(self, emu, title, extra_tokens=0):
-        """Stop the server (it flushes queued permanent deletes), then check that the
-        cloud folder holds no trash and the emulator saw no bug of its own."""
-        self.stop_server(self.server_proc)
-        calls = self.report_calls(emu, title)
-        self.assertEqual(emu.errors, [])
-        trashed = []
-        folders = ["/restic-backup"]
-        while folders:
-            folder = folders.pop()
-            for node in emu.children(folder, include_trashed=True):
-                if node["trashed"]:
-                    trashed.append(node["filename"])
-                elif node["type"] == 1:
-                    folders.append(folder + "/" + node["filename"])
-        self.assertEqual(trashed, [], "prune left trashed files behind")
-        # a new token only when one was refused (123pan allows 3 live tokens per client)
-        refused = sum(n for (ep, code), n in emu.rejected.items() if code == 401)
-        self.assertGreaterEqual(emu.tokens_issued, 1)
-        self.assertLessEqual(emu.tokens_issued, 1 + refused + extra_tokens)
-        self.assert_cache_matches_cloud(emu)
-        return calls
-
-    def assert_cache_matches_cloud(self, emu):
-        """After a stop: every folder below /restic-backup is in the metadata cache,
-        listed completely, with exactly the files and sub-folders (names, ids,
-        sizes, MD5s) that 123pan holds, and no delete is left queued."""
-        cache = MetadataCache(os.path.join(self.tmp, "state", rp.METADATA_CACHE_FILE))
-        try:
-            ns = pan123_cache_namespace(emu.api_base, "emu-client")
-            cached = cache.dump(ns)
-            self.assertEqual(cache.pending_deletes(ns), [])
-        finally:
-            cache.close()
-        folders = [(emu.resolve("/restic-backup")["fileId"], "/restic-backup")]
-        files = 0
-        while folders:
-            folder_id, path = folders.pop()
-            live = emu.children(folder_id)
-            cloud = dict(((c["type"] == 1, c["filename"]), (c["fileId"], c["size"], c["etag"]))
-                         for c in live)
-            complete, known = cached.get(folder_id, (False, {}))
-            self.assertTrue(complete, "%s is not listed completely in the cache" % path)
-            self.assertEqual(known, cloud, "the cache and 123pan disagree on %s" % path)
-            files += sum(1 for c in live if c["type"] == 0)
-            folders.extend((c["fileId"], path + "/" + c["filename"]) for c in live
-                           if c["type"] == 1)
-        self.assertGreater(files, 0)
-
-    def test_clean_run_under_free_tier_limits(self):
-        emu = self.start_emulator()
-        url = self.start_pan123_server(emu)
-        self.run_scenario("rest:" + url + "home/laptop/")
-        calls = self.finish(emu, "123pan clean")
-        self.assertEqual(emu.tokens_issued, 1)
-        self.assertEqual(sum(n for (ep, code), n in emu.rejected.items() if code == 429), 0,
-                         "the server itself caused a 429")
-        self.assertGreater(calls.get("/upload/v2/file/single/create", 0), 0)
-        self.assertGreater(calls.get("/api/v1/file/delete", 0), 0)
-
-    def test_faults_lose_nothing(self):
-        emu = self.start_emulator()
-        for kind, p in (("429", 0.05), ("500", 0.03), ("502", 0.03), ("drop", 0.03), ("401", 0.02)):
-            emu.fail_randomly(kind, p, seed=len(kind) * 7 + int(p * 100))
-        url = self.start_pan123_server(emu)
-        repo = "rest:" + url
-        options = ["-o", "rest.connections=8"]
-        self.run_scenario(repo, options=options, total_mib=24)
-        # a revoked token and expired download URLs in the middle of a restore
-        emu.revoke_all_tokens()
-        emu.expire_download_urls()
-        self.restic_run(repo, "check", "--read-data", options=options)
-        self.finish(emu, "123pan with faults", extra_tokens=1)
-        self.assertGreater(sum(emu.rejected.values()), 20, "the faults did not happen")
-
-    def test_cache_survives_a_killed_server(self):
-        emu = self.start_emulator()
-        url = self.start_pan123_server(emu)
-        src = os.path.join(self.tmp, "src")
-        make_tree(src, seed=5, total_mib=4)
-        self.restic_run("rest:" + url, "init")
-        self.restic_run("rest:" + url, "backup", src)
-        self.server_proc.kill()                 # no chance to flush anything
-        self.server_proc.wait()
-        emu.reset_calls()
-        repo = "rest:" + self.start_pan123_server(emu)      # the same state directory
-        self.assertEqual(len(self.snapshot_ids(repo, [])), 1)
-        self.restic_run(repo, "check")
-        change_tree(src, seed=6)
-        self.restic_run(repo, "backup", src, options=["-o", "rest.connections=8"])
-        self.assertEqual(len(self.snapshot_ids(repo, [])), 2)
-        self.assertEqual(emu.calls["/api/v2/file/list"], 0)
-        log_text = self.server_log_text()
-        self.assertRegex(log_text, r"warm-up done in [0-9.]+s: \d+ objects in \d+ folders, "
-                                   r"0 folders listed with 0 list calls")
-        self.assertNotIn("Traceback", log_text)
-        self.assertNotRegex(log_text, r'" 5\d\d ')
-        self.finish(emu, "123pan after a killed server")
-        self.assertEqual(emu.tokens_issued, 1)
-
-    def test_eight_connections_leave_cache_and_cloud_in_agreement(self):
-        emu = self.start_emulator()
-        url = self.start_pan123_server(emu)
-        self.run_scenario("rest:" + url + "eight/", options=["-o", "rest.connections=8"],
-                          total_mib=12)
-        self.finish(emu, "123pan with 8 connections")      # compares cache and cloud
-
-    def test_chunked_upload_path(self):
-        emu = self.start_emulator(slice_size=1024 * 1024)
-        url = self.start_pan123_server(emu, "--pan123-single-max", "1M")
-        self.run_scenario("rest:" + url, total_mib=24)
-        calls = self.finish(emu, "123pan chunked")
-        self.assertGreater(calls.get("/upload/v2/file/slice", 0), 20)
-        self.assertGreater(calls.get("/upload/v2/file/upload_complete", 0), 0)
-
-
-class Pan123RealServiceEndToEndTest(ResticEndToEndBase):
-    """restic through the 123pan backend against the emulator giving the answers
-    of the field notes: each on its own, then all together with the random faults
-    of test_faults_lose_nothing.  restic must never see a failed request (its
-    stderr has no retry line) and the server asks for at most 2 tokens."""
-
-    start_emulator = Pan123EndToEndTest.start_emulator
-    start_pan123_server = Pan123EndToEndTest.start_pan123_server
-    report_calls = Pan123EndToEndTest.report_calls
-    finish = Pan123EndToEndTest.finish
-    assert_cache_matches_cloud = Pan123EndToEndTest.assert_cache_matches_cloud
-
-    # switch name -> how to turn it on in a fresh emulator
-    SWITCHES = collections.OrderedDict([
-        ("token_limit_window", lambda emu: setattr(emu, "token_limit_window", 3.0)),
-        ("over_device_limit", lambda emu: emu.add_other_devices(3)),
-        ("upload_queue", lambda emu: (setattr(emu, "single_throttle_every", 4),
-                                      setattr(emu, "single_throttle_stores", True))),
-        ("download_info_20103", lambda emu: setattr(emu, "verifying_seconds", 1.5)),
-        ("cdn_refusals", lambda emu: [emu.fail_randomly(k, p, endpoint=e, seed=i)
-                                      for i, (k, p, e) in enumerate((
-                                          ("cdn1010", 0.05, "/dl"), ("region", 0.05, "/obj"),
-                                          ("hangup", 0.03, "/obj"), ("502", 0.03, "/dl")))]),
-        ("cdn_chunked", lambda emu: setattr(emu, "cdn_framing", "chunked")),
-        ("cdn_close_delimited", lambda emu: setattr(emu, "cdn_framing", "close")),
-        ("link_expiry_t", lambda emu: setattr(emu, "url_expiry_param", "t")),
-        ("odd_developer_info", lambda emu: setattr(emu, "developer_info", "odd")),
-    ])
-
-    def restic_clean(self, repo, *args, **kw):
-        """restic_run, and restic's stderr shows no request it had to retry."""
-        cmd = [self.restic, "-r", repo] + list(kw.get("options", [])) + list(args)
-        r = subprocess.run(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           universal_newlines=True, timeout=900)
-        if r.returncode != 0:
-            self.fail("%s failed (%d):\n%s\n%s\n--- server log tail ---\n%s"
-                      % (" ".join(args), r.returncode, r.stdout[-3000:], r.stderr[-3000:],
-                         self.server_log_text()[-4000:]))
-        self.assertNotRegex(r.stderr, r"(?i)returned error|retrying|Fatal",
-                            "restic saw a failed request in %s" % " ".join(args))
-        return r.stdout
-
-    def scenario(self, emu, switch, total_mib, options):
-        """backup, (the upload host moves), backup, check --read-data, restore both
-        byte-identical, forget --prune; nothing failing back to restic."""
-        self.tmp_run = tempfile.mkdtemp(prefix=switch + "-", dir=self.tmp)
-        url = self.start_pan123_server(emu, "--state-dir", os.path.join(self.tmp_run, "st"))
-        repo = "rest:" + url + switch + "/"
-        src = os.path.join(self.tmp_run, "src")
-        make_tree(src, seed=3, total_mib=total_mib)
-        first = manifest(src)
-        self.restic_clean(repo, "init", options=options)
-        self.restic_clean(repo, "backup", src, options=options)
-        emu.move_upload_host()
-        change_tree(src, seed=4)
-        second = manifest(src)
-        self.restic_clean(repo, "backup", src, options=options)
-        snaps = json.loads(self.restic_clean(repo, "snapshots", "--json", options=options))
-        snaps = [s["id"] for s in sorted(snaps, key=lambda s: s["time"])]
-        self.assertEqual(len(snaps), 2)
-        self.restic_clean(repo, "check", "--read-data", options=options)
-        for snap, expected in ((snaps[0], first), (snaps[1], second)):
-            target = os.path.join(self.tmp_run, "restore-" + snap)
-            self.restic_clean(repo, "restore", snap, "--target", target, options=options)
-            restored = manifest(os.path.join(target, os.path.relpath(src, "/")))
-            self.assertEqual(restored, expected, "%s: restored tree differs" % switch)
-        self.restic_clean(repo, "forget", "--keep-last", "1", "--prune", options=options)
-        self.restic_clean(repo, "check", options=options)
-        log_text = self.server_log_text()
-        self.assertNotIn("Traceback", log_text)
-        self.assertNotRegex(log_text, r'" 5\d\d ')
-        self.stop_server(self.server_proc)
-        self.report_calls(emu, "123pan field notes: " + switch)
-        self.assertEqual(emu.errors, [])
-        self.assertLessEqual(emu.calls["/api/v1/access_token"], 2, switch)
-        self.assertGreaterEqual(emu.calls["/upload/v2/file/domain"], 2, switch)
-
-    # switch name -> evidence that the answer was given during the run
-    HAPPENED = {
-        "token_limit_window": lambda self, emu: sum(
-            n for (ep, code), n in emu.rejected.items() if code == 401),
-        "over_device_limit": lambda self, emu: emu.devices_logged_out == 1,
-        "upload_queue": lambda self, emu: emu.rejected[(SINGLE, 1)],
-        "download_info_20103": lambda self, emu: emu.rejected[(DOWNLOAD_INFO, 20103)],
-        "cdn_refusals": lambda self, emu: emu.rejected[("/dl", "http403")]
-        + emu.rejected[("/obj", "http403")],
-        "cdn_chunked": lambda self, emu: emu.cdn_seen["framing:chunked"],
-        "cdn_close_delimited": lambda self, emu: emu.cdn_seen["framing:close"],
-        "link_expiry_t": lambda self, emu: emu.cdn_seen["param:t"] and not emu.cdn_seen[
-            "param:e"],
-        "odd_developer_info": lambda self, emu: "developer access end unknown"
-        in self.server_log_text(),
-    }
-
-    def test_each_answer_on_its_own(self):
-        for switch, turn_on in self.SWITCHES.items():
-            with self.subTest(switch=switch):
-                emu = self.start_emulator()
-                turn_on(emu)
-                self.scenario(emu, switch, 3, ["-o", "rest.connections=8"])
-                self.assertTrue(self.HAPPENED[switch](self, emu), "%s did not happen" % switch)
-
-    def test_all_together_with_random_faults(self):
-        emu = self.start_emulator()
-        for switch, turn_on in self.SWITCHES.items():
-            if switch != "cdn_close_delimited":         # one framing at a time
-                turn_on(emu)
-        for kind, p in (("429", 0.05), ("500", 0.03), ("502", 0.03), ("drop", 0.03),
-                        ("401", 0.02)):
-            emu.fail_randomly(kind, p, seed=len(kind) * 7 + int(p * 100))
-        self.scenario(emu, "all", 12, ["-o", "rest.connections=8"])
-        self.assertGreater(emu.rejected[(SINGLE, 1)], 0)
-        self.assertGreater(emu.rejected[(DOWNLOAD_INFO, 20103)], 0)
-        self.assertGreater(sum(n for (ep, code), n in emu.rejected.items() if code == 401), 0)
-        self.assertGreater(sum(emu.rejected.values()), 25, "the faults did not happen")
-
-
-class CloudreveEndToEndTest(ResticEndToEndBase):
-    """restic -> our server (--backend cloudreve) -> the Cloudreve 4 emulator."""
-
-    def start_emulator(self, **kw):
-        emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD, **kw).start()
-        self.addCleanup(emu.stop)
-        return emu
-
-    def start_cloudreve_server(self, emu, *extra, **kw):
-        # the password in the environment, as the README recommends (or in a file)
-        return self.start_server(
-            "--backend", "cloudreve", "--cloudreve-url", emu.base_url,
-            "--cloudreve-user", CR_EMAIL, "--state-dir", os.path.join(self.tmp, "state"),
-            *extra, env=kw.get("env", {"CLOUDREVE_PASSWORD": CR_PASSWORD}))
-
-    def finish(self, emu, title):
-        """Stop the server, print the calls per endpoint, then check what is left on
-        the site: no placeholder or open upload session, nothing in the trash or in
-        old versions (every byte the site counts belongs to a live file), and no
-        bug of the emulator's own."""
-        self.stop_server(self.server_proc)
-        calls = dict(sorted(emu.calls.items()))
-        rejected = dict(sorted(emu.rejected.items(), key=str))
-        sys.stderr.write("\n%s: Cloudreve API calls by endpoint %s\n  refused or faulted: %s\n"
-                         % (title, json.dumps(calls), rejected))
-        self.assertEqual(emu.errors, [])
-        self.assertEqual((emu.placeholders(), emu.open_upload_sessions()), ([], 0))
-        live, folders = 0, ["/"]
-        while folders:
-            folder = folders.pop()
-            for node in emu.children(folder):
-                if node["type"] == 1:
-                    folders.append(folder.rstrip("/") + "/" + node["name"])
-                else:
-                    live += node["size"]
-        self.assertEqual(emu.used_bytes(), live, "trash or stale versions left behind")
-        log_text = self.server_log_text()
-        self.assertNotIn(CR_PASSWORD, log_text)
-        return calls
-
-    def test_clean_run(self):
-        emu = self.start_emulator()
-        url = self.start_cloudreve_server(emu)
-        self.run_scenario("rest:" + url + "home/laptop/")
-        calls = self.finish(emu, "Cloudreve clean")
-        self.assertEqual(calls[CR_LOGIN], 1)
-        # nothing refused but the listing of the repository before `init` made it
-        self.assertEqual(dict(emu.rejected), {(CR_LIST, 40016): 1})
-        self.assertGreater(calls[CR_DELETE], 0)
-
-    def test_faults_lose_nothing(self):
-        emu = self.start_emulator(chunk_size=1024 * 1024)
-        for i, (kind, p) in enumerate((("500", 0.02), ("502", 0.02), ("504", 0.01),
-                                       ("429", 0.01), ("drop", 0.02), ("drop_after", 0.02),
-                                       ("401", 0.02), ("409", 0.01), ("40073", 0.01),
-                                       ("50001", 0.01), ("50004", 0.01))):
-            emu.fail_randomly(kind, p, seed=100 + i)
-        password_file = os.path.join(self.tmp, "cloudreve-password")
-        with open(password_file, "w") as f:
-            f.write(CR_PASSWORD + "\n")
-        url = self.start_cloudreve_server(emu, "--cloudreve-password-file", password_file,
-                                          env={})
-        repo = "rest:" + url
-        options = ["-o", "rest.connections=8"]
-        self.run_scenario(repo, options=options, total_mib=24)
-        # expired tokens and download links before a last full read
-        emu.expire_access_tokens()
-        emu.expire_download_urls()
-        self.restic_run(repo, "check", "--read-data", options=options)
-        self.finish(emu, "Cloudreve with faults")
-        self.assertGreater(sum(emu.rejected.values()), 25, "the faults did not happen")
-
-    def test_graceful_restart_serves_from_the_cache_without_listing(self):
-        """After a graceful restart, snapshots, a backup of changed files, check and
-        a restore make no folder listing on the site: the metadata cache in
-        --state-dir knows every folder (and the storage policy)."""
-        emu = self.start_emulator()
-        url = self.start_cloudreve_server(emu)
-        src = os.path.join(self.tmp, "src")
-        make_tree(src, seed=7, total_mib=4)
-        self.restic_run("rest:" + url, "init")
-        self.restic_run("rest:" + url, "backup", src)
-        self.stop_server(self.server_proc)
-        emu.reset_calls()
-        repo = "rest:" + self.start_cloudreve_server(emu)     # the same state directory
-        self.assertEqual(len(self.snapshot_ids(repo, [])), 1)
-        change_tree(src, seed=8)
-        changed = manifest(src)
-        self.restic_run(repo, "backup", src)
-        self.restic_run(repo, "check")
-        target = os.path.join(self.tmp, "restore")
-        self.restic_run(repo, "restore", "latest", "--target", target)
-        self.assertEqual(manifest(os.path.join(target, os.path.relpath(src, "/"))), changed)
-        self.assertGreater(emu.calls[CR_SESSION], 0)
-        self.assertEqual(emu.calls[CR_LIST], 0)
-        self.assertRegex(self.server_log_text(),
-                         r"Cloudreve cache warm-up done in [0-9.]+s: \d+ objects in \d+ "
-                         r"folders, 0 folders listed with 0 list calls")
-        self.finish(emu, "Cloudreve after a graceful restart")
-        self.assertEqual(emu.calls[CR_LOGIN], 0)
-
-    def test_objects_larger_than_one_chunk(self):
-        emu = self.start_emulator(chunk_size=256 * 1024, page_size=100)
-        url = self.start_cloudreve_server(emu)
-        self.run_scenario("rest:" + url, total_mib=24)
-        calls = self.finish(emu, "Cloudreve 256 KiB chunks")
-        self.assertGreater(calls[CR_CHUNK], 4 * calls[CR_SESSION])
-
-
-class CloudrevePolicyEndToEndBase(CloudreveEndToEndTest):
-    """restic through the backend on one storage policy of the emulator, with
-    random faults on the site's and the provider's endpoints (a few MiB, small
-    chunks, so each policy's multi-part path runs)."""
-    policy_type, relay, chunk_size = "local", False, 512 * 1024
-
-    # the inherited scenarios run once, in CloudreveEndToEndTest
-    test_clean_run = test_faults_lose_nothing = test_objects_larger_than_one_chunk = None
-    test_graceful_restart_serves_from_the_cache_without_listing = None
-
-    def test_policy_end_to_end_with_faults(self):
-        emu = self.start_emulator(policy_type=self.policy_type, relay=self.relay,
-                                  chunk_size=self.chunk_size, page_size=200)
-        for i, (kind, p) in enumerate((("500", 0.02), ("502", 0.02), ("drop", 0.02),
-                                       ("drop_after", 0.02), ("401", 0.02), ("50001", 0.01))):
-            emu.fail_randomly(kind, p, seed=200 + i)
-        url = self.start_cloudreve_server(emu)
-        self.run_scenario("rest:" + url, options=["-o", "rest.connections=4"], total_mib=6)
-        calls = self.finish(emu, "Cloudreve on a %s policy%s" % (
-            self.policy_type, " with relay" if self.relay else ""))
-        self.assertGreater(sum(emu.rejected.values()), 5, "the faults did not happen")
-        if emu.uses_provider():
-            self.assertEqual(calls.get(CR_CHUNK, 0), 0)
-            self.assertGreater(sum(n for k, n in calls.items() if not k.startswith(
-                ("GET /api", "POST /api", "PUT /api", "DELETE /api", "HEAD /api"))), 0)
-
-
-class CloudreveRelayEndToEndTest(CloudrevePolicyEndToEndBase):
-    policy_type, relay = "s3", True
-
-
-class CloudreveRemoteEndToEndTest(CloudrevePolicyEndToEndBase):
-    policy_type = "remote"
-
-
-class CloudreveS3EndToEndTest(CloudrevePolicyEndToEndBase):
-    policy_type = "s3"
-
-
-class CloudreveOneDriveEndToEndTest(CloudrevePolicyEndToEndBase):
-    policy_type, chunk_size = "onedrive", 2 * 320 * 1024
-
-
-class CloudreveUpyunEndToEndTest(CloudrevePolicyEndToEndBase):
-    policy_type = "upyun"
-
-
-class AccessEndToEndTest(ResticEndToEndBase):
-    def test_tls_users_and_append_only_with_real_restic(self):
-        cert, key = make_certificate(self.tmp)
-        data = os.path.join(self.tmp, "repos")
-        os.makedirs(data)
-        require_tool("htpasswd", "apache2-utils")
-        alice_line = subprocess.run(["htpasswd", "-nbB", "-C", "5", "alice", "wonderland"],
-                                    stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
-        with open(os.path.join(data, ".htpasswd"), "w") as f:      # the default location
-            f.write("%s\nmaint:%s\n" % (alice_line.strip(), sha1_htpasswd("tenance")))
-        url = self.start_server("--path", data, "--tls", "--tls-cert", cert, "--tls-key", key,
-                                "--append-only", "--full-access-users", "maint")
-        self.assertTrue(url.startswith("https://127.0.0.1:"), url)
-        hostport = url[len("https://"):].rstrip("/")
-        alice = "rest:https://alice:wonderland@%s/home/" % hostport
-        maint = "rest:https://maint:tenance@%s/home/" % hostport
-        opts = ["--cacert", cert]
-        src = os.path.join(self.tmp, "src")
-        make_tree(src, seed=3, total_mib=3)
-        self.restic_run(alice, "init", options=opts)
-        self.restic_run(alice, "backup", src, options=opts)
-        change_tree(src, seed=4)
-        self.restic_run(alice, "backup", src, options=opts)
-        self.assertEqual(len(self.snapshot_ids(alice, opts)), 2)
-        # a wrong password and an unknown CA are refused
-        self.restic_run("rest:https://alice:nope@%s/home/" % hostport, "snapshots", options=opts,
-                        expect_failure=True)
-        self.restic_run(alice, "snapshots", expect_failure=True)
-        # append-only: the backup client cannot forget ...
-        self.restic_run(alice, "forget", "--keep-last", "1", options=opts, expect_failure=True)
-        self.assertEqual(len(self.snapshot_ids(alice, opts)), 2)
-        # ... the maintenance identity can, and prunes
-        self.restic_run(maint, "forget", "--keep-last", "1", "--prune", options=opts)
-        self.assertEqual(len(self.snapshot_ids(alice, opts)), 1)
-        self.restic_run(alice, "check", "--read-data", options=opts)
-        restored = os.path.join(self.tmp, "restored")
-        self.restic_run(alice, "restore", "latest", "--target", restored, options=opts)
-        self.assertEqual(manifest(os.path.join(restored, os.path.relpath(src, "/"))), manifest(src))
-
-
-# ---------------------------------------------------------------------------
-# Hostile input and resilience (issue 13): slow and idle clients, the connection
-# cap, strict framing, Range forms, full disks, fuzzing, a soak, killed servers
-# and restic's own REST backend tests
-# ---------------------------------------------------------------------------
-
-def read_until_closed(sock, timeout=30):
-    """Everything the server sends until it closes the connection, and how many
-    seconds that took; AssertionError if it is still open after `timeout`."""
-    sock.settimeout(timeout)
-    started = time.monotonic()
-    chunks = []
-    try:
-        while True:
-            c = sock.recv(65536)
-            if not c:
-                break
-            chunks.append(c)
-    except socket.timeout:
-        raise AssertionError("the server left the connection open for %ds" % timeout)
-    except ConnectionResetError:
-        pass
-    return b"".join(chunks), time.monotonic() - started
-
-
-def stored_files(root):
-    """Every file below root (temporary ones included), relative."""
-    return sorted(os.path.relpath(os.path.join(d, n), root)
-                  for d, _, names in os.walk(root) for n in names)
-
-
-def wait_until(predicate, timeout=30, what="condition"):
-    """Poll a condition another thread makes true (no fixed sleep decides anything)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("%s not reached in %ds" % (what, timeout))
-        time.sleep(0.01)
-
-
-def tight_limits(**kw):
-    values = dict(header_timeout=1.0, idle_timeout=1.0, io_timeout=1.0, max_connections=8)
-    values.update(kw)
-    return rp.ConnectionLimits(**values)
-
-
-class SlowClientTest(unittest.TestCase):
-    """Half-open requests, trickles, idle keep-alive, stalled bodies and the cap on
-    connections, over raw TCP, TLS and unix sockets (small limits, so nothing waits
-    long; every wait ends on the server's own action)."""
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="r123-slow-")
-        self.addCleanup(shutil.rmtree, self.tmp)
-        self.root = os.path.join(self.tmp, "repos")
-
-    def serve(self, **limits):
-        srv = ServerThread(rp.LocalStorage(self.root), dict(limits=tight_limits(**limits)))
-        self.addCleanup(srv.stop)
-        return srv
-
-    def connect(self, srv):
-        s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
-        self.addCleanup(s.close)
-        return s
-
-    def assert_serves(self, srv):
-        self.assertEqual(srv.request("GET", "/keys/")[0], 200)
-
-    def test_half_open_request_is_closed_within_the_header_timeout(self):
-        srv = self.serve(header_timeout=1, io_timeout=30)
-        s = self.connect(srv)
-        s.sendall(b"GET /keys/ HTTP/1.1\r\nHost: x\r\n")        # no empty line, ever
-        reply, took = read_until_closed(s)
-        self.assertEqual(reply, b"")
-        self.assertGreater(took, 0.5)       # it was the timeout, not a refusal
-        self.assertLess(took, 10)
-        self.assert_serves(srv)
-
-    def test_a_trickled_head_is_cut_at_the_deadline(self):
-        # each byte comes well within the 30 s io timeout: only a deadline for the
-        # whole head ends this
-        srv = self.serve(header_timeout=1, io_timeout=30)
-        s = self.connect(srv)
-        sent = [0]
-
-        def trickle():
-            try:
-                s.sendall(b"GET /keys/ HTTP/1.1\r\n")
-                while True:
-                    s.sendall(b"X")
-                    sent[0] += 1
-                    time.sleep(0.05)
-            except OSError:
-                pass
-        t = threading.Thread(target=trickle, daemon=True)
-        t.start()
-        reply, took = read_until_closed(s)
-        self.assertEqual(reply, b"")
-        self.assertLess(took, 10)
-        self.assertGreater(sent[0], 5)
-        self.assert_serves(srv)
-
-    def test_an_idle_keep_alive_connection_is_closed(self):
-        srv = self.serve(idle_timeout=1, header_timeout=30, io_timeout=30)
-        s = self.connect(srv)
-        s.sendall(b"GET /keys/ HTTP/1.1\r\nHost: x\r\n\r\n")
-        reply, took = read_until_closed(s)
-        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:40])
-        self.assertGreater(took, 0.5)
-        self.assertLess(took, 10)
-
-    def test_keep_alive_requests_within_the_idle_timeout_are_served(self):
-        srv = self.serve(idle_timeout=30, header_timeout=30)
-        conn = srv.connection()
-        for _ in range(3):
-            conn.request("GET", "/keys/")
-            self.assertEqual(conn.getresponse().read(), b"[]")
-        conn.close()
-
-    def test_a_stalled_body_is_refused_with_408_and_nothing_is_stored(self):
-        srv = self.serve(io_timeout=1, header_timeout=30)
-        self.assertEqual(srv.request("POST", "/?create=true")[0], 200)
-        before = stored_files(self.root)
-        for size in (5000, 3 * 1024 * 1024):        # in memory, and rolled to a file
-            data = os.urandom(size)
-            s = self.connect(srv)
-            s.sendall(("POST /data/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
-                       % (sha256_hex(data), size)).encode() + data[:size // 2])
-            reply, took = read_until_closed(s)
-            self.assertTrue(reply.startswith(b"HTTP/1.1 408"), reply[:40])
-            self.assertIn(b"Connection: close", reply)
-            self.assertLess(took, 10)
-            self.assertEqual(stored_files(self.root), before)
-        self.assert_serves(srv)
-
-    def test_the_connection_cap_turns_away_then_admits_again(self):
-        srv = self.serve(max_connections=3, header_timeout=30, idle_timeout=30)
-        holders = []
-        for _ in range(3):
-            s = self.connect(srv)
-            s.sendall(b"GET /keys/ HTTP/1.1\r\n")
-            holders.append(s)
-        wait_until(lambda: srv.server.slots.open == 3, what="three connections accepted")
-        threads = threading.active_count()
-        for _ in range(20):
-            s = self.connect(srv)
-            reply, took = read_until_closed(s)
-            self.assertTrue(reply.startswith(b"HTTP/1.1 503"), reply[:40])
-            self.assertIn(b"\r\nRetry-After: 5\r\n", reply)
-            self.assertLess(took, 5)
-            s.close()
-        self.assertLessEqual(threading.active_count(), threads)   # no thread per refusal
-        self.assertEqual(srv.server.slots.open, 3)
-        holders[0].close()
-        wait_until(lambda: srv.server.slots.open == 2, what="a slot given back")
-        self.assert_serves(srv)
-        for s in holders[1:]:
-            s.close()
-        wait_until(lambda: srv.server.slots.open == 0, what="every slot given back")
-
-    def test_tls_handshake_counts_against_the_header_timeout(self):
-        cert, key = make_certificate(self.tmp)
-        srv = ServerThread(rp.LocalStorage(self.root),
-                           dict(tls=(cert, key, "1.2"), limits=tight_limits(io_timeout=30)))
-        self.addCleanup(srv.stop)
-        for opening in (b"", b"\x16\x03\x01"):      # nothing, or the start of a ClientHello
-            s = self.connect(srv)
-            s.sendall(opening)
-            reply, took = read_until_closed(s)
-            self.assertLess(took, 10)
-        # over the cap a TLS connection is closed (no handshake in the accept loop)
-        holders = [self.connect(srv) for _ in range(8)]
-        wait_until(lambda: srv.server.slots.open == 8, what="eight TLS connections accepted")
-        reply, took = read_until_closed(self.connect(srv))
-        self.assertEqual(reply, b"")
-        for s in holders:
-            s.close()
-        wait_until(lambda: srv.server.slots.open == 0, what="every slot given back")
-        import ssl
-        ctx = ssl.create_default_context(cafile=cert)
-        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx, timeout=30)
-        conn.request("GET", "/keys/")
-        self.assertEqual(conn.getresponse().status, 200)
-        conn.close()
-
-    def test_unix_socket_has_the_same_limits(self):
-        path = os.path.join(self.tmp, "restic.sock")
-        service = rp.RepositoryService(rp.LocalStorage(self.root))
-        server = rp.ResticUnixServer(path, service, limits=tight_limits(max_connections=1,
-                                                                        io_timeout=30))
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-        thread.start()
-        self.addCleanup(thread.join)
-        self.addCleanup(server.server_close)
-        self.addCleanup(server.shutdown)
-        first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(first.close)
-        first.connect(path)
-        first.sendall(b"GET /keys/ HTTP/1.1\r\n")
-        wait_until(lambda: server.slots.open == 1, what="the connection accepted")
-        second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(second.close)
-        second.connect(path)
-        reply, _ = read_until_closed(second)
-        self.assertTrue(reply.startswith(b"HTTP/1.1 503"), reply[:40])
-        reply, took = read_until_closed(first)
-        self.assertEqual(reply, b"")
-        self.assertLess(took, 10)
-        # the handler gives its slot back just after it closed the socket
-        wait_until(lambda: server.slots.open == 0, what="the slot given back")
-        conn = UnixHTTPConnection(path)
-        conn.request("GET", "/keys/")
-        self.assertEqual(conn.getresponse().status, 200)
-        conn.close()
-
-    def test_command_line_limits(self):
-        args = rp.parse_config(["--max-connections", "7", "--header-timeout", "3",
-                                "--idle-timeout", "4", "--io-timeout", "5", "--spool-dir",
-                                self.tmp], {})
-        self.assertEqual((args.max_connections, args.header_timeout, args.idle_timeout,
-                          args.io_timeout, args.spool_dir), (7, 3, 4, 5, self.tmp))
-        defaults = rp.parse_config([], {})
-        self.assertEqual((defaults.max_connections, defaults.header_timeout,
-                          defaults.idle_timeout, defaults.io_timeout, defaults.spool_dir),
-                         (128, 20, 120, 60, None))
-        self.assertRaises(UsageError, rp.parse_config,
-                          ["--spool-dir", os.path.join(self.tmp, "missing")], {})
-        self.assertRaises(UsageError, rp.parse_config, ["--header-timeout", "0"], {})
-        with contextlib.redirect_stderr(io.StringIO()):
-            self.assertRaises(SystemExit, rp.parse_config, ["--max-connections", "0"], {})
-
-
-class StrictFramingTest(unittest.TestCase):
-    """Heads a proxy could read differently are refused with 400 before anything is
-    stored, and nothing after them is taken for a next request."""
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="r123-frame-")
-        self.addCleanup(shutil.rmtree, self.tmp)
-        self.root = os.path.join(self.tmp, "repos")
-        self.srv = ServerThread(rp.LocalStorage(self.root))
-        self.addCleanup(self.srv.stop)
-        self.assertEqual(self.srv.request("POST", "/?create=true")[0], 200)
-        self.before = stored_files(self.root)
-        # a body that is also a whole request: answered twice if it were smuggled
-        self.smuggled = b"GET /keys/ HTTP/1.1\r\nHost: x\r\n\r\n"
-        self.path = "/keys/" + sha256_hex(self.smuggled)
-
-    def head(self, *fields, **kw):
-        line = kw.get("line", "POST %s HTTP/1.1" % self.path)
-        return ("\r\n".join((line, "Host: x") + fields) + "\r\n\r\n").encode("latin-1")
-
-    def assert_refused(self, raw, why):
-        reply = self.srv.raw(raw)
-        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), "%s: %r" % (why, reply[:80]))
-        self.assertEqual(reply.count(b"HTTP/1.1 "), 1, "%s: a second response" % why)
-        self.assertIn(b"Connection: close", reply)
-        self.assertEqual(stored_files(self.root), self.before, why)
-
-    def test_conflicting_content_lengths(self):
-        n = len(self.smuggled)
-        self.assert_refused(self.head("Content-Length: 0", "Content-Length: %d" % n)
-                            + self.smuggled, "two Content-Length headers")
-        self.assert_refused(self.head("Content-Length: %d" % n, "Content-Length: 0")
-                            + self.smuggled, "two Content-Length headers, other order")
-        self.assert_refused(self.head("Content-Length: 0, %d" % n) + self.smuggled,
-                            "a Content-Length list")
-
-    def test_identical_duplicate_content_lengths_are_one_length(self):
-        n = len(self.smuggled)
-        reply = self.srv.raw(self.head("Content-Length: %d" % n, "Content-Length: %d" % n,
-                                       "Connection: close") + self.smuggled)
-        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:60])
-        self.assertEqual(reply.count(b"HTTP/1.1 "), 1)
-        self.assertIn(os.path.join("keys", self.path[6:]), stored_files(self.root))
-
-    def test_content_length_with_transfer_encoding(self):
-        self.assert_refused(self.head("Content-Length: %d" % len(self.smuggled),
-                                      "Transfer-Encoding: chunked") + self.smuggled, "CL + TE")
-        self.assert_refused(self.head("Transfer-Encoding: chunked",
-                                      "Content-Length: 0") + self.smuggled, "TE + CL")
-
-    def test_bad_content_length_values(self):
-        for value in ("-1", "+5", "5 5", "0x10", "\xb2", "1e3", ""):
-            self.assert_refused(self.head("Content-Length: " + value) + self.smuggled, value)
-
-    def test_obsolete_line_folding(self):
-        self.assert_refused(self.head("X-Note: one", " two", "Content-Length: 0")
-                            + self.smuggled, "space fold")
-        self.assert_refused(self.head("Content-Length: 0", "\t%d" % len(self.smuggled))
-                            + self.smuggled, "tab fold into Content-Length")
-
-    def test_malformed_header_lines(self):
-        n = len(self.smuggled)
-        for field in ("Content-Length : %d" % n, "No colon here", ": empty name",
-                      "Bad Name: x", "Content-Length\t: %d" % n):
-            self.assert_refused(self.head(field) + self.smuggled, field)
-        self.assert_refused(self.head("Host: y", "Content-Length: 0") + self.smuggled,
-                            "two Host headers")
-
-    def test_heads_over_the_limits(self):
-        long_path = "/keys/" + "a" * rp.MAX_REQUEST_LINE
-        self.assert_refused(self.head(line="GET %s HTTP/1.1" % long_path), "long request line")
-        self.assert_refused(self.head("X-Big: " + "b" * rp.MAX_REQUEST_LINE), "long header")
-        many = tuple("X-%d: v" % i for i in range(rp.MAX_HEADER_FIELDS + 1))
-        self.assert_refused(self.head(*many), "too many headers")
-        big = tuple("X-%d: %s" % (i, "c" * 8000) for i in range(10))
-        self.assert_refused(self.head(*big), "head too large")
-        # just within the limits is fine
-        reply = self.srv.raw(self.head(*(("X-%d: v" % i for i in range(90))),
-                                       line="GET /keys/ HTTP/1.1") [:-2]
-                             + b"Connection: close\r\n\r\n")
-        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:60])
-
-    def test_pipelined_requests_are_still_served_in_order(self):
-        data = b"pipelined"
-        raw = (("POST /keys/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
-                % (sha256_hex(data), len(data))).encode() + data
-               + b"GET /keys/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        reply = self.srv.raw(raw)
-        self.assertEqual(reply.count(b"HTTP/1.1 200"), 2, reply)
-        self.assertIn(sha256_hex(data).encode(), reply)
-
-
-class RangeFormsTest(unittest.TestCase):
-    """Every form of Range over HTTP, as RFC 9110 section 14 has it."""
-
-    def setUp(self):
-        tmp = tempfile.mkdtemp(prefix="r123-range-")
-        self.addCleanup(shutil.rmtree, tmp)
-        self.srv = ServerThread(rp.LocalStorage(os.path.join(tmp, "repos")))
-        self.addCleanup(self.srv.stop)
-        self.data = os.urandom(100)
-        self.path = "/data/" + sha256_hex(self.data)
-        self.assertEqual(self.srv.request("POST", self.path, self.data)[0], 200)
-
-    def get(self, value, path=None):
-        return self.srv.request("GET", path or self.path, headers={"Range": value})
-
-    def test_one_satisfiable_range_is_206(self):
-        d = self.data
-        for value, start, end in (("bytes=10-19", 10, 19), ("bytes=-5", 95, 99),
-                                  ("bytes=90-200", 90, 99), ("bytes=0-", 0, 99),
-                                  ("bytes=99-99", 99, 99), ("BYTES=10-19", 10, 19),
-                                  ("bytes=" + "0" * 40 + "7-" + "9" * 40, 7, 99)):
-            status, headers, body = self.get(value)
-            self.assertEqual((status, body), (206, d[start:end + 1]), value)
-            self.assertEqual(headers["content-range"], "bytes %d-%d/100" % (start, end), value)
-
-    def test_unknown_units_and_several_ranges_are_ignored(self):
-        for value in ("items=0-5", "lines=1-2", "0-5", "bytes=0-1,5-6", "bytes=0-1, 500-600",
-                      "bytes=500-600,700-"):
-            status, headers, body = self.get(value)
-            self.assertEqual((status, body), (200, self.data), value)
-            self.assertNotIn("content-range", headers)
-
-    def test_nothing_satisfiable_is_416_with_the_size(self):
-        for value in ("bytes=100-", "bytes=100-200", "bytes=-0", "bytes=5-3", "bytes=abc",
-                      "bytes=", "bytes=--1", "bytes=" + "9" * 5000 + "-"):
-            status, headers, body = self.get(value)
-            self.assertEqual((status, headers.get("content-range")), (416, "bytes */100"),
-                             value[:40])
-
-    def test_empty_object_ignores_range(self):
-        path = "/data/" + sha256_hex(b"")
-        self.assertEqual(self.srv.request("POST", path, b"")[0], 200)
-        status, _, body = self.get("bytes=0-10", path)
-        self.assertEqual((status, body), (200, b""))
-
-
-class _FullAfter(object):
-    """A spool file on a disk that fills up after `room` bytes: write() then fails
-    with ENOSPC, as a real full disk makes it fail."""
-
-    def __init__(self, real, room):
-        self._real, self._room = real, room
-
-    def write(self, data):
-        import errno
-        if len(data) > self._room:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self._room -= len(data)
-        return self._real.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-
-def start_server_process(test, *argv, **kw):
-    """The server as its own process on an ephemeral port -> (process, port)."""
-    proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--listen", "127.0.0.1:0"] + list(argv),
-                            stdout=subprocess.PIPE, stderr=kw.get("stderr", subprocess.DEVNULL),
-                            universal_newlines=True, env=dict(os.environ, **kw.get("env", {})),
-                            preexec_fn=kw.get("preexec_fn"))
-
-    def stop():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            test.assertEqual(proc.wait(timeout=60), 0)
-        proc.stdout.close()
-    test.addCleanup(stop)
-    url = read_server_url(proc)
-    return proc, int(url.rsplit(":", 1)[1].strip("/"))
-
-
-def process_status(pid):
-    """Threads and resident memory (bytes) of a process, from /proc."""
-    with open("/proc/%d/status" % pid) as f:
-        fields = dict(line.split(":", 1) for line in f if ":" in line)
-    return int(fields["Threads"]), int(fields["VmRSS"].split()[0]) * 1024
-
-
-def http_call(port, method, path, body=None, headers=None, conn=None):
-    own = conn is None
-    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, dict((k.lower(), v) for k, v in resp.getheaders()), resp.read()
-    finally:
-        if own:
-            conn.close()
-
-
-class FullDiskTest(unittest.TestCase):
-    """A full spool or repository disk: 507, nothing partial left, reads and deletes
-    go on.  The first two inject ENOSPC into the real write path; the others run
-    the server under a real file size limit (RLIMIT_FSIZE: the kernel refuses the
-    write with EFBIG), no root needed."""
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="r123-full-")
-        self.addCleanup(shutil.rmtree, self.tmp)
-        self.root = os.path.join(self.tmp, "repos")
-        self.spool = os.path.join(self.tmp, "spool")
-        os.makedirs(self.spool)
-
-    def serve(self, storage_type=None):
-        storage_type = storage_type or rp.LocalStorage
-        srv = ServerThread(storage_type(self.root), dict(spool_dir=self.spool))
-        self.addCleanup(srv.stop)
-        self.assertEqual(srv.request("POST", "/?create=true")[0], 200)
-        return srv
-
-    def test_a_full_spool_answers_507_and_the_connection_goes_on(self):
-        # the local backend writes into its own folder and needs no spool: a storage
-        # that spools like the cloud backends do (the Storage default)
-        class SpoolingStorage(rp.LocalStorage):
-            new_spool = rp.Storage.new_spool
-        srv = self.serve(SpoolingStorage)
-        small = os.urandom(1000)
-        self.assertEqual(srv.request("POST", "/data/" + sha256_hex(small), small)[0], 200)
-        before = stored_files(self.root)
-        real_temporary_file = tempfile.TemporaryFile
-        spool_dirs = []
-
-        def on_a_full_disk(*args, **kw):
-            spool_dirs.append(kw.get("dir"))
-            return _FullAfter(real_temporary_file(*args, **kw), room=1536 * 1024)
-        big = os.urandom(3 * 1024 * 1024)
-        with mock.patch("tempfile.TemporaryFile", on_a_full_disk):
-            conn = srv.connection()
-            status, _, body = http_call(srv.port, "POST", "/data/" + sha256_hex(big), big,
-                                        conn=conn)
-            self.assertEqual(status, 507, body)
-            # the body was read to its end: the same connection serves on
-            self.assertEqual(http_call(srv.port, "GET", "/data/" + sha256_hex(small),
-                                       conn=conn)[2], small)
-            self.assertEqual(http_call(srv.port, "DELETE", "/data/" + sha256_hex(small),
-                                       conn=conn)[0], 200)
-            conn.close()
-        self.assertEqual(spool_dirs, [self.spool])      # --spool-dir is where it spooled
-        self.assertEqual(os.listdir(self.spool), [])
-        self.assertEqual(stored_files(self.root),
-                         [f for f in before if not f.endswith(sha256_hex(small))])
-        # room again: the same upload goes through
-        self.assertEqual(srv.request("POST", "/data/" + sha256_hex(big), big)[0], 200)
-
-    def test_a_full_repository_disk_answers_507_and_leaves_no_partial_file(self):
-        import errno
-        srv = self.serve()
-        kept = os.urandom(2000)
-        self.assertEqual(srv.request("POST", "/keys/" + sha256_hex(kept), kept)[0], 200)
-        before = stored_files(self.root)
-        data = os.urandom(200000)
-        full = OSError(errno.ENOSPC, "No space left on device")
-        with mock.patch.object(rp.os, "fsync", side_effect=full):     # as NFS or ext4 may
-            self.assertEqual(srv.request("POST", "/data/" + sha256_hex(data), data)[0], 507)
-            self.assertEqual(stored_files(self.root), before)
-            self.assertEqual(srv.request("GET", "/keys/" + sha256_hex(kept))[2], kept)
-            self.assertEqual(srv.request("DELETE", "/keys/" + sha256_hex(kept))[0], 200)
-        self.assertEqual(srv.request("POST", "/data/" + sha256_hex(data), data)[0], 200)
-
-    def limited_server(self, *argv, **kw):
-        import resource
-        limit = 2 * 1024 * 1024
-
-        def file_size_limit():
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-        return start_server_process(self, "--spool-dir", self.spool, *argv,
-                                    preexec_fn=file_size_limit, **kw)[1]
-
-    def check_full_disk_behaviour(self, port, stored):
-        """An upload over the limit: 507; one under it is stored; reads and deletes
-        work; nothing is left in the spool."""
-        self.assertEqual(http_call(port, "POST", "/?create=true")[0], 200)
-        fits = os.urandom(1536 * 1024)
-        too_big = os.urandom(3 * 1024 * 1024)
-        status, _, body = http_call(port, "POST", "/data/" + sha256_hex(too_big), too_big)
-        self.assertEqual(status, 507, body)
-        self.assertIn(b"upload spool", body)
-        self.assertEqual(os.listdir(self.spool), [])
-        self.assertEqual(http_call(port, "POST", "/data/" + sha256_hex(fits), fits)[0], 200)
-        self.assertEqual(http_call(port, "GET", "/data/" + sha256_hex(fits))[2], fits)
-        self.assertEqual(stored(), [sha256_hex(fits)])
-        self.assertEqual(http_call(port, "DELETE", "/data/" + sha256_hex(fits))[0], 200)
-        self.assertEqual(http_call(port, "HEAD", "/data/" + sha256_hex(too_big))[0], 404)
-        self.assertEqual(os.listdir(self.spool), [])
-
-    def test_local_backend_under_a_real_file_size_limit(self):
-        port = self.limited_server("--path", self.root)
-        self.check_full_disk_behaviour(
-            port, lambda: [os.path.basename(f) for f in stored_files(os.path.join(self.root, "data"))])
-        self.assertEqual(stored_files(os.path.join(self.root, "data")), [])
-
-    def test_cloud_backend_under_a_real_file_size_limit(self):
-        emu = Pan123Emulator().start()
-        self.addCleanup(emu.stop)
-        port = self.limited_server("--backend", "123pan", "--api-base", emu.api_base,
-                                   "--client-id", "emu-client", "--state-dir",
-                                   os.path.join(self.tmp, "state"),
-                                   env={"PAN123_CLIENT_SECRET": "emu-secret"})
-        self.check_full_disk_behaviour(
-            port, lambda: sorted(json.loads(http_call(port, "GET", "/data/")[2].decode())))
-        self.assertEqual(emu.errors, [])
-
-
-class HostileInputFuzzTest(unittest.TestCase):
-    """Seeded random and mutated inputs for the parsers that meet the network or a
-    file: each input works, or fails with that parser's own error; nothing else."""
-
-    ROUNDS = 3000
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="r123-fuzz-")
-        self.addCleanup(shutil.rmtree, self.tmp)
-
-    @staticmethod
-    def mutate(rnd, text, alphabet):
-        chars = list(text)
-        for _ in range(rnd.randint(1, 4)):
-            op = rnd.randrange(4)
-            pos = rnd.randint(0, len(chars))
-            if op == 0:
-                chars.insert(pos, rnd.choice(alphabet))
-            elif op == 1 and chars:
-                del chars[min(pos, len(chars) - 1)]
-            elif op == 2 and chars:
-                chars[min(pos, len(chars) - 1)] = rnd.choice(alphabet)
-            else:
-                chars[pos:pos] = chars[rnd.randint(0, len(chars)):][:rnd.randint(0, 8)]
-        return "".join(chars)
-
-    def test_request_path_parser_never_leaves_the_repository_folder(self):
-        rnd = random.Random(1301)
-        root = os.path.join(self.tmp, "repos")
-        os.makedirs(root)
-        storage = rp.LocalStorage(root)
-        oid = sha256_hex(b"fuzz")
-        pieces = ["/", "//", ".", "..", "%2e", "%2E%2e", "%2f", "%2F", "%5c", "%00", "%",
-                  "%zz", "%c0%af", "%ff", "%e2%80%ae", "data", "keys", "locks", "snapshots",
-                  "index", "config", oid, oid[:10], "a", "repo", "\\", "~", "?", "?create=true",
-                  "#", " ", "\t", "é", ":", "*", '"', "<", "|", "\x00", "\x7f", "-", ".hidden"]
-        valid = ["/", "/config", "/data/", "/data/" + oid, "/a/b/keys/" + oid, "/a/locks/",
-                 "/r/?create=true", "/a/b/c/d/e/f/g/h/index/" + oid]
-        alphabet = "/.%2e5cfF0a\\\x00:?#" + oid[:4]
-        statuses = collections.Counter()
-        for _ in range(self.ROUNDS):
-            if rnd.random() < 0.4:
-                target = self.mutate(rnd, rnd.choice(valid), alphabet)
-            else:
-                target = "/" + "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 12)))
-            try:
-                route = rp.parse_route(target)
-            except rp.RequestError as e:
-                self.assertIn(e.status, (400, 404), target)
-                statuses[e.status] += 1
-                continue
-            statuses[200] += 1
-            if route.kind is None:
-                path = storage._repo_dir(route.repo)
-            elif route.name is None:
-                path = storage._dir_of(route.repo, route.kind)
-            else:
-                path = storage.path_of(ObjectRef(route.repo, route.kind, route.name))
-            real = os.path.realpath(path)
-            self.assertTrue(real == root or real.startswith(root + os.sep), (target, real))
-        # every outcome happened, so the generator reaches all of them
-        self.assertTrue(all(statuses[s] > 50 for s in (200, 400, 404)), statuses)
-
-    def test_request_paths_over_http_never_fail_the_server(self):
-        rnd = random.Random(1302)
-        srv = ServerThread(rp.LocalStorage(os.path.join(self.tmp, "repos")))
-        self.addCleanup(srv.stop)
-        alphabet = "/.%2e5cfF0a\\:?#é \x01" + sha256_hex(b"x")[:6]
-        seen = collections.Counter()
-        for _ in range(300):
-            target = self.mutate(rnd, rnd.choice(["/", "/data/", "/config", "/a/keys/"]), alphabet)
-            raw = ("GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
-            reply = srv.raw(raw.encode("utf-8"))
-            status = int(reply[9:12])
-            self.assertLess(status, 500, target)
-            seen[status] += 1
-        self.assertGreater(len(seen), 2, seen)
-
-    def test_range_parser(self):
-        rnd = random.Random(1303)
-        alphabet = "0123456789" * 3 + "bytes=-, ;=aBYTES\t"
-        valid = ["bytes=0-", "bytes=10-19", "bytes=-5", "bytes=5-3", "bytes=0-1,5-6", "items=1-2",
-                 "bytes=4000-5000", "bytes=99-"]
-        outcomes = collections.Counter()
-        for _ in range(self.ROUNDS * 2):
-            size = rnd.choice([0, 1, 100, 4096, 2 ** 40])
-            if rnd.random() < 0.5:
-                header = self.mutate(rnd, rnd.choice(valid), alphabet)
-            elif rnd.random() < 0.5:
-                header = "bytes=%s-%s" % tuple("".join(rnd.choice("0123456789") for _ in
-                                                       range(rnd.randint(0, 14))) for _ in "ab")
-            else:
-                header = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 30)))
-            try:
-                start, length, partial = rp.parse_range(header, size)
-            except rp.RangeNotSatisfiable:
-                outcomes["416"] += 1
-                continue
-            self.assertTrue(0 <= start and 0 <= length and start + length <= size, header)
-            if partial:
-                self.assertGreater(length, 0, header)
-                outcomes["206"] += 1
-            else:
-                self.assertEqual((start, length), (0, size), header)
-                outcomes["200"] += 1
-        self.assertTrue(all(outcomes[k] > 100 for k in ("200", "206", "416")), outcomes)
-
-    def test_htpasswd_file_parser(self):
-        rnd = random.Random(1304)
-        cheap = [sha1_htpasswd("pw"), "$apr1$salt1234$" + "A" * 22, "$5$rounds=1000$salt$" + "b" * 43,
-                 "$6$salt$" + "c" * 86, "$2y$04$" + "d" * 53, "plaintext", "", "$1$abc$def"]
-        names = ["alice", "bob", "metrics", "a.b-c_d@e", "", "x/y", "../etc", "名前", "#c", " sp"]
-        alphabet = ":#$\n\r\t \x00\xff/\\.{SHA}" + "aZ09"
-        lines = 0
-        for i in range(300):
-            body = []
-            for _ in range(rnd.randint(0, 12)):
-                line = "%s:%s" % (rnd.choice(names), rnd.choice(cheap))
-                if rnd.random() < 0.5:
-                    line = self.mutate(rnd, line, alphabet)
-                body.append(line)
-                lines += 1
-            raw = "\n".join(body).encode("utf-8", "surrogatepass")
-            if rnd.random() < 0.2:
-                raw += bytes(rnd.randrange(256) for _ in range(rnd.randint(1, 20)))
-            path = os.path.join(self.tmp, "htpasswd-%d" % i)
-            with open(path, "wb") as f:
-                f.write(raw)
-            users = rp.HtpasswdFile(path)
-            for user, hashed in list(users._users.items()):
-                self.assertRegex(user, r"\A[\w@.\-]+\Z")
-                if self.costly(hashed):
-                    continue
-                reason = users.check(user, rnd.choice(["pw", "", "wrong", "é\x00"]))
-                self.assertTrue(reason is None or isinstance(reason, str), reason)
-            self.assertEqual(users.check("nobody-here", "pw"), "unknown user")
-        self.assertGreater(lines, 1500)
-
-    @staticmethod
-    def costly(hashed):
-        """A mutation may have made a hash slow to check (bcrypt cost, SHA-crypt
-        rounds); those are the file owner's choice, not the parser's problem."""
-        bcrypt = re.match(r"\$2[aby]\$(\d\d)\$", hashed)
-        rounds = re.match(r"\$[56]\$rounds=(\d+)\$", hashed)
-        return bool(bcrypt and int(bcrypt.group(1)) > 5 or rounds and int(rounds.group(1)) > 5000)
-
-    def test_multipart_builder(self):
-        rnd = random.Random(1305)
-        text = "aé名\"\\\r\n;=%-_. \t\x00" + "xyz019"
-        for _ in range(self.ROUNDS):
-            data = bytes(rnd.randrange(256) for _ in range(rnd.randint(0, 300)))
-            spool = HashingSpool.from_bytes(data)
-            start = rnd.randint(0, len(data))
-            length = rnd.randint(0, len(data) - start)
-            fields = [("field%d" % i, "".join(rnd.choice(text) for _ in range(rnd.randint(0, 20))))
-                      for i in range(rnd.randint(0, 4))]
-            fields += [("size", rnd.randint(0, 2 ** 40))]
-            filename = "".join(rnd.choice(text) for _ in range(rnd.randint(0, 30)))
-            body = MultipartBody(fields, "file", filename, spool, start, length)
-            raw = b"".join(body)
-            self.assertEqual(len(raw), body.content_length)
-            self.assertEqual(b"".join(body), raw)           # a retry streams the same bytes
-            boundary = body.content_type.split("boundary=", 1)[1].encode()
-            sep = b"--" + boundary
-            self.assertTrue(raw.startswith(sep + b"\r\n") and raw.endswith(b"\r\n" + sep + b"--\r\n"))
-            parts = raw[len(sep) + 2:-(len(sep) + 6)].split(b"\r\n" + sep + b"\r\n")
-            self.assertEqual(len(parts), len(fields) + 1)
-            for (name, value), part in zip(fields, parts):
-                head, _, content = part.partition(b"\r\n\r\n")
-                self.assertEqual(head.decode(), 'Content-Disposition: form-data; name="%s"' % name)
-                self.assertEqual(content.decode("utf-8"), str(value))
-            head, _, content = parts[-1].partition(b"\r\n\r\n")
-            disposition, content_type = head.decode("utf-8").split("\r\n")
-            quoted = re.match(r'\AContent-Disposition: form-data; name="file"; filename="([^"\r\n]*)"\Z',
-                              disposition)
-            self.assertTrue(quoted, disposition)
-            self.assertEqual(content_type, "Content-Type: application/octet-stream")
-            self.assertEqual(content, data[start:start + length])
-            spool.close()
-
-    def test_request_head_reader_and_framing(self):
-        rnd = random.Random(1306)
-        valid = [b"GET /keys/ HTTP/1.1\r\nHost: x\r\n\r\n",
-                 b"POST /data/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
-                 b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"]
-        alphabet = [b"\r", b"\n", b" ", b"\t", b":", b",", b"0", b"9", b"\xff", b"\x00", b"a",
-                    b"Content-Length: 1\r\n", b"Transfer-Encoding: x\r\n", b"Host: y\r\n"]
-        outcomes = collections.Counter()
-        for _ in range(self.ROUNDS):
-            chunks = [valid[rnd.randrange(len(valid))]]
-            raw = bytearray(chunks[0])
-            for _ in range(rnd.randint(0, 5)):
-                pos = rnd.randint(0, len(raw))
-                if rnd.random() < 0.5:
-                    raw[pos:pos] = rnd.choice(alphabet)
-                elif raw:
-                    del raw[pos:pos + rnd.randint(1, 3)]
-            try:
-                head = rp.read_request_head(io.BufferedReader(io.BytesIO(bytes(raw))),
-                                            max_line=200, max_fields=8, max_bytes=400)
-            except rp.MalformedHead:
-                outcomes["malformed"] += 1
-                continue
-            except ConnectionError:
-                outcomes["cut short"] += 1
-                continue
-            if head is None:
-                outcomes["empty"] += 1
-                continue
-            try:
-                problem = rp.framing_problem(http.client.parse_headers(io.BytesIO(head[1])))
-            except http.client.HTTPException:
-                problem = "unreadable"
-            self.assertTrue(problem is None or isinstance(problem, str))
-            outcomes["refused" if problem else "accepted"] += 1
-        self.assertTrue(all(outcomes[k] > 50 for k in ("malformed", "refused", "accepted")),
-                        outcomes)
-
-
-class ProcessSampler(object):
-    """Samples a process's threads and resident memory from /proc in a thread, for
-    the peak figures (measurement only: no test decision waits on it)."""
-
-    def __init__(self, pid):
-        self.pid = pid
-        self.peak_threads, self.peak_rss = process_status(pid)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.wait(0.005):
-            try:
-                threads, rss = process_status(self.pid)
-            except (OSError, KeyError, ValueError):
-                return
-            self.peak_threads = max(self.peak_threads, threads)
-            self.peak_rss = max(self.peak_rss, rss)
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join()
-
-
-class HalfOpenFloodTest(unittest.TestCase):
-    """1,500 clients each send half a request head and wait: the server holds at
-    most --max-connections of them (a thread each), answers the rest 503 at once,
-    closes every held one at the header timeout, then serves normally."""
-
-    CLIENTS = 1500
-    MAX_CONNECTIONS = 100
-    HEADER_TIMEOUT = 2
-
-    def test_1500_half_open_requests(self):
-        import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = self.CLIENTS + 200
-        if soft < wanted:
-            if hard != resource.RLIM_INFINITY and hard < wanted:
-                self.fail("RLIMIT_NOFILE %d is too low for %d sockets" % (hard, self.CLIENTS))
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
-        tmp = tempfile.mkdtemp(prefix="r123-flood-")
-        self.addCleanup(shutil.rmtree, tmp)
-        proc, port = start_server_process(
-            self, "--path", tmp, "--max-connections", str(self.MAX_CONNECTIONS),
-            "--header-timeout", str(self.HEADER_TIMEOUT), "--io-timeout", "60",
-            "--idle-timeout", "60")
-        self.assertEqual(http_call(port, "GET", "/keys/")[0], 200)
-        threads_before, rss_before = process_status(proc.pid)
-        sampler = ProcessSampler(proc.pid)
-        started = time.monotonic()
-        clients = []
-        try:
-            for _ in range(self.CLIENTS):
-                s = socket.create_connection(("127.0.0.1", port), timeout=60)
-                s.sendall(b"GET /keys/ HTTP/1.1\r\nHost: x\r\n")
-                clients.append((s, time.monotonic()))
-            opened = time.monotonic() - started
-            turned_away = timed_out = 0
-            slowest = 0.0
-            for reply, took in self.wait_for_every_close(clients, timeout=60):
-                slowest = max(slowest, took)
-                if reply.startswith(b"HTTP/1.1 503"):
-                    self.assertIn(b"Retry-After:", reply)
-                    turned_away += 1
-                else:
-                    self.assertEqual(reply, b"")
-                    timed_out += 1
-        finally:
-            for s, _ in clients:
-                s.close()
-            sampler.stop()
-        total = time.monotonic() - started
-        self.assertEqual(turned_away + timed_out, self.CLIENTS)
-        self.assertGreaterEqual(timed_out, self.MAX_CONNECTIONS)   # the cap was reached
-        self.assertGreater(turned_away, 0)
-        # the accept thread, the handler threads, nothing per refused client
-        self.assertLessEqual(sampler.peak_threads, self.MAX_CONNECTIONS + 3)
-        # each held client was closed at the header timeout (plus scheduling slack)
-        self.assertLess(slowest, self.HEADER_TIMEOUT + 15)
-        self.assertEqual(http_call(port, "GET", "/keys/")[0], 200)
-        threads_after, rss_after = process_status(proc.pid)
-        sys.stderr.write(
-            "\n%d half-open clients (opened in %.1fs), --max-connections %d, --header-timeout %ds: "
-            "%d answered 503, %d closed at the timeout; slowest close %.1fs, all done in %.1fs; "
-            "threads %d -> peak %d -> %d; RSS %.1f -> peak %.1f -> %.1f MiB\n"
-            % (self.CLIENTS, opened, self.MAX_CONNECTIONS, self.HEADER_TIMEOUT, turned_away,
-               timed_out, slowest, total, threads_before, sampler.peak_threads, threads_after,
-               rss_before / 2.0 ** 20, sampler.peak_rss / 2.0 ** 20, rss_after / 2.0 ** 20))
-
-
-    @staticmethod
-    def wait_for_every_close(clients, timeout):
-        """[(what the server sent, seconds from the connection to its close)] for
-        every (socket, opened at) at once: a close is seen when it happens."""
-        import selectors
-        selector = selectors.DefaultSelector()
-        for s, since in clients:
-            s.setblocking(False)
-            selector.register(s, selectors.EVENT_READ, [since, b""])
-        closed = []
-        deadline = time.monotonic() + timeout
-        while len(closed) < len(clients):
-            events = selector.select(max(0, deadline - time.monotonic()))
-            if not events:
-                raise AssertionError("%d connections still open after %ds"
-                                     % (len(clients) - len(closed), timeout))
-            for key, _ in events:
-                try:
-                    chunk = key.fileobj.recv(65536)
-                except BlockingIOError:
-                    continue
-                except ConnectionResetError:
-                    chunk = b""
-                if chunk:
-                    key.data[1] += chunk
-                    continue
-                selector.unregister(key.fileobj)
-                closed.append((key.data[1], time.monotonic() - key.data[0]))
-        selector.close()
-        return closed
-
-
-class SoakTest(unittest.TestCase):
-    """64 connections at once mixing uploads, ranged reads, listings and deletes
-    for a fixed number of requests; the server's memory at the start and the end;
-    then every object is checked."""
-
-    CONNECTIONS = 64
-    REQUESTS_EACH = 40
-
-    def test_soak(self):
-        if UNIT_ONLY:
-            raise unittest.SkipTest("RESTIC_123PAN_UNIT_ONLY=1 (the soak runs once, in the full suite)")
-        tmp = tempfile.mkdtemp(prefix="r123-soak-")
-        self.addCleanup(shutil.rmtree, tmp)
-        log_path = os.path.join(tmp, "server.log")
-        log_file = open(log_path, "w")
-        self.addCleanup(log_file.close)
-        proc, port = start_server_process(self, "--path", os.path.join(tmp, "repos"),
-                                          stderr=log_file)
-        self.assertEqual(http_call(port, "POST", "/soak/?create=true")[0], 200)
-        lock = threading.Lock()
-        live, gone, problems = {}, set(), []
-
-        def worker(index, rounds, seed):
-            rnd = random.Random(seed)
-            mine = []
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-            try:
-                for _ in range(rounds):
-                    op = rnd.random()
-                    if op < 0.45 or not mine:
-                        data = os.urandom(rnd.choice([100, 5000, 70000, 300000, 1200000]))
-                        name = sha256_hex(data)
-                        kind = rnd.choice(["data", "data", "index", "snapshots"])
-                        status = http_call(port, "POST", "/soak/%s/%s" % (kind, name), data,
-                                           conn=conn)[0]
-                        if status != 200:
-                            problems.append(("POST", status))
-                            continue
-                        mine.append((kind, name, data))
-                        with lock:
-                            live[(kind, name)] = data
-                    elif op < 0.7:
-                        kind, name, data = rnd.choice(mine)
-                        start = rnd.randrange(len(data))
-                        end = min(len(data) - 1, start + rnd.randrange(100000))
-                        status, _, body = http_call(port, "GET", "/soak/%s/%s" % (kind, name),
-                                                    headers={"Range": "bytes=%d-%d" % (start, end)},
-                                                    conn=conn)
-                        if (status, body) != (206, data[start:end + 1]):
-                            problems.append(("range", status, len(body)))
-                    elif op < 0.85:
-                        kind = rnd.choice(["data", "index", "snapshots"])
-                        status, headers, body = http_call(port, "GET", "/soak/%s/" % kind,
-                                                          headers={"Accept": V2}, conn=conn)
-                        listed = dict((e["name"], e["size"]) for e in json.loads(body.decode()))
-                        for k, n, d in mine:
-                            if k == kind and listed.get(n) != len(d):
-                                problems.append(("listing misses", kind, n))
-                    else:
-                        kind, name, data = mine.pop(rnd.randrange(len(mine)))
-                        status = http_call(port, "DELETE", "/soak/%s/%s" % (kind, name),
-                                           conn=conn)[0]
-                        if status != 200:
-                            problems.append(("DELETE", status))
-                        with lock:
-                            live.pop((kind, name), None)
-                            gone.add((kind, name))
-            except Exception as e:
-                problems.append(("exception", index, repr(e)))
-            finally:
-                conn.close()
-
-        def run_round(rounds, seed):
-            threads = [threading.Thread(target=worker, args=(i, rounds, seed * 1000 + i))
-                       for i in range(self.CONNECTIONS)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        started = time.monotonic()
-        run_round(5, 1)                 # warm-up: every thread and buffer exists once
-        _, rss_start = process_status(proc.pid)
-        sampler = ProcessSampler(proc.pid)
-        run_round(self.REQUESTS_EACH, 2)
-        sampler.stop()
-        _, rss_end = process_status(proc.pid)
-        took = time.monotonic() - started
-        self.assertEqual(problems, [])
-        # every object: listed with its size and read back whole; deleted ones gone
-        for kind in ("data", "index", "snapshots"):
-            body = http_call(port, "GET", "/soak/%s/" % kind, headers={"Accept": V2})[2]
-            listed = dict((e["name"], e["size"]) for e in json.loads(body.decode()))
-            expected = dict((n, len(d)) for (k, n), d in live.items() if k == kind)
-            self.assertEqual(listed, expected, kind)
-        for (kind, name), data in live.items():
-            self.assertEqual(sha256_hex(http_call(port, "GET", "/soak/%s/%s" % (kind, name))[2]), name)
-        for kind, name in gone - set(live):
-            self.assertEqual(http_call(port, "HEAD", "/soak/%s/%s" % (kind, name))[0], 404)
-        requests = self.CONNECTIONS * (self.REQUESTS_EACH + 5)
-        sys.stderr.write("\nsoak: %d connections, %d requests in %.1fs; server RSS %.1f MiB at the "
-                         "start, %.1f at the end (peak %.1f); %d objects checked\n"
-                         % (self.CONNECTIONS, requests, took, rss_start / 2.0 ** 20,
-                            rss_end / 2.0 ** 20, sampler.peak_rss / 2.0 ** 20, len(live)))
-        # flat: bodies are spooled and streamed, never gathered
-        self.assertLess(rss_end - rss_start, 48 * 1024 * 1024)
-        log_file.flush()
-        with open(log_path) as f:
-            text = f.read()
-        self.assertNotIn("Traceback", text)
-        self.assertNotRegex(text, r'" 5\d\d ')
-
-
-class KilledServerEndToEndTest(ResticEndToEndBase):
-    """kill -9 of the server in the middle of a backup, a restart on the same
-    address (the running restic retries into it), then unlock, another backup and
-    check --read-data: for each backend."""
-
-    def scenario(self, start):
-        url = start("127.0.0.1:0")
-        port = int(url.rsplit(":", 1)[1].strip("/"))
-        repo = "rest:" + url
-        src = os.path.join(self.tmp, "src")
-        make_tree(src, seed=11, total_mib=24)
-        self.restic_run(repo, "init")
-        backup = subprocess.Popen([self.restic, "-r", repo, "backup", src, "-o",
-                                   "rest.connections=4"], env=self.env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  universal_newlines=True)
-        self.addCleanup(lambda: backup.poll() is None and backup.kill())
-        wait_until(lambda: len(re.findall(r'"POST /data/[0-9a-f]{64}" 200',
-                                          self.server_log_text())) >= 2,
-                   timeout=300, what="two packs uploaded")
-        self.assertIsNone(backup.poll(), "the backup ended before the server was killed")
-        self.server_proc.kill()                 # mid-backup, no chance to clean up
-        self.server_proc.wait()
-        start("127.0.0.1:%d" % port)
-        try:
-            backup.communicate(timeout=600)     # it retries into the new server, or gives up
-        except subprocess.TimeoutExpired:
-            backup.kill()
-            backup.communicate()
-        sys.stderr.write("\nthe backup running through the kill -9 exited with %d\n"
-                         % backup.returncode)
-        self.restic_run(repo, "unlock")
-        change_tree(src, seed=12)
-        self.restic_run(repo, "backup", src)
-        self.restic_run(repo, "check", "--read-data")
-        self.assertGreaterEqual(len(self.snapshot_ids(repo, [])), 1)
-        restored = os.path.join(self.tmp, "restored")
-        self.restic_run(repo, "restore", "latest", "--target", restored)
-        self.assertEqual(manifest(os.path.join(restored, os.path.relpath(src, "/"))), manifest(src))
-        return backup.returncode
-
-    def test_local(self):
-        data = os.path.join(self.tmp, "repos")
-        self.scenario(lambda listen: self.start_server("--path", data, "--listen", listen))
-
-    def test_123pan(self):
-        emu = Pan123Emulator().start()
-        self.addCleanup(emu.stop)
-        state = os.path.join(self.tmp, "state")
-        self.scenario(lambda listen: self.start_server(
-            "--backend", "123pan", "--api-base", emu.api_base, "--client-id", "emu-client",
-            "--state-dir", state, "--listen", listen, env={"PAN123_CLIENT_SECRET": "emu-secret"}))
-        self.assertEqual(emu.errors, [])
-
-    def test_cloudreve(self):
-        emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD).start()
-        self.addCleanup(emu.stop)
-        state = os.path.join(self.tmp, "state")
-        self.scenario(lambda listen: self.start_server(
-            "--backend", "cloudreve", "--cloudreve-url", emu.base_url, "--cloudreve-user",
-            CR_EMAIL, "--state-dir", state, "--listen", listen,
-            env={"CLOUDREVE_PASSWORD": CR_PASSWORD}))
-        self.assertEqual(emu.errors, [])
-
-
-REST_SERVER_STAND_IN = os.path.join(HERE, ".ci", "rest-server")
-
-
-def restic_rest_test_binary():
-    """The test binary of restic's internal/backend/rest package: the path in
-    RESTIC_123PAN_REST_TEST (set by .ci/run, which builds it with
-    .ci/build-restic-rest-test), else the newest one that script left in its cache."""
-    binary = os.environ.get("RESTIC_123PAN_REST_TEST")
-    if binary:
-        return binary
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                         "restic-123pan")
-    try:
-        found = sorted(n for n in os.listdir(cache) if re.match(r"rest\.test-[^.]", n)
-                       and not n.endswith(".new"))
-    except OSError:
-        found = []
-    return os.path.join(cache, found[-1]) if found else None
-
-
-class ResticRestBackendSuiteTest(unittest.TestCase):
-    """restic's own REST backend tests (TestBackendREST: save, load with offsets and
-    lengths, list, delete, wrong hashes, ...), built from Debian's restic source
-    package, against this server started through .ci/rest-server exactly as they
-    start rest-server: on the local backend and on both clouds' emulators."""
-
-    @classmethod
-    def setUpClass(cls):
-        if UNIT_ONLY:
-            raise unittest.SkipTest("RESTIC_123PAN_UNIT_ONLY=1")
-        cls.binary = restic_rest_test_binary()
-        if not cls.binary or not os.access(cls.binary, os.X_OK):
-            message = ("restic's REST backend test binary is missing (%s); build it with "
-                       ".ci/build-restic-rest-test" % cls.binary)
-            if REQUIRE_E2E:
-                raise AssertionError(message)
-            raise unittest.SkipTest(message)
-        m = re.search(r"rest\.test-(?:\d+:)?(([0-9.]+)\S*)$", cls.binary)
-        cls.version = "restic %s (Debian %s)" % (m.group(2), m.group(1)) if m else cls.binary
-        cls.numeric_version = tuple(int(p) for p in m.group(2).strip(".").split(".")) if m else (0,)
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="r123-gosuite-")
-        self.addCleanup(shutil.rmtree, self.tmp, True)
-
-    def run_suite(self, label, env=None):
-        if self.numeric_version < (0, 17):
-            # restic before 0.17 dials localhost:8000; later ones pass --listen :0 and
-            # read the address from the "start server on" line
-            probe = socket.socket()
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server
-            try:
-                probe.bind(("127.0.0.1", 8000))
-            except OSError as e:
-                self.fail("port 8000, which restic's REST tests use, is taken: %s" % e)
-            finally:
-                probe.close()
-        bindir = os.path.join(self.tmp, "bin")
-        os.makedirs(bindir)
-        os.symlink(REST_SERVER_STAND_IN, os.path.join(bindir, "rest-server"))
-        run_env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
-                       PYTHON=sys.executable, TMPDIR=self.tmp,
-                       RESTIC_TEST_DISALLOW_SKIP="restic/backend/rest.TestBackendREST")
-        run_env.update(env or {})
-        started = time.monotonic()
-        r = subprocess.run([self.binary, "-test.run", "^TestBackendREST$", "-test.v",
-                            "-test.timeout", "600s"], cwd=self.tmp, env=run_env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           universal_newlines=True, timeout=900)
-        passed = re.findall(r"--- PASS: (\S+)", r.stdout)
-        failed = re.findall(r"--- FAIL: (\S+)", r.stdout)
-        skipped = re.findall(r"--- SKIP: (\S+)", r.stdout)
-        sys.stderr.write("\nrestic's REST backend tests from %s on %s: %d passed, %d failed, "
-                         "%d skipped in %.1fs\n" % (self.version, label, len(passed), len(failed),
-                                                    len(skipped), time.monotonic() - started))
-        self.assertEqual(r.returncode, 0, "%s\n%s" % (failed, r.stdout[-6000:]))
-        self.assertIn("TestBackendREST", passed)
-        self.assertGreater(len(passed), 10)
-        self.assertEqual((failed, skipped), ([], []))
-
-    def test_local_backend(self):
-        self.run_suite("the local backend")
-
-    def test_123pan_emulator(self):
-        emu = Pan123Emulator().start()
-        self.addCleanup(emu.stop)
-        self.run_suite("123pan (emulator)", {
-            "RESTIC_123PAN_BACKEND": "123pan", "PAN123_API_BASE": emu.api_base,
-            "PAN123_CLIENT_ID": "emu-client", "PAN123_CLIENT_SECRET": "emu-secret",
-            "RESTIC_123PAN_STATE_DIR": os.path.join(self.tmp, "state")})
-        self.assertEqual(emu.errors, [])
-        self.assertGreater(sum(emu.calls.values()), 50)    # it was the cloud that served
-
-    def test_cloudreve_emulator(self):
-        emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD).start()
-        self.addCleanup(emu.stop)
-        self.run_suite("Cloudreve (emulator)", {
-            "RESTIC_123PAN_BACKEND": "cloudreve", "CLOUDREVE_URL": emu.base_url,
-            "CLOUDREVE_USER": CR_EMAIL, "CLOUDREVE_PASSWORD": CR_PASSWORD,
-            "RESTIC_123PAN_STATE_DIR": os.path.join(self.tmp, "state")})
-        self.assertEqual(emu.errors, [])
-        self.assertGreater(sum(emu.calls.values()), 50)    # it was the cloud that served
-
-
-# ---------------------------------------------------------------------------
-# A runner whose last line says "N passed, N failed", for CI logs
+# A runner whose last line says "N passed, N failed, N skipped", for CI logs
 # ---------------------------------------------------------------------------
 
 def run_all():
