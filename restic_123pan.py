@@ -331,6 +331,21 @@ def build_arg_parser():
                        help="the cloud folder holding the repositories: %s; default %s"
                             % (", or ".join(b.repo_path_help for b in BACKENDS.values()
                                             if b.cloud), DEFAULT_REPO_PATH))
+    tier = p.add_argument_group("local copy (cloud backends)")
+    tier.add_argument("--local-copy", metavar="DIR",
+                      help="keep every object also in DIR, laid out as a restic local "
+                           "repository (restic -r DIR/<repo> opens it); reads come from "
+                           "it, uploads to the cloud follow from a durable queue")
+    tier.add_argument("--write-through", action="store_true",
+                      help="with --local-copy: answer an upload only once the cloud has it "
+                           "too (default: once DIR has it, write-behind)")
+    tier.add_argument("--local-copy-max", metavar="SIZE", type=_byte_count, default=0,
+                      help="with --local-copy: keep at most this much in DIR (e.g. 200G) by "
+                           "removing the least recently used packs the cloud holds "
+                           "(default: a full mirror)")
+    tier.add_argument("--local-copy-fill", action="store_true",
+                      help="with --local-copy: download once, in the background, what the "
+                           "cloud holds and DIR lacks (stops at a traffic quota)")
     for backend in BACKENDS.values():
         backend.add_arguments(p)
     p.add_argument("--debug", action="store_true", help="log more detail")
@@ -341,7 +356,10 @@ def build_arg_parser():
 
 # Options every cloud backend takes and a backend that is not a cloud refuses.
 CLOUD_OPTIONS = (("--state-dir", "state_dir"), ("--rebuild-cache", "rebuild_cache"),
-                 ("--cache-refresh", "cache_refresh"), ("--repo-path", "repo_path"))
+                 ("--cache-refresh", "cache_refresh"), ("--repo-path", "repo_path"),
+                 ("--local-copy", "local_copy"), ("--write-through", "write_through"),
+                 ("--local-copy-max", "local_copy_max"),
+                 ("--local-copy-fill", "local_copy_fill"))
 
 
 def parse_config(argv, environ):
@@ -410,6 +428,17 @@ def _check_contradictions(args):
                          or args.full_access_users):
         raise UsageError("--no-auth contradicts --htpasswd-file, --private-repos and "
                          "per-user rights")
+    if not args.local_copy:
+        needing = [flag for flag, dest in (("--write-through", "write_through"),
+                                           ("--local-copy-max", "local_copy_max"),
+                                           ("--local-copy-fill", "local_copy_fill"))
+                   if getattr(args, dest)]
+        if needing:
+            raise UsageError("%s: only with --local-copy" % ", ".join(needing))
+    else:
+        args.local_copy = os.path.abspath(args.local_copy)
+        if os.path.exists(args.local_copy) and not os.path.isdir(args.local_copy):
+            raise UsageError("--local-copy %s: not a folder" % args.local_copy)
     both = set(args.append_only_users) & set(args.full_access_users)
     if both:
         raise UsageError("users both append-only and full-access: %s" % ", ".join(sorted(both)))
@@ -975,6 +1004,7 @@ class MetricsRegistry(object):
         self._lock = threading.Lock()
         self._families = collections.OrderedDict()     # name -> (type, help)
         self._values = {}                               # (name, labels) -> value
+        self._samplers = {}                             # name -> read()
 
     def describe(self, name, kind, text):
         self._families.setdefault(name, (kind, text))
@@ -995,6 +1025,12 @@ class MetricsRegistry(object):
         with self._lock:
             self._values[key] = value
 
+    def sample(self, name, read):
+        """A gauge whose value read() gives at each render (a queue's backlog)."""
+        self._key(name, {})
+        with self._lock:
+            self._samplers[name] = read
+
     def value(self, name, **labels):
         with self._lock:
             return self._values.get(self._key(name, labels), 0)
@@ -1011,6 +1047,13 @@ class MetricsRegistry(object):
         return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
     def render(self):
+        with self._lock:
+            samplers = list(self._samplers.items())
+        for name, read in samplers:
+            try:
+                self.set(name, read())
+            except Exception as e:     # a closed cache: the last value stays
+                log.debug("metric %s: %s", name, e)
         with self._lock:
             values = sorted(self._values.items())
         lines = []
@@ -1353,8 +1396,8 @@ class FolderSpool(HashingSpool):
     so every byte is written once.  Closing an uncommitted spool removes the file:
     a refused, short or mismatching upload leaves nothing behind."""
 
-    def __init__(self, folder, fd, path, on_error):
-        HashingSpool.__init__(self, digests=(), file=os.fdopen(fd, "w+b", buffering=0))
+    def __init__(self, folder, fd, path, on_error, digests=()):
+        HashingSpool.__init__(self, digests=digests, file=os.fdopen(fd, "w+b", buffering=0))
         self.folder = folder
         self.path = path
         self._on_error = on_error
@@ -1369,10 +1412,6 @@ class FolderSpool(HashingSpool):
             if is_disk_full(e):
                 raise       # copy_body drains the body first, then raises DiskFull
             raise self._on_error(e)
-
-    def finish(self):
-        self.md5 = None
-        self.sha256 = self._sha256.hexdigest()
 
     def commit(self, final):
         """fsync, then rename to `final` (in the same folder)."""
@@ -1418,8 +1457,9 @@ class LocalStorage(Storage):
     name = "local"
     TEMP_MARK = ".tmp-"
 
-    def __init__(self, root):
+    def __init__(self, root, digests=()):
         self.root = os.path.abspath(root)
+        self.digests = digests      # a local copy tier asks for its cloud's
 
     def describe(self):
         return "local folder %s" % self.root
@@ -1504,7 +1544,7 @@ class LocalStorage(Storage):
             raise NotFound(str(ref))
         return LocalFileChunks(f, start, length)
 
-    def _temp_file(self, ref, folder):
+    def temp_file(self, ref, folder):
         """A new temporary file in `folder` for ref: (fd, path).  The name starts with
         a dot and is never a valid id, so a listing (ours or restic's) never shows
         a partial object."""
@@ -1516,8 +1556,8 @@ class LocalStorage(Storage):
 
     def new_spool(self, ref, tmpdir=None):
         folder = self._dir_of(ref.repo, ref.kind, ref.name)
-        fd, path = self._temp_file(ref, folder)
-        return FolderSpool(folder, fd, path, lambda e: self._os_error(e, ref))
+        fd, path = self.temp_file(ref, folder)
+        return FolderSpool(folder, fd, path, lambda e: self._os_error(e, ref), self.digests)
 
     def put(self, ref, spool):
         folder = self._dir_of(ref.repo, ref.kind, ref.name)
@@ -1529,7 +1569,7 @@ class LocalStorage(Storage):
                 raise self._os_error(e, ref)
             fsync_directory(folder)
             return
-        fd, tmp = self._temp_file(ref, folder)
+        fd, tmp = self.temp_file(ref, folder)
         try:
             replace_with_temp_file(fd, tmp, final, spool.iter_range())
         except OSError as e:
@@ -1906,6 +1946,11 @@ CREATE TABLE IF NOT EXISTS pending_deletes (
     ns TEXT NOT NULL, remote_id NOT NULL, folder NOT NULL, name TEXT NOT NULL,
     stage TEXT NOT NULL, queued_at REAL NOT NULL,
     PRIMARY KEY (ns, remote_id));
+CREATE TABLE IF NOT EXISTS pending_uploads (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ns TEXT NOT NULL, repo TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
+    size INTEGER NOT NULL, md5 TEXT, queued_at REAL NOT NULL,
+    UNIQUE (ns, repo, kind, name));
 """
 
 CacheFolder = collections.namedtuple("CacheFolder", "complete cursor listed_at")
@@ -1934,6 +1979,9 @@ class MetadataCache(object):
                        NULL for what a listing showed
       pending_deletes  objects deleted by restic but not yet removed remotely
                        ('trash', then 'purge' on 123pan); they survive restarts
+      pending_uploads  with --local-copy: objects stored in the local copy and
+                       not yet in the cloud, in restic's write order (seq); the
+                       write-behind commit point with the local file
 
     The access token is not kept here: this file is a cache, disposable at any
     time (--rebuild-cache, or deleting it), while a token thrown away costs one
@@ -2220,6 +2268,58 @@ class MetadataCache(object):
         with self._transaction() as db:
             db.executemany("DELETE FROM pending_deletes WHERE ns=? AND remote_id=?",
                            [(ns, i) for i in remote_ids])
+
+    # -- uploads queued for the cloud (the local copy tier) --------------------------
+
+    @staticmethod
+    def _upload_key(ref):
+        return json.dumps(list(ref.repo)), ref.kind, ref.name
+
+    def queue_upload(self, ns, ref, size, md5=None):
+        """Queue the upload of ref, committed (on disk) when this returns; an entry
+        already there is replaced and goes to the end.  Its sequence number."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM pending_uploads WHERE ns=? AND repo=? AND kind=? "
+                       "AND name=?", (ns,) + self._upload_key(ref))
+            return db.execute("INSERT INTO pending_uploads (ns, repo, kind, name, size, md5, "
+                              "queued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                              (ns,) + self._upload_key(ref) + (size, md5, time.time())
+                              ).lastrowid
+
+    def queued_uploads(self, ns, limit=-1, repo=None, kind=None):
+        """[(seq, ObjectRef, size, md5)] in write order: the first `limit`, or
+        those of one repository's type."""
+        where, args = "ns=?", [ns]
+        if repo is not None:
+            where += " AND repo=? AND kind=?"
+            args += [json.dumps(list(repo)), kind]
+        return [(seq, ObjectRef(tuple(json.loads(r)), k, n), size, md5)
+                for seq, r, k, n, size, md5 in self._query(
+                    "SELECT seq, repo, kind, name, size, md5 FROM pending_uploads WHERE %s "
+                    "ORDER BY seq LIMIT ?" % where, args + [limit])]
+
+    def upload_queued(self, ns, ref):
+        """The sequence number of ref's queued upload, or None."""
+        rows = self._query("SELECT seq FROM pending_uploads WHERE ns=? AND repo=? AND kind=? "
+                           "AND name=?", (ns,) + self._upload_key(ref))
+        return rows[0][0] if rows else None
+
+    def unqueue_upload(self, ns, ref, seq=None):
+        """Forget ref's queued upload (only if it is still entry `seq`, when given:
+        not a newer one of the same name); True if there was one."""
+        with self._transaction() as db:
+            sql = "DELETE FROM pending_uploads WHERE ns=? AND repo=? AND kind=? AND name=?"
+            args = (ns,) + self._upload_key(ref)
+            if seq is not None:
+                sql, args = sql + " AND seq=?", args + (seq,)
+            return db.execute(sql, args).rowcount > 0
+
+    def upload_backlog(self, ns):
+        """(objects, bytes, queued_at of the oldest or None) still to upload."""
+        count, nbytes, oldest = self._query(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(queued_at) FROM pending_uploads "
+            "WHERE ns=?", (ns,))[0]
+        return count, nbytes, oldest
 
 
 # Warm-up progress goes to the log at most this often.
@@ -2966,6 +3066,25 @@ class CloudStorage(Storage):
         self._warm_up_thread = None
         self.warm_up = None
 
+    @property
+    def base(self):
+        """The cloud folder holding the repositories, as a tuple of names."""
+        return self._base
+
+    def repositories(self):
+        """The repositories the index knows below the base folder (those holding a
+        config), as repo tuples; listing what the index does not know yet."""
+        base = self._resolve(self._base)
+        stack = [((), base)] if base is not None else []
+        while stack:
+            repo, folder = stack.pop()
+            self._ensure_listed(folder)
+            if self.index.file(folder, "config") is not None:
+                yield repo
+            stack.extend((repo + (name,), child) for name, child in
+                         sorted(self.index.folders(folder).items(), reverse=True)
+                         if name not in OBJECT_TYPES)
+
     # -- folders ---------------------------------------------------------------
 
     def _folder_path(self, repo, kind, name=None):
@@ -3254,6 +3373,656 @@ class CloudStorage(Storage):
     def _close_cache(self):
         if self._warm_up_thread is None or not self._warm_up_thread.is_alive():
             self.index.cache.close()
+
+
+# -- the local copy tier (--local-copy DIR) -------------------------------------
+
+# Uploads from the queue to the cloud at once (restic itself uses 5 connections);
+# the cloud's rate limits, enforced in CloudClient, usually set the pace.
+LOCAL_COPY_UPLOADERS = 3
+# How many of the oldest queued entries an uploader looks through for one to take.
+LOCAL_COPY_LOOKAHEAD = 64
+# Kinds that name other objects go up only once everything queued before them is
+# up, so that the cloud holds at every moment a repository restic can use: no
+# index before its packs, no snapshot before its index.
+LOCAL_COPY_ORDERED_KINDS = ("index", "snapshots")
+# A failed upload is tried again after a pause doubling up to this.
+LOCAL_COPY_RETRY_MAX = 300.0
+# Backlog progress goes to the log this often while there is one.
+LOCAL_COPY_PROGRESS_INTERVAL = 30.0
+# Evicting under --local-copy-max looks at this many of the least recently used
+# packs per pass: memory stays flat whatever the repository's size.
+LOCAL_COPY_EVICT_BATCH = 4096
+
+(METRICS
+ .describe("restic123pan_local_copy_queued_objects", "gauge",
+           "Objects in the local copy not yet uploaded to the cloud")
+ .describe("restic123pan_local_copy_queued_bytes", "gauge",
+           "Bytes in the local copy not yet uploaded to the cloud")
+ .describe("restic123pan_local_copy_oldest_queued_age_seconds", "gauge",
+           "Age of the oldest upload still queued (0 when none is)")
+ .describe("restic123pan_local_copy_uploaded_objects_total", "counter",
+           "Objects uploaded from the local copy's queue")
+ .describe("restic123pan_local_copy_uploaded_bytes_total", "counter",
+           "Bytes uploaded from the local copy's queue")
+ .describe("restic123pan_local_copy_reads_total", "counter",
+           "Object reads, by where they were served from (local, cloud)")
+ .describe("restic123pan_local_copy_evicted_total", "counter",
+           "Packs removed from the local copy under --local-copy-max"))
+
+
+def human_bytes(nbytes):
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return ("%d %s" if unit == "bytes" else "%.1f %s") % (nbytes, unit)
+        nbytes /= 1024.0
+
+
+def file_digests(file, digests=()):
+    """(size, SHA-256, MD5 or None) of an open binary file from its start, in one
+    pass through one reused buffer."""
+    sha256 = hashlib.sha256()
+    md5 = hashlib.md5() if "md5" in digests else None
+    buffer = bytearray(BODY_BUFFER)
+    view = memoryview(buffer)
+    size = 0
+    file.seek(0)
+    while True:
+        n = file.readinto(buffer)
+        if not n:
+            break
+        sha256.update(view[:n])
+        if md5 is not None:
+            md5.update(view[:n])
+        size += n
+    return size, sha256.hexdigest(), md5.hexdigest() if md5 is not None else None
+
+
+class LocalFileSpool(object):
+    """A finished file of the local copy, offered to a cloud backend's put() as a
+    spool: its size and digests known, any range read through a handle of its
+    own (parallel slices need no shared position)."""
+
+    def __init__(self, path, size, md5=None, sha256=None):
+        self.path, self.folder = path, os.path.dirname(path)
+        self.size, self.md5, self.sha256 = size, md5, sha256
+
+    def iter_range(self, start=0, length=None, chunk_size=IO_CHUNK):
+        end = self.size if length is None else min(self.size, start + length)
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            pos = start
+            while pos < end:
+                chunk = f.read(min(chunk_size, end - pos))
+                if not chunk:
+                    raise IOError("%s shrank to %d bytes" % (self.path, pos))
+                pos += len(chunk)
+                yield chunk
+
+    def read_all(self):
+        return b"".join(self.iter_range())
+
+    def close(self):
+        pass
+
+
+class LocalCopyTier(Storage):
+    """--local-copy DIR: a cloud backend with a copy of every object in a local
+    folder laid out as restic's local backend (LocalStorage), so that backups run
+    at disk speed, reads cost no download traffic, and the cloud is the off-site
+    copy.
+
+    put() writes the object into DIR (fsync'd file and folder) and queues its
+    upload in the metadata cache (pending_uploads, committed before restic hears
+    "stored"): that is the commit point.  Write-behind (the default) answers then
+    and uploaders drain the queue in the background in restic's write order
+    (LOCAL_COPY_ORDERED_KINDS wait for everything before them); write_through
+    answers only once the cloud confirmed the object too, and on a cloud failure
+    takes the local copy back, as if nothing had been stored.
+
+    read() serves from DIR when the object is there, a whole content-addressed
+    object only after its SHA-256 matched its name (a mismatch sets the local
+    file aside and reads the cloud's); otherwise from the cloud, keeping a whole
+    object read so.  delete() removes the cloud copy first (a refusal changes
+    nothing), then the queued upload and the local file.  stat() and list() are
+    the union of both: the cloud's index, the queued objects, and (when the cloud
+    cannot be asked and DIR is a full mirror) DIR alone.
+
+    In the background after the cloud's warm-up: objects found in DIR that the
+    cloud lacks are queued; with fill, what the cloud holds and DIR lacks is
+    downloaded once; with max_bytes, the least recently used packs the cloud
+    holds are evicted (never another kind, never one still queued)."""
+
+    def __init__(self, cloud, folder, write_through=False, max_bytes=0, fill=False,
+                 uploaders=LOCAL_COPY_UPLOADERS,
+                 progress_interval=LOCAL_COPY_PROGRESS_INTERVAL):
+        self.cloud = cloud
+        self.local = LocalStorage(folder, digests=cloud.digests)
+        self.name, self.digests = cloud.name, cloud.digests
+        self.write_through, self.max_bytes, self.fill = write_through, max_bytes, fill
+        self.uploaders, self.progress_interval = uploaders, progress_interval
+        self.cache = cloud.index.cache
+        # The queue belongs to one cloud folder of one account, and to this DIR.
+        self.ns = "%s|%s|local-copy|%s" % (cloud.index.ns, "/".join(cloud.base),
+                                           self.local.root)
+        self._locks = KeyedLocks()          # one put/upload/delete of a name at a time
+        self._cond = threading.Condition()
+        self._in_flight = set()             # sequence numbers being uploaded
+        self._retry_at = {}                 # seq -> (failures, monotonic time)
+        self._paused_until = 0.0            # the cloud is unavailable: all wait
+        self._stopping = threading.Event()
+        self._threads = []
+        self._bytes_lock = threading.Lock()
+        self._local_bytes = None            # known after the start-up scan
+        self._evict_wanted = threading.Event()
+        self.reconciled = threading.Event()     # the start-up comparison with the cloud ran
+        self.filled = threading.Event()         # --local-copy-fill ran (or was not asked)
+        self.uploaded_bytes = 0
+        for gauge, position in (("queued_objects", 0), ("queued_bytes", 1)):
+            METRICS.sample("restic123pan_local_copy_" + gauge,
+                           lambda position=position: self.backlog()[position])
+        METRICS.sample("restic123pan_local_copy_oldest_queued_age_seconds",
+                       lambda: self.backlog()[2])
+
+    # -- what the rest of the server sees of the cloud below ------------------------
+
+    @property
+    def warm_up(self):
+        return self.cloud.warm_up
+
+    @property
+    def client(self):
+        return self.cloud.client
+
+    @property
+    def index(self):
+        return self.cloud.index
+
+    def describe(self):
+        mode = "write-through" if self.write_through else "write-behind"
+        if self.max_bytes:
+            mode += ", at most %s" % human_bytes(self.max_bytes)
+        return "%s, with a local copy in %s (%s)" % (self.cloud.describe(), self.local.root,
+                                                     mode)
+
+    def backlog(self):
+        """(objects, bytes, age in seconds of the oldest) still only in DIR."""
+        count, nbytes, oldest = self.cache.upload_backlog(self.ns)
+        return count, nbytes, (time.time() - oldest) if oldest is not None else 0.0
+
+    # -- the Storage interface -------------------------------------------------
+
+    def new_spool(self, ref, tmpdir=None):
+        return self.local.new_spool(ref)        # written once, where it will stay
+
+    def create_repository(self, repo):
+        self.local.create_repository(repo)
+        self.cloud.create_repository(repo)
+
+    def stat(self, ref):
+        size = self.local.stat(ref)
+        return size if size is not None else self.cloud.stat(ref)
+
+    def list(self, repo, kind):
+        queued = dict((ref.name, size) for _, ref, size, _ in
+                      self.cache.queued_uploads(self.ns, repo=repo, kind=kind))
+        try:
+            listed = self.cloud.list(repo, kind)
+        except UpstreamError as e:
+            if self.max_bytes:
+                raise           # DIR holds only part: it cannot answer alone
+            log.warning("local copy: the cloud cannot list %s of /%s (%s); answering from "
+                        "%s, a full mirror", kind, "/".join(repo), e, self.local.root)
+            return self.local.list(repo, kind)
+        return itertools.chain((entry for entry in listed if entry[0] not in queued),
+                               sorted(queued.items()))
+
+    def read(self, ref, start, length):
+        chunks = self._read_local(ref, start, length)
+        if chunks is not None:
+            METRICS.inc("restic123pan_local_copy_reads_total", source="local")
+            return chunks
+        size = self.cloud.stat(ref)
+        chunks = self.cloud.read(ref, start, length)
+        METRICS.inc("restic123pan_local_copy_reads_total", source="cloud")
+        if start == 0 and length == size and not (self.max_bytes and size > self.max_bytes):
+            return self._keeping(ref, chunks)
+        return chunks
+
+    def put(self, ref, spool):
+        with self._locks.hold(ref):
+            self.local.put(ref, spool)
+            seq = self.cache.queue_upload(self.ns, ref, spool.size, spool.md5 or "")
+            self._grown(spool.size)
+            if self.write_through:
+                try:
+                    self._upload(ref, spool.size, spool.md5 or "")
+                except BaseException:
+                    self.cache.unqueue_upload(self.ns, ref, seq)
+                    self.local.delete(ref)
+                    self._grown(-spool.size)
+                    raise
+                self.cache.unqueue_upload(self.ns, ref, seq)
+                return
+        with self._cond:
+            self._cond.notify_all()
+
+    def delete(self, ref):
+        with self._locks.hold(ref):
+            in_cloud = self.cloud.delete(ref)   # first: a refusal leaves both as they were
+            queued = self.cache.unqueue_upload(self.ns, ref)
+            size = self.local.stat(ref)
+            local = self.local.delete(ref)
+            if local:
+                self._grown(-(size or 0))
+        return in_cloud or queued or local
+
+    def flush_deletes(self):
+        self.cloud.flush_deletes()
+
+    # -- reads -----------------------------------------------------------------
+
+    def _read_local(self, ref, start, length):
+        """The local copy's chunks of the range, or None when DIR cannot serve it
+        (missing, too short, or a whole object whose bytes do not match its name)."""
+        path = self.local.path_of(ref)
+        try:
+            f = open(path, "rb")
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if start + length > size:
+                log.warning("local copy: %s holds %d bytes, %d asked from %d: reading the "
+                            "cloud's copy", ref, size, length, start)
+                f.close()
+                return None
+            if ref.content_addressed and start == 0 and length == size:
+                actual = file_digests(f)[1]
+                if actual != ref.name:
+                    f.close()
+                    self._set_aside(ref, path, "its SHA-256 is %s" % actual)
+                    return None
+            if self.max_bytes and ref.kind == "data":
+                os.utime(f.fileno() if os.utime in os.supports_fd else path)   # LRU order
+        except BaseException:
+            f.close()
+            raise
+        return LocalFileChunks(f, start, length)
+
+    def _set_aside(self, ref, path, why):
+        """A local file that is not the object its name says: moved aside (kept for
+        a look, never listed: the name starts with a dot), and its queued upload,
+        if any, dropped: those bytes must not reach the cloud."""
+        aside = os.path.join(os.path.dirname(path), ".%s.corrupt-%d" % (ref.name, time.time()))
+        lost = self.cache.unqueue_upload(self.ns, ref)
+        log.error("local copy: %s in %s is damaged (%s): moved to %s%s", ref,
+                  self.local.root, why, aside,
+                  "; it was not uploaded yet, so the cloud lacks it too: run restic check"
+                  if lost else "; the cloud's copy is used")
+        try:
+            os.replace(path, aside)
+        except OSError as e:
+            log.error("local copy: cannot move %s aside: %s", path, e)
+
+    def _keeping(self, ref, chunks):
+        """Pass a whole object read from the cloud through, writing it into DIR on
+        the way; it becomes a local object (fsync'd, renamed) only once every byte
+        went through (the cloud's read verified them).  A local write failure
+        only stops the keeping, never the read."""
+        folder = os.path.dirname(self.local.path_of(ref))
+        try:
+            fd, tmp = self.local.temp_file(ref, folder)
+            out = os.fdopen(fd, "wb")
+        except (StorageError, OSError) as e:
+            log.warning("local copy: cannot keep %s: %s", ref, e)
+            out = None
+        size = 0
+        try:
+            for chunk in chunks:
+                if out is not None:
+                    try:
+                        out.write(chunk)
+                    except OSError as e:
+                        log.warning("local copy: cannot keep %s: %s", ref, e)
+                        out.close()
+                        remove_if_present(tmp)
+                        out = None
+                size += len(chunk)
+                yield chunk
+            if out is not None:
+                out.flush()
+                os.fsync(out.fileno())
+                out.close()
+                os.replace(tmp, self.local.path_of(ref))
+                fsync_directory(folder)
+                out = None
+                self._grown(size)
+        finally:
+            if out is not None:
+                out.close()
+                remove_if_present(tmp)
+
+    # -- the upload queue --------------------------------------------------------
+
+    def _upload(self, ref, size, md5):
+        """Upload the local copy of ref (the caller holds ref's lock).  md5 None:
+        the file was found in DIR, not written through this server: it is hashed
+        first, and a content-addressed one whose bytes do not match its name is
+        set aside instead.  False when there was nothing to upload."""
+        path = self.local.path_of(ref)
+        sha256 = ref.name if ref.content_addressed else None
+        if md5 is None:
+            try:
+                with open(path, "rb") as f:
+                    size, sha256, md5 = file_digests(f, self.digests)
+            except FileNotFoundError:
+                md5 = ""
+            if ref.content_addressed and sha256 != ref.name and os.path.exists(path):
+                self._set_aside(ref, path, "its SHA-256 is %s" % sha256)
+                return False
+        if not os.path.exists(path):
+            log.error("local copy: %s was queued for upload but is gone from %s: the cloud "
+                      "does not have it; run restic check", ref, self.local.root)
+            return False
+        self.cloud.put(ref, LocalFileSpool(path, size, md5 or None, sha256))
+        METRICS.inc("restic123pan_local_copy_uploaded_objects_total")
+        METRICS.inc("restic123pan_local_copy_uploaded_bytes_total", size)
+        with self._cond:
+            self.uploaded_bytes += size
+        return True
+
+    def _take(self):
+        """The next queued entry an uploader may take, marked in flight; None
+        when stopping.  Waits for one (a put, a finished upload or a retry time
+        wakes it)."""
+        with self._cond:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                wait = self._paused_until - now if self._paused_until > now else None
+                if wait is None:
+                    for position, entry in enumerate(
+                            self.cache.queued_uploads(self.ns, LOCAL_COPY_LOOKAHEAD)):
+                        seq, ref = entry[0], entry[1]
+                        retry = self._retry_at.get(seq)
+                        if seq in self._in_flight or (
+                                position and ref.kind in LOCAL_COPY_ORDERED_KINDS):
+                            continue
+                        if retry is not None and retry[1] > now:
+                            wait = min(wait or retry[1] - now, retry[1] - now)
+                            continue
+                        self._in_flight.add(seq)
+                        return entry
+                self._cond.wait(wait)
+        return None
+
+    def _run_uploader(self):
+        while True:
+            entry = self._take()
+            if entry is None:
+                return
+            seq, ref, size, md5 = entry
+            try:
+                with self._locks.hold(ref):
+                    if self.cache.upload_queued(self.ns, ref) == seq:   # not deleted meanwhile
+                        self._upload(ref, size, md5)
+                        self.cache.unqueue_upload(self.ns, ref, seq)
+                with self._cond:
+                    self._retry_at.pop(seq, None)
+            except Exception as e:      # StorageError, OSError: tried again later
+                with self._cond:
+                    failures = self._retry_at.get(seq, (0, 0))[0] + 1
+                    delay = min(LOCAL_COPY_RETRY_MAX, 2.0 ** failures) * random.uniform(0.8, 1.2)
+                    self._retry_at[seq] = (failures, time.monotonic() + delay)
+                    if getattr(e, "meaning", None) in (UNAVAILABLE, TIMED_OUT):
+                        self._paused_until = time.monotonic() + delay
+                log.warning("local copy: upload of %s failed (%s); trying again in %s",
+                            ref, e, _duration(delay))
+            finally:
+                with self._cond:
+                    self._in_flight.discard(seq)
+                    self._cond.notify_all()
+
+    def _report_progress(self):
+        last_bytes, last_time = 0, time.monotonic()
+        while not self._stopping.wait(self.progress_interval):
+            try:
+                count, nbytes, age = self.backlog()
+            except CacheError:
+                continue
+            now = time.monotonic()
+            with self._cond:
+                done = self.uploaded_bytes
+            rate = (done - last_bytes) / max(now - last_time, 1e-6)
+            last_bytes, last_time = done, now
+            if count:
+                log.info("local copy: %d objects (%s) only in %s so far, the oldest queued %s "
+                         "ago; uploading %.1f MiB/s%s", count, human_bytes(nbytes), self.local.root,
+                         _duration(age), rate / 2 ** 20,
+                         ", about %s left" % _duration(nbytes / rate) if rate > 0 else "")
+
+    def wait_uploaded(self, timeout=None):
+        """Wait until the queue is empty; False if it was not within timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self.backlog()[0]:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left if left is not None else 1.0)
+        return True
+
+    # -- the background: reconcile at start, fill, evict ---------------------------
+
+    def _local_repositories(self):
+        """The repositories in DIR: folders holding a config (restic's layout)."""
+        for folder, subfolders, files in os.walk(self.local.root):
+            subfolders[:] = sorted(d for d in subfolders
+                                   if d not in OBJECT_TYPES and not d.startswith("."))
+            if "config" in files:
+                yield tuple(os.path.relpath(folder, self.local.root).split(os.sep)) \
+                    if folder != self.local.root else ()
+
+    def _local_objects(self, repo):
+        """ObjectRef and size of every object of a repository in DIR."""
+        size = self.local.stat(ObjectRef.config(repo))
+        if size is not None:
+            yield ObjectRef.config(repo), size
+        for kind in OBJECT_TYPES:
+            for name, size in self.local.list(repo, kind):
+                yield ObjectRef(repo, kind, name), size
+
+    def _grown(self, delta):
+        with self._bytes_lock:
+            if self._local_bytes is None:
+                return
+            self._local_bytes += delta
+            over = self.max_bytes and self._local_bytes > self.max_bytes
+        if over:
+            self._evict_wanted.set()
+
+    def _queue_what_the_cloud_lacks(self):
+        """Objects in DIR that are neither in the cloud nor queued (written by a
+        server killed before it queued them, or DIR is all that is left of a lost
+        cloud folder) are queued.  Returns the bytes in DIR."""
+        total, queued = 0, 0
+        for repo in self._local_repositories():
+            for ref, size in self._local_objects(repo):
+                total += size
+                if self._stopping.is_set():
+                    return total
+                with self._locks.hold(ref):
+                    if self.cache.upload_queued(self.ns, ref) is None and \
+                            self.cloud.stat(ref) is None and self.local.stat(ref) is not None:
+                        self.cache.queue_upload(self.ns, ref, size, None)
+                        queued += 1
+        if queued:
+            log.info("local copy: %d objects in %s that the cloud lacks are queued for upload",
+                     queued, self.local.root)
+            with self._cond:
+                self._cond.notify_all()
+        return total
+
+    def _fill(self):
+        """--local-copy-fill: download once what the cloud holds and DIR lacks,
+        small kinds first, one object at a time; stops (for the next start) at
+        the first refusal, such as 123pan's download traffic quota."""
+        fetched, nbytes = 0, 0
+        for repo in self.cloud.repositories():
+            refs = [ObjectRef.config(repo)] + [
+                ObjectRef(repo, kind, name) for kind in ("keys", "snapshots", "index")
+                for name, _ in self.cloud.list(repo, kind)]
+            for ref, size in itertools.chain(
+                    ((ref, self.cloud.stat(ref)) for ref in refs),
+                    ((ObjectRef(repo, "data", name), size)
+                     for name, size in self.cloud.list(repo, "data"))):
+                if self._stopping.is_set():
+                    return
+                if size is None or self.local.stat(ref) is not None:
+                    continue
+                with self._bytes_lock:
+                    full = self.max_bytes and (self._local_bytes or 0) + size > self.max_bytes
+                if full:
+                    log.info("local copy: fill stopped at --local-copy-max after %d objects "
+                             "(%s)", fetched, human_bytes(nbytes))
+                    return
+                try:
+                    for _ in self._keeping(ref, self.cloud.read(ref, 0, size)):
+                        pass
+                except StorageError as e:
+                    log.warning("local copy: fill stopped after %d objects (%s): %s; the next "
+                                "start continues", fetched, human_bytes(nbytes), e)
+                    return
+                fetched, nbytes = fetched + 1, nbytes + size
+        log.info("local copy: fill done: %d objects (%s) downloaded", fetched, human_bytes(nbytes))
+
+    def _evict(self):
+        """Remove the least recently used packs the cloud holds until DIR is within
+        max_bytes (never a queued one: the cloud lacks it)."""
+        while not self._stopping.is_set():
+            total, packs = 0, []
+            for repo in self._local_repositories():
+                for ref, size in self._local_objects(repo):
+                    total += size
+                    if ref.kind == "data":
+                        packs.append(ref)
+                        if len(packs) > 4 * LOCAL_COPY_EVICT_BATCH:
+                            packs = self._least_recently_used(packs)
+            with self._bytes_lock:
+                self._local_bytes = total
+            if total <= self.max_bytes:
+                return
+            evicted = 0
+            for mtime, ref in self._least_recently_used(packs, with_times=True):
+                if total <= self.max_bytes:
+                    break
+                with self._locks.hold(ref):
+                    size = self.local.stat(ref)
+                    if size is None or self.cache.upload_queued(self.ns, ref) is not None \
+                            or self.cloud.stat(ref) != size:
+                        continue
+                    self.local.delete(ref)
+                total -= size
+                evicted += 1
+                METRICS.inc("restic123pan_local_copy_evicted_total")
+            with self._bytes_lock:
+                self._local_bytes = total
+            if not evicted:
+                log.warning("local copy: %s holds %s, over --local-copy-max %s, and no pack "
+                            "in it can go: the cloud does not have them yet", self.local.root,
+                            human_bytes(total), human_bytes(self.max_bytes))
+                return
+
+    def _least_recently_used(self, refs, with_times=False):
+        def timed():
+            for ref in refs:
+                try:
+                    yield os.stat(self.local.path_of(ref)).st_mtime, ref
+                except OSError:
+                    continue
+        oldest = heapq.nsmallest(LOCAL_COPY_EVICT_BATCH, timed())
+        return oldest if with_times else [ref for _, ref in oldest]
+
+    def _maintain(self):
+        """After the warm-up: reconcile DIR with the cloud, fill, then evict when
+        DIR grows past max_bytes."""
+        warm_up = self.cloud.warm_up
+        while warm_up is not None and not warm_up.finished.wait(1.0):
+            if self._stopping.is_set():
+                self.reconciled.set()
+                self.filled.set()
+                return
+        try:
+            try:
+                total = self._queue_what_the_cloud_lacks()
+            finally:
+                self.reconciled.set()
+            with self._bytes_lock:
+                self._local_bytes = total
+            try:
+                if self.fill:
+                    self._fill()
+            finally:
+                self.filled.set()
+            while not self._stopping.is_set():
+                if self.max_bytes and (self._local_bytes or 0) > self.max_bytes:
+                    self._evict()
+                self._evict_wanted.wait()       # set when DIR grew past max_bytes
+                self._evict_wanted.clear()
+        except (StorageError, OSError) as e:
+            self.filled.set()
+            if not self._stopping.is_set():
+                log.warning("local copy: background work stopped: %s; the next start "
+                            "continues it", e)
+
+    # -- start and stop -----------------------------------------------------------
+
+    def start(self, rebuild=False, wait=False):
+        warm_up = self.cloud.start(rebuild=rebuild, wait=wait)
+        os.makedirs(self.local.root, mode=0o700, exist_ok=True)
+        count, nbytes, _ = self.backlog()
+        if count:
+            log.info("local copy: %d objects (%s) from before the restart are still to "
+                     "upload", count, human_bytes(nbytes))
+        for number in range(self.uploaders):
+            self._spawn(self._run_uploader, "local-copy-upload-%d" % number)
+        self._spawn(self._report_progress, "local-copy-progress")
+        self._spawn(self._maintain, "local-copy-maintenance")
+        return warm_up
+
+    def _spawn(self, target, name):
+        thread = threading.Thread(target=target, daemon=True, name=name)
+        thread.start()
+        self._threads.append(thread)
+
+    def close(self):
+        """Uploads under way finish (for SHUTDOWN_GRACE_SECONDS at most); what is
+        still queued is said, and uploaded at the next start."""
+        self._stopping.set()
+        self._evict_wanted.set()
+        with self._cond:
+            self._cond.notify_all()
+        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        try:
+            count, nbytes, _ = self.backlog()
+        except CacheError:
+            count = None
+        if count:
+            log.warning("local copy: %d objects (%s) are only in %s, not yet in the cloud; "
+                        "the next start uploads them", count, human_bytes(nbytes), self.local.root)
+        elif count == 0:
+            log.info("local copy: everything in %s is in the cloud too", self.local.root)
+        self.cloud.close()
+
+
+def with_local_copy(args, storage):
+    """The storage a backend built, behind a local copy tier when --local-copy asks."""
+    if not getattr(args, "local_copy", None):
+        return storage
+    return LocalCopyTier(storage, args.local_copy, write_through=args.write_through,
+                         max_bytes=args.local_copy_max, fill=args.local_copy_fill)
 
 
 # ---------------------------------------------------------------------------
@@ -7593,7 +8362,7 @@ def main(argv=None, environ=None):
     tune_memory()
     storage = server = None
     try:
-        storage = BACKENDS[args.backend].build(args, environ)
+        storage = with_local_copy(args, BACKENDS[args.backend].build(args, environ))
         server = _build_server(args, storage, environ)
     except (UsageError, OSError) as e:      # ssl.SSLError is an OSError
         if server is not None:

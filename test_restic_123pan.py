@@ -22,7 +22,7 @@ run the product's client and storage against an emulator of Part II), then:
   3 the storage interface         the one storage contract suite StorageContract
                                   (CloudStorageContract for the clouds), run by
                                   LocalStorageContractTest, Pan123StorageContractTest,
-                                  CloudreveStorageContractTest
+                                  CloudreveStorageContractTest, LocalCopyTierContractTest
   4 local backend                 LocalStorageTest (layout, temporary files),
                                   LocalWriteOnceTest, LocalSendfileTest (one write,
                                   zero-copy reads), FullDiskTest (a full disk: 507)
@@ -1025,6 +1025,36 @@ class Pan123StorageContractTest(CloudStorageContract, Pan123BackendCase):
 
     def corrupt(self, ref, data):
         file_id = self.emu.resolve(self.live_path(ref))["fileId"]
+        self.emu._blobs[self.emu._content_of[file_id]] = bytes(len(data))
+        return True
+
+    def list_calls(self):
+        return self.emu.calls[LIST]
+
+
+class LocalCopyTierContractTest(CloudStorageContract, Pan123BackendCase):
+    """The local copy tier (write-behind) in front of 123pan keeps the same
+    promises; "behind our back" and "other bytes" then concern both copies."""
+
+    def cloud_storage(self, client):
+        index = Pan123Index(self.cache(), pan123_cache_namespace(client.api_base, CLIENT_ID))
+        return rp.LocalCopyTier(Pan123Storage(client, "/restic-backup", index=index),
+                                os.path.join(self.state_dir, "copy"))
+
+    def both_copies(self, ref):
+        self.assertTrue(self.st.wait_uploaded(30))
+        return self.st.local.path_of(ref), self.live_path(ref)
+
+    def remove_behind_back(self, ref):
+        local, live = self.both_copies(ref)
+        os.unlink(local)
+        self.emu.remove_behind_back(live)
+
+    def corrupt(self, ref, data):
+        local, live = self.both_copies(ref)
+        with open(local, "wb") as f:
+            f.write(bytes(len(data)))
+        file_id = self.emu.resolve(live)["fileId"]
         self.emu._blobs[self.emu._content_of[file_id]] = bytes(len(data))
         return True
 
@@ -2539,6 +2569,236 @@ class CloudreveDownloadsTest(CloudreveBackendCase):
         uri = cloudreve_uri(tuple(p for p in self.live_path(ref).split("/") if p))
         self.assertTrue(storage.client.download_url(uri).startswith(emu.base_url + "/api/v4/"))
         self.assertEqual(self.read(storage, ref), data)
+
+
+# -- the local copy tier (--local-copy) ------------------------------------------
+
+class LocalCopyTierTest(Pan123BackendCase):
+    """LocalCopyTier over Pan123Storage and the 123pan emulator; the cache is a
+    file, so a second tier on it is the same server restarted."""
+
+    def setUp(self):
+        Pan123BackendCase.setUp(self)
+        self.copy_dir = os.path.join(self.state_dir, "copy")
+        self.emulator()
+
+    def tier(self, uploaders=2, **options):
+        cache = MetadataCache(os.path.join(self.state_dir, rp.METADATA_CACHE_FILE))
+        cloud = Pan123Storage(self.client(), "/restic-backup",
+                              index=Pan123Index(cache, "pan123|test"))
+        tier = rp.LocalCopyTier(cloud, self.copy_dir, uploaders=uploaders, **options)
+        tier.start(wait=True)
+        self.addCleanup(tier.close)
+        tier.reconciled.wait(30)
+        return tier
+
+    def folder_spool(self, tier, data, ref):
+        """An upload body as the REST layer spools it: straight into DIR."""
+        spool = tier.new_spool(ref)
+        self.addCleanup(spool.close)
+        spool.write(data)
+        spool.finish()
+        return spool
+
+    def put_through(self, tier, data, kind="data"):
+        ref = ObjectRef(REPO, kind, sha256_hex(data))
+        tier.put(ref, self.folder_spool(tier, data, ref))
+        return ref
+
+    def in_cloud(self, ref):
+        return self.emu.resolve(self.live_path(ref)) is not None
+
+    def downloads(self):
+        return sum(n for ep, n in self.emu.calls.items()
+                   if ep == "/api/v1/file/download_info" or not ep.startswith(("/api/", "/upload/")))
+
+    def test_write_behind_stores_locally_first_and_the_queue_survives_a_restart(self):
+        tier = self.tier(uploaders=0)       # nothing drains: the queue only grows
+        tier.create_repository(REPO)
+        blobs = [os.urandom(n) for n in (0, 1000, 300000)]
+        refs = [self.put_through(tier, d) for d in blobs]
+        index_ref = self.put_through(tier, b"an index", kind="index")
+        for ref, data in zip(refs, blobs):
+            self.assertFalse(self.in_cloud(ref))
+            with open(tier.local.path_of(ref), "rb") as f:
+                self.assertEqual(f.read(), data)
+            self.assertEqual(tier.stat(ref), len(data))
+            self.assertEqual(self.read(tier, ref), data)
+        self.assertEqual(sorted(tier.list(REPO, "data")),
+                         sorted((r.name, len(d)) for r, d in zip(refs, blobs)))
+        self.assertEqual(list(tier.list(REPO, "index")), [(index_ref.name, 8)])
+        self.assertEqual(tier.backlog()[:2], (4, 301008))
+        self.assertEqual(self.downloads(), 0)
+        metrics = parse_prometheus(METRICS.render())
+        self.assertEqual(metrics[("restic123pan_local_copy_queued_objects", ())], 4)
+        tier.close()
+        again = self.tier(uploaders=3)       # a restart: the same cache file
+        self.assertTrue(again.wait_uploaded(60))
+        for ref in refs + [index_ref]:
+            self.assertTrue(self.in_cloud(ref), ref)
+        self.assertEqual(again.backlog()[:2], (0, 0))
+        self.assertEqual(self.emu.file_bytes(self.emu.resolve(self.live_path(refs[2]))["fileId"]), blobs[2])
+
+    def test_kinds_that_name_others_wait_for_everything_queued_before_them(self):
+        tier = self.tier(uploaders=0)
+        first = self.put_through(tier, b"pack one")
+        index_ref = self.put_through(tier, b"index naming both", kind="index")
+        second = self.put_through(tier, b"pack two")
+        self.assertEqual(tier._take()[1], first)
+        self.assertEqual(tier._take()[1], second)   # the index waits for the first pack
+        tier.cache.unqueue_upload(tier.ns, first)
+        tier._in_flight.clear()
+        tier.cache.unqueue_upload(tier.ns, second)
+        self.assertEqual(tier._take()[1], index_ref)
+
+    def test_an_object_deleted_before_its_upload_is_never_uploaded(self):
+        tier = self.tier(uploaders=0)
+        ref = self.put_through(tier, b"short-lived lock", kind="locks")
+        self.assertTrue(tier.delete(ref))
+        self.assertIsNone(tier.stat(ref))
+        self.assertFalse(os.path.exists(tier.local.path_of(ref)))
+        tier.close()
+        self.emu.reset_calls()
+        again = self.tier()
+        self.assertTrue(again.wait_uploaded(30))
+        self.assertFalse(self.in_cloud(ref))
+        self.assertEqual(self.emu.calls["/upload/v2/file/single/create"], 0)
+        self.assertFalse(again.delete(ref))
+
+    def test_delete_removes_both_copies(self):
+        tier = self.tier(write_through=True)
+        ref = self.put_through(tier, b"pack to prune")
+        self.assertTrue(self.in_cloud(ref))
+        self.assertTrue(tier.delete(ref))
+        tier.flush_deletes()
+        self.assertFalse(self.in_cloud(ref))
+        self.assertFalse(os.path.exists(tier.local.path_of(ref)))
+
+    def test_write_through_answers_after_the_cloud_and_takes_back_a_refused_upload(self):
+        tier = self.tier(write_through=True)
+        ok = self.put_through(tier, b"confirmed by the cloud")
+        self.assertTrue(self.in_cloud(ok))
+        self.assertEqual(tier.backlog()[0], 0)
+        self.emu.fail_randomly("500", 1.0, endpoint="/upload/v2/file/single/create")
+        data = b"refused by the cloud"
+        ref = ObjectRef(REPO, "data", sha256_hex(data))
+        with self.assertRaises(rp.StorageError):
+            tier.put(ref, self.folder_spool(tier, data, ref))
+        self.assertIsNone(tier.stat(ref))
+        self.assertFalse(os.path.exists(tier.local.path_of(ref)))
+        self.assertEqual(tier.backlog()[0], 0)
+
+    def test_a_damaged_local_copy_is_set_aside_and_the_cloud_copy_served(self):
+        tier = self.tier(write_through=True)
+        data = os.urandom(5000)
+        ref = self.put_through(tier, data)
+        path = tier.local.path_of(ref)
+        with open(path, "r+b") as f:
+            f.write(b"X")               # same size, other bytes
+        with self.assertLogs("restic_123pan", "ERROR") as logs:
+            self.assertEqual(self.read(tier, ref), data)
+        self.assertIn("damaged", "\n".join(logs.output))
+        self.assertEqual([n for n in os.listdir(os.path.dirname(path)) if "corrupt" in n].__len__(), 1)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), data)      # kept again from the cloud's copy
+        self.emu.reset_calls()
+        self.assertEqual(self.read(tier, ref), data)
+        self.assertEqual(self.downloads(), 0)
+
+    def test_an_object_only_in_the_cloud_is_read_from_it_and_kept(self):
+        tier = self.tier()
+        tier.create_repository(REPO)
+        data = os.urandom(70000)
+        ref = self.put(tier.cloud, data)        # stored before the local copy existed
+        self.emu.reset_calls()
+        self.assertEqual(self.read(tier, ref, 100, 50), data[100:150])   # a part: not kept
+        self.assertFalse(os.path.exists(tier.local.path_of(ref)))
+        self.assertEqual(self.read(tier, ref), data)
+        self.assertTrue(os.path.exists(tier.local.path_of(ref)))
+        self.emu.reset_calls()
+        self.assertEqual(self.read(tier, ref), data)
+        self.assertEqual(self.read(tier, ref, 10, 10), data[10:20])
+        self.assertEqual(self.downloads(), 0)
+
+    def test_objects_found_in_the_folder_that_the_cloud_lacks_are_queued_at_start(self):
+        local = rp.LocalStorage(self.copy_dir)
+        local.create_repository(REPO)
+        config, pack = b"config bytes", os.urandom(4000)
+        pack_ref = ObjectRef(REPO, "data", sha256_hex(pack))
+        bad_ref = ObjectRef(REPO, "data", sha256_hex(b"what the name says"))
+        for ref, data in ((ObjectRef.config(REPO), config), (pack_ref, pack),
+                          (bad_ref, b"something else")):
+            local.put(ref, self.spool(data))
+        with self.assertLogs("restic_123pan", "INFO") as logs:
+            tier = self.tier()
+            self.assertTrue(tier.wait_uploaded(60))
+        self.assertTrue(self.in_cloud(ObjectRef.config(REPO)))
+        self.assertEqual(self.emu.file_bytes(self.emu.resolve(self.live_path(pack_ref))["fileId"]), pack)
+        self.assertFalse(self.in_cloud(bad_ref))        # bytes that are not their name
+        self.assertIsNone(tier.stat(bad_ref))
+        self.assertIn("damaged", "\n".join(logs.output))
+
+    def test_bounded_copy_evicts_least_recently_used_packs_the_cloud_holds(self):
+        tier = self.tier(write_through=True)
+        config = ObjectRef.config(REPO)
+        tier.put(config, self.folder_spool(tier, b"c" * 100, config))
+        index_ref = self.put_through(tier, b"i" * 9000, kind="index")
+        packs = [self.put_through(tier, os.urandom(6000)) for _ in range(4)]
+        for age, ref in enumerate(packs):       # packs[0] used least recently
+            os.utime(tier.local.path_of(ref), (1000000 + age, 1000000 + age))
+        tier.max_bytes = 25000                  # 33100 bytes are in the folder
+        tier._evict()
+        local = [r for r in packs if os.path.exists(tier.local.path_of(r))]
+        self.assertEqual(local, packs[2:])
+        self.assertTrue(os.path.exists(tier.local.path_of(config)))
+        self.assertTrue(os.path.exists(tier.local.path_of(index_ref)))
+        self.assertEqual(tier.stat(packs[0]), 6000)             # still in the cloud
+        self.emu.reset_calls()
+        self.assertEqual(len(self.read(tier, packs[0])), 6000)  # read back, kept again
+        self.assertGreater(self.downloads(), 0)
+        # a pack only in the folder (its upload still queued) is never evicted
+        tier.write_through = False
+        self.emu.fail_randomly("500", 1.0, endpoint="/upload/v2/file/single/create")
+        queued_only = self.put_through(tier, os.urandom(20000))
+        os.utime(tier.local.path_of(queued_only), (1, 1))
+        with self.assertLogs("restic_123pan", "WARNING") as logs:
+            tier._evict()
+        self.assertTrue(os.path.exists(tier.local.path_of(queued_only)))
+        self.assertFalse(any(os.path.exists(tier.local.path_of(r)) for r in packs))
+        self.assertIn("no pack in it can go", "\n".join(logs.output))
+        self.assertEqual(tier.backlog()[0], 1)
+
+    def test_fill_downloads_what_the_folder_lacks(self):
+        cache = MetadataCache(os.path.join(self.state_dir, rp.METADATA_CACHE_FILE))
+        plain = Pan123Storage(self.client(), "/restic-backup",
+                              index=Pan123Index(cache, "pan123|test"))
+        plain.create_repository(REPO)
+        config = ObjectRef.config(REPO)
+        plain.put(config, self.spool(b"the config"))
+        refs = [self.put(plain, os.urandom(n)) for n in (10, 20000)]
+        plain.close()
+        tier = self.tier(fill=True)
+        self.assertTrue(tier.filled.wait(60))
+        for ref in refs + [config]:
+            self.assertTrue(os.path.exists(tier.local.path_of(ref)), ref)
+        self.emu.reset_calls()
+        for ref in refs:
+            self.read(tier, ref)
+        self.assertEqual(self.downloads(), 0)
+
+
+class LocalCopyOptionsTest(unittest.TestCase):
+    def test_flags_need_a_cloud_and_local_copy(self):
+        for argv in (["--write-through"], ["--local-copy-max", "1G"], ["--local-copy-fill"]):
+            with self.assertRaisesRegex(UsageError, "only with --local-copy"):
+                rp.parse_config(["--backend", "123pan"] + argv, {})
+        with self.assertRaisesRegex(UsageError, "for the cloud backends"):
+            rp.parse_config(["--local-copy", "/tmp/x"], {})
+        args = rp.parse_config(["--backend", "123pan", "--local-copy", "rel/dir",
+                             "--local-copy-max", "2G"], {})
+        self.assertEqual(args.local_copy, os.path.abspath("rel/dir"))
+        self.assertEqual(args.local_copy_max, 2 * 1024 ** 3)
+
 
 
 # ---------------------------------------------------------------------------
