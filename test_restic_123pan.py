@@ -6284,9 +6284,9 @@ class LocalEndToEndTest(ResticEndToEndBase):
         self.run_scenario("rest:" + url, options=["-o", "rest.connections=8"], direct_path=data)
 
 
-class Pan123EndToEndTest(ResticEndToEndBase):
+class Pan123EndToEndCase(ResticEndToEndBase):
     """restic -> our server (--backend 123pan) -> the 123pan emulator, which enforces
-    the free-tier request rates."""
+    the free-tier request rates: the helpers."""
 
     def start_emulator(self, **kw):
         emu = Pan123Emulator(**kw).start()
@@ -6355,6 +6355,10 @@ class Pan123EndToEndTest(ResticEndToEndBase):
             folders.extend((c["fileId"], path + "/" + c["filename"]) for c in live
                            if c["type"] == 1)
         self.assertGreater(files, 0)
+
+
+
+class Pan123EndToEndTest(Pan123EndToEndCase):
 
     def test_clean_run_under_free_tier_limits(self):
         emu = self.start_emulator()
@@ -6540,8 +6544,9 @@ class Pan123RealServiceEndToEndTest(ResticEndToEndBase):
         self.assertGreater(sum(emu.rejected.values()), 25, "the faults did not happen")
 
 
-class CloudreveEndToEndTest(ResticEndToEndBase):
-    """restic -> our server (--backend cloudreve) -> the Cloudreve 4 emulator."""
+class CloudreveEndToEndCase(ResticEndToEndBase):
+    """restic -> our server (--backend cloudreve) -> the Cloudreve 4 emulator: the
+    helpers."""
 
     def start_emulator(self, **kw):
         emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD, **kw).start()
@@ -6579,6 +6584,10 @@ class CloudreveEndToEndTest(ResticEndToEndBase):
         log_text = self.server_log_text()
         self.assertNotIn(CR_PASSWORD, log_text)
         return calls
+
+
+
+class CloudreveEndToEndTest(CloudreveEndToEndCase):
 
     def test_clean_run(self):
         emu = self.start_emulator()
@@ -6694,6 +6703,108 @@ class CloudreveOneDriveEndToEndTest(CloudrevePolicyEndToEndBase):
 
 class CloudreveUpyunEndToEndTest(CloudrevePolicyEndToEndBase):
     policy_type = "upyun"
+
+
+class LocalCopyEndToEndTest(ResticEndToEndBase):
+    """restic through a cloud backend with --local-copy: backups land in the local
+    copy, check --read-data and restores read it (not a byte downloaded), and the
+    cloud ends up holding exactly what the copy holds."""
+
+    def copy_objects(self, folder):
+        """{relative path: size} of the objects in a restic local layout."""
+        out = {}
+        for d, subfolders, names in os.walk(folder):
+            subfolders[:] = [n for n in subfolders if not n.startswith(".")]
+            for n in names:
+                if n == "config" or rp.is_object_id(n):
+                    path = os.path.join(d, n)
+                    out[os.path.relpath(path, folder)] = os.path.getsize(path)
+        return out
+
+    def wait_drained(self, url, timeout=600):
+        def queued():
+            with urllib.request.urlopen(url + "metrics", timeout=30) as r:
+                metrics = parse_prometheus(r.read().decode())
+            return metrics[("restic123pan_local_copy_queued_objects", ())]
+        wait_until(lambda: queued() == 0, timeout=timeout, what="the upload queue drained")
+
+    def scenario(self, emu, url, copy, is_download):
+        repo = "rest:" + url + "home/laptop/"
+        src = os.path.join(self.tmp, "src")
+        make_tree(src, seed=21, total_mib=24)
+        first = manifest(src)
+        self.restic_run(repo, "init")
+        self.restic_run(repo, "backup", src)
+        change_tree(src, seed=22)
+        second = manifest(src)
+        self.restic_run(repo, "backup", src, options=["-o", "rest.connections=8"])
+        snaps = self.snapshot_ids(repo, [])
+        emu.reset_calls()
+        self.restic_run(repo, "check", "--read-data")
+        for snap, expected in ((snaps[0], first), (snaps[1], second)):
+            target = os.path.join(self.tmp, "restore-" + snap)
+            self.restic_run(repo, "restore", snap, "--target", target)
+            self.assertEqual(manifest(os.path.join(target, os.path.relpath(src, "/"))),
+                             expected)
+        calls = dict(emu.calls)
+        sys.stderr.write("\nlocal copy: cloud calls during check --read-data and two restores: "
+                         "%s\n" % json.dumps(dict(sorted(calls.items()))))
+        self.assertEqual(dict((ep, n) for ep, n in calls.items() if is_download(ep)), {})
+        self.restic_run(repo, "forget", "--keep-last", "1", "--prune")
+        self.assertEqual(self.snapshot_ids(repo, []), [snaps[1]])
+        self.wait_drained(url)
+        return os.path.join(copy, "home", "laptop")
+
+    def assert_same_objects(self, direct, cloud):
+        local = self.copy_objects(direct)
+        self.assertGreater(len(local), 5)      # config, keys, index, snapshot, packs
+        self.assertEqual(local, cloud)
+        self.restic_run(direct, "check", "--read-data", options=[])
+        log_text = self.server_log_text()
+        self.assertNotIn("Traceback", log_text)
+        self.assertNotRegex(log_text, r'" 5\d\d ')
+        self.assertIn("everything in %s is in the cloud too" % os.path.dirname(
+            os.path.dirname(direct)), log_text)
+
+    def test_123pan(self):
+        emu = Pan123EndToEndCase.start_emulator(self)
+        copy = os.path.join(self.tmp, "copy")
+        url = Pan123EndToEndCase.start_pan123_server(self, emu, "--local-copy", copy,
+                                                    "--prometheus")
+        # download_info, and any request to the CDN (whose paths are not the API's)
+        direct = self.scenario(emu, url, copy, lambda ep: ep == "/api/v1/file/download_info"
+                               or not ep.startswith(("/api/", "/upload/")))
+        self.stop_server(self.server_proc)
+        self.assertEqual(emu.errors, [])
+        cloud, folders = {}, [("/restic-backup/home/laptop", "")]
+        while folders:
+            folder, rel = folders.pop()
+            for node in emu.children(folder):
+                path = rel + node["filename"]
+                if node["type"] == 1:
+                    folders.append((folder + "/" + node["filename"], path + "/"))
+                else:
+                    cloud[path] = node["size"]
+        self.assert_same_objects(direct, cloud)
+
+    def test_cloudreve(self):
+        emu = CloudreveEndToEndCase.start_emulator(self)
+        copy = os.path.join(self.tmp, "copy")
+        url = CloudreveEndToEndCase.start_cloudreve_server(self, emu, "--local-copy", copy,
+                                                          "--prometheus")
+        direct = self.scenario(emu, url, copy, lambda ep: ep in (CR_URL, CR_CONTENT))
+        self.stop_server(self.server_proc)
+        self.assertEqual(emu.errors, [])
+        cloud, folders = {}, [(CR_BASE + "/home/laptop", "")]
+        while folders:
+            folder, rel = folders.pop()
+            for node in emu.children(folder):
+                path = rel + node["name"]
+                if node["type"] == 1:
+                    folders.append((folder + "/" + node["name"], path + "/"))
+                else:
+                    cloud[path] = node["size"]
+        self.assert_same_objects(direct, cloud)
 
 
 class AccessEndToEndTest(ResticEndToEndBase):
@@ -6957,7 +7068,7 @@ class KilledServerEndToEndTest(ResticEndToEndBase):
     address (the running restic retries into it), then unlock, another backup and
     check --read-data: for each backend."""
 
-    def scenario(self, start):
+    def scenario(self, start, after_kill=None):
         url = start("127.0.0.1:0")
         port = int(url.rsplit(":", 1)[1].strip("/"))
         repo = "rest:" + url
@@ -6975,6 +7086,8 @@ class KilledServerEndToEndTest(ResticEndToEndBase):
         self.assertIsNone(backup.poll(), "the backup ended before the server was killed")
         self.server_proc.kill()                 # mid-backup, no chance to clean up
         self.server_proc.wait()
+        if after_kill is not None:
+            after_kill()
         start("127.0.0.1:%d" % port)
         try:
             backup.communicate(timeout=600)     # it retries into the new server, or gives up
@@ -7005,6 +7118,48 @@ class KilledServerEndToEndTest(ResticEndToEndBase):
             "--backend", "123pan", "--api-base", emu.api_base, "--client-id", "emu-client",
             "--state-dir", state, "--listen", listen, env={"PAN123_CLIENT_SECRET": "emu-secret"}))
         self.assertEqual(emu.errors, [])
+
+    def test_123pan_local_copy_write_behind(self):
+        """The upload queue survives the kill: uploads left queued continue after
+        the restart, and both copies end up equal."""
+        emu = Pan123Emulator().start()
+        self.addCleanup(emu.stop)
+        emu.wan = WanLink(latency=0.005, per_connection=1.5e6, total=1.5e6)   # uploads trail
+        state, copy = os.path.join(self.tmp, "state"), os.path.join(self.tmp, "copy")
+        urls = []
+
+        def start(listen):
+            urls.append(self.start_server(
+                "--backend", "123pan", "--api-base", emu.api_base, "--client-id", "emu-client",
+                "--state-dir", state, "--listen", listen, "--local-copy", copy, "--prometheus",
+                env={"PAN123_CLIENT_SECRET": "emu-secret"}))
+            return urls[-1]
+
+        left = []
+
+        def count_queued():
+            import sqlite3
+            db = sqlite3.connect(os.path.join(state, rp.METADATA_CACHE_FILE))
+            try:
+                left.append(db.execute("SELECT COUNT(*) FROM pending_uploads").fetchone()[0])
+            finally:
+                db.close()
+        self.scenario(start, after_kill=count_queued)
+        self.assertGreater(left[0], 0, "the kill found every upload done: nothing was tested")
+        LocalCopyEndToEndTest.wait_drained(self, urls[-1])
+        self.stop_server(self.server_proc)
+        self.assertEqual(emu.errors, [])
+        cloud, folders = {}, [("/restic-backup", "")]
+        while folders:
+            folder, rel = folders.pop()
+            for node in emu.children(folder):
+                path = rel + node["filename"]
+                if node["type"] == 1:
+                    folders.append((folder + "/" + node["filename"], path + "/"))
+                else:
+                    cloud[path] = node["size"]
+        self.assertEqual(LocalCopyEndToEndTest.copy_objects(self, copy), cloud)
+        self.restic_run(copy, "check", "--read-data", options=[])
 
     def test_cloudreve(self):
         emu = CloudreveEmulator(CR_EMAIL, CR_PASSWORD).start()
