@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -479,6 +480,7 @@ class PerfBench(object):
         self.tmp = workdir
         self.product = os.path.abspath(args.product)
         self.results = {}           # (metric, peer) -> [values]
+        self.copy_results = {}      # (metric, variant) -> [values]
         self.env = dict(os.environ, RESTIC_PASSWORD="bench")
 
     def add(self, metric, peer, value):
@@ -595,6 +597,97 @@ class PerfBench(object):
             emu.stop()
             shutil.rmtree(base, True)
 
+    COPY_VARIANTS = ("local", "123pan+copy", "123pan")
+
+    def local_copy_run(self, run):
+        """The same tree backed up and restored three ways, side by side: the local
+        backend; 123pan with --local-copy (write-behind), the queue's drain timed
+        after the backup; 123pan alone.  The 123pan emulator sits behind the
+        modelled link and enforces the free tier's request rates."""
+        from test_restic_123pan import WanLink, parse_prometheus
+        for variant in self.COPY_VARIANTS:
+            base = os.path.join(self.tmp, "copy-%s-%d" % (variant, run))
+            os.makedirs(base)
+            self.env["RESTIC_CACHE_DIR"] = os.path.join(base, "cache")
+            emu = link = None
+            if variant == "local":
+                args, env = ["--backend", "local", "--path", os.path.join(base, "repos")], {}
+            else:
+                link = WanLink(self.args.wan_latency, self.args.wan_connection * 1e6,
+                               self.args.wan_total * 1e6)
+                emu = Pan123Emulator().start()
+                emu.wan = link
+                args = ["--backend", "123pan", "--api-base", emu.api_base, "--client-id",
+                        "emu-client", "--state-dir", os.path.join(base, "state"),
+                        "--prometheus"]
+                if variant == "123pan+copy":
+                    args += ["--local-copy", os.path.join(base, "copy")]
+                env = {"PAN123_CLIENT_SECRET": "emu-secret"}
+            server = PeerServer("ours", None, self.product, os.path.join(self.tmp, "server.log"),
+                                args, env)
+            repo = server.url + "r"
+            try:
+                self.restic(repo, "init")
+                up0 = link.bytes["up"] if link else 0
+                t = time.monotonic()
+                self.restic(repo, "backup", self.copy_src)
+                backup = time.monotonic() - t
+                self.add_copy("backup wall s", variant, backup)
+                if variant == "123pan+copy":
+                    metrics_url = "http://127.0.0.1:%d/metrics" % server.port
+                    while True:
+                        with urllib.request.urlopen(metrics_url, timeout=30) as r:
+                            queued = parse_prometheus(r.read().decode())[
+                                ("restic123pan_local_copy_queued_objects", ())]
+                        if not queued:
+                            break
+                        time.sleep(0.2)
+                    drained = time.monotonic() - t
+                    self.add_copy("backup until in the cloud s", variant, drained)
+                    self.add_copy("upload MB/s (backup+drain)", variant,
+                                  (link.bytes["up"] - up0) / drained / 1e6)
+                    self.add_copy("upload calls/s (backup+drain)", variant,
+                                  sum(emu.calls[ep] for ep in UPLOADS) / drained)
+                elif emu is not None:
+                    self.add_copy("backup until in the cloud s", variant, backup)
+                    self.add_copy("upload MB/s (backup+drain)", variant,
+                                  (link.bytes["up"] - up0) / backup / 1e6)
+                    self.add_copy("upload calls/s (backup+drain)", variant,
+                                  sum(emu.calls[ep] for ep in UPLOADS) / backup)
+                if emu is not None:
+                    emu.reset_calls()
+                t = time.monotonic()
+                self.restic(repo, "restore", "latest", "--target", os.path.join(base, "out"))
+                self.add_copy("restore wall s", variant, time.monotonic() - t)
+                if emu is not None:
+                    calls = dict(emu.calls)
+                    self.add_copy("restore: cloud calls", variant, sum(calls.values()))
+                    self.add_copy("restore: download_info calls", variant,
+                                  calls.get("/api/v1/file/download_info", 0))
+                    self.add_copy("restore: MB downloaded", variant, link.bytes["down"] / 1e6)
+            finally:
+                server.stop()
+                if emu is not None:
+                    emu.stop()
+                shutil.rmtree(base, True)
+
+    def add_copy(self, metric, variant, value):
+        self.copy_results.setdefault((metric, variant), []).append(value)
+
+    def print_copy_table(self):
+        metrics = []
+        for metric, _ in self.copy_results:
+            if metric not in metrics:
+                metrics.append(metric)
+        print("\nlocal copy tier, medians of %d run(s)   local  123pan+copy   123pan   "
+              "copy/alone" % self.args.runs)
+        for metric in metrics:
+            vals = [median(self.copy_results.get((metric, v), [])) for v in self.COPY_VARIANTS]
+            cells = ["%10.2f" % v if v is not None else "%10s" % "-" for v in vals]
+            ratio = "%9.2f" % (vals[1] / vals[2]) if vals[1] is not None and vals[2] else \
+                "%9s" % "-"
+            print("  %-32s %s  %s" % (metric, " ".join(cells), ratio))
+
     def check_count(self, n):
         if n != self.args.packs:
             raise SystemExit("listing returned %d entries, not %d" % (n, self.args.packs))
@@ -605,7 +698,8 @@ class PerfBench(object):
             subprocess.run(["restic", "version"], stdout=subprocess.PIPE,
                            universal_newlines=True).stdout.strip(),
             subprocess.run(["rclone", "version"], stdout=subprocess.PIPE,
-                           universal_newlines=True).stdout.split("\n")[0]))
+                           universal_newlines=True).stdout.split("\n")[0]
+            if shutil.which("rclone") else "-"))
         print("machine: %s" % machine_description())
         self.src = os.path.join(self.tmp, "src")
         t = time.monotonic()
@@ -630,6 +724,15 @@ class PerfBench(object):
             for run in range(self.args.runs):
                 for backend in ("123pan", "cloudreve"):
                     self.cloud_run(backend, run)
+        if self.args.local_copy_mib:
+            self.copy_src = os.path.join(self.tmp, "copy-src")
+            make_big_tree(self.copy_src, self.args.local_copy_mib, seed=9)
+            print("local copy: %d MiB; the 123pan emulator behind a link of %.0f ms, %.0f MB/s "
+                  "per connection, %.0f MB/s in total" % (
+                      self.args.local_copy_mib, self.args.wan_latency * 1000,
+                      self.args.wan_connection, self.args.wan_total))
+            for run in range(self.args.runs):
+                self.local_copy_run(run)
         if self.args.packs:
             self.packs_root = os.path.join(self.tmp, "packs", "r")
             t = time.monotonic()
@@ -638,7 +741,10 @@ class PerfBench(object):
             print("listing: %d packs made in %.0f s" % (self.args.packs, time.monotonic() - t))
             for peer in ("ours", "rclone"):
                 self.listing_runs(peer)
-        self.print_table()
+        if self.results:
+            self.print_table()
+        if self.copy_results:
+            self.print_copy_table()
         return 0
 
     def print_table(self):
@@ -671,18 +777,20 @@ def machine_description():
 
 
 def perf_main(args):
-    for tool in ("restic", "rclone"):
-        if not shutil.which(tool):
-            raise SystemExit("%s is not installed" % tool)
     if args.quick:
         args.tree_mib = 192 if args.tree_mib is None else args.tree_mib
         args.packs = 20000 if args.packs is None else args.packs
         args.runs = args.runs or 1
         args.cloud_mib = 48 if args.cloud_mib is None else args.cloud_mib
+        args.local_copy_mib = 48 if args.local_copy_mib is None else args.local_copy_mib
     args.tree_mib = 1100 if args.tree_mib is None else args.tree_mib
     args.packs = 200000 if args.packs is None else args.packs
     args.runs = args.runs or 3
     args.cloud_mib = 160 if args.cloud_mib is None else args.cloud_mib
+    args.local_copy_mib = 160 if args.local_copy_mib is None else args.local_copy_mib
+    for tool in ("restic", "rclone"):
+        if not shutil.which(tool) and (tool == "restic" or args.tree_mib or args.packs):
+            raise SystemExit("%s is not installed" % tool)
     workdir = tempfile.mkdtemp(prefix="bench-perf-")
     try:
         return PerfBench(args, workdir).run()
@@ -709,6 +817,9 @@ def main():
     perf.add_argument("--runs", type=int, default=0, help="runs per peer (default 3)")
     perf.add_argument("--cloud-mib", type=int, default=None,
                       help="tree backed up through each cloud emulator (default 160; 0: skip)")
+    perf.add_argument("--local-copy-mib", type=int, default=None,
+                      help="tree backed up with the local backend, 123pan with --local-copy "
+                           "and 123pan alone (default 160; 0: skip)")
     perf.add_argument("--wan-latency", type=float, default=0.03,
                       help="modelled link: seconds per request (default 0.03)")
     perf.add_argument("--wan-connection", type=float, default=8,
