@@ -30,7 +30,9 @@ run the product's client and storage against an emulator of Part II), then:
                                   own writes over listings), and through both
                                   clients: Pan123TokenTest, Pan123CallRetriesTest,
                                   Pan123DownloadsTest, CloudreveTokenTest,
-                                  CloudreveCallTest, CloudreveDownloadsTest
+                                  CloudreveCallTest, CloudreveDownloadsTest; the
+                                  local copy tier: LocalCopyTierTest,
+                                  LocalCopyOptionsTest
   6 123pan                        Pan123ListingTest, Pan123UploadsTest,
                                   Pan123ParallelSlicesTest, Pan123StorageFoldersTest,
                                   Pan123DeletesTest, Pan123UnderLimitsAndFaultsTest,
@@ -63,8 +65,8 @@ run the product's client and storage against an emulator of Part II), then:
                                   CloudreveEndToEndTest, CloudreveRelayEndToEndTest,
                                   CloudreveRemoteEndToEndTest, CloudreveS3EndToEndTest,
                                   CloudreveOneDriveEndToEndTest,
-                                  CloudreveUpyunEndToEndTest, AccessEndToEndTest,
-                                  KilledServerEndToEndTest; and MinimalPythonTest (no
+                                  CloudreveUpyunEndToEndTest, LocalCopyEndToEndTest,
+                                  AccessEndToEndTest, KilledServerEndToEndTest; and MinimalPythonTest (no
                                   ssl, no sqlite3), SoakTest, ResticRestBackendSuiteTest
                                   (restic's own REST backend tests)
 
