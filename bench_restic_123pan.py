@@ -675,18 +675,8 @@ class PerfBench(object):
         self.copy_results.setdefault((metric, variant), []).append(value)
 
     def print_copy_table(self):
-        metrics = []
-        for metric, _ in self.copy_results:
-            if metric not in metrics:
-                metrics.append(metric)
-        print("\nlocal copy tier, medians of %d run(s)   local  123pan+copy   123pan   "
-              "copy/alone" % self.args.runs)
-        for metric in metrics:
-            vals = [median(self.copy_results.get((metric, v), [])) for v in self.COPY_VARIANTS]
-            cells = ["%10.2f" % v if v is not None else "%10s" % "-" for v in vals]
-            ratio = "%9.2f" % (vals[1] / vals[2]) if vals[1] is not None and vals[2] else \
-                "%9s" % "-"
-            print("  %-32s %s  %s" % (metric, " ".join(cells), ratio))
+        print_medians(self.copy_results, self.COPY_VARIANTS,
+                      "local copy tier, medians of %d run(s)" % self.args.runs, "copy/alone", 1, 2)
 
     def check_count(self, n):
         if n != self.args.packs:
@@ -748,18 +738,24 @@ class PerfBench(object):
         return 0
 
     def print_table(self):
-        metrics = []
-        for metric, _ in self.results:
-            if metric not in metrics:
-                metrics.append(metric)
-        print("\nmedians of %d run(s)          ours     rclone   folder   ours/rclone"
-              % self.args.runs)
-        for metric in metrics:
-            vals = [median(self.results.get((metric, p), [])) for p in self.PEERS]
-            cells = ["%8.2f" % v if v is not None else "%8s" % "-" for v in vals]
-            ratio = "%8.2f" % (vals[0] / vals[1]) if vals[0] is not None and vals[1] else \
-                "%8s" % "-"
-            print("  %-28s %s   %s" % (metric, " ".join(cells), ratio))
+        print_medians(self.results, self.PEERS, "medians of %d run(s)" % self.args.runs,
+                      "ours/rclone", 0, 1)
+
+
+def print_medians(results, columns, title, ratio_name, over, under):
+    """A table of the medians of results[(metric, column)], one row per metric in
+    the order measured, with the ratio of column `over` to column `under`."""
+    metrics = []
+    for metric, _ in results:
+        if metric not in metrics:
+            metrics.append(metric)
+    print("\n%-34s %s  %11s" % (title, " ".join("%11s" % c for c in columns), ratio_name))
+    for metric in metrics:
+        vals = [median(results.get((metric, c), [])) for c in columns]
+        cells = ["%11.2f" % v if v is not None else "%11s" % "-" for v in vals]
+        ratio = vals[over] / vals[under] if vals[over] is not None and vals[under] else None
+        print("  %-32s %s  %11s" % (metric, " ".join(cells),
+                                    "%.2f" % ratio if ratio is not None else "-"))
 
 
 def machine_description():

@@ -6707,28 +6707,47 @@ class CloudreveUpyunEndToEndTest(CloudrevePolicyEndToEndBase):
     policy_type = "upyun"
 
 
+def folder_objects(folder):
+    """{relative path: size} of the objects in a folder laid out as restic's local
+    backend (config and id-named files; dot-files are not objects)."""
+    out = {}
+    for d, subfolders, names in os.walk(folder):
+        subfolders[:] = [n for n in subfolders if not n.startswith(".")]
+        for n in names:
+            if n == "config" or rp.is_object_id(n):
+                path = os.path.join(d, n)
+                out[os.path.relpath(path, folder)] = os.path.getsize(path)
+    return out
+
+
+def emulator_objects(emu, folder, name_field):
+    """{relative path: size} of the files below a folder of an emulator (its nodes
+    name themselves in `name_field`: 123pan's "filename", Cloudreve's "name")."""
+    out, folders = {}, [(folder, "")]
+    while folders:
+        current, rel = folders.pop()
+        for node in emu.children(current):
+            path = rel + node[name_field]
+            if node["type"] == 1:
+                folders.append((current + "/" + node[name_field], path + "/"))
+            else:
+                out[path] = node["size"]
+    return out
+
+
+def wait_until_uploaded(url, timeout=600):
+    """Until the server at url (with --prometheus) has no upload queued."""
+    def queued():
+        with urllib.request.urlopen(url + "metrics", timeout=30) as r:
+            metrics = parse_prometheus(r.read().decode())
+        return metrics[("restic123pan_local_copy_queued_objects", ())]
+    wait_until(lambda: queued() == 0, timeout=timeout, what="the upload queue drained")
+
+
 class LocalCopyEndToEndTest(ResticEndToEndBase):
     """restic through a cloud backend with --local-copy: backups land in the local
     copy, check --read-data and restores read it (not a byte downloaded), and the
     cloud ends up holding exactly what the copy holds."""
-
-    def copy_objects(self, folder):
-        """{relative path: size} of the objects in a restic local layout."""
-        out = {}
-        for d, subfolders, names in os.walk(folder):
-            subfolders[:] = [n for n in subfolders if not n.startswith(".")]
-            for n in names:
-                if n == "config" or rp.is_object_id(n):
-                    path = os.path.join(d, n)
-                    out[os.path.relpath(path, folder)] = os.path.getsize(path)
-        return out
-
-    def wait_drained(self, url, timeout=600):
-        def queued():
-            with urllib.request.urlopen(url + "metrics", timeout=30) as r:
-                metrics = parse_prometheus(r.read().decode())
-            return metrics[("restic123pan_local_copy_queued_objects", ())]
-        wait_until(lambda: queued() == 0, timeout=timeout, what="the upload queue drained")
 
     def scenario(self, emu, url, copy, is_download):
         repo = "rest:" + url + "home/laptop/"
@@ -6754,11 +6773,11 @@ class LocalCopyEndToEndTest(ResticEndToEndBase):
         self.assertEqual(dict((ep, n) for ep, n in calls.items() if is_download(ep)), {})
         self.restic_run(repo, "forget", "--keep-last", "1", "--prune")
         self.assertEqual(self.snapshot_ids(repo, []), [snaps[1]])
-        self.wait_drained(url)
+        wait_until_uploaded(url)
         return os.path.join(copy, "home", "laptop")
 
     def assert_same_objects(self, direct, cloud):
-        local = self.copy_objects(direct)
+        local = folder_objects(direct)
         self.assertGreater(len(local), 5)      # config, keys, index, snapshot, packs
         self.assertEqual(local, cloud)
         self.restic_run(direct, "check", "--read-data", options=[])
@@ -6778,16 +6797,8 @@ class LocalCopyEndToEndTest(ResticEndToEndBase):
                                or not ep.startswith(("/api/", "/upload/")))
         self.stop_server(self.server_proc)
         self.assertEqual(emu.errors, [])
-        cloud, folders = {}, [("/restic-backup/home/laptop", "")]
-        while folders:
-            folder, rel = folders.pop()
-            for node in emu.children(folder):
-                path = rel + node["filename"]
-                if node["type"] == 1:
-                    folders.append((folder + "/" + node["filename"], path + "/"))
-                else:
-                    cloud[path] = node["size"]
-        self.assert_same_objects(direct, cloud)
+        self.assert_same_objects(direct, emulator_objects(emu, "/restic-backup/home/laptop",
+                                                          "filename"))
 
     def test_cloudreve(self):
         emu = CloudreveEndToEndCase.start_emulator(self)
@@ -6797,16 +6808,7 @@ class LocalCopyEndToEndTest(ResticEndToEndBase):
         direct = self.scenario(emu, url, copy, lambda ep: ep in (CR_URL, CR_CONTENT))
         self.stop_server(self.server_proc)
         self.assertEqual(emu.errors, [])
-        cloud, folders = {}, [(CR_BASE + "/home/laptop", "")]
-        while folders:
-            folder, rel = folders.pop()
-            for node in emu.children(folder):
-                path = rel + node["name"]
-                if node["type"] == 1:
-                    folders.append((folder + "/" + node["name"], path + "/"))
-                else:
-                    cloud[path] = node["size"]
-        self.assert_same_objects(direct, cloud)
+        self.assert_same_objects(direct, emulator_objects(emu, CR_BASE + "/home/laptop", "name"))
 
 
 class AccessEndToEndTest(ResticEndToEndBase):
@@ -7148,19 +7150,10 @@ class KilledServerEndToEndTest(ResticEndToEndBase):
                 db.close()
         self.scenario(start, after_kill=count_queued)
         self.assertGreater(left[0], 0, "the kill found every upload done: nothing was tested")
-        LocalCopyEndToEndTest.wait_drained(self, urls[-1])
+        wait_until_uploaded(urls[-1])
         self.stop_server(self.server_proc)
         self.assertEqual(emu.errors, [])
-        cloud, folders = {}, [("/restic-backup", "")]
-        while folders:
-            folder, rel = folders.pop()
-            for node in emu.children(folder):
-                path = rel + node["filename"]
-                if node["type"] == 1:
-                    folders.append((folder + "/" + node["filename"], path + "/"))
-                else:
-                    cloud[path] = node["size"]
-        self.assertEqual(LocalCopyEndToEndTest.copy_objects(self, copy), cloud)
+        self.assertEqual(folder_objects(copy), emulator_objects(emu, "/restic-backup", "filename"))
         self.restic_run(copy, "check", "--read-data", options=[])
 
     def test_cloudreve(self):
