@@ -6760,6 +6760,9 @@ class LocalCopyEndToEndTest(ResticEndToEndBase):
         second = manifest(src)
         self.restic_run(repo, "backup", src, options=["-o", "rest.connections=8"])
         snaps = self.snapshot_ids(repo, [])
+        # the uploads stayed within the cloud's rate limits: no 429 (Cloudreve has none,
+        # and refuses only the listing of the repository before `init` made it)
+        self.assertEqual([key for key in emu.rejected if key[1] != 40016], [])
         emu.reset_calls()
         self.restic_run(repo, "check", "--read-data")
         for snap, expected in ((snaps[0], first), (snaps[1], second)):
