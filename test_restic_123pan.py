@@ -2641,6 +2641,29 @@ class LocalCopyTierTest(Pan123BackendCase):
         self.assertEqual(again.backlog()[:2], (0, 0))
         self.assertEqual(self.emu.file_bytes(self.emu.resolve(self.live_path(refs[2]))["fileId"]), blobs[2])
 
+    def test_backups_go_on_with_the_cloud_gone_and_the_queue_drains_when_it_is_back(self):
+        tier = self.tier()
+        tier.create_repository(REPO)
+        old = self.put_through(tier, b"stored while the cloud was there")
+        self.assertTrue(tier.wait_uploaded(30))
+        tier.cloud.client.call_deadline = 1.0       # give up on each call soon
+        self.emu.fail_randomly("500", 1.0)          # every request fails from now on
+        blobs = [os.urandom(n) for n in (100, 5000)]
+        refs = [self.put_through(tier, d) for d in blobs]
+        snapshot = self.put_through(tier, b"a snapshot", kind="snapshots")
+        self.assertEqual(sorted(n for n, _ in tier.list(REPO, "data")),
+                         sorted(r.name for r in refs + [old]))
+        self.assertEqual(list(tier.list(REPO, "snapshots")), [(snapshot.name, 10)])
+        for ref, data in zip(refs, blobs):
+            self.assertEqual(self.read(tier, ref), data)
+        self.assertEqual(self.read(tier, old), b"stored while the cloud was there")
+        wait_until(lambda: self.emu.rejected, what="an upload tried and refused")
+        self.assertEqual(tier.backlog()[0], 3)
+        self.emu.clear_faults()
+        self.assertTrue(tier.wait_uploaded(60))
+        for ref in refs + [snapshot]:
+            self.assertTrue(self.in_cloud(ref))
+
     def test_kinds_that_name_others_wait_for_everything_queued_before_them(self):
         tier = self.tier(uploaders=0)
         first = self.put_through(tier, b"pack one")
