@@ -3593,7 +3593,12 @@ class LocalCopyTier(Storage):
     def put(self, ref, spool):
         with self._locks.hold(ref):
             self.local.put(ref, spool)
-            seq = self.cache.queue_upload(self.ns, ref, spool.size, spool.md5 or "")
+            try:
+                seq = self.cache.queue_upload(self.ns, ref, spool.size, spool.md5 or "")
+            except BaseException:
+                # Not queued, not stored: restic's retry must not find it "identical".
+                self.local.delete(ref)
+                raise
             self._grown(spool.size)
             if self.write_through:
                 try:

@@ -2713,6 +2713,18 @@ class LocalCopyTierTest(Pan123BackendCase):
         self.assertFalse(os.path.exists(tier.local.path_of(ref)))
         self.assertEqual(tier.backlog()[0], 0)
 
+    def test_an_upload_the_queue_cannot_take_is_not_stored(self):
+        tier = self.tier(uploaders=0)
+        data = b"the cache's disk is full"
+        ref = ObjectRef(REPO, "data", sha256_hex(data))
+        spool = self.folder_spool(tier, data, ref)
+        with mock.patch.object(tier.cache, "queue_upload",
+                               side_effect=rp.CacheError("database or disk is full")):
+            with self.assertRaises(rp.CacheError):
+                tier.put(ref, spool)
+        self.assertIsNone(tier.stat(ref))
+        self.assertEqual(os.listdir(os.path.dirname(tier.local.path_of(ref))), [])
+
     def test_a_damaged_local_copy_is_set_aside_and_the_cloud_copy_served(self):
         tier = self.tier(write_through=True)
         data = os.urandom(5000)
