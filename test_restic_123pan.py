@@ -6485,6 +6485,7 @@ class CloudrevePolicyEndToEndBase(CloudreveEndToEndTest):
     random faults on the site's and the provider's endpoints (a few MiB, small
     chunks, so each policy's multi-part path runs)."""
     policy_type, relay, chunk_size = "local", False, 512 * 1024
+    chunk_concurrency = 1   # above 1: the site asks for parallel chunks (pre-allocating)
 
     # the inherited scenarios run once, in CloudreveEndToEndTest
     test_clean_run = test_faults_lose_nothing = test_objects_larger_than_one_chunk = None
@@ -6493,6 +6494,8 @@ class CloudrevePolicyEndToEndBase(CloudreveEndToEndTest):
     def test_policy_end_to_end_with_faults(self):
         emu = self.start_emulator(policy_type=self.policy_type, relay=self.relay,
                                   chunk_size=self.chunk_size, page_size=200)
+        emu.chunk_concurrency, emu.pre_allocate = self.chunk_concurrency, True
+        emu.part_barrier, emu.part_barrier_timeout = 2, 0.5
         for i, (kind, p) in enumerate((("500", 0.02), ("502", 0.02), ("drop", 0.02),
                                        ("drop_after", 0.02), ("401", 0.02), ("50001", 0.01))):
             emu.fail_randomly(kind, p, seed=200 + i)
@@ -6501,10 +6504,20 @@ class CloudrevePolicyEndToEndBase(CloudreveEndToEndTest):
         calls = self.finish(emu, "Cloudreve on a %s policy%s" % (
             self.policy_type, " with relay" if self.relay else ""))
         self.assertGreater(sum(emu.rejected.values()), 5, "the faults did not happen")
+        self.assertEqual(emu.violations, [])
+        most = max(emu.max_in_flight.values() or [0])
+        if self.chunk_concurrency > 1:
+            self.assertGreaterEqual(most, 2, "no chunks in parallel")
+        else:
+            self.assertLessEqual(most, 1)
         if emu.uses_provider():
             self.assertEqual(calls.get(CR_CHUNK, 0), 0)
             self.assertGreater(sum(n for k, n in calls.items() if not k.startswith(
                 ("GET /api", "POST /api", "PUT /api", "DELETE /api", "HEAD /api"))), 0)
+
+
+class CloudreveLocalParallelEndToEndTest(CloudrevePolicyEndToEndBase):
+    chunk_concurrency = 3
 
 
 class CloudreveRelayEndToEndTest(CloudrevePolicyEndToEndBase):
@@ -6517,6 +6530,10 @@ class CloudreveRemoteEndToEndTest(CloudrevePolicyEndToEndBase):
 
 class CloudreveS3EndToEndTest(CloudrevePolicyEndToEndBase):
     policy_type = "s3"
+
+
+class CloudreveS3ParallelEndToEndTest(CloudrevePolicyEndToEndBase):
+    policy_type, chunk_concurrency = "s3", 3
 
 
 class CloudreveOneDriveEndToEndTest(CloudrevePolicyEndToEndBase):
