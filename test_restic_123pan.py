@@ -3470,7 +3470,7 @@ class Pan123CloudAuditTest(Pan123CacheCase):
 
     def audited(self):
         emu, storage = self.started_with_repository()
-        self.refs = [self.put(storage, b"pack %d" % i) for i in range(30)]
+        self.refs = [self.put(storage, b"pack %d" % i) for i in range(12)]
         self.put(storage, b"config", ObjectRef.config(REPO))
         return emu, storage
 
@@ -3484,7 +3484,7 @@ class Pan123CloudAuditTest(Pan123CacheCase):
         emu.reset_calls()
         result, text = self.audit(storage)
         self.assertTrue(rp.audit_is_clean(result), text)
-        self.assertEqual(result.objects, 31)
+        self.assertEqual(result.objects, 13)
         pages = emulator_list_pages(emu) - 1        # the drive root is not listed
         self.assertEqual(result.list_calls, pages)
         self.assertEqual(emu.calls[LIST], pages)
@@ -6652,7 +6652,7 @@ class Pan123RealServiceEndToEndTest(ResticEndToEndBase):
     def test_each_answer_on_its_own(self):
         for switch, turn_on in self.SWITCHES.items():
             with self.subTest(switch=switch):
-                emu = self.start_emulator()
+                emu = self.start_emulator(vip=True)   # VIP rates: the answers are the point
                 turn_on(emu)
                 self.scenario(emu, switch, 3, ["-o", "rest.connections=8"])
                 self.assertTrue(self.HAPPENED[switch](self, emu), "%s did not happen" % switch)
@@ -12782,9 +12782,40 @@ class CloudreveEmulatorSiteRulesTest(CloudreveEmulatorCase):
 # A runner whose last line says "N passed, N failed, N skipped", for CI logs
 # ---------------------------------------------------------------------------
 
+class _TimedResult(unittest.TextTestResult):
+    """Wall time per test and per class (setUpClass included), for RESTIC_123PAN_TIMINGS=FILE."""
+
+    def startTestRun(self):
+        super().startTestRun()
+        self.mark, self.tests, self.classes = time.monotonic(), {}, {}
+
+    def startTest(self, test):
+        self.test_start = time.monotonic()
+        super().startTest(test)
+
+    def stopTest(self, test):
+        super().stopTest(test)
+        now, cls = time.monotonic(), type(test).__name__
+        self.tests[test.id()] = now - self.test_start
+        self.classes[cls] = self.classes.get(cls, 0) + now - self.mark
+        self.mark = now
+
+
+def write_timings(result, path):
+    with open(path, "w") as f:
+        for label, table in (("class", result.classes), ("test", result.tests)):
+            for name, secs in sorted(table.items(), key=lambda kv: -kv[1]):
+                f.write("%s %8.2f %s\n" % (label, secs, name))
+
+
 def run_all():
-    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
-    result = unittest.TextTestRunner(verbosity=2).run(suite)
+    module, names = sys.modules[__name__], sys.argv[1:]     # names: classes or tests to run
+    suite = (unittest.defaultTestLoader.loadTestsFromNames(names, module) if names
+             else unittest.defaultTestLoader.loadTestsFromModule(module))
+    timings = os.environ.get("RESTIC_123PAN_TIMINGS")
+    result = unittest.TextTestRunner(verbosity=2, resultclass=_TimedResult if timings else None).run(suite)
+    if timings:
+        write_timings(result, timings)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
     passed = result.testsRun - failed - skipped
