@@ -3483,17 +3483,9 @@ class LocalFileSpool(object):
         self.path, self.folder = path, os.path.dirname(path)
         self.size, self.md5, self.sha256 = size, md5, sha256
 
-    def iter_range(self, start=0, length=None, chunk_size=IO_CHUNK):
+    def iter_range(self, start=0, length=None):
         end = self.size if length is None else min(self.size, start + length)
-        with open(self.path, "rb") as f:
-            f.seek(start)
-            pos = start
-            while pos < end:
-                chunk = f.read(min(chunk_size, end - pos))
-                if not chunk:
-                    raise IOError("%s shrank to %d bytes" % (self.path, pos))
-                pos += len(chunk)
-                yield chunk
+        return iter(LocalFileChunks(open(self.path, "rb"), start, max(0, end - start)))
 
     def read_all(self):
         return b"".join(self.iter_range())
@@ -3790,7 +3782,8 @@ class LocalCopyTier(Storage):
                                 position and ref.kind in LOCAL_COPY_ORDERED_KINDS):
                             continue
                         if retry is not None and retry[1] > now:
-                            wait = min(wait or retry[1] - now, retry[1] - now)
+                            left = retry[1] - now
+                            wait = left if wait is None else min(wait, left)
                             continue
                         self._in_flight.add(seq)
                         return entry
