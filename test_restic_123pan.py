@@ -329,7 +329,12 @@ class CloudStorageHelpers(object):
         """Objects of these sizes uploaded from concurrent threads (faults on, as the
         caller set them), read back whole, listed, three deleted; then, faults off,
         a fresh storage lists exactly the others."""
-        blobs = [os.urandom(n) for n in sizes]
+        blobs = []
+        for n in sizes:     # distinct: two random 1-byte objects are the same one in 256
+            data = os.urandom(n)
+            while data in blobs:
+                data = os.urandom(n)
+            blobs.append(data)
         refs = run_threads(lambda d: self.put(storage, d), [(d,) for d in blobs])
         for ref, data in zip(refs, blobs):
             self.assertEqual(self.read(storage, ref), data)
