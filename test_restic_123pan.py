@@ -1135,6 +1135,21 @@ class LocalStorageTest(unittest.TestCase):
         self.assertEqual(list(self.st.list((), "index")), [(ref.name, 3)])
         self.assertEqual(list(self.st.list((), "data")), [])
 
+    def test_v1_names_are_the_listings_names(self):
+        self.st.create_repository(())
+        refs = [self.put("data", b"pack %d" % i) for i in range(5)]
+        self.put("index", b"idx")
+        open(os.path.join(self.tmp, "data", refs[0].name[:2], "." + refs[0].name), "w").close()
+        os.mkdir(os.path.join(self.tmp, "data", refs[1].name[:2], "b" * 64))
+        os.symlink(self.st.path_of(refs[2]), os.path.join(self.tmp, "data", "ee", "e" * 64))
+        os.symlink("/nonexistent", os.path.join(self.tmp, "data", "dd", "d" * 64))
+        names = sorted(self.st.list_names((), "data"))
+        self.assertEqual(names, sorted(name for name, _ in self.st.list((), "data")))
+        self.assertEqual(names, sorted([r.name for r in refs] + ["e" * 64]))
+        self.assertEqual(list(self.st.list_names((), "snapshots")), [])
+        shutil.rmtree(os.path.join(self.tmp, "snapshots"))
+        self.assertEqual(list(self.st.list_names((), "snapshots")), [])
+
     def test_failed_write_leaves_nothing_behind(self):
         ref = rp.ObjectRef((), "data", "cd" * 32)
         self.assertRaises(rp.StorageError, self.st.put, ref, FailingSpool())
@@ -4557,9 +4572,12 @@ class RestProtocolTest(unittest.TestCase):
             def list(self, repo, kind):
                 raise rp.Unavailable("cloud is down")
 
+            list_names = list
+
         srv = ServerThread(BrokenStorage(self.root))
         self.addCleanup(srv.stop)
         self.assertEqual(srv.request("GET", "/data/")[0], 503)
+        self.assertEqual(srv.request("GET", "/data/", headers={"Accept": V2})[0], 503)
 
 
 # ---------------------------------------------------------------------------
@@ -5055,11 +5073,111 @@ class _ListingStorage(rp.LocalStorage):
             return rp.LocalStorage.list(self, repo, kind)
         return self._entries()
 
+    list_names = rp.Storage.list_names     # the v1 names from the same entries
+
     def _entries(self):
         for i in range(self.count):
             if i == self.fail_after:
                 raise rp.StorageError("the listing broke off")
             yield "%064x" % i, i
+
+
+class FolderListingsTest(unittest.TestCase):
+    """LocalStorage keeps what an unchanged folder held (FolderListings): a kept
+    scan is used only while the folder's own stat has not moved, never for a
+    folder changed within RACY_SECONDS of the scan, and within its bound."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="r123-listings-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.st = rp.LocalStorage(self.tmp)
+        self.st.create_repository(())
+
+    def put(self, data, kind="data"):
+        ref = rp.ObjectRef((), kind, sha256_hex(data))
+        with rp.HashingSpool.from_bytes(data) as s:
+            self.st.put(ref, s)
+        return ref
+
+    def later(self, seconds=10):
+        """Scans from now on happen `seconds` after every change so far."""
+        self.st.listings.clock = lambda: time.time_ns() + seconds * 10 ** 9
+
+    def listing(self, kind="index"):
+        return sorted(self.st.list((), kind))
+
+    def grow_in_place(self, ref):
+        # a change the folder's stat does not show: what tells a kept scan apart
+        with open(self.st.path_of(ref), "ab") as f:
+            f.write(b"more")
+
+    def test_an_unchanged_folder_is_served_from_its_kept_scan(self):
+        refs = [self.put(b"index %d" % i, "index") for i in range(3)]
+        self.later()
+        first = self.listing()
+        self.assertEqual(first, sorted((r.name, 7) for r in refs))
+        self.grow_in_place(refs[0])
+        self.assertEqual(self.listing(), first)                 # kept
+        self.assertEqual(sorted(self.st.list_names((), "index")), [n for n, _ in first])
+        outside = os.path.join(self.tmp, "x")
+        with open(outside, "wb") as f:
+            f.write(b"outside")
+        os.rename(outside, os.path.join(self.tmp, "index", sha256_hex(b"outside")))
+        self.assertEqual(dict(self.listing()), dict(first, **{sha256_hex(b"outside"): 7,
+                                                             refs[0].name: 11}))
+
+    def test_a_folder_changed_just_before_the_scan_is_not_kept(self):
+        ref = self.put(b"index 0", "index")
+        self.assertEqual(self.listing(), [(ref.name, 7)])
+        self.grow_in_place(ref)
+        self.assertEqual(self.listing(), [(ref.name, 11)])
+        self.st.listings.clock = lambda: time.time_ns() + 2 * 10 ** 9   # within RACY_SECONDS
+        self.listing()
+        self.grow_in_place(ref)
+        self.assertEqual(self.listing(), [(ref.name, 15)])
+
+    def test_own_puts_and_deletes_forget_their_folder(self):
+        # even where the folder's times would not tell (a stamp that never moves)
+        self.st.listings.stamp = lambda st: "never moves"
+        self.later()
+        a = self.put(b"pack a")
+        self.assertEqual(self.listing("data"), [(a.name, 6)])
+        b = self.put(b"pack b")
+        self.assertEqual(self.listing("data"), sorted([(a.name, 6), (b.name, 6)]))
+        self.assertTrue(self.st.delete(a))
+        self.assertEqual(self.listing("data"), [(b.name, 6)])
+        self.assertFalse(self.st.delete(a))
+
+    def test_kept_scans_stay_within_their_bound(self):
+        self.st.listings.MAX_OBJECTS = 4
+        refs = [self.put(b"snapshot %d" % i, "snapshots") for i in range(3)]
+        keys = [self.put(b"key %d" % i, "keys") for i in range(2)]
+        self.later()
+        self.listing("snapshots")
+        self.listing("keys")                    # 5 > 4: the snapshots scan goes
+        kept = self.st.listings._kept
+        self.assertEqual([os.path.basename(f) for f in kept], ["keys"])
+        self.assertEqual(self.st.listings._objects, 2)
+        for ref in refs + keys:
+            self.grow_in_place(ref)
+        self.assertEqual(self.listing("keys"), sorted((r.name, 5) for r in keys))   # kept
+        self.assertEqual(self.listing("snapshots"), sorted((r.name, 14) for r in refs))
+        self.assertEqual([os.path.basename(f) for f in kept], ["snapshots"])
+        self.assertEqual(self.st.listings._objects, 3)
+        for i in range(5):
+            self.put(b"lock %d" % i, "locks")
+        self.later()
+        self.listing("locks")                   # larger than the bound: not kept at all
+        self.assertEqual([os.path.basename(f) for f in kept], ["snapshots"])
+
+    def test_a_listing_left_midway_keeps_nothing(self):
+        for i in range(3):
+            self.put(b"index %d" % i, "index")
+        self.later()
+        entries = self.st.list((), "index")
+        next(entries)
+        entries.close()
+        self.assertEqual(len(self.st.listings._kept), 0)
 
 
 class StreamingListingTest(unittest.TestCase):
