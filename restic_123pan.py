@@ -601,6 +601,14 @@ def parse_range(header, size):
     return start, end - start + 1, True
 
 
+def human_bytes(nbytes):
+    """A byte count for a log line: 512 bytes, 3.5 MiB, 2048.0 GiB."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return ("%d %s" if unit == "bytes" else "%.1f %s") % (nbytes, unit)
+        nbytes /= 1024.0
+
+
 def is_disk_full(error):
     """True for an OSError that means "no room": a full disk, a quota, or a file
     size limit (RLIMIT_FSIZE, a filesystem's largest file)."""
@@ -1032,6 +1040,14 @@ class MetricsRegistry(object):
         self._key(name, {})
         with self._lock:
             self._samplers[name] = read
+
+    def stop_sampling(self, name, read):
+        """The gauge's owner is closing: render no more of it (unless another
+        owner has registered its own read since)."""
+        with self._lock:
+            if self._samplers.get(name) is read:
+                del self._samplers[name]
+                self._values.pop((name, ()), None)
 
     def value(self, name, **labels):
         with self._lock:
@@ -3537,13 +3553,6 @@ LOCAL_COPY_EVICT_BATCH = 4096
            "Packs removed from the local copy under --local-copy-max"))
 
 
-def human_bytes(nbytes):
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return ("%d %s" if unit == "bytes" else "%.1f %s") % (nbytes, unit)
-        nbytes /= 1024.0
-
-
 def file_digests(file, digests=()):
     """(size, SHA-256, MD5 or None) of an open binary file from its start, in one
     pass through one reused buffer."""
@@ -3636,11 +3645,12 @@ class LocalCopyTier(Storage):
         self.reconciled = threading.Event()     # the start-up comparison with the cloud ran
         self.filled = threading.Event()         # --local-copy-fill ran (or was not asked)
         self.uploaded_bytes = 0
-        for gauge, position in (("queued_objects", 0), ("queued_bytes", 1)):
-            METRICS.sample("restic123pan_local_copy_" + gauge,
-                           lambda position=position: self.backlog()[position])
-        METRICS.sample("restic123pan_local_copy_oldest_queued_age_seconds",
-                       lambda: self.backlog()[2])
+        self._gauges = [("restic123pan_local_copy_" + gauge,
+                         lambda position=position: self.backlog()[position])
+                        for position, gauge in enumerate(
+                            ("queued_objects", "queued_bytes", "oldest_queued_age_seconds"))]
+        for name, read in self._gauges:
+            METRICS.sample(name, read)
 
     # -- what the rest of the server sees of the cloud below ------------------------
 
@@ -4138,6 +4148,8 @@ class LocalCopyTier(Storage):
                         "the next start uploads them", count, human_bytes(nbytes), self.local.root)
         elif count == 0:
             log.info("local copy: everything in %s is in the cloud too", self.local.root)
+        for name, read in self._gauges:
+            METRICS.stop_sampling(name, read)
         self.cloud.close()
 
 
@@ -5350,10 +5362,6 @@ def parse_pan123_user_info(data):
                              data.get("vip") is True, used, total, developer_end)
 
 
-def _gib(nbytes):
-    return "%.1f GiB" % (nbytes / 1024.0 ** 3)
-
-
 class Pan123Account(object):
     """The 123pan account as user/info shows it, read at start and every
     PAN123_ACCOUNT_INTERVAL: logged (account, space, VIP, developer access end),
@@ -5372,8 +5380,9 @@ class Pan123Account(object):
         self.info = info
         space = "unknown"
         if info.space_used is not None and info.space_total:
-            space = "%s of %s used (%.0f%%)" % (_gib(info.space_used), _gib(info.space_total),
-                                                100.0 * info.space_used / info.space_total)
+            space = "%s of %s used (%.0f%%)" % (
+                human_bytes(info.space_used), human_bytes(info.space_total),
+                100.0 * info.space_used / info.space_total)
         if info.developer_end is None:
             access = "developer access end unknown (user/info has no readable developerInfo)"
         else:

@@ -2654,7 +2654,11 @@ class LocalCopyTierTest(Pan123BackendCase):
         metrics = parse_prometheus(METRICS.render())
         self.assertEqual(metrics[("restic123pan_local_copy_queued_objects", ())], 4)
         tier.close()
+        gauge = ("restic123pan_local_copy_queued_objects", ())
+        self.assertNotIn(gauge, parse_prometheus(METRICS.render()))
         again = self.tier(uploaders=3)       # a restart: the same cache file
+        tier.close()                         # a second close leaves the new tier's gauges
+        self.assertIn(gauge, parse_prometheus(METRICS.render()))
         self.assertTrue(again.wait_uploaded(60))
         for ref in refs + [index_ref]:
             self.assertTrue(self.in_cloud(ref), ref)
