@@ -1485,6 +1485,10 @@ class FolderListings(object):
     once.  Not seen: a file whose size is changed in place, which restic never
     does, and changes by another host on a network mount that caches attributes.
 
+    While one listing scans a folder, others that want the same folder wait for
+    its scan instead of making their own: eight listings started together cost
+    one scan of each folder, not eight fighting over the interpreter lock.
+
     Kept per object: its id as 32 bytes and its size, at most MAX_OBJECTS in all
     (about 10 MB; the least recently listed folders are dropped first)."""
 
@@ -1496,6 +1500,8 @@ class FolderListings(object):
         self._lock = threading.Lock()
         self._kept = collections.OrderedDict()  # folder -> (stamp, ids, sizes)
         self._objects = 0
+        self._scanning = {}                     # folder -> Event set when its scan ends
+        self._waiting = collections.Counter()   # folder -> listings waiting for that scan
 
     @staticmethod
     def stamp(st):
@@ -1506,26 +1512,66 @@ class FolderListings(object):
     def still_since(cls, st, began):
         return max(st.st_mtime_ns, st.st_ctime_ns) < began - cls.RACY_SECONDS * 10 ** 9
 
-    def kept(self, folder, st):
-        """(name, size) pairs of the folder's last scan if it still holds, else None."""
+    def entries(self, folder, st, scan):
+        """(name, size) pairs of the folder whose stat is st: its kept scan if that
+        still holds, else the one another listing is making, else scan()'s
+        (ids, sizes), kept for the next listing."""
+        stamp = self.stamp(st)
+        while True:
+            with self._lock:
+                entry = self._kept.get(folder)
+                if entry is not None and entry[0] == stamp:
+                    self._kept.move_to_end(folder)
+                    break
+                running = self._scanning.get(folder)
+                if running is None:
+                    self._scanning[folder] = running = threading.Event()
+                    mine = True
+                else:
+                    self._waiting[folder] += 1
+                    mine = False
+            if not mine:
+                running.wait()
+                with self._lock:
+                    self._waiting[folder] -= 1
+                    if not self._waiting[folder]:
+                        del self._waiting[folder]
+                continue
+            try:
+                ids, sizes = scan()
+                entry = (stamp, bytes(ids), sizes)
+                self._keep(folder, entry)
+            finally:
+                with self._lock:
+                    del self._scanning[folder]
+                running.set()
+            break
+        names = entry[1].hex()
+        return ((names[64 * i:64 * i + 64], size) for i, size in enumerate(entry[2]))
+
+    def kept_names(self, folder, st):
+        """The names of the folder's kept scan if it still holds, else None."""
         with self._lock:
             entry = self._kept.get(folder)
             if entry is None or entry[0] != self.stamp(st):
                 return None
-            self._kept.move_to_end(folder)
-        stamp, ids, sizes = entry
-        names = ids.hex()
-        return ((names[64 * i:64 * i + 64], size) for i, size in enumerate(sizes))
+        names = entry[1].hex()
+        return (names[i:i + 64] for i in range(0, len(names), 64))
 
-    def keep(self, folder, st, ids, sizes):
-        count = len(sizes)
+    def waiting(self, folder):
+        """How many listings wait for the scan of folder under way."""
+        with self._lock:
+            return self._waiting[folder]
+
+    def _keep(self, folder, entry):
+        count = len(entry[2])
         if count > self.MAX_OBJECTS:
             return
         with self._lock:
             self._drop(folder)
             while self._objects + count > self.MAX_OBJECTS:
                 self._drop(next(iter(self._kept)))
-            self._kept[folder] = (self.stamp(st), bytes(ids), sizes)
+            self._kept[folder] = entry
             self._objects += count
 
     def forget(self, folder):
@@ -1586,10 +1632,8 @@ class LocalStorage(Storage):
         return st.st_size
 
     def _scan(self, folder):
-        """(name, size) of the objects in one folder: what FolderListings kept of
-        it when the folder has not changed since, else a scan.  The scan stats
-        each name relative to the open folder (no path walk per file), and only
-        names that are object ids."""
+        """(name, size) of the objects in one folder: from FolderListings when the
+        folder has been still for a while, else straight from a scan."""
         try:
             fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except (FileNotFoundError, NotADirectoryError):
@@ -1597,31 +1641,39 @@ class LocalStorage(Storage):
         try:
             began = self.listings.clock()
             st = os.fstat(fd)
-            kept = self.listings.kept(folder, st)
-            if kept is not None:
-                for entry in kept:
+            if not FolderListings.still_since(st, began):
+                for entry in self._stat_objects(fd, folder):
                     yield entry
                 return
-            keep = FolderListings.still_since(st, began)
-            ids, sizes = bytearray(), array.array("q")
-            names = os.listdir(fd) if os.listdir in os.supports_fd else os.listdir(folder)
-            at = {"dir_fd": fd} if os.stat in os.supports_dir_fd else None
-            for name in names:
-                if len(name) != 64 or not is_object_id(name):
-                    continue
-                try:
-                    st_file = os.stat(name, **at) if at else os.stat(os.path.join(folder, name))
-                except FileNotFoundError:   # deleted while we listed
-                    continue
-                if stat.S_ISREG(st_file.st_mode):
-                    if keep:
-                        ids += bytes.fromhex(name)
-                        sizes.append(st_file.st_size)
-                    yield name, st_file.st_size
-            if keep:
-                self.listings.keep(folder, st, ids, sizes)
+            entries = self.listings.entries(folder, st, lambda: self._compact_scan(fd, folder))
         finally:
             os.close(fd)
+        for entry in entries:
+            yield entry
+
+    @staticmethod
+    def _stat_objects(fd, folder):
+        """(name, size) of the regular files named as object ids in the open folder
+        fd, each stat relative to it (no path walk per file)."""
+        names = os.listdir(fd) if os.listdir in os.supports_fd else os.listdir(folder)
+        at = {"dir_fd": fd} if os.stat in os.supports_dir_fd else None
+        for name in names:
+            if len(name) != 64 or not is_object_id(name):
+                continue
+            try:
+                st = os.stat(name, **at) if at else os.stat(os.path.join(folder, name))
+            except FileNotFoundError:   # deleted while we listed
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield name, st.st_size
+
+    def _compact_scan(self, fd, folder):
+        """The scan as FolderListings keeps it: ids as bytes, sizes in an array."""
+        ids, sizes = bytearray(), array.array("q")
+        for name, size in self._stat_objects(fd, folder):
+            ids += bytes.fromhex(name)
+            sizes.append(size)
+        return ids, sizes
 
     def list(self, repo, kind):
         return self._each_folder(repo, kind, self._scan)
@@ -1654,9 +1706,9 @@ class LocalStorage(Storage):
             st = os.stat(folder)
         except (FileNotFoundError, NotADirectoryError):
             return
-        kept = self.listings.kept(folder, st)
+        kept = self.listings.kept_names(folder, st)
         if kept is not None:
-            for name, _ in kept:
+            for name in kept:
                 yield name
             return
         try:

@@ -5174,14 +5174,41 @@ class FolderListingsTest(unittest.TestCase):
         self.listing("locks")                   # larger than the bound: not kept at all
         self.assertEqual([os.path.basename(f) for f in kept], ["snapshots"])
 
-    def test_a_listing_left_midway_keeps_nothing(self):
-        for i in range(3):
-            self.put(b"index %d" % i, "index")
+    def test_listings_at_once_share_one_scan(self):
+        refs = [self.put(b"index %d" % i, "index") for i in range(3)]
         self.later()
+        folder = os.path.join(self.tmp, "index")
+        scans, other = [], {}
+        real_scan = self.st._compact_scan
+
+        def first_scan_waits_for_a_second_listing(fd, path):
+            scans.append(path)
+            if len(scans) == 1:
+                thread = threading.Thread(target=lambda: other.update(got=self.listing()))
+                thread.start()
+                other["thread"] = thread
+                deadline = time.monotonic() + 30
+                while not self.st.listings.waiting(folder) and time.monotonic() < deadline:
+                    threading.Event().wait(0.01)
+                self.assertEqual(self.st.listings.waiting(folder), 1)
+            return real_scan(fd, path)
+
+        self.st._compact_scan = first_scan_waits_for_a_second_listing
+        expected = sorted((r.name, 7) for r in refs)
+        self.assertEqual(self.listing(), expected)
+        other["thread"].join(30)
+        self.assertEqual(other["got"], expected)
+        self.assertEqual(scans, [folder])
+        self.assertEqual(self.st.listings.waiting(folder), 0)
+
+    def test_a_folder_still_changing_is_streamed_not_kept(self):
+        refs = [self.put(b"index %d" % i, "index") for i in range(3)]
         entries = self.st.list((), "index")
         next(entries)
-        entries.close()
+        refs.append(self.put(b"index 3", "index"))     # while the listing is under way
+        self.assertGreaterEqual(len(list(entries)), 2)
         self.assertEqual(len(self.st.listings._kept), 0)
+        self.assertEqual(self.listing(), sorted((r.name, 7) for r in refs))
 
 
 class StreamingListingTest(unittest.TestCase):
