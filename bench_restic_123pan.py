@@ -304,8 +304,9 @@ class Bench(object):
 
 
 # ---------------------------------------------------------------------------
-# --perf: the local backend against `rclone serve restic` and restic on a plain
-# folder, side by side in one run (issue 12)
+# --perf: the local backend against `rclone serve restic`, restic's own
+# rest-server (when one is found) and restic on a plain folder, side by side in
+# one run (issue 12)
 # ---------------------------------------------------------------------------
 
 def free_port():
@@ -374,18 +375,22 @@ def wait_listening(port, proc, timeout=30):
 
 
 class PeerServer(object):
-    """One REST server process serving a folder: ours or rclone's."""
+    """One REST server process serving a folder: ours, rclone's or rest-server's.
+    `program` is our server file (ours) or the executable (the others)."""
 
-    def __init__(self, kind, folder, product, log_path, backend_args=None, env=None):
+    def __init__(self, kind, folder, program, log_path, backend_args=None, env=None):
         self.kind = kind
         self.port = free_port()
+        listen = "127.0.0.1:%d" % self.port
         if kind == "ours":
-            cmd = [sys.executable, product] + (backend_args or [
-                "--backend", "local", "--path", folder]) + [
-                "--listen", "127.0.0.1:%d" % self.port, "--no-auth"]
+            cmd = [sys.executable, program] + (backend_args or [
+                "--backend", "local", "--path", folder]) + ["--listen", listen, "--no-auth"]
+        elif kind == "rest-server":
+            # its defaults otherwise: append-only off, uploads' SHA-256 verified (as ours)
+            cmd = [program, "--path", folder, "--listen", listen, "--no-auth"]
         else:
-            cmd = ["rclone", "serve", "restic", "--addr", "127.0.0.1:%d" % self.port,
-                   "--config", "/dev/null", folder]
+            cmd = [program, "serve", "restic", "--addr", listen, "--config", "/dev/null",
+                   folder]
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log,
                                      env=dict(os.environ, **(env or {})))
@@ -472,13 +477,38 @@ def median(values):
     return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2.0
 
 
+def tool_version(cmd):
+    """The first line a program prints for its version flag ("" if it cannot run)."""
+    try:
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             universal_newlines=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.strip().split("\n")[0]
+
+
+def find_rest_server(name):
+    """(path, None) of restic's rest-server, or (None, why not).  The version
+    check keeps out .ci/rest-server, which starts this server under that name."""
+    path = shutil.which(name)
+    if path is None:
+        return None, "%s was not found" % name
+    version = tool_version([path, "--version"])
+    if not version.startswith("rest-server version"):
+        return None, "%s is not restic's rest-server (its --version says %r)" % (path, version)
+    return path, None
+
+
 class PerfBench(object):
-    PEERS = ("ours", "rclone", "folder")
+    PEERS = ("ours", "rclone", "rest-server", "folder")
 
     def __init__(self, args, workdir):
         self.args = args
         self.tmp = workdir
         self.product = os.path.abspath(args.product)
+        self.programs = {"ours": self.product, "rclone": "rclone",
+                         "rest-server": args.rest_server}
+        self.peers = [p for p in self.PEERS if p == "folder" or self.programs[p]]
         self.results = {}           # (metric, peer) -> [values]
         self.copy_results = {}      # (metric, variant) -> [values]
         self.env = dict(os.environ, RESTIC_PASSWORD="bench")
@@ -502,7 +532,7 @@ class PerfBench(object):
         if peer == "folder":
             repo = os.path.join(folder, "r")
         else:
-            server = PeerServer(peer, folder, self.product, os.path.join(self.tmp, "server.log"))
+            server = self.start_peer(peer, folder)
             repo = server.url + "r"
         opts = ["-o", "rest.connections=%d" % self.args.connections] if server else []
         try:
@@ -532,15 +562,18 @@ class PerfBench(object):
                 server.stop()
             shutil.rmtree(base, True)
 
+    def start_peer(self, peer, folder):
+        return PeerServer(peer, folder, self.programs[peer],
+                          os.path.join(self.tmp, "server.log"))
+
     def listing_runs(self, peer):
         """Per run, two fresh servers: one answers a v2 listing (its first since
         start), the same again, a v1 listing and 8 v2 listings in parallel; the
         other answers 8 in parallel as its very first requests.  Ours keeps what
         an unchanged folder held (FolderListings), so "first since start" and
         "again" differ for it; the peers are asked the same."""
-        log = os.path.join(self.tmp, "server.log")
         for _ in range(self.args.runs):
-            server = PeerServer(peer, self.packs_root, self.product, log)
+            server = self.start_peer(peer, self.packs_root)
             try:
                 sampler = RssSampler(server.proc.pid)
                 for metric in ("listing v2 s, first since start", "listing v2 s, again"):
@@ -555,7 +588,7 @@ class PerfBench(object):
                 self.add("listing server peak MiB", peer, sampler.peak())
             finally:
                 server.stop()
-            server = PeerServer(peer, self.packs_root, self.product, log)
+            server = self.start_peer(peer, self.packs_root)
             try:
                 sampler = RssSampler(server.proc.pid)
                 self.add("8 parallel v2 listings s, first since start", peer,
@@ -693,20 +726,19 @@ class PerfBench(object):
 
     def print_copy_table(self):
         print_medians(self.copy_results, self.COPY_VARIANTS,
-                      "local copy tier, medians of %d run(s)" % self.args.runs, "copy/alone", 1, 2)
+                      "local copy tier, medians of %d run(s)" % self.args.runs,
+                      [("copy/alone", "123pan+copy", "123pan")])
 
     def check_count(self, n):
         if n != self.args.packs:
             raise SystemExit("listing returned %d entries, not %d" % (n, self.args.packs))
 
     def run(self):
-        print("perf benchmark: product %s, %s, %s, rclone %s" % (
-            self.product, sys.version.split()[0],
-            subprocess.run(["restic", "version"], stdout=subprocess.PIPE,
-                           universal_newlines=True).stdout.strip(),
-            subprocess.run(["rclone", "version"], stdout=subprocess.PIPE,
-                           universal_newlines=True).stdout.split("\n")[0]
-            if shutil.which("rclone") else "-"))
+        print("perf benchmark: product %s, %s, %s, rclone %s, %s" % (
+            self.product, sys.version.split()[0], tool_version(["restic", "version"]),
+            tool_version(["rclone", "version"]) or "-",
+            tool_version([self.args.rest_server, "--version"]) if self.args.rest_server
+            else "rest-server -"))
         print("machine: %s" % machine_description())
         self.src = os.path.join(self.tmp, "src")
         t = time.monotonic()
@@ -716,9 +748,9 @@ class PerfBench(object):
               "--pack-size %d" % (self.tree_bytes / float(1 << 30), time.monotonic() - t,
                                   self.args.runs, self.args.connections, self.args.pack_size))
         for run in range(self.args.runs if self.tree_bytes else 0):
-            for peer in self.PEERS:
+            for peer in self.peers:
                 self.one_backup_run(peer, run)
-                print("  run %d %-7s backup+check+restore %.1f s" % (
+                print("  run %d %-11s backup+check+restore %.1f s" % (
                     run + 1, peer, self.results[("backup+check+restore wall s", peer)][-1]))
                 sys.stdout.flush()
         if self.args.cloud_mib:
@@ -746,8 +778,9 @@ class PerfBench(object):
             make_pack_folder(self.packs_root, self.args.packs)
             self.packs_root = os.path.dirname(self.packs_root)
             print("listing: %d packs made in %.0f s" % (self.args.packs, time.monotonic() - t))
-            for peer in ("ours", "rclone"):
-                self.listing_runs(peer)
+            for peer in self.peers:
+                if peer != "folder":
+                    self.listing_runs(peer)
         if self.results:
             self.print_table()
         if self.copy_results:
@@ -755,26 +788,32 @@ class PerfBench(object):
         return 0
 
     def print_table(self):
-        print_medians(self.results, self.PEERS, "medians of %d run(s)" % self.args.runs,
-                      "ours/rclone", 0, 1)
+        print_medians(self.results, self.peers, "medians of %d run(s)" % self.args.runs,
+                      [("ours/%s" % p, "ours", p) for p in ("rclone", "rest-server")
+                       if p in self.peers])
 
 
-def print_medians(results, columns, title, ratio_name, over, under):
+def print_medians(results, columns, title, ratios):
     """A table of the medians of results[(metric, column)], one row per metric in
-    the order measured, with the ratio of column `over` to column `under`."""
+    the order measured, and per (name, over, under) of `ratios` the ratio of
+    column `over` to column `under`."""
     metrics = []
     for metric, _ in results:
         if metric not in metrics:
             metrics.append(metric)
     width = max([32] + [len(m) for m in metrics])
-    print("\n%-*s %s  %11s" % (width + 2, title, " ".join("%11s" % c for c in columns),
-                               ratio_name))
+    widths = [max(11, len(name)) for name, _, _ in ratios]
+    print("\n%-*s %s  %s" % (width + 2, title, " ".join("%11s" % c for c in columns),
+                               " ".join("%*s" % (w, r[0]) for w, r in zip(widths, ratios))))
     for metric in metrics:
-        vals = [median(results.get((metric, c), [])) for c in columns]
-        cells = ["%11.2f" % v if v is not None else "%11s" % "-" for v in vals]
-        ratio = vals[over] / vals[under] if vals[over] is not None and vals[under] else None
-        print("  %-*s %s  %11s" % (width, metric, " ".join(cells),
-                                   "%.2f" % ratio if ratio is not None else "-"))
+        vals = dict((c, median(results.get((metric, c), []))) for c in columns)
+        cells = ["%11.2f" % vals[c] if vals[c] is not None else "%11s" % "-" for c in columns]
+        shares = []
+        for width, (_, over, under) in zip(widths, ratios):
+            ratio = vals[over] / vals[under] \
+                if vals[over] is not None and vals[under] else None
+            shares.append("%*s" % (width, "%.2f" % ratio if ratio is not None else "-"))
+        print("  %-*s %s  %s" % (width, metric, " ".join(cells), " ".join(shares)))
 
 
 def machine_description():
@@ -806,6 +845,10 @@ def perf_main(args):
     for tool in ("restic", "rclone"):
         if not shutil.which(tool) and (tool == "restic" or args.tree_mib or args.packs):
             raise SystemExit("%s is not installed" % tool)
+    args.rest_server, why_not = find_rest_server(args.rest_server)
+    if args.rest_server is None:
+        print("%s: no rest-server column (build restic's rest-server and pass "
+              "--rest-server PATH, or put it on the PATH)" % why_not)
     workdir = tempfile.mkdtemp(prefix="bench-perf-")
     try:
         return PerfBench(args, workdir).run()
@@ -818,13 +861,17 @@ def main():
     parser.add_argument("--objects", type=int, default=5000,
                         help="packs added straight into the emulator (default 5000)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
-    perf = parser.add_argument_group("--perf: local backend vs rclone serve restic vs a "
-                                     "plain folder (backup/check/restore, 200,000-pack listing)")
+    perf = parser.add_argument_group("--perf: local backend vs rclone serve restic vs "
+                                     "rest-server vs a plain folder (backup/check/restore, "
+                                     "200,000-pack listing)")
     perf.add_argument("--perf", action="store_true", help="run this comparison instead")
     perf.add_argument("--quick", action="store_true",
                       help="--perf with 192 MiB, 20,000 packs, one run")
     perf.add_argument("--product", default=os.path.join(HERE, "restic_123pan.py"),
                       help="the server file to measure (e.g. an older version)")
+    perf.add_argument("--rest-server", default="rest-server", metavar="PATH",
+                      help="restic's rest-server, a peer when found (default: rest-server "
+                           "on the PATH)")
     perf.add_argument("--tree-mib", type=int, default=None,
                       help="generated tree for the local comparison (default 1100; 0: skip)")
     perf.add_argument("--packs", type=int, default=None,
