@@ -809,10 +809,10 @@ def print_medians(results, columns, title, ratios):
         vals = dict((c, median(results.get((metric, c), []))) for c in columns)
         cells = ["%11.2f" % vals[c] if vals[c] is not None else "%11s" % "-" for c in columns]
         shares = []
-        for width, (_, over, under) in zip(widths, ratios):
+        for cell, (_, over, under) in zip(widths, ratios):
             ratio = vals[over] / vals[under] \
                 if vals[over] is not None and vals[under] else None
-            shares.append("%*s" % (width, "%.2f" % ratio if ratio is not None else "-"))
+            shares.append("%*s" % (cell, "%.2f" % ratio if ratio is not None else "-"))
         print("  %-*s %s  %s" % (width, metric, " ".join(cells), " ".join(shares)))
 
 
