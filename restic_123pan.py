@@ -16,11 +16,12 @@ The file reads top-down by layer:
      the backend registry: Backend, BACKENDS)
   4. backend: local folder (LocalStorage)
   5. what the cloud backends share: transient failures, the batch queue,
-     verified and resumed downloads, TokenFile, the metadata cache
-     (MetadataCache: sqlite3 in the state directory) and its warm-up
-     (CacheWarmUp), CloudClient (the one call loop), FolderIndex and
-     CloudStorage; the local copy tier in front of a cloud (LocalCopyTier:
-     --local-copy, its durable upload queue in the metadata cache)
+     parts sent a few at a time (send_parts), verified and resumed
+     downloads, TokenFile, the metadata cache (MetadataCache: sqlite3 in the
+     state directory) and its warm-up (CacheWarmUp), CloudClient (the one
+     call loop), FolderIndex and CloudStorage; the local copy tier in front
+     of a cloud (LocalCopyTier: --local-copy, its durable upload queue in the
+     metadata cache)
   6. backend: 123pan (Pan123Client, Pan123Index, Pan123Deletes, Pan123Storage,
      the account: Pan123Account, the --verify-cloud audit: Pan123CloudAudit)
   7. backend: Cloudreve 4 (CloudreveClient with an upload flow per storage
