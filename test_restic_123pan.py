@@ -1511,9 +1511,35 @@ class FullDiskTest(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# Part I, section 5: what the cloud backends share: metadata cache, warm-up and
-# restart, and through both clients token renewal, the retry loop, downloads
+# Part I, section 5: what the cloud backends share: parts sent a few at a time,
+# metadata cache, warm-up and restart, and through both clients token renewal,
+# the retry loop, downloads
 # ---------------------------------------------------------------------------
+
+class SendPartsTest(unittest.TestCase):
+    def test_never_more_parts_at_once_than_asked(self):
+        # the first two parts wait until a third one starts (or half a second
+        # passed): with two at a time none does
+        cond, running, most = threading.Condition(), set(), []
+
+        def send(number):
+            with cond:
+                running.add(number)
+                most.append(len(running))
+                cond.notify_all()
+                if number < 2:
+                    cond.wait_for(lambda: len(running) > 2, 0.5)
+                running.discard(number)
+            return number * 10
+        self.assertEqual(rp.send_parts([(n,) for n in range(6)], send, 2, "test-part"),
+                         [0, 10, 20, 30, 40, 50])
+        self.assertEqual(max(most), 2)
+
+    def test_one_at_a_time_in_order(self):
+        order = []
+        rp.send_parts([(n,) for n in range(4)], order.append, 1, "test-part")
+        self.assertEqual(order, [0, 1, 2, 3])
+
 
 NS = "123pan|test"
 
@@ -9837,7 +9863,9 @@ class Pan123EmulatorOptionsTest(Pan123EmulatorCase):
 #     with pre_allocate (4.7+) at any offset, chunk 0 no longer truncating;
 #   * a relayed policy's session has chunk_size 0: the whole object in one request;
 #   * parts of one upload in flight at once (site and slave chunks, S3 and Qiniu
-#     parts, OneDrive ranges) are counted (max_in_flight); more than the policy's
+#     parts, OneDrive ranges) are counted (max_in_flight), each from its headers
+#     to the first byte of its answer; the same part sent again replaces an
+#     attempt still being handled (the client gave up on it); more than the policy's
 #     chunk_concurrency (OneDrive: more than one) is a protocol violation, and
 #     so is a completing chunk sent before all others arrived (before 4.18 it
 #     completes the file with holes): both are listed in `violations`;
@@ -10499,7 +10527,7 @@ class CloudreveEmulator(_EmulatorControls):
         self.part_barrier, self.part_barrier_timeout = 0, 2.0
         self.max_in_flight = collections.Counter()  # part key -> most parts of one upload at once
         self.violations = []                        # what a real site would get wrong
-        self._in_flight = collections.Counter()     # upload id -> its parts in flight
+        self._in_flight = {}                        # upload id -> {part: its latest attempt}
         self._barrier_open = False
 
         self.lock = threading.RLock()
@@ -10962,38 +10990,67 @@ class CloudreveEmulator(_EmulatorControls):
 
     def _handle(self, h):
         """Every request; a part of an upload is counted in flight from its
-        headers to its answer."""
-        path = urlsplit(h.path).path
+        headers to its answer (_part_begins, _part_ends)."""
+        sp = urlsplit(h.path)
         for role, method, pattern, key in self._PART_ROUTES:
-            m = pattern.match(path)
+            m = pattern.match(sp.path)
             if m and role == h.server.role and method == h.command:
                 break
         else:
             return self._serve(h)
-        upload = m.group(1)
-        self._part_begins(key, upload)
+        # which part: its index in the path (site, Qiniu) or the query (slave, S3),
+        # its range (OneDrive); a retry sends the same part again
+        query = parse_qs(sp.query)
+        part = " ".join([sp.path] + ["%s=%s" % (name, query[name][0]) for name in (
+            "chunk", "partNumber") if name in query] + [h.headers.get("Content-Range") or ""])
+        h.part_attempt = (m.group(1), part.strip(), object())
+        self._part_begins(key, h.part_attempt)
         try:
             return self._serve(h)
         finally:
-            with self.lock:
-                self._in_flight[upload] -= 1
+            self._part_ends(h)
 
-    def _part_begins(self, key, upload):
+    def _part_begins(self, key, attempt):
+        upload, part, token = attempt
         with self.lock:
-            self._in_flight[upload] += 1
-            now = self._in_flight[upload]
+            parts = self._in_flight.setdefault(upload, {})
+            # The same part again while an earlier attempt is still being handled
+            # is the client's retry: it gave up on that attempt (a stall past its
+            # timeout, a lost answer), which from now on does not count.
+            parts[part] = token
+            now = len(parts)
             self.max_in_flight[key] = max(self.max_in_flight[key], now)
             allowed = 1 if key == "PUT /onedrive/range" else max(1, self.chunk_concurrency)
             if now > allowed:       # Graph takes ranges in sequence; the site said how many
-                self.violations.append("%s: %d parts of one upload at once, %d allowed"
-                                       % (key, now, allowed))
+                self.violations.append("%s: %d parts of one upload at once, %d allowed: %s"
+                                       % (key, now, allowed, ", ".join(sorted(parts))))
         if self.part_barrier > 1:
             with self._part_cond:
                 self._part_cond.notify_all()
-                self._part_cond.wait_for(lambda: self._barrier_open or self._in_flight[upload]
-                                         >= self.part_barrier, self.part_barrier_timeout)
+                self._part_cond.wait_for(lambda: self._barrier_open or len(
+                    self._in_flight.get(upload, ())) >= self.part_barrier,
+                    self.part_barrier_timeout)
                 self._barrier_open = True
                 self._part_cond.notify_all()
+
+    def parts_in_flight(self, upload):
+        """The parts of an upload whose attempts count as in flight now."""
+        with self.lock:
+            return sorted(self._in_flight.get(upload, ()))
+
+    def _part_ends(self, h):
+        """The attempt on h is no longer in flight: from the first byte of its
+        answer (the client may act on it at once), or when its handler ends."""
+        attempt, h.part_attempt = getattr(h, "part_attempt", None), None
+        if attempt is None:
+            return
+        upload, part, token = attempt
+        with self.lock:
+            parts = self._in_flight.get(upload, {})
+            if parts.get(part) is token:        # not superseded by a retry
+                del parts[part]
+                if not parts:
+                    del self._in_flight[upload]
 
     def _serve(self, h):
         sp = urlsplit(h.path)
@@ -11112,6 +11169,7 @@ class CloudreveEmulator(_EmulatorControls):
 
     def _send(self, h, key, status, body, ctype="text/plain; charset=utf-8", headers=(),
               partial=None):
+        self._part_ends(h)
         if key is not None and status >= 300 and status not in (302, 304):
             self._record(key, "http%d" % status)
         h.send_response(status)
@@ -12199,14 +12257,72 @@ class CloudreveEmulatorUploadTest(CloudreveEmulatorCase):
             sender.join()
         self.assertEqual(answers, [0, 0])
         self.assertEqual(self.emu.max_in_flight[CR_CHUNK], 2)
-        return self.emu.violations
+        return self.emu.violations, sid
 
     def test_parts_in_flight_within_chunk_concurrency(self):
-        self.assertEqual(self.overlap(2), [])
+        self.assertEqual(self.overlap(2)[0], [])
 
     def test_parts_in_flight_beyond_chunk_concurrency_are_a_violation(self):
-        self.assertEqual(self.overlap(1), [CR_CHUNK + ": 2 parts of one upload at once, "
-                                                      "1 allowed"])
+        violations, sid = self.overlap(1)
+        self.assertEqual(violations, [CR_CHUNK + ": 2 parts of one upload at once, 1 allowed: "
+                                      "{0}/file/upload/{1}/0, {0}/file/upload/{1}/1".format(
+                                          CR_API, sid)])
+
+    def stalled_chunk(self, sid, index):
+        """Chunk `index` of session sid whose body stops half-way (a client that
+        stalled, then gave up): the emulator handles that attempt until the socket
+        closes.  Returns the socket once the emulator counts the attempt."""
+        conn = socket.create_connection(("127.0.0.1", int(self.emu.base_url.rsplit(":", 1)[1])))
+        self.addCleanup(conn.close)
+        target = "%s/file/upload/%s/%d" % (CR_API, sid, index)
+        conn.sendall(("POST %s HTTP/1.1\r\nHost: emulator\r\nAuthorization: Bearer %s\r\n"
+                      "Content-Length: 10\r\n\r\nhalf." % (target, self.c.token)).encode())
+        wait_until(lambda: target in self.emu.parts_in_flight(sid), 10, "the stalled attempt")
+        return conn
+
+    def test_a_part_sent_again_replaces_its_abandoned_attempt(self):
+        # the client's retry of a part while the emulator still handles the attempt
+        # it gave up on is one part in flight; once answered, the next part is alone
+        self.emu.chunk_concurrency, self.emu.pre_allocate = 1, True
+        sid = self.c.session("/r", 25)["data"]["session_id"]
+        stalled = self.stalled_chunk(sid, 0)
+        self.assertCode(self.c.chunk(sid, 0, b"x" * 10), 0)
+        self.assertCode(self.c.chunk(sid, 1, b"y" * 10), 0)
+        self.assertEqual(self.emu.parts_in_flight(sid), [])
+        stalled.close()                 # the abandoned attempt ends: nothing stored
+        self.assertCode(self.c.chunk(sid, 2, b"z" * 5), 0)
+        self.assertEqual(self.emu.file_bytes("/r"), b"x" * 10 + b"y" * 10 + b"z" * 5)
+        self.assertEqual((self.emu.max_in_flight[CR_CHUNK], self.emu.violations), (1, []))
+
+    def test_another_part_beside_a_stalled_one_is_a_violation(self):
+        self.emu.chunk_concurrency, self.emu.pre_allocate = 1, True
+        sid = self.c.session("/v", 25)["data"]["session_id"]
+        self.stalled_chunk(sid, 0)
+        self.assertCode(self.c.chunk(sid, 1, b"y" * 10), 0)
+        self.assertEqual(self.emu.violations, [CR_CHUNK + ": 2 parts of one upload at once, "
+                                               "1 allowed: {0}/file/upload/{1}/0, "
+                                               "{0}/file/upload/{1}/1".format(CR_API, sid)])
+
+    def test_a_part_stops_counting_at_its_answer(self):
+        # the client may send the next part as soon as it has read an answer, while
+        # the emulator's handler still winds up (under load, for a while)
+        self.emu.chunk_concurrency = 1
+        sid = self.c.session("/a", 25)["data"]["session_id"]
+        release, lingering = threading.Event(), []
+        self.addCleanup(release.set)
+        serve = self.emu._serve
+
+        def serve_then_linger(h):
+            serve(h)
+            if not lingering:           # the first request: chunk 0
+                lingering.append(h.path)
+                release.wait(10)
+        self.emu._serve = serve_then_linger
+        self.assertCode(self.c.chunk(sid, 0, b"x" * 10), 0)
+        self.assertCode(self.c.chunk(sid, 1, b"y" * 10), 0)
+        release.set()
+        self.assertEqual(lingering, [CR_API + "/file/upload/%s/0" % sid])
+        self.assertEqual((self.emu.max_in_flight[CR_CHUNK], self.emu.violations), (1, []))
 
     def test_streamed_chunk_with_expected_length(self):
         s = self.c.session("/s", 4)["data"]
