@@ -615,6 +615,10 @@ class PerfBench(object):
                        self.args.wan_total * 1e6)
         emu = (Pan123Emulator() if backend == "123pan" else CloudreveEmulator()).start()
         emu.wan = link
+        if backend == "cloudreve" and self.args.cloudreve_chunk_concurrency > 1:
+            # a 4.7+ site whose local policy pre-allocates and asks for parallel chunks
+            emu.chunk_concurrency = self.args.cloudreve_chunk_concurrency
+            emu.pre_allocate = True
         base = os.path.join(self.tmp, "%s-%d" % (backend, run))
         state = os.path.join(base, "state")
         if backend == "123pan":
@@ -762,7 +766,8 @@ class PerfBench(object):
                      self.args.wan_connection, self.args.wan_total))
             for run in range(self.args.runs):
                 for backend in ("123pan", "cloudreve"):
-                    self.cloud_run(backend, run)
+                    if self.args.cloud_backend in ("both", backend):
+                        self.cloud_run(backend, run)
         if self.args.local_copy_mib:
             self.copy_src = os.path.join(self.tmp, "copy-src")
             make_big_tree(self.copy_src, self.args.local_copy_mib, seed=9)
@@ -843,6 +848,7 @@ def perf_main(args):
     args.cloud_mib = 160 if args.cloud_mib is None else args.cloud_mib
     args.local_copy_mib = 160 if args.local_copy_mib is None else args.local_copy_mib
     for tool in ("restic", "rclone"):
+        # rclone only for the local comparison and the listing
         if not shutil.which(tool) and (tool == "restic" or args.tree_mib or args.packs):
             raise SystemExit("%s is not installed" % tool)
     args.rest_server, why_not = find_rest_server(args.rest_server)
@@ -888,6 +894,11 @@ def main():
                       help="modelled link: MB/s per connection (default 8)")
     perf.add_argument("--wan-total", type=float, default=20,
                       help="modelled link: MB/s in total, each way (default 20)")
+    perf.add_argument("--cloud-backend", choices=("both", "123pan", "cloudreve"),
+                      default="both", help="which cloud emulators (default both)")
+    perf.add_argument("--cloudreve-chunk-concurrency", type=int, default=1,
+                      help="the Cloudreve emulator's chunk_concurrency, with pre-allocation "
+                           "(default 1: a site that does not ask for parallel chunks)")
     perf.add_argument("--connections", type=int, default=8, help="restic rest.connections")
     perf.add_argument("--pack-size", type=int, default=64, help="restic --pack-size MiB")
     args = parser.parse_args()

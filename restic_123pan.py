@@ -16,11 +16,12 @@ The file reads top-down by layer:
      the backend registry: Backend, BACKENDS)
   4. backend: local folder (LocalStorage, the listings it keeps: FolderListings)
   5. what the cloud backends share: transient failures, the batch queue,
-     verified and resumed downloads, TokenFile, the metadata cache
-     (MetadataCache: sqlite3 in the state directory) and its warm-up
-     (CacheWarmUp), CloudClient (the one call loop), FolderIndex and
-     CloudStorage; the local copy tier in front of a cloud (LocalCopyTier:
-     --local-copy, its durable upload queue in the metadata cache)
+     parts sent a few at a time (send_parts), verified and resumed
+     downloads, TokenFile, the metadata cache (MetadataCache: sqlite3 in the
+     state directory) and its warm-up (CacheWarmUp), CloudClient (the one
+     call loop), FolderIndex and CloudStorage; the local copy tier in front
+     of a cloud (LocalCopyTier: --local-copy, its durable upload queue in the
+     metadata cache)
   6. backend: 123pan (Pan123Client, Pan123Index, Pan123Deletes, Pan123Storage,
      the account: Pan123Account, the --verify-cloud audit: Pan123CloudAudit)
   7. backend: Cloudreve 4 (CloudreveClient with an upload flow per storage
@@ -1807,6 +1808,40 @@ register_backend(Backend(
 
 # The data/<first 2 hex of the id> folders of restic's layout.
 _DATA_FOLDER_RE = re.compile(r"\A[0-9a-f]{2}\Z")
+
+
+def send_parts(parts, send, concurrency, thread_name):
+    """send(*part) for each part (a tuple), up to `concurrency` at once, this
+    thread taking its share; their results in the order of `parts`.  After a
+    failure no new part starts; the first failure is raised once the running
+    ones have ended.  With concurrency 1 the parts go one by one, in order."""
+    pending = collections.deque(enumerate(parts))
+    results, failures = [None] * len(parts), []
+    lock = threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                if failures or not pending:
+                    return
+                number, part = pending.popleft()
+            try:
+                results[number] = send(*part)
+            except BaseException as e:
+                with lock:
+                    failures.append(e)
+                return
+
+    helpers = [threading.Thread(target=work, name=thread_name, daemon=True)
+               for _ in range(min(concurrency, len(parts)) - 1)]
+    for helper in helpers:
+        helper.start()
+    work()
+    for helper in helpers:
+        helper.join()
+    if failures:
+        raise failures[0]
+    return results
 
 
 class _SpoolSlice(object):
@@ -4831,32 +4866,9 @@ class Pan123Client(CloudClient):
         """Upload (number, start, length) slices, SLICE_CONCURRENCY at a time.  After
         a failure no new slice starts; the first failure is raised once the running
         ones have ended."""
-        pending = collections.deque(slices)
-        failures = []
-        lock = threading.Lock()
-
-        def work():
-            while True:
-                with lock:
-                    if failures or not pending:
-                        return
-                    number, start, length = pending.popleft()
-                try:
-                    self._upload_slice(host, preupload_id, name, number, spool, start, length)
-                except BaseException as e:
-                    with lock:
-                        failures.append(e)
-                    return
-
-        helpers = [threading.Thread(target=work, name="123pan-slice", daemon=True)
-                   for _ in range(min(self.SLICE_CONCURRENCY, len(slices)) - 1)]
-        for helper in helpers:
-            helper.start()
-        work()                  # this thread takes its share too
-        for helper in helpers:
-            helper.join()
-        if failures:
-            raise failures[0]
+        send_parts(slices, lambda number, start, length: self._upload_slice(
+            host, preupload_id, name, number, spool, start, length),
+            self.SLICE_CONCURRENCY, "123pan-slice")
 
     def _upload_slice(self, host, preupload_id, name, number, spool, start, length):
         # sliceMD5 is a form field that precedes the bytes, so it is computed in a
@@ -5811,6 +5823,16 @@ CLOUDREVE_CLIENT_CALLBACK_POLICIES = ("s3", "ks3", "cos")
 ONEDRIVE_FRAGMENT_UNIT = 320 * 1024
 ONEDRIVE_FRAGMENT_MAX = 60 * 1024 * 1024
 ONEDRIVE_DEFAULT_FRAGMENT = 32 * ONEDRIVE_FRAGMENT_UNIT       # 10 MiB
+# The chunks of one session may go in parallel (issue 12) up to the policy's
+# chunk_concurrency (4.7+: the web client's core/uploader/chunk.ts; the admin
+# page offers it for these flows, for local and remote only with pre-allocation,
+# which lets a chunk land past the written end), never more than this.  Not for
+# OneDrive (Graph takes an upload session's ranges strictly in sequence) nor
+# Upyun (one form).  Where the last chunk completes the upload (local, remote),
+# it goes alone after all others succeeded: before 4.18 it completed whatever
+# had arrived.
+CLOUDREVE_PARALLEL_FLOWS = ("local", "remote", "s3", "qiniu")
+CLOUDREVE_CHUNK_CONCURRENCY_CAP = 3
 
 
 def cloudreve_upload_flow(policy):
@@ -5863,6 +5885,17 @@ def _cloudreve_chunks(size, chunk_size):
     chunk_size = chunk_size or max(1, size)
     count = max(1, -(-size // chunk_size))
     return [(i, i * chunk_size, min(chunk_size, size - i * chunk_size)) for i in range(count)]
+
+
+def cloudreve_chunk_concurrency(session):
+    """How many chunks of this upload session go at once: the storage policy's
+    chunk_concurrency (absent: 1) for the flows that allow it, capped."""
+    policy = session.get("storage_policy") or {}
+    wanted = policy.get("chunk_concurrency") if isinstance(policy, dict) else None
+    if cloudreve_upload_flow(policy) not in CLOUDREVE_PARALLEL_FLOWS \
+            or not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 1:
+        return 1
+    return min(wanted, CLOUDREVE_CHUNK_CONCURRENCY_CAP)
 
 
 class CloudreveUploadIncomplete(CloudreveError):
@@ -6427,10 +6460,12 @@ class CloudreveClient(CloudClient):
             raise CloudreveError("Cloudreve upload of %s: the remote session has no "
                                  "credential" % uri)
         joiner = "&" if "?" in url else "?"
-        for index, start, length in _cloudreve_chunks(spool.size, session["chunk_size"]):
+
+        def send(index, start, length):
             self._provider_send("POST", "%s%schunk=%d" % (url, joiner, index),
                                 "slave chunk", {"Authorization": credential},
                                 _SpoolSlice(spool, start, length), slave=True)
+        self._send_last_alone(session, spool, send)
 
     def _send_s3(self, session, uri, spool):
         """S3-style multipart (s3, ks3, cos, oss, obs): each part PUT to its
@@ -6442,8 +6477,8 @@ class CloudreveClient(CloudClient):
         if len(urls) != len(chunks) or not isinstance(complete_url, str):
             raise CloudreveError("Cloudreve upload of %s: the %s session offers %d part URLs "
                                  "for %d parts" % (uri, policy_type, len(urls), len(chunks)))
-        etags = []
-        for (index, start, length), url in zip(chunks, urls):
+
+        def send(index, start, length, url):
             status, header, raw = self._provider_send(
                 "PUT", url, "%s part %d" % (policy_type, index + 1),
                 payload=_SpoolSlice(spool, start, length))
@@ -6451,7 +6486,10 @@ class CloudreveClient(CloudClient):
             if status != 200 or not etag:
                 raise self._provider_refusal(uri, "%s part %d" % (policy_type, index + 1),
                                              status, raw)
-            etags.append(etag)
+            return etag
+        # parts in any order: the completion lists them
+        etags = send_parts([chunk + (url,) for chunk, url in zip(chunks, urls)], send,
+                           cloudreve_chunk_concurrency(session), "cloudreve-part")
         headers = {}
         if policy_type == "oss":
             # OSS lists the parts itself; an XML body would be refused with that header
@@ -6538,8 +6576,8 @@ class CloudreveClient(CloudClient):
         then the part list POSTed to upload_urls[0]; Qiniu calls the site back."""
         url, token = session["upload_urls"][0].rstrip("/"), session.get("credential") or ""
         auth = {"Authorization": "UpToken " + token}
-        parts = []
-        for index, start, length in _cloudreve_chunks(spool.size, session["chunk_size"]):
+
+        def send(index, start, length):
             status, _, raw = self._provider_send("PUT", "%s/%d" % (url, index + 1),
                                                  "qiniu part %d" % (index + 1), auth,
                                                  _SpoolSlice(spool, start, length))
@@ -6549,7 +6587,9 @@ class CloudreveClient(CloudClient):
                 etag = None
             if not isinstance(etag, str):
                 raise self._provider_refusal(uri, "qiniu part %d" % (index + 1), status, raw)
-            parts.append({"etag": etag, "partNumber": index + 1})
+            return {"etag": etag, "partNumber": index + 1}
+        parts = send_parts(_cloudreve_chunks(spool.size, session["chunk_size"]), send,
+                           cloudreve_chunk_concurrency(session), "cloudreve-part")
         body = json.dumps({"parts": parts, "mimeType": session.get("mime_type")
                            or "application/octet-stream"}).encode("utf-8")
         status, _, raw = self._provider_send("POST", url, "qiniu complete", auth,
@@ -6572,9 +6612,10 @@ class CloudreveClient(CloudClient):
             raise self._provider_refusal(uri, "upyun form upload", status, raw)
 
     def _send_chunks(self, session, spool):
-        """Chunks of the session's chunk_size (the whole body if 0), strictly in
-        order, one at a time (spec 2.8); the last one completes the upload."""
-        for index, start, length in _cloudreve_chunks(spool.size, session["chunk_size"]):
+        """Chunks of the session's chunk_size (the whole body if 0), in order, as
+        many at once as the policy allows (spec 2.8, _send_last_alone); the last
+        one completes the upload."""
+        def send(index, start, length):
             # 40011 is what an expired token looks like here (spec 1.7): one fresh
             # token; if it persists, the session is gone.  "Lock expired" (40073)
             # on the last chunk is final for this session.  upload() decides what
@@ -6584,6 +6625,16 @@ class CloudreveClient(CloudClient):
                       payload=_SpoolSlice(spool, start, length), expected=(CloudreveError,),
                       renew_on=(CLOUDREVE_CODE_SESSION_GONE,), final=(CLOUDREVE_CODE_LOCKED,),
                       deadline=time.monotonic() + self.call_deadline + length / 1e6)
+        self._send_last_alone(session, spool, send)
+
+    def _send_last_alone(self, session, spool, send):
+        """send(index, start, length) for every chunk, started in order: with the
+        policy's chunk concurrency (1: strictly one after the other), except the
+        last, which completes the upload and so goes only after all others
+        succeeded (before 4.18 it completed whatever had arrived)."""
+        chunks = _cloudreve_chunks(spool.size, session["chunk_size"])
+        send_parts(chunks[:-1], send, cloudreve_chunk_concurrency(session), "cloudreve-chunk")
+        send(*chunks[-1])
 
     def _stored_anyway(self, uri, size):
         """After a failed chunk: the CloudreveFile if the upload did complete

@@ -1526,9 +1526,35 @@ class FullDiskTest(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# Part I, section 5: what the cloud backends share: metadata cache, warm-up and
-# restart, and through both clients token renewal, the retry loop, downloads
+# Part I, section 5: what the cloud backends share: parts sent a few at a time,
+# metadata cache, warm-up and restart, and through both clients token renewal,
+# the retry loop, downloads
 # ---------------------------------------------------------------------------
+
+class SendPartsTest(unittest.TestCase):
+    def test_never_more_parts_at_once_than_asked(self):
+        # the first two parts wait until a third one starts (or half a second
+        # passed): with two at a time none does
+        cond, running, most = threading.Condition(), set(), []
+
+        def send(number):
+            with cond:
+                running.add(number)
+                most.append(len(running))
+                cond.notify_all()
+                if number < 2:
+                    cond.wait_for(lambda: len(running) > 2, 0.5)
+                running.discard(number)
+            return number * 10
+        self.assertEqual(rp.send_parts([(n,) for n in range(6)], send, 2, "test-part"),
+                         [0, 10, 20, 30, 40, 50])
+        self.assertEqual(max(most), 2)
+
+    def test_one_at_a_time_in_order(self):
+        order = []
+        rp.send_parts([(n,) for n in range(4)], order.append, 1, "test-part")
+        self.assertEqual(order, [0, 1, 2, 3])
+
 
 NS = "123pan|test"
 
@@ -3637,6 +3663,46 @@ class CloudreveUnitTest(unittest.TestCase):
         self.assertEqual(rp.storage_error_status(
             cloudreve_error("x", {"code": 40051, "msg": "full"})), 507)
 
+    def test_chunk_concurrency_per_flow(self):
+        def concurrency(kind, wanted, relay=False):
+            policy = {"type": kind, "relay": relay}
+            if wanted is not None:
+                policy["chunk_concurrency"] = wanted
+            return rp.cloudreve_chunk_concurrency({"storage_policy": policy})
+        for kind in ("local", "remote", "s3", "ks3", "cos", "oss", "obs", "qiniu"):
+            self.assertEqual([concurrency(kind, w) for w in (None, 0, 1, 2, 10, "3", True)],
+                             [1, 1, 1, 2, rp.CLOUDREVE_CHUNK_CONCURRENCY_CAP, 1, 1], kind)
+        for kind in ("onedrive", "upyun", "unknown"):
+            self.assertEqual(concurrency(kind, 3), 1, kind)
+        self.assertEqual(concurrency("onedrive", 3, relay=True), 3)    # through the site
+
+    def test_the_completing_chunk_goes_after_all_others_returned(self):
+        # local and remote: the last chunk completes the upload (before 4.18 with
+        # whatever had arrived).  Chunk 0 is held until the last one starts (or
+        # half a second passed): a last chunk sent early finds it unfinished.
+        client = CloudreveClient("http://127.0.0.1:9", CR_EMAIL, CR_PASSWORD)
+        self.addCleanup(client.close)
+        session = {"chunk_size": 10, "storage_policy": {"type": "local", "chunk_concurrency": 3}}
+        spool = HashingSpool.from_bytes(b"x" * 45)          # five chunks
+        lock, last_started = threading.Lock(), threading.Event()
+        done, early, starts = set(), [], []
+
+        def send(index, start, length):
+            with lock:
+                starts.append(index)
+            if index == 4:
+                last_started.set()
+                with lock:
+                    early.extend(sorted(set(range(4)) - done))
+                return
+            if index == 0:
+                last_started.wait(0.5)
+            with lock:
+                done.add(index)
+        client._send_last_alone(session, spool, send)
+        self.assertEqual((early, sorted(done)), ([], [0, 1, 2, 3]))
+        self.assertEqual(starts[-1], 4)
+
 
 def _with_gzip(request, method, url, headers=None, body=None, **kw):
     headers = dict(headers or {}, **{"Accept-Encoding": "gzip"})
@@ -4132,6 +4198,8 @@ class CloudrevePolicyBackendCase(CloudreveBackendCase):
     policy_type, relay, chunk = "local", False, 1000
     part_key = CR_CHUNK
     sizes = (10, 2500, 5000, 1, 3000)
+    parallel = True         # the policy's chunk_concurrency applies to its parts (issue 12)
+    replays = 0             # calls added when the answer to the completing part is lost
 
     def emulator(self, **options):
         options.setdefault("policy_type", self.policy_type)
@@ -4145,6 +4213,36 @@ class CloudrevePolicyBackendCase(CloudreveBackendCase):
     def assertClean(self):
         self.assertEqual((self.emu.placeholders(), self.emu.open_upload_sessions()), ([], 0))
         self.assertEqual(self.emu.errors, [])
+        self.assertEqual(self.emu.violations, [])
+
+    def put_held(self, chunk_concurrency):
+        """One object of several parts, its first part held by the emulator until a
+        second one of the same upload is in flight (or half a second passed): the
+        most parts in flight at once."""
+        emu = self.emulator()
+        emu.chunk_concurrency, emu.pre_allocate = chunk_concurrency, True
+        emu.part_barrier, emu.part_barrier_timeout = 2, 0.5
+        storage = self.storage()
+        storage.create_repository(REPO)
+        emu.reset_calls()
+        data = os.urandom(self.sizes[2])
+        ref = self.put(storage, data)
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(emu.calls[self.part_key], self.parts(len(data)))   # not one more
+        self.assertEqual(emu.calls[CR_SESSION], 1)
+        self.assertClean()
+        return emu.max_in_flight[self.part_key]
+
+    def test_parts_overlap_up_to_the_policys_chunk_concurrency(self):
+        most = self.put_held(chunk_concurrency=5)
+        if self.parallel:
+            self.assertGreaterEqual(most, 2)
+            self.assertLessEqual(most, rp.CLOUDREVE_CHUNK_CONCURRENCY_CAP)
+        else:
+            self.assertLessEqual(most, 1)
+
+    def test_parts_one_at_a_time_without_chunk_concurrency(self):
+        self.assertLessEqual(self.put_held(chunk_concurrency=1), 1)
 
     def test_round_trip_through_the_policy(self):
         emu = self.emulator()
@@ -4175,7 +4273,7 @@ class CloudrevePolicyBackendCase(CloudreveBackendCase):
             emu.fail_next(kind, endpoint=self.part_key)
         ref = self.put(storage, data)
         self.assertEqual(self.read(storage, ref), data)
-        self.assertEqual(emu.calls[self.part_key], self.parts(len(data)) + 3)
+        self.assertEqual(emu.calls[self.part_key], self.parts(len(data)) + 3 + self.replays)
         self.assertEqual(emu.calls[CR_SESSION], 1)
         self.assertClean()
 
@@ -4227,11 +4325,28 @@ class ChunkCompletionRule(object):
 
 
 class CloudreveLocalPolicyTest(ChunkCompletionRule, CloudrevePolicyBackendCase):
-    pass
+    def test_chunk_concurrency_without_pre_allocation_still_stores(self):
+        # the site advertises concurrency but its partial file has no full size
+        # yet: a chunk past the written end answers 50004 and is retried alone
+        emu = self.emulator()
+        emu.chunk_concurrency, emu.part_barrier, emu.part_barrier_timeout = 3, 2, 0.5
+        storage = self.storage()
+        storage.create_repository(REPO)
+        data = os.urandom(self.sizes[2])
+        ref = self.put(storage, data)
+        self.assertEqual(self.read(storage, ref), data)
+        self.assertEqual(emu.calls[CR_SESSION], 1)
+        self.assertGreaterEqual(self.rejected_total(50004), 1)
+        self.assertClean()
 
 
 class CloudreveRelayPolicyTest(ChunkCompletionRule, CloudrevePolicyBackendCase):
     policy_type, relay = "s3", True
+    parallel = False        # the site asks for the whole object in one request
+    replays = 1             # the retry meets the finished session (40011): one fresh token
+
+    def parts(self, size):
+        return 1
 
 
 class CloudreveRemotePolicyTest(ChunkCompletionRule, CloudrevePolicyBackendCase):
@@ -4261,6 +4376,7 @@ class CloudreveObsPolicyTest(CloudreveS3PolicyTest):
 class CloudreveOneDrivePolicyTest(CloudrevePolicyBackendCase):
     policy_type, part_key, chunk = "onedrive", "PUT /onedrive/range", 320 * 1024
     sizes = (10, 700000, 800000, 1, 327680)
+    parallel = False        # Graph takes the ranges of an upload session in sequence
 
 
 class CloudreveQiniuPolicyTest(CloudrevePolicyBackendCase):
@@ -4282,6 +4398,7 @@ class CloudreveQiniuCompletionTest(CloudreveBackendCase):
 
 class CloudreveUpyunPolicyTest(CloudrevePolicyBackendCase):
     policy_type, part_key = "upyun", "POST /upyun/form"
+    parallel = False        # one form
 
 
 class CloudreveSiteSettingErrorsTest(CloudreveBackendCase):
@@ -6854,6 +6971,7 @@ class CloudrevePolicyEndToEndBase(CloudreveEndToEndTest):
     random faults on the site's and the provider's endpoints (a few MiB, small
     chunks, so each policy's multi-part path runs)."""
     policy_type, relay, chunk_size = "local", False, 512 * 1024
+    chunk_concurrency = 1   # above 1: the site asks for parallel chunks (pre-allocating)
 
     # the inherited scenarios run once, in CloudreveEndToEndTest
     test_clean_run = test_faults_lose_nothing = test_objects_larger_than_one_chunk = None
@@ -6862,6 +6980,8 @@ class CloudrevePolicyEndToEndBase(CloudreveEndToEndTest):
     def test_policy_end_to_end_with_faults(self):
         emu = self.start_emulator(policy_type=self.policy_type, relay=self.relay,
                                   chunk_size=self.chunk_size, page_size=200)
+        emu.chunk_concurrency, emu.pre_allocate = self.chunk_concurrency, True
+        emu.part_barrier, emu.part_barrier_timeout = 2, 0.5
         for i, (kind, p) in enumerate((("500", 0.02), ("502", 0.02), ("drop", 0.02),
                                        ("drop_after", 0.02), ("401", 0.02), ("50001", 0.01))):
             emu.fail_randomly(kind, p, seed=200 + i)
@@ -6870,10 +6990,20 @@ class CloudrevePolicyEndToEndBase(CloudreveEndToEndTest):
         calls = self.finish(emu, "Cloudreve on a %s policy%s" % (
             self.policy_type, " with relay" if self.relay else ""))
         self.assertGreater(sum(emu.rejected.values()), 5, "the faults did not happen")
+        self.assertEqual(emu.violations, [])
+        most = max(emu.max_in_flight.values() or [0])
+        if self.chunk_concurrency > 1:
+            self.assertGreaterEqual(most, 2, "no chunks in parallel")
+        else:
+            self.assertLessEqual(most, 1)
         if emu.uses_provider():
             self.assertEqual(calls.get(CR_CHUNK, 0), 0)
             self.assertGreater(sum(n for k, n in calls.items() if not k.startswith(
                 ("GET /api", "POST /api", "PUT /api", "DELETE /api", "HEAD /api"))), 0)
+
+
+class CloudreveLocalParallelEndToEndTest(CloudrevePolicyEndToEndBase):
+    chunk_concurrency = 3
 
 
 class CloudreveRelayEndToEndTest(CloudrevePolicyEndToEndBase):
@@ -6886,6 +7016,10 @@ class CloudreveRemoteEndToEndTest(CloudrevePolicyEndToEndBase):
 
 class CloudreveS3EndToEndTest(CloudrevePolicyEndToEndBase):
     policy_type = "s3"
+
+
+class CloudreveS3ParallelEndToEndTest(CloudrevePolicyEndToEndBase):
+    policy_type, chunk_concurrency = "s3", 3
 
 
 class CloudreveOneDriveEndToEndTest(CloudrevePolicyEndToEndBase):
@@ -9875,6 +10009,17 @@ class Pan123EmulatorOptionsTest(Pan123EmulatorCase):
 #     single-path calls, 40011 on chunk uploads, 40081 with an inner 401 on batch
 #     calls (anonymous_code = 40088 plays later servers);
 #   * chunks strictly in order (a gap is 50004, as without pre-allocation);
+#     with pre_allocate (4.7+) at any offset, chunk 0 no longer truncating;
+#   * a relayed policy's session has chunk_size 0: the whole object in one request;
+#   * parts of one upload in flight at once (site and slave chunks, S3 and Qiniu
+#     parts, OneDrive ranges) are counted (max_in_flight), each from its headers
+#     to the first byte of its answer; the same part sent again replaces an
+#     attempt still being handled (the client gave up on it); more than the policy's
+#     chunk_concurrency (OneDrive: more than one) is a protocol violation, and
+#     so is a completing chunk sent before all others arrived (before 4.18 it
+#     completes the file with holes): both are listed in `violations`;
+#     part_barrier = N holds the first part of an upload until N are in flight
+#     (or part_barrier_timeout passes), so overlap shows in that count, not in timing;
 #   * listing cursors always contain + / = and so must be URL-encoded.
 # Accounting: `calls` and `rejected` are keyed by "METHOD /api/v4/<template>";
 # `rejected` holds envelope codes (int) or "http404", "http502", "drop" for
@@ -10491,7 +10636,8 @@ class CloudreveEmulator(_EmulatorControls):
     slow_seconds, upload_session_ttl, max_size (policy limit, 0 = none), quota,
     max_edit_size, url_cache_margin, cursor_pagination, short_pages,
     anonymous_code (401, or 40088 like later servers), account_status
-    ("active" | "banned" | "inactive"), version_retention, totp_secret, site_version.
+    ("active" | "banned" | "inactive"), version_retention, totp_secret, site_version,
+    chunk_concurrency, pre_allocate, part_barrier, part_barrier_timeout.
     """
 
     def __init__(self, email="me@example.com", password="secret", *, access_ttl=3600.0,
@@ -10524,8 +10670,17 @@ class CloudreveEmulator(_EmulatorControls):
         self.name_regexp = ""
         self.proxy_max_body = 0                     # nginx client_max_body_size, 0 = none
         self.fail_completions = 0                   # completions that fail (50001) after all chunks
+        # the policy's chunk_concurrency (4.7+, reported when above 1) and, for the
+        # local driver (local, remote), pre-allocation of the partial file (issue 12)
+        self.chunk_concurrency, self.pre_allocate = 1, False
+        self.part_barrier, self.part_barrier_timeout = 0, 2.0
+        self.max_in_flight = collections.Counter()  # part key -> most parts of one upload at once
+        self.violations = []                        # what a real site would get wrong
+        self._in_flight = {}                        # upload id -> {part: its latest attempt}
+        self._barrier_open = False
 
         self.lock = threading.RLock()
+        self._part_cond = threading.Condition(self.lock)
         self.calls = collections.Counter()
         self.rejected = collections.Counter()
         self.errors = []                            # tracebacks of emulator bugs
@@ -10858,9 +11013,11 @@ class CloudreveEmulator(_EmulatorControls):
                 "owned": True, "primary_entity": self._hid("entity", eid)}
 
     def _policy(self):
-        return {"id": self.policy_id, "name": "Default storage policy",
-                "type": self.policy_type, "max_size": self.max_size, "relay": self.relay,
-                "chunk_concurrency": 1}
+        policy = {"id": self.policy_id, "name": "Default storage policy",
+                  "type": self.policy_type, "max_size": self.max_size, "relay": self.relay}
+        if self.chunk_concurrency > 1:              # json omitempty; the admin page stores
+            policy["chunk_concurrency"] = self.chunk_concurrency    # nothing for 1
+        return policy
 
     # ------------------------------------------------------------------ URIs
     def _parse_uri(self, raw):
@@ -10968,7 +11125,83 @@ class CloudreveEmulator(_EmulatorControls):
             raise ConnectionError("short body")
         return data
 
+    # (role, method, path pattern, part key) of the requests that carry one part of
+    # an upload; group 1 names the upload
+    _PART_ROUTES = [
+        ("site", "POST", re.compile(r"^/api/v4/file/upload/([^/]+)/[^/]+$"),
+         "POST /api/v4/file/upload/{session_id}/{index}"),
+        ("provider", "POST", re.compile(r"^/api/v4/slave/upload/([^/]+)$"), "POST /slave/upload"),
+        ("provider", "PUT", re.compile(r"^/s3/bucket/uploads/([^/]+)$"), "PUT /s3/part"),
+        ("provider", "PUT", re.compile(r"^/onedrive/up/([^/]+)$"), "PUT /onedrive/range"),
+        ("provider", "PUT", re.compile(r"^/qiniu/buckets/b/objects/[^/]+/uploads/([^/]+)/\d+$"),
+         "PUT /qiniu/part"),
+    ]
+
     def _handle(self, h):
+        """Every request; a part of an upload is counted in flight from its
+        headers to its answer (_part_begins, _part_ends)."""
+        sp = urlsplit(h.path)
+        for role, method, pattern, key in self._PART_ROUTES:
+            m = pattern.match(sp.path)
+            if m and role == h.server.role and method == h.command:
+                break
+        else:
+            return self._serve(h)
+        # which part: its index in the path (site, Qiniu) or the query (slave, S3),
+        # its range (OneDrive); a retry sends the same part again
+        query = parse_qs(sp.query)
+        part = " ".join([sp.path] + ["%s=%s" % (name, query[name][0]) for name in (
+            "chunk", "partNumber") if name in query] + [h.headers.get("Content-Range") or ""])
+        h.part_attempt = (m.group(1), part.strip(), object())
+        self._part_begins(key, h.part_attempt)
+        try:
+            return self._serve(h)
+        finally:
+            self._part_ends(h)
+
+    def _part_begins(self, key, attempt):
+        upload, part, token = attempt
+        with self.lock:
+            parts = self._in_flight.setdefault(upload, {})
+            # The same part again while an earlier attempt is still being handled
+            # is the client's retry: it gave up on that attempt (a stall past its
+            # timeout, a lost answer), which from now on does not count.
+            parts[part] = token
+            now = len(parts)
+            self.max_in_flight[key] = max(self.max_in_flight[key], now)
+            allowed = 1 if key == "PUT /onedrive/range" else max(1, self.chunk_concurrency)
+            if now > allowed:       # Graph takes ranges in sequence; the site said how many
+                self.violations.append("%s: %d parts of one upload at once, %d allowed: %s"
+                                       % (key, now, allowed, ", ".join(sorted(parts))))
+        if self.part_barrier > 1:
+            with self._part_cond:
+                self._part_cond.notify_all()
+                self._part_cond.wait_for(lambda: self._barrier_open or len(
+                    self._in_flight.get(upload, ())) >= self.part_barrier,
+                    self.part_barrier_timeout)
+                self._barrier_open = True
+                self._part_cond.notify_all()
+
+    def parts_in_flight(self, upload):
+        """The parts of an upload whose attempts count as in flight now."""
+        with self.lock:
+            return sorted(self._in_flight.get(upload, ()))
+
+    def _part_ends(self, h):
+        """The attempt on h is no longer in flight: from the first byte of its
+        answer (the client may act on it at once), or when its handler ends."""
+        attempt, h.part_attempt = getattr(h, "part_attempt", None), None
+        if attempt is None:
+            return
+        upload, part, token = attempt
+        with self.lock:
+            parts = self._in_flight.get(upload, {})
+            if parts.get(part) is token:        # not superseded by a retry
+                del parts[part]
+                if not parts:
+                    del self._in_flight[upload]
+
+    def _serve(self, h):
         sp = urlsplit(h.path)
         role = h.server.role
         if role == "provider":
@@ -11085,6 +11318,7 @@ class CloudreveEmulator(_EmulatorControls):
 
     def _send(self, h, key, status, body, ctype="text/plain; charset=utf-8", headers=(),
               partial=None):
+        self._part_ends(h)
         if key is not None and status >= 300 and status not in (302, 304):
             self._record(key, "http%d" % status)
         h.send_response(status)
@@ -11449,13 +11683,18 @@ class CloudreveEmulator(_EmulatorControls):
         self._locks[tok] = {"parts": parts, "expires": exp}
         secret = "".join(random.choice(
             "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789") for _ in range(32))
+        # a relayed upload is one request (manager/upload.go: chunk size 0)
+        chunk_size = 0 if self.relay and self.policy_type != "local" else self.chunk_size
         s = self._sessions[sid] = {
             "nid": n["id"], "user": ctx.user, "size": size, "lock": tok,
-            "chunk_size": self.chunk_size, "expires": exp, "buf": bytearray(),
+            "chunk_size": chunk_size, "expires": exp, "buf": bytearray(),
             "mtime": (b["last_modified"] / 1000.0) or self.now(), "received": set(),
             "policy": self.policy_type, "relay": self.relay, "secret": secret,
             "name": parts[-1], "mime": b["mime_type"] or "application/octet-stream"}
-        answer = {"session_id": sid, "upload_id": "", "chunk_size": self.chunk_size,
+        if self.pre_allocate and self.policy_type in ("local", "remote") and not self.relay:
+            s["buf"] = bytearray(size)                   # local driver's Fallocate (4.7+)
+            s["pre_allocated"] = True
+        answer = {"session_id": sid, "upload_id": "", "chunk_size": chunk_size,
                   "expires": int(exp), "storage_policy": self._policy(), "uri": echo,
                   "callback_secret": secret}
         if self.uses_provider():
@@ -11492,8 +11731,8 @@ class CloudreveEmulator(_EmulatorControls):
         if len(body) != expected:
             raise _CrApiError(50004, "IO failed: short body")
         buf = s["buf"]
-        if idx == 0:
-            del buf[:]                  # chunk 0 truncates the partial file
+        if idx == 0 and not s.get("pre_allocated"):
+            del buf[:]                  # chunk 0 truncates the partial file (before 4.7)
         if off > len(buf):              # strict: no pre-allocation, a gap is an IO error
             raise _CrApiError(50004, "IO failed: chunk offset %d beyond written %d" % (off, len(buf)))
         buf[off:off + expected] = body
@@ -11501,6 +11740,10 @@ class CloudreveEmulator(_EmulatorControls):
         # request that makes the set complete tries, so a retry after a failed
         # completion answers success and the placeholder stays
         total = 1 if cs == 0 else max(1, -(-size // cs))
+        if (idx + 1) * cs >= size and len(s["received"] - {idx}) < total - 1:
+            self.violations.append("chunk %d completes the upload before chunks %s arrived "
+                                   "(before 4.18 the file is completed with holes)" % (
+                                       idx, sorted(set(range(total - 1)) - s["received"])))
         already = len(s["received"]) >= total
         s["received"].add(idx)
         if not already and len(s["received"]) >= total:
@@ -12127,6 +12370,108 @@ class CloudreveEmulatorUploadTest(CloudreveEmulatorCase):
         self.assertEqual(self.emu.open_upload_sessions(), 0)
         self.assertCode(self.c.chunk(sid, 2, data[20:]), 40011)
         self.assertCode(self.c.call("POST", "/file/upload/%s/x" % sid, body=b""), 40001)
+
+    def test_pre_allocation_and_chunk_concurrency(self):
+        s = self.c.session("/plain", 25)["data"]
+        self.assertNotIn("chunk_concurrency", s["storage_policy"])     # omitempty: 1
+        self.emu.chunk_concurrency, self.emu.pre_allocate = 3, True
+        data = bytes(range(25))
+        s = self.c.session("/p", 25)["data"]
+        self.assertEqual(s["storage_policy"]["chunk_concurrency"], 3)
+        sid = s["session_id"]
+        self.assertCode(self.c.chunk(sid, 1, data[10:20]), 0)          # past the written end
+        self.assertCode(self.c.chunk(sid, 0, data[:10]), 0)            # does not truncate
+        self.assertEqual(self.emu.violations, [])
+        self.assertCode(self.c.chunk(sid, 2, data[20:]), 0)
+        self.assertEqual(self.emu.file_bytes("/p"), data)
+        self.assertEqual(self.emu.violations, [])
+        sid = self.c.session("/q", 25)["data"]["session_id"]
+        self.assertCode(self.c.chunk(sid, 0, data[:10]), 0)
+        self.assertCode(self.c.chunk(sid, 2, data[20:]), 0)            # the completing one, early
+        self.assertEqual(len(self.emu.violations), 1)
+        self.assertIn("before chunks [1] arrived", self.emu.violations[0])
+
+    def overlap(self, chunk_concurrency):
+        """Chunks 0 and 1 of one session sent at once; the emulator holds the first
+        until the second is in flight."""
+        self.emu.chunk_concurrency, self.emu.pre_allocate = chunk_concurrency, True
+        self.emu.part_barrier = 2
+        sid = self.c.session("/o", 25)["data"]["session_id"]
+        answers = []
+        senders = [threading.Thread(target=lambda i=i: answers.append(
+            self.c.chunk(sid, i, b"x" * 10)["code"])) for i in (0, 1)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        self.assertEqual(answers, [0, 0])
+        self.assertEqual(self.emu.max_in_flight[CR_CHUNK], 2)
+        return self.emu.violations, sid
+
+    def test_parts_in_flight_within_chunk_concurrency(self):
+        self.assertEqual(self.overlap(2)[0], [])
+
+    def test_parts_in_flight_beyond_chunk_concurrency_are_a_violation(self):
+        violations, sid = self.overlap(1)
+        self.assertEqual(violations, [CR_CHUNK + ": 2 parts of one upload at once, 1 allowed: "
+                                      "{0}/file/upload/{1}/0, {0}/file/upload/{1}/1".format(
+                                          CR_API, sid)])
+
+    def stalled_chunk(self, sid, index):
+        """Chunk `index` of session sid whose body stops half-way (a client that
+        stalled, then gave up): the emulator handles that attempt until the socket
+        closes.  Returns the socket once the emulator counts the attempt."""
+        conn = socket.create_connection(("127.0.0.1", int(self.emu.base_url.rsplit(":", 1)[1])))
+        self.addCleanup(conn.close)
+        target = "%s/file/upload/%s/%d" % (CR_API, sid, index)
+        conn.sendall(("POST %s HTTP/1.1\r\nHost: emulator\r\nAuthorization: Bearer %s\r\n"
+                      "Content-Length: 10\r\n\r\nhalf." % (target, self.c.token)).encode())
+        wait_until(lambda: target in self.emu.parts_in_flight(sid), 10, "the stalled attempt")
+        return conn
+
+    def test_a_part_sent_again_replaces_its_abandoned_attempt(self):
+        # the client's retry of a part while the emulator still handles the attempt
+        # it gave up on is one part in flight; once answered, the next part is alone
+        self.emu.chunk_concurrency, self.emu.pre_allocate = 1, True
+        sid = self.c.session("/r", 25)["data"]["session_id"]
+        stalled = self.stalled_chunk(sid, 0)
+        self.assertCode(self.c.chunk(sid, 0, b"x" * 10), 0)
+        self.assertCode(self.c.chunk(sid, 1, b"y" * 10), 0)
+        self.assertEqual(self.emu.parts_in_flight(sid), [])
+        stalled.close()                 # the abandoned attempt ends: nothing stored
+        self.assertCode(self.c.chunk(sid, 2, b"z" * 5), 0)
+        self.assertEqual(self.emu.file_bytes("/r"), b"x" * 10 + b"y" * 10 + b"z" * 5)
+        self.assertEqual((self.emu.max_in_flight[CR_CHUNK], self.emu.violations), (1, []))
+
+    def test_another_part_beside_a_stalled_one_is_a_violation(self):
+        self.emu.chunk_concurrency, self.emu.pre_allocate = 1, True
+        sid = self.c.session("/v", 25)["data"]["session_id"]
+        self.stalled_chunk(sid, 0)
+        self.assertCode(self.c.chunk(sid, 1, b"y" * 10), 0)
+        self.assertEqual(self.emu.violations, [CR_CHUNK + ": 2 parts of one upload at once, "
+                                               "1 allowed: {0}/file/upload/{1}/0, "
+                                               "{0}/file/upload/{1}/1".format(CR_API, sid)])
+
+    def test_a_part_stops_counting_at_its_answer(self):
+        # the client may send the next part as soon as it has read an answer, while
+        # the emulator's handler still winds up (under load, for a while)
+        self.emu.chunk_concurrency = 1
+        sid = self.c.session("/a", 25)["data"]["session_id"]
+        release, lingering = threading.Event(), []
+        self.addCleanup(release.set)
+        serve = self.emu._serve
+
+        def serve_then_linger(h):
+            serve(h)
+            if not lingering:           # the first request: chunk 0
+                lingering.append(h.path)
+                release.wait(10)
+        self.emu._serve = serve_then_linger
+        self.assertCode(self.c.chunk(sid, 0, b"x" * 10), 0)
+        self.assertCode(self.c.chunk(sid, 1, b"y" * 10), 0)
+        release.set()
+        self.assertEqual(lingering, [CR_API + "/file/upload/%s/0" % sid])
+        self.assertEqual((self.emu.max_in_flight[CR_CHUNK], self.emu.violations), (1, []))
 
     def test_streamed_chunk_with_expected_length(self):
         s = self.c.session("/s", 4)["data"]
