@@ -2888,6 +2888,28 @@ class Pan123UploadsTest(Pan123BackendCase):
             self.assertEqual(hashlib.sha256(emu.file_bytes(node["fileId"])).hexdigest(),
                              ref.name)
 
+    def test_an_upload_after_restics_five_finds_a_slot_at_once(self):
+        """restic sends up to 5 uploads at once (its default connections); when
+        they have ended, the next one must not wait out their 1 s windows (the
+        link sat idle for that in issue 12's timeline), on either tier."""
+        self.emulator()
+        for tier in ("free", "vip"):
+            limiter = self.client(tier=tier).limiter
+            for endpoint in (SINGLE, SLICE):
+                with contextlib.ExitStack() as in_flight:
+                    for _ in range(5):
+                        in_flight.enter_context(limiter.slot(endpoint))
+                # deadline now: RateLimitTimeout unless a slot is usable already
+                with limiter.slot(endpoint, deadline=time.monotonic()):
+                    pass
+            # an endpoint without a published limit and no bytes to carry keeps 5
+            with contextlib.ExitStack() as in_flight:
+                for _ in range(5):
+                    in_flight.enter_context(limiter.slot("/upload/v2/file/create"))
+            with self.assertRaises(RateLimitTimeout):
+                with limiter.slot("/upload/v2/file/create", deadline=time.monotonic()):
+                    pass
+
     def test_zero_byte_object(self):
         emu = self.emulator(slice_size=1000)
         self.existing_repo()
