@@ -7518,7 +7518,12 @@ class WanLink(object):
     off unless an emulator's `wan` is set): `latency` seconds before each request
     is handled, and per direction ("up" to the cloud, "down" from it) at most
     `per_connection` bytes/s on one connection and `total` bytes/s over all.
-    The link is a queue: each transfer reserves its time on it in turn."""
+    The link is a queue: each transfer reserves its time on it in turn, in
+    pieces of at most PIECE bytes (_PacedFile), so that connections share it
+    as packets of concurrent flows do; reserving a whole body at once would make
+    every request behind it, a 300-byte API answer included, wait for all of it."""
+
+    PIECE = 64 * 1024
 
     def __init__(self, latency=0.03, per_connection=8e6, total=20e6):
         self.latency, self.per_connection, self.total = latency, per_connection, total
@@ -7547,19 +7552,39 @@ class _PacedFile(object):
     def __init__(self, raw, link, direction, own):
         self._raw, self._link, self._direction, self._own = raw, link, direction, own
 
-    def read(self, *args):
-        data = self._raw.read(*args)
-        self._link.pace(self._direction, len(data), self._own)
-        return data
+    def read(self, size=-1):
+        if size is None or size < 0:
+            data = self._raw.read()
+            self._pace(len(data))
+            return data
+        pieces = []
+        while size > 0:
+            piece = self._raw.read(min(size, self._link.PIECE))
+            if not piece:
+                break
+            self._pace(len(piece))
+            pieces.append(piece)
+            size -= len(piece)
+        return b"".join(pieces)
 
     def readline(self, *args):
         data = self._raw.readline(*args)
-        self._link.pace(self._direction, len(data), self._own)
+        self._pace(len(data))
         return data
 
     def write(self, data):
-        self._link.pace(self._direction, len(data), self._own)
-        return self._raw.write(data)
+        view = memoryview(data)
+        for i in range(0, len(view), self._link.PIECE):
+            piece = view[i:i + self._link.PIECE]
+            self._pace(len(piece))
+            self._raw.write(piece)
+        return len(view)
+
+    def _pace(self, nbytes):
+        # A piece too big for one turn on the link is paced in turns as well
+        # (a whole-body read() or readline() of the raw file).
+        for i in range(0, nbytes, self._link.PIECE):
+            self._link.pace(self._direction, min(self._link.PIECE, nbytes - i), self._own)
 
     def __getattr__(self, name):
         return getattr(self._raw, name)
