@@ -7530,6 +7530,11 @@ class WanLink(object):
         self._lock = threading.Lock()
         self._free = {"up": 0.0, "down": 0.0}
         self.bytes = collections.Counter()
+        # What the benchmark's "while packs move" share reads: per direction the
+        # (monotonic time its turn ended, bytes so far) of every piece, and per
+        # request (start, end, bytes up, bytes down).
+        self.crossed = {"up": [], "down": []}
+        self.requests = []
 
     def pace(self, direction, nbytes, own):
         """Sleep until `nbytes` would have crossed; `own` is the connection's state."""
@@ -7540,10 +7545,42 @@ class WanLink(object):
             self._free[direction] = max(now, self._free[direction]) + nbytes / self.total
             link_done = self._free[direction]
             self.bytes[direction] += nbytes
+            self.crossed[direction].append((link_done, self.bytes[direction]))
+        own[direction + " bytes"] = own.get(direction + " bytes", 0) + nbytes
         own[direction] = max(now, own.get(direction, 0.0)) + nbytes / self.per_connection
         delay = max(link_done, own[direction]) - now
         if delay > 0:
             time.sleep(delay)
+
+    def carried(self, own, request):
+        """Record one request: `request()` handles it on the connection `own`."""
+        start = time.monotonic()
+        up, down = own.get("up bytes", 0), own.get("down bytes", 0)
+        try:
+            request()
+        finally:
+            with self._lock:
+                self.requests.append((start, time.monotonic(), own.get("up bytes", 0) - up,
+                                      own.get("down bytes", 0) - down))
+
+    def moving_share(self, direction, since, until, big=1 << 20):
+        """(share of `total`, seconds) from the start of the first request that
+        carried `big` bytes or more in `direction` within [since, until] to the
+        end of the last one: the link's use while packs move, without restic's
+        own start and end work.  None if no request was that big."""
+        with self._lock:
+            spans = [(a, b) for a, b, up, down in self.requests
+                     if since <= a <= until and (up if direction == "up" else down) >= big]
+            crossed = list(self.crossed[direction])
+        if not spans:
+            return None
+        first, last = min(a for a, _ in spans), max(b for _, b in spans)
+        times = [t for t, _ in crossed]
+
+        def bytes_at(t):
+            i = bisect.bisect_right(times, t)
+            return crossed[i - 1][1] if i else 0
+        return (bytes_at(last) - bytes_at(first)) / (last - first) / self.total, last - first
 
 
 class _PacedFile(object):
@@ -7630,9 +7667,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _any(self):
         link = getattr(self.server.emu, "wan", None)
-        if link is not None and link.latency:
-            time.sleep(link.latency)
-        self.server.emu._handle(self)
+        if link is None:
+            self.server.emu._handle(self)
+            return
+
+        def handle():
+            if link.latency:
+                time.sleep(link.latency)
+            self.server.emu._handle(self)
+        link.carried(self.rfile._own, handle)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _any
 
