@@ -9799,6 +9799,62 @@ class Pan123EmulatorOptionsTest(Pan123EmulatorCase):
                              ["fileList"]), 1)
 
 
+class WanLinkTest(unittest.TestCase):
+    """The benchmark's modelled link: what it reserves and what it reports
+    (no timing: the link's turns are recorded, not measured)."""
+
+    def paced(self):
+        turns = []
+        link = WanLink(latency=0, per_connection=1e12, total=1e12)
+        link.pace = lambda direction, nbytes, own: turns.append((direction, nbytes))
+        return link, turns
+
+    def test_bodies_take_their_turns_in_pieces(self):
+        # A whole body in one turn made every request behind it wait for all of it.
+        link, turns = self.paced()
+        out = _PacedFile(io.BytesIO(), link, "down", {})
+        self.assertEqual(out.write(b"x" * (3 * WanLink.PIECE + 5)), 3 * WanLink.PIECE + 5)
+        self.assertEqual(turns, [("down", WanLink.PIECE)] * 3 + [("down", 5)])
+        self.assertEqual(out._raw.getvalue(), b"x" * (3 * WanLink.PIECE + 5))
+        del turns[:]
+        body = os.urandom(2 * WanLink.PIECE + 7)
+        self.assertEqual(_PacedFile(io.BytesIO(body + b"rest"), link, "up", {})
+                         .read(len(body)), body)
+        self.assertEqual(turns, [("up", WanLink.PIECE)] * 2 + [("up", 7)])
+        del turns[:]
+        self.assertEqual(_PacedFile(io.BytesIO(body), link, "up", {}).read(), body)
+        self.assertEqual(turns, [("up", WanLink.PIECE)] * 2 + [("up", 7)])
+        del turns[:]
+        short = _PacedFile(io.BytesIO(b"abc"), link, "up", {})
+        self.assertEqual(short.read(10), b"abc")          # the end of the stream
+        self.assertEqual(turns, [("up", 3)])
+
+    def test_share_while_packs_move(self):
+        link = WanLink(latency=0, per_connection=10.0, total=10.0)
+        # a small call at 0-1, a big transfer at 2-6 and one at 3-7, a small one at 9
+        link.requests = [(0.0, 1.0, 10, 10), (2.0, 6.0, 40, 0), (3.0, 7.0, 30, 0),
+                         (9.0, 9.5, 10, 0)]
+        link.crossed["up"] = [(1.0, 10), (4.0, 40), (6.0, 60), (7.0, 80), (9.5, 90)]
+        share, seconds = link.moving_share("up", 0.0, 10.0, big=30)
+        self.assertEqual(seconds, 5.0)                      # from 2 to 7
+        self.assertAlmostEqual(share, (80 - 10) / 5.0 / 10.0)
+        self.assertIsNone(link.moving_share("down", 0.0, 10.0, big=30))
+        self.assertIsNone(link.moving_share("up", 8.0, 10.0, big=30))
+
+    def test_requests_are_recorded_with_their_bytes(self):
+        link = WanLink(latency=0, per_connection=1e12, total=1e12)
+        own = {}
+
+        def request():
+            link.pace("up", 500, own)
+            link.pace("down", 20, own)
+        link.carried(own, request)
+        link.carried(own, lambda: link.pace("down", 7, own))
+        self.assertEqual([(up, down) for _, _, up, down in link.requests], [(500, 20), (0, 7)])
+        self.assertEqual(link.bytes, {"up": 500, "down": 27})
+        self.assertEqual([n for _, n in link.crossed["down"]], [20, 27])
+
+
 # ---------------------------------------------------------------------------
 # Part II, Cloudreve: the Cloudreve 4 emulator, with its storage-policy providers
 # (_CrProvider and the S3/OneDrive error shapes)
