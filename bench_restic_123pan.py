@@ -565,6 +565,8 @@ class PerfBench(object):
                        self.args.wan_total * 1e6)
         emu = (Pan123Emulator() if backend == "123pan" else CloudreveEmulator()).start()
         emu.wan = link
+        if backend == "cloudreve":      # the default group's 1 GiB is too small for --cloud-mib 1024
+            emu.quota = max(emu.quota, 4 * self.args.cloud_mib * 1024 * 1024)
         base = os.path.join(self.tmp, "%s-%d" % (backend, run))
         state = os.path.join(base, "state")
         if backend == "123pan":
