@@ -619,6 +619,8 @@ class PerfBench(object):
             # a 4.7+ site whose local policy pre-allocates and asks for parallel chunks
             emu.chunk_concurrency = self.args.cloudreve_chunk_concurrency
             emu.pre_allocate = True
+        if backend == "cloudreve":      # the default group's 1 GiB is too small for --cloud-mib 1024
+            emu.quota = max(emu.quota, 4 * self.args.cloud_mib * 1024 * 1024)
         base = os.path.join(self.tmp, "%s-%d" % (backend, run))
         state = os.path.join(base, "state")
         if backend == "123pan":
@@ -642,10 +644,17 @@ class PerfBench(object):
                 before = link.bytes[direction]
                 t = time.monotonic()
                 self.restic(repo, *cmd)
-                wall = time.monotonic() - t
+                end = time.monotonic()
+                wall = end - t
                 rate = (link.bytes[direction] - before) / wall
                 self.add("%s %s MB/s" % (backend, step), "ours", rate / 1e6)
                 self.add("%s %s of link" % (backend, step), "ours", rate / link.total)
+                # The same, from the first pack's transfer to the end of the last:
+                # without restic's own start (key, config, lock, index) and end.
+                moving = link.moving_share(direction, t, end)
+                if moving is not None:
+                    self.add("%s %s, packs moving" % (backend, step), "ours", moving[0])
+                    self.add("%s %s, s outside" % (backend, step), "ours", wall - moving[1])
         finally:
             server.stop()
             emu.stop()

@@ -4280,9 +4280,19 @@ PAN123_QPS = {
     "/api/v1/file/infos": (10, 10),
     "/api/v1/file/download_info": (5, 5),
     "/upload/v2/file/upload_complete": (20, 20),   # the uid table's V1 figure
+    # The V2 calls that carry the bytes have no published limit.  A slot is held
+    # for the whole transfer and one window after it (RateLimiter), so a budget
+    # of 5 is 5 uploads at once with a 1 s pause after each: with restic's 5
+    # connections every pack after the first five waited about 0.7 s for a slot,
+    # the link idle meanwhile (issue 12's timeline).  10 leaves restic's
+    # connections (and the local copy's uploaders) a slot at once, and stays under
+    # the 20 the uid table gives the V1 per-slice calls (get_upload_url,
+    # upload_complete).
+    "/upload/v2/file/single/create": (10, 10),
+    "/upload/v2/file/slice": (10, 10),
 }
-# The V2 upload calls (create, slice, single-step, domain) and detail have no
-# published limit: 5 is the lowest figure published for any upload call.
+# The other V2 upload calls (create, domain) and detail have no published limit:
+# 5 is the lowest figure published for any upload call.
 PAN123_DEFAULT_QPS = 5
 
 PAN123_LIST_PAGE = 100              # list v2 maximum page size

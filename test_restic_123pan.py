@@ -2933,6 +2933,28 @@ class Pan123UploadsTest(Pan123BackendCase):
             self.assertEqual(hashlib.sha256(emu.file_bytes(node["fileId"])).hexdigest(),
                              ref.name)
 
+    def test_an_upload_after_restics_five_finds_a_slot_at_once(self):
+        """restic sends up to 5 uploads at once (its default connections); when
+        they have ended, the next one must not wait out their 1 s windows (the
+        link sat idle for that in issue 12's timeline), on either tier."""
+        self.emulator()
+        for tier in ("free", "vip"):
+            limiter = self.client(tier=tier).limiter
+            for endpoint in (SINGLE, SLICE):
+                with contextlib.ExitStack() as in_flight:
+                    for _ in range(5):
+                        in_flight.enter_context(limiter.slot(endpoint))
+                # deadline now: RateLimitTimeout unless a slot is usable already
+                with limiter.slot(endpoint, deadline=time.monotonic()):
+                    pass
+            # an endpoint without a published limit and no bytes to carry keeps 5
+            with contextlib.ExitStack() as in_flight:
+                for _ in range(5):
+                    in_flight.enter_context(limiter.slot("/upload/v2/file/create"))
+            with self.assertRaises(RateLimitTimeout):
+                with limiter.slot("/upload/v2/file/create", deadline=time.monotonic()):
+                    pass
+
     def test_zero_byte_object(self):
         emu = self.emulator(slice_size=1000)
         self.existing_repo()
@@ -7779,13 +7801,23 @@ class WanLink(object):
     off unless an emulator's `wan` is set): `latency` seconds before each request
     is handled, and per direction ("up" to the cloud, "down" from it) at most
     `per_connection` bytes/s on one connection and `total` bytes/s over all.
-    The link is a queue: each transfer reserves its time on it in turn."""
+    The link is a queue: each transfer reserves its time on it in turn, in
+    pieces of at most PIECE bytes (_PacedFile), so that connections share it
+    as packets of concurrent flows do; reserving a whole body at once would make
+    every request behind it, a 300-byte API answer included, wait for all of it."""
+
+    PIECE = 64 * 1024
 
     def __init__(self, latency=0.03, per_connection=8e6, total=20e6):
         self.latency, self.per_connection, self.total = latency, per_connection, total
         self._lock = threading.Lock()
         self._free = {"up": 0.0, "down": 0.0}
         self.bytes = collections.Counter()
+        # What the benchmark's "while packs move" share reads: per direction the
+        # (monotonic time its turn ended, bytes so far) of every piece, and per
+        # request (start, end, bytes up, bytes down).
+        self.crossed = {"up": [], "down": []}
+        self.requests = []
 
     def pace(self, direction, nbytes, own):
         """Sleep until `nbytes` would have crossed; `own` is the connection's state."""
@@ -7796,10 +7828,42 @@ class WanLink(object):
             self._free[direction] = max(now, self._free[direction]) + nbytes / self.total
             link_done = self._free[direction]
             self.bytes[direction] += nbytes
+            self.crossed[direction].append((link_done, self.bytes[direction]))
+        own[direction + " bytes"] = own.get(direction + " bytes", 0) + nbytes
         own[direction] = max(now, own.get(direction, 0.0)) + nbytes / self.per_connection
         delay = max(link_done, own[direction]) - now
         if delay > 0:
             time.sleep(delay)
+
+    def carried(self, own, request):
+        """Record one request: `request()` handles it on the connection `own`."""
+        start = time.monotonic()
+        up, down = own.get("up bytes", 0), own.get("down bytes", 0)
+        try:
+            request()
+        finally:
+            with self._lock:
+                self.requests.append((start, time.monotonic(), own.get("up bytes", 0) - up,
+                                      own.get("down bytes", 0) - down))
+
+    def moving_share(self, direction, since, until, big=1 << 20):
+        """(share of `total`, seconds) from the start of the first request that
+        carried `big` bytes or more in `direction` within [since, until] to the
+        end of the last one: the link's use while packs move, without restic's
+        own start and end work.  None if no request was that big."""
+        with self._lock:
+            spans = [(a, b) for a, b, up, down in self.requests
+                     if since <= a <= until and (up if direction == "up" else down) >= big]
+            crossed = list(self.crossed[direction])
+        if not spans:
+            return None
+        first, last = min(a for a, _ in spans), max(b for _, b in spans)
+        times = [t for t, _ in crossed]
+
+        def bytes_at(t):
+            i = bisect.bisect_right(times, t)
+            return crossed[i - 1][1] if i else 0
+        return (bytes_at(last) - bytes_at(first)) / (last - first) / self.total, last - first
 
 
 class _PacedFile(object):
@@ -7808,19 +7872,39 @@ class _PacedFile(object):
     def __init__(self, raw, link, direction, own):
         self._raw, self._link, self._direction, self._own = raw, link, direction, own
 
-    def read(self, *args):
-        data = self._raw.read(*args)
-        self._link.pace(self._direction, len(data), self._own)
-        return data
+    def read(self, size=-1):
+        if size is None or size < 0:
+            data = self._raw.read()
+            self._pace(len(data))
+            return data
+        pieces = []
+        while size > 0:
+            piece = self._raw.read(min(size, self._link.PIECE))
+            if not piece:
+                break
+            self._pace(len(piece))
+            pieces.append(piece)
+            size -= len(piece)
+        return b"".join(pieces)
 
     def readline(self, *args):
         data = self._raw.readline(*args)
-        self._link.pace(self._direction, len(data), self._own)
+        self._pace(len(data))
         return data
 
     def write(self, data):
-        self._link.pace(self._direction, len(data), self._own)
-        return self._raw.write(data)
+        view = memoryview(data)
+        for i in range(0, len(view), self._link.PIECE):
+            piece = view[i:i + self._link.PIECE]
+            self._pace(len(piece))
+            self._raw.write(piece)
+        return len(view)
+
+    def _pace(self, nbytes):
+        # A piece too big for one turn on the link is paced in turns as well
+        # (a whole-body read() or readline() of the raw file).
+        for i in range(0, nbytes, self._link.PIECE):
+            self._link.pace(self._direction, min(self._link.PIECE, nbytes - i), self._own)
 
     def __getattr__(self, name):
         return getattr(self._raw, name)
@@ -7866,9 +7950,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _any(self):
         link = getattr(self.server.emu, "wan", None)
-        if link is not None and link.latency:
-            time.sleep(link.latency)
-        self.server.emu._handle(self)
+        if link is None:
+            self.server.emu._handle(self)
+            return
+
+        def handle():
+            if link.latency:
+                time.sleep(link.latency)
+            self.server.emu._handle(self)
+        link.carried(self.rfile._own, handle)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _any
 
@@ -9990,6 +10080,62 @@ class Pan123EmulatorOptionsTest(Pan123EmulatorCase):
         self.emu.advance_clock(5)
         self.assertEqual(len(self.ok("GET", LIST, query={"parentFileId": 0, "limit": 5})
                              ["fileList"]), 1)
+
+
+class WanLinkTest(unittest.TestCase):
+    """The benchmark's modelled link: what it reserves and what it reports
+    (no timing: the link's turns are recorded, not measured)."""
+
+    def paced(self):
+        turns = []
+        link = WanLink(latency=0, per_connection=1e12, total=1e12)
+        link.pace = lambda direction, nbytes, own: turns.append((direction, nbytes))
+        return link, turns
+
+    def test_bodies_take_their_turns_in_pieces(self):
+        # A whole body in one turn made every request behind it wait for all of it.
+        link, turns = self.paced()
+        out = _PacedFile(io.BytesIO(), link, "down", {})
+        self.assertEqual(out.write(b"x" * (3 * WanLink.PIECE + 5)), 3 * WanLink.PIECE + 5)
+        self.assertEqual(turns, [("down", WanLink.PIECE)] * 3 + [("down", 5)])
+        self.assertEqual(out._raw.getvalue(), b"x" * (3 * WanLink.PIECE + 5))
+        del turns[:]
+        body = os.urandom(2 * WanLink.PIECE + 7)
+        self.assertEqual(_PacedFile(io.BytesIO(body + b"rest"), link, "up", {})
+                         .read(len(body)), body)
+        self.assertEqual(turns, [("up", WanLink.PIECE)] * 2 + [("up", 7)])
+        del turns[:]
+        self.assertEqual(_PacedFile(io.BytesIO(body), link, "up", {}).read(), body)
+        self.assertEqual(turns, [("up", WanLink.PIECE)] * 2 + [("up", 7)])
+        del turns[:]
+        short = _PacedFile(io.BytesIO(b"abc"), link, "up", {})
+        self.assertEqual(short.read(10), b"abc")          # the end of the stream
+        self.assertEqual(turns, [("up", 3)])
+
+    def test_share_while_packs_move(self):
+        link = WanLink(latency=0, per_connection=10.0, total=10.0)
+        # a small call at 0-1, a big transfer at 2-6 and one at 3-7, a small one at 9
+        link.requests = [(0.0, 1.0, 10, 10), (2.0, 6.0, 40, 0), (3.0, 7.0, 30, 0),
+                         (9.0, 9.5, 10, 0)]
+        link.crossed["up"] = [(1.0, 10), (4.0, 40), (6.0, 60), (7.0, 80), (9.5, 90)]
+        share, seconds = link.moving_share("up", 0.0, 10.0, big=30)
+        self.assertEqual(seconds, 5.0)                      # from 2 to 7
+        self.assertAlmostEqual(share, (80 - 10) / 5.0 / 10.0)
+        self.assertIsNone(link.moving_share("down", 0.0, 10.0, big=30))
+        self.assertIsNone(link.moving_share("up", 8.0, 10.0, big=30))
+
+    def test_requests_are_recorded_with_their_bytes(self):
+        link = WanLink(latency=0, per_connection=1e12, total=1e12)
+        own = {}
+
+        def request():
+            link.pace("up", 500, own)
+            link.pace("down", 20, own)
+        link.carried(own, request)
+        link.carried(own, lambda: link.pace("down", 7, own))
+        self.assertEqual([(up, down) for _, _, up, down in link.requests], [(500, 20), (0, 7)])
+        self.assertEqual(link.bytes, {"up": 500, "down": 27})
+        self.assertEqual([n for _, n in link.crossed["down"]], [20, 27])
 
 
 # ---------------------------------------------------------------------------
