@@ -1520,9 +1520,8 @@ class FolderListings(object):
         stamp = self.stamp(st)
         while True:
             with self._lock:
-                entry = self._kept.get(folder)
-                if entry is not None and entry[0] == stamp:
-                    self._kept.move_to_end(folder)
+                entry = self._still_held(folder, stamp)
+                if entry is not None:
                     break
                 running = self._scanning.get(folder)
                 if running is None:
@@ -1547,15 +1546,24 @@ class FolderListings(object):
                     del self._scanning[folder]
                 running.set()
             break
-        names = entry[1].hex()
-        return ((names[64 * i:64 * i + 64], size) for i, size in enumerate(entry[2]))
+        return zip(self._names(entry), entry[2])
 
     def kept_names(self, folder, st):
         """The names of the folder's kept scan if it still holds, else None."""
         with self._lock:
-            entry = self._kept.get(folder)
-            if entry is None or entry[0] != self.stamp(st):
-                return None
+            entry = self._still_held(folder, self.stamp(st))
+        return None if entry is None else self._names(entry)
+
+    def _still_held(self, folder, stamp):
+        """The kept scan of folder if it was made at stamp (the lock held)."""
+        entry = self._kept.get(folder)
+        if entry is None or entry[0] != stamp:
+            return None
+        self._kept.move_to_end(folder)
+        return entry
+
+    @staticmethod
+    def _names(entry):
         names = entry[1].hex()
         return (names[i:i + 64] for i in range(0, len(names), 64))
 
@@ -7884,12 +7892,7 @@ class ResticHandler(BaseHTTPRequestHandler):
             entries = map(quote_name, entries)
 
         def batch():
-            out = []
-            for item in entries:
-                out.append(item)
-                if len(out) == self.LISTING_BATCH:
-                    break
-            return out
+            return list(itertools.islice(entries, self.LISTING_BATCH))
 
         media = MEDIA_V2 if v2 else MEDIA_V1
         first = batch()     # failures so far still get an honest error status
